@@ -1,0 +1,60 @@
+"""Reading and writing medical images; the format is chosen by suffix (or content, for DICOM)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from meddiff.errors import MeddiffError
+from meddiff.image import Image
+from meddiff.io.atomic import atomic_path, full_suffix
+from meddiff.io.dicom import is_dicom_file, read_dicom
+from meddiff.io.itk import read_itk, write_itk
+from meddiff.io.nifti import read_nifti, write_nifti
+
+NIFTI_SUFFIXES = (".nii", ".nii.gz")
+ITK_SUFFIXES = (".mha", ".mhd", ".nrrd", ".nhdr")
+PICTURE_SUFFIXES = (".png", ".jpg", ".jpeg")
+DICOM_SUFFIXES = (".dcm", ".dicom", ".ima")
+READ_SUFFIXES = NIFTI_SUFFIXES + ITK_SUFFIXES + PICTURE_SUFFIXES + DICOM_SUFFIXES
+WRITE_SUFFIXES = NIFTI_SUFFIXES + ITK_SUFFIXES + PICTURE_SUFFIXES
+
+__all__ = ["load_image", "save_image", "READ_SUFFIXES", "WRITE_SUFFIXES"]
+
+
+def load_image(path: str | os.PathLike, series: str | int | None = None, modality: str | None = None) -> Image:
+    """Read NIfTI, DICOM (file, or a folder holding a series), MHA/NRRD or PNG/JPEG into an ``Image``.
+
+    ``series`` picks one series (UID or SeriesNumber) when a folder holds several; ``modality``
+    overrides or supplies the modality (NIfTI, MHA and pictures carry none).
+    """
+    path = Path(path)
+    if not path.exists():
+        raise MeddiffError(f"{path} does not exist")
+    suffix = full_suffix(path)
+    if path.is_dir() or suffix in DICOM_SUFFIXES or (suffix not in READ_SUFFIXES and is_dicom_file(path)):
+        image = read_dicom(path, series=series)
+    elif suffix in NIFTI_SUFFIXES:
+        image = read_nifti(path)
+    elif suffix in ITK_SUFFIXES + PICTURE_SUFFIXES:
+        image = read_itk(path)
+    else:
+        raise MeddiffError(f"{path}: unsupported format '{suffix}' — meddiff reads {', '.join(READ_SUFFIXES)} and DICOM folders")
+    if modality is not None:
+        image.modality = modality
+    return image.check_finite()
+
+
+def save_image(image: Image, path: str | os.PathLike, overwrite: bool = False) -> Path:
+    """Write ``image`` by suffix (NIfTI, MHA/NRRD, PNG/JPEG); atomic, never replaces without ``overwrite``."""
+    path = Path(path)
+    suffix = full_suffix(path)
+    if suffix not in WRITE_SUFFIXES:
+        raise MeddiffError(f"{path}: cannot write '{suffix}' — meddiff writes {', '.join(WRITE_SUFFIXES)}")
+    image.check_finite()
+    with atomic_path(path, overwrite=overwrite) as tmp:
+        if suffix in NIFTI_SUFFIXES:
+            write_nifti(image, tmp)
+        else:
+            write_itk(image, tmp, suffix)
+    return path

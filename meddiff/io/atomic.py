@@ -1,0 +1,48 @@
+"""Write-then-rename, so a failed or interrupted write never leaves a half-written output."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+from meddiff.errors import MeddiffError
+
+
+def full_suffix(path: str | os.PathLike) -> str:
+    """``.nii.gz`` for ``scan.nii.gz``; ``.png`` for ``a.b.png`` (only known double suffixes)."""
+    name = Path(path).name.lower()
+    for double in (".nii.gz", ".tar.gz"):
+        if name.endswith(double):
+            return double
+    return Path(path).suffix.lower()
+
+
+def check_writable(path: str | os.PathLike, overwrite: bool) -> Path:
+    """Refuse to replace an existing output unless asked; create the parent folder."""
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise MeddiffError(f"{path} already exists — choose another output or pass --overwrite")
+    if path.is_dir():
+        raise MeddiffError(f"{path} is a folder — give a file name")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temporary path beside ``path`` (same suffix, so writers pick the same format).
+
+    On success the temporary file replaces ``path``; on any error it is removed.
+    """
+    path = check_writable(path, overwrite)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=full_suffix(path), dir=path.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        os.replace(tmp_path, path)
+    finally:
+        tmp_path.unlink(missing_ok=True)
