@@ -1,0 +1,1 @@
+"""The ``meddiff`` command: one small module per subcommand, wired together in ``main``."""

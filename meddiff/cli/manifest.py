@@ -1,0 +1,78 @@
+"""``meddiff manifest build|validate|samples``: JSONL manifests of images, reports and splits."""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+from meddiff.data.build import build_records
+from meddiff.data.manifest import Manifest, write_manifest
+from meddiff.data.samples import SAMPLES, write_samples
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser("manifest", help="build, validate or write sample manifests")
+    sub = p.add_subparsers(dest="manifest_command", metavar="ACTION", required=True)
+
+    b = sub.add_parser("build", help="one record per image file or DICOM series under DIR")
+    b.add_argument("folder", metavar="DIR")
+    b.add_argument("-o", "--output", required=True, metavar="FILE", help="manifest to write (.jsonl)")
+    b.add_argument("--reports", metavar="CSV", help="CSV with columns image,report (path, file name or stem)")
+    b.add_argument("--split-by", choices=("patient", "random"), default="patient")
+    b.add_argument("--val-fraction", type=float, default=0.1)
+    b.add_argument("--test-fraction", type=float, default=0.1)
+    b.add_argument("--salt", help="secret salt of the patient hash (default: random each run)")
+    b.add_argument("--seed", type=int, default=0, help="seed of --split-by random")
+    b.add_argument("--modality", help="modality of non-DICOM files (MR, CT, CR, DX, ...)")
+    b.add_argument("--subject-pattern", metavar="REGEX", help="regex whose first group is the subject, for non-DICOM files")
+    b.add_argument("--source", help="dataset name recorded in each record (default: DIR's name)")
+    b.add_argument("--overwrite", action="store_true")
+    b.set_defaults(func=run_build)
+
+    v = sub.add_parser("validate", help="check schema, files, and with --deep every image")
+    v.add_argument("manifest", metavar="FILE")
+    v.add_argument("--deep", action="store_true", help="also load every image and mask (finite, shapes agree)")
+    v.set_defaults(func=run_validate)
+
+    s = sub.add_parser("samples", help="write the offline real sample set (NIfTI) and its manifest")
+    s.add_argument("-o", "--output", required=True, metavar="DIR")
+    s.add_argument("--only", nargs="+", choices=[x.name for x in SAMPLES], help="write only these samples")
+    s.add_argument("--overwrite", action="store_true")
+    s.set_defaults(func=run_samples)
+
+
+def run_build(args) -> None:
+    out = Path(args.output)
+    records = build_records(
+        args.folder,
+        manifest_dir=out.parent,
+        modality=args.modality,
+        reports_csv=args.reports,
+        split_by=args.split_by,
+        val_fraction=args.val_fraction,
+        test_fraction=args.test_fraction,
+        salt=args.salt,
+        seed=args.seed,
+        subject_pattern=args.subject_pattern,
+        source=args.source,
+    )
+    write_manifest(records, out, overwrite=args.overwrite)
+    print(f"wrote {out}: {len(records)} records, {_split_counts(records)}")
+
+
+def run_validate(args) -> None:
+    manifest = Manifest.read(args.manifest)
+    manifest.check_files()
+    if args.deep:
+        manifest.check_images()
+    print(f"{args.manifest}: {len(manifest.records)} valid records, {_split_counts(manifest.records)}")
+
+
+def run_samples(args) -> None:
+    path = write_samples(args.output, names=args.only, overwrite=args.overwrite)
+    print(f"wrote {path}: {_split_counts(Manifest.read(path).records)}")
+
+
+def _split_counts(records) -> str:
+    counts = Counter(r.split or "unsplit" for r in records)
+    return ", ".join(f"{k} {v}" for k, v in sorted(counts.items()))

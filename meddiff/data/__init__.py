@@ -1,0 +1,1 @@
+"""Manifests, MONAI dict transforms, the Lightning DataModule and the offline sample set."""

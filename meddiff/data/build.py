@@ -1,0 +1,134 @@
+"""Build a manifest from a folder of images: one record per file or DICOM series.
+
+Splits are by patient when asked: a salted SHA-256 of the PatientID (DICOM) or of a subject key
+taken from the path decides the split, so no patient lands in two splits; only the hash is kept.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import os
+import re
+import secrets
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pydicom
+import SimpleITK as sitk
+
+from meddiff.data.manifest import Record
+from meddiff.errors import MeddiffError
+from meddiff.io import ITK_SUFFIXES, NIFTI_SUFFIXES, PICTURE_SUFFIXES
+from meddiff.io.atomic import full_suffix
+from meddiff.io.dicom import find_series
+
+FILE_SUFFIXES = NIFTI_SUFFIXES + ITK_SUFFIXES + PICTURE_SUFFIXES
+
+
+def build_records(
+    folder: str | os.PathLike,
+    manifest_dir: str | os.PathLike,
+    modality: str | None = None,
+    reports_csv: str | os.PathLike | None = None,
+    split_by: str = "patient",
+    val_fraction: float = 0.1,
+    test_fraction: float = 0.1,
+    salt: str | None = None,
+    seed: int = 0,
+    subject_pattern: str | None = None,
+    source: str | None = None,
+) -> list[Record]:
+    """Records for every image under ``folder``, with paths relative to ``manifest_dir``."""
+    folder = Path(folder).resolve()
+    if not folder.is_dir():
+        raise MeddiffError(f"{folder} is not a folder")
+    if split_by not in ("patient", "random"):
+        raise MeddiffError(f"--split-by must be 'patient' or 'random', not {split_by!r}")
+    if not 0 <= val_fraction + test_fraction < 1:
+        raise MeddiffError("val and test fractions must be >= 0 and sum to less than 1")
+    salt = salt if salt is not None else secrets.token_hex(16)
+    pattern = re.compile(subject_pattern) if subject_pattern else None
+    reports = _read_reports(reports_csv) if reports_csv else {}
+    source = source or folder.name
+    found = []  # (record fields, subject key, report keys)
+    for series in find_series(folder):
+        header = pydicom.dcmread(series.files[0], stop_before_pixels=True)
+        if len(series.files) == 1:
+            image, uid = series.files[0], None
+        else:
+            image, uid = Path(os.path.commonpath(series.files)), series.uid
+        rel = image.relative_to(folder)
+        subject = str(header.get("PatientID") or "") or _subject_from_path(rel, pattern)
+        found.append((dict(image=image, series=uid, modality=series.modality, spacing=_dicom_spacing(series.files)), subject, rel))
+    for path in sorted(folder.rglob("*")):
+        if path.is_file() and full_suffix(path) in FILE_SUFFIXES and not path.name.startswith("."):
+            if modality is None:
+                raise MeddiffError(f"cannot tell the modality of {path} — pass --modality MR|CT|CR|DX")
+            rel = path.relative_to(folder)
+            found.append((dict(image=path, modality=modality, spacing=_header_spacing(path)), _subject_from_path(rel, pattern), rel))
+    if not found:
+        raise MeddiffError(f"no images found under {folder}")
+    rng = np.random.default_rng(seed)
+    manifest_dir = Path(manifest_dir).resolve()
+    records = []
+    for fields, subject, rel in found:
+        digest = hashlib.sha256(f"{salt}:{subject}".encode()).hexdigest()[:16]
+        u = int(digest, 16) / 16**16 if split_by == "patient" else rng.random()
+        split = "test" if u < test_fraction else "val" if u < test_fraction + val_fraction else "train"
+        report = next((reports[k] for k in _report_keys(rel) if k in reports), None)
+        image = Path(os.path.relpath(fields.pop("image"), manifest_dir)).as_posix()
+        records.append(Record(image=image, split=split, report=report, subject=digest, source=source, **fields))
+    return records
+
+
+def _subject_from_path(rel: Path, pattern: re.Pattern | None) -> str:
+    """Subject key: the pattern's first group, else the top folder (nested data) or the file stem."""
+    if pattern is not None:
+        match = pattern.search(rel.as_posix())
+        if not match:
+            raise MeddiffError(f"--subject-pattern does not match {rel.as_posix()}")
+        return match.group(1) if match.groups() else match.group(0)
+    return rel.parts[0] if len(rel.parts) > 1 else rel.name[: -len(full_suffix(rel))]
+
+
+def _report_keys(rel: Path) -> list[str]:
+    stem = rel.name[: -len(full_suffix(rel))] if full_suffix(rel) else rel.name
+    return [rel.as_posix(), rel.name, stem]
+
+
+def _read_reports(path: str | os.PathLike) -> dict[str, str]:
+    """CSV with columns ``image`` (relative path, file name or stem) and ``report``."""
+    try:
+        with open(path, newline="", encoding="utf-8") as fh:
+            rows = list(csv.DictReader(fh))
+    except OSError as exc:
+        raise MeddiffError(f"cannot read reports {path}: {exc.strerror}") from None
+    if not rows or not {"image", "report"} <= set(rows[0]):
+        raise MeddiffError(f"reports CSV {path} needs the columns 'image' and 'report'")
+    return {row["image"]: row["report"] for row in rows}
+
+
+def _header_spacing(path: Path) -> list[float]:
+    """Voxel spacing from the header alone (no pixel data read)."""
+    if full_suffix(path) in NIFTI_SUFFIXES:
+        zooms = nib.load(str(path)).header.get_zooms()
+        return [float(z) for z in zooms[:3]]
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    reader.ReadImageInformation()
+    return [float(s) for s in reader.GetSpacing()[:3]]
+
+
+def _dicom_spacing(files: list[Path]) -> list[float] | None:
+    first = pydicom.dcmread(files[0], stop_before_pixels=True)
+    spacing = first.get("PixelSpacing") or first.get("ImagerPixelSpacing")
+    if not spacing or float(spacing[0]) <= 0:
+        return None
+    in_plane = [float(spacing[1]), float(spacing[0])]  # columns (i) then rows (j)
+    if len(files) == 1:
+        return in_plane
+    last = pydicom.dcmread(files[-1], stop_before_pixels=True)
+    gap = np.linalg.norm(np.subtract(last.ImagePositionPatient, first.ImagePositionPatient)) / (len(files) - 1)
+    return in_plane + [float(gap)]

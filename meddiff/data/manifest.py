@@ -1,0 +1,133 @@
+"""JSONL manifests: one record per image, validated with line- and field-precise errors.
+
+Paths in a record are relative to the manifest's folder, absolute, or start with ``$MEDDIFF_DATA``
+(expanded from the environment), so a manifest can travel separately from the data it describes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from meddiff.errors import MeddiffError
+from meddiff.io import load_image
+from meddiff.io.atomic import atomic_path
+
+SPLITS = ("train", "val", "test")
+DATA_ROOT_ENV = "MEDDIFF_DATA"
+
+
+class Record(BaseModel):
+    """One image of a manifest (see data_manifests/README.md for the meaning of each field)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    image: str = Field(min_length=1)
+    mask: str | None = None
+    series: str | None = None
+    modality: str = Field(min_length=1)
+    split: Literal["train", "val", "test"] | None = None
+    report: str | None = None
+    labels: dict[str, Any] = Field(default_factory=dict)
+    spacing: list[float] | None = None
+    source: str | None = None
+    subject: str | None = None
+    synthetic: bool = False
+    provenance: dict[str, Any] | None = None
+
+    @field_validator("spacing")
+    @classmethod
+    def _positive_spacing(cls, value: list[float] | None) -> list[float] | None:
+        if value is not None and (len(value) not in (2, 3) or any(v <= 0 for v in value)):
+            raise ValueError("must be 2 or 3 positive numbers (mm)")
+        return value
+
+    @field_validator("modality")
+    @classmethod
+    def _upper_modality(cls, value: str) -> str:
+        return value.upper()
+
+
+class Manifest:
+    """Records read from a JSONL file, with paths resolved against the file's folder."""
+
+    def __init__(self, records: list[Record], root: Path):
+        self.records = records
+        self.root = root
+
+    @classmethod
+    def read(cls, path: str | os.PathLike) -> Manifest:
+        path = Path(path)
+        if not path.is_file():
+            raise MeddiffError(f"manifest {path} does not exist")
+        records = []
+        with open(path, encoding="utf-8") as fh:
+            for number, line in enumerate(fh, start=1):
+                if line.strip():
+                    records.append(parse_record(line, number, path))
+        if not records:
+            raise MeddiffError(f"manifest {path} holds no records")
+        return cls(records, path.parent.resolve())
+
+    def resolve(self, relative: str) -> Path:
+        """Absolute path of a record's ``image`` or ``mask``."""
+        if relative.startswith("$"):
+            if DATA_ROOT_ENV not in os.environ and relative.split("/")[0].strip("${}") == DATA_ROOT_ENV:
+                raise MeddiffError(f"{relative} uses ${DATA_ROOT_ENV}, which is not set — export it to your data root")
+            relative = os.path.expandvars(relative)
+        path = Path(relative)
+        return path if path.is_absolute() else self.root / path
+
+    def split(self, name: str) -> list[Record]:
+        return [r for r in self.records if r.split == name]
+
+    def check_files(self) -> None:
+        """Every image and mask named exists; the error names the first missing one's line."""
+        for number, record in enumerate(self.records, start=1):
+            for key in ("image", "mask"):
+                value = getattr(record, key)
+                if value is not None and not self.resolve(value).exists():
+                    raise MeddiffError(f"record {number}: field '{key}': file not found: {self.resolve(value)}")
+
+    def check_images(self) -> None:
+        """Load every image (and mask): readable, finite, and masks shaped like their images."""
+        for number, record in enumerate(self.records, start=1):
+            try:
+                image = load_image(self.resolve(record.image), series=record.series)
+                if record.mask is not None:
+                    mask = load_image(self.resolve(record.mask))
+                    if mask.array.shape != image.array.shape:
+                        raise MeddiffError(
+                            f"mask shape {mask.array.shape} differs from image shape {image.array.shape}"
+                        )
+            except MeddiffError as exc:
+                raise MeddiffError(f"record {number} ({record.image}): {exc}") from None
+
+
+def parse_record(line: str, number: int, path: Path | str = "manifest") -> Record:
+    """One JSONL line -> Record, or an error naming the line and the field."""
+    try:
+        data = json.loads(line)
+    except json.JSONDecodeError as exc:
+        raise MeddiffError(f"{path} line {number}: not valid JSON ({exc.msg})") from None
+    if not isinstance(data, dict):
+        raise MeddiffError(f"{path} line {number}: a record must be a JSON object")
+    try:
+        return Record.model_validate(data)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        field = ".".join(str(p) for p in err["loc"]) or "(record)"
+        raise MeddiffError(f"{path} line {number}: field '{field}': {err['msg']}") from None
+
+
+def write_manifest(records: list[Record], path: str | os.PathLike, overwrite: bool = False) -> Path:
+    """Write records as JSONL (unset optional fields left out), atomically."""
+    with atomic_path(path, overwrite=overwrite) as tmp:
+        with open(tmp, "w", encoding="utf-8") as fh:
+            for record in records:
+                fh.write(record.model_dump_json(exclude_defaults=True) + "\n")
+    return Path(path)

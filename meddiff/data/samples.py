@@ -1,0 +1,101 @@
+"""The offline real sample set: MRI that ships inside installed packages, written as NIfTI + manifest.
+
+Training split: nilearn's MNI152 T1 template and dipy's brain volumes. Validation: dipy's
+``t1_coronal_slice`` (held out from every bundled model). Test: clinical-size DICOM from pydicom-data,
+converted to NIfTI (which drops every patient identifier); these are for evaluation only and must
+never train or tune a bundled model.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from meddiff.data.manifest import Record, write_manifest
+from meddiff.errors import MeddiffError
+from meddiff.image import Image
+from meddiff.io import load_image, save_image
+
+
+@dataclass(frozen=True)
+class Sample:
+    name: str
+    modality: str
+    split: str
+    source: str
+    load: Callable[[], Image]
+
+
+def _nilearn_mni152() -> Image:
+    return load_image(_nilearn_file("mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz"), modality="MR")
+
+
+def _nilearn_file(name: str) -> Path:
+    import nilearn.datasets
+
+    return Path(nilearn.datasets.__file__).parent / "data" / name
+
+
+def _dipy_volume(name: str, volume: int | None = None) -> Callable[[], Image]:
+    def load() -> Image:
+        from dipy.data import get_fnames
+
+        found = get_fnames(name=name)
+        image = load_image(found[0] if isinstance(found, tuple) else found, modality="MR")
+        if volume is not None and image.array.ndim == 4:  # diffusion series: keep the b0 volume
+            image = Image(image.array[..., volume], image.affine, image.modality)
+        return image
+
+    return load
+
+
+def _dipy_t1_slice() -> Image:
+    from dipy.data import get_fnames
+
+    array = np.load(get_fnames(name="t1_coronal_slice")).astype(np.float32)
+    return Image(array=array, affine=np.diag([1.0, 1.0, 1.0, 1.0]), modality="MR")
+
+
+def _pydicom_data(name: str) -> Callable[[], Image]:
+    def load() -> Image:
+        import data_store
+
+        return load_image(Path(data_store.__file__).parent / "data" / name)
+
+    return load
+
+
+SAMPLES = (
+    Sample("mni152_t1", "MR", "train", "nilearn MNI152 2009a T1 template", _nilearn_mni152),
+    Sample("dipy_s0_10", "MR", "train", "dipy S0_10", _dipy_volume("S0_10")),
+    Sample("dipy_aniso_vox", "MR", "train", "dipy aniso_vox", _dipy_volume("aniso_vox")),
+    Sample("dipy_small_64d_b0", "MR", "train", "dipy small_64D (b0)", _dipy_volume("small_64D", 0)),
+    Sample("dipy_small_101d_b0", "MR", "train", "dipy small_101D (b0)", _dipy_volume("small_101D", 0)),
+    Sample("dipy_t1_coronal_slice", "MR", "val", "dipy t1_coronal_slice (held out)", _dipy_t1_slice),
+    Sample("head_ct", "CT", "test", "pydicom-data 693_UNCR (evaluation only)", _pydicom_data("693_UNCR.dcm")),
+    Sample("enhanced_ct", "CT", "test", "pydicom-data eCT_Supplemental (evaluation only)", _pydicom_data("eCT_Supplemental.dcm")),
+    Sample("shoulder_mr", "MR", "test", "pydicom-data MR2_UNCR (evaluation only)", _pydicom_data("MR2_UNCR.dcm")),
+    Sample("head_mr_enhanced", "MR", "test", "pydicom-data emri_small (evaluation only)", _pydicom_data("emri_small.dcm")),
+    Sample("chest_cr", "CR", "test", "pydicom-data RG1_UNCR (evaluation only)", _pydicom_data("RG1_UNCR.dcm")),
+)
+
+
+def write_samples(out_dir: str | os.PathLike, names: list[str] | None = None, overwrite: bool = False) -> Path:
+    """Write the sample images as NIfTI under ``out_dir`` plus ``out_dir/manifest.jsonl``."""
+    out_dir = Path(out_dir)
+    chosen = [s for s in SAMPLES if names is None or s.name in names]
+    unknown = set(names or []) - {s.name for s in SAMPLES}
+    if unknown:
+        raise MeddiffError(f"unknown samples {sorted(unknown)} — available: {', '.join(s.name for s in SAMPLES)}")
+    records = []
+    for sample in chosen:
+        image = sample.load()
+        file_name = f"{sample.name}.nii.gz"
+        save_image(Image(image.array, image.affine, sample.modality), out_dir / file_name, overwrite=overwrite)
+        spacing = [round(s, 6) for s in image.spacing]
+        records.append(Record(image=file_name, modality=sample.modality, split=sample.split, spacing=spacing, source=sample.source))
+    return write_manifest(records, out_dir / "manifest.jsonl", overwrite=overwrite)
