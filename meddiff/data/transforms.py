@@ -126,8 +126,8 @@ class SliceVolumed(MapTransform, Randomizable):
     Images that are already 2D pass through as a one-item list.
 
     ``num_slices=None`` gives every kept slice in order; an integer draws that many at random.
-    Slices whose foreground (|x| above the slice minimum) covers less than ``min_foreground`` of
-    the slice are skipped, so empty air does not dominate 2D training. Keys are cut at the same index.
+    Slices whose foreground (voxels above 10 % of the volume's intensity range) covers less than
+    ``min_foreground`` of the slice are skipped, so empty air does not dominate 2D training. Keys are cut at the same index.
     """
 
     def __init__(
@@ -144,9 +144,10 @@ class SliceVolumed(MapTransform, Randomizable):
         self.min_foreground = min_foreground
 
     def kept_indices(self, volume: torch.Tensor, axis: int) -> list[int]:
-        moved = torch.movedim(volume[0], axis, 0).reshape(volume.shape[axis + 1], -1)
-        low = moved.amin(dim=1, keepdim=True)
-        fraction = (moved > low + 1e-6).float().mean(dim=1)
+        """Slices where at least ``min_foreground`` of the voxels exceed 10 % of the volume's range."""
+        low, high = volume.amin(), volume.amax()
+        foreground = volume[0] > low + 0.1 * (high - low)
+        fraction = torch.movedim(foreground, axis, 0).reshape(volume.shape[axis + 1], -1).float().mean(dim=1)
         return [i for i, f in enumerate(fraction.tolist()) if f >= self.min_foreground]
 
     def __call__(self, data: Mapping[Hashable, Any]) -> list[dict[Hashable, Any]]:

@@ -2,7 +2,8 @@
 
 pydicom reads the headers (grouping by SeriesInstanceUID, sorting by position, modality,
 photometric interpretation); SimpleITK/GDCM decodes pixels, applies rescale slope/intercept (CT in
-Hounsfield units) and computes the geometry, so meddiff's geometry is SimpleITK's by construction.
+Hounsfield units), inverts MONOCHROME1 radiographs to MONOCHROME2 (larger = brighter) and computes
+the geometry, so meddiff's geometry is SimpleITK's by construction. Tests pin each of these.
 """
 
 from __future__ import annotations
@@ -129,23 +130,10 @@ def _read_files(files: list[Path], header: pydicom.Dataset) -> Image:
     array = array.astype(np.float32)
     if array.ndim == 3 and array.shape[2] == 1:  # one frame: a 2D image (the affine keeps the normal)
         array = array[:, :, 0]
-    if str(header.get("PhotometricInterpretation", "")) == "MONOCHROME1":
-        array = _monochrome1_to_2(array, header)
     meta = _safe_meta(header)
-    if "PhotometricInterpretation" in meta:
+    if "PhotometricInterpretation" in meta:  # GDCM has already inverted MONOCHROME1 pixels
         meta["PhotometricInterpretation"] = "MONOCHROME2"
     return Image(array=array, affine=affine, modality=str(header.get("Modality", "OT")) or None, meta=meta)
-
-
-def _monochrome1_to_2(array: np.ndarray, header: pydicom.Dataset) -> np.ndarray:
-    """Invert within the stored value range so larger values display brighter (MONOCHROME2)."""
-    bits = int(header.get("BitsStored", 16))
-    signed = int(header.get("PixelRepresentation", 0)) == 1
-    lo, hi = (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if signed else (0, 2**bits - 1)
-    slope = float(header.get("RescaleSlope", 1) or 1)
-    intercept = float(header.get("RescaleIntercept", 0) or 0)
-    lo, hi = sorted((lo * slope + intercept, hi * slope + intercept))
-    return (hi + lo - array).astype(np.float32)
 
 
 def _read_header(path: Path) -> pydicom.Dataset | None:

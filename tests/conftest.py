@@ -1,0 +1,64 @@
+"""Paths to the real medical images that installed packages ship (see DESIGN.md)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pydicom.data
+import pytest
+
+os.environ.setdefault("WANDB_MODE", "offline")
+
+
+def _pydicom_data_dir() -> Path:
+    import data_store
+
+    return Path(data_store.__file__).parent / "data"
+
+
+PYDICOM_TEST_FILES = Path(pydicom.data.get_testdata_file("CT_small.dcm")).parent
+DICOMDIR_TESTS = PYDICOM_TEST_FILES / "dicomdirtests"
+
+
+@pytest.fixture(scope="session")
+def ct_series_dir() -> Path:
+    """A real 5-slice CT series (2.5 mm apart) with nothing else in its folder."""
+    return DICOMDIR_TESTS / "98892001" / "CT5N"
+
+
+@pytest.fixture(scope="session")
+def multi_series_dir() -> Path:
+    """A real study folder with three CR series and one (unevenly spaced) CT series."""
+    return DICOMDIR_TESTS / "77654033"
+
+
+@pytest.fixture(scope="session")
+def clinical_dicom() -> Path:
+    """Clinical-size DICOM from pydicom-data (I/O tests and evaluation only)."""
+    return _pydicom_data_dir()
+
+
+@pytest.fixture(scope="session")
+def mni_t1() -> Path:
+    import nilearn.datasets
+
+    return Path(nilearn.datasets.__file__).parent / "data" / "mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz"
+
+
+@pytest.fixture(scope="session")
+def dipy_oblique() -> Path:
+    """dipy's aniso_vox: a real brain volume with an oblique, anisotropic affine."""
+    from dipy.data import get_fnames
+
+    return Path(get_fnames(name="aniso_vox"))
+
+
+@pytest.fixture(scope="session")
+def samples_dir(tmp_path_factory) -> Path:
+    """A subset of the offline sample set written once per session (train MRI, val slice, test CT)."""
+    from meddiff.data.samples import write_samples
+
+    out = tmp_path_factory.mktemp("samples")
+    write_samples(out, names=["dipy_s0_10", "dipy_aniso_vox", "dipy_t1_coronal_slice", "head_ct"])
+    return out
