@@ -60,5 +60,5 @@ def samples_dir(tmp_path_factory) -> Path:
     from meddiff.data.samples import write_samples
 
     out = tmp_path_factory.mktemp("samples")
-    write_samples(out, names=["dipy_s0_10", "dipy_aniso_vox", "dipy_t1_coronal_slice", "head_ct"])
+    write_samples(out, names=["dipy_aniso_vox", "dipy_small_64d_b0", "dipy_t1_coronal_slice", "head_ct"])
     return out

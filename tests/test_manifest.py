@@ -137,4 +137,4 @@ def test_sample_set_is_a_valid_manifest(samples_dir):
     splits = {r.image: r.split for r in manifest.records}
     assert splits["dipy_t1_coronal_slice.nii.gz"] == "val"
     assert splits["head_ct.nii.gz"] == "test"
-    assert {splits["dipy_s0_10.nii.gz"], splits["dipy_aniso_vox.nii.gz"]} == {"train"}
+    assert {splits["dipy_small_64d_b0.nii.gz"], splits["dipy_aniso_vox.nii.gz"]} == {"train"}

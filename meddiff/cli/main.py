@@ -11,10 +11,10 @@ import logging
 import sys
 
 from meddiff import __version__
-from meddiff.cli import convert, info, manifest
+from meddiff.cli import convert, export, fit, info, manifest
 from meddiff.errors import MeddiffError
 
-SUBCOMMANDS = (info, convert, manifest)
+SUBCOMMANDS = (info, convert, manifest, fit, export)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -27,9 +27,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def user_error_cause(exc: BaseException) -> MeddiffError | None:
+    """The MeddiffError inside a wrapped exception (MONAI wraps transform errors in RuntimeError)."""
+    while exc is not None:
+        if isinstance(exc, MeddiffError):
+            return exc
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra and not getattr(args, "passthrough", False):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    args.extra = extra
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING, format="%(levelname)s: %(message)s")
     try:
         args.func(args)
@@ -44,7 +56,9 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:  # noqa: BLE001 - the one place that turns surprises into one line
         if args.debug:
             raise
-        print(f"error: {type(exc).__name__}: {exc} (run with --debug for the traceback)", file=sys.stderr)
+        cause = user_error_cause(exc)
+        message = str(cause) if cause else f"{type(exc).__name__}: {exc} (run with --debug for the traceback)"
+        print(f"error: {message}", file=sys.stderr)
         return 2
     return 0
 

@@ -1,6 +1,7 @@
 """The offline real sample set: MRI that ships inside installed packages, written as NIfTI + manifest.
 
-Training split: nilearn's MNI152 T1 template and dipy's brain volumes. Validation: dipy's
+Training split: nilearn's MNI152 T1 template and dipy's brain volumes (not ``S0_10``, a 10-slice
+excerpt whose sheared 53 mm slice axis makes resampling meaningless). Validation: dipy's
 ``t1_coronal_slice`` (held out from every bundled model). Test: clinical-size DICOM from pydicom-data,
 converted to NIfTI (which drops every patient identifier); these are for evaluation only and must
 never train or tune a bundled model.
@@ -71,7 +72,6 @@ def _pydicom_data(name: str) -> Callable[[], Image]:
 
 SAMPLES = (
     Sample("mni152_t1", "MR", "train", "nilearn MNI152 2009a T1 template", _nilearn_mni152),
-    Sample("dipy_s0_10", "MR", "train", "dipy S0_10", _dipy_volume("S0_10")),
     Sample("dipy_aniso_vox", "MR", "train", "dipy aniso_vox", _dipy_volume("aniso_vox")),
     Sample("dipy_small_64d_b0", "MR", "train", "dipy small_64D (b0)", _dipy_volume("small_64D", 0)),
     Sample("dipy_small_101d_b0", "MR", "train", "dipy small_101D (b0)", _dipy_volume("small_101D", 0)),

@@ -1,0 +1,49 @@
+"""MONAI ``DiffusionModelUNet`` from a flat, JSON-friendly config (2D or 3D by ``spatial_dims``)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from monai.networks.nets import DiffusionModelUNet
+
+from meddiff.errors import MeddiffError
+
+
+def build_unet(
+    spatial_dims: int = 2,
+    in_channels: int = 1,
+    out_channels: int = 1,
+    channels: Sequence[int] = (32, 64, 64),
+    attention_levels: Sequence[bool] = (False, False, True),
+    num_res_blocks: int = 1,
+    num_head_channels: int = 32,
+    norm_num_groups: int = 32,
+    num_class_embeds: int | None = None,
+    cross_attention_dim: int | None = None,
+    concat_channels: int = 0,
+) -> DiffusionModelUNet:
+    """The denoiser backbone.
+
+    ``num_class_embeds`` enables class conditioning (labels 0..n-1), ``cross_attention_dim`` enables a
+    cross-attention context (e.g. report embeddings), and ``concat_channels`` adds input channels for
+    concatenated conditions such as a mask or a noisy image.
+    """
+    if spatial_dims not in (2, 3):
+        raise MeddiffError(f"spatial_dims must be 2 or 3, not {spatial_dims}")
+    if len(channels) != len(attention_levels):
+        raise MeddiffError(f"channels {list(channels)} and attention_levels {list(attention_levels)} differ in length")
+    if any(c % norm_num_groups for c in channels):
+        raise MeddiffError(f"every entry of channels {list(channels)} must be a multiple of norm_num_groups={norm_num_groups}")
+    return DiffusionModelUNet(
+        spatial_dims=spatial_dims,
+        in_channels=in_channels + concat_channels,
+        out_channels=out_channels,
+        channels=tuple(channels),
+        attention_levels=tuple(attention_levels),
+        num_res_blocks=num_res_blocks,
+        num_head_channels=num_head_channels,
+        norm_num_groups=norm_num_groups,
+        num_class_embeds=num_class_embeds,
+        with_conditioning=cross_attention_dim is not None,
+        cross_attention_dim=cross_attention_dim,
+    )

@@ -1,0 +1,156 @@
+"""``DiffusionPipeline``: a trained denoiser plus its noise schedule, saved as JSON + safetensors.
+
+The sampling loop is the short, unrolled one diffusers uses: scale the input, predict, step.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from diffusers.utils.torch_utils import randn_tensor
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from meddiff import __version__
+from meddiff.diffusion.schedulers import NoiseSchedule
+from meddiff.errors import MeddiffError
+from meddiff.image import Image
+from meddiff.io.atomic import atomic_path
+from meddiff.nets import build_unet
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+BUNDLED = Path(__file__).parent / "models"
+
+
+class DiffusionPipeline:
+    """Generate images with a diffusion model.
+
+    ``config`` holds three JSON-friendly parts: ``unet`` (``build_unet`` arguments), ``schedule``
+    (``NoiseSchedule`` fields) and ``image`` (``shape``, ``spacing`` in mm, ``modality``, and the
+    ``intensity_range`` that [-1, 1] maps back to: HU for CT, normalised units for MR).
+    """
+
+    def __init__(self, unet: torch.nn.Module, config: dict):
+        self.unet = unet
+        self.config = config
+        self.schedule = NoiseSchedule(**config["schedule"])
+
+    @classmethod
+    def from_config(cls, config: dict) -> DiffusionPipeline:
+        return cls(build_unet(**config["unet"]), config)
+
+    @classmethod
+    def from_pretrained(cls, directory: str | os.PathLike, device: str | torch.device = "cpu") -> DiffusionPipeline:
+        directory = Path(directory)
+        config_path, weights_path = directory / CONFIG_NAME, directory / WEIGHTS_NAME
+        if not config_path.is_file() or not weights_path.is_file():
+            raise MeddiffError(f"{directory} is not a meddiff model folder (needs {CONFIG_NAME} and {WEIGHTS_NAME})")
+        try:
+            config = json.loads(config_path.read_text())
+            pipeline = cls.from_config(config)
+            pipeline.unet.load_state_dict(load_file(weights_path, device=str(device)))
+        except (json.JSONDecodeError, KeyError, TypeError, RuntimeError) as exc:
+            raise MeddiffError(f"cannot load the model in {directory}: {exc}") from None
+        pipeline.unet.to(device).eval()
+        pipeline.config["weights_sha256"] = file_sha256(weights_path)
+        return pipeline
+
+    def save_pretrained(self, directory: str | os.PathLike, overwrite: bool = False) -> Path:
+        """Write ``config.json`` and ``model.safetensors`` into a new (or, with overwrite, reused) folder."""
+        directory = Path(directory)
+        if directory.exists() and any(directory.iterdir()) and not overwrite:
+            raise MeddiffError(f"{directory} is not empty — choose another folder or pass --overwrite")
+        directory.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().cpu().contiguous() for k, v in self.unet.state_dict().items()}
+        with atomic_path(directory / WEIGHTS_NAME, overwrite=True) as tmp:
+            save_file(state, tmp, metadata={"format": "pt", "meddiff": __version__})
+        config = {k: v for k, v in self.config.items() if k != "weights_sha256"}
+        with atomic_path(directory / CONFIG_NAME, overwrite=True) as tmp:
+            tmp.write_text(json.dumps({**config, "meddiff_version": __version__}, indent=2) + "\n")
+        return directory
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.unet.parameters()).device
+
+    @torch.inference_mode()
+    def sample(
+        self,
+        seeds: Sequence[int],
+        steps: int = 50,
+        scheduler: str = "ddim",
+        class_labels: torch.Tensor | None = None,
+        shape: Sequence[int] | None = None,
+    ) -> torch.Tensor:
+        """Denoise from pure noise; one generator per item, so item ``i`` depends only on ``seeds[i]``."""
+        sampler = self.schedule.sampler(scheduler)
+        sampler.set_timesteps(steps, device=self.device)
+        shape = tuple(shape or self.config["image"]["shape"])
+        generators = [torch.Generator(self.device).manual_seed(int(s)) for s in seeds]
+        x = randn_tensor((len(seeds), self.config["unet"].get("out_channels", 1), *shape), generator=generators, device=self.device)
+        x = x * sampler.init_noise_sigma
+        if class_labels is not None:
+            class_labels = class_labels.to(self.device)
+        # as diffusers pipelines do: only stochastic samplers take a generator in step()
+        extra = {"generator": generators} if "generator" in inspect.signature(sampler.step).parameters else {}
+        for t in sampler.timesteps:
+            model_input = sampler.scale_model_input(x, t)
+            prediction = self.unet(model_input, timesteps=t.expand(len(seeds)).to(self.device), class_labels=class_labels)
+            x = sampler.step(prediction, t, x, **extra).prev_sample
+        return x
+
+    def to_image(self, x: torch.Tensor) -> Image:
+        """One sample (C, *spatial) in [-1, 1] -> an ``Image`` in physical units and training spacing."""
+        info = self.config["image"]
+        low, high = info.get("intensity_range", (-1.0, 1.0))
+        array = ((x[0].float().cpu().numpy() + 1.0) / 2.0) * (high - low) + low
+        spacing = list(info.get("spacing") or [1.0] * array.ndim)
+        return Image(array=array, affine=np.diag([*spacing[: array.ndim], *[1.0] * (4 - array.ndim)]), modality=info.get("modality"))
+
+    def generate(
+        self,
+        n: int = 1,
+        steps: int = 50,
+        scheduler: str = "ddim",
+        seed: int = 0,
+        batch_size: int = 8,
+        class_labels: Sequence[int] | None = None,
+        progress: bool = True,
+    ) -> list[Image]:
+        """``n`` images; image ``i`` uses seed ``seed + i``, whatever the batch size."""
+        if class_labels is not None and len(class_labels) != n:
+            raise MeddiffError(f"{len(class_labels)} class labels given for {n} images")
+        images = []
+        for start in tqdm(range(0, n, batch_size), disable=not progress, desc="generate", unit="batch"):
+            stop = min(n, start + batch_size)
+            labels = None if class_labels is None else torch.as_tensor(list(class_labels[start:stop]))
+            x = self.sample(range(seed + start, seed + stop), steps=steps, scheduler=scheduler, class_labels=labels)
+            images.extend(self.to_image(item) for item in x)
+        return images
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def load_pipeline(name_or_dir: str | os.PathLike, device: str | torch.device = "cpu") -> DiffusionPipeline:
+    """A bundled model by name (``meddiff/models/NAME``) or a folder written by ``save_pretrained``."""
+    path = Path(name_or_dir)
+    if not path.exists() and (BUNDLED / str(name_or_dir)).is_dir():
+        path = BUNDLED / str(name_or_dir)
+    if not path.exists():
+        bundled = sorted(p.name for p in BUNDLED.iterdir() if p.is_dir()) if BUNDLED.is_dir() else []
+        raise MeddiffError(f"no model {name_or_dir!r}: not a folder, and the bundled models are {bundled or 'none'}")
+    return DiffusionPipeline.from_pretrained(path, device=device)

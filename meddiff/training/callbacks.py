@@ -1,0 +1,43 @@
+"""Training callbacks: sample grids of the EMA model, written as PNG and sent to the loggers."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning.pytorch as pl
+from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.utilities import rank_zero_only
+
+from meddiff.viz import save_grid
+
+
+class SampleGrid(pl.Callback):
+    """Every ``every_n_steps`` optimizer steps, sample ``n`` images with the EMA weights.
+
+    The grid goes to ``<log dir>/samples/step_XXXXXXX.png`` and, with a WandbLogger, to the run.
+    3D samples are shown by their middle slice along the last axis. Fixed seeds make grids from
+    different steps comparable.
+    """
+
+    def __init__(self, every_n_steps: int = 500, n: int = 8, steps: int = 25, scheduler: str = "ddim"):
+        self.every_n_steps = every_n_steps
+        self.n = n
+        self.steps = steps
+        self.scheduler = scheduler
+
+    @rank_zero_only
+    def on_train_batch_end(self, trainer: pl.Trainer, module: pl.LightningModule, outputs, batch, batch_idx: int) -> None:
+        step = trainer.global_step
+        if self.every_n_steps <= 0 or step == 0 or step % self.every_n_steps:
+            return
+        pipeline = module.pipeline(ema=True)
+        was_training = pipeline.unet.training
+        pipeline.unet.eval()
+        x = pipeline.sample(range(self.n), steps=self.steps, scheduler=self.scheduler)
+        pipeline.unet.train(was_training)
+        slices = [item[0, ..., item.shape[-1] // 2] if item.ndim == 4 else item[0] for item in x.float().cpu()]
+        out_dir = Path(trainer.log_dir or trainer.default_root_dir) / "samples"
+        path = save_grid([s.numpy() for s in slices], out_dir / f"step_{step:07d}.png", window=(-1.0, 1.0))
+        for logger in trainer.loggers:
+            if isinstance(logger, WandbLogger):
+                logger.log_image(key="samples", images=[str(path)], step=step)

@@ -1,0 +1,119 @@
+"""``DiffusionModule``: the denoising-diffusion training objective around a MONAI UNet, with EMA."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import lightning.pytorch as pl
+import torch
+import torch.nn.functional as F
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+from meddiff.diffusion.schedulers import NoiseSchedule
+from meddiff.errors import MeddiffError
+from meddiff.nets import build_unet
+from meddiff.pipeline import DiffusionPipeline
+
+
+class DiffusionModule(pl.LightningModule):
+    """Trains ``build_unet(...)`` to predict eps, v or x0 from noised images (Ho et al. 2020).
+
+    Every argument is a plain value so a LightningCLI YAML (and the checkpoint) holds the whole
+    recipe. ``class_key`` names a batch entry of integer labels (class conditioning); ``concat_key``
+    names a batch entry concatenated to the input channels. Noise and timesteps of each step come
+    from a generator seeded by (``seed``, step, rank), so a resumed run draws what an uninterrupted
+    run would. ``image_shape``, ``image_spacing``, ``modality`` and ``intensity_range`` travel into the
+    exported pipeline so generated images come back in physical units.
+    """
+
+    def __init__(
+        self,
+        spatial_dims: int = 2,
+        channels: Sequence[int] = (32, 64, 64),
+        attention_levels: Sequence[bool] = (False, False, True),
+        num_res_blocks: int = 1,
+        num_head_channels: int = 32,
+        norm_num_groups: int = 32,
+        num_class_embeds: int | None = None,
+        class_key: str = "label",
+        concat_channels: int = 0,
+        concat_key: str | None = None,
+        num_train_timesteps: int = 1000,
+        beta_schedule: str = "linear",
+        prediction: str = "eps",
+        lr: float = 1e-4,
+        weight_decay: float = 0.0,
+        ema_decay: float = 0.999,
+        image_shape: Sequence[int] = (64, 64),
+        image_spacing: Sequence[float] | None = None,
+        modality: str = "MR",
+        intensity_range: Sequence[float] = (-1.0, 1.0),
+        seed: int = 0,
+    ):
+        super().__init__()
+        if len(image_shape) != spatial_dims:
+            raise MeddiffError(f"image_shape {list(image_shape)} must have {spatial_dims} entries")
+        self.save_hyperparameters()
+        self.unet = build_unet(**self.unet_config())
+        self.schedule = NoiseSchedule(num_train_timesteps, beta_schedule, prediction)
+        self.forward_process = self.schedule.training_scheduler()
+        self.ema = AveragedModel(self.unet, multi_avg_fn=get_ema_multi_avg_fn(ema_decay), use_buffers=True)
+
+    def unet_config(self) -> dict:
+        hp = self.hparams
+        return dict(
+            spatial_dims=hp.spatial_dims,
+            channels=list(hp.channels),
+            attention_levels=list(hp.attention_levels),
+            num_res_blocks=hp.num_res_blocks,
+            num_head_channels=hp.num_head_channels,
+            norm_num_groups=hp.norm_num_groups,
+            num_class_embeds=hp.num_class_embeds,
+            concat_channels=hp.concat_channels,
+        )
+
+    def pipeline_config(self) -> dict:
+        hp = self.hparams
+        image = {"shape": list(hp.image_shape), "modality": hp.modality, "intensity_range": list(hp.intensity_range)}
+        if hp.image_spacing is not None:
+            image["spacing"] = list(hp.image_spacing)
+        return {"unet": self.unet_config(), "schedule": self.schedule.as_dict(), "image": image}
+
+    def pipeline(self, ema: bool = True) -> DiffusionPipeline:
+        """A pipeline sharing this module's (EMA) weights, for sampling during or after training."""
+        return DiffusionPipeline(self.ema.module if ema else self.unet, self.pipeline_config())
+
+    def loss(self, batch: dict, generator: torch.Generator) -> torch.Tensor:
+        x0 = batch["image"]
+        noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+        t = torch.randint(0, self.schedule.num_train_timesteps, (x0.shape[0],), generator=generator, device=x0.device)
+        xt = self.forward_process.add_noise(x0, noise, t)
+        target = {"eps": noise, "x0": x0}.get(self.schedule.prediction)
+        if target is None:
+            target = self.forward_process.get_velocity(x0, noise, t)
+        if self.hparams.concat_key:
+            xt = torch.cat([xt, batch[self.hparams.concat_key]], dim=1)
+        labels = batch[self.hparams.class_key].long() if self.hparams.num_class_embeds else None
+        prediction = self.unet(xt, timesteps=t, class_labels=labels)
+        return F.mse_loss(prediction.float(), target.float())
+
+    def step_generator(self, offset: int = 0) -> torch.Generator:
+        seed = (self.hparams.seed * 1_000_003 + self.global_step * 1_009 + self.global_rank + offset) % 2**63
+        return torch.Generator(self.device).manual_seed(seed)
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        loss = self.loss(batch, self.step_generator())
+        self.log("train/loss", loss, prog_bar=True, batch_size=batch["image"].shape[0])
+        return loss
+
+    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
+        self.ema.update_parameters(self.unet)
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        generator = torch.Generator(self.device).manual_seed(self.hparams.seed + batch_idx)  # same noise every epoch
+        with torch.no_grad():
+            loss = self.loss(batch, generator)
+        self.log("val/loss", loss, prog_bar=True, sync_dist=True, batch_size=batch["image"].shape[0])
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW(self.unet.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
