@@ -120,8 +120,9 @@ class ManifestDataModule(pl.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", shuffle=True)
 
-    def val_dataloader(self) -> DataLoader:
-        return self._loader("val", shuffle=False)
+    def val_dataloader(self) -> DataLoader | list:
+        """Validation batches; none (validation skipped) when the manifest has no usable 'val' records."""
+        return self._loader("val", shuffle=False) if "val" in self.datasets else []
 
     def test_dataloader(self) -> DataLoader:
         return self._loader("test", shuffle=False)

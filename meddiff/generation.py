@@ -1,0 +1,153 @@
+"""Synthetic data at scale: Lightning ``predict`` over item indices, each rank writing its own shard.
+
+Item ``i`` is always sampled with seed ``seed + i``, so a resumed or re-sharded run writes the same
+images. Each finished item is one file plus one line in ``manifest.rank<R>.jsonl``; when all ranks
+are done, rank 0 merges every shard into ``manifest.jsonl`` (items of earlier runs kept), so an
+interrupted run resumes by skipping what is already written.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import BasePredictionWriter
+from torch.utils.data import DataLoader
+
+from meddiff.data.manifest import Manifest, Record, write_manifest
+from meddiff.errors import MeddiffError
+from meddiff.io import save_image
+from meddiff.io.dicom_write import write_synthetic_dicom
+from meddiff.pipeline import DiffusionPipeline
+
+FORMATS = ("nii.gz", "png", "dcm")
+MANIFEST = "manifest.jsonl"
+
+
+class GenerationModule(pl.LightningModule):
+    """Wraps a pipeline so Lightning can place it on devices; ``predict_step`` samples a batch of indices."""
+
+    def __init__(self, pipeline: DiffusionPipeline, steps: int, scheduler: str, seed: int, class_label: int | None, done: set[int]):
+        super().__init__()
+        self.pipeline = pipeline
+        self.unet = pipeline.unet  # registered, so Lightning moves it to the device
+        self.steps, self.scheduler, self.seed, self.class_label, self.done = steps, scheduler, seed, class_label, done
+
+    def predict_step(self, batch: torch.Tensor, batch_idx: int) -> list[tuple[int, Any]]:
+        indices = [int(i) for i in batch if int(i) not in self.done]
+        if not indices:
+            return []
+        labels = None if self.class_label is None else torch.full((len(indices),), self.class_label)
+        x = self.pipeline.sample([self.seed + i for i in indices], steps=self.steps, scheduler=self.scheduler, class_labels=labels)
+        return [(i, self.pipeline.to_image(item)) for i, item in zip(indices, x)]
+
+
+class ShardWriter(BasePredictionWriter):
+    """Writes each image as it is made and appends its record to this rank's shard."""
+
+    def __init__(self, out_dir: Path, fmt: str, provenance: dict):
+        super().__init__(write_interval="batch")
+        self.out_dir, self.fmt, self.provenance = out_dir, fmt, provenance
+
+    def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx) -> None:
+        shard = self.out_dir / f"manifest.rank{trainer.global_rank}.jsonl"
+        with open(shard, "a", encoding="utf-8") as fh:
+            for index, image in prediction:
+                name = f"sample_{index:06d}" + ("" if self.fmt == "dcm" and image.array.ndim == 3 else f".{self.fmt}")
+                description = f"synthetic image from meddiff model {self.provenance['weights_sha256'][:16]}, seed {self.provenance['seed'] + index}"
+                if self.fmt == "dcm":
+                    write_synthetic_dicom(image, self.out_dir / name, description, overwrite=True)
+                else:
+                    save_image(image, self.out_dir / name, overwrite=True)
+                record = Record(
+                    image=name,
+                    modality=image.modality or "OT",
+                    spacing=[round(s, 6) for s in image.spacing],
+                    source="meddiff generate",
+                    synthetic=True,
+                    provenance={**self.provenance, "seed": self.provenance["seed"] + index, "index": index},
+                )
+                fh.write(record.model_dump_json(exclude_defaults=True) + "\n")
+                fh.flush()
+
+    def on_predict_epoch_end(self, trainer, pl_module) -> None:
+        trainer.strategy.barrier()
+        if trainer.is_global_zero:
+            merge_shards(self.out_dir)
+
+
+def finished_records(out_dir: Path) -> dict[int, Record]:
+    """Records of items already written (merged manifest and leftover shards), by item index."""
+    records: dict[int, Record] = {}
+    sources = [out_dir / MANIFEST] if (out_dir / MANIFEST).is_file() else []
+    for path in [*sources, *sorted(out_dir.glob("manifest.rank*.jsonl"))]:
+        lines = path.read_text(encoding="utf-8").splitlines()
+        for line in lines:
+            try:
+                record = Record.model_validate_json(line)
+            except ValueError:
+                continue  # a line cut short by an interruption: that item is simply made again
+            if record.provenance and (out_dir / record.image).exists():
+                records[int(record.provenance["index"])] = record
+    return records
+
+
+def merge_shards(out_dir: Path) -> Path:
+    records = finished_records(out_dir)
+    path = write_manifest([records[i] for i in sorted(records)], out_dir / MANIFEST, overwrite=True)
+    for shard in out_dir.glob("manifest.rank*.jsonl"):
+        shard.unlink()
+    return path
+
+
+def generate_to_folder(
+    pipeline: DiffusionPipeline,
+    model_id: str,
+    n: int,
+    out_dir: str | Path,
+    steps: int = 50,
+    scheduler: str = "ddim",
+    seed: int = 0,
+    batch_size: int = 8,
+    fmt: str = "nii.gz",
+    class_label: int | None = None,
+    accelerator: str = "auto",
+    devices: int | str = 1,
+) -> tuple[Path, int]:
+    """Make items ``0..n-1`` that are not already in ``out_dir``; returns the manifest and how many were new."""
+    if fmt not in FORMATS:
+        raise MeddiffError(f"--format must be one of {', '.join(FORMATS)}, not {fmt!r}")
+    if n < 1 or batch_size < 1 or steps < 1:
+        raise MeddiffError("-n, --batch-size and --steps must be positive")
+    pipeline.schedule.sampler(scheduler)  # unknown names fail here, before any work
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    done = set(finished_records(out_dir))
+    provenance = {
+        "model": model_id,
+        "weights_sha256": pipeline.config.get("weights_sha256", ""),
+        "scheduler": scheduler,
+        "steps": steps,
+        "seed": seed,
+        "class_label": class_label,
+    }
+    module = GenerationModule(pipeline, steps, scheduler, seed, class_label, done)
+    trainer = pl.Trainer(
+        accelerator=accelerator,
+        devices=devices,
+        strategy="ddp" if devices not in (1, "1") else "auto",
+        callbacks=[ShardWriter(out_dir, fmt, provenance)],
+        logger=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+    )
+    indices = torch.arange(n)
+    trainer.predict(module, DataLoader(indices, batch_size=batch_size), return_predictions=False)
+    return out_dir / MANIFEST, n - len(done & set(range(n)))
+
+
+def read_generated(out_dir: str | Path) -> Manifest:
+    """The merged manifest of a generation folder."""
+    return Manifest.read(Path(out_dir) / MANIFEST)
