@@ -58,6 +58,7 @@ class DiffusionModule(pl.LightningModule):
         self.schedule = NoiseSchedule(num_train_timesteps, beta_schedule, prediction)
         self.forward_process = self.schedule.training_scheduler()
         self.ema = AveragedModel(self.unet, multi_avg_fn=get_ema_multi_avg_fn(ema_decay), use_buffers=True)
+        self.ema.requires_grad_(False)  # updated by averaging, never by gradients (and ignored by DDP)
 
     def unet_config(self) -> dict:
         hp = self.hparams
@@ -106,7 +107,9 @@ class DiffusionModule(pl.LightningModule):
         self.log("train/loss", loss, prog_bar=True, batch_size=batch["image"].shape[0])
         return loss
 
-    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
+    def optimizer_step(self, *args, **kwargs) -> None:
+        """Update the EMA right after each optimizer step, before checkpoint callbacks run."""
+        super().optimizer_step(*args, **kwargs)
         self.ema.update_parameters(self.unet)
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
