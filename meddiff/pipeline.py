@@ -22,7 +22,7 @@ from meddiff import __version__
 from meddiff.diffusion.schedulers import NoiseSchedule
 from meddiff.errors import MeddiffError
 from meddiff.image import Image
-from meddiff.io.atomic import atomic_path
+from meddiff.files import atomic_path
 from meddiff.nets import build_unet
 
 CONFIG_NAME = "config.json"

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image as PILImage
 
-from meddiff.io.atomic import atomic_path
+from meddiff.files import atomic_path
 
 
 def to_uint8(array: np.ndarray, low: float | None = None, high: float | None = None) -> np.ndarray:

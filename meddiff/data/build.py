@@ -21,7 +21,7 @@ import SimpleITK as sitk
 from meddiff.data.manifest import Record
 from meddiff.errors import MeddiffError
 from meddiff.io import ITK_SUFFIXES, NIFTI_SUFFIXES, PICTURE_SUFFIXES
-from meddiff.io.atomic import full_suffix
+from meddiff.files import full_suffix
 from meddiff.io.dicom import find_series
 
 FILE_SUFFIXES = NIFTI_SUFFIXES + ITK_SUFFIXES + PICTURE_SUFFIXES

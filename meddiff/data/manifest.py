@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from meddiff.errors import MeddiffError
 from meddiff.io import load_image
-from meddiff.io.atomic import atomic_path
+from meddiff.files import atomic_path
 
 SPLITS = ("train", "val", "test")
 DATA_ROOT_ENV = "MEDDIFF_DATA"

@@ -57,7 +57,8 @@ class NormalizeIntensityd(MapTransform, InvertibleTransform):
     """Map intensities linearly to [-1, 1] by modality, and back with ``inverse``.
 
     CT: the HU window ``ct_window`` maps to [-1, 1]; radiographs: the ``percentiles`` of the whole
-    image; MR and others: the ``percentiles`` of the non-zero (foreground) voxels, robust to outliers.
+    image; MR and others: 0 (the empty background, or the lower percentile if negative) to the upper
+    percentile of the non-zero voxels, robust to bright outliers.
     Values outside are kept (``clip=False``), so the map is exactly invertible. MONAI's
     ScaleIntensityRange(Percentiles)d are not invertible, hence this transform.
     """
@@ -83,9 +84,13 @@ class NormalizeIntensityd(MapTransform, InvertibleTransform):
         if modality in CT_MODALITIES:
             return self.ct_window
         values = image.detach().float().reshape(-1)
-        if modality not in XRAY_MODALITIES and bool((values != 0).any()):
+        is_mr_like = modality not in XRAY_MODALITIES
+        if is_mr_like and bool((values != 0).any()):
             values = values[values != 0]
-        low, high = torch.quantile(values[:: max(1, values.numel() // 2_000_000)], torch.tensor(self.percentiles) / 100).tolist()
+        values = values[:: max(1, values.numel() // 2_000_000)]  # quantile on a bounded sample
+        low, high = torch.quantile(values, torch.tensor(self.percentiles) / 100).tolist()
+        if is_mr_like:
+            low = min(low, 0.0)  # MR magnitude: keep the empty background at -1
         if high <= low:
             high = low + 1.0  # constant image: map it to -1 rather than divide by zero
         return low, high

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from meddiff.errors import MeddiffError
 from meddiff.image import Image
-from meddiff.io.atomic import atomic_path, full_suffix
+from meddiff.files import atomic_path, full_suffix
 from meddiff.io.dicom import is_dicom_file, read_dicom
 from meddiff.io.itk import read_itk, write_itk
 from meddiff.io.nifti import read_nifti, write_nifti

@@ -1,0 +1,122 @@
+"""Train the MNI152 slice model used by the sampler benchmarks, then sample with each sampler.
+
+Runs anywhere (``--device cuda`` is what the numbers in BENCHMARKS.md used). Writes the EMA model
+(``model/``), one ``samples_<sampler>_<steps>.npz`` per sampler ('+' written 'p') (float16, N x 96 x 112, in [-1, 1])
+and ``timings.json`` (training steps, sampling wall time per sampler, and ``pipeline.generate``
+against MONAI's ``DiffusionInferer.sample`` with the same network, DDIM and 50 steps).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import lightning.pytorch as pl
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+from meddiff.training import DiffusionModule
+
+SAMPLERS = [("ddpm", 1000), ("ddim", 50), ("dpm++2m", 20), ("dpm++2m", 10), ("unipc", 10)]
+
+
+def flip_collate(items):
+    """Random left-right flips (the brain is nearly symmetric): a little more data from 123 slices."""
+    x = torch.stack([i[0] for i in items]).float()
+    flip = torch.rand(len(x)) < 0.5
+    x[flip] = x[flip].flip(-2)
+    return {"image": x}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--data", default=".gpu")
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--train-seconds", type=float, default=270)
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--n-samples", type=int, default=256)
+    parser.add_argument("--sample-batch", type=int, default=128)
+    parser.add_argument("--quick", action="store_true", help="few steps per sampler (a smoke run of this script)")
+    args = parser.parse_args()
+    out = Path(args.out)
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+    slices = torch.from_numpy(np.load(Path(args.data) / "slices.npy").astype(np.float32))
+    window = json.loads((Path(args.data) / "intensity.json").read_text())
+    pl.seed_everything(0)
+    module = DiffusionModule(
+        spatial_dims=2, channels=(32, 64, 128), attention_levels=(False, False, True), num_res_blocks=2,
+        num_head_channels=32, prediction="eps", beta_schedule="linear", lr=2e-4, ema_decay=0.999,
+        image_shape=tuple(slices.shape[2:]), image_spacing=(2.0, 2.0), modality="MR",
+        intensity_range=(window["low"], window["high"]),
+    )
+    loader = DataLoader(TensorDataset(slices), batch_size=args.batch_size, shuffle=True, drop_last=True, collate_fn=flip_collate)
+    accelerator = "gpu" if args.device.startswith("cuda") else "cpu"
+    trainer = pl.Trainer(
+        accelerator=accelerator, devices=1, precision="bf16-mixed" if accelerator == "gpu" else "32-true",
+        max_time={"seconds": args.train_seconds}, max_epochs=-1, logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, gradient_clip_val=1.0,
+    )
+    start = time.perf_counter()
+    trainer.fit(module, loader)
+    train_seconds = time.perf_counter() - start
+    print(f"trained {trainer.global_step} steps in {train_seconds:.0f} s, last loss {float(trainer.callback_metrics.get('train/loss', float('nan'))):.4f}", flush=True)
+    pipeline = module.pipeline(ema=True)
+    pipeline.unet.to(args.device).eval()
+    pipeline.save_pretrained(out / "model", overwrite=True)
+    timings = {"train_steps": trainer.global_step, "train_seconds": train_seconds, "device": torch.cuda.get_device_name() if accelerator == "gpu" else "cpu", "sampling": {}}
+    for name, steps in SAMPLERS:
+        steps = 2 if args.quick else steps
+        chunks, t0 = [], time.perf_counter()
+        for first in range(0, args.n_samples, args.sample_batch):
+            seeds = range(first, min(args.n_samples, first + args.sample_batch))
+            chunks.append(pipeline.sample(seeds, steps=steps, scheduler=name).float().cpu())
+        if accelerator == "gpu":
+            torch.cuda.synchronize()
+        seconds = time.perf_counter() - t0
+        samples = torch.cat(chunks)[:, 0].numpy().astype(np.float16)
+        np.savez_compressed(out / f"samples_{name.replace('+', 'p')}_{steps}.npz", samples=samples)
+        timings["sampling"][f"{name}-{steps}"] = seconds
+        print(f"{name}-{steps}: {len(samples)} samples in {seconds:.1f} s", flush=True)
+    timings["generate_vs_inferer"] = time_against_monai(pipeline, args.device, batch=32, steps=5 if args.quick else 50)
+    (out / "timings.json").write_text(json.dumps(timings, indent=2))
+    print(json.dumps(timings["generate_vs_inferer"]))
+
+
+def time_against_monai(pipeline, device: str, batch: int, steps: int, repeats: int = 3) -> dict:
+    """Median wall time of pipeline.sample vs DiffusionInferer.sample: same UNet, DDIM, same steps."""
+    from monai.inferers import DiffusionInferer
+    from monai.networks.schedulers import DDIMScheduler
+
+    monai_scheduler = DDIMScheduler(num_train_timesteps=1000, schedule="linear_beta", clip_sample=False)
+    monai_scheduler.set_timesteps(steps)
+    inferer = DiffusionInferer(monai_scheduler)
+    shape = (batch, 1, *pipeline.config["image"]["shape"])
+
+    def sync():
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+
+    ours, theirs = [], []
+    for _ in range(repeats):
+        sync()
+        t0 = time.perf_counter()
+        pipeline.sample(range(batch), steps=steps, scheduler="ddim")
+        sync()
+        ours.append(time.perf_counter() - t0)
+        noise = torch.randn(shape, device=device)
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            inferer.sample(input_noise=noise, diffusion_model=pipeline.unet, scheduler=monai_scheduler, verbose=False)
+        sync()
+        theirs.append(time.perf_counter() - t0)
+    return {"batch": batch, "steps": steps, "meddiff_s": ours, "monai_s": theirs, "ratio_median": statistics.median(ours) / statistics.median(theirs)}
+
+
+if __name__ == "__main__":
+    main()
