@@ -41,6 +41,9 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--n-samples", type=int, default=256)
     parser.add_argument("--sample-batch", type=int, default=128)
+    parser.add_argument("--prediction", default="v")
+    parser.add_argument("--beta-schedule", default="cosine")
+    parser.add_argument("--ema-decay", type=float, default=0.995)
     parser.add_argument("--quick", action="store_true", help="few steps per sampler (a smoke run of this script)")
     args = parser.parse_args()
     out = Path(args.out)
@@ -51,7 +54,7 @@ def main() -> None:
     pl.seed_everything(0)
     module = DiffusionModule(
         spatial_dims=2, channels=(32, 64, 128), attention_levels=(False, False, True), num_res_blocks=2,
-        num_head_channels=32, prediction="eps", beta_schedule="linear", lr=2e-4, ema_decay=0.999,
+        num_head_channels=32, prediction=args.prediction, beta_schedule=args.beta_schedule, lr=2e-4, ema_decay=args.ema_decay,
         image_shape=tuple(slices.shape[2:]), image_spacing=(2.0, 2.0), modality="MR",
         intensity_range=(window["low"], window["high"]),
     )
@@ -93,7 +96,13 @@ def time_against_monai(pipeline, device: str, batch: int, steps: int, repeats: i
     from monai.inferers import DiffusionInferer
     from monai.networks.schedulers import DDIMScheduler
 
-    monai_scheduler = DDIMScheduler(num_train_timesteps=1000, schedule="linear_beta", clip_sample=False)
+    schedule = pipeline.schedule
+    monai_scheduler = DDIMScheduler(
+        num_train_timesteps=schedule.num_train_timesteps,
+        schedule={"linear": "linear_beta", "scaled_linear": "scaled_linear_beta", "cosine": "cosine"}[schedule.beta_schedule],
+        prediction_type={"eps": "epsilon", "v": "v_prediction", "x0": "sample"}[schedule.prediction],
+        clip_sample=False,
+    )
     monai_scheduler.set_timesteps(steps)
     inferer = DiffusionInferer(monai_scheduler)
     shape = (batch, 1, *pipeline.config["image"]["shape"])

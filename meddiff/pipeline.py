@@ -92,7 +92,7 @@ class DiffusionPipeline:
     ) -> torch.Tensor:
         """Denoise from pure noise; one generator per item, so item ``i`` depends only on ``seeds[i]``."""
         sampler = self.schedule.sampler(scheduler)
-        sampler.set_timesteps(steps, device=self.device)
+        sampler.set_timesteps(steps)  # timesteps stay on the CPU: indexing schedule tables never syncs a GPU
         shape = tuple(shape or self.config["image"]["shape"])
         generators = [torch.Generator(self.device).manual_seed(int(s)) for s in seeds]
         x = randn_tensor((len(seeds), self.config["unet"].get("out_channels", 1), *shape), generator=generators, device=self.device)
@@ -103,7 +103,7 @@ class DiffusionPipeline:
         extra = {"generator": generators} if "generator" in inspect.signature(sampler.step).parameters else {}
         for t in sampler.timesteps:
             model_input = sampler.scale_model_input(x, t)
-            prediction = self.unet(model_input, timesteps=t.expand(len(seeds)).to(self.device), class_labels=class_labels)
+            prediction = self.unet(model_input, timesteps=t.to(self.device).expand(len(seeds)), class_labels=class_labels)
             x = sampler.step(prediction, t, x, **extra).prev_sample
         return x
 

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from torch.optim.swa_utils import AveragedModel
 
 from meddiff.diffusion.schedulers import NoiseSchedule
 from meddiff.errors import MeddiffError
@@ -57,7 +57,7 @@ class DiffusionModule(pl.LightningModule):
         self.unet = build_unet(**self.unet_config())
         self.schedule = NoiseSchedule(num_train_timesteps, beta_schedule, prediction)
         self.forward_process = self.schedule.training_scheduler()
-        self.ema = AveragedModel(self.unet, multi_avg_fn=get_ema_multi_avg_fn(ema_decay), use_buffers=True)
+        self.ema = AveragedModel(self.unet, multi_avg_fn=ema_with_warmup(ema_decay), use_buffers=True)
         self.ema.requires_grad_(False)  # updated by averaging, never by gradients (and ignored by DDP)
 
     def unet_config(self) -> dict:
@@ -120,3 +120,20 @@ class DiffusionModule(pl.LightningModule):
 
     def configure_optimizers(self):
         return torch.optim.AdamW(self.unet.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
+
+
+def ema_with_warmup(decay: float):
+    """EMA update whose decay ramps up as min(decay, (1 + n) / (10 + n)) over the first updates.
+
+    torch's ``get_ema_multi_avg_fn`` uses a fixed decay, so early random weights linger in the
+    average for thousands of steps and shrink the EMA model's outputs (diffusers' EMAModel warms up
+    the same way).
+    """
+
+    @torch.no_grad()
+    def update(ema_params, current_params, num_averaged) -> None:
+        n = int(num_averaged)
+        effective = min(decay, (1 + n) / (10 + n))
+        torch._foreach_lerp_(ema_params, current_params, 1.0 - effective)
+
+    return update
