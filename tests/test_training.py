@@ -130,3 +130,18 @@ def test_export_gives_a_pipeline_with_identical_samples(samples_dir, tmp_path):
         assert a.spacing == (4.0, 4.0) and a.modality == "MR"
     assert main(["export", str(tmp_path / "run" / "checkpoints" / "last.ckpt"), str(out)]) == 2  # not empty
     assert main(["export", str(tmp_path / "missing.ckpt"), str(tmp_path / "x")]) == 2
+
+
+@pytest.mark.parametrize("name", ["mri_t1_2d.yaml", "ct_3d.yaml", "cxr_2d.yaml", "smoke/ddpm_2d.yaml", "smoke/ddpm_3d.yaml"])
+def test_every_config_builds_its_model_and_data(name):
+    """The real configs cannot train here (no data), but their model and data module must construct."""
+    import importlib
+
+    config = yaml.safe_load((CONFIGS / name).read_text())
+    for part in ("model", "data"):
+        module_name, class_name = config[part]["class_path"].rsplit(".", 1)
+        cls = getattr(importlib.import_module(module_name), class_name)
+        args = {k: v for k, v in config[part]["init_args"].items() if k != "augment"}
+        instance = cls(**args)
+        assert instance is not None
+    assert config["model"]["init_args"]["spatial_dims"] == config["data"]["init_args"]["spatial_dims"]
