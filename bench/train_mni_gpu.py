@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import time
 from pathlib import Path
 
@@ -20,6 +19,7 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from meddiff.training import DiffusionModule
+from sampling_speed import time_against_monai
 
 SAMPLERS = [("ddpm", 1000), ("ddim", 50), ("dpm++2m", 20), ("dpm++2m", 10), ("unipc", 10)]
 
@@ -89,42 +89,6 @@ def main() -> None:
     timings["generate_vs_inferer"] = time_against_monai(pipeline, args.device, batch=32, steps=5 if args.quick else 50)
     (out / "timings.json").write_text(json.dumps(timings, indent=2))
     print(json.dumps(timings["generate_vs_inferer"]))
-
-
-def time_against_monai(pipeline, device: str, batch: int, steps: int, repeats: int = 3) -> dict:
-    """Median wall time of pipeline.sample vs DiffusionInferer.sample: same UNet, DDIM, same steps."""
-    from monai.inferers import DiffusionInferer
-    from monai.networks.schedulers import DDIMScheduler
-
-    schedule = pipeline.schedule
-    monai_scheduler = DDIMScheduler(
-        num_train_timesteps=schedule.num_train_timesteps,
-        schedule={"linear": "linear_beta", "scaled_linear": "scaled_linear_beta", "cosine": "cosine"}[schedule.beta_schedule],
-        prediction_type={"eps": "epsilon", "v": "v_prediction", "x0": "sample"}[schedule.prediction],
-        clip_sample=False,
-    )
-    monai_scheduler.set_timesteps(steps)
-    inferer = DiffusionInferer(monai_scheduler)
-    shape = (batch, 1, *pipeline.config["image"]["shape"])
-
-    def sync():
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
-
-    ours, theirs = [], []
-    for _ in range(repeats):
-        sync()
-        t0 = time.perf_counter()
-        pipeline.sample(range(batch), steps=steps, scheduler="ddim")
-        sync()
-        ours.append(time.perf_counter() - t0)
-        noise = torch.randn(shape, device=device)
-        t0 = time.perf_counter()
-        with torch.inference_mode():
-            inferer.sample(input_noise=noise, diffusion_model=pipeline.unet, scheduler=monai_scheduler, verbose=False)
-        sync()
-        theirs.append(time.perf_counter() - t0)
-    return {"batch": batch, "steps": steps, "meddiff_s": ours, "monai_s": theirs, "ratio_median": statistics.median(ours) / statistics.median(theirs)}
 
 
 if __name__ == "__main__":

@@ -18,11 +18,11 @@ from torch.utils.data import DataLoader
 
 from meddiff.data.manifest import Manifest, Record, write_manifest
 from meddiff.errors import MeddiffError
+from meddiff.io import SYNTHETIC_FORMATS as FORMATS
 from meddiff.io import save_image
 from meddiff.io.dicom_write import write_synthetic_dicom
 from meddiff.pipeline import DiffusionPipeline
 
-FORMATS = ("nii.gz", "png", "dcm")
 MANIFEST = "manifest.jsonl"
 
 

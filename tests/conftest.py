@@ -9,6 +9,12 @@ import pydicom.data
 import pytest
 
 os.environ.setdefault("WANDB_MODE", "offline")
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # one pytest worker per core: more threads per worker oversubscribe the cores and slow runs tenfold
+    os.environ["OMP_NUM_THREADS"] = "1"
+    import torch
+
+    torch.set_num_threads(1)
 
 
 def _pydicom_data_dir() -> Path:

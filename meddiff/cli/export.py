@@ -1,13 +1,13 @@
-"""``meddiff export CKPT DIR``: a Lightning checkpoint -> a pipeline folder with the EMA weights."""
+"""``meddiff export CKPT DIR``: a Lightning checkpoint -> a pipeline folder with the EMA weights.
+
+torch and Lightning load inside the functions, so ``meddiff --help`` stays fast.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-import torch
-
 from meddiff.errors import MeddiffError
-from meddiff.training import DiffusionModule
 
 
 def add_parser(subparsers) -> None:
@@ -19,8 +19,12 @@ def add_parser(subparsers) -> None:
     p.set_defaults(func=run)
 
 
-def module_from_checkpoint(path: str | Path) -> DiffusionModule:
-    """Rebuild the module from a checkpoint, read with ``weights_only=True`` (nothing unpickled)."""
+def module_from_checkpoint(path: str | Path):
+    """Rebuild the DiffusionModule from a checkpoint, read with ``weights_only=True`` (nothing unpickled)."""
+    import torch
+
+    from meddiff.training import DiffusionModule
+
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:

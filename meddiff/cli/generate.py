@@ -1,11 +1,11 @@
-"""``meddiff generate --model DIR -n N -o OUTDIR``: synthetic images plus a provenance manifest."""
+"""``meddiff generate --model DIR -n N -o OUTDIR``: synthetic images plus a provenance manifest.
+
+torch and Lightning load inside ``run``, so ``meddiff --help`` stays fast.
+"""
 
 from __future__ import annotations
 
-from lightning.pytorch.utilities import rank_zero_only
-
-from meddiff.generation import FORMATS, generate_to_folder
-from meddiff.pipeline import load_pipeline
+from meddiff.io import SYNTHETIC_FORMATS
 
 
 def add_parser(subparsers) -> None:
@@ -17,7 +17,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--scheduler", default="ddim", help="ddpm, ddim, dpm++2m, euler, unipc, pndm")
     p.add_argument("--seed", type=int, default=0, help="image i uses seed + i")
     p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--format", choices=FORMATS, default="nii.gz")
+    p.add_argument("--format", choices=SYNTHETIC_FORMATS, default="nii.gz")
     p.add_argument("--class-label", type=int, help="class for class-conditioned models")
     p.add_argument("--accelerator", default="auto", help="cpu, gpu, auto")
     p.add_argument("--devices", default="1", help="number of devices; >1 runs one process per device (DDP), each writing a shard")
@@ -25,6 +25,11 @@ def add_parser(subparsers) -> None:
 
 
 def run(args) -> None:
+    from lightning.pytorch.utilities import rank_zero_only
+
+    from meddiff.generation import generate_to_folder
+    from meddiff.pipeline import load_pipeline
+
     pipeline = load_pipeline(args.model)
     devices = int(args.devices) if args.devices.isdigit() else args.devices
     manifest, made = generate_to_folder(

@@ -18,6 +18,7 @@ PICTURE_SUFFIXES = (".png", ".jpg", ".jpeg")
 DICOM_SUFFIXES = (".dcm", ".dicom", ".ima")
 READ_SUFFIXES = NIFTI_SUFFIXES + ITK_SUFFIXES + PICTURE_SUFFIXES + DICOM_SUFFIXES
 WRITE_SUFFIXES = NIFTI_SUFFIXES + ITK_SUFFIXES + PICTURE_SUFFIXES
+SYNTHETIC_FORMATS = ("nii.gz", "png", "dcm")  # what `meddiff generate --format` writes (dcm: marked synthetic)
 
 __all__ = ["load_image", "save_image", "READ_SUFFIXES", "WRITE_SUFFIXES"]
 
