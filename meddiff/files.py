@@ -11,6 +11,15 @@ from pathlib import Path
 from meddiff.errors import MeddiffError
 
 
+def _current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+UMASK = _current_umask()  # read once at import: changing the umask later would race other threads
+
+
 def full_suffix(path: str | os.PathLike) -> str:
     """``.nii.gz`` for ``scan.nii.gz``; ``.png`` for ``a.b.png`` (only known double suffixes)."""
     name = Path(path).name.lower()
@@ -18,6 +27,13 @@ def full_suffix(path: str | os.PathLike) -> str:
         if name.endswith(double):
             return double
     return Path(path).suffix.lower()
+
+
+def stem(path: str | os.PathLike) -> str:
+    """File name without its (full) suffix: ``scan`` for ``scan.nii.gz``, ``IM0001`` for ``IM0001``."""
+    name = Path(path).name
+    suffix = full_suffix(path)
+    return name[: -len(suffix)] if suffix else name
 
 
 def check_writable(path: str | os.PathLike, overwrite: bool) -> Path:
@@ -43,9 +59,7 @@ def atomic_path(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Pa
     tmp_path = Path(tmp)
     try:
         yield tmp_path
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp_path, 0o666 & ~umask)  # mkstemp (and some writers) make 0600; outputs get the usual mode
+        os.chmod(tmp_path, 0o666 & ~UMASK)  # mkstemp (and some writers) make 0600; outputs get the usual mode
         os.replace(tmp_path, path)
     finally:
         tmp_path.unlink(missing_ok=True)

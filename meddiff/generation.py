@@ -53,6 +53,9 @@ class ShardWriter(BasePredictionWriter):
 
     def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx) -> None:
         shard = self.out_dir / f"manifest.rank{trainer.global_rank}.jsonl"
+        if shard.is_file() and shard.stat().st_size and not shard.read_bytes().endswith(b"\n"):
+            with open(shard, "a", encoding="utf-8") as fh:
+                fh.write("\n")  # a line cut short by an interruption must not swallow the next record
         with open(shard, "a", encoding="utf-8") as fh:
             for index, image in prediction:
                 name = f"sample_{index:06d}" + ("" if self.fmt == "dcm" and image.array.ndim == 3 else f".{self.fmt}")
@@ -76,6 +79,34 @@ class ShardWriter(BasePredictionWriter):
         trainer.strategy.barrier()
         if trainer.is_global_zero:
             merge_shards(self.out_dir)
+
+
+RUN_KEYS = ("weights_sha256", "scheduler", "steps", "class_label", "format")
+
+
+def check_same_run(out_dir: Path, provenance: dict) -> None:
+    """Refuse to add to a folder that holds other images or items of a different run."""
+    lines = []
+    for path in [out_dir / MANIFEST, *sorted(out_dir.glob("manifest.rank*.jsonl"))]:
+        if path.is_file():
+            lines += [(path, n, line) for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1)]
+    if not lines and any(out_dir.glob("sample_*")):
+        raise MeddiffError(f"{out_dir} holds sample files but no {MANIFEST} — choose an empty or new -o folder")
+    for path, number, line in lines:
+        try:
+            record = Record.model_validate_json(line)
+        except ValueError:
+            if path.name == MANIFEST:
+                raise MeddiffError(f"{path} line {number} is not a meddiff record — choose another -o folder") from None
+            continue  # a shard line cut short by an interruption
+        if not record.provenance or "index" not in record.provenance:
+            raise MeddiffError(f"{path} line {number} is not a meddiff-generated record — choose another -o folder")
+        old = {k: record.provenance.get(k) for k in RUN_KEYS}
+        old["seed"] = record.provenance["seed"] - record.provenance["index"]
+        new = {**{k: provenance.get(k) for k in RUN_KEYS}, "seed": provenance["seed"]}
+        changed = [k for k in new if old[k] != new[k]]
+        if changed:
+            raise MeddiffError(f"{out_dir} holds images of another run (different {', '.join(changed)}) — choose another -o folder")
 
 
 def finished_records(out_dir: Path) -> dict[int, Record]:
@@ -124,7 +155,6 @@ def generate_to_folder(
     pipeline.schedule.sampler(scheduler)  # unknown names fail here, before any work
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    done = set(finished_records(out_dir))
     provenance = {
         "model": model_id,
         "weights_sha256": pipeline.config.get("weights_sha256", ""),
@@ -132,7 +162,10 @@ def generate_to_folder(
         "steps": steps,
         "seed": seed,
         "class_label": class_label,
+        "format": fmt,
     }
+    check_same_run(out_dir, provenance)
+    done = set(finished_records(out_dir))
     module = GenerationModule(pipeline, steps, scheduler, seed, class_label, done)
     trainer = pl.Trainer(
         accelerator=accelerator,

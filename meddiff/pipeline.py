@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from diffusers.utils.torch_utils import randn_tensor
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
@@ -57,7 +58,7 @@ class DiffusionPipeline:
             config = json.loads(config_path.read_text())
             pipeline = cls.from_config(config)
             pipeline.unet.load_state_dict(load_file(weights_path, device=str(device)))
-        except (json.JSONDecodeError, KeyError, TypeError, RuntimeError) as exc:
+        except (json.JSONDecodeError, KeyError, TypeError, RuntimeError, SafetensorError) as exc:
             raise MeddiffError(f"cannot load the model in {directory}: {exc}") from None
         pipeline.unet.to(device).eval()
         pipeline.config["weights_sha256"] = file_sha256(weights_path)
@@ -91,6 +92,10 @@ class DiffusionPipeline:
         shape: Sequence[int] | None = None,
     ) -> torch.Tensor:
         """Denoise from pure noise; one generator per item, so item ``i`` depends only on ``seeds[i]``."""
+        if self.config["unet"].get("concat_channels"):
+            raise MeddiffError("this model takes a concatenated condition (e.g. a noisy image); sample it through its task pipeline")
+        if self.config["unet"].get("num_class_embeds") and class_labels is None:
+            raise MeddiffError("this model is class-conditioned: give class_labels (meddiff generate --class-label N)")
         sampler = self.schedule.sampler(scheduler)
         sampler.set_timesteps(steps)  # timesteps stay on the CPU: indexing schedule tables never syncs a GPU
         shape = tuple(shape or self.config["image"]["shape"])

@@ -42,7 +42,7 @@ def test_missing_files_are_named(tmp_path):
     nib.save(nib.Nifti1Image(np.ones((4, 4, 4), np.float32), np.eye(4)), tmp_path / "a.nii.gz")
     lines = [{"image": "a.nii.gz", "modality": "MR"}, {"image": "a.nii.gz", "mask": "gone.nii.gz", "modality": "MR"}]
     manifest = Manifest.read(write_lines(tmp_path / "m.jsonl", lines))
-    with pytest.raises(MeddiffError, match="record 2: field 'mask': file not found"):
+    with pytest.raises(MeddiffError, match="line 2: field .mask.: file not found"):
         manifest.check_files()
 
 
@@ -63,7 +63,7 @@ def test_deep_validation_catches_mask_shape_mismatch(tmp_path):
     write_lines(tmp_path / "m.jsonl", [{"image": "img.nii.gz", "mask": "mask.nii.gz", "modality": "MR"}])
     manifest = Manifest.read(tmp_path / "m.jsonl")
     manifest.check_files()
-    with pytest.raises(MeddiffError, match=r"record 1 .*mask shape \(8, 8, 5\) differs"):
+    with pytest.raises(MeddiffError, match=r"line 1 .*mask shape \(8, 8, 5\) differs"):
         manifest.check_images()
 
 

@@ -32,7 +32,7 @@ def user_error_cause(exc: BaseException) -> MeddiffError | None:
     while exc is not None:
         if isinstance(exc, MeddiffError):
             return exc
-        exc = exc.__cause__ or exc.__context__
+        exc = exc.__cause__  # explicit chains only (MONAI raises "from e"); __context__ may be an older, handled error
     return None
 
 

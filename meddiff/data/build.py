@@ -21,7 +21,7 @@ import SimpleITK as sitk
 from meddiff.data.manifest import Record
 from meddiff.errors import MeddiffError
 from meddiff.io import ITK_SUFFIXES, NIFTI_SUFFIXES, PICTURE_SUFFIXES
-from meddiff.files import full_suffix
+from meddiff.files import full_suffix, stem
 from meddiff.io.dicom import find_series
 
 FILE_SUFFIXES = NIFTI_SUFFIXES + ITK_SUFFIXES + PICTURE_SUFFIXES
@@ -39,8 +39,14 @@ def build_records(
     seed: int = 0,
     subject_pattern: str | None = None,
     source: str | None = None,
+    allow_ids_in_paths: bool = False,
 ) -> list[Record]:
-    """Records for every image under ``folder``, with paths relative to ``manifest_dir``."""
+    """Records for every image under ``folder``, with paths relative to ``manifest_dir``.
+
+    A DICOM PatientID or PatientName that appears in a record's path or source is an error (the
+    manifest would expose it) unless ``allow_ids_in_paths`` (for public datasets whose IDs are
+    already pseudonyms, such as LIDC-IDRI).
+    """
     folder = Path(folder).resolve()
     if not folder.is_dir():
         raise MeddiffError(f"{folder} is not a folder")
@@ -60,7 +66,15 @@ def build_records(
         else:
             image, uid = Path(os.path.commonpath(series.files)), series.uid
         rel = image.relative_to(folder)
-        subject = str(header.get("PatientID") or "") or _subject_from_path(rel, pattern)
+        identifiers = [str(header.get(k) or "") for k in ("PatientID", "PatientName")]
+        exposed = [i for i in identifiers if len(i) >= 3 and (i in rel.as_posix() or i in source)]
+        if exposed and not allow_ids_in_paths:
+            raise MeddiffError(
+                f"the path of {rel.as_posix()} or the source name contains its patient's {('ID', 'name')[identifiers.index(exposed[0])]}: "
+                "a manifest would expose it — rename the folders to pseudonyms, pass --source, or, for public "
+                "pseudonymised data, --allow-ids-in-paths"
+            )
+        subject = identifiers[0] or _subject_from_path(rel, pattern)
         found.append((dict(image=image, series=uid, modality=series.modality, spacing=_dicom_spacing(series.files)), subject, rel))
     for path in sorted(folder.rglob("*")):
         if path.is_file() and full_suffix(path) in FILE_SUFFIXES and not path.name.startswith("."):
@@ -90,12 +104,11 @@ def _subject_from_path(rel: Path, pattern: re.Pattern | None) -> str:
         if not match:
             raise MeddiffError(f"--subject-pattern does not match {rel.as_posix()}")
         return match.group(1) if match.groups() else match.group(0)
-    return rel.parts[0] if len(rel.parts) > 1 else rel.name[: -len(full_suffix(rel))]
+    return rel.parts[0] if len(rel.parts) > 1 else stem(rel)
 
 
 def _report_keys(rel: Path) -> list[str]:
-    stem = rel.name[: -len(full_suffix(rel))] if full_suffix(rel) else rel.name
-    return [rel.as_posix(), rel.name, stem]
+    return [rel.as_posix(), rel.name, stem(rel)]
 
 
 def _read_reports(path: str | os.PathLike) -> dict[str, str]:

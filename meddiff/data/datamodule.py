@@ -12,6 +12,7 @@ from monai.transforms import (
     Compose,
     EnsureTyped,
     RandSpatialCropd,
+    Orientationd,
     ResizeWithPadOrCropd,
     SelectItemsd,
     Spacingd,
@@ -33,7 +34,9 @@ class ManifestDataModule(pl.LightningDataModule):
     holds ``batch_size * slices_per_volume`` slices (MONAI's ``num_samples`` convention); 3D modules
     skip records whose ``spacing`` marks them 2D. ``augment`` is a list of MONAI dict transforms (keys ``image``/``mask``) applied to
     training items only. ``cache_rate`` keeps the deterministic part (load, resample, normalise) in
-    memory, so epochs after the first skip the disk.
+    memory, so epochs after the first skip the disk. ``label_key`` puts ``labels[label_key]`` into
+    ``batch["label"]`` for class-conditioned models (strings mapped through ``class_names``). Volumes
+    are reoriented to RAS first, so data from LPS DICOM and RAS NIfTI agree in layout.
     """
 
     def __init__(
@@ -51,6 +54,8 @@ class ManifestDataModule(pl.LightningDataModule):
         num_workers: int = 0,
         cache_rate: float = 1.0,
         modalities: Sequence[str] | None = None,
+        label_key: str | None = None,
+        class_names: Sequence[str] | None = None,
     ):
         super().__init__()
         if spatial_dims not in (2, 3):
@@ -68,12 +73,16 @@ class ManifestDataModule(pl.LightningDataModule):
         manifest.check_files()
         wanted = {m.upper() for m in self.hparams.modalities} if self.hparams.modalities else None
         items = []
-        for record in manifest.split(split):
+        for number, record in zip(manifest.lines, manifest.records):
+            if record.split != split:
+                continue
             if wanted and record.modality not in wanted:
                 continue
             if self.hparams.spatial_dims == 3 and record.spacing is not None and len(record.spacing) == 2:
                 continue  # a 2D image cannot give 3D training items
             item = {"image": str(manifest.resolve(record.image)), "modality": record.modality}
+            if self.hparams.label_key is not None:
+                item["label"] = self.class_index(record.labels, number)
             if record.series:
                 item["series"] = record.series
             if record.mask:
@@ -81,26 +90,44 @@ class ManifestDataModule(pl.LightningDataModule):
             items.append(item)
         return items
 
+    def class_index(self, labels: dict, number: int) -> int:
+        """``labels[label_key]`` as a class index: its position in ``class_names``, or the integer itself."""
+        key, names = self.hparams.label_key, self.hparams.class_names
+        if key not in labels:
+            raise MeddiffError(f"{self.manifest_path} line {number}: labels has no '{key}' (needed for class conditioning)")
+        value = labels[key]
+        if names is not None:
+            if str(value) not in names:
+                raise MeddiffError(f"{self.manifest_path} line {number}: label {value!r} is not one of class_names {list(names)}")
+            return list(names).index(str(value))
+        if not isinstance(value, int) or value < 0:
+            raise MeddiffError(f"{self.manifest_path} line {number}: label {value!r} must be a class index >= 0 or listed in class_names")
+        return value
+
     def transforms(self, train: bool) -> Compose:
         """Load -> normalise -> resample -> slice (2D) -> crop/pad -> augment (train) -> plain tensors."""
         hp = self.hparams
         keys = ["image", "mask"]  # the mask, where a record has one, follows every spatial step
         steps: list[Transform] = [
             LoadImaged(keys, allow_missing_keys=True),
+            Orientationd(keys, as_closest_canonical=True, allow_missing_keys=True),  # RAS, whatever the source
             NormalizeIntensityd("image", ct_window=hp.ct_window),
         ]
         if hp.spacing is not None:
             steps.append(Spacingd(keys, pixdim=hp.spacing, mode=("bilinear", "nearest"), allow_missing_keys=True))
         if hp.spatial_dims == 2:
-            per_volume = hp.slices_per_volume if train else None  # validation sees every kept slice
-            steps.append(SliceVolumed(keys, axis=hp.slice_axis, num_slices=per_volume, min_foreground=hp.min_foreground, allow_missing_keys=True))
+            steps.append(
+                SliceVolumed(keys, axis=hp.slice_axis, num_slices=hp.slices_per_volume, random=train,
+                             min_foreground=hp.min_foreground, allow_missing_keys=True)
+            )  # validation: the same evenly spaced slices every epoch
         if hp.patch_size is not None:
             if train:
                 steps.append(RandSpatialCropd(keys, roi_size=hp.patch_size, random_size=False, allow_missing_keys=True))
-            steps.append(ResizeWithPadOrCropd(keys, spatial_size=hp.patch_size, constant_values=-1.0, allow_missing_keys=True))
+            steps.append(ResizeWithPadOrCropd("image", spatial_size=hp.patch_size, constant_values=-1.0))  # -1: empty
+            steps.append(ResizeWithPadOrCropd("mask", spatial_size=hp.patch_size, constant_values=0.0, allow_missing_keys=True))
         if train:
             steps.extend(self.augment)
-        steps += [SelectItemsd(keys + ["modality"], allow_missing_keys=True), EnsureTyped(keys, track_meta=False, allow_missing_keys=True)]
+        steps += [SelectItemsd(keys + ["modality", "label"], allow_missing_keys=True), EnsureTyped(keys, track_meta=False, allow_missing_keys=True)]
         return Compose(steps)
 
     def setup(self, stage: str | None = None) -> None:

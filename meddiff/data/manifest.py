@@ -55,23 +55,25 @@ class Record(BaseModel):
 class Manifest:
     """Records read from a JSONL file, with paths resolved against the file's folder."""
 
-    def __init__(self, records: list[Record], root: Path):
+    def __init__(self, records: list[Record], root: Path, lines: list[int] | None = None):
         self.records = records
         self.root = root
+        self.lines = lines or list(range(1, len(records) + 1))  # file line of each record, for messages
 
     @classmethod
     def read(cls, path: str | os.PathLike) -> Manifest:
         path = Path(path)
         if not path.is_file():
             raise MeddiffError(f"manifest {path} does not exist")
-        records = []
+        records, lines = [], []
         with open(path, encoding="utf-8") as fh:
             for number, line in enumerate(fh, start=1):
                 if line.strip():
                     records.append(parse_record(line, number, path))
+                    lines.append(number)
         if not records:
             raise MeddiffError(f"manifest {path} holds no records")
-        return cls(records, path.parent.resolve())
+        return cls(records, path.parent.resolve(), lines)
 
     def resolve(self, relative: str) -> Path:
         """Absolute path of a record's ``image`` or ``mask``."""
@@ -87,15 +89,15 @@ class Manifest:
 
     def check_files(self) -> None:
         """Every image and mask named exists; the error names the first missing one's line."""
-        for number, record in enumerate(self.records, start=1):
+        for number, record in zip(self.lines, self.records):
             for key in ("image", "mask"):
                 value = getattr(record, key)
                 if value is not None and not self.resolve(value).exists():
-                    raise MeddiffError(f"record {number}: field '{key}': file not found: {self.resolve(value)}")
+                    raise MeddiffError(f"line {number}: field '{key}': file not found: {self.resolve(value)}")
 
     def check_images(self) -> None:
         """Load every image (and mask): readable, finite, and masks shaped like their images."""
-        for number, record in enumerate(self.records, start=1):
+        for number, record in zip(self.lines, self.records):
             try:
                 image = load_image(self.resolve(record.image), series=record.series)
                 if record.mask is not None:
@@ -105,7 +107,7 @@ class Manifest:
                             f"mask shape {mask.array.shape} differs from image shape {image.array.shape}"
                         )
             except MeddiffError as exc:
-                raise MeddiffError(f"record {number} ({record.image}): {exc}") from None
+                raise MeddiffError(f"line {number} ({record.image}): {exc}") from None
 
 
 def parse_record(line: str, number: int, path: Path | str = "manifest") -> Record:

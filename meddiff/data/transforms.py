@@ -130,7 +130,8 @@ class SliceVolumed(MapTransform, Randomizable):
 
     Images that are already 2D pass through as a one-item list.
 
-    ``num_slices=None`` gives every kept slice in order; an integer draws that many at random.
+    ``num_slices=None`` gives every kept slice in order; an integer draws that many at random, or,
+    with ``random=False``, takes that many evenly spaced kept slices (the same ones every time).
     Slices whose foreground (voxels above 10 % of the volume's intensity range) covers less than
     ``min_foreground`` of the slice are skipped, so empty air does not dominate 2D training. Keys are cut at the same index.
     """
@@ -141,11 +142,13 @@ class SliceVolumed(MapTransform, Randomizable):
         axis: int | str = "axial",
         num_slices: int | None = None,
         min_foreground: float = 0.05,
+        random: bool = True,
         allow_missing_keys: bool = False,
     ):
         super().__init__(keys, allow_missing_keys)
         self.axis = axis
         self.num_slices = num_slices
+        self.random = random
         self.min_foreground = min_foreground
 
     def kept_indices(self, volume: torch.Tensor, axis: int) -> list[int]:
@@ -167,8 +170,10 @@ class SliceVolumed(MapTransform, Randomizable):
         indices = self.kept_indices(first, axis)
         if not indices:
             raise MeddiffError(f"{first.meta.get('filename_or_obj', 'volume')}: no slice has enough foreground")
-        if self.num_slices is not None:
+        if self.num_slices is not None and self.random:
             indices = sorted(self.R.choice(indices, size=self.num_slices, replace=len(indices) < self.num_slices).tolist())
+        elif self.num_slices is not None and len(indices) > self.num_slices:
+            indices = [indices[i] for i in np.linspace(0, len(indices) - 1, self.num_slices).round().astype(int)]
         out = []
         for index in indices:
             item = dict(d)

@@ -23,14 +23,18 @@ from meddiff.errors import MeddiffError
 BETA_SCHEDULES = {"linear": "linear", "scaled_linear": "scaled_linear", "cosine": "squaredcos_cap_v2"}
 PREDICTION_TYPES = {"eps": "epsilon", "v": "v_prediction", "x0": "sample"}
 
+# "trailing" spacing starts sampling at the last training timestep (pure noise); diffusers' default
+# "leading" spacing for DDPM/DDIM/PNDM starts below it (t=950 of 1000 at 20 steps).
 SAMPLERS = {
-    "ddpm": (DDPMScheduler, {}),
-    "ddim": (DDIMScheduler, {}),
+    "ddpm": (DDPMScheduler, {"timestep_spacing": "trailing"}),
+    "ddim": (DDIMScheduler, {"timestep_spacing": "trailing"}),
     "dpm++2m": (DPMSolverMultistepScheduler, {"algorithm_type": "dpmsolver++", "solver_order": 2}),
     "euler": (EulerDiscreteScheduler, {}),
     "unipc": (UniPCMultistepScheduler, {}),
-    "pndm": (PNDMScheduler, {"skip_prk_steps": True}),
+    "pndm": (PNDMScheduler, {"skip_prk_steps": True, "timestep_spacing": "trailing"}),
 }
+# Samplers that cannot use a model predicting x0 directly.
+NO_X0 = {"pndm"}
 
 
 @dataclass(frozen=True)
@@ -65,6 +69,8 @@ class NoiseSchedule:
         """A fresh sampler by name (see ``SAMPLERS``) matching this schedule."""
         if name not in SAMPLERS:
             raise MeddiffError(f"unknown scheduler {name!r} — choose one of {', '.join(SAMPLERS)}")
+        if self.prediction == "x0" and name in NO_X0:
+            raise MeddiffError(f"scheduler {name!r} does not support x0-prediction models — choose ddim, dpm++2m or another")
         cls, extra = SAMPLERS[name]
         config = self.diffusers_config()
         if cls in (DDPMScheduler, DDIMScheduler):

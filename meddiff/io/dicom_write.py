@@ -18,7 +18,7 @@ from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, MRImageStorage, 
 from meddiff import __version__
 from meddiff.errors import MeddiffError
 from meddiff.image import Image
-from meddiff.files import atomic_path, check_writable
+from meddiff.files import atomic_path
 from meddiff.io.itk import LPS_TO_RAS
 
 SOP_CLASSES = {"MR": MRImageStorage, "CT": CTImageStorage}
@@ -34,16 +34,24 @@ def write_synthetic_dicom(image: Image, path: str | Path, description: str, over
         return path
     if image.array.ndim != 3:
         raise MeddiffError(f"DICOM output takes 2D or 3D images, not shape {image.array.shape}")
-    check_writable(path, overwrite)
+    if path.exists() and not overwrite:
+        raise MeddiffError(f"{path} already exists — choose another output or pass --overwrite")
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp_dir = path.with_name(f".{path.name}.partial")
     shutil.rmtree(tmp_dir, ignore_errors=True)
-    tmp_dir.mkdir(parents=True)
-    uids = _series_uids()
-    for k in range(image.array.shape[2]):
-        _slice_dataset(image, image.array[:, :, k], k, uids, description).save_as(tmp_dir / f"slice_{k:04d}.dcm", enforce_file_format=True)
-    if path.exists():
-        shutil.rmtree(path)
-    tmp_dir.rename(path)
+    try:
+        tmp_dir.mkdir()
+        uids = _series_uids()
+        for k in range(image.array.shape[2]):
+            dataset = _slice_dataset(image, image.array[:, :, k], k, uids, description)
+            dataset.save_as(tmp_dir / f"slice_{k:04d}.dcm", enforce_file_format=True)
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
+        tmp_dir.rename(path)
+    finally:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
     return path
 
 

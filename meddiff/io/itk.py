@@ -98,7 +98,7 @@ def _write_picture(image: Image, path: Path, suffix: str) -> None:
     else:
         top = 65535 if suffix == ".png" else 255
         lo, hi = float(array.min()), float(array.max())
-        log.warning("%s: intensities %.4g..%.4g rescaled to 0..%d (lossy)", path.name, lo, hi, top)
+        log.warning("%s output: intensities %.4g..%.4g rescaled to 0..%d (lossy)", suffix, lo, hi, top)
         scaled = (array - lo) / (hi - lo or 1.0) * top
         out = np.round(scaled).astype(np.uint16 if top > 255 else np.uint8)
     sitk.WriteImage(sitk.GetImageFromArray(out.T), str(path))

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import lightning.pytorch as pl
+import torch
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_only
 
@@ -33,7 +34,9 @@ class SampleGrid(pl.Callback):
         pipeline = module.pipeline(ema=True)
         was_training = pipeline.unet.training
         pipeline.unet.eval()
-        x = pipeline.sample(range(self.n), steps=self.steps, scheduler=self.scheduler)
+        classes = module.hparams.get("num_class_embeds")
+        labels = torch.arange(self.n) % classes if classes else None  # cycle through the classes
+        x = pipeline.sample(range(self.n), steps=self.steps, scheduler=self.scheduler, class_labels=labels)
         pipeline.unet.train(was_training)
         slices = [item[0, ..., item.shape[-1] // 2] if item.ndim == 4 else item[0] for item in x.float().cpu()]
         out_dir = Path(trainer.log_dir or trainer.default_root_dir) / "samples"

@@ -21,8 +21,8 @@ class DiffusionModule(pl.LightningModule):
     Every argument is a plain value so a LightningCLI YAML (and the checkpoint) holds the whole
     recipe. ``class_key`` names a batch entry of integer labels (class conditioning); ``concat_key``
     names a batch entry concatenated to the input channels. Noise and timesteps of each step come
-    from a generator seeded by (``seed``, step, rank), so a resumed run draws what an uninterrupted
-    run would. ``image_shape``, ``image_spacing``, ``modality`` and ``intensity_range`` travel into the
+    from a generator seeded by (``seed``, step, batch, rank), so after a resume the noise is what an
+    uninterrupted run would draw (data order and random crops are not replayed). ``image_shape``, ``image_spacing``, ``modality`` and ``intensity_range`` travel into the
     exported pipeline so generated images come back in physical units.
     """
 
@@ -51,6 +51,8 @@ class DiffusionModule(pl.LightningModule):
         seed: int = 0,
     ):
         super().__init__()
+        if (concat_channels > 0) != (concat_key is not None):
+            raise MeddiffError("concat_channels and concat_key go together: set both or neither")
         if len(image_shape) != spatial_dims:
             raise MeddiffError(f"image_shape {list(image_shape)} must have {spatial_dims} entries")
         self.save_hyperparameters()
@@ -98,12 +100,13 @@ class DiffusionModule(pl.LightningModule):
         prediction = self.unet(xt, timesteps=t, class_labels=labels)
         return F.mse_loss(prediction.float(), target.float())
 
-    def step_generator(self, offset: int = 0) -> torch.Generator:
-        seed = (self.hparams.seed * 1_000_003 + self.global_step * 1_009 + self.global_rank + offset) % 2**63
+    def step_generator(self, batch_idx: int) -> torch.Generator:
+        """Seeded by (seed, step, batch, rank): micro-batches of an accumulated step draw differently."""
+        seed = (self.hparams.seed * 1_000_003 + self.global_step * 1_009 + batch_idx * 7_919 + self.global_rank) % 2**63
         return torch.Generator(self.device).manual_seed(seed)
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        loss = self.loss(batch, self.step_generator())
+        loss = self.loss(batch, self.step_generator(batch_idx))
         self.log("train/loss", loss, prog_bar=True, batch_size=batch["image"].shape[0])
         return loss
 
