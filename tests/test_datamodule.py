@@ -55,3 +55,24 @@ def test_bad_configuration_is_refused(samples_dir):
         ManifestDataModule(str(samples_dir / "manifest.jsonl"), spatial_dims=3, patch_size=(32, 32))
     with pytest.raises(MeddiffError, match="no 'train' records"):
         ManifestDataModule(str(samples_dir / "manifest.jsonl"), modalities=["CT"]).setup("fit")
+
+
+def test_class_labels_and_zero_padded_masks(tmp_path):
+    lines = []
+    for n, finding in enumerate(["normal", "lesion", "normal"]):
+        image = np.zeros((12, 12, 4), np.float32)
+        image[3:9, 3:9] = 50.0 + n
+        nib.save(nib.Nifti1Image(image, np.eye(4)), tmp_path / f"img{n}.nii.gz")
+        nib.save(nib.Nifti1Image((image > 0).astype(np.float32), np.eye(4)), tmp_path / f"mask{n}.nii.gz")
+        lines.append({"image": f"img{n}.nii.gz", "mask": f"mask{n}.nii.gz", "modality": "MR", "split": "train", "labels": {"finding": finding}})
+    (tmp_path / "m.jsonl").write_text("\n".join(json.dumps(x) for x in lines) + "\n")
+    dm = ManifestDataModule(str(tmp_path / "m.jsonl"), spatial_dims=2, patch_size=(16, 16), slices_per_volume=1, batch_size=3,
+                            label_key="finding", class_names=["normal", "lesion"])
+    assert [i["label"] for i in dm.items("train")] == [0, 1, 0]
+    dm.setup("fit")
+    batch = next(iter(dm.train_dataloader()))
+    assert sorted(batch["label"].tolist()) == [0, 0, 1]
+    assert float(batch["mask"].min()) == 0.0  # padding of a mask is background, not -1
+    bad = ManifestDataModule(str(tmp_path / "m.jsonl"), label_key="finding", class_names=["normal"])
+    with pytest.raises(MeddiffError, match="line 2: label 'lesion'"):
+        bad.items("train")

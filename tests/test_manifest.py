@@ -138,3 +138,19 @@ def test_sample_set_is_a_valid_manifest(samples_dir):
     assert splits["dipy_t1_coronal_slice.nii.gz"] == "val"
     assert splits["head_ct.nii.gz"] == "test"
     assert {splits["dipy_small_64d_b0.nii.gz"], splits["dipy_aniso_vox.nii.gz"]} == {"train"}
+
+
+def test_build_refuses_patient_ids_in_folder_names(tmp_path):
+    shutil.copytree(DICOMDIR_TESTS / "77654033" / "CR1", tmp_path / "77654033" / "CR1")  # folder named by PatientID
+    with pytest.raises(MeddiffError, match="patient's ID"):
+        build_records(tmp_path, tmp_path, salt="s")
+    records = build_records(tmp_path, tmp_path, salt="s", allow_ids_in_paths=True)
+    assert records[0].modality == "CR"
+
+
+def test_subject_of_files_without_suffix_is_their_name(tmp_path):
+    from meddiff.data.build import _subject_from_path
+    from pathlib import Path
+
+    assert _subject_from_path(Path("IM0001"), None) == "IM0001"
+    assert _subject_from_path(Path("scan.nii.gz"), None) == "scan"

@@ -36,10 +36,15 @@ def model_dir(tmp_path_factory) -> Path:
     return tiny_pipeline(modality="CT", intensity_range=(-1000.0, 1000.0)).save_pretrained(tmp_path_factory.mktemp("m") / "model")
 
 
-@pytest.mark.parametrize("spatial_dims", [2, 3])
-@pytest.mark.parametrize("scheduler", list(SAMPLERS))
-def test_every_scheduler_gives_finite_output(spatial_dims, scheduler):
-    pipeline = tiny_pipeline(spatial_dims, prediction="v", beta_schedule="cosine")
+MODEL_KINDS = [(2, "v", "cosine"), (3, "eps", "linear"), (2, "x0", "scaled_linear")]
+
+
+@pytest.mark.parametrize(
+    ("spatial_dims", "prediction", "schedule", "scheduler"),
+    [(*kind, s) for kind in MODEL_KINDS for s in SAMPLERS if not (kind[1] == "x0" and s == "pndm")],  # see the x0 test
+)
+def test_every_scheduler_gives_finite_output(spatial_dims, prediction, schedule, scheduler):
+    pipeline = tiny_pipeline(spatial_dims, prediction=prediction, beta_schedule=schedule)
     x = pipeline.sample([0, 1], steps=3, scheduler=scheduler)
     assert x.shape == (2, 1, *(16,) * spatial_dims) and torch.isfinite(x).all()
 
@@ -52,10 +57,9 @@ def test_seed_decides_each_image_whatever_the_batch(model_dir):
     assert not np.allclose(together[0].array, together[1].array)
 
 
-def test_images_come_back_in_physical_units(model_dir):
+def test_images_carry_modality_and_training_spacing(model_dir):
     image = load_pipeline(str(model_dir)).generate(1, steps=2, progress=False)[0]
-    assert image.modality == "CT" and image.spacing == (2.0, 2.0)
-    assert np.abs(image.array).max() > 50  # [-1, 1] mapped back to the +-1000 HU window
+    assert image.modality == "CT" and image.spacing == (2.0, 2.0) and image.orientation == "RA"
 
 
 def test_class_conditioning_changes_samples():
@@ -126,3 +130,48 @@ def test_generate_rejects_bad_arguments(model_dir, tmp_path):
     assert main([*base, "-n", "0"]) == 2
     assert main([*base, "-n", "1", "--scheduler", "magic"]) == 2
     assert main(["generate", "--model", str(tmp_path / "none"), "-n", "1", "-o", str(tmp_path / "y")]) == 2
+
+
+def test_generate_refuses_foreign_folders_and_other_runs(model_dir, tmp_path):
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "manifest.jsonl").write_text('{"image": "a.nii.gz", "modality": "MR"}\n')
+    before = (foreign / "manifest.jsonl").read_text()
+    base = ["generate", "--model", str(model_dir), "-n", "2", "--steps", "2"]
+    assert main([*base, "-o", str(foreign)]) == 2
+    assert (foreign / "manifest.jsonl").read_text() == before  # the user's manifest is untouched
+
+    out = tmp_path / "gen"
+    assert main([*base, "-o", str(out), "--seed", "1"]) == 0
+    for other in (["--seed", "2"], ["--scheduler", "dpm++2m", "--seed", "1"], ["--format", "png", "--seed", "1"]):
+        assert main([*base, "-o", str(out), *other]) == 2
+    assert len(Manifest.read(out / "manifest.jsonl").records) == 2
+
+
+def test_generate_3d_dicom_series_resumes_after_a_lost_record(tmp_path):
+    pipeline = tiny_pipeline(3, modality="MR")
+    model = pipeline.save_pretrained(tmp_path / "model3d")
+    out = tmp_path / "dcm3d"
+    args = ["generate", "--model", str(model), "-n", "2", "-o", str(out), "--steps", "2", "--format", "dcm"]
+    assert main(args) == 0
+    series = load_image(out / "sample_000001")
+    assert series.array.shape == (16, 16, 16) and series.spacing == pytest.approx((2.0, 2.0, 2.0))
+    lines = (out / "manifest.jsonl").read_text().splitlines()
+    (out / "manifest.jsonl").write_text(lines[0] + "\n")  # as if the run died after writing item 1
+    assert main(args) == 0
+    assert len(Manifest.read(out / "manifest.jsonl").records) == 2
+    assert not list(out.glob(".*partial"))
+
+
+def test_x0_models_refuse_samplers_that_cannot_use_them():
+    pipeline = tiny_pipeline(prediction="x0")
+    with pytest.raises(MeddiffError, match="x0-prediction"):
+        pipeline.sample([0], steps=2, scheduler="pndm")
+    assert torch.isfinite(pipeline.sample([0], steps=2, scheduler="dpm++2m")).all()
+
+
+def test_ct_output_maps_back_to_hounsfield_units(model_dir):
+    pipeline = DiffusionPipeline.from_pretrained(model_dir)
+    x = pipeline.sample([0], steps=2)
+    image = pipeline.to_image(x[0])
+    np.testing.assert_allclose(image.array, x[0, 0].numpy() * 1000.0, rtol=1e-5, atol=1e-3)  # [-1, 1] -> -1000..1000 HU

@@ -95,12 +95,14 @@ def test_resume_continues_exactly(single_slice_manifest, tmp_path):
     a = torch.load(tmp_path / "a" / "run" / "checkpoints" / "last.ckpt", weights_only=True)
     b = torch.load(tmp_path / "b" / "run" / "checkpoints" / "last.ckpt", weights_only=True)
     assert a["global_step"] == b["global_step"] == 6
+    assert a["state_dict"].keys() == b["state_dict"].keys() and any(k.startswith("ema.") for k in a["state_dict"])
     for key, value in a["state_dict"].items():  # raw weights and EMA weights
         torch.testing.assert_close(b["state_dict"][key], value, rtol=0, atol=1e-6, msg=key)
-    exp_avg_a = [s["exp_avg"] for s in a["optimizer_states"][0]["state"].values()]
-    exp_avg_b = [s["exp_avg"] for s in b["optimizer_states"][0]["state"].values()]
-    for x, y in zip(exp_avg_a, exp_avg_b):
-        torch.testing.assert_close(x, y, rtol=0, atol=1e-7)
+    state_a, state_b = a["optimizer_states"][0]["state"], b["optimizer_states"][0]["state"]
+    assert state_a and state_a.keys() == state_b.keys()
+    for key in state_a:
+        torch.testing.assert_close(state_b[key]["exp_avg"], state_a[key]["exp_avg"], rtol=0, atol=1e-7)
+        assert int(state_b[key]["step"]) == int(state_a[key]["step"]) == 6
 
 
 def test_ddp_two_cpu_processes(single_slice_manifest, tmp_path):
@@ -133,15 +135,19 @@ def test_export_gives_a_pipeline_with_identical_samples(samples_dir, tmp_path):
 
 
 @pytest.mark.parametrize("name", ["mri_t1_2d.yaml", "ct_3d.yaml", "cxr_2d.yaml", "smoke/ddpm_2d.yaml", "smoke/ddpm_3d.yaml"])
-def test_every_config_builds_its_model_and_data(name):
-    """The real configs cannot train here (no data), but their model and data module must construct."""
+def test_every_config_parses_and_builds_its_model(name, capsys):
+    """The real configs cannot train here (no data), but LightningCLI must accept every field
+    (trainer, loggers, callbacks, augmentations) and the model and data module must construct."""
     import importlib
 
+    with pytest.raises(SystemExit) as done:  # LightningCLI prints the parsed config and exits
+        main(["fit", "--config", str(CONFIGS / name), "--print_config"])
+    assert done.value.code in (0, None)
+    assert "class_path: meddiff.training.DiffusionModule" in capsys.readouterr().out
     config = yaml.safe_load((CONFIGS / name).read_text())
-    for part in ("model", "data"):
+    model_args, data_args = config["model"]["init_args"], config["data"]["init_args"]
+    for part, args in (("model", model_args), ("data", {k: v for k, v in data_args.items() if k != "augment"})):
         module_name, class_name = config[part]["class_path"].rsplit(".", 1)
-        cls = getattr(importlib.import_module(module_name), class_name)
-        args = {k: v for k, v in config[part]["init_args"].items() if k != "augment"}
-        instance = cls(**args)
-        assert instance is not None
-    assert config["model"]["init_args"]["spatial_dims"] == config["data"]["init_args"]["spatial_dims"]
+        getattr(importlib.import_module(module_name), class_name)(**args)
+    assert model_args["spatial_dims"] == data_args["spatial_dims"]
+    assert list(model_args["image_shape"]) == list(data_args["patch_size"])
