@@ -28,7 +28,6 @@ from meddiff.nets import build_unet
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
-BUNDLED = Path(__file__).parent / "models"
 
 
 class DiffusionPipeline:
@@ -151,11 +150,8 @@ def file_sha256(path: str | os.PathLike) -> str:
 
 
 def load_pipeline(name_or_dir: str | os.PathLike, device: str | torch.device = "cpu") -> DiffusionPipeline:
-    """A bundled model by name (``meddiff/models/NAME``) or a folder written by ``save_pretrained``."""
+    """A model folder written by ``save_pretrained`` (or ``meddiff export``)."""
     path = Path(name_or_dir)
-    if not path.exists() and (BUNDLED / str(name_or_dir)).is_dir():
-        path = BUNDLED / str(name_or_dir)
     if not path.exists():
-        bundled = sorted(p.name for p in BUNDLED.iterdir() if p.is_dir()) if BUNDLED.is_dir() else []
-        raise MeddiffError(f"no model {name_or_dir!r}: not a folder, and the bundled models are {bundled or 'none'}")
+        raise MeddiffError(f"no model {name_or_dir!r}: no such folder")
     return DiffusionPipeline.from_pretrained(path, device=device)

@@ -154,3 +154,9 @@ def test_subject_of_files_without_suffix_is_their_name(tmp_path):
 
     assert _subject_from_path(Path("IM0001"), None) == "IM0001"
     assert _subject_from_path(Path("scan.nii.gz"), None) == "scan"
+
+
+def test_include_glob_keeps_matching_files(tmp_path):
+    make_subjects(tmp_path / "data", subjects=2, scans=3)
+    records = build_records(tmp_path / "data", tmp_path, modality="MR", include="*/scan1.nii.gz", salt="s")
+    assert sorted(r.image for r in records) == ["data/sub00/scan1.nii.gz", "data/sub01/scan1.nii.gz"]

@@ -10,7 +10,7 @@ from meddiff.io import SYNTHETIC_FORMATS
 
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser("generate", help="generate synthetic images and a manifest (resumable)")
-    p.add_argument("--model", required=True, help="model folder or bundled model name")
+    p.add_argument("--model", required=True, help="model folder (meddiff export output)")
     p.add_argument("-n", type=int, required=True, help="number of images")
     p.add_argument("-o", "--output", required=True, metavar="OUTDIR")
     p.add_argument("--steps", type=int, default=50)

@@ -26,6 +26,7 @@ def add_parser(subparsers) -> None:
     b.add_argument("--modality", help="modality of non-DICOM files (MR, CT, CR, DX, ...)")
     b.add_argument("--subject-pattern", metavar="REGEX", help="regex whose first group is the subject, for non-DICOM files")
     b.add_argument("--source", help="dataset name recorded in each record (default: DIR's name)")
+    b.add_argument("--include", metavar="GLOB", help="only files whose path under DIR matches, e.g. '*_t1.nii.gz'")
     b.add_argument("--allow-ids-in-paths", action="store_true", help="accept DICOM patient IDs in folder names (public pseudonymised data only)")
     b.add_argument("--overwrite", action="store_true")
     b.set_defaults(func=run_build)
@@ -57,6 +58,7 @@ def run_build(args) -> None:
         subject_pattern=args.subject_pattern,
         source=args.source,
         allow_ids_in_paths=args.allow_ids_in_paths,
+        include=args.include,
     )
     write_manifest(records, out, overwrite=args.overwrite)
     print(f"wrote {out}: {len(records)} records, {_split_counts(records)}")

@@ -7,6 +7,7 @@ taken from the path decides the split, so no patient lands in two splits; only t
 from __future__ import annotations
 
 import csv
+import fnmatch
 import hashlib
 import os
 import re
@@ -40,6 +41,7 @@ def build_records(
     subject_pattern: str | None = None,
     source: str | None = None,
     allow_ids_in_paths: bool = False,
+    include: str | None = None,
 ) -> list[Record]:
     """Records for every image under ``folder``, with paths relative to ``manifest_dir``.
 
@@ -77,7 +79,8 @@ def build_records(
         subject = identifiers[0] or _subject_from_path(rel, pattern)
         found.append((dict(image=image, series=uid, modality=series.modality, spacing=_dicom_spacing(series.files)), subject, rel))
     for path in sorted(folder.rglob("*")):
-        if path.is_file() and full_suffix(path) in FILE_SUFFIXES and not path.name.startswith("."):
+        wanted = include is None or fnmatch.fnmatch(path.relative_to(folder).as_posix(), include)
+        if wanted and path.is_file() and full_suffix(path) in FILE_SUFFIXES and not path.name.startswith("."):
             if modality is None:
                 raise MeddiffError(f"cannot tell the modality of {path} — pass --modality MR|CT|CR|DX")
             rel = path.relative_to(folder)
