@@ -39,3 +39,16 @@ def test_bad_input_is_refused():
         estimate_noise_sigma(np.array([[1.0, np.nan], [0.0, 1.0]]))
     with pytest.raises(MeddiffError, match="constant"):
         estimate_noise_sigma(np.zeros((8, 8)))
+
+
+def test_timestep_matches_the_forward_process_noise():
+    from meddiff.diffusion.noise_level import timestep_for_sigma
+    from meddiff.diffusion.schedulers import NoiseSchedule
+
+    abar = NoiseSchedule(beta_schedule="cosine").training_scheduler().alphas_cumprod.numpy()
+    for t in (5, 50, 300, 700):
+        sigma = float(np.sqrt((1 - abar[t]) / abar[t]))  # the noise of x_t / sqrt(abar_t) around x0
+        assert timestep_for_sigma(sigma, abar) == t
+    assert timestep_for_sigma(1e-6, abar) == 0 and timestep_for_sigma(1e6, abar) == len(abar) - 1
+    with pytest.raises(MeddiffError, match="positive"):
+        timestep_for_sigma(0.0, abar)

@@ -67,3 +67,17 @@ def estimate_noise_sigma(array: np.ndarray, min_background: float = 0.05) -> flo
     if np.isfinite(sigma) and used >= min_background:
         return sigma
     return start
+
+
+def timestep_for_sigma(sigma: float, alphas_cumprod) -> int:
+    """The diffusion timestep whose noise matches ``sigma`` (in the model's [-1, 1] units).
+
+    A noisy image ``y = x0 + sigma * eps`` scaled by ``sqrt(abar)`` is exactly a forward-process
+    sample ``x_t`` when ``(1 - abar) / abar = sigma^2``, i.e. ``abar = 1 / (1 + sigma^2)`` (the
+    matching DDM2 uses); returns the timestep with the nearest log-SNR.
+    """
+    if not sigma > 0:
+        raise MeddiffError(f"noise sigma must be positive, got {sigma}")
+    abar = np.asarray(alphas_cumprod, dtype=np.float64)
+    log_snr = np.log(abar / (1.0 - abar))
+    return int(np.argmin(np.abs(log_snr - np.log(1.0 / sigma**2))))
