@@ -153,6 +153,8 @@ def generate_to_folder(
     if n < 1 or batch_size < 1 or steps < 1:
         raise MeddiffError("-n, --batch-size and --steps must be positive")
     pipeline.schedule.sampler(scheduler)  # unknown names fail here, before any work
+    if fmt == "png" and len(pipeline.config["image"]["shape"]) != 2:
+        raise MeddiffError("--format png holds 2D images; this model makes 3D volumes — use nii.gz or dcm")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     provenance = {

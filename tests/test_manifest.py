@@ -160,3 +160,11 @@ def test_include_glob_keeps_matching_files(tmp_path):
     make_subjects(tmp_path / "data", subjects=2, scans=3)
     records = build_records(tmp_path / "data", tmp_path, modality="MR", include="*/scan1.nii.gz", salt="s")
     assert sorted(r.image for r in records) == ["data/sub00/scan1.nii.gz", "data/sub01/scan1.nii.gz"]
+
+
+def test_multiframe_dicom_is_recorded_as_3d(tmp_path, clinical_dicom):
+    shutil.copy(clinical_dicom / "eCT_Supplemental.dcm", tmp_path / "ect.dcm")
+    shutil.copy(clinical_dicom / "693_UNCR.dcm", tmp_path / "head.dcm")
+    spacing = {r.image: r.spacing for r in build_records(tmp_path, tmp_path, salt="s", source="test")}
+    assert spacing["ect.dcm"] == pytest.approx([0.388672, 0.388672, 10.0])
+    assert spacing["head.dcm"] == pytest.approx([0.478516, 0.478516])

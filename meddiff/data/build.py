@@ -138,13 +138,19 @@ def _header_spacing(path: Path) -> list[float]:
 
 
 def _dicom_spacing(files: list[Path]) -> list[float] | None:
-    first = pydicom.dcmread(files[0], stop_before_pixels=True)
-    spacing = first.get("PixelSpacing") or first.get("ImagerPixelSpacing")
-    if not spacing or float(spacing[0]) <= 0:
+    """Spacing as SimpleITK reads it: 2 numbers for one frame, 3 for multi-frame files and series."""
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(files[0]))
+    try:
+        reader.ReadImageInformation()
+    except RuntimeError:
         return None
-    in_plane = [float(spacing[1]), float(spacing[0])]  # columns (i) then rows (j)
+    size, spacing = reader.GetSize(), [abs(float(s)) for s in reader.GetSpacing()]  # GDCM may sign the frame gap
     if len(files) == 1:
-        return in_plane
+        return spacing[:2] if len(size) < 3 or size[2] == 1 else spacing[:3]
+    first = pydicom.dcmread(files[0], stop_before_pixels=True)
     last = pydicom.dcmread(files[-1], stop_before_pixels=True)
+    if "ImagePositionPatient" not in first or "ImagePositionPatient" not in last:
+        return None
     gap = np.linalg.norm(np.subtract(last.ImagePositionPatient, first.ImagePositionPatient)) / (len(files) - 1)
-    return in_plane + [float(gap)]
+    return spacing[:2] + [float(gap)]

@@ -86,7 +86,7 @@ class DiffusionModule(pl.LightningModule):
         """A pipeline sharing this module's (EMA) weights, for sampling during or after training."""
         return DiffusionPipeline(self.ema.module if ema else self.unet, self.pipeline_config())
 
-    def loss(self, batch: dict, generator: torch.Generator) -> torch.Tensor:
+    def loss(self, batch: dict, generator: torch.Generator, unet: torch.nn.Module | None = None) -> torch.Tensor:
         x0 = batch["image"]
         noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
         t = torch.randint(0, self.schedule.num_train_timesteps, (x0.shape[0],), generator=generator, device=x0.device)
@@ -97,7 +97,7 @@ class DiffusionModule(pl.LightningModule):
         if self.hparams.concat_key:
             xt = torch.cat([xt, batch[self.hparams.concat_key]], dim=1)
         labels = batch[self.hparams.class_key].long() if self.hparams.num_class_embeds else None
-        prediction = self.unet(xt, timesteps=t, class_labels=labels)
+        prediction = (unet or self.unet)(xt, timesteps=t, class_labels=labels)
         return F.mse_loss(prediction.float(), target.float())
 
     def step_generator(self, batch_idx: int) -> torch.Generator:
@@ -116,10 +116,11 @@ class DiffusionModule(pl.LightningModule):
         self.ema.update_parameters(self.unet)
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
-        generator = torch.Generator(self.device).manual_seed(self.hparams.seed + batch_idx)  # same noise every epoch
-        with torch.no_grad():
-            loss = self.loss(batch, generator)
-        self.log("val/loss", loss, prog_bar=True, sync_dist=True, batch_size=batch["image"].shape[0])
+        size = batch["image"].shape[0]
+        with torch.no_grad():  # the same noise every epoch, for the raw and the EMA weights
+            for name, unet in (("val/loss", self.unet), ("val/loss_ema", self.ema.module)):
+                generator = torch.Generator(self.device).manual_seed(self.hparams.seed + batch_idx)
+                self.log(name, self.loss(batch, generator, unet), prog_bar=name == "val/loss", sync_dist=True, batch_size=size)
 
     def configure_optimizers(self):
         return torch.optim.AdamW(self.unet.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
