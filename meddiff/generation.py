@@ -16,7 +16,7 @@ import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
 from torch.utils.data import DataLoader
 
-from meddiff.data.manifest import Manifest, Record, write_manifest
+from meddiff.data.manifest import Record, write_manifest
 from meddiff.errors import MeddiffError
 from meddiff.io import SYNTHETIC_FORMATS as FORMATS
 from meddiff.io import save_image
@@ -181,8 +181,3 @@ def generate_to_folder(
     indices = torch.arange(n)
     trainer.predict(module, DataLoader(indices, batch_size=batch_size), return_predictions=False)
     return out_dir / MANIFEST, n - len(done & set(range(n)))
-
-
-def read_generated(out_dir: str | Path) -> Manifest:
-    """The merged manifest of a generation folder."""
-    return Manifest.read(Path(out_dir) / MANIFEST)
