@@ -11,10 +11,10 @@ import logging
 import sys
 
 from meddiff import __version__
-from meddiff.cli import convert, export, fit, generate, info, manifest
+from meddiff.cli import convert, denoise, export, fit, generate, info, manifest
 from meddiff.errors import MeddiffError
 
-SUBCOMMANDS = (info, convert, manifest, fit, export, generate)
+SUBCOMMANDS = (info, convert, manifest, fit, export, generate, denoise)
 
 
 def build_parser() -> argparse.ArgumentParser:
