@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -67,10 +68,16 @@ class ManifestDataModule(pl.LightningDataModule):
         self.augment = augment or []
         self.datasets: dict[str, CacheDataset] = {}
 
-    def items(self, split: str) -> list[dict[str, Any]]:
-        """Dicts of absolute paths and labels for one split."""
+    @cached_property
+    def manifest(self) -> Manifest:
+        """The manifest, read and checked once (every split draws on it)."""
         manifest = Manifest.read(self.manifest_path)
         manifest.check_files()
+        return manifest
+
+    def items(self, split: str) -> list[dict[str, Any]]:
+        """Dicts of absolute paths and labels for one split."""
+        manifest = self.manifest
         wanted = {m.upper() for m in self.hparams.modalities} if self.hparams.modalities else None
         items = []
         for number, record in zip(manifest.lines, manifest.records):
