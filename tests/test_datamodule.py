@@ -76,3 +76,10 @@ def test_class_labels_and_zero_padded_masks(tmp_path):
     bad = ManifestDataModule(str(tmp_path / "m.jsonl"), label_key="finding", class_names=["normal"])
     with pytest.raises(MeddiffError, match="line 2: label 'lesion'"):
         bad.items("train")
+
+
+def test_fewer_training_volumes_than_the_batch_size_still_train(samples_dir):
+    dm = ManifestDataModule(str(samples_dir / "manifest.jsonl"), spatial_dims=2, patch_size=(32, 32), slices_per_volume=2, batch_size=8)
+    dm.setup("fit")
+    batches = list(dm.train_dataloader())
+    assert len(batches) == 1 and batches[0]["image"].shape == (4, 1, 32, 32)  # 2 volumes x 2 slices

@@ -134,7 +134,7 @@ def test_export_gives_a_pipeline_with_identical_samples(samples_dir, tmp_path):
     assert main(["export", str(tmp_path / "missing.ckpt"), str(tmp_path / "x")]) == 2
 
 
-@pytest.mark.parametrize("name", ["mri_t1_2d.yaml", "ct_3d.yaml", "cxr_2d.yaml", "smoke/ddpm_2d.yaml", "smoke/ddpm_3d.yaml"])
+@pytest.mark.parametrize("name", ["mri_t1_2d.yaml", "mri_denoise_2d.yaml", "ct_3d.yaml", "cxr_2d.yaml", "smoke/ddpm_2d.yaml", "smoke/ddpm_3d.yaml"])
 def test_every_config_parses_and_builds_its_model(name, capsys):
     """The real configs cannot train here (no data), but LightningCLI must accept every field
     (trainer, loggers, callbacks, augmentations) and the model and data module must construct."""

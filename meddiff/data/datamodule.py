@@ -149,7 +149,9 @@ class ManifestDataModule(pl.LightningDataModule):
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
         if split not in self.datasets:
             raise MeddiffError(f"manifest {self.manifest_path} has no '{split}' records")
-        return DataLoader(self.datasets[split], batch_size=self.hparams.batch_size, shuffle=shuffle, num_workers=self.hparams.num_workers, drop_last=shuffle)
+        dataset = self.datasets[split]
+        drop_last = shuffle and len(dataset) > self.hparams.batch_size  # never drop the only (short) batch
+        return DataLoader(dataset, batch_size=self.hparams.batch_size, shuffle=shuffle, num_workers=self.hparams.num_workers, drop_last=drop_last)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", shuffle=True)
