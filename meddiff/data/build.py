@@ -62,7 +62,7 @@ def build_records(
     source = source or folder.name
     found = []  # (record fields, subject key, report keys)
     for series in find_series(folder):
-        header = pydicom.dcmread(series.files[0], stop_before_pixels=True)
+        header = series.header
         if len(series.files) == 1:
             image, uid = series.files[0], None
         else:

@@ -38,13 +38,16 @@ def is_dicom_file(path: Path) -> bool:
 
 @dataclass
 class Series:
-    """One DICOM series found in a folder (no identifiers beyond the series UID)."""
+    """One DICOM series found in a folder: files sorted along the slice normal, with their positions
+    and the first file's header (kept in memory only, never written out)."""
 
     uid: str
     number: int | None
     modality: str
     description: str
     files: list[Path]
+    positions: list[float]
+    header: pydicom.Dataset
 
     def summary(self) -> str:
         return f"series {self.number} ({self.modality}, {len(self.files)} files, '{self.description}'): {self.uid}"
@@ -71,8 +74,8 @@ def find_series(folder: Path) -> list[Series]:
                 groups.setdefault(str(header.SeriesInstanceUID), []).append((path, header))
     found = []
     for uid, members in groups.items():
-        first = members[0][1]
-        members.sort(key=lambda m: _slice_position(m[1]))
+        placed = sorted(((_slice_position(h), p, h) for p, h in members), key=lambda m: m[0])
+        first = placed[0][2]
         number = first.get("SeriesNumber")
         found.append(
             Series(
@@ -80,7 +83,9 @@ def find_series(folder: Path) -> list[Series]:
                 number=int(number) if number not in (None, "") else None,
                 modality=str(first.get("Modality", "OT")),
                 description=str(first.get("SeriesDescription", "")),
-                files=[m[0] for m in members],
+                files=[p for _, p, _ in placed],
+                positions=[z for z, _, _ in placed],
+                header=first,
             )
         )
     found.sort(key=lambda s: (s.number is None, s.number or 0, s.uid))
@@ -104,16 +109,14 @@ def _choose_series(found: list[Series], folder: Path, series: str | int | None) 
 
 
 def _read_series(series: Series) -> Image:
-    headers = [_read_header(p) for p in series.files]
     if len(series.files) > 1:
-        positions = np.array([_slice_position(h) for h in headers])
-        gaps = np.diff(positions)
+        gaps = np.diff(series.positions)
         if np.any(gaps <= 1e-6) or np.ptp(gaps) > SPACING_TOLERANCE_MM:
             raise MeddiffError(
                 f"series {series.uid} has uneven or repeated slice positions (gaps {gaps.min():.3g} to "
                 f"{gaps.max():.3g} mm): it is not one regular volume — split it or resample it first"
             )
-    return _read_files(series.files, headers[0])
+    return _read_files(series.files, series.header)
 
 
 def _read_files(files: list[Path], header: pydicom.Dataset) -> Image:
