@@ -21,7 +21,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from meddiff import __version__
-from meddiff.data.transforms import NormalizeIntensityd
+from meddiff.data.transforms import NormalizeIntensityd, from_model_range, to_model_range
 from meddiff.diffusion.denoise import denoise_tensor
 from meddiff.diffusion.noise_level import estimate_noise_sigma
 from meddiff.diffusion.schedulers import NoiseSchedule
@@ -119,7 +119,7 @@ class DiffusionPipeline:
         """One sample (C, *spatial) in [-1, 1] -> an ``Image`` in physical units and training spacing."""
         info = self.config["image"]
         low, high = info.get("intensity_range", (-1.0, 1.0))
-        array = ((x[0].float().cpu().numpy() + 1.0) / 2.0) * (high - low) + low
+        array = from_model_range(x[0].float().cpu().numpy(), low, high)
         spacing = list(info.get("spacing") or [1.0] * array.ndim)
         return Image(array=array, affine=np.diag([*spacing[: array.ndim], *[1.0] * (4 - array.ndim)]), modality=info.get("modality"))
 
@@ -153,7 +153,7 @@ class DiffusionPipeline:
         if not sigma > 0:
             raise MeddiffError("no noise found in the image (estimated sigma 0): nothing to denoise, or give --noise-sigma")
         low, high = NormalizeIntensityd("image").intensity_range(torch.from_numpy(image.array), "MR")
-        y = torch.from_numpy((image.array - low) / (high - low) * 2.0 - 1.0).float().to(self.device)
+        y = torch.from_numpy(to_model_range(image.array, low, high)).float().to(self.device)
         sigma_n = 2.0 * sigma / (high - low)
         run = lambda x: denoise_tensor(self.unet, self.schedule, x, sigma_n, steps, samples, seed)  # noqa: E731
         if self.config["unet"]["spatial_dims"] == 3:
@@ -167,7 +167,7 @@ class DiffusionPipeline:
             axis = int(np.argmax(image.spacing))  # the slice axis: the thickest voxel side
             planes = torch.movedim(y, axis, 0)
             out = torch.movedim(self._denoise_planes(planes, run, batch_size), 0, axis)
-        array = (out.float().cpu().numpy() + 1.0) / 2.0 * (high - low) + low
+        array = from_model_range(out.float().cpu().numpy(), low, high)
         return Image(array, image.affine, image.modality, dict(image.meta))
 
     def _denoise_planes(self, planes: torch.Tensor, run, batch_size: int) -> torch.Tensor:

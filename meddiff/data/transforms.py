@@ -24,6 +24,16 @@ CT_MODALITIES = ("CT",)
 XRAY_MODALITIES = ("CR", "DX", "XR", "MG", "RF")
 
 
+def to_model_range(x, low: float, high: float):
+    """Physical values -> model units: ``low`` -> -1, ``high`` -> +1 (arrays or tensors)."""
+    return (x - low) / (high - low) * 2.0 - 1.0
+
+
+def from_model_range(x, low: float, high: float):
+    """Model units -> physical values; the inverse of ``to_model_range``."""
+    return (x + 1.0) / 2.0 * (high - low) + low
+
+
 class LoadImaged(MapTransform):
     """Read ``data[key]`` (a path) with ``meddiff.load_image`` into a channel-first MetaTensor.
 
@@ -99,7 +109,7 @@ class NormalizeIntensityd(MapTransform, InvertibleTransform):
         d = dict(data)
         for key in self.key_iterator(d):
             low, high = self.intensity_range(d[key], d.get(self.modality_key))
-            out = (d[key] - low) / (high - low) * 2.0 - 1.0
+            out = to_model_range(d[key], low, high)
             if self.clip:
                 out = out.clamp(-1.0, 1.0)
             d[key] = out
@@ -110,7 +120,7 @@ class NormalizeIntensityd(MapTransform, InvertibleTransform):
         d = dict(data)
         for key in self.key_iterator(d):
             info = self.pop_transform(d[key])["extra_info"]
-            d[key] = (d[key] + 1.0) / 2.0 * (info["high"] - info["low"]) + info["low"]
+            d[key] = from_model_range(d[key], info["low"], info["high"])
         return d
 
 
