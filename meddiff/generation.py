@@ -8,6 +8,7 @@ interrupted run resumes by skipping what is already written.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -53,9 +54,11 @@ class ShardWriter(BasePredictionWriter):
 
     def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx) -> None:
         shard = self.out_dir / f"manifest.rank{trainer.global_rank}.jsonl"
-        if shard.is_file() and shard.stat().st_size and not shard.read_bytes().endswith(b"\n"):
-            with open(shard, "a", encoding="utf-8") as fh:
-                fh.write("\n")  # a line cut short by an interruption must not swallow the next record
+        with open(shard, "a+b") as fh:  # a line cut short by an interruption must not swallow the next record
+            if fh.seek(0, os.SEEK_END) > 0:
+                fh.seek(-1, os.SEEK_END)  # read only the last byte, not the whole shard
+                if fh.read(1) != b"\n":
+                    fh.write(b"\n")
         with open(shard, "a", encoding="utf-8") as fh:
             for index, image in prediction:
                 name = f"sample_{index:06d}" + ("" if self.fmt == "dcm" and image.array.ndim == 3 else f".{self.fmt}")

@@ -175,3 +175,14 @@ def test_ct_output_maps_back_to_hounsfield_units(model_dir):
     x = pipeline.sample([0], steps=2)
     image = pipeline.to_image(x[0])
     np.testing.assert_allclose(image.array, x[0, 0].numpy() * 1000.0, rtol=1e-5, atol=1e-3)  # [-1, 1] -> -1000..1000 HU
+
+
+def test_a_shard_line_cut_by_an_interruption_does_not_swallow_the_next_record(model_dir, tmp_path):
+    out = tmp_path / "gen"
+    args = ["generate", "--model", str(model_dir), "-n", "2", "-o", str(out), "--steps", "2"]
+    assert main(args) == 0
+    first, _ = (out / "manifest.jsonl").read_text().splitlines()
+    (out / "manifest.jsonl").write_text(first + "\n")
+    (out / "manifest.rank0.jsonl").write_text('{"image": "sample_0000')  # killed mid-line, no newline
+    assert main(args) == 0
+    assert [r.provenance["index"] for r in Manifest.read(out / "manifest.jsonl").records] == [0, 1]
