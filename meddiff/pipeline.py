@@ -39,7 +39,8 @@ class DiffusionPipeline:
 
     ``config`` holds three JSON-friendly parts: ``unet`` (``build_unet`` arguments), ``schedule``
     (``NoiseSchedule`` fields) and ``image`` (``shape``, ``spacing`` in mm, ``modality``, and the
-    ``intensity_range`` that [-1, 1] maps back to: HU for CT, normalised units for MR).
+    ``intensity_range`` that [-1, 1] maps back to: HU for CT, normalised units for MR), plus
+    ``max_train_timestep`` for a denoising prior trained on low noise levels only.
     """
 
     def __init__(self, unet: torch.nn.Module, config: dict):
@@ -95,6 +96,8 @@ class DiffusionPipeline:
         shape: Sequence[int] | None = None,
     ) -> torch.Tensor:
         """Denoise from pure noise; one generator per item, so item ``i`` depends only on ``seeds[i]``."""
+        if self.config.get("max_train_timestep"):
+            raise MeddiffError("this model was trained on low noise levels only (a denoising prior): it denoises images but cannot generate them")
         if self.config["unet"].get("concat_channels"):
             raise MeddiffError("this model takes a concatenated condition (e.g. a noisy image); sample it through its task pipeline")
         if self.config["unet"].get("num_class_embeds") and class_labels is None:
@@ -132,20 +135,31 @@ class DiffusionPipeline:
         samples: int = 1,
         seed: int = 0,
         batch_size: int = 16,
+        strength: float | None = None,
+        mask: np.ndarray | None = None,
     ) -> Image:
         """Denoise a magnitude MR ``image``; geometry, units and metadata of the input are kept.
 
-        ``noise_sigma`` (image units) is estimated from the image when None. A 2D model runs slice by
-        slice across the thickest voxel axis; a 3D model runs on overlapping patches of the training
-        shape with Gaussian blending (MONAI sliding-window inference), so memory stays bounded. 4D
-        images are denoised volume by volume.
+        ``noise_sigma`` (image units) is estimated from the image when None. The model is asked to
+        remove ``strength * noise_sigma``: a prior learnt from a few brains over-smooths the texture
+        of other scans, and a strength below 1 (the model's ``denoise_strength``, chosen on held-out
+        validation data) undoes that. ``mask`` (the image's shape): only voxels inside it change.
+        A 2D model runs slice by slice across the thickest voxel axis; a 3D model runs on overlapping
+        patches of the training shape with Gaussian blending (MONAI sliding-window inference), so
+        memory stays bounded. 4D images are denoised volume by volume.
         """
         image.check_finite()
         if np.ptp(image.array) == 0:
             raise MeddiffError("the image is constant (for example all zero): there is nothing to denoise")
+        if mask is not None and np.shape(mask) not in (image.array.shape, image.array.shape[:3]):
+            raise MeddiffError(f"the mask has shape {np.shape(mask)}, the image {image.array.shape}")
+        strength = self.config.get("denoise_strength", 1.0) if strength is None else float(strength)
+        if not strength > 0:
+            raise MeddiffError(f"strength must be positive, got {strength}")
         if image.array.ndim == 4:
             volumes = [
-                self.denoise(Image(image.array[..., v], image.affine, image.modality), noise_sigma, steps, samples, seed, batch_size).array
+                self.denoise(Image(image.array[..., v], image.affine, image.modality), noise_sigma, steps, samples, seed, batch_size,
+                             strength, None if mask is None else (mask if np.ndim(mask) == 3 else mask[..., v])).array
                 for v in range(image.array.shape[3])
             ]
             return Image(np.stack(volumes, axis=-1), image.affine, image.modality, dict(image.meta))
@@ -154,8 +168,8 @@ class DiffusionPipeline:
             raise MeddiffError("no noise found in the image (estimated sigma 0): nothing to denoise, or give --noise-sigma")
         low, high = NormalizeIntensityd("image").intensity_range(torch.from_numpy(image.array), "MR")
         y = torch.from_numpy(to_model_range(image.array, low, high)).float().to(self.device)
-        sigma_n = 2.0 * sigma / (high - low)
-        run = lambda x: denoise_tensor(self.unet, self.schedule, x, sigma_n, steps, samples, seed)  # noqa: E731
+        sigma_n = 2.0 * strength * sigma / (high - low)
+        run = lambda x: denoise_tensor(self.unet, self.schedule, x, sigma_n, steps, samples, seed, self.config.get("max_train_timestep"))  # noqa: E731
         if self.config["unet"]["spatial_dims"] == 3:
             if y.ndim != 3:
                 raise MeddiffError(f"this 3D model denoises volumes; the image has shape {tuple(y.shape)}")
@@ -168,6 +182,8 @@ class DiffusionPipeline:
             planes = torch.movedim(y, axis, 0)
             out = torch.movedim(self._denoise_planes(planes, run, batch_size), 0, axis)
         array = from_model_range(out.float().cpu().numpy(), low, high)
+        if mask is not None:
+            array = np.where(np.asarray(mask, dtype=bool), array, image.array).astype(np.float32)
         return Image(array, image.affine, image.modality, dict(image.meta))
 
     def _denoise_planes(self, planes: torch.Tensor, run, batch_size: int) -> torch.Tensor:
@@ -211,9 +227,22 @@ def file_sha256(path: str | os.PathLike) -> str:
     return digest.hexdigest()
 
 
+BUNDLED_MODELS = Path(__file__).parent / "models"
+
+
+def bundled_models() -> list[str]:
+    """Names of the models shipped inside the package (``meddiff/models/<name>/``)."""
+    return sorted(p.name for p in BUNDLED_MODELS.iterdir() if (p / CONFIG_NAME).is_file())
+
+
 def load_pipeline(name_or_dir: str | os.PathLike, device: str | torch.device = "cpu") -> DiffusionPipeline:
-    """A model folder written by ``save_pretrained`` (or ``meddiff export``)."""
+    """A bundled model by name (``"mri-denoise"``) or a folder written by ``save_pretrained`` / ``meddiff export``.
+
+    A folder of that name wins over a bundled model, so a user's own ``mri-denoise/`` is never shadowed.
+    """
     path = Path(name_or_dir)
+    if not path.exists() and str(name_or_dir) in bundled_models():
+        path = BUNDLED_MODELS / str(name_or_dir)
     if not path.exists():
-        raise MeddiffError(f"no model {name_or_dir!r}: no such folder")
+        raise MeddiffError(f"no model {name_or_dir!r}: neither a folder nor a bundled model ({', '.join(bundled_models())})")
     return DiffusionPipeline.from_pretrained(path, device=device)

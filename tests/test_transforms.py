@@ -85,3 +85,12 @@ def test_slices_skip_empty_and_keep_image_and_mask_aligned():
 def test_slicing_an_empty_volume_is_a_clear_error():
     with pytest.raises(MeddiffError, match="no slice has enough foreground"):
         SliceVolumed("image", axis=2)({"image": MetaTensor(torch.zeros(1, 4, 4, 4))})
+
+
+def test_slice_volume_any_axis_draws_all_three_planes():
+    volume = MetaTensor(torch.rand(1, 6, 8, 10) + 1.0)
+    drawn = SliceVolumed("image", axis="any", num_slices=1).set_random_state(0)
+    shapes = {tuple(drawn({"image": volume})[0]["image"].shape) for _ in range(30)}
+    assert shapes == {(1, 8, 10), (1, 6, 10), (1, 6, 8)}
+    fixed = SliceVolumed("image", axis="any", num_slices=2, random=False)({"image": volume})
+    assert {tuple(item["image"].shape) for item in fixed} == {(1, 6, 8)}  # axial (identity affine: the third axis)

@@ -1,22 +1,28 @@
-"""``meddiff denoise -i IN -o OUT --model DIR``: noise-level-matched denoising; geometry and units kept.
+"""``meddiff denoise -i IN -o OUT [--model NAME|DIR]``: noise-level-matched denoising; geometry and units kept.
 
 torch loads inside ``run``, so ``meddiff --help`` stays fast.
 """
 
 from __future__ import annotations
 
+import numpy as np
+
 from meddiff.errors import MeddiffError
 from meddiff.io import load_image, save_image
+
+DEFAULT_MODEL = "mri-denoise"
 
 
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser("denoise", help="denoise an MR image with a diffusion model (NIfTI/DICOM, 2D/3D/4D)")
     p.add_argument("-i", "--input", required=True, help="image file or DICOM folder")
     p.add_argument("-o", "--output", required=True, help="output file (.nii.gz, .mha, ...)")
-    p.add_argument("--model", required=True, help="model folder (meddiff export output)")
+    p.add_argument("--model", default=DEFAULT_MODEL, help=f"bundled model name or model folder (default: the bundled {DEFAULT_MODEL})")
     p.add_argument("--noise-sigma", default="auto", help="'auto' (estimated from the image) or the noise sigma in image units")
+    p.add_argument("--strength", type=float, help="remove strength x sigma (default: the model's calibrated value)")
     p.add_argument("--steps", type=int, default=1, help="1: posterior-mean estimate (best PSNR); more: reverse-process sampling")
     p.add_argument("--samples", type=int, default=1, help="with --steps > 1: average this many samples")
+    p.add_argument("--mask", help="mask image on the same grid: only voxels inside it are denoised")
     p.add_argument("--series", help="series UID or number when a DICOM folder holds several")
     p.add_argument("--device", default="cpu")
     p.add_argument("--overwrite", action="store_true")
@@ -34,7 +40,13 @@ def run(args) -> None:
         except ValueError:
             raise MeddiffError(f"--noise-sigma must be 'auto' or a number, not {args.noise_sigma!r}") from None
     image = load_image(args.input, series=args.series)
+    mask = None
+    if args.mask:
+        mask_image = load_image(args.mask)
+        mask = mask_image.array > 0
+        if mask.shape[:3] != image.array.shape[:3] or not np.allclose(mask_image.affine, image.affine, atol=1e-3):
+            raise MeddiffError(f"the mask {args.mask} is not on the image's voxel grid (shape {mask.shape} vs {image.array.shape})")
     pipeline = load_pipeline(args.model, device=args.device)
-    clean = pipeline.denoise(image, noise_sigma=sigma, steps=args.steps, samples=args.samples)
+    clean = pipeline.denoise(image, noise_sigma=sigma, steps=args.steps, samples=args.samples, strength=args.strength, mask=mask)
     out = save_image(clean, args.output, overwrite=args.overwrite)
     print(f"wrote {out} ({' x '.join(map(str, clean.array.shape))})")

@@ -17,7 +17,6 @@ from monai.data import MetaTensor
 from monai.transforms import InvertibleTransform, MapTransform, Randomizable
 
 from meddiff.errors import MeddiffError
-from meddiff.io import load_image
 
 # Modalities normalised like CT (window in physical units) and like radiographs (whole-image percentiles).
 CT_MODALITIES = ("CT",)
@@ -47,6 +46,8 @@ class LoadImaged(MapTransform):
         self.modality_key = modality_key
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        from meddiff.io import load_image  # here, not at the top: models and pipelines import without the DICOM/ITK readers
+
         d = dict(data)
         for key in self.key_iterator(d):
             series = d.get(self.series_key) if key == self.first_key(d) else None  # masks are single files
@@ -138,7 +139,8 @@ def slice_axis(affine: np.ndarray, axis: int | str) -> int:
 class SliceVolumed(MapTransform, Randomizable):
     """Cut 2D slices out of 3D channel-first volumes; returns a list of dicts, one per slice.
 
-    Images that are already 2D pass through as a one-item list.
+    Images that are already 2D pass through as a one-item list. ``axis="any"`` cuts each random draw
+    along one of the three voxel axes (all planes for training), and axial slices when not random.
 
     ``num_slices=None`` gives every kept slice in order; an integer draws that many at random, or,
     with ``random=False``, takes that many evenly spaced kept slices (the same ones every time).
@@ -176,7 +178,10 @@ class SliceVolumed(MapTransform, Randomizable):
         if first.ndim != 4:
             raise MeddiffError(f"SliceVolumed needs channel-first 2D or 3D images, got shape {tuple(first.shape)}")
         affine = first.affine.numpy() if isinstance(first, MetaTensor) else np.eye(4)
-        axis = slice_axis(affine, self.axis)
+        if self.axis == "any":  # a random plane per call when drawing at random; axial otherwise
+            axis = int(self.R.randint(3)) if self.random else slice_axis(affine, "axial")
+        else:
+            axis = slice_axis(affine, self.axis)
         indices = self.kept_indices(first, axis)
         if not indices:
             raise MeddiffError(f"{first.meta.get('filename_or_obj', 'volume')}: no slice has enough foreground")

@@ -27,13 +27,21 @@ def predicted_x0(prediction: torch.Tensor, xt: torch.Tensor, abar: float, kind: 
 
 
 @torch.inference_mode()
-def denoise_tensor(unet, schedule, y: torch.Tensor, sigma: float, steps: int = 1, samples: int = 1, seed: int = 0) -> torch.Tensor:
-    """Denoise ``y`` (B, C, *spatial, in [-1, 1] units) whose noise std is ``sigma`` in those units."""
+def denoise_tensor(
+    unet, schedule, y: torch.Tensor, sigma: float, steps: int = 1, samples: int = 1, seed: int = 0, max_timestep: int | None = None
+) -> torch.Tensor:
+    """Denoise ``y`` (B, C, *spatial, in [-1, 1] units) whose noise std is ``sigma`` in those units.
+
+    ``max_timestep``: the model only learnt timesteps below it; a noisier image is refused.
+    """
     if steps < 1 or samples < 1:
         raise MeddiffError("--steps and --samples must be at least 1")
     forward = schedule.training_scheduler()
     abar = forward.alphas_cumprod
     t = timestep_for_sigma(sigma, abar.numpy())
+    if max_timestep is not None and t >= max_timestep:
+        limit = float(((1 - abar[max_timestep - 1]) / abar[max_timestep - 1]) ** 0.5)
+        raise MeddiffError(f"the noise (sigma {sigma / 2:.1%} of the intensity range) is beyond what this model learnt (up to {limit / 2:.1%})")
     scale = float(abar[t]) ** 0.5
     if steps == 1:
         xt = scale * y

@@ -23,7 +23,9 @@ class DiffusionModule(pl.LightningModule):
     names a batch entry concatenated to the input channels. Noise and timesteps of each step come
     from a generator seeded by (``seed``, step, batch, rank), so after a resume the noise is what an
     uninterrupted run would draw (data order and random crops are not replayed). ``image_shape``, ``image_spacing``, ``modality`` and ``intensity_range`` travel into the
-    exported pipeline so generated images come back in physical units.
+    exported pipeline so generated images come back in physical units. ``max_train_timestep`` limits
+    training to the low-noise timesteps ``[0, max)``: a denoising prior (``meddiff denoise`` only
+    starts from the noise level of a scan) spends its whole capacity there but cannot generate.
     """
 
     def __init__(
@@ -41,6 +43,7 @@ class DiffusionModule(pl.LightningModule):
         num_train_timesteps: int = 1000,
         beta_schedule: str = "linear",
         prediction: str = "eps",
+        max_train_timestep: int | None = None,
         lr: float = 1e-4,
         weight_decay: float = 0.0,
         ema_decay: float = 0.999,
@@ -55,6 +58,8 @@ class DiffusionModule(pl.LightningModule):
             raise MeddiffError("concat_channels and concat_key go together: set both or neither")
         if len(image_shape) != spatial_dims:
             raise MeddiffError(f"image_shape {list(image_shape)} must have {spatial_dims} entries")
+        if max_train_timestep is not None and not 0 < max_train_timestep <= num_train_timesteps:
+            raise MeddiffError(f"max_train_timestep {max_train_timestep} must be in 1..{num_train_timesteps}")
         self.save_hyperparameters()
         self.unet = build_unet(**self.unet_config())
         self.schedule = NoiseSchedule(num_train_timesteps, beta_schedule, prediction)
@@ -80,7 +85,10 @@ class DiffusionModule(pl.LightningModule):
         image = {"shape": list(hp.image_shape), "modality": hp.modality, "intensity_range": list(hp.intensity_range)}
         if hp.image_spacing is not None:
             image["spacing"] = list(hp.image_spacing)
-        return {"unet": self.unet_config(), "schedule": self.schedule.as_dict(), "image": image}
+        config = {"unet": self.unet_config(), "schedule": self.schedule.as_dict(), "image": image}
+        if hp.max_train_timestep is not None and hp.max_train_timestep < hp.num_train_timesteps:
+            config["max_train_timestep"] = hp.max_train_timestep
+        return config
 
     def pipeline(self, ema: bool = True) -> DiffusionPipeline:
         """A pipeline sharing this module's (EMA) weights, for sampling during or after training."""
@@ -89,7 +97,7 @@ class DiffusionModule(pl.LightningModule):
     def loss(self, batch: dict, generator: torch.Generator, unet: torch.nn.Module | None = None) -> torch.Tensor:
         x0 = batch["image"]
         noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
-        t = torch.randint(0, self.schedule.num_train_timesteps, (x0.shape[0],), generator=generator, device=x0.device)
+        t = torch.randint(0, self.hparams.max_train_timestep or self.schedule.num_train_timesteps, (x0.shape[0],), generator=generator, device=x0.device)
         xt = self.forward_process.add_noise(x0, noise, t)
         target = {"eps": noise, "x0": x0}.get(self.schedule.prediction)
         if target is None:

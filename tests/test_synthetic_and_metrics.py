@@ -1,0 +1,53 @@
+"""Dead-leaves training images, Rician noise and the paired metrics."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from meddiff import MeddiffError
+from meddiff.data.synthetic import RandDeadLeavesd, dead_leaves, rician_noise
+from meddiff.metrics import foreground_mask, psnr, ssim
+
+
+def test_dead_leaves_cover_the_image_with_flat_discs():
+    image = dead_leaves((64, 64), np.random.default_rng(0), max_blur=0.0)
+    assert image.shape == (64, 64) and 0.0 <= image.min() and image.max() <= 1.0
+    assert (image == 0).mean() < 0.01  # covered, up to the last specks
+    assert len(np.unique(image)) > 20  # many discs, each one flat grey level
+    assert dead_leaves((16, 16, 16), np.random.default_rng(0)).shape == (16, 16, 16)
+
+
+def test_rand_dead_leaves_replaces_with_probability_and_is_seeded():
+    data = {"image": torch.zeros(2, 32, 32)}
+    never = RandDeadLeavesd("image", prob=0.0)
+    assert torch.equal(never(data)["image"], data["image"])
+    a = RandDeadLeavesd("image", prob=1.0).set_random_state(3)(data)["image"]
+    b = RandDeadLeavesd("image", prob=1.0).set_random_state(3)(data)["image"]
+    assert torch.equal(a, b) and a.shape == (2, 32, 32) and a.min() >= -1 and a.max() <= 1
+    assert not torch.equal(a[0], a[1])  # each channel its own pattern
+
+
+def test_rician_noise_has_the_rayleigh_background_and_gaussian_tissue():
+    rng = np.random.default_rng(0)
+    image = np.zeros((200, 200), np.float32)
+    image[:, 100:] = 100.0
+    noisy = rician_noise(image, 5.0, rng)
+    assert abs(noisy[:, :100].mean() - 5.0 * np.sqrt(np.pi / 2)) < 0.1  # Rayleigh mean
+    assert abs(noisy[:, 100:].std() - 5.0) < 0.2
+
+
+def test_psnr_and_ssim_on_a_foreground_mask():
+    reference = np.zeros((32, 32))
+    reference[8:24, 8:24] = 1.0
+    estimate = reference.copy()
+    estimate[10, 10] += 0.1
+    mask = foreground_mask(reference)
+    assert mask.sum() == 256
+    assert psnr(reference, estimate, 1.0, mask) == pytest.approx(10 * np.log10(256 / 0.01))
+    assert psnr(reference, estimate, 1.0) == pytest.approx(10 * np.log10(1024 / 0.01))
+    assert ssim(reference, reference, 1.0, mask) == pytest.approx(1.0)
+    assert ssim(reference, estimate, 1.0, mask) < 1.0
+    with pytest.raises(MeddiffError, match="differ in shape"):
+        psnr(reference, estimate[:8], 1.0)
