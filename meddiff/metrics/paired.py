@@ -44,3 +44,27 @@ def ssim(reference: np.ndarray, estimate: np.ndarray, data_range: float, mask: n
     ssim_map, _ = compute_ssim_and_cs(as_tensor(estimate), as_tensor(reference), ndim, [11] * ndim, [1.5] * ndim, data_range)
     inner = tuple(slice(5, s - 5) for s in reference.shape)  # the map is the 'valid' part of the convolution
     return float(ssim_map[0, 0].numpy()[mask[inner]].mean())
+
+
+def ms_ssim(reference: np.ndarray, estimate: np.ndarray, data_range: float) -> float:
+    """Multi-scale SSIM (MONAI, five scales: every side must exceed 160 pixels)."""
+    from monai.metrics import MultiScaleSSIMMetric
+
+    _checked(reference, estimate, None)
+    if min(reference.shape) <= 160:
+        raise MeddiffError(f"MS-SSIM's five scales need every side above 160 pixels, the image is {reference.shape}")
+    as_tensor = lambda a: torch.as_tensor(np.asarray(a, np.float64))[None, None]  # noqa: E731
+    return float(MultiScaleSSIMMetric(spatial_dims=reference.ndim, data_range=data_range)(as_tensor(estimate), as_tensor(reference)).item())
+
+
+def paired(reference: np.ndarray, estimate: np.ndarray, data_range: float | None = None, mask: np.ndarray | None = None) -> dict[str, float | None]:
+    """PSNR, SSIM (over ``mask`` when given) and MS-SSIM (whole image; None below 161 pixels a side).
+
+    ``data_range`` defaults to the reference's max - min.
+    """
+    reference, estimate = np.asarray(reference, np.float64), np.asarray(estimate, np.float64)
+    data_range = float(np.ptp(reference)) if data_range is None else float(data_range)
+    result = {"psnr": psnr(reference, estimate, data_range, mask), "ssim": ssim(reference, estimate, data_range, mask), "ms_ssim": None}
+    if min(reference.shape) > 160:
+        result["ms_ssim"] = ms_ssim(reference, estimate, data_range)
+    return result
