@@ -11,10 +11,10 @@ import logging
 import sys
 
 from meddiff import __version__
-from meddiff.cli import convert, denoise, export, fit, generate, info, manifest
+from meddiff.cli import convert, denoise, evaluate, export, fit, generate, info, manifest
 from meddiff.errors import MeddiffError
 
-SUBCOMMANDS = (info, convert, manifest, fit, export, generate, denoise)
+SUBCOMMANDS = (info, convert, manifest, fit, export, generate, denoise, evaluate)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,204 @@
+"""``meddiff evaluate``'s engine: image lists, cached features, metrics per view, a readable table."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from meddiff.errors import MeddiffError
+from meddiff.files import atomic_path, full_suffix
+from meddiff.io import READ_SUFFIXES, load_image
+from meddiff.metrics.distribution import density_coverage, frechet_distance, memorization, precision_recall
+from meddiff.metrics.features import Extractor
+from meddiff.metrics.paired import paired
+
+METRICS = ("fid", "prdc", "memorization", "paired")
+
+
+def image_paths(source: str | os.PathLike, split: str | None = None) -> list[Path]:
+    """Images of a manifest (optionally one split), of a folder's manifest.jsonl, or of a folder's image files."""
+    from meddiff.data.manifest import Manifest
+
+    source = Path(source)
+    if source.is_dir() and (source / "manifest.jsonl").is_file():
+        source = source / "manifest.jsonl"
+    if source.is_file() and full_suffix(source) in (".jsonl", ".json"):
+        manifest = Manifest.read(source)
+        records = manifest.split(split) if split else manifest.records
+        paths = [manifest.resolve(r.image) for r in records]
+    elif source.is_dir():
+        paths = sorted(p for p in source.iterdir() if p.is_file() and full_suffix(p) in READ_SUFFIXES)
+    else:
+        raise MeddiffError(f"{source} is neither a manifest nor a folder of images")
+    if not paths:
+        raise MeddiffError(f"{source} holds no images{f' in split {split!r}' if split else ''}")
+    return paths
+
+
+def _file_hash(path: Path) -> str:
+    digest = hashlib.sha256()
+    files = sorted(path.rglob("*")) if path.is_dir() else [path]
+    for file in files:
+        if file.is_file():
+            digest.update(file.read_bytes())
+    return digest.hexdigest()
+
+
+def cached_features(paths: list[Path], extractor: Extractor, cache_dir: Path | None, desc: str) -> list[dict[str, np.ndarray]]:
+    """Features of each image, read from / written to ``cache_dir/<extractor id>/<file sha256>.npz``."""
+    out = []
+    for path in tqdm(paths, desc=f"{desc} ({extractor.name})", unit="image"):
+        cache = cache_dir / extractor.identity / f"{_file_hash(path)}.npz" if cache_dir else None
+        if cache is not None and cache.is_file():
+            with np.load(cache) as stored:
+                out.append({k: stored[k] for k in stored.files})
+            continue
+        features = extractor.features(load_image(path))
+        if cache is not None:
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            with atomic_path(cache, overwrite=True) as tmp, open(tmp, "wb") as fh:
+                np.savez(fh, **features)
+        out.append(features)
+    return out
+
+
+def as_slices(features: list[dict[str, np.ndarray]], plane: str) -> list[dict[str, np.ndarray]]:
+    """Volumes' plane views as one '2d' view (``plane`` one of the planes, or 'all'), to compare with 2D images."""
+    out = []
+    for f in features:
+        if "2d" in f or "3d" in f:
+            out.append(f)
+        else:
+            out.append({"2d": np.concatenate([f[v] for v in sorted(f)]) if plane == "all" else f[plane]})
+    return out
+
+
+def _stack(features: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    views = sorted(set.intersection(*(set(f) for f in features)))
+    return {view: np.concatenate([f[view] for f in features]) for view in views}
+
+
+def evaluate(
+    real: list[Path],
+    fake: list[Path],
+    extractor: Extractor | None,
+    metrics: list[str],
+    train: list[Path] | None = None,
+    cache_dir: Path | None = None,
+    k: int = 3,
+    plane: str | None = None,
+) -> dict:
+    """Metrics of ``fake`` against ``real``: per view (2d, or the three planes, or 3d) and their mean.
+
+    ``plane`` (a plane name or 'all') turns volumes into slices of that plane, so generated 2D slices
+    can be compared with real volumes.
+    """
+    unknown = set(metrics) - set(METRICS)
+    if unknown:
+        raise MeddiffError(f"unknown metrics {sorted(unknown)} — available: {', '.join(METRICS)}")
+    results: dict = {"real": len(real), "fake": len(fake)}
+    feature_metrics = [m for m in metrics if m != "paired"]
+    if feature_metrics:
+        if extractor is None:
+            raise MeddiffError(f"{', '.join(feature_metrics)} need a feature extractor (--features NAME)")
+        results["features"] = extractor.name
+        real_list, fake_list = cached_features(real, extractor, cache_dir, "real"), cached_features(fake, extractor, cache_dir, "fake")
+        train_list = cached_features(train, extractor, cache_dir, "train") if train and "memorization" in metrics else real_list
+        if plane is not None:
+            real_list, fake_list, train_list = (as_slices(f, plane) for f in (real_list, fake_list, train_list))
+        real_f, fake_f, train_f = _stack(real_list), _stack(fake_list), _stack(train_list)
+        train_counts, fake_counts = _counts(train_list), _counts(fake_list)
+        views = sorted(set(real_f) & set(fake_f))
+        if not views:
+            raise MeddiffError("the real and fake images give no common view: for 2D images against volumes, pass --plane axial|coronal|sagittal|all")
+        per_view = {}
+        for view in views:
+            r, f = real_f[view], fake_f[view]
+            row: dict = {}
+            if "fid" in metrics:
+                row["fid"] = frechet_distance(r, f)
+            if "prdc" in metrics:
+                row.update(precision_recall(r, f, k))
+                row.update(density_coverage(r, f, max(k, 5)))
+            if "memorization" in metrics:
+                found = memorization(train_f[view], f)
+                row.update({f"memorization_{key}": value for key, value in found.summary().items()})
+                results.setdefault("closest_pairs", {})[view] = _closest_pairs(found, train or real, fake, train_counts[view], fake_counts[view])
+            per_view[view] = row
+        results["views"] = per_view
+        results["mean"] = {key: float(np.mean([row[key] for row in per_view.values()])) for key in per_view[views[0]]
+                           if all(isinstance(row.get(key), float) for row in per_view.values())}
+    if "paired" in metrics:
+        results["paired"] = paired_by_name(real, fake)
+    return results
+
+
+def _counts(features: list[dict[str, np.ndarray]]) -> dict[str, list[int]]:
+    """Feature rows per image and view (volumes give several slices per plane)."""
+    return {view: [len(f[view]) for f in features] for view in features[0]}
+
+
+def _closest_pairs(found, train: list[Path], fake: list[Path], train_counts: list[int], fake_counts: list[int], n: int = 8) -> list[dict]:
+    """The ``n`` fake feature rows nearest to a training row, as (fake image, training image, distance)."""
+    train_owner, fake_owner = np.repeat(np.arange(len(train)), train_counts), np.repeat(np.arange(len(fake)), fake_counts)
+    order = np.argsort(found.ratio)[:n]
+    return [{"fake": str(fake[fake_owner[i]]), "train": str(train[train_owner[found.nearest[i]]]), "distance": float(found.distance[i]),
+             "ratio": float(found.ratio[i])} for i in order]
+
+
+def plot_closest_pairs(pairs: list[dict], path: str | os.PathLike) -> Path:
+    """A PNG grid: each column a generated image over its closest training image (middle slice of volumes)."""
+    from meddiff.viz import save_grid
+
+    def middle(p: str) -> np.ndarray:
+        array = load_image(p).array.squeeze()
+        return array if array.ndim == 2 else array[:, :, array.shape[2] // 2]
+
+    fakes, trains = [middle(p["fake"]) for p in pairs], [middle(p["train"]) for p in pairs]
+    shape = max(a.shape[0] for a in fakes + trains), max(a.shape[1] for a in fakes + trains)
+    padded = [np.pad(a, [(0, shape[0] - a.shape[0]), (0, shape[1] - a.shape[1])]) for a in fakes + trains]
+    return save_grid(padded, path, columns=len(pairs))
+
+
+def paired_by_name(real: list[Path], fake: list[Path]) -> dict[str, float]:
+    """Mean PSNR/SSIM(/MS-SSIM) over images present in both lists under the same file name."""
+    by_name = {p.name: p for p in real}
+    pairs = [(by_name[p.name], p) for p in fake if p.name in by_name]
+    if not pairs:
+        raise MeddiffError("paired metrics need real and fake images with the same file names; none match")
+    rows = []
+    for reference_path, estimate_path in tqdm(pairs, desc="paired", unit="pair"):
+        reference, estimate = load_image(reference_path).array, load_image(estimate_path).array
+        if reference.shape != estimate.shape:
+            raise MeddiffError(f"{estimate_path.name}: shape {estimate.shape} differs from the real image's {reference.shape}")
+        rows.append(paired(reference, estimate))
+    summary = {"pairs": len(rows)}
+    for key in rows[0]:
+        values = [r[key] for r in rows if r[key] is not None]
+        if values:
+            summary[key] = float(np.mean(values))
+    return summary
+
+
+def table(results: dict) -> str:
+    """The results as a plain-text table (one row per view, then the mean)."""
+    lines = [f"real {results['real']} images, fake {results['fake']} images" + (f", features {results['features']}" if "features" in results else "")]
+    if "views" in results:
+        keys = list(next(iter(results["views"].values())))
+        lines.append("view      " + "".join(f"{k.removeprefix('memorization_'):>20s}" for k in keys))
+        rows = [*results["views"].items(), *([("mean", results["mean"])] if len(results["views"]) > 1 else [])]
+        for view, row in rows:
+            lines.append(f"{view:10s}" + "".join(f"{_cell(row.get(k)):>20s}" for k in keys))
+    if "paired" in results:
+        lines.append("paired    " + "  ".join(f"{k} {_cell(v)}" for k, v in results["paired"].items()))
+    return "\n".join(lines)
+
+
+def _cell(value) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.4g}" if isinstance(value, float) else str(value)

@@ -1,0 +1,229 @@
+"""Feature extractors for distribution metrics, by name, with the preprocessing each one expects.
+
+ImageNet Inception features judge medical images poorly; these are trained on medical images:
+
+- ``radimagenet_resnet50``: RadImageNet's ResNet-50 (1.35 M radiology images), the network MAISI uses
+  for its 2.5D FID. 2D; volumes give slices along the three planes. Preprocessing: robust min-max to
+  [0, 1] (0.5-99.5th percentile), resize to 224x224, grey to three channels, BGR order minus the
+  channel means [0.406, 0.456, 0.485] (RadImageNet's Keras-derived convention); global average pool.
+- ``medicalnet_resnet10`` / ``medicalnet_resnet50``: Tencent MedicalNet 3D ResNets (23 datasets), as
+  MONAI builds them. 3D. Preprocessing: shift to a zero minimum, z-score over the non-zero voxels
+  (MedicalNet's normalisation), resize to 128^3; global average pool.
+- ``meddiff_mri``: the bottleneck of the bundled ``mri-denoise`` UNet at a low-noise timestep,
+  global average pool (128 values). 2D, MRI; ships with meddiff, so it works with no downloads.
+
+Pretrained weights cannot be downloaded here: each loader takes a local file (``weights=``), or
+finds it by name under ``$MEDDIFF_WEIGHTS`` or ``~/.cache/meddiff/weights``, and otherwise says
+exactly which file to put where.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from meddiff.errors import MeddiffError
+from meddiff.image import Image
+
+PLANES = ("sagittal", "coronal", "axial")
+
+
+@dataclass(frozen=True)
+class WeightsFile:
+    file_name: str
+    source: str
+
+
+WEIGHTS = {
+    "radimagenet_resnet50": WeightsFile("RadImageNet-ResNet50.pt", "the RadImageNet PyTorch release (BMEII-AI/RadImageNet), ResNet50.pt"),
+    "medicalnet_resnet10": WeightsFile("resnet_10_23dataset.pth", "Tencent MedicalNet (Hugging Face TencentMedicalNet/MedicalNet-Resnet10)"),
+    "medicalnet_resnet50": WeightsFile("resnet_50_23dataset.pth", "Tencent MedicalNet (Hugging Face TencentMedicalNet/MedicalNet-Resnet50)"),
+}
+
+
+def weights_dir() -> Path:
+    return Path(os.environ.get("MEDDIFF_WEIGHTS", Path.home() / ".cache" / "meddiff" / "weights"))
+
+
+def find_weights(name: str, weights: str | os.PathLike | None) -> Path:
+    """The weights file of extractor ``name``: the given path, or its file name in ``weights_dir()``."""
+    spec = WEIGHTS[name]
+    path = Path(weights) if weights is not None else weights_dir() / spec.file_name
+    if not path.is_file():
+        raise MeddiffError(
+            f"{name} needs pretrained weights that cannot be downloaded here: get {spec.file_name} from {spec.source} "
+            f"and put it at {weights_dir() / spec.file_name} (or set MEDDIFF_WEIGHTS to its folder, or pass --weights PATH)"
+        )
+    return path
+
+
+def _state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """A checkpoint's tensors, unwrapped from ``{"state_dict": ...}`` and DataParallel's ``module.`` prefix."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any unreadable file gets the same one-line error
+        raise MeddiffError(f"cannot read the weights {path}: {exc}") from None
+    state = state.get("state_dict", state) if isinstance(state, dict) else state
+    if not isinstance(state, dict):
+        raise MeddiffError(f"{path} holds no state dict")
+    return {k.removeprefix("module."): v for k, v in state.items()}
+
+
+# RadImageNet's PyTorch release wraps torchvision's ResNet-50 children in nn.Sequential ("backbone.N").
+_RADIMAGENET_CHILDREN = {"0": "conv1", "1": "bn1", "4": "layer1", "5": "layer2", "6": "layer3", "7": "layer4"}
+
+
+def _radimagenet_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    renamed = {}
+    for key, value in state.items():
+        if key.startswith("backbone."):
+            child, _, rest = key.removeprefix("backbone.").partition(".")
+            key = f"{_RADIMAGENET_CHILDREN.get(child, child)}.{rest}"
+        if not key.startswith("fc."):
+            renamed[key] = value
+    return renamed
+
+
+def _load(network: torch.nn.Module, state: dict[str, torch.Tensor], path: Path) -> torch.nn.Module:
+    try:
+        network.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        first = str(exc).splitlines()[1].strip() if len(str(exc).splitlines()) > 1 else str(exc)
+        raise MeddiffError(f"{path} does not fit this network: {first}") from None
+    return network.eval()
+
+
+class Extractor:
+    """``features(image)`` -> {view: (n, D) array}: view '2d' for 2D images, one per plane ('sagittal',
+    'coronal', 'axial') for volumes under a 2D network, '3d' for a 3D network."""
+
+    def __init__(self, name: str, network: Callable[[torch.Tensor], torch.Tensor], spatial_dims: int, prepare, identity: str, slices: int = 8):
+        self.name, self.network, self.spatial_dims, self.prepare = name, network, spatial_dims, prepare
+        self.identity = identity  # extractor + weights, for caching
+        self.slices = slices
+
+    @torch.inference_mode()
+    def features(self, image: Image) -> dict[str, np.ndarray]:
+        array = np.asarray(image.array, dtype=np.float32).squeeze()
+        if array.ndim not in (2, 3):
+            raise MeddiffError(f"{self.name} takes 2D images or 3D volumes, got shape {image.array.shape}")
+        if self.spatial_dims == 3:
+            if array.ndim != 3:
+                raise MeddiffError(f"{self.name} is a 3D network; the image is 2D")
+            return {"3d": self._run(array[None])}
+        if array.ndim == 2:
+            return {"2d": self._run(array[None])}
+        from meddiff.data.transforms import slice_axis
+
+        views = {}
+        for plane in PLANES:  # 2.5D: evenly spaced slices along each anatomical plane, as MAISI does
+            axis = slice_axis(image.affine, plane)
+            picks = np.linspace(0, array.shape[axis] - 1, min(self.slices, array.shape[axis]) + 2).round().astype(int)[1:-1]
+            views[plane] = self._run(np.stack([np.take(array, i, axis=axis) for i in picks]))
+        return views
+
+    def _run(self, batch: np.ndarray) -> np.ndarray:
+        x = self.prepare(torch.from_numpy(batch))
+        return self.network(x).reshape(x.shape[0], -1).double().numpy()
+
+
+def _robust_unit(x: torch.Tensor) -> torch.Tensor:
+    """Each item to [0, 1] between its 0.5th and 99.5th percentiles."""
+    flat = x.reshape(x.shape[0], -1)
+    low, high = torch.quantile(flat, 0.005, dim=1), torch.quantile(flat, 0.995, dim=1)
+    shape = (-1,) + (1,) * (x.ndim - 1)
+    return ((x - low.view(shape)) / (high - low).clamp_min(1e-6).view(shape)).clamp(0, 1)
+
+
+def _radimagenet_prepare(x: torch.Tensor) -> torch.Tensor:
+    x = F.interpolate(_robust_unit(x)[:, None], size=(224, 224), mode="bilinear", align_corners=False)
+    mean_bgr = torch.tensor([0.406, 0.456, 0.485]).view(1, 3, 1, 1)
+    return x.repeat(1, 3, 1, 1) - mean_bgr
+
+
+def _medicalnet_prepare(x: torch.Tensor) -> torch.Tensor:
+    x = x - x.amin(dim=(1, 2, 3), keepdim=True)
+    out = []
+    for volume in x:
+        inside = volume[volume > 0]
+        mean, std = (inside.mean(), inside.std().clamp_min(1e-6)) if inside.numel() > 1 else (volume.mean(), volume.std().clamp_min(1e-6))
+        out.append((volume - mean) / std)
+    return F.interpolate(torch.stack(out)[:, None], size=(128, 128, 128), mode="trilinear", align_corners=False)
+
+
+def _resnet(depth: int, spatial_dims: int, **kwargs) -> torch.nn.Module:
+    from monai.networks.nets import resnet10, resnet50
+
+    return {10: resnet10, 50: resnet50}[depth](spatial_dims=spatial_dims, feed_forward=False, **kwargs)
+
+
+def _file_id(path: Path) -> str:
+    from meddiff.pipeline import file_sha256
+
+    return file_sha256(path)[:16]
+
+
+def _radimagenet(weights) -> Extractor:
+    path = find_weights("radimagenet_resnet50", weights)
+    network = _load(_resnet(50, 2, n_input_channels=3), _radimagenet_keys(_state_dict(path)), path)
+    return Extractor("radimagenet_resnet50", network, 2, _radimagenet_prepare, f"radimagenet_resnet50-{_file_id(path)}")
+
+
+def _medicalnet(depth: int):
+    def load(weights) -> Extractor:
+        name = f"medicalnet_resnet{depth}"
+        path = find_weights(name, weights)
+        network = _resnet(depth, 3, n_input_channels=1, shortcut_type="B", bias_downsample=False)
+        return Extractor(name, _load(network, _state_dict(path), path), 3, _medicalnet_prepare, f"{name}-{_file_id(path)}")
+
+    return load
+
+
+def _meddiff_mri(weights) -> Extractor:
+    from meddiff.data.transforms import NormalizeIntensityd, to_model_range
+    from meddiff.pipeline import load_pipeline
+
+    pipeline = load_pipeline(weights or "mri-denoise")
+    unet, captured = pipeline.unet, {}
+    unet.middle_block.register_forward_hook(lambda module, args, output: captured.__setitem__("h", output))
+    timestep = 10  # a little noise: the features of a clean image, as the denoiser sees it
+
+    def network(x: torch.Tensor) -> torch.Tensor:
+        unet(x, timesteps=torch.full((x.shape[0],), timestep))
+        return captured["h"].mean(dim=(2, 3))
+
+    def prepare(x: torch.Tensor) -> torch.Tensor:
+        items = []
+        for item in x:
+            low, high = NormalizeIntensityd("image").intensity_range(item, "MR")
+            items.append(torch.from_numpy(to_model_range(item.numpy(), low, high)))
+        x = torch.stack(items)[:, None]
+        multiple = 2 ** (len(unet.block_out_channels) - 1)
+        return F.pad(x, (0, (-x.shape[-1]) % multiple, 0, (-x.shape[-2]) % multiple), mode="replicate")
+
+    return Extractor("meddiff_mri", network, 2, prepare, f"meddiff_mri-{pipeline.config['weights_sha256'][:16]}")
+
+
+EXTRACTORS: dict[str, Callable[..., Extractor]] = {
+    "radimagenet_resnet50": _radimagenet,
+    "medicalnet_resnet10": _medicalnet(10),
+    "medicalnet_resnet50": _medicalnet(50),
+    "meddiff_mri": _meddiff_mri,
+}
+
+
+def register_extractor(name: str, loader: Callable[..., Extractor]) -> None:
+    """Add an extractor (a callable taking ``weights`` and returning an ``Extractor``) under ``name``."""
+    EXTRACTORS[name] = loader
+
+
+def load_extractor(name: str, weights: str | os.PathLike | None = None) -> Extractor:
+    if name not in EXTRACTORS:
+        raise MeddiffError(f"unknown feature extractor {name!r} — available: {', '.join(sorted(EXTRACTORS))}")
+    return EXTRACTORS[name](weights)

@@ -1,0 +1,127 @@
+"""Feature extractors load third-party weights in their real on-disk formats; evaluate end to end."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from meddiff import Image, MeddiffError, load_image, save_image
+from meddiff.cli.main import main
+from meddiff.metrics import frechet_distance
+from meddiff.metrics.evaluate import cached_features, evaluate
+from meddiff.metrics.features import _RADIMAGENET_CHILDREN, _resnet, load_extractor
+
+
+@pytest.fixture(scope="module")
+def radimagenet_weights(tmp_path_factory):
+    """A ResNet-50 state dict laid out as RadImageNet's PyTorch release saves it (nn.Sequential 'backbone.N' keys)."""
+    torch.manual_seed(0)
+    names = {v: k for k, v in _RADIMAGENET_CHILDREN.items()}
+    state = {}
+    for key, value in _resnet(50, 2, n_input_channels=3).state_dict().items():
+        child, _, rest = key.partition(".")
+        state[f"backbone.{names[child]}.{rest}"] = value
+    path = tmp_path_factory.mktemp("weights") / "RadImageNet-ResNet50.pt"
+    torch.save(state, path)
+    return path
+
+
+def test_radimagenet_from_its_release_format_gives_2d_and_25d_features(radimagenet_weights, mni_t1):
+    extractor = load_extractor("radimagenet_resnet50", radimagenet_weights)
+    flat = extractor.features(Image(np.random.default_rng(0).random((100, 120), dtype=np.float32), np.eye(4), "MR"))
+    assert list(flat) == ["2d"] and flat["2d"].shape == (1, 2048)
+    volume = load_image(mni_t1)
+    extractor.slices = 2  # per plane (8 by default), for speed
+    views = extractor.features(Image(volume.array[::4, ::4, ::4], volume.affine @ np.diag([4, 4, 4, 1]), "MR"))
+    assert sorted(views) == ["axial", "coronal", "sagittal"] and all(v.shape == (2, 2048) for v in views.values())
+
+
+def test_missing_or_wrong_weights_say_what_to_do(tmp_path, monkeypatch, radimagenet_weights):
+    monkeypatch.setenv("MEDDIFF_WEIGHTS", str(tmp_path))
+    with pytest.raises(MeddiffError, match=f"put it at {tmp_path}/resnet_10_23dataset.pth"):
+        load_extractor("medicalnet_resnet10")
+    with pytest.raises(MeddiffError, match="does not fit this network"):
+        load_extractor("medicalnet_resnet10", radimagenet_weights)
+    (tmp_path / "resnet_10_23dataset.pth").write_text("not a checkpoint")
+    with pytest.raises(MeddiffError, match="cannot read the weights"):
+        load_extractor("medicalnet_resnet10")
+    with pytest.raises(MeddiffError, match="unknown feature extractor"):
+        load_extractor("inception_v9")
+
+
+def test_medicalnet_from_its_release_format_gives_3d_features(tmp_path, monkeypatch):
+    """MedicalNet checkpoints are {'state_dict': {'module.<key>': tensor}} (DataParallel)."""
+    torch.manual_seed(0)
+    network = _resnet(10, 3, n_input_channels=1, shortcut_type="B", bias_downsample=False)
+    torch.save({"state_dict": {f"module.{k}": v for k, v in network.state_dict().items()}}, tmp_path / "resnet_10_23dataset.pth")
+    monkeypatch.setenv("MEDDIFF_WEIGHTS", str(tmp_path))
+    extractor = load_extractor("medicalnet_resnet10")
+    volume = np.zeros((20, 24, 16), np.float32)
+    volume[5:15, 6:18, 4:12] = 100 + np.random.default_rng(0).random((10, 12, 8))
+    features = extractor.features(Image(volume, np.eye(4), "CT"))
+    assert list(features) == ["3d"] and features["3d"].shape == (1, 512)
+    with pytest.raises(MeddiffError, match="3D network"):
+        extractor.features(Image(volume[:, :, 0], np.eye(4), "CT"))
+
+
+def test_fid_rises_with_corruption_and_held_out_real_is_close(mni_t1):
+    """meddiff's MRI features: FID(real, held-out real) far below FID(real, corrupted held-out), rising with the corruption."""
+    volume = load_image(mni_t1).array[::3, ::3, 30:160:3]
+    extractor = load_extractor("meddiff_mri")
+    first, second = volume[..., 0::2], volume[..., 1::2]  # interleaved axial slices: real and held-out real
+    features = lambda slices: np.concatenate([extractor.features(Image(s, np.eye(4), "MR"))["2d"] for s in np.moveaxis(slices, -1, 0)])  # noqa: E731
+    real = features(first)
+    rng = np.random.default_rng(0)
+    peak = float(volume.max())
+    scores = [frechet_distance(real, features(second + level * peak * rng.standard_normal(second.shape).astype(np.float32)))
+              for level in (0.0, 0.05, 0.2)]
+    assert scores == sorted(scores) and scores[0] < scores[1] / 3
+
+
+def test_features_are_cached_by_file_and_extractor(tmp_path, monkeypatch):
+    extractor = load_extractor("meddiff_mri")
+    rng = np.random.default_rng(0)
+    paths = []
+    for i in range(3):
+        paths.append(save_image(Image(rng.random((40, 48), dtype=np.float32), np.eye(4), "MR"), tmp_path / f"img{i}.nii.gz"))
+    first = cached_features(paths, extractor, tmp_path / "cache", "real")
+    assert len(list((tmp_path / "cache" / extractor.identity).glob("*.npz"))) == 3
+    monkeypatch.setattr(extractor, "features", lambda image: pytest.fail("the cache was not used"))
+    again = cached_features(paths, extractor, tmp_path / "cache", "real")
+    np.testing.assert_array_equal(first[1]["2d"], again[1]["2d"])
+
+
+def test_evaluate_cli_on_folders(tmp_path):
+    rng = np.random.default_rng(1)
+    base = np.zeros((48, 48), np.float32)
+    base[8:40, 10:38] = 100.0
+    for folder, noise in (("real", 2.0), ("fake", 6.0)):
+        (tmp_path / folder).mkdir()
+        for i in range(6):
+            save_image(Image(base + noise * rng.standard_normal(base.shape).astype(np.float32), np.eye(4), "MR"), tmp_path / folder / f"s{i}.nii.gz")
+    out = tmp_path / "eval.json"
+    args = ["evaluate", "--real", str(tmp_path / "real"), "--fake", str(tmp_path / "fake"), "--cache", str(tmp_path / "cache")]
+    assert main([*args, "--metrics", "fid,prdc,memorization,paired", "--json", str(out), "--plot", str(tmp_path / "pairs.png")]) == 0
+    results = json.loads(out.read_text())
+    assert results["real"] == 6 and results["views"]["2d"]["fid"] > 0 and results["paired"]["pairs"] == 6
+    assert 0 <= results["views"]["2d"]["precision"] <= 1 and (tmp_path / "pairs.png").stat().st_size > 0
+    assert main([*args, "--json", str(out)]) == 2  # exists
+    assert main([*args, "--plot", str(tmp_path / "p2.png")]) == 2  # --plot needs memorization
+    assert main([*args, "--features", "radimagenet_resnet50", "--weights", str(tmp_path / "none.pt")]) == 2
+    assert main([*args, "--metrics", "fid,magic"]) == 2
+    assert not (tmp_path / "p2.png").exists()
+
+
+def test_evaluate_compares_generated_slices_with_real_volumes_through_a_plane(samples_dir):
+    extractor = load_extractor("meddiff_mri")
+    from meddiff.metrics.evaluate import image_paths
+
+    real = image_paths(samples_dir, "train")
+    fake = image_paths(samples_dir, "val")  # a 2D slice
+    with pytest.raises(MeddiffError, match="--plane"):
+        evaluate(real, fake + fake, extractor, ["fid"])
+    results = evaluate(real, fake + fake, extractor, ["fid"], plane="coronal")
+    assert list(results["views"]) == ["2d"] and results["views"]["2d"]["fid"] > 0
