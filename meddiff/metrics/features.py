@@ -189,14 +189,20 @@ def _meddiff_mri(weights) -> Extractor:
     from meddiff.data.transforms import NormalizeIntensityd, to_model_range
     from meddiff.pipeline import load_pipeline
 
+    from monai.networks.nets.diffusion_model_unet import get_timestep_embedding
+
     pipeline = load_pipeline(weights or "mri-denoise")
-    unet, captured = pipeline.unet, {}
-    unet.middle_block.register_forward_hook(lambda module, args, output: captured.__setitem__("h", output))
+    unet = pipeline.unet
     timestep = 10  # a little noise: the features of a clean image, as the denoiser sees it
 
     def network(x: torch.Tensor) -> torch.Tensor:
-        unet(x, timesteps=torch.full((x.shape[0],), timestep))
-        return captured["h"].mean(dim=(2, 3))
+        """The UNet's encoder half only (time embedding, input conv, down blocks, middle block)."""
+        t = get_timestep_embedding(torch.full((x.shape[0],), timestep), unet.block_out_channels[0]).to(x.dtype)
+        emb = unet.time_embed(t)
+        h = unet.conv_in(x)
+        for block in unet.down_blocks:
+            h, _ = block(hidden_states=h, temb=emb, context=None)
+        return unet.middle_block(hidden_states=h, temb=emb, context=None).mean(dim=(2, 3))
 
     def prepare(x: torch.Tensor) -> torch.Tensor:
         items = []
