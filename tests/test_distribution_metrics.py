@@ -88,3 +88,21 @@ def test_paired_metrics_through_monai():
     assert result["psnr"] == pytest.approx(26.0, abs=0.2) and 0 < result["ssim"] < 1 and 0 < result["ms_ssim"] < 1
     assert paired(reference[:64, :64], reference[:64, :64])["ms_ssim"] is None
     assert paired(reference, reference)["ssim"] == pytest.approx(1.0)
+
+
+def test_clip_score_is_scaled_clipped_cosine():
+    from meddiff.metrics import clip_score
+
+    class Encoder:  # image i and text i embed to fixed vectors with known angles
+        def encode_image(self, images):
+            return torch.tensor([[1.0, 0.0], [1.0, 0.0], [1.0, 0.0]])[: len(images)]
+
+        def encode_text(self, texts):
+            table = {"same": [2.0, 0.0], "diagonal": [1.0, 1.0], "opposite": [-1.0, 0.0]}
+            return torch.tensor([table[t] for t in texts])
+
+    result = clip_score([0, 1, 2], ["same", "diagonal", "opposite"], Encoder())
+    assert result["per_item"] == pytest.approx([100.0, 100 / np.sqrt(2), 0.0])
+    assert result["clip_score"] == pytest.approx((100 + 100 / np.sqrt(2)) / 3)
+    with pytest.raises(MeddiffError, match="one report per image"):
+        clip_score([0, 1], ["same"], Encoder())
