@@ -12,7 +12,10 @@ install: $(STAMP)
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet -c constraints.txt -e ".[dev]"
+	# pyradiomics (for FRD) ships only a source archive whose setup imports numpy and versioneer
+	$(PY) -m pip install --quiet -c constraints.txt numpy versioneer setuptools wheel
+	$(PY) -m pip install --quiet -c constraints.txt --no-build-isolation pyradiomics
+	$(PY) -m pip install --quiet -c constraints.txt -e ".[dev,radiomics]"
 	touch $(STAMP)
 
 test: $(STAMP)

@@ -22,7 +22,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--train", help="the training images, for memorisation (default: --real)")
     p.add_argument("--features", default="meddiff_mri", help="feature extractor: meddiff_mri, radimagenet_resnet50, medicalnet_resnet10, medicalnet_resnet50")
     p.add_argument("--weights", help="the extractor's pretrained weights file (default: found by name under $MEDDIFF_WEIGHTS)")
-    p.add_argument("--metrics", default="fid,prdc", help="comma-separated: fid, prdc, memorization, paired")
+    p.add_argument("--metrics", default="fid,prdc", help="comma-separated: fid, prdc, memorization, paired, frd (radiomics, no network)")
     p.add_argument("--plane", choices=["axial", "coronal", "sagittal", "all"], help="compare volumes as slices of this plane (2D images against volumes)")
     p.add_argument("-k", type=int, default=3, help="nearest neighbours for precision/recall (density/coverage use max(k, 5))")
     p.add_argument("--cache", default=str(DEFAULT_CACHE), help="feature cache folder ('none' to disable)")
@@ -44,7 +44,7 @@ def run(args) -> None:
         raise MeddiffError("--plot shows the closest training images: add memorization to --metrics")
     real, fake = image_paths(args.real, args.real_split), image_paths(args.fake)
     train = image_paths(args.train) if args.train else None
-    extractor = load_extractor(args.features, args.weights) if set(metrics) - {"paired"} else None
+    extractor = load_extractor(args.features, args.weights) if set(metrics) - {"paired", "frd"} else None
     cache = None if args.cache == "none" else Path(args.cache)
     results = evaluate(real, fake, extractor, metrics, train=train, cache_dir=cache, k=args.k, plane=args.plane)
     print(table(results))

@@ -16,7 +16,7 @@ from meddiff.metrics.distribution import density_coverage, frechet_distance, mem
 from meddiff.metrics.features import Extractor
 from meddiff.metrics.paired import paired
 
-METRICS = ("fid", "prdc", "memorization", "paired")
+METRICS = ("fid", "prdc", "memorization", "paired", "frd")
 
 
 def image_paths(source: str | os.PathLike, split: str | None = None) -> list[Path]:
@@ -101,7 +101,7 @@ def evaluate(
     if unknown:
         raise MeddiffError(f"unknown metrics {sorted(unknown)} — available: {', '.join(METRICS)}")
     results: dict = {"real": len(real), "fake": len(fake)}
-    feature_metrics = [m for m in metrics if m != "paired"]
+    feature_metrics = [m for m in metrics if m not in ("paired", "frd")]
     if feature_metrics:
         if extractor is None:
             raise MeddiffError(f"{', '.join(feature_metrics)} need a feature extractor (--features NAME)")
@@ -134,7 +134,35 @@ def evaluate(
                            if all(isinstance(row.get(key), float) for row in per_view.values())}
     if "paired" in metrics:
         results["paired"] = paired_by_name(real, fake)
+    if "frd" in metrics:
+        results["frd"] = frechet_radiomics_distance(real, fake)
     return results
+
+
+def frechet_radiomics_distance(real: list[Path], fake: list[Path]) -> float:
+    """FRD (v1) of the two image sets, computed by frd-score (pyradiomics features, no network).
+
+    frd-score reads the files itself (NIfTI, MHA/NRRD, PNG/JPEG, single-file DICOM), z-scores the
+    radiomic features against the real set and returns log of the squared Frechet distance.
+    """
+    import contextlib
+    import io
+    import logging
+
+    try:
+        import frd_score
+    except ImportError:
+        raise MeddiffError("FRD needs frd-score and pyradiomics: pip install 'meddiff[radiomics]' (see pyproject.toml)") from None
+    folders = [p for p in real + fake if p.is_dir()]
+    if folders:
+        raise MeddiffError(f"FRD reads image files, not DICOM series folders: convert {folders[0]} first (meddiff convert)")
+    logging.getLogger("radiomics").setLevel(logging.ERROR)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):  # frd-score prints its result
+            value = frd_score.compute_frd([[str(p) for p in real], [str(p) for p in fake]], num_workers=1)
+    except (ValueError, RuntimeError) as exc:  # e.g. pyradiomics cannot bin a nearly empty image
+        raise MeddiffError(f"frd-score could not compute FRD on these images: {exc}") from None
+    return float(value)
 
 
 def _counts(features: list[dict[str, np.ndarray]]) -> dict[str, list[int]]:
@@ -193,6 +221,8 @@ def table(results: dict) -> str:
         rows = [*results["views"].items(), *([("mean", results["mean"])] if len(results["views"]) > 1 else [])]
         for view, row in rows:
             lines.append(f"{view:10s}" + "".join(f"{_cell(row.get(k)):>20s}" for k in keys))
+    if "frd" in results:
+        lines.append(f"FRD (radiomics, frd-score v1): {results['frd']:.4g}")
     if "paired" in results:
         lines.append("paired    " + "  ".join(f"{k} {_cell(v)}" for k, v in results["paired"].items()))
     return "\n".join(lines)
