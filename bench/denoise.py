@@ -63,7 +63,6 @@ def main() -> None:
     parser.add_argument("--out", default="bench/results")
     parser.add_argument("--model", default="mri-denoise")
     parser.add_argument("--levels", type=float, nargs="+", default=[1, 3, 5, 7, 9])
-    parser.add_argument("--adapt", type=int, default=0, help="also run meddiff with --adapt N steps")
     args = parser.parse_args()
     torch.set_num_threads(2)
     pipeline = load_pipeline(args.model)
@@ -73,8 +72,6 @@ def main() -> None:
         "skimage nlmeans": skimage_nlmeans,
         "meddiff": lambda y, s: pipeline.denoise(Image(y, np.eye(4), "MR")).array,
     }
-    if args.adapt:
-        methods["meddiff --adapt"] = lambda y, s: pipeline.denoise(Image(y, np.eye(4), "MR"), adapt_steps=args.adapt).array
     rows, panel = [], []
     for name, clean in held_out().items():
         clean = clean.astype(np.float32)

@@ -21,7 +21,8 @@ import numpy as np
 import torch
 import yaml
 from safetensors.torch import load_file
-from torch.utils.data import DataLoader, Dataset
+from monai.data import DataLoader
+from torch.utils.data import Dataset
 
 from meddiff.training import DiffusionModule
 
@@ -82,6 +83,7 @@ def main() -> None:
     leaves = np.load(Path(args.data) / "dead_leaves.npy")
     dataset = PatchDataset(planes, leaves, tuple(data_args["patch_size"]), leaves_prob, augment)
     batch_size = args.batch_size or data_args["batch_size"] * data_args["slices_per_volume"]
+    # MONAI's DataLoader reseeds the random transforms in each worker (torch's would repeat their draws)
     loader = DataLoader(dataset, batch_size=batch_size, num_workers=args.workers, persistent_workers=args.workers > 0)
     pl.seed_everything(config.get("seed_everything", 0))
     torch.backends.cuda.matmul.allow_tf32 = True

@@ -149,8 +149,8 @@ def test_denoising_prior_refuses_to_generate_and_noise_beyond_its_range():
 
 
 def test_bundled_model_improves_held_out_real_mri(tmp_path):
-    """Regression test of the shipped weights on two real MR slices never used in training or tuning
-    of the model itself: pydicom-data's shoulder MR and (the validation image) dipy's T1 slice.
+    """Regression test of the shipped weights on two real MR slices never trained on: pydicom-data's
+    shoulder MR (independent) and dipy's T1 slice (the validation image that chose the strength).
     Measured gains at 5 % Rician noise: +7.2 dB (T1 slice), shoulder in BENCHMARKS.md; asserted: >= +4 dB."""
     from meddiff.data.samples import _dipy_t1_slice, _pydicom_data
     from meddiff.metrics import foreground_mask, psnr
@@ -199,3 +199,11 @@ def test_cli_uses_the_bundled_model_by_default_and_checks_the_mask_grid(tmp_path
     bad = tmp_path / "bad.nii.gz"
     assert main(["denoise", "-i", str(tmp_path / "noisy.nii.gz"), "-o", str(bad), "--mask", str(tmp_path / "other_grid.nii.gz")]) == 2
     assert not bad.exists()
+
+
+def test_sample_grid_refuses_a_denoising_prior_before_training():
+    from meddiff.training.callbacks import SampleGrid
+
+    module = DiffusionModule(spatial_dims=2, image_shape=(16, 16), max_train_timestep=100, **TINY)
+    with pytest.raises(MeddiffError, match="cannot do"):
+        SampleGrid().on_fit_start(None, module)

@@ -144,3 +144,23 @@ def test_frd_rises_with_corruption(tmp_path, mni_t1):
         folders[name] = sorted(folder.iterdir())
     scores = [frechet_radiomics_distance(folders["real"], folders[name]) for name in ("held_out", "noisy", "noisier")]
     assert scores == sorted(scores) and scores[0] < scores[1]
+
+
+def test_evaluate_refuses_ambiguous_pairs_and_splits_of_plain_folders(tmp_path):
+    from meddiff.metrics.evaluate import image_paths, paired_by_name
+
+    image = Image(np.random.default_rng(0).random((24, 24), dtype=np.float32), np.eye(4), "MR")
+    for folder in ("a", "b"):
+        save_image(image, tmp_path / folder / "scan.nii.gz")
+    paths = [tmp_path / "a" / "scan.nii.gz", tmp_path / "b" / "scan.nii.gz"]
+    with pytest.raises(MeddiffError, match="file names repeat"):
+        paired_by_name(paths, paths[:1])
+    with pytest.raises(MeddiffError, match="no splits"):
+        image_paths(tmp_path / "a", "train")
+
+
+def test_feature_cache_key_follows_slices_per_plane():
+    extractor = load_extractor("meddiff_mri")
+    key = extractor.identity
+    extractor.slices = 2
+    assert extractor.identity != key and "s2" in extractor.identity

@@ -51,3 +51,30 @@ def test_psnr_and_ssim_on_a_foreground_mask():
     assert ssim(reference, estimate, 1.0, mask) < 1.0
     with pytest.raises(MeddiffError, match="differ in shape"):
         psnr(reference, estimate[:8], 1.0)
+
+
+def test_ssim_and_ms_ssim_match_scikit_image_and_refuse_what_they_cannot_measure():
+    from skimage.metrics import structural_similarity
+
+    from meddiff.metrics import ms_ssim
+
+    rng = np.random.default_rng(5)
+    reference = rng.random((64, 80))
+    estimate = reference + 0.1 * rng.standard_normal(reference.shape)
+    expected = structural_similarity(reference, estimate, data_range=1.0, gaussian_weights=True, sigma=1.5, use_sample_covariance=False)
+    assert ssim(reference, estimate, 1.0) == pytest.approx(expected, rel=1e-6)
+    assert ssim(reference[..., None], estimate[..., None], 1.0) == pytest.approx(expected, rel=1e-6)  # singleton axis dropped
+    with pytest.raises(MeddiffError, match="11 pixels"):
+        ssim(reference[:8, :8], estimate[:8, :8], 1.0)
+    border = np.zeros(reference.shape, bool)
+    border[:3] = True
+    with pytest.raises(MeddiffError, match="border"):
+        ssim(reference, estimate, 1.0, border)
+    big = rng.random((192, 192))
+    assert ms_ssim(big, big, 1.0) == pytest.approx(1.0)
+    assert ms_ssim(big, big + 0.05 * rng.standard_normal(big.shape), 1.0) < 1.0
+
+
+def test_rand_dead_leaves_accepts_numpy_images():
+    out = RandDeadLeavesd("image", prob=1.0).set_random_state(0)({"image": np.zeros((1, 16, 16), np.float32)})["image"]
+    assert isinstance(out, np.ndarray) and out.dtype == np.float32 and out.shape == (1, 16, 16) and out.max() > -1

@@ -8,6 +8,7 @@ from __future__ import annotations
 import numpy as np
 
 from meddiff.errors import MeddiffError
+from meddiff.files import check_writable
 from meddiff.io import load_image, save_image
 
 DEFAULT_MODEL = "mri-denoise"
@@ -39,6 +40,7 @@ def run(args) -> None:
             sigma = float(args.noise_sigma)
         except ValueError:
             raise MeddiffError(f"--noise-sigma must be 'auto' or a number, not {args.noise_sigma!r}") from None
+    check_writable(args.output, args.overwrite)  # before minutes of work, not after
     image = load_image(args.input, series=args.series)
     mask = None
     if args.mask:

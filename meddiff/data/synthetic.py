@@ -64,9 +64,11 @@ class RandDeadLeavesd(RandomizableTransform, MapTransform):
             return d
         for key in self.key_iterator(d):
             image = d[key]
-            patterns = [dead_leaves(image.shape[1:], self.R, self.max_discs, self.max_blur) for _ in range(image.shape[0])]
-            replaced = torch.as_tensor(np.stack(patterns) * 2.0 - 1.0, dtype=image.dtype)
-            d[key] = image.clone().copy_(replaced) if isinstance(image, torch.Tensor) else replaced.numpy()
+            patterns = np.stack([dead_leaves(image.shape[1:], self.R, self.max_discs, self.max_blur) for _ in range(image.shape[0])]) * 2.0 - 1.0
+            if isinstance(image, torch.Tensor):
+                d[key] = image.clone().copy_(torch.from_numpy(patterns))
+            else:
+                d[key] = patterns.astype(image.dtype)
         return d
 
 

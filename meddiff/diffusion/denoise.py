@@ -41,7 +41,9 @@ def denoise_tensor(
     t = timestep_for_sigma(sigma, abar.numpy())
     if max_timestep is not None and t >= max_timestep:
         limit = float(((1 - abar[max_timestep - 1]) / abar[max_timestep - 1]) ** 0.5)
-        raise MeddiffError(f"the noise (sigma {sigma / 2:.1%} of the intensity range) is beyond what this model learnt (up to {limit / 2:.1%})")
+        raise MeddiffError(
+            f"the noise to remove (sigma {sigma / 2:.1%} of the intensity range, after --strength) is beyond what this model learnt (up to {limit / 2:.1%})"
+        )
     scale = float(abar[t]) ** 0.5
     if steps == 1:
         xt = scale * y

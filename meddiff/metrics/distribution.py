@@ -1,8 +1,8 @@
 """Distribution metrics on feature vectors: Frechet distance, precision/recall, density/coverage, memorisation.
 
 Features come from any extractor (``meddiff.metrics.features``); these functions only see (N, D)
-arrays. Computed in float64. Nearest-neighbour searches use ``torch.cdist`` in blocks, so tens of
-thousands of samples fit in memory.
+arrays. Computed in float64. Nearest-neighbour searches use ``torch.cdist`` in row blocks reduced
+as they come, so memory grows with N x 2048, not N x N.
 """
 
 from __future__ import annotations
@@ -44,17 +44,18 @@ def frechet_distance(feats_a, feats_b) -> float:
     return float(((mu_a - mu_b) ** 2).sum() + np.trace(cov_a) + np.trace(cov_b) - 2.0 * cross)
 
 
-def _distances(x: np.ndarray, y: np.ndarray, block: int = 4096) -> np.ndarray:
-    """Euclidean distance matrix (len(x), len(y)), computed in row blocks."""
+def _blocks(x: np.ndarray, y: np.ndarray, block: int = 2048):
+    """Row blocks of the Euclidean distance matrix between ``x`` and ``y``: (offset, (block, len(y)))."""
     ty = torch.from_numpy(y)
-    return np.concatenate([torch.cdist(torch.from_numpy(x[i : i + block]), ty).numpy() for i in range(0, len(x), block)])
+    for start in range(0, len(x), block):
+        yield start, torch.cdist(torch.from_numpy(x[start : start + block]), ty).numpy()
 
 
 def _kth_neighbour_radius(x: np.ndarray, k: int) -> np.ndarray:
     """Distance of each point to its k-th nearest neighbour in the same set (itself excluded)."""
     if k >= len(x):
         raise MeddiffError(f"k={k} needs more than {k} samples per set, got {len(x)}")
-    return np.partition(_distances(x, x), k, axis=1)[:, k]  # column 0 is the point itself
+    return np.concatenate([np.partition(d, k, axis=1)[:, k] for _, d in _blocks(x, x)])  # column 0: the point itself
 
 
 def precision_recall(real, fake, k: int = 3) -> dict[str, float]:
@@ -65,8 +66,9 @@ def precision_recall(real, fake, k: int = 3) -> dict[str, float]:
     """
     r, f = _features(real, "real"), _features(fake, "fake")
     real_radius, fake_radius = _kth_neighbour_radius(r, k), _kth_neighbour_radius(f, k)
-    d = _distances(r, f)  # (real, fake)
-    return {"precision": float((d <= real_radius[:, None]).any(axis=0).mean()), "recall": float((d <= fake_radius[None, :]).any(axis=1).mean())}
+    precision = np.concatenate([(d < real_radius[None, :]).any(axis=1) for _, d in _blocks(f, r)]).mean()
+    recall = np.concatenate([(d < fake_radius[None, :]).any(axis=1) for _, d in _blocks(r, f)]).mean()
+    return {"precision": float(precision), "recall": float(recall)}
 
 
 def density_coverage(real, fake, k: int = 5) -> dict[str, float]:
@@ -76,8 +78,24 @@ def density_coverage(real, fake, k: int = 5) -> dict[str, float]:
     distributions); coverage: share of real balls that contain at least one fake sample.
     """
     r, f = _features(real, "real"), _features(fake, "fake")
-    inside = _distances(r, f) <= _kth_neighbour_radius(r, k)[:, None]
-    return {"density": float(inside.sum(axis=0).mean() / k), "coverage": float(inside.any(axis=1).mean())}
+    radius = _kth_neighbour_radius(r, k)
+    density = np.concatenate([(d < radius[None, :]).sum(axis=1) for _, d in _blocks(f, r)]).mean() / k
+    coverage = np.concatenate([d.min(axis=1) < radius[start : start + len(d)] for start, d in _blocks(r, f)]).mean()
+    return {"density": float(density), "coverage": float(coverage)}
+
+
+def _two_nearest(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """For each row of ``x``: index of the nearest row of ``y``, and the nearest and second-nearest distances."""
+    nearest, first, second = [], [], []
+    for _, d in _blocks(x, y):
+        two = np.argpartition(d, 1, axis=1)[:, :2] if d.shape[1] > 1 else np.zeros((len(d), 2), dtype=int)
+        pair = np.take_along_axis(d, two, axis=1)
+        order = np.argsort(pair, axis=1)
+        nearest.append(np.take_along_axis(two, order, axis=1)[:, 0])
+        pair = np.take_along_axis(pair, order, axis=1)
+        first.append(pair[:, 0])
+        second.append(pair[:, 1])
+    return np.concatenate(nearest), np.concatenate(first), np.concatenate(second)
 
 
 @dataclass
@@ -106,12 +124,10 @@ class Memorization:
 def memorization(train_feats, fake_feats, threshold: float = 0.5, holdout_feats=None) -> Memorization:
     """How close generated samples come to their training set (near-copies of training images)."""
     train, fake = _features(train_feats, "train_feats"), _features(fake_feats, "fake_feats")
-    d = _distances(fake, train)
-    order = np.argsort(d, axis=1)[:, :2]
-    first, second = np.take_along_axis(d, order, axis=1).T
+    nearest, first, second = _two_nearest(fake, train)
     holdout = None
     if holdout_feats is not None:
-        held = _distances(_features(holdout_feats, "holdout_feats"), train).min(axis=1)
+        held = _two_nearest(_features(holdout_feats, "holdout_feats"), train)[1]
         holdout = float(np.median(first) / max(np.median(held), 1e-12))
     ratio = first / np.maximum(second, 1e-12)
-    return Memorization(order[:, 0], first, ratio, float((ratio < threshold).mean()), threshold, holdout)
+    return Memorization(nearest, first, ratio, float((ratio < threshold).mean()), threshold, holdout)

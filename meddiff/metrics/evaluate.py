@@ -31,6 +31,8 @@ def image_paths(source: str | os.PathLike, split: str | None = None) -> list[Pat
         records = manifest.split(split) if split else manifest.records
         paths = [manifest.resolve(r.image) for r in records]
     elif source.is_dir():
+        if split:
+            raise MeddiffError(f"{source} is a folder without a manifest: it has no splits (drop --real-split)")
         paths = sorted(p for p in source.iterdir() if p.is_file() and full_suffix(p) in READ_SUFFIXES)
     else:
         raise MeddiffError(f"{source} is neither a manifest nor a folder of images")
@@ -195,6 +197,8 @@ def plot_closest_pairs(pairs: list[dict], path: str | os.PathLike) -> Path:
 def paired_by_name(real: list[Path], fake: list[Path]) -> dict[str, float]:
     """Mean PSNR/SSIM(/MS-SSIM) over images present in both lists under the same file name."""
     by_name = {p.name: p for p in real}
+    if len(by_name) < len(real) or len({p.name for p in fake}) < len(fake):
+        raise MeddiffError("paired metrics match images by file name, and some file names repeat: give folders with unique names")
     pairs = [(by_name[p.name], p) for p in fake if p.name in by_name]
     if not pairs:
         raise MeddiffError("paired metrics need real and fake images with the same file names; none match")

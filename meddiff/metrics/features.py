@@ -32,6 +32,7 @@ from meddiff.errors import MeddiffError
 from meddiff.image import Image
 
 PLANES = ("sagittal", "coronal", "axial")
+FEATURES_VERSION = 1  # bump when preprocessing changes, so cached features are not reused
 
 
 @dataclass(frozen=True)
@@ -103,10 +104,15 @@ class Extractor:
     """``features(image)`` -> {view: (n, D) array}: view '2d' for 2D images, one per plane ('sagittal',
     'coronal', 'axial') for volumes under a 2D network, '3d' for a 3D network."""
 
-    def __init__(self, name: str, network: Callable[[torch.Tensor], torch.Tensor], spatial_dims: int, prepare, identity: str, slices: int = 8):
+    def __init__(self, name: str, network: Callable[[torch.Tensor], torch.Tensor], spatial_dims: int, prepare, weights_id: str, slices: int = 8):
         self.name, self.network, self.spatial_dims, self.prepare = name, network, spatial_dims, prepare
-        self.identity = identity  # extractor + weights, for caching
+        self.weights_id = weights_id
         self.slices = slices
+
+    @property
+    def identity(self) -> str:
+        """Extractor, weights, slices per plane and preprocessing version: the feature cache's key."""
+        return f"{self.name}-{self.weights_id}-s{self.slices}-v{FEATURES_VERSION}"
 
     @torch.inference_mode()
     def features(self, image: Image) -> dict[str, np.ndarray]:
@@ -172,7 +178,7 @@ def _file_id(path: Path) -> str:
 def _radimagenet(weights) -> Extractor:
     path = find_weights("radimagenet_resnet50", weights)
     network = _load(_resnet(50, 2, n_input_channels=3), _radimagenet_keys(_state_dict(path)), path)
-    return Extractor("radimagenet_resnet50", network, 2, _radimagenet_prepare, f"radimagenet_resnet50-{_file_id(path)}")
+    return Extractor("radimagenet_resnet50", network, 2, _radimagenet_prepare, _file_id(path))
 
 
 def _medicalnet(depth: int):
@@ -180,7 +186,7 @@ def _medicalnet(depth: int):
         name = f"medicalnet_resnet{depth}"
         path = find_weights(name, weights)
         network = _resnet(depth, 3, n_input_channels=1, shortcut_type="B", bias_downsample=False)
-        return Extractor(name, _load(network, _state_dict(path), path), 3, _medicalnet_prepare, f"{name}-{_file_id(path)}")
+        return Extractor(name, _load(network, _state_dict(path), path), 3, _medicalnet_prepare, _file_id(path))
 
     return load
 
@@ -213,7 +219,7 @@ def _meddiff_mri(weights) -> Extractor:
         multiple = 2 ** (len(unet.block_out_channels) - 1)
         return F.pad(x, (0, (-x.shape[-1]) % multiple, 0, (-x.shape[-2]) % multiple), mode="replicate")
 
-    return Extractor("meddiff_mri", network, 2, prepare, f"meddiff_mri-{pipeline.config['weights_sha256'][:16]}")
+    return Extractor("meddiff_mri", network, 2, prepare, pipeline.config["weights_sha256"][:16])
 
 
 EXTRACTORS: dict[str, Callable[..., Extractor]] = {

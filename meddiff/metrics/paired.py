@@ -21,8 +21,8 @@ def foreground_mask(reference: np.ndarray, fraction: float = 0.1) -> np.ndarray:
 
 
 def _checked(reference: np.ndarray, estimate: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
-    if reference.shape != estimate.shape:
-        raise MeddiffError(f"reference {reference.shape} and estimate {estimate.shape} differ in shape")
+    if np.shape(reference) != np.shape(estimate):
+        raise MeddiffError(f"reference {np.shape(reference)} and estimate {np.shape(estimate)} differ in shape")
     mask = np.ones(reference.shape, dtype=bool) if mask is None else np.asarray(mask, dtype=bool)
     if mask.shape != reference.shape or not mask.any():
         raise MeddiffError("the mask must have the image's shape and select at least one pixel")
@@ -37,13 +37,19 @@ def psnr(reference: np.ndarray, estimate: np.ndarray, data_range: float, mask: n
 
 
 def ssim(reference: np.ndarray, estimate: np.ndarray, data_range: float, mask: np.ndarray | None = None) -> float:
-    """Structural similarity averaged over ``mask``; 2D or 3D images."""
+    """Structural similarity averaged over ``mask``; 2D or 3D images (singleton axes dropped), 11+ pixels a side."""
     mask = _checked(reference, estimate, mask)
+    keep = tuple(s for s in np.shape(reference) if s != 1)
+    reference, estimate, mask = np.reshape(reference, keep), np.reshape(estimate, keep), np.reshape(mask, keep)
+    if len(keep) not in (2, 3) or min(keep) < 11:
+        raise MeddiffError(f"SSIM needs a 2D or 3D image with at least 11 pixels a side (its window), got shape {keep}")
     as_tensor = lambda a: torch.as_tensor(np.asarray(a, np.float64))[None, None]  # noqa: E731
-    ndim = reference.ndim
+    ndim = len(keep)
     ssim_map, _ = compute_ssim_and_cs(as_tensor(estimate), as_tensor(reference), ndim, [11] * ndim, [1.5] * ndim, data_range)
-    inner = tuple(slice(5, s - 5) for s in reference.shape)  # the map is the 'valid' part of the convolution
-    return float(ssim_map[0, 0].numpy()[mask[inner]].mean())
+    inner = mask[tuple(slice(5, s - 5) for s in keep)]  # the map is the 'valid' part of the convolution
+    if not inner.any():
+        raise MeddiffError("the mask lies within 5 pixels of the border, where SSIM's window does not fit")
+    return float(ssim_map[0, 0].numpy()[inner].mean())
 
 
 def ms_ssim(reference: np.ndarray, estimate: np.ndarray, data_range: float) -> float:
@@ -51,7 +57,8 @@ def ms_ssim(reference: np.ndarray, estimate: np.ndarray, data_range: float) -> f
     from monai.metrics import MultiScaleSSIMMetric
 
     _checked(reference, estimate, None)
-    if min(reference.shape) <= 160:
+    reference, estimate = np.squeeze(reference), np.squeeze(estimate)
+    if reference.ndim not in (2, 3) or min(reference.shape) <= 160:
         raise MeddiffError(f"MS-SSIM's five scales need every side above 160 pixels, the image is {reference.shape}")
     as_tensor = lambda a: torch.as_tensor(np.asarray(a, np.float64))[None, None]  # noqa: E731
     return float(MultiScaleSSIMMetric(spatial_dims=reference.ndim, data_range=data_range)(as_tensor(estimate), as_tensor(reference)).item())
@@ -62,9 +69,11 @@ def paired(reference: np.ndarray, estimate: np.ndarray, data_range: float | None
 
     ``data_range`` defaults to the reference's max - min.
     """
-    reference, estimate = np.asarray(reference, np.float64), np.asarray(estimate, np.float64)
+    reference, estimate = np.squeeze(np.asarray(reference, np.float64)), np.squeeze(np.asarray(estimate, np.float64))
     data_range = float(np.ptp(reference)) if data_range is None else float(data_range)
+    if not data_range > 0:
+        raise MeddiffError("the reference image is constant: PSNR and SSIM need a data range above 0")
     result = {"psnr": psnr(reference, estimate, data_range, mask), "ssim": ssim(reference, estimate, data_range, mask), "ms_ssim": None}
-    if min(reference.shape) > 160:
+    if reference.ndim in (2, 3) and min(reference.shape) > 160:
         result["ms_ssim"] = ms_ssim(reference, estimate, data_range)
     return result

@@ -22,7 +22,7 @@ class ImageTextEncoder(Protocol):
 @torch.inference_mode()
 def clip_score(images: Sequence, reports: Sequence[str], encoder: ImageTextEncoder) -> dict[str, float | list[float]]:
     """Mean of ``100 * max(cos(image, report), 0)`` over pairs (Hessel et al. 2021, torchmetrics' scaling)."""
-    if len(images) != len(reports) or not images:
+    if len(images) != len(reports) or len(images) == 0:
         raise MeddiffError(f"clip_score needs one report per image: {len(images)} images, {len(reports)} reports")
     image_emb = torch.nn.functional.normalize(encoder.encode_image(images).double(), dim=-1)
     text_emb = torch.nn.functional.normalize(encoder.encode_text(list(reports)).double(), dim=-1)

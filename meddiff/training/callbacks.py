@@ -9,6 +9,7 @@ import torch
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_only
 
+from meddiff.errors import MeddiffError
 from meddiff.viz import save_grid
 
 
@@ -27,6 +28,10 @@ class SampleGrid(pl.Callback):
         self.scheduler = scheduler
 
     @rank_zero_only
+    def on_fit_start(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
+        if getattr(module.hparams, "max_train_timestep", None):
+            raise MeddiffError("SampleGrid samples from pure noise, which a model with max_train_timestep (a denoising prior) cannot do: remove the callback")
+
     def on_train_batch_end(self, trainer: pl.Trainer, module: pl.LightningModule, outputs, batch, batch_idx: int) -> None:
         step = trainer.global_step
         if self.every_n_steps <= 0 or step == 0 or step % self.every_n_steps:
