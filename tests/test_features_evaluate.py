@@ -164,3 +164,19 @@ def test_feature_cache_key_follows_slices_per_plane():
     key = extractor.identity
     extractor.slices = 2
     assert extractor.identity != key and "s2" in extractor.identity
+
+
+def test_xrv_densenet_from_a_torchxrayvision_state_dict(tmp_path):
+    """torchxrayvision's DenseNet keys (torchvision layout: 'denselayerN.norm1', 'classifier') load into MONAI's DenseNet121."""
+    from monai.networks.nets import DenseNet121
+
+    torch.manual_seed(0)
+    monai_state = DenseNet121(spatial_dims=2, in_channels=1, out_channels=18).state_dict()
+    xrv_state = {k.replace(".layers.", ".").replace("class_layers.out.", "classifier."): v for k, v in monai_state.items()}
+    torch.save(xrv_state, tmp_path / "xrv-densenet121-res224-all.pt")
+    extractor = load_extractor("xrv_densenet121", tmp_path / "xrv-densenet121-res224-all.pt")
+    chest = np.random.default_rng(0).random((300, 260), dtype=np.float32)
+    assert extractor.features(Image(chest, np.eye(4), "DX"))["2d"].shape == (1, 1024)
+    torch.save(torch.nn.Linear(2, 2), tmp_path / "pickled.pt")  # a whole pickled module, like the release files
+    with pytest.raises(MeddiffError, match="torchxrayvision"):
+        load_extractor("xrv_densenet121", tmp_path / "pickled.pt")

@@ -20,7 +20,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--fake", required=True, help="manifest, folder with manifest.jsonl (meddiff generate output), or folder of images")
     p.add_argument("--real-split", help="only this split of the real manifest (e.g. test)")
     p.add_argument("--train", help="the training images, for memorisation (default: --real)")
-    p.add_argument("--features", default="meddiff_mri", help="feature extractor: meddiff_mri, radimagenet_resnet50, medicalnet_resnet10, medicalnet_resnet50")
+    p.add_argument("--features", default="meddiff_mri", help="feature extractor: meddiff_mri, radimagenet_resnet50, xrv_densenet121, medicalnet_resnet10, medicalnet_resnet50")
     p.add_argument("--weights", help="the extractor's pretrained weights file (default: found by name under $MEDDIFF_WEIGHTS)")
     p.add_argument("--metrics", default="fid,prdc", help="comma-separated: fid, prdc, memorization, paired, frd (radiomics, no network)")
     p.add_argument("--plane", choices=["axial", "coronal", "sagittal", "all"], help="compare volumes as slices of this plane (2D images against volumes)")

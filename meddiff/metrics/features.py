@@ -9,6 +9,10 @@ ImageNet Inception features judge medical images poorly; these are trained on me
 - ``medicalnet_resnet10`` / ``medicalnet_resnet50``: Tencent MedicalNet 3D ResNets (23 datasets), as
   MONAI builds them. 3D. Preprocessing: shift to a zero minimum, z-score over the non-zero voxels
   (MedicalNet's normalisation), resize to 128^3; global average pool.
+- ``xrv_densenet121``: torchxrayvision's DenseNet-121 trained on eight chest X-ray datasets
+  (RoentGen's evaluation network), as MONAI's DenseNet121. 2D. Preprocessing: robust min-max, then
+  torchxrayvision's range [-1024, 1024], centre crop to a square, resize to 224x224; features: ReLU
+  and global average pool of the last dense block (torchxrayvision's ``features2``, 1024 values).
 - ``meddiff_mri``: the bottleneck of the bundled ``mri-denoise`` UNet at a low-noise timestep,
   global average pool (128 values). 2D, MRI; ships with meddiff, so it works with no downloads.
 
@@ -45,6 +49,11 @@ WEIGHTS = {
     "radimagenet_resnet50": WeightsFile("RadImageNet-ResNet50.pt", "the RadImageNet PyTorch release (BMEII-AI/RadImageNet), ResNet50.pt"),
     "medicalnet_resnet10": WeightsFile("resnet_10_23dataset.pth", "Tencent MedicalNet (Hugging Face TencentMedicalNet/MedicalNet-Resnet10)"),
     "medicalnet_resnet50": WeightsFile("resnet_50_23dataset.pth", "Tencent MedicalNet (Hugging Face TencentMedicalNet/MedicalNet-Resnet50)"),
+    "xrv_densenet121": WeightsFile(
+        "xrv-densenet121-res224-all.pt",
+        "torchxrayvision: torch.save(xrv.models.DenseNet(weights='densenet121-res224-all').state_dict(), 'xrv-densenet121-res224-all.pt'), "
+        "or its release file nih-pc-chex-mimic_ch-google-openi-kaggle-densenet121-d121-tw-lr001-rot45-tr15-sc15-seed0-best.pt renamed",
+    ),
 }
 
 
@@ -64,16 +73,31 @@ def find_weights(name: str, weights: str | os.PathLike | None) -> Path:
     return path
 
 
-def _state_dict(path: Path) -> dict[str, torch.Tensor]:
-    """A checkpoint's tensors, unwrapped from ``{"state_dict": ...}`` and DataParallel's ``module.`` prefix."""
+def _state_dict(path: Path, pickled_module_from: str | None = None) -> dict[str, torch.Tensor]:
+    """A checkpoint's tensors, unwrapped from ``{"state_dict": ...}`` and DataParallel's ``module.`` prefix.
+
+    ``pickled_module_from``: a package whose release files are whole pickled modules (torchxrayvision);
+    such a file is unpickled only when that package is installed, and only after the safe load failed.
+    """
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any unreadable file gets the same one-line error
-        raise MeddiffError(f"cannot read the weights {path}: {exc}") from None
+        state = _unpickle_module(path, pickled_module_from, exc)
+    if isinstance(state, torch.nn.Module):
+        state = state.state_dict()
     state = state.get("state_dict", state) if isinstance(state, dict) else state
     if not isinstance(state, dict):
         raise MeddiffError(f"{path} holds no state dict")
     return {k.removeprefix("module."): v for k, v in state.items()}
+
+
+def _unpickle_module(path: Path, package: str | None, error: Exception):
+    import importlib.util
+
+    if package is None or importlib.util.find_spec(package) is None:
+        hint = f" (a whole pickled model: install {package} to read it, or save its state_dict)" if package else ""
+        raise MeddiffError(f"cannot read the weights {path}{hint}: {str(error).splitlines()[0]}") from None
+    return torch.load(path, map_location="cpu", weights_only=False)  # the user's own release file, read by its package's classes
 
 
 # RadImageNet's PyTorch release wraps torchvision's ResNet-50 children in nn.Sequential ("backbone.N").
@@ -89,6 +113,13 @@ def _radimagenet_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]
         if not key.startswith("fc."):
             renamed[key] = value
     return renamed
+
+
+def _xrv_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """torchxrayvision/torchvision DenseNet names -> MONAI's (dense layers sit in a ``layers`` block); no classifier."""
+    import re
+
+    return {re.sub(r"(denselayer\d+)\.", r"\1.layers.", k): v for k, v in state.items() if not k.startswith("classifier.")}
 
 
 def _load(network: torch.nn.Module, state: dict[str, torch.Tensor], path: Path) -> torch.nn.Module:
@@ -169,6 +200,27 @@ def _resnet(depth: int, spatial_dims: int, **kwargs) -> torch.nn.Module:
     return {10: resnet10, 50: resnet50}[depth](spatial_dims=spatial_dims, feed_forward=False, **kwargs)
 
 
+def _xrv_prepare(x: torch.Tensor) -> torch.Tensor:
+    x = _robust_unit(x) * 2048.0 - 1024.0
+    side = min(x.shape[-2:])
+    top, left = (x.shape[-2] - side) // 2, (x.shape[-1] - side) // 2
+    x = x[:, top : top + side, left : left + side]
+    return F.interpolate(x[:, None], size=(224, 224), mode="bilinear", align_corners=False)
+
+
+def _xrv(weights) -> Extractor:
+    from monai.networks.nets import DenseNet121
+
+    path = find_weights("xrv_densenet121", weights)
+    densenet = DenseNet121(spatial_dims=2, in_channels=1, out_channels=18)
+    features = _load(densenet.features, {k.removeprefix("features."): v for k, v in _xrv_keys(_state_dict(path, "torchxrayvision")).items()}, path)
+
+    def network(x: torch.Tensor) -> torch.Tensor:
+        return F.relu(features(x)).mean(dim=(2, 3))
+
+    return Extractor("xrv_densenet121", network, 2, _xrv_prepare, _file_id(path))
+
+
 def _file_id(path: Path) -> str:
     from meddiff.pipeline import file_sha256
 
@@ -226,6 +278,7 @@ EXTRACTORS: dict[str, Callable[..., Extractor]] = {
     "radimagenet_resnet50": _radimagenet,
     "medicalnet_resnet10": _medicalnet(10),
     "medicalnet_resnet50": _medicalnet(50),
+    "xrv_densenet121": _xrv,
     "meddiff_mri": _meddiff_mri,
 }
 
