@@ -30,19 +30,23 @@ MANIFEST = "manifest.jsonl"
 class GenerationModule(pl.LightningModule):
     """Wraps a pipeline so Lightning can place it on devices; ``predict_step`` samples a batch of indices."""
 
-    def __init__(self, pipeline: DiffusionPipeline, steps: int, scheduler: str, seed: int, class_label: int | None, done: set[int]):
+    def __init__(self, pipeline: DiffusionPipeline, steps: int, scheduler: str, seed: int, class_label: int | None, done: set[int],
+                 prompts: list[str] | None = None, guidance_scale: float = 1.0, negative_prompt: str = ""):
         super().__init__()
         self.pipeline = pipeline
         self.unet = pipeline.unet  # registered, so Lightning moves it to the device
         self.steps, self.scheduler, self.seed, self.class_label, self.done = steps, scheduler, seed, class_label, done
+        self.prompts, self.guidance_scale, self.negative_prompt = prompts, guidance_scale, negative_prompt
 
     def predict_step(self, batch: torch.Tensor, batch_idx: int) -> list[tuple[int, Any]]:
         indices = [int(i) for i in batch if int(i) not in self.done]
         if not indices:
             return []
         labels = None if self.class_label is None else torch.full((len(indices),), self.class_label)
-        x = self.pipeline.sample([self.seed + i for i in indices], steps=self.steps, scheduler=self.scheduler, class_labels=labels)
-        return [(i, self.pipeline.to_image(item)) for i, item in zip(indices, x)]
+        prompts = None if self.prompts is None else [self.prompts[i] for i in indices]
+        x = self.pipeline.sample([self.seed + i for i in indices], steps=self.steps, scheduler=self.scheduler, class_labels=labels,
+                                 prompts=prompts, guidance_scale=self.guidance_scale, negative_prompt=self.negative_prompt)
+        return [(i, self.pipeline.to_image(item), None if prompts is None else prompts[k]) for k, (i, item) in enumerate(zip(indices, x))]
 
 
 class ShardWriter(BasePredictionWriter):
@@ -60,7 +64,7 @@ class ShardWriter(BasePredictionWriter):
                 if fh.read(1) != b"\n":
                     fh.write(b"\n")
         with open(shard, "a", encoding="utf-8") as fh:
-            for index, image in prediction:
+            for index, image, prompt in prediction:
                 name = f"sample_{index:06d}" + ("" if self.fmt == "dcm" and image.array.ndim == 3 else f".{self.fmt}")
                 description = f"synthetic image from meddiff model {self.provenance['weights_sha256'][:16]}, seed {self.provenance['seed'] + index}"
                 if self.fmt == "dcm":
@@ -72,6 +76,7 @@ class ShardWriter(BasePredictionWriter):
                     modality=image.modality or "OT",
                     spacing=[round(s, 6) for s in image.spacing],
                     source="meddiff generate",
+                    report=prompt,
                     synthetic=True,
                     provenance={**self.provenance, "seed": self.provenance["seed"] + index, "index": index},
                 )
@@ -84,7 +89,7 @@ class ShardWriter(BasePredictionWriter):
             merge_shards(self.out_dir)
 
 
-RUN_KEYS = ("weights_sha256", "scheduler", "steps", "class_label", "format")
+RUN_KEYS = ("weights_sha256", "scheduler", "steps", "class_label", "format", "guidance_scale", "negative_prompt")
 
 
 def check_same_run(out_dir: Path, provenance: dict) -> None:
@@ -149,13 +154,25 @@ def generate_to_folder(
     class_label: int | None = None,
     accelerator: str = "auto",
     devices: int | str = 1,
+    prompts: list[str] | None = None,
+    guidance_scale: float = 1.0,
+    negative_prompt: str = "",
 ) -> tuple[Path, int]:
-    """Make items ``0..n-1`` that are not already in ``out_dir``; returns the manifest and how many were new."""
+    """Make items ``0..n-1`` that are not already in ``out_dir``; returns the manifest and how many were new.
+
+    ``prompts`` (one per item) condition a report-conditioned model; each record keeps its prompt as
+    ``report`` and the run's ``guidance_scale`` and ``negative_prompt`` in its provenance.
+    """
     if fmt not in FORMATS:
         raise MeddiffError(f"--format must be one of {', '.join(FORMATS)}, not {fmt!r}")
     if n < 1 or batch_size < 1 or steps < 1:
         raise MeddiffError("-n, --batch-size and --steps must be positive")
     pipeline.schedule.sampler(scheduler)  # unknown names fail here, before any work
+    conditioned = "text_encoder" in pipeline.config
+    if conditioned != (prompts is not None):
+        raise MeddiffError("this model is report-conditioned: give --prompt or --prompts" if conditioned else "this model takes no prompts")
+    if prompts is not None and len(prompts) != n:
+        raise MeddiffError(f"{len(prompts)} prompts for {n} images: give one prompt per image")
     if fmt == "png" and len(pipeline.config["image"]["shape"]) != 2:
         raise MeddiffError("--format png holds 2D images; this model makes 3D volumes — use nii.gz or dcm")
     out_dir = Path(out_dir)
@@ -168,10 +185,16 @@ def generate_to_folder(
         "seed": seed,
         "class_label": class_label,
         "format": fmt,
+        "guidance_scale": guidance_scale if prompts is not None else None,
+        "negative_prompt": negative_prompt if prompts is not None else None,
     }
     check_same_run(out_dir, provenance)
-    done = set(finished_records(out_dir))
-    module = GenerationModule(pipeline, steps, scheduler, seed, class_label, done)
+    finished = finished_records(out_dir)
+    for index, record in finished.items():
+        if prompts is not None and index < n and record.report != prompts[index]:
+            raise MeddiffError(f"{out_dir} holds item {index} made from another prompt — choose another -o folder")
+    done = set(finished)
+    module = GenerationModule(pipeline, steps, scheduler, seed, class_label, done, prompts, guidance_scale, negative_prompt)
     trainer = pl.Trainer(
         accelerator=accelerator,
         devices=devices,

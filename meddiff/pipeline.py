@@ -43,10 +43,23 @@ class DiffusionPipeline:
     ``max_train_timestep`` for a denoising prior trained on low noise levels only.
     """
 
-    def __init__(self, unet: torch.nn.Module, config: dict):
+    def __init__(self, unet: torch.nn.Module, config: dict, text_encoder=None):
         self.unet = unet
         self.config = config
         self.schedule = NoiseSchedule(**config["schedule"])
+        self._text_encoder = text_encoder
+
+    @property
+    def text_encoder(self):
+        """The report encoder of a report-conditioned model (loaded from its spec on first use)."""
+        if "text_encoder" not in self.config:
+            raise MeddiffError("this model is not report-conditioned: it takes no prompts")
+        if self._text_encoder is None:
+            from meddiff.encoders import load_text_encoder
+
+            spec = self.config["text_encoder"]
+            self._text_encoder = load_text_encoder(spec["spec"], max_length=spec.get("max_length"))
+        return self._text_encoder
 
     @classmethod
     def from_config(cls, config: dict) -> DiffusionPipeline:
@@ -94,14 +107,31 @@ class DiffusionPipeline:
         scheduler: str = "ddim",
         class_labels: torch.Tensor | None = None,
         shape: Sequence[int] | None = None,
+        prompts: Sequence[str] | None = None,
+        guidance_scale: float = 1.0,
+        negative_prompt: str = "",
     ) -> torch.Tensor:
-        """Denoise from pure noise; one generator per item, so item ``i`` depends only on ``seeds[i]``."""
+        """Denoise from pure noise; one generator per item, so item ``i`` depends only on ``seeds[i]``.
+
+        Report-conditioned models take one prompt per seed. Classifier-free guidance: the prediction
+        is ``uncond + guidance_scale * (cond - uncond)``, with ``negative_prompt`` (default: the empty
+        report) as the unconditional side, both evaluated in one batch; 1 is plain conditional
+        sampling, 0 unconditional.
+        """
         if self.config.get("max_train_timestep"):
             raise MeddiffError("this model was trained on low noise levels only (a denoising prior): it denoises images but cannot generate them")
         if self.config["unet"].get("concat_channels"):
             raise MeddiffError("this model takes a concatenated condition (e.g. a noisy image); sample it through its task pipeline")
         if self.config["unet"].get("num_class_embeds") and class_labels is None:
             raise MeddiffError("this model is class-conditioned: give class_labels (meddiff generate --class-label N)")
+        context = None
+        if prompts is not None or "text_encoder" in self.config:
+            if prompts is None or len(prompts) != len(seeds):
+                raise MeddiffError(f"this model is report-conditioned: give one prompt per image ({len(seeds)}), e.g. meddiff generate --prompt TEXT")
+            cond = self.text_encoder.context(list(prompts))
+            if guidance_scale != 1.0:
+                cond = torch.cat([self.text_encoder.context([negative_prompt] * len(seeds)), cond])
+            context = cond.to(self.device)
         sampler = self.schedule.sampler(scheduler)
         sampler.set_timesteps(steps)  # timesteps stay on the CPU: indexing schedule tables never syncs a GPU
         shape = tuple(shape or self.config["image"]["shape"])
@@ -112,9 +142,16 @@ class DiffusionPipeline:
             class_labels = class_labels.to(self.device)
         # as diffusers pipelines do: only stochastic samplers take a generator in step()
         extra = {"generator": generators} if "generator" in inspect.signature(sampler.step).parameters else {}
+        guided = context is not None and guidance_scale != 1.0
         for t in sampler.timesteps:
             model_input = sampler.scale_model_input(x, t)
-            prediction = self.unet(model_input, timesteps=t.to(self.device).expand(len(seeds)), class_labels=class_labels)
+            if guided:  # unconditional and conditional halves in one batch
+                both = self.unet(torch.cat([model_input] * 2), timesteps=t.to(self.device).expand(2 * len(seeds)),
+                                 class_labels=None if class_labels is None else torch.cat([class_labels] * 2), context=context)
+                uncond, cond = both.chunk(2)
+                prediction = uncond + guidance_scale * (cond - uncond)
+            else:
+                prediction = self.unet(model_input, timesteps=t.to(self.device).expand(len(seeds)), class_labels=class_labels, context=context)
             x = sampler.step(prediction, t, x, **extra).prev_sample
         return x
 
@@ -206,15 +243,22 @@ class DiffusionPipeline:
         batch_size: int = 8,
         class_labels: Sequence[int] | None = None,
         progress: bool = True,
+        prompts: Sequence[str] | None = None,
+        guidance_scale: float = 1.0,
+        negative_prompt: str = "",
     ) -> list[Image]:
-        """``n`` images; image ``i`` uses seed ``seed + i``, whatever the batch size."""
+        """``n`` images; image ``i`` uses seed ``seed + i`` (and ``prompts[i]``), whatever the batch size."""
         if class_labels is not None and len(class_labels) != n:
             raise MeddiffError(f"{len(class_labels)} class labels given for {n} images")
+        if prompts is not None and len(prompts) != n:
+            raise MeddiffError(f"{len(prompts)} prompts given for {n} images")
         images = []
         for start in tqdm(range(0, n, batch_size), disable=not progress, desc="generate", unit="batch"):
             stop = min(n, start + batch_size)
             labels = None if class_labels is None else torch.as_tensor(list(class_labels[start:stop]))
-            x = self.sample(range(seed + start, seed + stop), steps=steps, scheduler=scheduler, class_labels=labels)
+            batch_prompts = None if prompts is None else list(prompts[start:stop])
+            x = self.sample(range(seed + start, seed + stop), steps=steps, scheduler=scheduler, class_labels=labels,
+                            prompts=batch_prompts, guidance_scale=guidance_scale, negative_prompt=negative_prompt)
             images.extend(self.to_image(item) for item in x)
         return images
 

@@ -5,13 +5,16 @@ torch and Lightning load inside ``run``, so ``meddiff --help`` stays fast.
 
 from __future__ import annotations
 
+from pathlib import Path
+
+from meddiff.errors import MeddiffError
 from meddiff.io import SYNTHETIC_FORMATS
 
 
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser("generate", help="generate synthetic images and a manifest (resumable)")
     p.add_argument("--model", required=True, help="model folder (meddiff export output)")
-    p.add_argument("-n", type=int, required=True, help="number of images")
+    p.add_argument("-n", type=int, help="number of images (default with --prompts: one per prompt)")
     p.add_argument("-o", "--output", required=True, metavar="OUTDIR")
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--scheduler", default="ddim", help="ddpm, ddim, dpm++2m, euler, unipc, pndm")
@@ -19,6 +22,11 @@ def add_parser(subparsers) -> None:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--format", choices=SYNTHETIC_FORMATS, default="nii.gz")
     p.add_argument("--class-label", type=int, help="class for class-conditioned models")
+    prompt = p.add_mutually_exclusive_group()
+    prompt.add_argument("--prompt", help="report text for every image (report-conditioned models)")
+    prompt.add_argument("--prompts", metavar="FILE.jsonl", help='one {"prompt": "..."} per line, one image each')
+    p.add_argument("--guidance-scale", type=float, default=1.0, help="classifier-free guidance: 1 conditional, 0 unconditional, >1 stronger")
+    p.add_argument("--negative-prompt", default="", help="report to steer away from (default: the empty report)")
     p.add_argument("--accelerator", default="auto", help="cpu, gpu, auto")
     p.add_argument("--devices", default="1", help="number of devices; >1 runs one process per device (DDP), each writing a shard")
     p.set_defaults(func=run)
@@ -30,12 +38,18 @@ def run(args) -> None:
     from meddiff.generation import generate_to_folder
     from meddiff.pipeline import load_pipeline
 
+    prompts = read_prompts(args.prompts) if args.prompts else None
+    n = args.n if args.n is not None else (len(prompts) if prompts else None)
+    if n is None:
+        raise MeddiffError("give -n (the number of images) or --prompts FILE")
+    if args.prompt is not None:
+        prompts = [args.prompt] * n
     pipeline = load_pipeline(args.model)
     devices = int(args.devices) if args.devices.isdigit() else args.devices
     manifest, made = generate_to_folder(
         pipeline,
         model_id=str(args.model),
-        n=args.n,
+        n=n,
         out_dir=args.output,
         steps=args.steps,
         scheduler=args.scheduler,
@@ -45,6 +59,34 @@ def run(args) -> None:
         class_label=args.class_label,
         accelerator=args.accelerator,
         devices=devices,
+        prompts=prompts,
+        guidance_scale=args.guidance_scale,
+        negative_prompt=args.negative_prompt,
     )
     if rank_zero_only.rank == 0:  # with several devices every rank returns here
-        print(f"wrote {made} new images to {args.output} ({args.n - made} already there); manifest {manifest}")
+        print(f"wrote {made} new images to {args.output} ({n - made} already there); manifest {manifest}")
+
+
+def read_prompts(path: str) -> list[str]:
+    """Prompts from a JSON-lines file: each line an object with a "prompt" (or "report") string."""
+    import json
+
+    prompts = []
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except OSError as exc:
+        raise MeddiffError(f"cannot read {path}: {exc.strerror}") from None
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            item = json.loads(line)
+            text = item.get("prompt", item.get("report"))
+        except (json.JSONDecodeError, AttributeError):
+            text = None
+        if not isinstance(text, str):
+            raise MeddiffError(f'{path} line {number}: expected {{"prompt": "..."}}')
+        prompts.append(text)
+    if not prompts:
+        raise MeddiffError(f"{path} holds no prompts")
+    return prompts

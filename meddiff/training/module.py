@@ -23,7 +23,10 @@ class DiffusionModule(pl.LightningModule):
     names a batch entry concatenated to the input channels. Noise and timesteps of each step come
     from a generator seeded by (``seed``, step, batch, rank), so after a resume the noise is what an
     uninterrupted run would draw (data order and random crops are not replayed). ``image_shape``, ``image_spacing``, ``modality`` and ``intensity_range`` travel into the
-    exported pipeline so generated images come back in physical units. ``max_train_timestep`` limits
+    exported pipeline so generated images come back in physical units. ``text_encoder``
+    (``load_text_encoder`` spec) conditions the UNet on ``batch[report_key]`` through cross-attention;
+    with probability ``condition_dropout`` a report is replaced by the empty report, so the same
+    network also learns the unconditional model that classifier-free guidance needs. ``max_train_timestep`` limits
     training to the low-noise timesteps ``[0, max)``: a denoising prior (``meddiff denoise`` only
     starts from the noise level of a scan) spends its whole capacity there but cannot generate.
     """
@@ -40,6 +43,9 @@ class DiffusionModule(pl.LightningModule):
         class_key: str = "label",
         concat_channels: int = 0,
         concat_key: str | None = None,
+        text_encoder: str | None = None,
+        report_key: str = "report",
+        condition_dropout: float = 0.1,
         num_train_timesteps: int = 1000,
         beta_schedule: str = "linear",
         prediction: str = "eps",
@@ -60,7 +66,15 @@ class DiffusionModule(pl.LightningModule):
             raise MeddiffError(f"image_shape {list(image_shape)} must have {spatial_dims} entries")
         if max_train_timestep is not None and not 0 < max_train_timestep <= num_train_timesteps:
             raise MeddiffError(f"max_train_timestep {max_train_timestep} must be in 1..{num_train_timesteps}")
+        if not 0.0 <= condition_dropout < 1.0:
+            raise MeddiffError(f"condition_dropout must be in [0, 1), got {condition_dropout}")
         self.save_hyperparameters()
+        self.text_encoder = None
+        if text_encoder is not None:
+            from meddiff.encoders import load_text_encoder
+
+            # frozen and kept out of the module tree: checkpoints hold the UNet, not a copy of the text model
+            object.__setattr__(self, "text_encoder", load_text_encoder(text_encoder))
         self.unet = build_unet(**self.unet_config())
         self.schedule = NoiseSchedule(num_train_timesteps, beta_schedule, prediction)
         self.forward_process = self.schedule.training_scheduler()
@@ -78,6 +92,7 @@ class DiffusionModule(pl.LightningModule):
             norm_num_groups=hp.norm_num_groups,
             num_class_embeds=hp.num_class_embeds,
             concat_channels=hp.concat_channels,
+            cross_attention_dim=self.text_encoder.dim if self.text_encoder is not None else None,
         )
 
     def pipeline_config(self) -> dict:
@@ -88,11 +103,13 @@ class DiffusionModule(pl.LightningModule):
         config = {"unet": self.unet_config(), "schedule": self.schedule.as_dict(), "image": image}
         if hp.max_train_timestep is not None and hp.max_train_timestep < hp.num_train_timesteps:
             config["max_train_timestep"] = hp.max_train_timestep
+        if self.text_encoder is not None:
+            config["text_encoder"] = {"spec": hp.text_encoder, "max_length": self.text_encoder.max_length}
         return config
 
     def pipeline(self, ema: bool = True) -> DiffusionPipeline:
         """A pipeline sharing this module's (EMA) weights, for sampling during or after training."""
-        return DiffusionPipeline(self.ema.module if ema else self.unet, self.pipeline_config())
+        return DiffusionPipeline(self.ema.module if ema else self.unet, self.pipeline_config(), text_encoder=self.text_encoder)
 
     def loss(self, batch: dict, generator: torch.Generator, unet: torch.nn.Module | None = None) -> torch.Tensor:
         x0 = batch["image"]
@@ -105,7 +122,13 @@ class DiffusionModule(pl.LightningModule):
         if self.hparams.concat_key:
             xt = torch.cat([xt, batch[self.hparams.concat_key]], dim=1)
         labels = batch[self.hparams.class_key].long() if self.hparams.num_class_embeds else None
-        prediction = (unet or self.unet)(xt, timesteps=t, class_labels=labels)
+        context = None
+        if self.text_encoder is not None:
+            reports = list(batch[self.hparams.report_key])
+            dropped = torch.rand(len(reports), generator=generator, device=x0.device) < self.hparams.condition_dropout
+            reports = ["" if drop else report for report, drop in zip(reports, dropped.tolist())]
+            context = self.text_encoder.context(reports).to(x0.device, x0.dtype)
+        prediction = (unet or self.unet)(xt, timesteps=t, class_labels=labels, context=context)
         return F.mse_loss(prediction.float(), target.float())
 
     def step_generator(self, batch_idx: int) -> torch.Generator:

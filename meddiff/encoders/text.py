@@ -1,0 +1,102 @@
+"""Frozen text encoders that turn radiology reports into cross-attention context.
+
+``load_text_encoder("hf:NAME_OR_PATH")`` loads any Hugging Face text model (CXR-BERT, BiomedBERT,
+ClinicalBERT, ...) through transformers, from a local folder or a pre-filled Hugging Face cache:
+nothing is downloaded. ``encode(reports)`` returns the token states (cross-attention context), the
+padding mask and a pooled embedding (the first token's state, BERT's [CLS]). Embeddings are cached
+by text hash, so a training loop that sees the same reports every epoch runs the encoder once each.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from meddiff.errors import MeddiffError
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class TextEncoding:
+    """``tokens`` (B, L, D) token states, ``mask`` (B, L) True at real tokens, ``pooled`` (B, D)."""
+
+    tokens: torch.Tensor
+    mask: torch.Tensor
+    pooled: torch.Tensor
+
+
+class HFTextEncoder(torch.nn.Module):
+    """A frozen transformers text model with its tokenizer; long reports are truncated with a warning."""
+
+    def __init__(self, spec: str, tokenizer, model, max_length: int | None = None):
+        super().__init__()
+        self.spec, self.tokenizer, self.model = spec, tokenizer, model.eval().requires_grad_(False)
+        limit = getattr(model.config, "max_position_embeddings", None) or 512
+        self.max_length = min(max_length or tokenizer.model_max_length, limit)
+        self.dim = model.config.hidden_size
+        self._cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    @torch.inference_mode()
+    def encode(self, reports: list[str]) -> TextEncoding:
+        reports = ["" if r is None else str(r) for r in reports]
+        keys = [hashlib.sha256(r.encode("utf-8")).hexdigest() for r in reports]
+        missing = list(dict.fromkeys(k for k in keys if k not in self._cache))
+        if missing:
+            texts = [reports[keys.index(k)] for k in missing]
+            self._encode_into_cache(missing, texts)
+        states = [self._cache[k] for k in keys]
+        length = max(s[0].shape[0] for s in states)
+        tokens = torch.zeros(len(states), length, self.dim)
+        mask = torch.zeros(len(states), length, dtype=torch.bool)
+        for i, (state, _) in enumerate(states):
+            tokens[i, : state.shape[0]] = state
+            mask[i, : state.shape[0]] = True
+        return TextEncoding(tokens, mask, torch.stack([s[1] for s in states]))
+
+    def context(self, reports: list[str]) -> torch.Tensor:
+        """Cross-attention context: token states zero-padded to ``max_length``, so a report's
+        conditioning never depends on the other reports in its batch (the UNet's attention has no mask)."""
+        encoding = self.encode(reports)
+        return torch.nn.functional.pad(encoding.tokens, (0, 0, 0, self.max_length - encoding.tokens.shape[1]))
+
+    def _encode_into_cache(self, keys: list[str], texts: list[str]) -> None:
+        full = self.tokenizer(texts, truncation=False)["input_ids"]
+        cut = sum(len(ids) > self.max_length for ids in full)
+        if cut:
+            logger.warning("%d report(s) longer than %d tokens were truncated for %s", cut, self.max_length, self.spec)
+        batch = self.tokenizer(texts, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt")
+        device = next(self.model.parameters()).device
+        hidden = self.model(**{k: v.to(device) for k, v in batch.items()}).last_hidden_state.float().cpu()
+        for key, states, attention in zip(keys, hidden, batch["attention_mask"].bool()):
+            self._cache[key] = (states[attention].clone(), states[0].clone())
+
+
+def _hf_encoder(name: str, max_length: int | None) -> HFTextEncoder:
+    try:
+        from transformers import AutoModel, AutoTokenizer
+    except ImportError:
+        raise MeddiffError("hf: text encoders need transformers: pip install transformers") from None
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name, local_files_only=True)
+        model = AutoModel.from_pretrained(name, local_files_only=True)
+    except (OSError, ValueError) as exc:
+        where = "folder" if Path(name).exists() else "Hugging Face cache (~/.cache/huggingface/hub, or $HF_HOME)"
+        raise MeddiffError(
+            f"cannot load the text model {name!r} from the {where}: {str(exc).splitlines()[0]} — meddiff never downloads: "
+            f"copy the model folder (config.json, weights, tokenizer files) here, or fill the cache with `hf download {name}` elsewhere"
+        ) from None
+    return HFTextEncoder(f"hf:{name}", tokenizer, model, max_length)
+
+
+def load_text_encoder(spec: str | os.PathLike, max_length: int | None = None) -> HFTextEncoder:
+    """A text encoder from ``spec``: ``hf:NAME_OR_PATH`` (transformers; local folder or pre-filled cache)."""
+    spec = str(spec)
+    if spec.startswith("hf:"):
+        return _hf_encoder(spec.removeprefix("hf:"), max_length)
+    raise MeddiffError(f"unknown text encoder {spec!r}: use hf:NAME_OR_PATH (a transformers model in a folder or the Hugging Face cache)")
