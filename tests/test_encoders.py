@@ -130,3 +130,21 @@ def test_generate_cli_with_prompts_records_them_and_resumes(bert_dir, tmp_path):
     bad.write_text('["not", "an", "object"]\n')
     assert main([*base[:4], str(tmp_path / "y"), "--prompts", str(bad)]) == 2
     assert json.loads((out / "manifest.jsonl").read_text().splitlines()[0])["synthetic"] is True
+
+
+def test_real_reports_encode_at_scale_with_truncation_and_odd_text(bert_dir, caplog):
+    """The 3,955 OpenI chest X-ray reports: long ones truncated with one warning per batch, empty ones kept."""
+    from meddiff.data.reports import openi_reports
+
+    reports = openi_reports()
+    assert len(reports) == 3955 and sum(not r for r in reports) == 28
+    encoder = load_text_encoder(f"hf:{bert_dir}")
+    odd = ["Lesion 5\u00b0 oblique, 3 \u00b5m\u2026 \U0001F600", "tabs\tand\nnewlines", "   ", "XXXX-year-old"]
+    with caplog.at_level(logging.WARNING):
+        lengths = []
+        for start in range(0, len(reports), 512):
+            lengths += encoder.encode(reports[start : start + 512]).mask.sum(dim=1).tolist()
+        out = encoder.encode(odd)
+    assert max(lengths) == 16 and min(lengths) == 2 and "truncated" in caplog.text
+    assert sum(length == 2 for length in lengths) >= 28  # empty reports: [CLS] [SEP]
+    assert out.tokens.shape[0] == 4 and torch.isfinite(out.tokens).all()

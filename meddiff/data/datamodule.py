@@ -87,7 +87,7 @@ class ManifestDataModule(pl.LightningDataModule):
                 continue
             if self.hparams.spatial_dims == 3 and record.spacing is not None and len(record.spacing) == 2:
                 continue  # a 2D image cannot give 3D training items
-            item = {"image": str(manifest.resolve(record.image)), "modality": record.modality}
+            item = {"image": str(manifest.resolve(record.image)), "modality": record.modality, "report": record.report or ""}
             if self.hparams.label_key is not None:
                 item["label"] = self.class_index(record.labels, number)
             if record.series:
@@ -134,7 +134,7 @@ class ManifestDataModule(pl.LightningDataModule):
             steps.append(ResizeWithPadOrCropd("mask", spatial_size=hp.patch_size, constant_values=0.0, allow_missing_keys=True))
         if train:
             steps.extend(self.augment)
-        steps += [SelectItemsd(keys + ["modality", "label"], allow_missing_keys=True), EnsureTyped(keys, track_meta=False, allow_missing_keys=True)]
+        steps += [SelectItemsd(keys + ["modality", "label", "report"], allow_missing_keys=True), EnsureTyped(keys, track_meta=False, allow_missing_keys=True)]
         return Compose(steps)
 
     def setup(self, stage: str | None = None) -> None:

@@ -66,7 +66,7 @@ class HFTextEncoder(torch.nn.Module):
         return torch.nn.functional.pad(encoding.tokens, (0, 0, 0, self.max_length - encoding.tokens.shape[1]))
 
     def _encode_into_cache(self, keys: list[str], texts: list[str]) -> None:
-        full = self.tokenizer(texts, truncation=False)["input_ids"]
+        full = self.tokenizer(texts, truncation=False, verbose=False)["input_ids"]
         cut = sum(len(ids) > self.max_length for ids in full)
         if cut:
             logger.warning("%d report(s) longer than %d tokens were truncated for %s", cut, self.max_length, self.spec)

@@ -92,12 +92,18 @@ def _state_dict(path: Path, pickled_module_from: str | None = None) -> dict[str,
 
 
 def _unpickle_module(path: Path, package: str | None, error: Exception):
-    import importlib.util
+    import importlib
 
-    if package is None or importlib.util.find_spec(package) is None:
-        hint = f" (a whole pickled model: install {package} to read it, or save its state_dict)" if package else ""
-        raise MeddiffError(f"cannot read the weights {path}{hint}: {str(error).splitlines()[0]}") from None
-    return torch.load(path, map_location="cpu", weights_only=False)  # the user's own release file, read by its package's classes
+    if package is None:
+        raise MeddiffError(f"cannot read the weights {path}: {str(error).splitlines()[0]}") from None
+    try:
+        importlib.import_module(package)  # unpickling a whole model needs its package's classes
+    except Exception:  # noqa: BLE001 - missing, or present but broken (torchxrayvision without torchvision)
+        raise MeddiffError(f"{path} is a whole pickled model: reading it needs an importable {package}, or save its state_dict instead") from None
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)  # the user's own release file, read by its package's classes
+    except Exception as exc:  # noqa: BLE001
+        raise MeddiffError(f"cannot read the weights {path}: {str(exc).splitlines()[0]}") from None
 
 
 # RadImageNet's PyTorch release wraps torchvision's ResNet-50 children in nn.Sequential ("backbone.N").
