@@ -1,4 +1,4 @@
-"""``meddiff manifest build|validate|samples``: JSONL manifests of images, reports and splits."""
+"""``meddiff manifest build|validate|samples|findings``: JSONL manifests of images, reports and splits."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from pathlib import Path
 from meddiff.data.build import build_records
 from meddiff.data.manifest import Manifest, write_manifest
 from meddiff.data.samples import SAMPLES, write_samples
+from meddiff.errors import MeddiffError
 
 
 def add_parser(subparsers) -> None:
@@ -42,6 +43,15 @@ def add_parser(subparsers) -> None:
     s.add_argument("--overwrite", action="store_true")
     s.set_defaults(func=run_samples)
 
+    f = sub.add_parser("findings", help="write the 'findings' set: MRI slices with simulated lesions, reports and held-out combinations")
+    f.add_argument("-o", "--output", required=True, metavar="DIR")
+    f.add_argument("--train", type=int, default=400)
+    f.add_argument("--val", type=int, default=40)
+    f.add_argument("--test", type=int, default=80, help="includes the held-out attribute combinations")
+    f.add_argument("--seed", type=int, default=0)
+    f.add_argument("--overwrite", action="store_true")
+    f.set_defaults(func=run_findings)
+
 
 def run_build(args) -> None:
     out = Path(args.output)
@@ -70,6 +80,15 @@ def run_validate(args) -> None:
     if args.deep:
         manifest.check_images()
     print(f"{args.manifest}: {len(manifest.records)} valid records, {_split_counts(manifest.records)}")
+
+
+def run_findings(args) -> None:
+    from meddiff.data.findings import write_findings_dataset
+
+    if min(args.train, args.val, args.test) < 0:
+        raise MeddiffError("--train, --val and --test must not be negative")
+    path = write_findings_dataset(args.output, {"train": args.train, "val": args.val, "test": args.test}, seed=args.seed, overwrite=args.overwrite)
+    print(f"wrote {path}: {_split_counts(Manifest.read(path).records)}")
 
 
 def run_samples(args) -> None:
