@@ -95,8 +95,13 @@ def _hf_encoder(name: str, max_length: int | None) -> HFTextEncoder:
 
 
 def load_text_encoder(spec: str | os.PathLike, max_length: int | None = None) -> HFTextEncoder:
-    """A text encoder from ``spec``: ``hf:NAME_OR_PATH`` (transformers; local folder or pre-filled cache)."""
+    """A text encoder from ``spec``: ``hf:NAME_OR_PATH`` (transformers; local folder or pre-filled cache),
+    or a folder of meddiff's own CLIP (``meddiff.encoders.clip``; its text tower)."""
     spec = str(spec)
     if spec.startswith("hf:"):
         return _hf_encoder(spec.removeprefix("hf:"), max_length)
-    raise MeddiffError(f"unknown text encoder {spec!r}: use hf:NAME_OR_PATH (a transformers model in a folder or the Hugging Face cache)")
+    if (Path(spec) / "clip.json").is_file():
+        encoder = _hf_encoder(str(Path(spec) / "text"), max_length)
+        encoder.spec = spec
+        return encoder
+    raise MeddiffError(f"unknown text encoder {spec!r}: use hf:NAME_OR_PATH (a transformers model in a folder or the Hugging Face cache) or a meddiff CLIP folder")
