@@ -75,7 +75,7 @@ class ClipModule(pl.LightningModule):
         self.tokenizer = train_tokenizer(reports, vocab_size, max_length)
         config = BertConfig(vocab_size=len(self.tokenizer), hidden_size=text_width, num_hidden_layers=text_layers,
                             num_attention_heads=text_heads, intermediate_size=4 * text_width, max_position_embeddings=max_length)
-        self.text = BertModel(config, add_pooling_layer=False)
+        self.text = BertModel(config)  # with its (unused) pooler, so the exported folder loads as a plain BertModel
         self.image = resnet10(spatial_dims=2, n_input_channels=1, feed_forward=False)
         self.image_proj = torch.nn.Linear(512, embed_dim)
         self.text_proj = torch.nn.Linear(text_width, embed_dim)
