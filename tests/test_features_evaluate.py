@@ -180,3 +180,12 @@ def test_xrv_densenet_from_a_torchxrayvision_state_dict(tmp_path):
     torch.save(torch.nn.Linear(2, 2), tmp_path / "pickled.pt")  # a whole pickled module, like the release files
     with pytest.raises(MeddiffError, match="torchxrayvision"):
         load_extractor("xrv_densenet121", tmp_path / "pickled.pt")
+
+
+def test_evaluate_json_is_standard_when_psnr_is_infinite(tmp_path):
+    image = Image(np.random.default_rng(0).random((24, 24), dtype=np.float32), np.eye(4), "MR")
+    for folder in ("real", "fake"):
+        save_image(image, tmp_path / folder / "same.nii.gz")
+    out = tmp_path / "eval.json"
+    assert main(["evaluate", "--real", str(tmp_path / "real"), "--fake", str(tmp_path / "fake"), "--metrics", "paired", "--json", str(out)]) == 0
+    assert json.loads(out.read_text())["paired"]["psnr"] is None  # identical images: +inf, written as null

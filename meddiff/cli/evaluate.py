@@ -6,6 +6,7 @@ torch loads inside ``run``, so ``meddiff --help`` stays fast.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 from meddiff.errors import MeddiffError
@@ -32,6 +33,17 @@ def add_parser(subparsers) -> None:
     p.set_defaults(func=run)
 
 
+def finite_json(value):
+    """Standard JSON has no Infinity/NaN (PSNR of identical images is +inf): those become null."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: finite_json(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [finite_json(v) for v in value]
+    return value
+
+
 def run(args) -> None:
     from meddiff.metrics.evaluate import evaluate, image_paths, plot_closest_pairs, table
     from meddiff.metrics.features import load_extractor
@@ -50,7 +62,7 @@ def run(args) -> None:
     print(table(results))
     if args.json_out:
         with atomic_path(args.json_out, overwrite=args.overwrite) as tmp:
-            tmp.write_text(json.dumps(results, indent=2) + "\n")
+            tmp.write_text(json.dumps(finite_json(results), indent=2, allow_nan=False) + "\n")
         print(f"wrote {args.json_out}")
     if args.plot:
         pairs = next(iter(results["closest_pairs"].values()))
