@@ -5,7 +5,6 @@ The sampling loop is the short, unrolled one diffusers uses: scale the input, pr
 
 from __future__ import annotations
 
-import hashlib
 import inspect
 import json
 import os
@@ -27,7 +26,7 @@ from meddiff.diffusion.noise_level import estimate_noise_sigma
 from meddiff.diffusion.schedulers import NoiseSchedule
 from meddiff.errors import MeddiffError
 from meddiff.image import Image
-from meddiff.files import atomic_path
+from meddiff.files import atomic_path, file_sha256
 from meddiff.nets import build_unet
 
 CONFIG_NAME = "config.json"
@@ -261,14 +260,6 @@ class DiffusionPipeline:
                             prompts=batch_prompts, guidance_scale=guidance_scale, negative_prompt=negative_prompt)
             images.extend(self.to_image(item) for item in x)
         return images
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 BUNDLED_MODELS = Path(__file__).parent / "models"

@@ -40,6 +40,16 @@ def pipeline_for(spatial_dims: int, oracle: bool = False, shape=None) -> Diffusi
     return pipeline
 
 
+def random_pipeline_and_noisy_square() -> tuple[DiffusionPipeline, Image]:
+    """A 2D pipeline whose random weights change their input, and a 32x32 square with 5 % Rician noise."""
+    pipeline = pipeline_for(2)
+    for p in pipeline.unet.parameters():
+        torch.nn.init.normal_(p, std=0.05)
+    clean = np.zeros((32, 32), np.float32)
+    clean[8:24, 8:24] = 100.0
+    return pipeline, Image(noisy(clean, 5), np.eye(4), "MR")
+
+
 def noisy(clean: np.ndarray, percent: float, seed: int = 0) -> np.ndarray:
     rng = np.random.default_rng(seed)
     sigma = percent / 100 * clean.max()
@@ -74,12 +84,7 @@ def test_sliding_window_equals_whole_volume_when_it_fits():
 
 
 def test_sampling_variant_is_seeded():
-    pipeline = pipeline_for(2)
-    for p in pipeline.unet.parameters():
-        torch.nn.init.normal_(p, std=0.05)
-    clean = np.zeros((32, 32), np.float32)
-    clean[8:24, 8:24] = 100.0
-    image = Image(noisy(clean, 5), np.eye(4), "MR")
+    pipeline, image = random_pipeline_and_noisy_square()
     a = pipeline.denoise(image, steps=4, samples=2, seed=1).array
     b = pipeline.denoise(image, steps=4, samples=2, seed=1).array
     c = pipeline.denoise(image, steps=4, samples=2, seed=2).array
@@ -114,12 +119,7 @@ def test_cli_denoises_a_dicom_series_to_nifti(ct_series_dir, tmp_path):
 
 
 def test_strength_scales_the_matched_noise_and_mask_limits_the_change():
-    pipeline = pipeline_for(2)
-    for p in pipeline.unet.parameters():
-        torch.nn.init.normal_(p, std=0.05)
-    clean = np.zeros((32, 32), np.float32)
-    clean[8:24, 8:24] = 100.0
-    image = Image(noisy(clean, 5), np.eye(4), "MR")
+    pipeline, image = random_pipeline_and_noisy_square()
     full = pipeline.denoise(image, noise_sigma=5.0).array
     np.testing.assert_array_equal(pipeline.denoise(image, noise_sigma=10.0, strength=0.5).array, full)
     assert not np.array_equal(pipeline.denoise(image, noise_sigma=5.0, strength=0.5).array, full)

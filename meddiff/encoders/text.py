@@ -48,8 +48,8 @@ class HFTextEncoder(torch.nn.Module):
         keys = [hashlib.sha256(r.encode("utf-8")).hexdigest() for r in reports]
         missing = list(dict.fromkeys(k for k in keys if k not in self._cache))
         if missing:
-            texts = [reports[keys.index(k)] for k in missing]
-            self._encode_into_cache(missing, texts)
+            text_of = dict(zip(keys, reports))
+            self._encode_into_cache(missing, [text_of[k] for k in missing])
         states = [self._cache[k] for k in keys]
         length = max(s[0].shape[0] for s in states)
         tokens = torch.zeros(len(states), length, self.dim)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
 from pathlib import Path
 
@@ -10,7 +9,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from meddiff.errors import MeddiffError
-from meddiff.files import atomic_path, full_suffix
+from meddiff.files import atomic_path, file_sha256, full_suffix
 from meddiff.io import READ_SUFFIXES, load_image
 from meddiff.metrics.distribution import density_coverage, frechet_distance, memorization, precision_recall
 from meddiff.metrics.features import Extractor
@@ -41,20 +40,11 @@ def image_paths(source: str | os.PathLike, split: str | None = None) -> list[Pat
     return paths
 
 
-def _file_hash(path: Path) -> str:
-    digest = hashlib.sha256()
-    files = sorted(path.rglob("*")) if path.is_dir() else [path]
-    for file in files:
-        if file.is_file():
-            digest.update(file.read_bytes())
-    return digest.hexdigest()
-
-
 def cached_features(paths: list[Path], extractor: Extractor, cache_dir: Path | None, desc: str) -> list[dict[str, np.ndarray]]:
     """Features of each image, read from / written to ``cache_dir/<extractor id>/<file sha256>.npz``."""
     out = []
     for path in tqdm(paths, desc=f"{desc} ({extractor.name})", unit="image"):
-        cache = cache_dir / extractor.identity / f"{_file_hash(path)}.npz" if cache_dir else None
+        cache = cache_dir / extractor.identity / f"{file_sha256(path)}.npz" if cache_dir else None
         if cache is not None and cache.is_file():
             with np.load(cache) as stored:
                 out.append({k: stored[k] for k in stored.files})

@@ -228,7 +228,7 @@ def _xrv(weights) -> Extractor:
 
 
 def _file_id(path: Path) -> str:
-    from meddiff.pipeline import file_sha256
+    from meddiff.files import file_sha256
 
     return file_sha256(path)[:16]
 

@@ -20,6 +20,11 @@ def foreground_mask(reference: np.ndarray, fraction: float = 0.1) -> np.ndarray:
     return ndimage.binary_fill_holes(reference > fraction * float(reference.max()))
 
 
+def _batched(array: np.ndarray) -> torch.Tensor:
+    """A float64 (1, 1, *spatial) tensor, the layout MONAI's SSIM functions take."""
+    return torch.as_tensor(np.asarray(array, np.float64))[None, None]
+
+
 def _checked(reference: np.ndarray, estimate: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
     if np.shape(reference) != np.shape(estimate):
         raise MeddiffError(f"reference {np.shape(reference)} and estimate {np.shape(estimate)} differ in shape")
@@ -43,9 +48,8 @@ def ssim(reference: np.ndarray, estimate: np.ndarray, data_range: float, mask: n
     reference, estimate, mask = np.reshape(reference, keep), np.reshape(estimate, keep), np.reshape(mask, keep)
     if len(keep) not in (2, 3) or min(keep) < 11:
         raise MeddiffError(f"SSIM needs a 2D or 3D image with at least 11 pixels a side (its window), got shape {keep}")
-    as_tensor = lambda a: torch.as_tensor(np.asarray(a, np.float64))[None, None]  # noqa: E731
     ndim = len(keep)
-    ssim_map, _ = compute_ssim_and_cs(as_tensor(estimate), as_tensor(reference), ndim, [11] * ndim, [1.5] * ndim, data_range)
+    ssim_map, _ = compute_ssim_and_cs(_batched(estimate), _batched(reference), ndim, [11] * ndim, [1.5] * ndim, data_range)
     inner = mask[tuple(slice(5, s - 5) for s in keep)]  # the map is the 'valid' part of the convolution
     if not inner.any():
         raise MeddiffError("the mask lies within 5 pixels of the border, where SSIM's window does not fit")
@@ -60,8 +64,7 @@ def ms_ssim(reference: np.ndarray, estimate: np.ndarray, data_range: float) -> f
     reference, estimate = np.squeeze(reference), np.squeeze(estimate)
     if reference.ndim not in (2, 3) or min(reference.shape) <= 160:
         raise MeddiffError(f"MS-SSIM's five scales need every side above 160 pixels, the image is {reference.shape}")
-    as_tensor = lambda a: torch.as_tensor(np.asarray(a, np.float64))[None, None]  # noqa: E731
-    return float(MultiScaleSSIMMetric(spatial_dims=reference.ndim, data_range=data_range)(as_tensor(estimate), as_tensor(reference)).item())
+    return float(MultiScaleSSIMMetric(spatial_dims=reference.ndim, data_range=data_range)(_batched(estimate), _batched(reference)).item())
 
 
 def paired(reference: np.ndarray, estimate: np.ndarray, data_range: float | None = None, mask: np.ndarray | None = None) -> dict[str, float | None]:
