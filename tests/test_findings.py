@@ -7,7 +7,7 @@ import pytest
 
 from meddiff import MeddiffError, load_image
 from meddiff.cli.main import main
-from meddiff.data.findings import HELD_OUT, Finding, base_slices, detect, render, report
+from meddiff.data.findings import ATTRIBUTES, HELD_OUT, Finding, base_slices, detect, render, report
 from meddiff.data.manifest import Manifest
 
 
@@ -25,8 +25,11 @@ def test_held_out_combinations_only_in_test_and_reports_match_labels(findings_di
     for r in records:
         if r.labels["count"] == 0:
             assert not any(word in r.report for word in ("hyperintense", "hypointense", "left", "right"))
-        else:
-            assert r.labels["intensity"] in r.report and r.labels["side"] in r.report and r.labels["region"] in r.report
+        else:  # every attribute a report states is true; partial reports leave some unsaid
+            stated = {a for a, values in ATTRIBUTES.items() for v in values if v in r.report or (a == "size" and " mm " in r.report)}
+            assert stated and all(r.labels[a] in r.report or (a == "size" and " mm " in r.report) for a in stated)
+            assert not any(v in r.report for a, values in ATTRIBUTES.items() for v in values if v != r.labels[a])
+    assert sum(all(r.labels[a] in r.report for a in ("intensity", "side", "region")) for r in records if r.labels["count"]) > 10
     assert all(r.synthetic and r.spacing == [3.0, 3.0] for r in records)
 
 

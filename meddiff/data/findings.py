@@ -3,7 +3,7 @@
 A compositional test bed for report-conditioned generation that needs no downloads: axial slices of
 nilearn's MNI152 T1 (3 mm, 65 x 72, symmetric about the middle column) get 0-2 lesions whose attributes
 (hyper/hypointense, small/large, left/right, anterior/posterior) are written into a templated report
-with paraphrases. Two attribute combinations never appear in training (``HELD_OUT``), so a model's
+with paraphrases; half of the reports leave some attributes unsaid, as real reports do. Two attribute combinations never appear in training (``HELD_OUT``), so a model's
 compositional generalisation can be measured on them. ``detect`` reads the attributes back from an
 image analytically (left-right mirror asymmetry of a local-contrast residual), for scoring generated
 images without a trained classifier.
@@ -103,18 +103,34 @@ _NUMBER = {1: ("A", "One", "A single"), 2: ("Two", "Two", "A pair of")}
 
 
 def report(finding: Finding, rng: np.random.Generator) -> str:
-    """A templated report for ``finding``, one of several paraphrases, with a plausible size in mm."""
+    """A templated report of what ``finding`` states, one of several paraphrases, sizes sometimes in mm.
+
+    Attributes left None are not mentioned ("A hyperintense lesion."), so the same function writes
+    partial reports for training and k-attribute prompts for evaluation.
+    """
     if finding.count == 0:
         return _NONE[int(rng.integers(len(_NONE)))]
-    mm = int(round(2 * RADIUS[finding.size] * MM_PER_PIXEL + rng.integers(-1, 2)))
-    noun = "lesion" if finding.count == 1 else "lesions"
+    size = finding.size
+    if size is not None and rng.random() < 0.5:
+        size = f"{int(round(2 * RADIUS[size] * MM_PER_PIXEL + rng.integers(-1, 2)))} mm"
+    words = " ".join(w for w in (size, finding.intensity, "lesion" if finding.count == 1 else "lesions") if w)
     number = _NUMBER[finding.count][int(rng.integers(3))]
-    templates = (
-        f"{number} {mm} mm {finding.intensity} {noun} in the {finding.side} {finding.region} region.",
-        f"{number} {finding.size} {finding.intensity} {noun}, {finding.side} {finding.region}.",
-        f"There {'is' if finding.count == 1 else 'are'} {number.lower()} {finding.size} {finding.intensity} {noun} in the {finding.region} {finding.side} hemisphere.",
-    )
-    return templates[int(rng.integers(len(templates)))]
+    side, region = finding.side, finding.region
+    if side and region:
+        where = f" in the {side} {region} region" if rng.random() < 0.5 else f" in the {region} {side} hemisphere"
+    else:
+        where = f" in the {side} hemisphere" if side else f" in the {region} region" if region else ""
+    if rng.random() < 0.5:
+        return f"{number} {words}{where}."
+    return f"There {'are' if number == 'Two' else 'is'} {number.lower()} {words}{where}."
+
+
+def partial(finding: Finding, rng: np.random.Generator) -> Finding:
+    """``finding`` as a report might state it: all attributes half of the time, else a random 1-3 of them."""
+    if finding.count == 0 or rng.random() < 0.5:
+        return finding
+    keep = set(rng.choice(list(ATTRIBUTES), size=int(rng.integers(1, 4)), replace=False))
+    return Finding(finding.count, *(getattr(finding, a) if a in keep else None for a in ATTRIBUTES))
 
 
 def detect(image: np.ndarray, threshold: float = 0.15) -> Finding:
@@ -168,7 +184,7 @@ def write_findings_dataset(out_dir: str | os.PathLike, per_split: dict[str, int]
             name = f"{split}_{k:05d}.nii.gz"
             save_image(Image(image, affine, "MR"), out_dir / name, overwrite=overwrite)
             labels = {key: value for key, value in asdict(finding).items() if value is not None}
-            records.append(Record(image=name, modality="MR", split=split, report=report(finding, rng), labels=labels,
+            records.append(Record(image=name, modality="MR", split=split, report=report(partial(finding, rng), rng), labels=labels,
                                   spacing=[MM_PER_PIXEL] * 2, source="meddiff findings (MNI152 + simulated lesions)", synthetic=True))
     path = write_manifest(records, out_dir / "manifest.jsonl", overwrite=overwrite)
     (out_dir / "held_out.json").write_text(json.dumps([dict(zip(ATTRIBUTES, c)) for c in HELD_OUT], indent=2) + "\n")
