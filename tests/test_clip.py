@@ -7,9 +7,11 @@ import numpy as np
 import pytest
 import torch
 
+from meddiff import MeddiffError
 from meddiff.cli.main import main
 from meddiff.encoders import load_text_encoder
-from meddiff.encoders.clip import ClipModule, recall_at_k
+from meddiff.encoders.clip import ClipEncoder, ClipModule, recall_at_k
+from meddiff.metrics import clip_score
 
 
 def test_recall_at_k_counts_identical_reports_as_the_same_answer():
@@ -39,6 +41,15 @@ def test_clip_trains_on_findings_and_its_text_tower_conditions_diffusion(tmp_pat
     encoder = load_text_encoder(tmp_path / "clip")
     reports = ["A large hyperintense lesion in the left anterior region.", "No acute abnormality."]
     torch.testing.assert_close(encoder.encode(reports).pooled, module.text.cpu().eval()(**module.tokenizer(reports, padding=True, return_tensors="pt")).last_hidden_state[:, 0])
+    scorer = ClipEncoder(tmp_path / "clip")  # the exported towers give the trained module's embeddings
+    images = next(iter(data.val_dataloader()))["image"][:2]
+    module.cpu().eval()
+    torch.testing.assert_close(scorer.encode_image(images), module.embed_image(images))
+    torch.testing.assert_close(scorer.encode_text(reports), module.embed_text(reports))
+    expected = 100 * (module.embed_image(images) * module.embed_text(reports)).sum(-1).clamp_min(0).mean()
+    assert clip_score(list(images), reports, scorer)["clip_score"] == pytest.approx(float(expected), rel=1e-5)
+    with pytest.raises(MeddiffError, match="not an exported meddiff CLIP"):
+        ClipEncoder(tmp_path)
     diffusion = DiffusionModule(spatial_dims=2, channels=(16, 32), attention_levels=(False, True), num_head_channels=16, norm_num_groups=16,
                                 image_shape=(72, 72), text_encoder=str(tmp_path / "clip"))
     batch = {"image": torch.rand(2, 1, 72, 72) * 2 - 1, "report": reports}

@@ -131,3 +131,40 @@ class ClipModule(pl.LightningModule):
         config = {k: v for k, v in self.hparams.items() if k not in ("manifest", "export_dir")}
         (directory / CLIP_CONFIG).write_text(json.dumps({**config, "logit_scale": float(self.logit_scale.detach().exp())}, indent=2) + "\n")
         return directory
+
+
+class ClipEncoder(torch.nn.Module):
+    """An exported meddiff CLIP for scoring: ``encode_image`` / ``encode_text`` give unit-norm joint embeddings.
+
+    Images are what the model trained on: (B, 1, H, W) tensors (or a sequence of (1, H, W) arrays) in
+    model units, i.e. normalised like ``ManifestDataModule`` does (``to_model_range``). Serves
+    ``meddiff.metrics.clip_score``.
+    """
+
+    def __init__(self, directory: str | Path):
+        super().__init__()
+        from monai.networks.nets import resnet10
+        from safetensors.torch import load_file
+        from transformers import AutoModel, AutoTokenizer
+
+        directory = Path(directory)
+        if not (directory / CLIP_CONFIG).is_file() or not (directory / IMAGE_WEIGHTS).is_file():
+            raise MeddiffError(f"{directory} is not an exported meddiff CLIP: it needs {CLIP_CONFIG}, {IMAGE_WEIGHTS} and {TEXT_DIR}/")
+        config = json.loads((directory / CLIP_CONFIG).read_text())
+        self.image = resnet10(spatial_dims=2, n_input_channels=1, feed_forward=False)
+        self.image_proj = torch.nn.Linear(512, config["embed_dim"])
+        self.text_proj = torch.nn.Linear(config["text_width"], config["embed_dim"])
+        self.load_state_dict(load_file(directory / IMAGE_WEIGHTS), strict=False)
+        self.text = AutoModel.from_pretrained(directory / TEXT_DIR, local_files_only=True)
+        self.tokenizer = AutoTokenizer.from_pretrained(directory / TEXT_DIR, local_files_only=True)
+        self.eval().requires_grad_(False)
+
+    @torch.inference_mode()
+    def encode_image(self, images) -> torch.Tensor:
+        batch = images if torch.is_tensor(images) else torch.stack([torch.as_tensor(i, dtype=torch.float32) for i in images])
+        return F.normalize(self.image_proj(self.image(batch.float())), dim=-1)
+
+    @torch.inference_mode()
+    def encode_text(self, texts) -> torch.Tensor:
+        batch = self.tokenizer(list(texts), padding=True, truncation=True, return_tensors="pt")
+        return F.normalize(self.text_proj(self.text(**batch).last_hidden_state[:, 0]), dim=-1)
