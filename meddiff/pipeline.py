@@ -127,6 +127,8 @@ class DiffusionPipeline:
         if prompts is not None or "text_encoder" in self.config:
             if prompts is None or len(prompts) != len(seeds):
                 raise MeddiffError(f"this model is report-conditioned: give one prompt per image ({len(seeds)}), e.g. meddiff generate --prompt TEXT")
+            if guidance_scale == 0.0:  # uncond + 0 * (cond - uncond): the unconditional half alone
+                prompts, guidance_scale = [negative_prompt] * len(seeds), 1.0
             cond = self.text_encoder.context(list(prompts))
             if guidance_scale != 1.0:
                 cond = torch.cat([self.text_encoder.context([negative_prompt] * len(seeds)), cond])

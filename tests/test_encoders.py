@@ -99,6 +99,9 @@ def test_guided_sampling_is_seeded_and_guidance_changes_it(bert_dir, tmp_path):
     assert not torch.allclose(a, pipeline.sample([1, 2], steps=3, prompts=prompts, guidance_scale=1.0))
     assert not torch.allclose(a, pipeline.sample([1, 2], steps=3, prompts=prompts, guidance_scale=3.0, negative_prompt="large lesion."))
     torch.testing.assert_close(a[1:], pipeline.sample([2], steps=3, prompts=prompts[1:], guidance_scale=3.0))  # batch-independent
+    unconditional = pipeline.sample([1, 2], steps=3, prompts=prompts, guidance_scale=0.0)  # one half evaluated, same result
+    torch.testing.assert_close(unconditional, pipeline.sample([1, 2], steps=3, prompts=prompts, guidance_scale=1e-9), atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(unconditional, pipeline.sample([1, 2], steps=3, prompts=prompts, guidance_scale=1.0))
     with pytest.raises(MeddiffError, match="one prompt per image"):
         pipeline.sample([1, 2], steps=3)
     reloaded = DiffusionPipeline.from_pretrained(pipeline.save_pretrained(tmp_path / "model"))  # text encoder reloaded from its spec
