@@ -166,7 +166,7 @@ def test_feature_cache_key_follows_slices_per_plane():
     assert extractor.identity != key and "s2" in extractor.identity
 
 
-def test_xrv_densenet_from_a_torchxrayvision_state_dict(tmp_path):
+def test_xrv_densenet_from_a_torchxrayvision_state_dict(tmp_path, monkeypatch):
     """torchxrayvision's DenseNet keys (torchvision layout: 'denselayerN.norm1', 'classifier') load into MONAI's DenseNet121."""
     from monai.networks.nets import DenseNet121
 
@@ -177,9 +177,17 @@ def test_xrv_densenet_from_a_torchxrayvision_state_dict(tmp_path):
     extractor = load_extractor("xrv_densenet121", tmp_path / "xrv-densenet121-res224-all.pt")
     chest = np.random.default_rng(0).random((300, 260), dtype=np.float32)
     assert extractor.features(Image(chest, np.eye(4), "DX"))["2d"].shape == (1, 1024)
-    torch.save(torch.nn.Linear(2, 2), tmp_path / "pickled.pt")  # a whole pickled module, like the release files
-    with pytest.raises(MeddiffError, match="torchxrayvision"):
+    import torchxrayvision as xrv
+
+    torch.save(xrv.models.DenseNet(weights=None, num_classes=18), tmp_path / "release.pt")  # a whole pickled model, as released
+    released = load_extractor("xrv_densenet121", tmp_path / "release.pt")
+    assert released.features(Image(chest, np.eye(4), "DX"))["2d"].shape == (1, 1024)
+    torch.save(torch.nn.Linear(2, 2), tmp_path / "pickled.pt")
+    with pytest.raises(MeddiffError, match="does not fit this network"):
         load_extractor("xrv_densenet121", tmp_path / "pickled.pt")
+    monkeypatch.setitem(__import__("sys").modules, "torchxrayvision", None)  # torchxrayvision not importable
+    with pytest.raises(MeddiffError, match="needs an importable torchxrayvision"):
+        load_extractor("xrv_densenet121", tmp_path / "release.pt")
 
 
 def test_evaluate_json_is_standard_when_psnr_is_infinite(tmp_path):
