@@ -213,6 +213,28 @@ def test_clip_score_matches_open_clip_reference_use(local_dir, monkeypatch):
         encoder.encode_image([np.zeros((4, 4, 4), np.float32)])
 
 
+def test_evaluate_cli_clip_metric_uses_manifest_reports(local_dir, tmp_path, monkeypatch):
+    from meddiff import save_image
+    from meddiff.cli.main import main
+    from meddiff.data.manifest import Record
+
+    clean_offline_env(monkeypatch)
+    rng = np.random.default_rng(0)
+    fake = tmp_path / "fake"
+    records = []
+    for i, report in enumerate(["small lesion in the left region.", "no acute abnormality."]):
+        save_image(Image(rng.random((40, 48), dtype=np.float32), np.eye(4), "MR"), fake / f"f{i}.nii.gz")
+        records.append(Record(image=f"f{i}.nii.gz", modality="MR", report=report))
+    (fake / "manifest.jsonl").write_text("".join(r.model_dump_json(exclude_none=True) + "\n" for r in records))
+    out = tmp_path / "eval.json"
+    args = ["evaluate", "--real", str(fake), "--fake", str(fake), "--metrics", "clip", "--clip", f"local-dir:{local_dir}"]
+    assert main([*args, "--json", str(out)]) == 0
+    result = json.loads(out.read_text())["clip"]
+    assert result["images"] == 2 and 0 <= result["clip_score"] <= 100 and result["encoder"] == f"local-dir:{local_dir}"
+    (fake / "manifest.jsonl").unlink()
+    assert main(args) == 2  # a plain folder has no reports
+
+
 def test_report_conditioned_module_takes_an_open_clip_text_encoder(local_dir, monkeypatch):
     from meddiff.training import DiffusionModule
 
@@ -228,6 +250,37 @@ def test_report_conditioned_module_takes_an_open_clip_text_encoder(local_dir, mo
     gen = lambda: torch.Generator().manual_seed(0)  # noqa: E731
     assert module.loss(batch, gen()) != module.loss(other, gen())
     assert not any("text_encoder" in name for name in module.state_dict())
+
+
+def test_biomedclip_extractor_from_weights_dir_and_cache(local_dir, hub_cache, tmp_path, monkeypatch, mni_t1):
+    from meddiff import load_image
+    from meddiff.metrics.features import BIOMEDCLIP_FOLDER, load_extractor
+
+    clean_offline_env(monkeypatch, tmp_path / "empty-cache")
+    monkeypatch.setenv("MEDDIFF_WEIGHTS", str(tmp_path / "weights"))
+    with pytest.raises(MeddiffError, match=f"{tmp_path / 'weights' / BIOMEDCLIP_FOLDER}.*Using BiomedCLIP offline"):
+        load_extractor("biomedclip")
+    with pytest.raises(MeddiffError, match="biomedclip --weights takes a folder"):
+        load_extractor("biomedclip", tmp_path / "missing.pt")
+    monkeypatch.setenv("HF_HUB_CACHE", str(hub_cache))
+    extractor = load_extractor("biomedclip")  # from the cache
+    slice_ = Image(np.random.default_rng(0).random((100, 120), dtype=np.float32), np.eye(4), "MR")
+    flat = extractor.features(slice_)
+    assert list(flat) == ["2d"] and flat["2d"].shape == (1, 24)
+    np.testing.assert_allclose(flat["2d"][0], extractor_encoder_reference(local_dir, slice_), rtol=1e-4, atol=1e-5)
+    shutil.copytree(local_dir, tmp_path / "weights" / BIOMEDCLIP_FOLDER)
+    from_folder = load_extractor("biomedclip")  # the weights folder comes first
+    assert from_folder.identity == extractor.identity  # same checkpoint file, same cache key
+    volume = load_image(mni_t1)
+    from_folder.slices = 2
+    views = from_folder.features(Image(volume.array[::6, ::6, ::6], volume.affine @ np.diag([6, 6, 6, 1]), "MR"))
+    assert sorted(views) == ["axial", "coronal", "sagittal"] and all(v.shape == (2, 24) for v in views.values())
+
+
+def extractor_encoder_reference(local_dir: Path, image: Image) -> np.ndarray:
+    """The image embedding as the encoder's own encode_image gives it."""
+    encoder = load_text_encoder(f"local-dir:{local_dir}")
+    return encoder.encode_image([image])[0].double().numpy()
 
 
 def test_no_hf_offline_variable_is_needed(local_dir, hub_cache, monkeypatch):
