@@ -134,9 +134,9 @@ def _text_dir(spec: str, name: str, folder: Path) -> Path:
         if candidate.is_dir() and _is_text_dir(candidate):
             return candidate
     raise MeddiffError(
-        f"{spec}: the text tower {name!r} needs its config.json and tokenizer (vocab.txt and tokenizer_config.json, or tokenizer.json), "
-        f"which open_clip would download — put them in {folder}, or in the Hugging Face cache ({_cache_folder(name)}, filled elsewhere with "
-        f"`hf download {name} config.json vocab.txt tokenizer_config.json`)"
+        f"{spec}: the text tower {name!r} needs its config.json and tokenizer (vocab.txt, or tokenizer.json), which open_clip would "
+        f"download — put them in {folder}, or in the Hugging Face cache ({_cache_folder(name)}, filled elsewhere with "
+        f"`hf download {name} config.json vocab.txt`)"
     )
 
 

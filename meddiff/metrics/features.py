@@ -63,8 +63,8 @@ WEIGHTS = {
     "medicalnet_resnet50": WeightsFile("resnet_50_23dataset.pth", "Tencent MedicalNet (Hugging Face TencentMedicalNet/MedicalNet-Resnet50)"),
     "inception_v3": WeightsFile(
         "weights-inception-2015-12-05-6726825d.pth",
-        "torch-fidelity's v0.2.0 release (toshas/torch-fidelity), the file torchmetrics' FrechetInceptionDistance downloads into "
-        "~/.cache/torch/hub/checkpoints/, which meddiff also reads",
+        "torch-fidelity's v0.2.0 release (toshas/torch-fidelity; torchmetrics' FrechetInceptionDistance keeps the same file in "
+        "~/.cache/torch/hub/checkpoints/, where meddiff also looks)",
     ),
     "xrv_densenet121": WeightsFile(
         "xrv-densenet121-res224-all.pt",
@@ -118,7 +118,7 @@ def _unpickle_module(path: Path, package: str | None, error: Exception):
         raise MeddiffError(f"cannot read the weights {path}: {str(error).splitlines()[0]}") from None
     try:
         importlib.import_module(package)  # unpickling a whole model needs its package's classes
-    except Exception:  # noqa: BLE001 - missing, or present but broken (torchxrayvision without torchvision)
+    except Exception:  # noqa: BLE001 - missing, or present but broken
         raise MeddiffError(f"{path} is a whole pickled model: reading it needs an importable {package}, or save its state_dict instead") from None
     try:
         return torch.load(path, map_location="cpu", weights_only=False)  # the user's own release file, read by its package's classes
