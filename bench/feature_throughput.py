@@ -3,7 +3,7 @@
 Throughput does not depend on the weight values, so networks whose pretrained weights cannot be
 downloaded here run with random weights written in their release format.
 
-    python bench/feature_throughput.py [--repeats 3]
+    python bench/feature_throughput.py [--repeats 3] [--only biomedclip,inception_v3]
 """
 
 from __future__ import annotations
@@ -35,31 +35,84 @@ def write_random_weights(folder: Path) -> None:
         torch.save({"state_dict": {f"module.{k}": v for k, v in network.state_dict().items()}}, folder / f"resnet_{depth}_23dataset.pth")
 
 
+def write_random_inception(folder: Path) -> None:
+    """torch-fidelity's release format (its FeatureExtractorInceptionV3's state dict), random values."""
+    from unittest import mock
+
+    import torch_fidelity.feature_extractor_inceptionv3 as fidelity
+
+    class Unloaded(fidelity.FeatureExtractorInceptionV3):
+        def load_state_dict(self, *args, **kwargs):  # keep the random initialisation
+            return None
+
+    with mock.patch.object(fidelity, "load_state_dict_from_url", lambda *args, **kwargs: {}):  # nothing is downloaded
+        torch.save(Unloaded("inception-v3-compat", ["2048"]).state_dict(), folder / "weights-inception-2015-12-05-6726825d.pth")
+
+
+def write_random_biomedclip(folder: Path) -> None:
+    """BiomedCLIP's open_clip folder at full size (ViT-B/16 image tower, BERT-base text tower), random values."""
+    import json
+
+    import open_clip
+    from transformers import BertConfig
+
+    from meddiff.metrics.features import BIOMEDCLIP_FOLDER
+
+    folder = folder / BIOMEDCLIP_FOLDER
+    folder.mkdir()
+    bert = "microsoft/BiomedNLP-BiomedBERT-base-uncased-abstract"
+    config = {
+        "model_cfg": {
+            "embed_dim": 512,
+            "vision_cfg": {"timm_model_name": "vit_base_patch16_224", "timm_model_pretrained": False, "timm_pool": "", "timm_proj": "linear", "image_size": 224},
+            "text_cfg": {"hf_model_name": bert, "hf_tokenizer_name": bert, "hf_proj_type": "mlp", "hf_pooler_type": "cls_last_hidden_state_pooler", "context_length": 256},
+        },
+        "preprocess_cfg": {"mean": [0.48145466, 0.4578275, 0.40821073], "std": [0.26862954, 0.26130258, 0.27577711]},
+    }
+    (folder / "open_clip_config.json").write_text(json.dumps(config))
+    BertConfig(vocab_size=30522).save_pretrained(folder)  # BERT-base, BiomedBERT's sizes
+    (folder / "vocab.txt").write_text("".join(t + "\n" for t in ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + [f"w{i}" for i in range(30517)]))
+    text_cfg = {**config["model_cfg"]["text_cfg"], "hf_model_name": str(folder), "hf_tokenizer_name": str(folder), "hf_model_pretrained": False}
+    torch.save(open_clip.create_model(f"local-dir:{folder}", text_cfg=text_cfg).state_dict(), folder / "open_clip_pytorch_model.bin")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--only", help="comma-separated extractor names (default: all)")
     args = parser.parse_args()
+    only = set(args.only.split(",")) if args.only else None
     rng = np.random.default_rng(0)
     slice_ = Image(rng.random((256, 256), dtype=np.float32), np.eye(4), "MR")
     volume = Image(rng.random((128, 128, 128), dtype=np.float32), np.eye(4), "MR")
     with tempfile.TemporaryDirectory() as tmp:
         write_random_weights(Path(tmp))
+        if only is None or "inception_v3" in only:
+            write_random_inception(Path(tmp))
+        if only is None or "biomedclip" in only:
+            write_random_biomedclip(Path(tmp))
         os.environ["MEDDIFF_WEIGHTS"] = tmp
         cases = [("meddiff_mri", slice_, "256x256 slice"), ("radimagenet_resnet50", slice_, "256x256 slice (resized to 224)"),
                  ("xrv_densenet121", slice_, "256x256 slice (resized to 224)"),
+                 ("biomedclip", slice_, "256x256 slice (resized to 224)"), ("inception_v3", slice_, "256x256 slice (resized to 299)"),
                  ("meddiff_mri", volume, "128^3 volume, 2.5D (3 planes x 8 slices)"),
                  ("radimagenet_resnet50", volume, "128^3 volume, 2.5D (3 planes x 8 slices)"),
+                 ("biomedclip", volume, "128^3 volume, 2.5D (3 planes x 8 slices)"),
+                 ("inception_v3", volume, "128^3 volume, 2.5D (3 planes x 8 slices)"),
                  ("medicalnet_resnet10", volume, "128^3 volume"), ("medicalnet_resnet50", volume, "128^3 volume")]
-        print(f"torch threads {torch.get_num_threads()}, median of {args.repeats} after one warm-up")
-        for name, image, what in cases:
-            extractor = load_extractor(name)
-            extractor.features(image)
-            times = []
-            for _ in range(args.repeats):
+        cases = [case for case in cases if only is None or case[0] in only]
+        extractors = {name: load_extractor(name) for name in dict.fromkeys(name for name, _, _ in cases)}
+        for name, image, _ in cases:
+            extractors[name].features(image)  # warm-up
+        print(f"torch threads {torch.get_num_threads()}, median of {args.repeats} rounds after one warm-up, the cases alternating within each round")
+        times: dict[int, list[float]] = {i: [] for i in range(len(cases))}
+        for _ in range(args.repeats):  # alternating, so that load from other processes falls on every case alike
+            for i, (name, image, _) in enumerate(cases):
                 start = time.perf_counter()
-                extractor.features(image)
-                times.append(time.perf_counter() - start)
-            median = statistics.median(times)
+                extractors[name].features(image)
+                times[i].append(time.perf_counter() - start)
+        for i, (name, _, what) in enumerate(cases):
+            median = statistics.median(times[i])
             print(f"| {name} | {what} | {median:.3f} s | {1 / median:.2f} per s |", flush=True)
 
 

@@ -166,7 +166,7 @@ def test_feature_cache_key_follows_slices_per_plane():
     assert extractor.identity != key and "s2" in extractor.identity
 
 
-def test_xrv_densenet_from_a_torchxrayvision_state_dict(tmp_path):
+def test_xrv_densenet_from_a_torchxrayvision_state_dict(tmp_path, monkeypatch):
     """torchxrayvision's DenseNet keys (torchvision layout: 'denselayerN.norm1', 'classifier') load into MONAI's DenseNet121."""
     from monai.networks.nets import DenseNet121
 
@@ -177,9 +177,17 @@ def test_xrv_densenet_from_a_torchxrayvision_state_dict(tmp_path):
     extractor = load_extractor("xrv_densenet121", tmp_path / "xrv-densenet121-res224-all.pt")
     chest = np.random.default_rng(0).random((300, 260), dtype=np.float32)
     assert extractor.features(Image(chest, np.eye(4), "DX"))["2d"].shape == (1, 1024)
-    torch.save(torch.nn.Linear(2, 2), tmp_path / "pickled.pt")  # a whole pickled module, like the release files
-    with pytest.raises(MeddiffError, match="torchxrayvision"):
+    import torchxrayvision as xrv
+
+    torch.save(xrv.models.DenseNet(weights=None, num_classes=18), tmp_path / "release.pt")  # a whole pickled model, as released
+    released = load_extractor("xrv_densenet121", tmp_path / "release.pt")
+    assert released.features(Image(chest, np.eye(4), "DX"))["2d"].shape == (1, 1024)
+    torch.save(torch.nn.Linear(2, 2), tmp_path / "pickled.pt")
+    with pytest.raises(MeddiffError, match="does not fit this network"):
         load_extractor("xrv_densenet121", tmp_path / "pickled.pt")
+    monkeypatch.setitem(__import__("sys").modules, "torchxrayvision", None)  # torchxrayvision not importable
+    with pytest.raises(MeddiffError, match="needs an importable torchxrayvision"):
+        load_extractor("xrv_densenet121", tmp_path / "release.pt")
 
 
 def test_evaluate_json_is_standard_when_psnr_is_infinite(tmp_path):
@@ -189,3 +197,59 @@ def test_evaluate_json_is_standard_when_psnr_is_infinite(tmp_path):
     out = tmp_path / "eval.json"
     assert main(["evaluate", "--real", str(tmp_path / "real"), "--fake", str(tmp_path / "fake"), "--metrics", "paired", "--json", str(out)]) == 0
     assert json.loads(out.read_text())["paired"]["psnr"] is None  # identical images: +inf, written as null
+
+
+@pytest.fixture(scope="module")
+def inception_weights(tmp_path_factory):
+    """Random weights in torch-fidelity's release format: the state dict of its FeatureExtractorInceptionV3."""
+    import torch_fidelity.feature_extractor_inceptionv3 as fidelity
+
+    class Unloaded(fidelity.FeatureExtractorInceptionV3):
+        def load_state_dict(self, *args, **kwargs):  # keep the random initialisation
+            return None
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(fidelity, "load_state_dict_from_url", lambda *args, **kwargs: {})  # nothing is downloaded
+        torch.manual_seed(0)
+        network = Unloaded("inception-v3-compat", ["2048"])
+    for module in network.modules():  # variance-keeping random weights, so the features are not vanishingly small
+        if isinstance(module, torch.nn.Conv2d):
+            torch.nn.init.kaiming_normal_(module.weight, nonlinearity="relu")
+    path = tmp_path_factory.mktemp("inception") / "weights-inception-2015-12-05-6726825d.pth"
+    torch.save(network.state_dict(), path)
+    return path
+
+
+def test_inception_v3_features_are_torchmetrics_fid_features(inception_weights):
+    """On the same weights and 8-bit images, the extractor's features are those torchmetrics' FID accumulates."""
+    from torchmetrics.image.fid import FrechetInceptionDistance
+
+    extractor = load_extractor("inception_v3", inception_weights)
+    rng = np.random.default_rng(0)
+    arrays = []
+    for _ in range(3):
+        array = rng.integers(0, 256, (80, 96)).astype(np.float32)
+        array[:3], array[-3:] = 0, 255  # robust min-max leaves these 8-bit values as they are
+        arrays.append(array)
+    ours = np.concatenate([extractor.features(Image(a * 7.5 - 1000, np.eye(4), "CT"))["2d"] for a in arrays])  # any units
+    assert ours.shape == (3, 2048) and np.isfinite(ours).all() and ours.std() > 0
+    fid = FrechetInceptionDistance(feature=2048, normalize=True, feature_extractor_weights_path=str(inception_weights))
+    fid.update(torch.stack([torch.from_numpy(a / 255).float().expand(3, -1, -1) for a in arrays]), real=True)
+    np.testing.assert_allclose(fid.real_features_sum.numpy(), ours.sum(axis=0), rtol=1e-4, atol=1e-6 * np.abs(ours).max())
+
+
+def test_inception_v3_weights_from_meddiff_folder_or_torch_hub_cache(inception_weights, tmp_path, monkeypatch):
+    monkeypatch.setenv("MEDDIFF_WEIGHTS", str(tmp_path / "weights"))
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    with pytest.raises(MeddiffError, match=f"put it at {tmp_path}/weights/weights-inception-2015-12-05-6726825d.pth"):
+        load_extractor("inception_v3")
+    hub = tmp_path / "torch" / "hub" / "checkpoints"
+    hub.mkdir(parents=True)
+    (hub / inception_weights.name).symlink_to(inception_weights)  # where torchmetrics' FID would have downloaded it
+    assert load_extractor("inception_v3").name == "inception_v3"
+    torch.save(torch.nn.Linear(2, 2), tmp_path / "pickled.pth")  # a whole pickled module is never unpickled
+    with pytest.raises(MeddiffError, match="cannot read the weights"):
+        load_extractor("inception_v3", tmp_path / "pickled.pth")
+    torch.save({"fc.weight": torch.zeros(3, 3)}, tmp_path / "other.pth")
+    with pytest.raises(MeddiffError, match="does not fit torch-fidelity's Inception-v3"):
+        load_extractor("inception_v3", tmp_path / "other.pth")

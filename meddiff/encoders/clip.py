@@ -5,9 +5,8 @@ data): ``meddiff fit --config configs/clip_findings.yaml`` trains it, and at the
 writes ``export_dir`` with the text tower as a Hugging Face folder (``text/``, so
 ``load_text_encoder(export_dir)`` gives report-conditioning context) and the image tower for CLIP
 scores. The loss is CLIP's symmetric cross-entropy over in-batch pairs with a learnt temperature
-(Radford et al. 2021); open_clip implements it, but open_clip needs torchvision, which does not
-load beside the CPU torch build pinned here, so the few lines are written out. The WordPiece
-vocabulary is learnt from the training split's reports (tokenizers).
+(Radford et al. 2021), open_clip's ``ClipLoss``. The WordPiece vocabulary is learnt from the training
+split's reports (tokenizers).
 """
 
 from __future__ import annotations
@@ -80,6 +79,9 @@ class ClipModule(pl.LightningModule):
         self.image_proj = torch.nn.Linear(512, embed_dim)
         self.text_proj = torch.nn.Linear(text_width, embed_dim)
         self.logit_scale = torch.nn.Parameter(torch.tensor(math.log(1 / 0.07)))
+        from open_clip import ClipLoss
+
+        self.clip_loss = ClipLoss()  # no parameters: checkpoints are unchanged
         self._val: list[tuple[torch.Tensor, torch.Tensor, list[str]]] = []
 
     def embed_text(self, reports: list[str]) -> torch.Tensor:
@@ -91,10 +93,8 @@ class ClipModule(pl.LightningModule):
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         image, text = self.embed_image(batch["image"]), self.embed_text(batch[self.hparams.report_key])
-        logits = self.logit_scale.exp().clamp(max=100) * image @ text.t()
-        target = torch.arange(len(logits), device=logits.device)
-        loss = (F.cross_entropy(logits, target) + F.cross_entropy(logits.t(), target)) / 2
-        self.log("train/loss", loss, prog_bar=True, batch_size=len(logits))
+        loss = self.clip_loss(image, text, self.logit_scale.exp().clamp(max=100))
+        self.log("train/loss", loss, prog_bar=True, batch_size=len(image))
         return loss
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:

@@ -2,7 +2,8 @@
 
 ``load_text_encoder("hf:NAME_OR_PATH")`` loads any Hugging Face text model (CXR-BERT, BiomedBERT,
 ClinicalBERT, ...) through transformers, from a local folder or a pre-filled Hugging Face cache:
-nothing is downloaded. ``encode(reports)`` returns the token states (cross-attention context), the
+nothing is downloaded. ``hf-hub:REPO`` / ``local-dir:PATH`` load an open_clip model with a Hugging Face
+text tower (BiomedCLIP) the same way (``meddiff.encoders.openclip``). ``encode(reports)`` returns the token states (cross-attention context), the
 padding mask and a pooled embedding (the first token's state, BERT's [CLS]). Embeddings are cached
 by text hash, so a training loop that sees the same reports every epoch runs the encoder once each.
 """
@@ -65,11 +66,14 @@ class HFTextEncoder(torch.nn.Module):
         encoding = self.encode(reports)
         return torch.nn.functional.pad(encoding.tokens, (0, 0, 0, self.max_length - encoding.tokens.shape[1]))
 
-    def _encode_into_cache(self, keys: list[str], texts: list[str]) -> None:
+    def warn_if_truncated(self, texts: list[str]) -> None:
         full = self.tokenizer(texts, truncation=False, verbose=False)["input_ids"]
         cut = sum(len(ids) > self.max_length for ids in full)
         if cut:
             logger.warning("%d report(s) longer than %d tokens were truncated for %s", cut, self.max_length, self.spec)
+
+    def _encode_into_cache(self, keys: list[str], texts: list[str]) -> None:
+        self.warn_if_truncated(texts)
         batch = self.tokenizer(texts, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt")
         device = next(self.model.parameters()).device
         hidden = self.model(**{k: v.to(device) for k, v in batch.items()}).last_hidden_state.float().cpu()
@@ -96,12 +100,21 @@ def _hf_encoder(name: str, max_length: int | None) -> HFTextEncoder:
 
 def load_text_encoder(spec: str | os.PathLike, max_length: int | None = None) -> HFTextEncoder:
     """A text encoder from ``spec``: ``hf:NAME_OR_PATH`` (transformers; local folder or pre-filled cache),
-    or a folder of meddiff's own CLIP (``meddiff.encoders.clip``; its text tower)."""
+    ``hf-hub:REPO`` or ``local-dir:PATH`` (an open_clip model such as BiomedCLIP, ``meddiff.encoders.openclip``;
+    pre-filled Hugging Face cache or open_clip's folder format), or a folder of meddiff's own CLIP
+    (``meddiff.encoders.clip``; its text tower)."""
     spec = str(spec)
+    if spec.startswith(("hf-hub:", "local-dir:")):
+        from meddiff.encoders.openclip import load_open_clip
+
+        return load_open_clip(spec, max_length)
     if spec.startswith("hf:"):
         return _hf_encoder(spec.removeprefix("hf:"), max_length)
     if (Path(spec) / "clip.json").is_file():
         encoder = _hf_encoder(str(Path(spec) / "text"), max_length)
         encoder.spec = spec
         return encoder
-    raise MeddiffError(f"unknown text encoder {spec!r}: use hf:NAME_OR_PATH (a transformers model in a folder or the Hugging Face cache) or a meddiff CLIP folder")
+    raise MeddiffError(
+        f"unknown text encoder {spec!r}: use hf:NAME_OR_PATH (a transformers model in a folder or the Hugging Face cache), "
+        "hf-hub:REPO or local-dir:PATH (an open_clip model such as BiomedCLIP), or a meddiff CLIP folder"
+    )

@@ -15,7 +15,8 @@ from meddiff.metrics.distribution import density_coverage, frechet_distance, mem
 from meddiff.metrics.features import Extractor
 from meddiff.metrics.paired import paired
 
-METRICS = ("fid", "prdc", "memorization", "paired", "frd")
+METRICS = ("fid", "prdc", "memorization", "paired", "frd", "clip")
+NO_FEATURES = ("paired", "frd", "clip")  # metrics that need no feature extractor
 
 
 def image_paths(source: str | os.PathLike, split: str | None = None) -> list[Path]:
@@ -38,6 +39,43 @@ def image_paths(source: str | os.PathLike, split: str | None = None) -> list[Pat
     if not paths:
         raise MeddiffError(f"{source} holds no images{f' in split {split!r}' if split else ''}")
     return paths
+
+
+def image_reports(source: str | os.PathLike) -> dict[Path, str]:
+    """Each image's report, from a manifest (or a folder's manifest.jsonl): what CLIP score compares it with."""
+    from meddiff.data.manifest import Manifest
+
+    source = Path(source)
+    if source.is_dir() and (source / "manifest.jsonl").is_file():
+        source = source / "manifest.jsonl"
+    if not (source.is_file() and full_suffix(source) in (".jsonl", ".json")):
+        raise MeddiffError(f"CLIP score needs the fake images' reports: give --fake as a manifest whose records carry 'report' ({source} has none)")
+    manifest = Manifest.read(source)
+    return {manifest.resolve(r.image): r.report for r in manifest.records if r.report is not None}
+
+
+def clip_score_of(fake: list[Path], reports: dict[Path, str], encoder, plane: str | None = None, batch: int = 32) -> dict:
+    """CLIP score of generated images against their reports (2D images; the middle ``plane`` slice of volumes)."""
+    from meddiff.data.transforms import slice_axis
+    from meddiff.metrics.text_image import clip_score
+
+    missing = [p for p in fake if p not in reports]
+    if missing:
+        raise MeddiffError(f"CLIP score needs a report for every fake image: {missing[0]} has none in the manifest")
+    scores = []
+    for start in tqdm(range(0, len(fake), batch), desc=f"clip ({encoder.spec})", unit="batch"):
+        images = []
+        for path in fake[start : start + batch]:
+            image = load_image(path)
+            array = np.asarray(image.array).squeeze()
+            if array.ndim == 3:
+                if plane in (None, "all"):
+                    raise MeddiffError(f"CLIP score compares 2D images with reports; {path.name} is a volume: pass --plane axial|coronal|sagittal to use its middle slice")
+                axis = slice_axis(image.affine, plane)
+                array = np.take(array, array.shape[axis] // 2, axis=axis)
+            images.append(array)
+        scores += clip_score(images, [reports[p] for p in fake[start : start + batch]], encoder)["per_item"]
+    return {"clip_score": float(np.mean(scores)), "encoder": encoder.spec, "images": len(scores)}
 
 
 def cached_features(paths: list[Path], extractor: Extractor, cache_dir: Path | None, desc: str) -> list[dict[str, np.ndarray]]:
@@ -83,17 +121,20 @@ def evaluate(
     cache_dir: Path | None = None,
     k: int = 3,
     plane: str | None = None,
+    clip=None,
+    reports: dict[Path, str] | None = None,
 ) -> dict:
     """Metrics of ``fake`` against ``real``: per view (2d, or the three planes, or 3d) and their mean.
 
     ``plane`` (a plane name or 'all') turns volumes into slices of that plane, so generated 2D slices
-    can be compared with real volumes.
+    can be compared with real volumes. ``clip`` (an image-text encoder, e.g. BiomedCLIP) and
+    ``reports`` (each fake image's report) give the ``clip`` metric.
     """
     unknown = set(metrics) - set(METRICS)
     if unknown:
         raise MeddiffError(f"unknown metrics {sorted(unknown)} — available: {', '.join(METRICS)}")
     results: dict = {"real": len(real), "fake": len(fake)}
-    feature_metrics = [m for m in metrics if m not in ("paired", "frd")]
+    feature_metrics = [m for m in metrics if m not in NO_FEATURES]
     if feature_metrics:
         if extractor is None:
             raise MeddiffError(f"{', '.join(feature_metrics)} need a feature extractor (--features NAME)")
@@ -128,6 +169,10 @@ def evaluate(
         results["paired"] = paired_by_name(real, fake)
     if "frd" in metrics:
         results["frd"] = frechet_radiomics_distance(real, fake)
+    if "clip" in metrics:
+        if clip is None or reports is None:
+            raise MeddiffError("clip needs an image-text encoder (--clip SPEC) and the fake images' reports (a manifest)")
+        results["clip"] = clip_score_of(fake, reports, clip, plane)
     return results
 
 
@@ -217,6 +262,8 @@ def table(results: dict) -> str:
             lines.append(f"{view:10s}" + "".join(f"{_cell(row.get(k)):>20s}" for k in keys))
     if "frd" in results:
         lines.append(f"FRD (radiomics, frd-score v1): {results['frd']:.4g}")
+    if "clip" in results:
+        lines.append(f"CLIP score ({results['clip']['encoder']}): {results['clip']['clip_score']:.4g} over {results['clip']['images']} images")
     if "paired" in results:
         lines.append("paired    " + "  ".join(f"{k} {_cell(v)}" for k, v in results["paired"].items()))
     return "\n".join(lines)

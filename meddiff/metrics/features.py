@@ -1,6 +1,6 @@
 """Feature extractors for distribution metrics, by name, with the preprocessing each one expects.
 
-ImageNet Inception features judge medical images poorly; these are trained on medical images:
+ImageNet Inception features judge medical images poorly; all but ``inception_v3`` are trained on medical images:
 
 - ``radimagenet_resnet50``: RadImageNet's ResNet-50 (1.35 M radiology images), the network MAISI uses
   for its 2.5D FID. 2D; volumes give slices along the three planes. Preprocessing: robust min-max to
@@ -13,6 +13,18 @@ ImageNet Inception features judge medical images poorly; these are trained on me
   (RoentGen's evaluation network), as MONAI's DenseNet121. 2D. Preprocessing: robust min-max, then
   torchxrayvision's range [-1024, 1024], centre crop to a square, resize to 224x224; features: ReLU
   and global average pool of the last dense block (torchxrayvision's ``features2``, 1024 values).
+- ``biomedclip``: BiomedCLIP's image tower (a ViT-B/16 trained with PubMedBERT on 15 M PubMed figure-caption
+  pairs), through open_clip; features: its projected image embedding (512 values, not normalised). 2D,
+  2.5D for volumes. Preprocessing: robust min-max to [0, 1], 8 bits, then open_clip's evaluation
+  transform for the model: bicubic resize of the short side to 224, centre crop to 224x224, grey
+  replicated to three channels, CLIP's mean [0.481, 0.458, 0.408] and std [0.269, 0.261, 0.276].
+  Weights: a folder in open_clip's format or a pre-filled Hugging Face cache (``meddiff.encoders.openclip``).
+- ``inception_v3``: the TensorFlow FID Inception-v3 (ImageNet) as torch-fidelity ports it, through
+  torchmetrics' ``NoTrainInceptionV3``, the network ``torchmetrics.image.fid.FrechetInceptionDistance``
+  runs, so features (2048 values, pool3) match torchmetrics' FID on the same 8-bit images. For numbers
+  comparable with ImageNet-FID literature, not for medical judgement. 2D, 2.5D for volumes.
+  Preprocessing: robust min-max to [0, 1], to 8 bits as torchmetrics does (``(x * 255).byte()``), grey
+  to three channels; the network resizes to 299x299 itself (bilinear, antialiased: torchmetrics' default).
 - ``meddiff_mri``: the bottleneck of the bundled ``mri-denoise`` UNet at a low-noise timestep,
   global average pool (128 values). 2D, MRI; ships with meddiff, so it works with no downloads.
 
@@ -49,6 +61,11 @@ WEIGHTS = {
     "radimagenet_resnet50": WeightsFile("RadImageNet-ResNet50.pt", "the RadImageNet PyTorch release (BMEII-AI/RadImageNet), ResNet50.pt"),
     "medicalnet_resnet10": WeightsFile("resnet_10_23dataset.pth", "Tencent MedicalNet (Hugging Face TencentMedicalNet/MedicalNet-Resnet10)"),
     "medicalnet_resnet50": WeightsFile("resnet_50_23dataset.pth", "Tencent MedicalNet (Hugging Face TencentMedicalNet/MedicalNet-Resnet50)"),
+    "inception_v3": WeightsFile(
+        "weights-inception-2015-12-05-6726825d.pth",
+        "torch-fidelity's v0.2.0 release (toshas/torch-fidelity; torchmetrics' FrechetInceptionDistance keeps the same file in "
+        "~/.cache/torch/hub/checkpoints/, where meddiff also looks)",
+    ),
     "xrv_densenet121": WeightsFile(
         "xrv-densenet121-res224-all.pt",
         "torchxrayvision: torch.save(xrv.models.DenseNet(weights='densenet121-res224-all').state_dict(), 'xrv-densenet121-res224-all.pt'), "
@@ -61,10 +78,13 @@ def weights_dir() -> Path:
     return Path(os.environ.get("MEDDIFF_WEIGHTS", Path.home() / ".cache" / "meddiff" / "weights"))
 
 
-def find_weights(name: str, weights: str | os.PathLike | None) -> Path:
-    """The weights file of extractor ``name``: the given path, or its file name in ``weights_dir()``."""
+def find_weights(name: str, weights: str | os.PathLike | None, also: Path | None = None) -> Path:
+    """The weights file of extractor ``name``: the given path, or its file name in ``weights_dir()``
+    (or in the folder ``also``, where the file's own package caches it)."""
     spec = WEIGHTS[name]
     path = Path(weights) if weights is not None else weights_dir() / spec.file_name
+    if weights is None and not path.is_file() and also is not None and (also / spec.file_name).is_file():
+        path = also / spec.file_name
     if not path.is_file():
         raise MeddiffError(
             f"{name} needs pretrained weights that cannot be downloaded here: get {spec.file_name} from {spec.source} "
@@ -98,7 +118,7 @@ def _unpickle_module(path: Path, package: str | None, error: Exception):
         raise MeddiffError(f"cannot read the weights {path}: {str(error).splitlines()[0]}") from None
     try:
         importlib.import_module(package)  # unpickling a whole model needs its package's classes
-    except Exception:  # noqa: BLE001 - missing, or present but broken (torchxrayvision without torchvision)
+    except Exception:  # noqa: BLE001 - missing, or present but broken
         raise MeddiffError(f"{path} is a whole pickled model: reading it needs an importable {package}, or save its state_dict instead") from None
     try:
         return torch.load(path, map_location="cpu", weights_only=False)  # the user's own release file, read by its package's classes
@@ -280,12 +300,67 @@ def _meddiff_mri(weights) -> Extractor:
     return Extractor("meddiff_mri", network, 2, prepare, pipeline.config["weights_sha256"][:16])
 
 
+def _to_uint8_rgb(x: torch.Tensor) -> torch.Tensor:
+    """Robust min-max, then 8 bits as torchmetrics' FID makes them from [0, 1] floats, grey to three channels."""
+    return (_robust_unit(x)[:, None] * 255).byte().repeat(1, 3, 1, 1)
+
+
+def _inception(weights) -> Extractor:
+    from torchmetrics.image.fid import NoTrainInceptionV3
+
+    path = find_weights("inception_v3", weights, also=Path(torch.hub.get_dir()) / "checkpoints")
+    _state_dict(path)  # a safe read first: torch-fidelity unpickles the file in full, so only a plain state dict goes on
+    try:
+        network = NoTrainInceptionV3(name="inception-v3-compat", features_list=["2048"], feature_extractor_weights_path=str(path))
+    except RuntimeError as exc:
+        first = str(exc).splitlines()[1].strip() if len(str(exc).splitlines()) > 1 else str(exc)
+        raise MeddiffError(f"{path} does not fit torch-fidelity's Inception-v3: {first}") from None
+    return Extractor("inception_v3", network, 2, _to_uint8_rgb, _file_id(path))
+
+
+BIOMEDCLIP_FOLDER = "BiomedCLIP-PubMedBERT_256-vit_base_patch16_224"
+
+
+def biomedclip_spec(weights: str | os.PathLike | None) -> str:
+    """The open_clip spec of the ``biomedclip`` extractor: ``weights`` (a spec, or a folder in open_clip's
+    format), else ``weights_dir()/BiomedCLIP-PubMedBERT_256-vit_base_patch16_224/``, else the Hugging Face cache."""
+    from meddiff.encoders.openclip import BIOMEDCLIP, cached_file, hub_cache_dir
+
+    if weights is not None:
+        weights = str(weights)
+        if weights.startswith(("hf-hub:", "local-dir:")):
+            return weights
+        if Path(weights).is_dir():
+            return f"local-dir:{weights}"
+        raise MeddiffError(f"biomedclip --weights takes a folder in open_clip's format (open_clip_config.json, open_clip_pytorch_model.bin), "
+                           f"local-dir:PATH or hf-hub:REPO; {weights} is none of them")
+    folder = weights_dir() / BIOMEDCLIP_FOLDER
+    if folder.is_dir():
+        return f"local-dir:{folder}"
+    if cached_file(BIOMEDCLIP, "open_clip_config.json") is not None:
+        return f"hf-hub:{BIOMEDCLIP}"
+    raise MeddiffError(
+        f"biomedclip needs BiomedCLIP's files, which cannot be downloaded here: put open_clip_config.json and open_clip_pytorch_model.bin "
+        f"(Hugging Face repo {BIOMEDCLIP}) with config.json and vocab.txt of microsoft/BiomedNLP-BiomedBERT-base-uncased-abstract in {folder}, "
+        f"or fill the Hugging Face cache {hub_cache_dir()} with both repos (README: Using BiomedCLIP offline), or pass --weights"
+    )
+
+
+def _biomedclip(weights) -> Extractor:
+    from meddiff.encoders.openclip import load_open_clip
+
+    encoder = load_open_clip(biomedclip_spec(weights))
+    return Extractor("biomedclip", encoder.clip.encode_image, 2, encoder.image_batch, _file_id(encoder.weights))
+
+
 EXTRACTORS: dict[str, Callable[..., Extractor]] = {
     "radimagenet_resnet50": _radimagenet,
     "medicalnet_resnet10": _medicalnet(10),
     "medicalnet_resnet50": _medicalnet(50),
     "xrv_densenet121": _xrv,
     "meddiff_mri": _meddiff_mri,
+    "biomedclip": _biomedclip,
+    "inception_v3": _inception,
 }
 
 
