@@ -52,7 +52,7 @@ def prompt_findings() -> dict[str, list[Finding]]:
                     continue
                 stated = dict(zip(subset, values))
                 sets[f"{k}-attribute"].append(Finding(1 + len(sets[f"{k}-attribute"]) % 2, **stated))
-    sets["held-out"] = [Finding(count, *combo) for combo in HELD_OUT for count in (1, 2)]
+    sets["held-out"] = [Finding(count, *combo) for combo in HELD_OUT for count in (1, 2) for _paraphrase in range(2)]
     sets["normal"] = [Finding(0)]
     return sets
 
@@ -195,8 +195,8 @@ def main() -> None:
     parser.add_argument("--data", required=True, type=Path)
     parser.add_argument("--out", required=True, type=Path)
     parser.add_argument("--gammas", type=float, nargs="+", default=[0, 1, 2, 4, 7])
-    parser.add_argument("--samples", type=int, default=8)
-    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--samples", type=int, default=6)
+    parser.add_argument("--steps", type=int, default=15)
     parser.add_argument("--scheduler", default="dpm++2m")
     parser.add_argument("--batch", type=int, default=64)
     args = parser.parse_args()
