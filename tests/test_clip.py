@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import shutil
+
 import lightning.pytorch as pl
 import numpy as np
 import pytest
@@ -50,6 +53,11 @@ def test_clip_trains_on_findings_and_its_text_tower_conditions_diffusion(tmp_pat
     assert clip_score(list(images), reports, scorer)["clip_score"] == pytest.approx(float(expected), rel=1e-5)
     with pytest.raises(MeddiffError, match="not an exported meddiff CLIP"):
         ClipEncoder(tmp_path)
+    mismatched = tmp_path / "mismatched"
+    shutil.copytree(tmp_path / "clip", mismatched)
+    (mismatched / "clip.json").write_text(json.dumps({**json.loads((mismatched / "clip.json").read_text()), "embed_dim": 16}))
+    with pytest.raises(MeddiffError, match="does not fit clip.json"):
+        ClipEncoder(mismatched)
     diffusion = DiffusionModule(spatial_dims=2, channels=(16, 32), attention_levels=(False, True), num_head_channels=16, norm_num_groups=16,
                                 image_shape=(72, 72), text_encoder=str(tmp_path / "clip"))
     batch = {"image": torch.rand(2, 1, 72, 72) * 2 - 1, "report": reports}

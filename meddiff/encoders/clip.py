@@ -45,7 +45,26 @@ def recall_at_k(similarity: torch.Tensor, texts: list[str], k: int) -> tuple[flo
     return float(i2t), float(t2i)
 
 
-class ClipModule(pl.LightningModule):
+class _JointEmbedding:
+    """The towers' layout and the joint embeddings: one definition for training (``ClipModule``) and scoring
+    (``ClipEncoder``), so an exported CLIP embeds exactly as the trained one did."""
+
+    def _add_image_tower_and_projections(self, embed_dim: int, text_width: int) -> None:
+        from monai.networks.nets import resnet10
+
+        self.image = resnet10(spatial_dims=2, n_input_channels=1, feed_forward=False)
+        self.image_proj = torch.nn.Linear(512, embed_dim)
+        self.text_proj = torch.nn.Linear(text_width, embed_dim)
+
+    def embed_text(self, reports: list[str]) -> torch.Tensor:
+        batch = self.tokenizer(list(reports), padding=True, truncation=True, return_tensors="pt").to(self.image_proj.weight.device)
+        return F.normalize(self.text_proj(self.text(**batch).last_hidden_state[:, 0]), dim=-1)
+
+    def embed_image(self, images: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.image_proj(self.image(images)), dim=-1)
+
+
+class ClipModule(_JointEmbedding, pl.LightningModule):
     """Contrastive image-report training; ``manifest``'s training reports define the vocabulary."""
 
     def __init__(
@@ -62,7 +81,6 @@ class ClipModule(pl.LightningModule):
         report_key: str = "report",
     ):
         super().__init__()
-        from monai.networks.nets import resnet10
         from transformers import BertConfig, BertModel
 
         from meddiff.data.manifest import Manifest
@@ -75,21 +93,12 @@ class ClipModule(pl.LightningModule):
         config = BertConfig(vocab_size=len(self.tokenizer), hidden_size=text_width, num_hidden_layers=text_layers,
                             num_attention_heads=text_heads, intermediate_size=4 * text_width, max_position_embeddings=max_length)
         self.text = BertModel(config)  # with its (unused) pooler, so the exported folder loads as a plain BertModel
-        self.image = resnet10(spatial_dims=2, n_input_channels=1, feed_forward=False)
-        self.image_proj = torch.nn.Linear(512, embed_dim)
-        self.text_proj = torch.nn.Linear(text_width, embed_dim)
+        self._add_image_tower_and_projections(embed_dim, text_width)
         self.logit_scale = torch.nn.Parameter(torch.tensor(math.log(1 / 0.07)))
         from open_clip import ClipLoss
 
         self.clip_loss = ClipLoss()  # no parameters: checkpoints are unchanged
         self._val: list[tuple[torch.Tensor, torch.Tensor, list[str]]] = []
-
-    def embed_text(self, reports: list[str]) -> torch.Tensor:
-        batch = self.tokenizer(list(reports), padding=True, truncation=True, return_tensors="pt").to(self.device)
-        return F.normalize(self.text_proj(self.text(**batch).last_hidden_state[:, 0]), dim=-1)
-
-    def embed_image(self, images: torch.Tensor) -> torch.Tensor:
-        return F.normalize(self.image_proj(self.image(images)), dim=-1)
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         image, text = self.embed_image(batch["image"]), self.embed_text(batch[self.hparams.report_key])
@@ -133,7 +142,7 @@ class ClipModule(pl.LightningModule):
         return directory
 
 
-class ClipEncoder(torch.nn.Module):
+class ClipEncoder(_JointEmbedding, torch.nn.Module):
     """An exported meddiff CLIP for scoring: ``encode_image`` / ``encode_text`` give unit-norm joint embeddings.
 
     Images are what the model trained on: (B, 1, H, W) tensors (or a sequence of (1, H, W) arrays) in
@@ -143,7 +152,6 @@ class ClipEncoder(torch.nn.Module):
 
     def __init__(self, directory: str | Path):
         super().__init__()
-        from monai.networks.nets import resnet10
         from safetensors.torch import load_file
         from transformers import AutoModel, AutoTokenizer
 
@@ -151,10 +159,11 @@ class ClipEncoder(torch.nn.Module):
         if not (directory / CLIP_CONFIG).is_file() or not (directory / IMAGE_WEIGHTS).is_file():
             raise MeddiffError(f"{directory} is not an exported meddiff CLIP: it needs {CLIP_CONFIG}, {IMAGE_WEIGHTS} and {TEXT_DIR}/")
         config = json.loads((directory / CLIP_CONFIG).read_text())
-        self.image = resnet10(spatial_dims=2, n_input_channels=1, feed_forward=False)
-        self.image_proj = torch.nn.Linear(512, config["embed_dim"])
-        self.text_proj = torch.nn.Linear(config["text_width"], config["embed_dim"])
-        self.load_state_dict(load_file(directory / IMAGE_WEIGHTS), strict=False)
+        self._add_image_tower_and_projections(config["embed_dim"], config["text_width"])
+        try:  # every tensor the file must hold (the text tower is loaded from its own folder below)
+            self.load_state_dict(load_file(directory / IMAGE_WEIGHTS))
+        except RuntimeError as exc:
+            raise MeddiffError(f"{directory / IMAGE_WEIGHTS} does not fit {CLIP_CONFIG}: {str(exc).splitlines()[0]}") from None
         self.text = AutoModel.from_pretrained(directory / TEXT_DIR, local_files_only=True)
         self.tokenizer = AutoTokenizer.from_pretrained(directory / TEXT_DIR, local_files_only=True)
         self.eval().requires_grad_(False)
@@ -162,9 +171,8 @@ class ClipEncoder(torch.nn.Module):
     @torch.inference_mode()
     def encode_image(self, images) -> torch.Tensor:
         batch = images if torch.is_tensor(images) else torch.stack([torch.as_tensor(i, dtype=torch.float32) for i in images])
-        return F.normalize(self.image_proj(self.image(batch.float())), dim=-1)
+        return self.embed_image(batch.float())
 
     @torch.inference_mode()
     def encode_text(self, texts) -> torch.Tensor:
-        batch = self.tokenizer(list(texts), padding=True, truncation=True, return_tensors="pt")
-        return F.normalize(self.text_proj(self.text(**batch).last_hidden_state[:, 0]), dim=-1)
+        return self.embed_text(list(texts))
