@@ -51,7 +51,7 @@ def finite_json(value):
 
 
 def run(args) -> None:
-    from meddiff.metrics.evaluate import NO_FEATURES, METRICS, evaluate, image_paths, image_reports, plot_closest_pairs, table
+    from meddiff.metrics.evaluate import NO_FEATURES, check_metrics, evaluate, image_paths, image_reports, plot_closest_pairs, table
     from meddiff.metrics.features import load_extractor
 
     metrics = [m.strip() for m in args.metrics.split(",") if m.strip()]
@@ -62,9 +62,7 @@ def run(args) -> None:
         raise MeddiffError("--plot shows the closest training images: add memorization to --metrics")
     real, fake = image_paths(args.real, args.real_split), image_paths(args.fake)
     train = image_paths(args.train) if args.train else None
-    unknown = set(metrics) - set(METRICS)
-    if unknown:
-        raise MeddiffError(f"unknown metrics {sorted(unknown)} — available: {', '.join(METRICS)}")
+    check_metrics(metrics)
     clip = reports = None
     if "clip" in metrics:
         from meddiff.encoders.openclip import load_open_clip

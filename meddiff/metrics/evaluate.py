@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +18,13 @@ from meddiff.metrics.paired import paired
 
 METRICS = ("fid", "prdc", "memorization", "paired", "frd", "clip")
 NO_FEATURES = ("paired", "frd", "clip")  # metrics that need no feature extractor
+
+
+def check_metrics(metrics: Sequence[str]) -> None:
+    """One-line error for metric names meddiff does not know (before any model or image is loaded)."""
+    unknown = set(metrics) - set(METRICS)
+    if unknown:
+        raise MeddiffError(f"unknown metrics {sorted(unknown)} — available: {', '.join(METRICS)}")
 
 
 def image_paths(source: str | os.PathLike, split: str | None = None) -> list[Path]:
@@ -130,9 +138,7 @@ def evaluate(
     can be compared with real volumes. ``clip`` (an image-text encoder, e.g. BiomedCLIP) and
     ``reports`` (each fake image's report) give the ``clip`` metric.
     """
-    unknown = set(metrics) - set(METRICS)
-    if unknown:
-        raise MeddiffError(f"unknown metrics {sorted(unknown)} — available: {', '.join(METRICS)}")
+    check_metrics(metrics)
     results: dict = {"real": len(real), "fake": len(fake)}
     feature_metrics = [m for m in metrics if m not in NO_FEATURES]
     if feature_metrics:
