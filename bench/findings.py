@@ -89,7 +89,7 @@ def real_reference(data: Path, clip: ClipEncoder) -> dict:
     manifest = data / "manifest.jsonl"
     loader = ManifestDataModule(str(manifest), spatial_dims=2, patch_size=(72, 72), batch_size=64, num_workers=0)
     loader.setup("test")
-    images, reports, labels = [], [], []
+    images, reports = [], []
     for batch in loader.test_dataloader():
         images.append(batch["image"])
         reports += list(batch["report"])
@@ -110,36 +110,40 @@ def run_gamma(pipeline, clip: ClipEncoder, sets: dict[str, list[Finding]], gamma
               scheduler: str, batch: int) -> tuple[dict, dict[str, torch.Tensor]]:
     rng = np.random.default_rng(0)  # the same paraphrases at every gamma
     prompts = [(name, f, report(f, rng)) for name in SETS for f in sets[name]]
-    jobs = [(p, s) for p in range(len(prompts)) for s in range(samples)]
+    jobs = [(p, s) for p in range(len(prompts)) for s in range(samples)]  # prompt-major: prompt p's samples are contiguous
     images = torch.empty(len(jobs), 1, 72, 72)
     for start in range(0, len(jobs), batch):
         chunk = jobs[start:start + batch]
         x = pipeline.sample([1000 * p + s for p, s in chunk], steps=steps, scheduler=scheduler,
                             prompts=[prompts[p][2] for p, _ in chunk], guidance_scale=gamma)
         images[start:start + len(chunk)] = x.cpu()
+    by_prompt = images.view(len(prompts), samples, 1, 72, 72)
     found = [detect(to_detector(x)) for x in images]
-    result: dict = {"gamma": gamma, "sets": {}, "attribute_accuracy": {}}
+    found_by_prompt = [found[p * samples:(p + 1) * samples] for p in range(len(prompts))]
+    all_correct: dict[str, list[bool]] = {}
     marks_by_attribute: dict[str, list[bool]] = {}
     rmse, entropy = [], []
-    for p, (name, asked, text) in enumerate(prompts):
-        idx = [i for i, (q, _) in enumerate(jobs) if q == p]
-        marks = [judge(asked, found[i]) for i in idx]
-        result["sets"].setdefault(name, []).extend(all(m.values()) for m in marks)
+    for (name, asked, _), found_here, samples_here in zip(prompts, found_by_prompt, by_prompt):
+        marks = [judge(asked, f) for f in found_here]
+        all_correct.setdefault(name, []).extend(all(m.values()) for m in marks)
         for m in marks:
             for attribute, ok in m.items():
                 marks_by_attribute.setdefault(attribute, []).append(ok)
-        rmse.append(mean_pairwise_rmse(images[idx]))
+        rmse.append(mean_pairwise_rmse(samples_here))
         if name in ("1-attribute", "2-attribute"):
-            lesions = [found[i] for i in idx if found[i].count > 0]
+            lesions = [f for f in found_here if f.count > 0]
             for attribute in ATTRIBUTES:
                 if getattr(asked, attribute) is None and len(lesions) > 1:
                     entropy.append(entropy_bits([getattr(f, attribute) for f in lesions]))
-    result["sets"] = {name: float(np.mean(v)) for name, v in result["sets"].items()}
-    result["attribute_accuracy"] = {a: float(np.mean(v)) for a, v in marks_by_attribute.items()}
-    result["pairwise_rmse"] = float(np.mean(rmse))
-    result["unstated_entropy_bits"] = float(np.mean(entropy)) if entropy else None
-    result["clip_score"] = clip_score(images, [prompts[p][2] for p, _ in jobs], clip)["clip_score"]
-    grid = {prompts[p][2]: images[[i for i, (q, _) in enumerate(jobs) if q == p]] for p in range(len(prompts))}
+    result = {
+        "gamma": gamma,
+        "sets": {name: float(np.mean(v)) for name, v in all_correct.items()},
+        "attribute_accuracy": {a: float(np.mean(v)) for a, v in marks_by_attribute.items()},
+        "pairwise_rmse": float(np.mean(rmse)),
+        "unstated_entropy_bits": float(np.mean(entropy)) if entropy else None,
+        "clip_score": clip_score(images, [prompts[p][2] for p, _ in jobs], clip)["clip_score"],
+    }
+    grid = {text: samples_here for (_, _, text), samples_here in zip(prompts, by_prompt)}
     return result, grid
 
 
