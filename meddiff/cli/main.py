@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
+import threading
 
 from meddiff import __version__
 from meddiff.cli import convert, denoise, evaluate, export, fit, generate, info, manifest
@@ -17,8 +19,19 @@ from meddiff.errors import MeddiffError
 SUBCOMMANDS = (info, convert, manifest, fit, export, generate, denoise, evaluate)
 
 
+class UsageError(MeddiffError):
+    """A command line argparse cannot parse."""
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, but a bad command line is one ``error:`` line that names the help to read (not usage + error)."""
+
+    def error(self, message: str):
+        raise UsageError(f"{message} — see '{self.prog} --help'")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="meddiff", description="Diffusion models for medical images.")
+    parser = Parser(prog="meddiff", description="Diffusion models for medical images.")
     parser.add_argument("--version", action="version", version=f"meddiff {__version__}")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
@@ -38,29 +51,59 @@ def user_error_cause(exc: BaseException) -> MeddiffError | None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args, extra = parser.parse_known_args(argv)
-    if extra and not getattr(args, "passthrough", False):
-        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    try:
+        args, extra = parser.parse_known_args(argv)
+        if extra and not getattr(args, "passthrough", False):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    except UsageError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     args.extra = extra
+    previous = signal.signal(signal.SIGTERM, interrupt) if threading.current_thread() is threading.main_thread() else None
+    try:
+        return run(args)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def interrupt(signum, frame):
+    """SIGTERM (a scheduler's kill, ``timeout``) ends a verb as Ctrl-C does: temporaries removed, exit 130."""
+    raise KeyboardInterrupt
+
+
+def run(args) -> int:
+    """Run the chosen verb; every failure becomes one ``error:`` line (see the module docstring)."""
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING, format="%(levelname)s: %(message)s")
     try:
         args.func(args)
     except MeddiffError as exc:
         if args.debug:
             raise
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {one_line(str(exc))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("error: interrupted", file=sys.stderr)
+        print("error: interrupted — run the same command again to finish", file=sys.stderr)
         return 130
+    except OSError as exc:  # the file system said no (full disk, permissions, a folder where a file should be)
+        if args.debug:
+            raise
+        where = f" {exc.filename}" if exc.filename else ""
+        print(f"error: cannot use{where}: {exc.strerror or one_line(str(exc))} — check the path, its permissions and free space", file=sys.stderr)
+        return 2
     except Exception as exc:  # noqa: BLE001 - the one place that turns surprises into one line
         if args.debug:
             raise
         cause = user_error_cause(exc)
-        message = str(cause) if cause else f"{type(exc).__name__}: {exc} (run with --debug for the traceback)"
-        print(f"error: {message}", file=sys.stderr)
+        message = str(cause) if cause else f"internal error ({type(exc).__name__}: {exc}) — rerun with --debug and report the traceback"
+        print(f"error: {one_line(message)}", file=sys.stderr)
         return 2
     return 0
+
+
+def one_line(message: str) -> str:
+    """The first non-empty line of a message: a user's terminal gets one line, never a dump."""
+    return next((line.strip() for line in message.splitlines() if line.strip()), "unknown error")
 
 
 if __name__ == "__main__":
