@@ -19,7 +19,8 @@ from pydicom.errors import InvalidDicomError
 
 from meddiff.errors import MeddiffError
 from meddiff.image import SAFE_META_KEYS, Image
-from meddiff.io.itk import first_error_line, sitk_to_array_affine
+from meddiff.io.guard import check_shape, native_stderr_captured, reason
+from meddiff.io.itk import native_reason, sitk_to_array_affine
 
 DICOMDIR_CLASS = "1.2.840.10008.1.3.10"
 # Slices whose gaps differ by more than this (mm) do not form one regular volume.
@@ -120,15 +121,23 @@ def _read_series(series: Series) -> Image:
 
 
 def _read_files(files: list[Path], header: pydicom.Dataset) -> Image:
+    _check_size(files, header)
+    chatter: list[str] = []
     try:
-        if len(files) == 1:
-            img = sitk.ReadImage(str(files[0]))
-        else:
-            reader = sitk.ImageSeriesReader()
-            reader.SetFileNames([str(f) for f in files])
-            img = reader.Execute()
-    except RuntimeError as exc:
-        raise MeddiffError(f"cannot decode DICOM pixels of {files[0]}: {first_error_line(exc)}") from None
+        with native_stderr_captured() as chatter:
+            if len(files) == 1:
+                img = sitk.ReadImage(str(files[0]))
+            else:
+                reader = sitk.ImageSeriesReader()
+                reader.SetFileNames([str(f) for f in files])
+                img = reader.Execute()
+    except (RuntimeError, MemoryError) as exc:
+        for file in files:  # name the file at fault when pydicom can tell (a cut-off copy is the usual cause)
+            _check_pixel_data(file)
+        raise MeddiffError(
+            f"cannot decode DICOM pixels of {files[0]}{f' (and {len(files) - 1} more files)' if len(files) > 1 else ''}: "
+            f"{native_reason(chatter, exc)} — the file is corrupt or uses an encoding GDCM cannot read: convert it with dcmdjpeg/gdcmconv first"
+        ) from None
     array, affine = sitk_to_array_affine(img)
     array = array.astype(np.float32)
     if array.ndim == 3 and array.shape[2] == 1:  # one frame: a 2D image (the affine keeps the normal)
@@ -143,13 +152,55 @@ def _read_header(path: Path) -> pydicom.Dataset | None:
     """The header of a DICOM image file; None for non-DICOM files and DICOMDIR indexes."""
     try:
         ds = pydicom.dcmread(path, stop_before_pixels=True)
+        if ds.get("SOPClassUID") == DICOMDIR_CLASS or "Rows" not in ds or "SeriesInstanceUID" not in ds:
+            return None
+        str(ds.SeriesInstanceUID)  # pydicom parses values lazily: a garbled header fails here, not later
     except (InvalidDicomError, IsADirectoryError):
         return None
-    except Exception as exc:  # truncated or corrupt header
-        raise MeddiffError(f"cannot read DICOM {path}: {exc}") from None
-    if ds.get("SOPClassUID") == DICOMDIR_CLASS or "Rows" not in ds or "SeriesInstanceUID" not in ds:
-        return None
+    except Exception as exc:  # noqa: BLE001 - truncated or corrupt header
+        raise MeddiffError(f"cannot read DICOM {path}: {reason(exc)} — the file is truncated or corrupt: copy or export it again") from None
     return ds
+
+
+def _number(ds: pydicom.Dataset, key: str, default: int) -> int:
+    """An integer header value (Rows, NumberOfFrames, ...); a garbled one is a corrupt header."""
+    value = ds.get(key)
+    if value is None or value == "":
+        return default
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        raise MeddiffError(f"cannot read DICOM: {key} is {value!r}, not a number — the header is corrupt") from None
+
+
+def _check_size(files: list[Path], header: pydicom.Dataset) -> None:
+    """Refuse a header's absurd image size (0 rows, 60000 x 60000 x 60000 frames) before decoding."""
+    try:
+        shape = (_number(header, "Columns", 0), _number(header, "Rows", 0), _number(header, "NumberOfFrames", 1) * len(files))
+    except MeddiffError as exc:
+        raise MeddiffError(f"{files[0]}: {exc}") from None
+    check_shape(files[0], shape, itemsize=4)
+
+
+def _check_pixel_data(path: Path) -> None:
+    """Raise a telling error when ``path``'s uncompressed pixel data is shorter than its header says."""
+    try:
+        ds = pydicom.dcmread(path)
+        data = ds.get("PixelData")
+        if data is None:
+            raise MeddiffError(f"cannot read DICOM {path}: it holds no pixel data (the file is cut off before it, or not an image) — copy or export it again")
+        if ds.file_meta.TransferSyntaxUID.is_compressed:
+            return
+        expected = (
+            _number(ds, "Rows", 0) * _number(ds, "Columns", 0) * _number(ds, "NumberOfFrames", 1)
+            * _number(ds, "SamplesPerPixel", 1) * _number(ds, "BitsAllocated", 16) // 8
+        )
+    except MeddiffError:
+        raise
+    except Exception:  # noqa: BLE001 - only a diagnosis: the caller reports the decoder's own reason
+        return
+    if len(data) < expected:
+        raise MeddiffError(f"cannot read DICOM {path}: it is truncated (its pixel data holds {len(data)} of the {expected} bytes its header promises) — copy or export it again")
 
 
 def _slice_position(ds: pydicom.Dataset) -> float:

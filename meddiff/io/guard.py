@@ -1,0 +1,110 @@
+"""Checks every reader makes before it trusts a file: sizes a header promises, and readers' own chatter.
+
+A corrupt or hostile header can claim 10^9 voxels per axis, a negative size or none at all; nibabel,
+pydicom and SimpleITK then fail with an allocation error that has an empty message, or print their
+own lines (libpng, MetaIO, nibabel's header fixes) on the terminal before meddiff's one ``error:`` line.
+The helpers here turn both into one sentence that names the file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import re
+import sys
+import tempfile
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+from meddiff.errors import MeddiffError
+
+# deflate (gzip, zlib: .nii.gz, compressed MHA/NRRD, PNG) expands at most 1032:1 (zlib's technical
+# details); a header promising more bytes than that from its file cannot be right.
+MAX_DEFLATE_RATIO = 1032
+
+
+def physical_memory() -> int | None:
+    """Bytes of RAM on this machine, or None where the OS does not say (then no memory check is made)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
+def gib(n: float) -> str:
+    return f"{n / 2**30:.3g} GiB"
+
+
+def check_shape(path: Path, shape: Sequence[int], itemsize: int, available: int | None = None, compressed: bool = False) -> int:
+    """Refuse a header's voxel grid that cannot be real: a size below 1, more voxel bytes than the file can
+    hold (``available`` bytes after the header; deflate's limit when ``compressed``), or more float32
+    voxels than this machine's memory. Returns the number of voxels."""
+    dims = tuple(int(n) for n in shape)
+    if not dims or any(n < 1 for n in dims):
+        raise MeddiffError(f"{path}: the header gives the image size {dims}; every axis needs at least 1 voxel — the header is corrupt: re-export the image")
+    voxels = math.prod(dims)
+    need = voxels * itemsize
+    grid = " x ".join(map(str, dims))
+    if available is not None:
+        limit = available * MAX_DEFLATE_RATIO if compressed else available
+        if need > limit:
+            holds = f"{available} compressed bytes (at most {limit} once expanded)" if compressed else f"{available} bytes"
+            raise MeddiffError(
+                f"{path}: the header promises {grid} voxels ({need} bytes) but the file holds {holds} — "
+                "the file is truncated or its header is corrupt: copy or export it again"
+            )
+    memory = physical_memory()
+    if memory is not None and voxels * 4 > memory:
+        raise MeddiffError(
+            f"{path}: the header promises {grid} voxels ({gib(voxels * 4)} as float32), more than this machine's memory ({gib(memory)}) — "
+            "the header is corrupt, or crop/downsample the image first"
+        )
+    return voxels
+
+
+def reason(exc: BaseException) -> str:
+    """One line saying why a library failed: its last non-empty message line, else the exception's name."""
+    if isinstance(exc, MemoryError):
+        return "not enough memory to hold its voxels"
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    return tidy(lines[-1]) if lines else type(exc).__name__
+
+
+def tidy(line: str) -> str:
+    """A C++ reader's message without its prefixes and object addresses (``ITK ERROR: PNGImageIO(0x55...):``)."""
+    line = re.sub(r"\(0x[0-9a-fA-F]+\)", "", line)
+    return re.sub(r"^(sitk::ERROR|ITK ERROR|ERROR):\s*", "", line).strip()
+
+
+@contextlib.contextmanager
+def native_stderr_captured() -> Iterator[list[str]]:
+    """Collect what C/C++ code (ITK's MetaIO, libpng, GDCM) writes straight to file descriptor 2.
+
+    Those libraries print to the process' stderr, where Python's redirection cannot reach, so a
+    corrupt MHA or PNG would show three lines of C++ chatter above meddiff's one ``error:`` line.
+    Written by hand (fd duplication, ~15 lines) rather than adding ``wurlitzer`` as a dependency.
+    The yielded list receives the captured lines; on success they are written back unchanged, so
+    nothing another thread printed meanwhile is lost; on failure the caller uses them as the reason.
+    """
+    captured: list[str] = []
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+    except (OSError, ValueError):  # no real fd 2 (an embedding host): nothing to capture
+        yield captured
+        return
+    ok = False
+    with tempfile.TemporaryFile() as sink:
+        os.dup2(sink.fileno(), 2)
+        try:
+            yield captured
+            ok = True
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            sink.seek(0)
+            data = sink.read()
+            captured.extend(ln.strip() for ln in data.decode("utf-8", "replace").splitlines() if ln.strip())
+            if ok and data:
+                os.write(2, data)
