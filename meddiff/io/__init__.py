@@ -9,6 +9,7 @@ from meddiff.errors import MeddiffError
 from meddiff.files import atomic_path, full_suffix
 from meddiff.image import Image
 from meddiff.io.dicom import is_dicom_file, read_dicom
+from meddiff.io.guard import readers_quiet
 from meddiff.io.itk import picture_plane, read_itk, write_itk
 from meddiff.io.nifti import read_nifti, write_nifti
 
@@ -36,17 +37,18 @@ def load_image(path: str | os.PathLike, series: str | int | None = None, modalit
     if path.is_file() and path.stat().st_size == 0:
         raise MeddiffError(f"{path} is empty (0 bytes) — copy or export it again")
     try:
-        if path.is_dir() or suffix in DICOM_SUFFIXES or (suffix not in READ_SUFFIXES and is_dicom_file(path)):
-            image = read_dicom(path, series=series)
-        elif suffix in NIFTI_SUFFIXES:
-            image = read_nifti(path)
-        elif suffix in ITK_SUFFIXES + PICTURE_SUFFIXES:
-            image = read_itk(path)
-        else:
-            raise MeddiffError(f"{path}: unsupported format '{suffix}' — meddiff reads {', '.join(READ_SUFFIXES)} and DICOM folders")
-        if modality is not None:
-            image.modality = modality
-        return image.check_finite()
+        with readers_quiet():
+            if path.is_dir() or suffix in DICOM_SUFFIXES or (suffix not in READ_SUFFIXES and is_dicom_file(path)):
+                image = read_dicom(path, series=series)
+            elif suffix in NIFTI_SUFFIXES:
+                image = read_nifti(path)
+            elif suffix in ITK_SUFFIXES + PICTURE_SUFFIXES:
+                image = read_itk(path)
+            else:
+                raise MeddiffError(f"{path}: unsupported format '{suffix}' — meddiff reads {', '.join(READ_SUFFIXES)} and DICOM folders")
+            if modality is not None:
+                image.modality = modality
+            return image.check_finite()
     except MeddiffError as exc:  # every reading error names the file, whichever layer raised it
         if str(path) in str(exc):
             raise

@@ -75,13 +75,13 @@ def find_series(folder: Path) -> list[Series]:
                 groups.setdefault(str(header.SeriesInstanceUID), []).append((path, header))
     found = []
     for uid, members in groups.items():
-        placed = sorted(((_slice_position(h), p, h) for p, h in members), key=lambda m: m[0])
+        placed = sorted(((_slice_position(h, p), p, h) for p, h in members), key=lambda m: m[0])
         first = placed[0][2]
-        number = first.get("SeriesNumber")
+        number = _number(first, "SeriesNumber", None, placed[0][1])
         found.append(
             Series(
                 uid=uid,
-                number=int(number) if number not in (None, "") else None,
+                number=number,
                 modality=str(first.get("Modality", "OT")),
                 description=str(first.get("SeriesDescription", "")),
                 files=[p for _, p, _ in placed],
@@ -148,13 +148,21 @@ def _read_files(files: list[Path], header: pydicom.Dataset) -> Image:
     return Image(array=array, affine=affine, modality=str(header.get("Modality", "OT")) or None, meta=meta)
 
 
+# The header values meddiff relies on; a file whose values for these cannot be parsed is refused.
+_USED_KEYS = (
+    "SOPClassUID", "SeriesInstanceUID", "SeriesNumber", "SeriesDescription", "Modality", "Rows", "Columns", "NumberOfFrames",
+    "BitsAllocated", "SamplesPerPixel", "ImagePositionPatient", "ImageOrientationPatient", "InstanceNumber",
+)
+
+
 def _read_header(path: Path) -> pydicom.Dataset | None:
     """The header of a DICOM image file; None for non-DICOM files and DICOMDIR indexes."""
     try:
         ds = pydicom.dcmread(path, stop_before_pixels=True)
         if ds.get("SOPClassUID") == DICOMDIR_CLASS or "Rows" not in ds or "SeriesInstanceUID" not in ds:
             return None
-        str(ds.SeriesInstanceUID)  # pydicom parses values lazily: a garbled header fails here, not later
+        for key in _USED_KEYS:  # pydicom parses values lazily: a garbled header fails here, not deep in a reader
+            ds.get(key)
     except (InvalidDicomError, IsADirectoryError):
         return None
     except Exception as exc:  # noqa: BLE001 - truncated or corrupt header
@@ -162,24 +170,31 @@ def _read_header(path: Path) -> pydicom.Dataset | None:
     return ds
 
 
-def _number(ds: pydicom.Dataset, key: str, default: int) -> int:
+def _number(ds: pydicom.Dataset, key: str, default: int | None, path: Path | None = None) -> int | None:
     """An integer header value (Rows, NumberOfFrames, ...); a garbled one is a corrupt header."""
     value = ds.get(key)
     if value is None or value == "":
         return default
     try:
         return int(value)
-    except (TypeError, ValueError):
-        raise MeddiffError(f"cannot read DICOM: {key} is {value!r}, not a number — the header is corrupt") from None
+    except (TypeError, ValueError, OverflowError):
+        where = f" {path}" if path else ""
+        raise MeddiffError(f"cannot read DICOM{where}: {key} is {str(value)[:40]!r}, not a number — the header is corrupt") from None
 
 
 def _check_size(files: list[Path], header: pydicom.Dataset) -> None:
-    """Refuse a header's absurd image size (0 rows, 60000 x 60000 x 60000 frames) before decoding."""
+    """Refuse a header's absurd image size (0 rows, 60000 x 60000 x 60000 frames) before the decoder
+    allocates it: uncompressed pixels cannot outnumber the files' bytes; nothing may outgrow memory."""
+    first = files[0]
+    shape = (_number(header, "Columns", 0, first), _number(header, "Rows", 0, first), _number(header, "NumberOfFrames", 1, first) * len(files))
+    voxel_bytes = max(_number(header, "BitsAllocated", 16, first) // 8, 1) * max(_number(header, "SamplesPerPixel", 1, first), 1)
     try:
-        shape = (_number(header, "Columns", 0), _number(header, "Rows", 0), _number(header, "NumberOfFrames", 1) * len(files))
-    except MeddiffError as exc:
-        raise MeddiffError(f"{files[0]}: {exc}") from None
-    check_shape(files[0], shape, itemsize=4)
+        syntax = header.file_meta.TransferSyntaxUID
+        compressed = bool(syntax.is_compressed)
+    except Exception:  # noqa: BLE001 - no or an unknown transfer syntax: no size promise to check against
+        compressed = True
+    available = None if compressed else sum(f.stat().st_size for f in files)
+    check_shape(files[0], shape, itemsize=voxel_bytes, available=available)
 
 
 def _check_pixel_data(path: Path) -> None:
@@ -203,23 +218,31 @@ def _check_pixel_data(path: Path) -> None:
         raise MeddiffError(f"cannot read DICOM {path}: it is truncated (its pixel data holds {len(data)} of the {expected} bytes its header promises) — copy or export it again")
 
 
-def _slice_position(ds: pydicom.Dataset) -> float:
+def _slice_position(ds: pydicom.Dataset, path: Path) -> float:
     """Distance along the slice normal (ImagePositionPatient . normal); InstanceNumber if absent."""
     ipp, iop = ds.get("ImagePositionPatient"), ds.get("ImageOrientationPatient")
     if ipp is None or iop is None:
-        return float(ds.get("InstanceNumber") or 0)
-    normal = np.cross(np.array(iop[:3], float), np.array(iop[3:], float))
-    return float(np.dot(normal, np.array(ipp, float)))
+        return float(_number(ds, "InstanceNumber", 0))
+    try:
+        ipp, iop = np.array(ipp, float), np.array(iop, float)
+    except (TypeError, ValueError):
+        ipp = iop = np.zeros(0)
+    if ipp.shape != (3,) or iop.shape != (6,) or not (np.isfinite(ipp).all() and np.isfinite(iop).all()):
+        raise MeddiffError(f"cannot read DICOM {path}: ImagePositionPatient/ImageOrientationPatient are not 3 and 6 numbers — the header is corrupt")
+    return float(np.dot(np.cross(iop[:3], iop[3:]), ipp))
 
 
 def _safe_meta(ds: pydicom.Dataset) -> dict:
     meta = {}
     for key in SAFE_META_KEYS:
-        if key == "SOPClassName":
-            if "SOPClassUID" in ds:
-                meta[key] = str(ds.SOPClassUID.name)
+        try:
+            if key == "SOPClassName":
+                if "SOPClassUID" in ds:
+                    meta[key] = str(ds.SOPClassUID.name)
+                continue
+            value = ds.get(key)
+        except Exception:  # noqa: BLE001, S112 - a garbled optional value (pydicom parses lazily) is left out, not fatal
             continue
-        value = ds.get(key)
         if value is None or value == "":
             continue
         if isinstance(value, pydicom.multival.MultiValue):

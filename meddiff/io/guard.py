@@ -9,11 +9,13 @@ The helpers here turn both into one sentence that names the file.
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import os
 import re
 import sys
 import tempfile
+import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -71,10 +73,15 @@ def reason(exc: BaseException) -> str:
     return tidy(lines[-1]) if lines else type(exc).__name__
 
 
+MAX_REASON = 200  # a library's message can quote kilobytes of the corrupt bytes it choked on
+
+
 def tidy(line: str) -> str:
-    """A C++ reader's message without its prefixes and object addresses (``ITK ERROR: PNGImageIO(0x55...):``)."""
+    """A library's message without C++ prefixes and object addresses (``ITK ERROR: PNGImageIO(0x55...):``), cut to a readable length."""
     line = re.sub(r"\(0x[0-9a-fA-F]+\)", "", line)
-    return re.sub(r"^(sitk::ERROR|ITK ERROR|ERROR):\s*", "", line).strip()
+    line = re.sub(r"^(sitk::ERROR|ITK ERROR|ERROR):\s*", "", line).strip()
+    line = "".join(c if c.isprintable() else "?" for c in line)  # garbled bytes must not move the terminal's cursor
+    return line if len(line) <= MAX_REASON else line[: MAX_REASON - 1] + "…"
 
 
 @contextlib.contextmanager
@@ -108,3 +115,19 @@ def native_stderr_captured() -> Iterator[list[str]]:
             captured.extend(ln.strip() for ln in data.decode("utf-8", "replace").splitlines() if ln.strip())
             if ok and data:
                 os.write(2, data)
+
+
+@contextlib.contextmanager
+def readers_quiet() -> Iterator[None]:
+    """Keep the readers' own complaints off the terminal: pydicom warns *and* logs every invalid header
+    value (a garbled file prints dozens of lines, some kilobytes long), numpy and nibabel warn about
+    odd values. A read either succeeds (the complaints did not matter) or ends in meddiff's one line."""
+    pydicom_log = logging.getLogger("pydicom")
+    level = pydicom_log.level
+    pydicom_log.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        pydicom_log.setLevel(level)
