@@ -8,6 +8,7 @@ the geometry, so meddiff's geometry is SimpleITK's by construction. Tests pin ea
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -194,6 +195,9 @@ def _check_size(files: list[Path], header: pydicom.Dataset) -> None:
     except Exception:  # noqa: BLE001 - no or an unknown transfer syntax: no size promise to check against
         compressed = True
     available = None if compressed else sum(f.stat().st_size for f in files)
+    if available is not None and math.prod(shape) * voxel_bytes > available:
+        for file in files:  # name the cut-off file and how much of its pixel data is there, when pydicom can tell
+            _check_pixel_data(file)
     check_shape(files[0], shape, itemsize=voxel_bytes, available=available)
 
 

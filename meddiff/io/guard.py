@@ -15,6 +15,7 @@ import os
 import re
 import sys
 import tempfile
+import threading
 import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -95,6 +96,11 @@ def native_stderr_captured() -> Iterator[list[str]]:
     nothing another thread printed meanwhile is lost; on failure the caller uses them as the reason.
     """
     captured: list[str] = []
+    if threading.current_thread() is not threading.main_thread():
+        # fd 2 is shared by the whole process: two threads swapping it would leave it pointing at a temp
+        # file for good (MONAI's CacheDataset reads images in threads); there the chatter stays visible
+        yield captured
+        return
     try:
         sys.stderr.flush()
         saved = os.dup(2)
@@ -122,6 +128,9 @@ def readers_quiet() -> Iterator[None]:
     """Keep the readers' own complaints off the terminal: pydicom warns *and* logs every invalid header
     value (a garbled file prints dozens of lines, some kilobytes long), numpy and nibabel warn about
     odd values. A read either succeeds (the complaints did not matter) or ends in meddiff's one line."""
+    if threading.current_thread() is not threading.main_thread():  # warning filters and log levels are process-wide:
+        yield  # swapping them from several threads could leave them swapped for good
+        return
     pydicom_log = logging.getLogger("pydicom")
     level = pydicom_log.level
     pydicom_log.setLevel(logging.ERROR)

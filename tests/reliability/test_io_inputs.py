@@ -188,3 +188,46 @@ def test_dicom_slice_to_png_and_mha(workdir):
     reference = load_image(ct)
     np.testing.assert_allclose(load_image(workdir / "ct.mha").affine, reference.affine, atol=1e-4)
     assert load_image(workdir / "ct.png").array.shape == reference.array.shape
+
+
+def test_reading_in_threads_leaves_stderr_and_warning_filters_alone(tmp_path):
+    """MONAI's CacheDataset reads images in threads: the readers' stderr capture and warning silencing
+    (process-wide state) must not be left swapped by threads interleaving."""
+    import os
+    import threading
+    import warnings
+
+    mha = tmp_path / "a.mha"
+    sitk.WriteImage(sitk.GetImageFromArray(np.ones((4, 5, 6), np.float32)), str(mha))
+    ct = pydicom.data.get_testdata_file("CT_small.dcm")
+    fd_before, filters_before = os.fstat(2), list(warnings.filters)
+
+    def read():
+        for _ in range(10):
+            load_image(mha)
+            load_image(ct)
+
+    threads = [threading.Thread(target=read) for _ in range(3)]
+    for t in threads:
+        t.start()
+    read()
+    for t in threads:
+        t.join()
+    fd_after = os.fstat(2)
+    assert (fd_after.st_dev, fd_after.st_ino) == (fd_before.st_dev, fd_before.st_ino)
+    assert warnings.filters == filters_before
+
+
+@pytest.mark.parametrize("verb", ["info", "convert"])
+def test_series_with_a_cut_slice_names_that_slice(verb, ct_series_dir, tmp_path, workdir):
+    series = tmp_path / "series"
+    series.mkdir()
+    files = sorted(ct_series_dir.iterdir())
+    for f in files:
+        (series / f.name).write_bytes(f.read_bytes())
+    cut = series / files[2].name
+    cut.write_bytes(cut.read_bytes()[:-200])
+    before = Snapshot(workdir)
+    argv = ["info", series] if verb == "info" else ["convert", series, "ct.nii.gz"]
+    assert_clean_error(run_meddiff(*argv), str(cut), "pixel data holds")
+    before.assert_unchanged()
