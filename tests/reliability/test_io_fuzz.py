@@ -4,6 +4,8 @@ of small real files. Property: ``load_image`` returns a finite image of 2-4 axes
 
 The budget is ``MEDDIFF_FUZZ_EXAMPLES`` examples per test (default 40, so ``make test`` stays fast);
 a longer hunt: ``MEDDIFF_FUZZ_EXAMPLES=2000 python -m pytest -m fuzz tests/reliability/test_io_fuzz.py``.
+The examples are the same on every run (derandomized, no example database written) unless
+``MEDDIFF_FUZZ_RANDOM=1`` asks for fresh ones.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ pytestmark = pytest.mark.fuzz
 
 EXAMPLES = int(os.environ.get("MEDDIFF_FUZZ_EXAMPLES", "40"))
 SECONDS_PER_EXAMPLE = 20  # a read of these small files takes milliseconds: anything near this is a hang
-FUZZ = settings(max_examples=EXAMPLES, deadline=None, derandomize=not os.environ.get("MEDDIFF_FUZZ_RANDOM"),
+FUZZ = settings(max_examples=EXAMPLES, deadline=None, derandomize=not os.environ.get("MEDDIFF_FUZZ_RANDOM"), database=None,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 
 
