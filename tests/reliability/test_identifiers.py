@@ -14,7 +14,7 @@ from pathlib import Path
 import pydicom
 import pydicom.data
 import pytest
-from conftest import run_meddiff
+from harness import run_meddiff
 
 IDENTIFIERS = {
     "PatientName": "ZZTESTPATIENT^ANNA",

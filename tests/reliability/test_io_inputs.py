@@ -17,7 +17,7 @@ import pydicom
 import pydicom.data
 import pytest
 import SimpleITK as sitk
-from conftest import Snapshot, assert_clean_error, run_meddiff
+from harness import Snapshot, assert_clean_error, run_meddiff
 
 from meddiff.io import load_image
 
