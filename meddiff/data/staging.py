@@ -12,8 +12,10 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import socket
 import tempfile
 from collections.abc import Iterator
+from glob import escape as glob_escape
 from pathlib import Path
 
 from meddiff.errors import MeddiffError
@@ -28,27 +30,30 @@ def staged_folder(out_dir: str | os.PathLike, overwrite: bool = False) -> Iterat
     those of the same name, the folder's other files are kept (hard links, so nothing is copied), and
     the old folder is swapped out by rename and removed only once the new one is in place.
     """
-    out_dir = Path(out_dir)
+    shown, out_dir = out_dir, Path(out_dir).resolve()  # resolved: '-o .' has a name and a parent to stage beside
+    remove_stale(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
-        raise MeddiffError(f"{out_dir} is a file — give a folder for the set")
+        raise MeddiffError(f"{shown} is a file — give a folder for the set")
     if _non_empty(out_dir) and not overwrite:
-        raise MeddiffError(f"{out_dir} already exists and is not empty — choose a new folder or pass --overwrite")
+        raise MeddiffError(f"{shown} already exists and is not empty — choose a new folder or pass --overwrite")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    stage = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.staging-", dir=out_dir.parent))
+    stage = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.staging-{_owner()}-", dir=out_dir.parent))
     old, committed = None, False
     try:
         yield stage
         os.chmod(stage, 0o777 & ~UMASK)  # mkdtemp makes 0700; the set gets a usual folder's mode
         if _non_empty(out_dir):
+            if not overwrite:
+                raise MeddiffError(f"{shown} was filled by something else while the set was written — choose a new folder or pass --overwrite")
             for entry in out_dir.iterdir():  # the folder's other files come along
                 if not (stage / entry.name).exists():
                     _link(entry, stage / entry.name)
-            old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
+            old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-{_owner()}-", dir=out_dir.parent))
             os.replace(out_dir, old)  # the old set stays whole at `old` until...
         try:
             os.replace(stage, out_dir)  # ...the new one is in place (rename onto a missing or empty folder)
         except OSError as exc:
-            raise MeddiffError(f"{out_dir} changed while the set was written ({exc.strerror}) — run the command again") from None
+            raise MeddiffError(f"{shown} changed while the set was written ({exc.strerror}) — run the command again") from None
         committed = True
     finally:
         shutil.rmtree(stage, ignore_errors=True)
@@ -60,6 +65,44 @@ def staged_folder(out_dir: str | os.PathLike, overwrite: bool = False) -> Iterat
             else:
                 with contextlib.suppress(OSError):
                     old.rmdir()  # interrupted before the swap: only the empty placeholder to remove
+
+
+def _owner() -> str:
+    """``host~pid`` of this process, in the staging folder's name, so a later run can tell a dead writer's leftovers."""
+    host = "".join(c if c.isalnum() else "_" for c in socket.gethostname())
+    return f"{host}~{os.getpid()}"
+
+
+def remove_stale(out_dir: Path) -> list[Path]:
+    """Remove staging folders beside ``out_dir`` left by a killed writer (SIGKILL, power loss) on this host.
+
+    A folder is stale when its writer's process no longer exists; folders of other hosts (a shared
+    file system) and of live processes are left alone. An ``old`` folder whose swap was cut short
+    goes back into place when ``out_dir`` is missing.
+    """
+    removed, host = [], _owner().split("~")[0]
+    for kind in ("staging", "old"):
+        for folder in out_dir.parent.glob(f".{glob_escape(out_dir.name)}.{kind}-*~*-*"):
+            owner, _, _ = folder.name[len(f".{out_dir.name}.{kind}-"):].rpartition("-")
+            owner_host, _, pid = owner.rpartition("~")
+            if owner_host != host or not pid.isdigit() or _alive(int(pid)) or not folder.is_dir():
+                continue
+            if kind == "old" and not out_dir.exists():
+                os.replace(folder, out_dir)
+            else:
+                shutil.rmtree(folder, ignore_errors=True)
+            removed.append(folder)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
 
 
 def _non_empty(folder: Path) -> bool:

@@ -166,7 +166,7 @@ def fail_after_first(monkeypatch, module, error: BaseException) -> None:
 
 @pytest.mark.parametrize("error, code", [(Boom(28, "No space left on device"), 2), (KeyboardInterrupt(), 130)])
 def test_samples_failing_midway_leave_no_partial_set(error, code, workdir, monkeypatch):
-    import meddiff.data.samples as samples
+    from meddiff.data import samples
 
     (workdir / "old").mkdir()
     (workdir / "old" / "mine.txt").write_text("a user's file\n")
@@ -244,3 +244,23 @@ def test_corrupt_feature_cache_entry_is_named_dropped_and_recomputed(folders, tm
     for entry in entries[:2]:
         with np.load(entry) as stored:  # rewritten whole
             assert stored.files
+
+
+def test_staging_folders_of_killed_writers_are_removed_on_the_next_run(workdir):
+    import os
+    import subprocess
+
+    from meddiff.data.staging import _owner
+
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    host = _owner().split("~")[0]
+    stale = workdir / f".out.staging-{host}~{dead.pid}-a1b2"  # what SIGKILL mid-write leaves
+    live = workdir / f".out.staging-{host}~{os.getpid()}-c3d4"  # a writer still running
+    elsewhere = workdir / f".out.staging-otherhost~{dead.pid}-e5f6"  # a writer on another machine sharing the disk
+    for folder in (stale, live, elsewhere):
+        nifti(folder / "train_00000.nii.gz")
+    result = run_meddiff("manifest", "findings", "-o", "out", "--train", "2", "--val", "0", "--test", "0")
+    assert result.code == 0, result.err
+    assert not stale.exists() and live.exists() and elsewhere.exists()
+    assert sorted(p.name for p in (workdir / "out").iterdir()) == ["held_out.json", "manifest.jsonl", "train_00000.nii.gz", "train_00001.nii.gz"]
