@@ -95,11 +95,12 @@ class Manifest:
                 if value is not None and not self.resolve(value).exists():
                     raise MeddiffError(f"line {number}: field '{key}': file not found: {self.resolve(value)}")
 
-    def check_splits(self, content: bool = False) -> None:
+    def check_splits(self, content: bool = False, shared_subjects: bool = False) -> None:
         """No split leak: an image (same file, or with ``content`` the same bytes) or a subject in two splits.
 
         The error names both records by line. ``content`` reads every file (a copy under another name
-        is the same image); without it only the paths are compared.
+        is the same image); without it only the paths are compared. ``shared_subjects`` accepts one
+        subject in several splits (a deliberate ``manifest build --split-by random``).
         """
         from meddiff.files import file_sha256
 
@@ -111,7 +112,7 @@ class Manifest:
             keys = [("image", str(path), record.series)]
             if content and path.exists():
                 keys.append(("content", file_sha256(path), record.series))
-            if record.subject is not None:
+            if record.subject is not None and not shared_subjects:
                 keys.append(("subject", record.subject))
             for key in keys:
                 first = seen.setdefault(key, (number, record))
@@ -119,10 +120,8 @@ class Manifest:
                 if other.split == record.split:
                     continue
                 what = {"image": "name the same image", "content": "hold identical images", "subject": f"belong to one subject ({record.subject})"}[key[0]]
-                raise MeddiffError(
-                    f"split leak: line {line} ({other.image}, {other.split}) and line {number} ({record.image}, {record.split}) "
-                    f"{what} — keep each {'subject' if key[0] == 'subject' else 'image'} in one split"
-                )
+                fix = "keep each subject in one split, or pass --allow-shared-subjects if that is intended" if key[0] == "subject" else "keep each image in one split"
+                raise MeddiffError(f"split leak: line {line} ({other.image}, {other.split}) and line {number} ({record.image}, {record.split}) {what} — {fix}")
 
     def check_images(self) -> None:
         """Load every image (and mask): readable, finite, and masks shaped like their images."""

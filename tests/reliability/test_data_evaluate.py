@@ -264,3 +264,15 @@ def test_staging_folders_of_killed_writers_are_removed_on_the_next_run(workdir):
     assert result.code == 0, result.err
     assert not stale.exists() and live.exists() and elsewhere.exists()
     assert sorted(p.name for p in (workdir / "out").iterdir()) == ["held_out.json", "manifest.jsonl", "train_00000.nii.gz", "train_00001.nii.gz"]
+
+
+def test_built_manifests_validate_and_a_random_split_needs_its_flag(workdir):
+    for s in range(8):
+        for k in range(3):
+            nifti(workdir / "data" / f"sub{s}" / f"scan{k}.nii.gz", shape=(4, 4), seed=s * 3 + k)
+    common = ["data", "--modality", "MR", "--val-fraction", "0.3", "--test-fraction", "0.3", "--salt", "s"]
+    assert run_meddiff("manifest", "build", *common, "-o", "patient.jsonl").code == 0
+    assert run_meddiff("manifest", "validate", "patient.jsonl", "--deep").code == 0
+    assert run_meddiff("manifest", "build", *common, "-o", "random.jsonl", "--split-by", "random").code == 0
+    assert_clean_error(run_meddiff("manifest", "validate", "random.jsonl"), "split leak", "subject", "--allow-shared-subjects")
+    assert run_meddiff("manifest", "validate", "random.jsonl", "--allow-shared-subjects").code == 0
