@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import zipfile
@@ -112,9 +113,13 @@ def cached_features(paths: list[Path], extractor: Extractor, cache_dir: Path | N
                 continue
         features = extractor.features(load_image(path))
         if cache is not None:
-            cache.parent.mkdir(parents=True, exist_ok=True)
-            with atomic_path(cache, overwrite=True) as tmp, open(tmp, "wb") as fh:
-                np.savez(fh, **features)
+            try:
+                cache.parent.mkdir(parents=True, exist_ok=True)
+                with atomic_path(cache, overwrite=True) as tmp, open(tmp, "wb") as fh:
+                    np.savez(fh, **features)
+            except OSError as exc:  # a cache is a convenience: a read-only or full disk does not stop the evaluation
+                logger.warning("cannot write the feature cache under %s (%s): going on without it (--cache none to skip it)", cache_dir, exc.strerror or exc)
+                cache_dir = None
         out.append(features)
     return out
 
@@ -129,7 +134,8 @@ def _read_cached(cache: Path) -> dict[str, np.ndarray] | None:
         return features
     except (OSError, EOFError, ValueError, KeyError, zipfile.BadZipFile, zlib.error) as exc:
         logger.warning("feature cache entry %s is unreadable (%s: %s): removed, its features are computed again", cache, type(exc).__name__, exc)
-        cache.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # a read-only cache: the entry is recomputed each time, as the warning says
+            cache.unlink()
         return None
 
 

@@ -276,3 +276,13 @@ def test_built_manifests_validate_and_a_random_split_needs_its_flag(workdir):
     assert run_meddiff("manifest", "build", *common, "-o", "random.jsonl", "--split-by", "random").code == 0
     assert_clean_error(run_meddiff("manifest", "validate", "random.jsonl"), "split leak", "subject", "--allow-shared-subjects")
     assert run_meddiff("manifest", "validate", "random.jsonl", "--allow-shared-subjects").code == 0
+
+
+def test_an_unwritable_feature_cache_is_named_and_the_evaluation_goes_on(folders, tmp_path, caplog):
+    blocked = tmp_path / "cache"
+    blocked.write_text("a file where the cache folder should be\n")
+    result = run_meddiff("evaluate", "--real", "real", "--fake", "fake", "--features", "meddiff_mri", "--cache", blocked, "--metrics", "fid")
+    assert result.code == 0, result.err
+    assert "fake 4 images" in result.out
+    assert any(str(blocked) in r.getMessage() for r in caplog.records if r.levelname == "WARNING")
+    assert blocked.read_text().startswith("a file")
