@@ -56,6 +56,10 @@ def add_parser(subparsers) -> None:
 
 def run_build(args) -> None:
     out = Path(args.output)
+    if out.is_dir():
+        raise MeddiffError(f"{out} is a folder — give the manifest's file name (.jsonl)")
+    if out.exists() and not args.overwrite:  # refused before the folder is scanned, not after
+        raise MeddiffError(f"{out} already exists — choose another output or pass --overwrite")
     records = build_records(
         args.folder,
         manifest_dir=out.parent,

@@ -173,6 +173,8 @@ def write_findings_dataset(out_dir: str | os.PathLike, per_split: dict[str, int]
     per_split = per_split or {"train": 400, "val": 40, "test": 80}
     if min(per_split.values()) < 0:
         raise MeddiffError("the number of images per split must not be negative")
+    if not sum(per_split.values()):
+        raise MeddiffError("no images asked for — give --train, --val or --test a positive count")
     out_dir = Path(out_dir)
     with staged_folder(out_dir, overwrite=overwrite) as stage:
         rng = np.random.default_rng(seed)

@@ -121,6 +121,9 @@ CASES = {
                                        ["manifest", "findings", "-o", "out", "--train", "4", "--val", "2", "--test", "4"], ["not empty"]),
     "findings: manifest.jsonl exists": (lambda d: (d / "out").mkdir() or (d / "out" / "manifest.jsonl").write_text("mine\n"),
                                         ["manifest", "findings", "-o", "out", "--train", "4", "--val", "2", "--test", "4"], ["not empty"]),
+    "findings: no images asked for": (nothing, ["manifest", "findings", "-o", "out", "--train", "0", "--val", "0", "--test", "0"], ["positive"]),
+    "build: output is a folder": (lambda d: (nifti(d / "data" / "a.nii.gz"), (d / "m.jsonl").mkdir()),
+                                  ["manifest", "build", "data", "-o", "m.jsonl", "--modality", "MR"], ["is a folder"]),
     "findings: output is a file": (lambda d: (d / "out").write_text("x"), ["manifest", "findings", "-o", "out", "--train", "4"], ["is a file"]),
     # evaluate
     "evaluate -k 0": (image_folders, [*EVALUATE, "-k", "0"], ["-k 0", "1 or more"]),
