@@ -165,10 +165,14 @@ def _gunzipped_size(path: Path) -> int:
 def _dicom_pixel_sizes(path: Path) -> tuple[int, int]:
     """(pixel bytes the header promises, pixel bytes the file holds) of an uncompressed DICOM image; (0, 0) if compressed."""
     ds = pydicom.dcmread(path, defer_size=1024)  # large values are skipped, not read: the pixel data's offset and length stay
-    if "TransferSyntaxUID" in ds.file_meta and ds.file_meta.TransferSyntaxUID.is_compressed:
+    syntax = ds.file_meta.get("TransferSyntaxUID")
+    if syntax is not None and (syntax.is_compressed or syntax.is_deflated):  # sizes in the file are not pixel counts
         return 0, 0
-    expected = int(ds.Rows) * int(ds.Columns) * int(ds.get("NumberOfFrames") or 1) * int(ds.get("SamplesPerPixel") or 1)
-    expected = expected * int(ds.get("BitsAllocated") or 8) // 8
+    try:
+        samples = 2 if ds.get("PhotometricInterpretation") == "YBR_FULL_422" else int(ds.get("SamplesPerPixel") or 1)  # chroma halved
+        expected = int(ds.Rows) * int(ds.Columns) * int(ds.get("NumberOfFrames") or 1) * samples * int(ds.get("BitsAllocated") or 8) // 8
+    except (TypeError, ValueError):  # a malformed size field: reading the image will say what is wrong
+        return 0, 0
     if "PixelData" not in ds:
         return (0, 0) if "FloatPixelData" in ds or "DoubleFloatPixelData" in ds else (expected, 0)
     element = ds.get_item(0x7FE00010, keep_deferred=True)
