@@ -36,6 +36,7 @@ def staged_folder(out_dir: str | os.PathLike, overwrite: bool = False) -> Iterat
         raise MeddiffError(f"{shown} is a file — give a folder for the set")
     if _non_empty(out_dir) and not overwrite:
         raise MeddiffError(f"{shown} already exists and is not empty — choose a new folder or pass --overwrite")
+    made = [a for a in out_dir.parents if not a.exists()]  # folders this call creates, removed again on failure
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     stage = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.staging-{_owner()}-", dir=out_dir.parent))
     old, committed = None, False
@@ -65,6 +66,10 @@ def staged_folder(out_dir: str | os.PathLike, overwrite: bool = False) -> Iterat
             else:
                 with contextlib.suppress(OSError):
                     old.rmdir()  # interrupted before the swap: only the empty placeholder to remove
+        if not committed:
+            for folder in made:  # innermost first; one that something else filled meanwhile stays
+                with contextlib.suppress(OSError):
+                    folder.rmdir()
 
 
 def _owner() -> str:

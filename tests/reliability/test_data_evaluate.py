@@ -176,9 +176,9 @@ def test_samples_failing_midway_leave_no_partial_set(error, code, workdir, monke
     before = Snapshot(workdir)
     fail_after_first(monkeypatch, samples, error)
     argv = ["manifest", "samples", "--only", "dipy_t1_coronal_slice", "dipy_aniso_vox"]
-    assert_clean_error(run_meddiff(*argv, "-o", "new"), code=code)
+    assert_clean_error(run_meddiff(*argv, "-o", "new/sets/samples"), code=code)
     assert_clean_error(run_meddiff(*argv, "-o", "old", "--overwrite"), code=code)
-    before.assert_unchanged()  # no 'new', no half set in 'old', no staging folder left beside
+    before.assert_unchanged()  # no 'new' (nor its parents), no half set in 'old', no staging folder left beside
 
 
 def test_findings_failing_midway_leave_no_partial_set(workdir, monkeypatch):
