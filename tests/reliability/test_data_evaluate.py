@@ -14,7 +14,6 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
-
 from conftest import Snapshot, assert_clean_error, run_meddiff
 
 
