@@ -170,7 +170,7 @@ def fail_after_first(monkeypatch, module, error: BaseException) -> None:
 def test_samples_failing_midway_leave_no_partial_set(error, code, workdir, monkeypatch):
     from meddiff.data import samples
 
-    (workdir / "old").mkdir()
+    assert run_meddiff("manifest", "samples", "-o", "old", "--only", "dipy_t1_coronal_slice").code == 0  # a complete older set
     (workdir / "old" / "mine.txt").write_text("a user's file\n")
     before = Snapshot(workdir)
     fail_after_first(monkeypatch, samples, error)
