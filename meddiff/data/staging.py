@@ -2,9 +2,9 @@
 
 ``atomic_path`` makes one file appear whole or not at all; a sample set is many files, and a refusal,
 an error or Ctrl-C/SIGTERM halfway must not leave half a set. The set is written into a hidden folder
-beside the output (``.NAME.staging-XXXX``, ignored by every meddiff folder scan), which becomes the
-output by one rename when complete. The standard library has no such helper (``tempfile`` makes the
-folder, ``os.rename`` commits it), so this small one is written here.
+beside the output (``.NAME.staging-HOST~PID-XXXX``, ignored by every meddiff folder scan), which
+becomes the output by one rename when complete. The standard library has no such helper
+(``tempfile`` makes the folder, ``os.replace`` commits it), so this small one is written here.
 """
 
 from __future__ import annotations
@@ -23,12 +23,13 @@ from meddiff.files import UMASK
 
 
 @contextlib.contextmanager
-def staged_folder(out_dir: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
-    """Yield an empty hidden folder beside ``out_dir``; on success it becomes ``out_dir``, on any error it vanishes.
+def staged_folder(out_dir: str | os.PathLike, overwrite: bool = False, last: tuple[str, ...] = ("manifest.jsonl",)) -> Iterator[Path]:
+    """Yield an empty hidden folder beside ``out_dir``; on success its files become ``out_dir``'s, on any error it vanishes.
 
-    ``out_dir`` must not exist, or be empty, unless ``overwrite``: then the set's files replace
-    those of the same name, the folder's other files are kept (hard links, so nothing is copied), and
-    the old folder is swapped out by rename and removed only once the new one is in place.
+    A new ``out_dir`` is the staging folder renamed: the whole set appears at once. An existing
+    ``out_dir`` must be empty unless ``overwrite``; it is kept (a shell inside it, its permissions, a
+    mount point) and the complete set is moved into it file by file, the ``last`` names (the
+    manifest) last, so nothing in it changes until every file is written; its other files are kept.
     """
     shown, out_dir = out_dir, Path(out_dir).resolve()  # resolved: '-o .' has a name and a parent to stage beside
     remove_stale(out_dir)
@@ -39,33 +40,20 @@ def staged_folder(out_dir: str | os.PathLike, overwrite: bool = False) -> Iterat
     made = [a for a in out_dir.parents if not a.exists()]  # folders this call creates, removed again on failure
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     stage = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.staging-{_owner()}-", dir=out_dir.parent))
-    old, committed = None, False
+    committed = False
     try:
         yield stage
-        os.chmod(stage, 0o777 & ~UMASK)  # mkdtemp makes 0700; the set gets a usual folder's mode
-        if _non_empty(out_dir):
-            if not overwrite:
+        if not out_dir.exists():
+            os.chmod(stage, 0o777 & ~UMASK)  # mkdtemp makes 0700; the set gets a usual folder's mode
+            os.replace(stage, out_dir)
+        else:
+            if _non_empty(out_dir) and not overwrite:
                 raise MeddiffError(f"{shown} was filled by something else while the set was written — choose a new folder or pass --overwrite")
-            for entry in out_dir.iterdir():  # the folder's other files come along
-                if not (stage / entry.name).exists():
-                    _link(entry, stage / entry.name)
-            old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-{_owner()}-", dir=out_dir.parent))
-            os.replace(out_dir, old)  # the old set stays whole at `old` until...
-        try:
-            os.replace(stage, out_dir)  # ...the new one is in place (rename onto a missing or empty folder)
-        except OSError as exc:
-            raise MeddiffError(f"{shown} changed while the set was written ({exc.strerror}) — run the command again") from None
+            for entry in sorted(stage.iterdir(), key=lambda e: e.name in last):  # renames only: no writing left to fail
+                os.replace(entry, out_dir / entry.name)
         committed = True
     finally:
         shutil.rmtree(stage, ignore_errors=True)
-        if old is not None:
-            if committed:
-                shutil.rmtree(old, ignore_errors=True)
-            elif not out_dir.exists():
-                os.replace(old, out_dir)  # interrupted between the two renames: the old set goes back
-            else:
-                with contextlib.suppress(OSError):
-                    old.rmdir()  # interrupted before the swap: only the empty placeholder to remove
         if not committed:
             for folder in made:  # innermost first; one that something else filled meanwhile stays
                 with contextlib.suppress(OSError):
@@ -82,20 +70,14 @@ def remove_stale(out_dir: Path) -> list[Path]:
     """Remove staging folders beside ``out_dir`` left by a killed writer (SIGKILL, power loss) on this host.
 
     A folder is stale when its writer's process no longer exists; folders of other hosts (a shared
-    file system) and of live processes are left alone. An ``old`` folder whose swap was cut short
-    goes back into place when ``out_dir`` is missing.
+    file system) and of live processes are left alone.
     """
-    removed, host = [], _owner().split("~")[0]
-    for kind in ("staging", "old"):
-        for folder in out_dir.parent.glob(f".{glob_escape(out_dir.name)}.{kind}-*~*-*"):
-            owner, _, _ = folder.name[len(f".{out_dir.name}.{kind}-"):].rpartition("-")
-            owner_host, _, pid = owner.rpartition("~")
-            if owner_host != host or not pid.isdigit() or _alive(int(pid)) or not folder.is_dir():
-                continue
-            if kind == "old" and not out_dir.exists():
-                os.replace(folder, out_dir)
-            else:
-                shutil.rmtree(folder, ignore_errors=True)
+    removed, host, prefix = [], _owner().split("~")[0], f".{out_dir.name}.staging-"
+    for folder in out_dir.parent.glob(f"{glob_escape(prefix)}*~*-*"):
+        owner = folder.name[len(prefix) :].rpartition("-")[0]
+        owner_host, _, pid = owner.rpartition("~")
+        if owner_host == host and pid.isdigit() and not _alive(int(pid)) and folder.is_dir():
+            shutil.rmtree(folder, ignore_errors=True)
             removed.append(folder)
     return removed
 
@@ -112,18 +94,3 @@ def _alive(pid: int) -> bool:
 
 def _non_empty(folder: Path) -> bool:
     return folder.is_dir() and any(folder.iterdir())
-
-
-def _link(source: Path, target: Path) -> None:
-    """Hard-link a file (or a folder's files) into the staging folder; copy where links are not possible."""
-
-    def link_or_copy(src, dst):
-        try:
-            os.link(src, dst, follow_symlinks=False)
-        except OSError:
-            shutil.copy2(src, dst, follow_symlinks=False)
-
-    if source.is_dir() and not source.is_symlink():
-        shutil.copytree(source, target, symlinks=True, copy_function=link_or_copy)
-    else:
-        link_or_copy(source, target)

@@ -189,7 +189,7 @@ def test_findings_failing_midway_leave_no_partial_set(workdir, monkeypatch):
     before.assert_unchanged()
 
 
-def test_findings_overwrite_swaps_the_set_and_keeps_other_files(workdir):
+def test_findings_overwrite_replaces_the_set_and_keeps_other_files(workdir):
     small = ["--train", "4", "--val", "2", "--test", "4"]
     assert run_meddiff("manifest", "findings", "-o", "out", *small).code == 0
     (workdir / "out" / "notes.txt").write_text("mine\n")
@@ -199,7 +199,7 @@ def test_findings_overwrite_swaps_the_set_and_keeps_other_files(workdir):
     assert (workdir / "out" / "manifest.jsonl").read_text() != first
     assert (workdir / "out" / "notes.txt").read_text() == "mine\n"
     assert json.loads((workdir / "out" / "held_out.json").read_text())
-    assert sorted(p.name for p in workdir.iterdir()) == ["out"]  # no staging or old folder left beside
+    assert sorted(p.name for p in workdir.iterdir()) == ["out"]  # no staging folder left beside
 
 
 def test_build_skips_hidden_temporaries_and_staging_folders(workdir):
