@@ -68,8 +68,9 @@ def read_dicom(path: Path, series: str | int | None = None) -> Image:
 def find_series(folder: Path) -> list[Series]:
     """All image series under ``folder`` (recursive), files sorted along the slice normal."""
     groups: dict[str, list[tuple[Path, pydicom.Dataset]]] = {}
-    for root, _, names in os.walk(folder):
-        for name in sorted(names):
+    for root, dirs, names in os.walk(folder):
+        dirs[:] = [d for d in dirs if not d.startswith(".")]  # hidden: meddiff's temporaries and staging folders
+        for name in sorted(n for n in names if not n.startswith(".")):
             path = Path(root) / name
             header = _read_header(path)
             if header is not None:
