@@ -14,7 +14,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
-from conftest import Snapshot, assert_clean_error, run_meddiff
+from harness import Snapshot, assert_clean_error, run_meddiff
 
 
 def nifti(path: Path, shape=(24, 24), seed: int = 0) -> Path:
