@@ -123,7 +123,7 @@ class DiffusionPipeline:
             raise MeddiffError("this model takes a concatenated condition (e.g. a noisy image); sample it through its task pipeline")
         if len(seeds) == 0:
             raise MeddiffError("no seeds given: nothing to sample")
-        values = (seeds[0], seeds[-1]) if isinstance(seeds, range) else seeds  # a range holds whole numbers between its ends
+        values = (seeds[0], seeds[-1]) if isinstance(seeds, range) else seeds.tolist() if isinstance(seeds, torch.Tensor) else seeds
         if any(isinstance(s, bool) or not isinstance(s, (int, np.integer)) or not 0 <= s <= MAX_SEED for s in values):
             raise MeddiffError(f"seeds must be whole numbers from 0 to {MAX_SEED} (image i uses seed + i) — choose a smaller --seed")
         train_steps = self.schedule.num_train_timesteps
