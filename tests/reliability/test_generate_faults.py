@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import Result, Snapshot, assert_clean_error, run_meddiff, tiny_model_dir
+from harness import Result, Snapshot, assert_clean_error, run_meddiff, tiny_model_dir
 
 ROOT = Path(__file__).resolve().parents[2]
 N, STEPS = 6, 20  # enough work after the first image that a kill lands mid-run
