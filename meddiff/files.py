@@ -133,10 +133,11 @@ def folder_lock(folder: str | os.PathLike, what: str) -> Iterator[Path]:
 
 
 def file_sha256(path: str | os.PathLike) -> str:
-    """SHA-256 of a file's bytes, read in blocks; for a folder (a DICOM series), of its files' bytes in name order."""
+    """SHA-256 of a file's bytes, read in blocks; for a folder (a DICOM series), of its visible files' bytes in name order."""
     path = Path(path)
     digest = hashlib.sha256()
-    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    # hidden names (meddiff's temporaries, a lock) are not part of a series
+    files = sorted(p for p in path.rglob("*") if p.is_file() and not any(part.startswith(".") for part in p.relative_to(path).parts)) if path.is_dir() else [path]
     for file in files:
         with open(file, "rb") as fh:
             for block in iter(lambda: fh.read(1 << 20), b""):
