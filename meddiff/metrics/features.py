@@ -96,34 +96,20 @@ def find_weights(name: str, weights: str | os.PathLike | None, also: Path | None
 def _state_dict(path: Path, pickled_module_from: str | None = None) -> dict[str, torch.Tensor]:
     """A checkpoint's tensors, unwrapped from ``{"state_dict": ...}`` and DataParallel's ``module.`` prefix.
 
-    ``pickled_module_from``: a package whose release files are whole pickled modules (torchxrayvision);
-    such a file is unpickled only when that package is installed, and only after the safe load failed.
+    Read with torch's weights-only unpickler: nothing in the file runs (``meddiff.weights.torch_load``).
+    ``pickled_module_from``: a package whose release files are whole pickled modules (torchxrayvision); such a
+    file's module classes are read as inert attribute holders and only its tensors are kept, so the package
+    need not even be installed.
     """
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - any unreadable file gets the same one-line error
-        state = _unpickle_module(path, pickled_module_from, exc)
-    if isinstance(state, torch.nn.Module):
-        state = state.state_dict()
+    from meddiff.weights import PickledModule, module_tensors, torch_load
+
+    state = torch_load(path, "weights", modules_from=(f"{pickled_module_from}.",) if pickled_module_from else ())
+    if isinstance(state, PickledModule):
+        state = module_tensors(state)
     state = state.get("state_dict", state) if isinstance(state, dict) else state
-    if not isinstance(state, dict):
-        raise MeddiffError(f"{path} holds no state dict")
-    return {k.removeprefix("module."): v for k, v in state.items()}
-
-
-def _unpickle_module(path: Path, package: str | None, error: Exception):
-    import importlib
-
-    if package is None:
-        raise MeddiffError(f"cannot read the weights {path}: {str(error).splitlines()[0]}") from None
-    try:
-        importlib.import_module(package)  # unpickling a whole model needs its package's classes
-    except Exception:  # noqa: BLE001 - missing, or present but broken
-        raise MeddiffError(f"{path} is a whole pickled model: reading it needs an importable {package}, or save its state_dict instead") from None
-    try:
-        return torch.load(path, map_location="cpu", weights_only=False)  # the user's own release file, read by its package's classes
-    except Exception as exc:  # noqa: BLE001
-        raise MeddiffError(f"cannot read the weights {path}: {str(exc).splitlines()[0]}") from None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise MeddiffError(f"{path} holds no state dict (a mapping of names to tensors) — save one with torch.save(model.state_dict(), PATH)")
+    return {str(k).removeprefix("module."): v for k, v in state.items()}
 
 
 # RadImageNet's PyTorch release wraps torchvision's ResNet-50 children in nn.Sequential ("backbone.N").
@@ -149,11 +135,10 @@ def _xrv_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def _load(network: torch.nn.Module, state: dict[str, torch.Tensor], path: Path) -> torch.nn.Module:
-    try:
-        network.load_state_dict(state, strict=True)
-    except RuntimeError as exc:
-        first = str(exc).splitlines()[1].strip() if len(str(exc).splitlines()) > 1 else str(exc)
-        raise MeddiffError(f"{path} does not fit this network: {first}") from None
+    from meddiff.weights import check_fit
+
+    check_fit(network, state, f"{path} does not fit this network", "pass the extractor's own weights file (see --features)")
+    network.load_state_dict(state, strict=True)
     return network.eval()
 
 
@@ -309,9 +294,15 @@ def _inception(weights) -> Extractor:
     from torchmetrics.image.fid import NoTrainInceptionV3
 
     path = find_weights("inception_v3", weights, also=Path(torch.hub.get_dir()) / "checkpoints")
-    _state_dict(path)  # a safe read first: torch-fidelity unpickles the file in full, so only a plain state dict goes on
+    import io
+
+    # torch-fidelity unpickles its weights file in full (weights_only=False): it gets, in memory, only the tensors
+    # read safely here, never the user's file itself
+    tensors = io.BytesIO()
+    torch.save(_state_dict(path), tensors)
+    tensors.seek(0)
     try:
-        network = NoTrainInceptionV3(name="inception-v3-compat", features_list=["2048"], feature_extractor_weights_path=str(path))
+        network = NoTrainInceptionV3(name="inception-v3-compat", features_list=["2048"], feature_extractor_weights_path=tensors)
     except RuntimeError as exc:
         first = str(exc).splitlines()[1].strip() if len(str(exc).splitlines()) > 1 else str(exc)
         raise MeddiffError(f"{path} does not fit torch-fidelity's Inception-v3: {first}") from None
