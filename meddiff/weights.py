@@ -117,14 +117,15 @@ def torch_load(path: str | os.PathLike, what: str = "weights", modules_from: tup
         raise MeddiffError(f"cannot read the {what} {path}: {first_line(exc)}") from None
 
 
-def refused(exc: pickle.UnpicklingError, source: str) -> str:
+def refused(exc: pickle.UnpicklingError, source: str, remedy: str = SAVE_TENSORS) -> str:
     """The one-line message for a file torch's weights-only unpickler refused: the object it would not build."""
-    found = re.search(r"GLOBAL (\S+) was not an allowed global|unrecognized function (.+?)(?: which|$)", str(exc), re.M)
+    found = re.search(r"GLOBAL (\S+) (?:was not an allowed global|whose module)|unrecognized function (.+?)(?: which|$)", str(exc), re.MULTILINE)
     name = next((g for g in found.groups() if g), None) if found else None
     if name:
-        return f"{source} holds pickled Python objects ({name}), which meddiff never unpickles — {SAVE_TENSORS}"
+        return f"{source} holds pickled Python objects ({name}), which meddiff never unpickles — {remedy}"
     detail = re.search(r"WeightsUnpickler error: *\n*\s*(\S.*)", str(exc))
-    return f"cannot read {source}: not a file of tensors ({detail.group(1).strip() if detail else first_line(exc)}) — {SAVE_TENSORS}"
+    return (f"cannot read {source}: not a file of tensors ({detail.group(1).strip() if detail else first_line(exc)}), and meddiff never unpickles "
+            f"anything else — {remedy}")
 
 
 def first_line(exc: BaseException) -> str:

@@ -72,7 +72,7 @@ def test_fid_rises_with_corruption_and_held_out_real_is_close(mni_t1):
     volume = load_image(mni_t1).array[::3, ::3, 30:160:3]
     extractor = load_extractor("meddiff_mri")
     first, second = volume[..., 0::2], volume[..., 1::2]  # interleaved axial slices: real and held-out real
-    features = lambda slices: np.concatenate([extractor.features(Image(s, np.eye(4), "MR"))["2d"] for s in np.moveaxis(slices, -1, 0)])  # noqa: E731
+    features = lambda slices: np.concatenate([extractor.features(Image(s, np.eye(4), "MR"))["2d"] for s in np.moveaxis(slices, -1, 0)])
     real = features(first)
     rng = np.random.default_rng(0)
     peak = float(volume.max())

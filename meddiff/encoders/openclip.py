@@ -194,11 +194,11 @@ class OpenCLIPEncoder(HFTextEncoder):
 
 def load_open_clip(spec: str, max_length: int | None = None, device: str | torch.device = "cpu") -> OpenCLIPEncoder:
     """An ``OpenCLIPEncoder`` from ``hf-hub:REPO`` or ``local-dir:PATH``, loaded from local files only."""
-    import open_clip
-    from open_clip.tokenizer import HFTokenizer
-
     import pickle
     import warnings
+
+    import open_clip
+    from open_clip.tokenizer import HFTokenizer
 
     from meddiff.encoders.text import refuse_custom_code
     from meddiff.weights import first_line, refused
@@ -218,7 +218,8 @@ def load_open_clip(spec: str, max_length: int | None = None, device: str | torch
                                           text_cfg={**text_cfg, **local_text})
         tokenizer = HFTokenizer(str(files.text_dir), context_length=text_cfg.get("context_length", 77), **text_cfg.get("tokenizer_kwargs", {}))
     except pickle.UnpicklingError as exc:
-        raise MeddiffError(refused(exc, f"{spec}: {files.weights.name}")) from None
+        raise MeddiffError(refused(exc, f"{spec}: {files.weights.name}", f"put the model's tensors in {WEIGHTS_NAMES[0]} instead "
+                                   "(safetensors.torch.save_file(state_dict, PATH))")) from None
     except Exception as exc:  # noqa: BLE001 - an unreadable or mismatched file, whatever open_clip raises: one line
         raise MeddiffError(f"cannot load {spec} from {files.folder}: {first_line(exc)}") from None
     return OpenCLIPEncoder(spec, clip, tokenizer, files.weights, max_length)

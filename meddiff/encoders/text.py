@@ -106,7 +106,8 @@ def load_hf(name: str | os.PathLike, what: str = "the text model"):
             tokenizer = AutoTokenizer.from_pretrained(name, local_files_only=True, trust_remote_code=False)
             model = AutoModel.from_pretrained(name, local_files_only=True, trust_remote_code=False, weights_only=True)
     except pickle.UnpicklingError as exc:
-        raise MeddiffError(refused(exc, f"{what} {name!r}") + " (or a model.safetensors)") from None
+        raise MeddiffError(refused(exc, f"{what} {name!r}", "save the model as model.safetensors (model.save_pretrained(FOLDER)) "
+                                   "and remove pytorch_model.bin")) from None
     except (OSError, ValueError) as exc:
         raise MeddiffError(
             f"cannot load {what} {name!r} from the {where}: {first_line(exc)} — meddiff never downloads: "

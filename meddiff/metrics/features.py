@@ -223,8 +223,8 @@ def _xrv(weights) -> Extractor:
     from monai.networks.nets import DenseNet121
 
     path = find_weights("xrv_densenet121", weights)
-    densenet = DenseNet121(spatial_dims=2, in_channels=1, out_channels=18)
-    features = _load(densenet.features, {k.removeprefix("features."): v for k, v in _xrv_keys(_state_dict(path, "torchxrayvision")).items()}, path)
+    state = {k.removeprefix("features."): v for k, v in _xrv_keys(_state_dict(path, "torchxrayvision")).items()}  # the file first: fail fast
+    features = _load(DenseNet121(spatial_dims=2, in_channels=1, out_channels=18).features, state, path)
 
     def network(x: torch.Tensor) -> torch.Tensor:
         return F.relu(features(x)).mean(dim=(2, 3))
@@ -240,7 +240,8 @@ def _file_id(path: Path) -> str:
 
 def _radimagenet(weights) -> Extractor:
     path = find_weights("radimagenet_resnet50", weights)
-    network = _load(_resnet(50, 2, n_input_channels=3), _radimagenet_keys(_state_dict(path)), path)
+    state = _radimagenet_keys(_state_dict(path))  # the file first: fail fast
+    network = _load(_resnet(50, 2, n_input_channels=3), state, path)
     return Extractor("radimagenet_resnet50", network, 2, _radimagenet_prepare, _file_id(path))
 
 
@@ -248,17 +249,18 @@ def _medicalnet(depth: int):
     def load(weights) -> Extractor:
         name = f"medicalnet_resnet{depth}"
         path = find_weights(name, weights)
+        state = _state_dict(path)  # the file first: fail fast
         network = _resnet(depth, 3, n_input_channels=1, shortcut_type="B", bias_downsample=False)
-        return Extractor(name, _load(network, _state_dict(path), path), 3, _medicalnet_prepare, _file_id(path))
+        return Extractor(name, _load(network, state, path), 3, _medicalnet_prepare, _file_id(path))
 
     return load
 
 
 def _meddiff_mri(weights) -> Extractor:
+    from monai.networks.nets.diffusion_model_unet import get_timestep_embedding
+
     from meddiff.data.transforms import NormalizeIntensityd, to_model_range
     from meddiff.pipeline import load_pipeline
-
-    from monai.networks.nets.diffusion_model_unet import get_timestep_embedding
 
     pipeline = load_pipeline(weights or "mri-denoise")
     unet = pipeline.unet
