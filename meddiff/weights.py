@@ -139,18 +139,24 @@ def module_tensors(module: PickledModule, prefix: str = "", _parents: frozenset 
     (a module shared by two parents under both names, as ``nn.Module.state_dict`` does)."""
     import torch
 
-    if id(module) in _parents:  # only a crafted file holds a cycle
-        raise MeddiffError("the pickled model contains itself — " + SAVE_TENSORS)
+    if id(module) in _parents or len(_parents) > 200:  # only a crafted file holds a cycle, or modules nested 200 deep
+        raise MeddiffError("the pickled model contains itself (or nests modules 200 deep) — " + SAVE_TENSORS)
     _parents = _parents | {id(module)}
     attributes = vars(module)
-    skip = attributes.get("_non_persistent_buffers_set") or set()
+
+    def mapping(name: str) -> dict:  # what a crafted file puts there may be anything: only dicts are read
+        value = attributes.get(name)
+        return value if isinstance(value, dict) else {}
+
+    skip = attributes.get("_non_persistent_buffers_set")
+    skip = skip if isinstance(skip, set) else set()
     state = {}
     for group in ("_parameters", "_buffers"):
-        for name, value in (attributes.get(group) or {}).items():
-            if isinstance(value, torch.Tensor) and not (group == "_buffers" and name in skip):
+        for name, value in mapping(group).items():
+            if isinstance(name, str) and isinstance(value, torch.Tensor) and not (group == "_buffers" and name in skip):
                 state[prefix + name] = value
-    for name, child in (attributes.get("_modules") or {}).items():
-        if isinstance(child, PickledModule):
+    for name, child in mapping("_modules").items():
+        if isinstance(name, str) and isinstance(child, PickledModule):
             state.update(module_tensors(child, f"{prefix}{name}.", _parents))
     return state
 
