@@ -30,7 +30,9 @@ ImageNet Inception features judge medical images poorly; all but ``inception_v3`
 
 Pretrained weights cannot be downloaded here: each loader takes a local file (``weights=``), or
 finds it by name under ``$MEDDIFF_WEIGHTS`` or ``~/.cache/meddiff/weights``, and otherwise says
-exactly which file to put where.
+exactly which file to put where. Nothing in a weights file runs: files are read with torch's weights-only
+unpickler (``meddiff.weights``), torchxrayvision's whole pickled release models as inert module trees
+whose tensors alone are kept, and a file holding any other object is refused in one line.
 """
 
 from __future__ import annotations

@@ -203,6 +203,18 @@ def _clip_as_text_encoder(work: Path, kind: str, marker: Path):
     return lambda: load_text_encoder(folder)
 
 
+def _generate_with_text_encoder(work: Path, kind: str, marker: Path):
+    """A report-conditioned model folder whose config.json names an hf: text encoder folder: generate loads it to encode the prompt."""
+    from conftest import tiny_model_dir
+
+    folder = tiny_model_dir(work / "model")
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "text_encoder": {"spec": f"hf:{work / 'bert'}"}}))
+    write_bert_config(work / "bert")
+    write_payload(work / "bert" / "pytorch_model.bin", kind, marker)
+    return ["generate", "--model", "model", "-n", "1", "--prompt", "left lesion", "--steps", "2", "-o", "out"]
+
+
 NEVER = "never unpickles"  # the line names the object it refused
 SAFETENSORS = "is not a readable safetensors file"
 PATHS = {
@@ -218,16 +230,17 @@ PATHS = {
     "export checkpoint": (PICKLES, _export, NEVER),
     "open_clip local-dir text encoder": (FEW, _open_clip_text, NEVER),
     "hf: text encoder folder": (PICKLES, _hf_text, NEVER),
+    "generate with an hf: text encoder": (("pickle", "torch-zip"), _generate_with_text_encoder, NEVER, ("out",)),
     "CLIP folder image.safetensors": (("pickle", "torch-zip"), _clip_image, SAFETENSORS),
     "CLIP folder text tower": (FEW, _clip_text, NEVER),
     "CLIP folder as text encoder": (("pickle", "module-zip"), _clip_as_text_encoder, NEVER),
 }
-CASES = [(path, kind) for path, (kinds, _, _) in PATHS.items() for kind in kinds]
+CASES = [(path, kind) for path, (kinds, *_) in PATHS.items() for kind in kinds]
 
 
 @pytest.mark.parametrize(("path", "kind"), CASES, ids=[f"{p} <- {k}" for p, k in CASES])
 def test_a_pickled_payload_is_refused_and_never_runs(path, kind, workdir, tmp_path):
-    _, setup, fragment = PATHS[path]
+    _, setup, fragment, *allowed = PATHS[path]  # allowed: the verb's declared output (generate makes its folder before it reads prompts)
     marker = tmp_path / "MARKER"
     run = setup(workdir, kind, marker)
     before = Snapshot(workdir)
@@ -241,6 +254,54 @@ def test_a_pickled_payload_is_refused_and_never_runs(path, kind, workdir, tmp_pa
         result = run_meddiff(*run)
         assert not marker.exists(), f"the payload ran: {marker} exists"
         assert_clean_error(result, fragment)
+    before.assert_unchanged(allowed=allowed[0] if allowed else ())
+
+
+def _custom_code(folder: Path, marker: Path) -> None:
+    """A config.json that asks transformers to import the folder's own modeling file, which would create ``marker``."""
+    config = json.loads((folder / "config.json").read_text())
+    config["auto_map"] = {"AutoConfig": "evil.EvilConfig", "AutoModel": "evil.EvilModel"}
+    (folder / "config.json").write_text(json.dumps(config))
+    (folder / "evil.py").write_text(f"open({str(marker)!r}, 'w').close()\n")
+
+
+def _custom_hf(work: Path, marker: Path):
+    from meddiff.encoders import load_text_encoder
+
+    write_bert_config(work / "bert")
+    _custom_code(work / "bert", marker)
+    return lambda: load_text_encoder(f"hf:{work / 'bert'}")
+
+
+def _custom_open_clip(work: Path, marker: Path):
+    from meddiff.encoders import load_text_encoder
+
+    folder = open_clip_folder(work / "clip")
+    torch.save({}, folder / "open_clip_pytorch_model.bin")
+    _custom_code(folder, marker)
+    return lambda: load_text_encoder(f"local-dir:{folder}")
+
+
+def _custom_clip(work: Path, marker: Path):
+    from meddiff.encoders.clip import ClipEncoder
+
+    folder = clip_folder(work / "clip")
+    _custom_code(folder / "text", marker)
+    return lambda: ClipEncoder(folder)
+
+
+CUSTOM_CODE = {"hf: folder": _custom_hf, "open_clip local-dir text tower": _custom_open_clip, "CLIP folder text tower": _custom_clip}
+
+
+@pytest.mark.parametrize("path", list(CUSTOM_CODE))
+def test_a_folder_asking_to_run_its_own_code_is_refused(path, workdir, tmp_path):
+    """transformers would import a folder's own Python file for a config with auto_map (after a prompt); meddiff never does."""
+    marker = tmp_path / "MARKER"
+    run = CUSTOM_CODE[path](workdir, marker)
+    before = Snapshot(workdir)
+    with pytest.raises(MeddiffError, match=r"auto_map.*never does") as raised:
+        run()
+    assert not marker.exists() and "\n" not in str(raised.value)
     before.assert_unchanged()
 
 
