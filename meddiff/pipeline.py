@@ -72,12 +72,22 @@ class DiffusionPipeline:
         config_path, weights_path = directory / CONFIG_NAME, directory / WEIGHTS_NAME
         if not config_path.is_file() or not weights_path.is_file():
             raise MeddiffError(f"{directory} is not a meddiff model folder (needs {CONFIG_NAME} and {WEIGHTS_NAME})")
+        from meddiff.weights import check_fit, first_line
+
         try:
             config = json.loads(config_path.read_text())
             pipeline = cls.from_config(config)
-            pipeline.unet.load_state_dict(load_file(weights_path, device=str(device)))
-        except (json.JSONDecodeError, KeyError, TypeError, RuntimeError, SafetensorError) as exc:
-            raise MeddiffError(f"cannot load the model in {directory}: {exc}") from None
+        except (ValueError, KeyError, TypeError, RuntimeError) as exc:  # JSONDecodeError is a ValueError
+            raise MeddiffError(f"cannot load the model in {directory}: {CONFIG_NAME} is not a meddiff model config ({first_line(exc)}) — "
+                               f"use a folder written by meddiff export") from None
+        try:  # safetensors: tensors only, nothing in the file is ever run
+            state = load_file(weights_path, device="cpu")
+        except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+            raise MeddiffError(f"cannot load the model in {directory}: {WEIGHTS_NAME} is not a readable safetensors file ({first_line(exc)}) — "
+                               f"use a folder written by meddiff export") from None
+        check_fit(pipeline.unet, state, f"the model in {directory}: {WEIGHTS_NAME} does not fit {CONFIG_NAME}",
+                  "use the config.json and model.safetensors exported together (meddiff export)")
+        pipeline.unet.load_state_dict(state)
         pipeline.unet.to(device).eval()
         pipeline.config["weights_sha256"] = file_sha256(weights_path)
         return pipeline
