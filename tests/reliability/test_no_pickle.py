@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import TINY_UNET, Snapshot, assert_clean_error, run_meddiff
+from harness import TINY_UNET, Snapshot, assert_clean_error, run_meddiff
 from safetensors.torch import load_file, save_file
 
 from meddiff import Image, MeddiffError
