@@ -237,6 +237,8 @@ def generate_to_folder(
         raise MeddiffError("this model is report-conditioned: give --prompt or --prompts" if conditioned else "this model takes no prompts")
     if prompts is not None and len(prompts) != n:
         raise MeddiffError(f"{len(prompts)} prompts for {n} images: give one prompt per image")
+    if conditioned:
+        pipeline.text_encoder.context(prompts[:1])  # loads (or refuses) the report encoder before any folder exists
     ndim = len(pipeline.config["image"]["shape"])
     if fmt == "png" and ndim != 2:
         raise MeddiffError("--format png holds 2D images; this model makes 3D volumes — use nii.gz or dcm")
