@@ -56,9 +56,10 @@ def test_only_magnitude_mr_is_corrected():
 @pytest.fixture(scope="module")
 def head_crop():
     """The top of dipy's T1 slice (held out from training): half air whose truth is exactly 0, half brain."""
+    from scipy import ndimage
+
     from meddiff.data.samples import _dipy_t1_slice
     from meddiff.metrics import foreground_mask
-    from scipy import ndimage
 
     clean = _dipy_t1_slice().array.squeeze()[16:144, 40:168].astype(np.float32)
     background = ~ndimage.binary_dilation(foreground_mask(clean), iterations=3)
@@ -77,7 +78,7 @@ def test_denoised_background_loses_the_noise_floor(head_crop):
     noisy = Image(rician_noise(clean, sigma, np.random.default_rng(5)), np.eye(4), "MR")
     pipeline = load_pipeline("mri-denoise")
     denoised = pipeline.denoise(noisy).array
-    assert denoised[background].mean() < 0.3 * sigma  # measured 0.10 sigma
+    assert denoised[background].mean() < 0.3 * sigma  # measured 0.14 sigma (1.20 sigma without the correction)
     kept = pipeline.denoise(noisy, rician_correction=False).array
     assert kept[background].mean() > FLOOR * sigma * 0.9  # the floor the correction removes is there
     mask = foreground_mask(clean)
