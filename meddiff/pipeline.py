@@ -24,6 +24,7 @@ from meddiff import __version__
 from meddiff.data.transforms import NormalizeIntensityd, from_model_range, to_model_range
 from meddiff.diffusion.denoise import denoise_tensor
 from meddiff.diffusion.noise_level import estimate_noise_sigma
+from meddiff.diffusion.rician import correct_rician_bias
 from meddiff.diffusion.schedulers import NoiseSchedule
 from meddiff.errors import MeddiffError
 from meddiff.image import Image
@@ -260,6 +261,7 @@ class DiffusionPipeline:
         batch_size: int = 16,
         strength: float | None = None,
         mask: np.ndarray | None = None,
+        rician_correction: bool = True,
     ) -> Image:
         """Denoise a magnitude MR ``image``; geometry, units and metadata of the input are kept.
 
@@ -269,7 +271,8 @@ class DiffusionPipeline:
         validation data) undoes that. ``mask`` (the image's shape): only voxels inside it change.
         A 2D model runs slice by slice across the thickest voxel axis; a 3D model runs on overlapping
         patches of the training shape with Gaussian blending (MONAI sliding-window inference), so
-        memory stays bounded. 4D images are denoised volume by volume.
+        memory stays bounded. 4D images are denoised volume by volume. ``rician_correction``: remove
+        the Rician noise floor of magnitude MR from the result (``meddiff.diffusion.rician``).
         """
         image.check_finite()
         if np.ptp(image.array) == 0:
@@ -282,7 +285,7 @@ class DiffusionPipeline:
         if image.array.ndim == 4:
             volumes = [
                 self.denoise(Image(image.array[..., v], image.affine, image.modality), noise_sigma, steps, samples, seed, batch_size,
-                             strength, None if mask is None else (mask if np.ndim(mask) == 3 else mask[..., v])).array
+                             strength, None if mask is None else (mask if np.ndim(mask) == 3 else mask[..., v]), rician_correction).array
                 for v in range(image.array.shape[3])
             ]
             return Image(np.stack(volumes, axis=-1), image.affine, image.modality, dict(image.meta))
@@ -305,6 +308,7 @@ class DiffusionPipeline:
             planes = torch.movedim(y, axis, 0)
             out = torch.movedim(self._denoise_planes(planes, run, batch_size), 0, axis)
         array = from_model_range(out.float().cpu().numpy(), low, high)
+        array = correct_rician_bias(array, sigma, image, rician_correction)
         if mask is not None:
             array = np.where(np.asarray(mask, dtype=bool), array, image.array).astype(np.float32)
         return Image(array, image.affine, image.modality, dict(image.meta))
