@@ -86,7 +86,7 @@ def test_denoised_background_loses_the_noise_floor(head_crop):
 
 
 def test_cli_option_keeps_the_floor(head_crop, workdir):
-    from conftest import Snapshot, run_meddiff
+    from harness import Snapshot, run_meddiff
 
     from meddiff.data.synthetic import rician_noise
     from meddiff.io import load_image, save_image
