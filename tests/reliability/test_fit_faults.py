@@ -1,0 +1,186 @@
+"""``meddiff fit`` under bad input and faults: check first, then create; no code from a checkpoint;
+sample grids of report-conditioned models; a SIGKILLed run resumes to the weights of an uninterrupted one."""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+import yaml
+from conftest import TINY_UNET, Snapshot, assert_clean_error, run_meddiff  # tests/reliability/conftest.py
+
+REPO = Path(__file__).resolve().parents[2]
+SMOKE = REPO / "configs" / "smoke" / "ddpm_2d.yaml"
+
+
+def write_volumes(folder: Path, n: int = 4, split: str = "train", reports: list[str] | None = None, shape=(20, 20, 8)) -> Path:
+    """``n`` small MR volumes with a bright block each (different per volume) and their manifest."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(len(list(folder.glob("*.nii.gz"))))
+    lines = []
+    for i in range(n):
+        image = np.zeros(shape, np.float32)
+        image[3 + i : 15 + i, 2:18, :] = 100 + rng.normal(0, 20, (12, 16, shape[2]))
+        name = f"{split}{i}.nii.gz"
+        nib.save(nib.Nifti1Image(image, np.eye(4)), folder / name)
+        record = {"image": name, "modality": "MR", "split": split}
+        if reports:
+            record["report"] = reports[i % len(reports)]
+        lines.append(json.dumps(record))
+    manifest = folder / "manifest.jsonl"
+    with open(manifest, "a") as fh:
+        fh.write("\n".join(lines) + "\n")
+    return manifest
+
+
+def fit_config(manifest: Path | str, loggers: bool = True, root: str = "runs/t", callbacks: list | None = None, **trainer) -> dict:
+    """The 2D smoke recipe on 16x16 patches: the loggers and checkpoints a real run starts (relative to the cwd)."""
+    config = yaml.safe_load(SMOKE.read_text())
+    config["trainer"].update(default_root_dir=root, enable_progress_bar=False, val_check_interval=None, check_val_every_n_epoch=1000)
+    if loggers:
+        config["trainer"]["logger"] = [
+            {"class_path": "lightning.pytorch.loggers.WandbLogger", "init_args": {"project": "meddiff", "save_dir": root}},
+            {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": root}},
+        ]
+    else:
+        config["trainer"]["logger"] = False
+    config["trainer"]["callbacks"] = callbacks if callbacks is not None else [
+        {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint", "init_args": {"dirpath": f"{root}/checkpoints", "every_n_train_steps": 2, "save_last": True}}
+    ]
+    config["trainer"].update(trainer)
+    config["model"]["init_args"].update(image_shape=[16, 16], image_spacing=[1.0, 1.0])
+    config["data"]["init_args"].update(manifest=str(manifest), spacing=None, patch_size=[16, 16], slices_per_volume=2, batch_size=1)
+    return config
+
+
+def write_config(path: Path, config: dict) -> Path:
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+class Payload:
+    """Unpickling it runs ``touch MARKER``: what a hostile checkpoint would do."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+# --- the case table: each prepares a bad input in the (empty) working folder and returns argv + a fragment
+
+
+def case_missing_config(work: Path):
+    return ["--config", "nope.yaml"], "nope.yaml does not exist"
+
+
+def case_broken_yaml(work: Path):
+    (work / "broken.yaml").write_text("trainer:\n  max_steps: [1,\n")
+    return ["--config", "broken.yaml"], "not valid YAML at line"
+
+
+def case_config_not_a_mapping(work: Path):
+    (work / "list.yaml").write_text("- trainer\n- model\n")
+    return ["--config", "list.yaml"], "not a mapping"
+
+
+def case_unknown_option(work: Path):
+    manifest = write_volumes(work / "data")
+    write_config(work / "c.yaml", fit_config(manifest))
+    return ["--config", "c.yaml", "--model.init_args.bogus=1"], "meddiff fit --help"
+
+
+def case_smoke_config_on_a_fresh_clone(work: Path):
+    """configs/smoke/ddpm_2d.yaml as shipped: its manifest is made by a command the config names."""
+    return ["--config", str(SMOKE)], "make it with `meddiff manifest samples -o demo_out/samples`"
+
+
+def case_missing_manifest(work: Path):
+    write_config(work / "c.yaml", fit_config(work / "none" / "manifest.jsonl"))
+    return ["--config", "c.yaml"], "meddiff manifest build"
+
+
+def case_manifest_names_a_missing_image(work: Path):
+    manifest = write_volumes(work / "data")
+    (work / "data" / "train1.nii.gz").unlink()
+    write_config(work / "c.yaml", fit_config(manifest))
+    return ["--config", "c.yaml"], "file not found"
+
+
+def case_nan_image(work: Path):
+    manifest = write_volumes(work / "data")
+    image = nib.load(work / "data" / "train2.nii.gz")
+    array = np.asarray(image.dataobj).copy()
+    array[5, 5, 2] = np.nan
+    nib.save(nib.Nifti1Image(array, image.affine), work / "data" / "train2.nii.gz")
+    write_config(work / "c.yaml", fit_config(manifest))
+    return ["--config", "c.yaml"], "train2.nii.gz: image has 1 NaN"
+
+
+def case_missing_checkpoint(work: Path):
+    manifest = write_volumes(work / "data")
+    write_config(work / "c.yaml", fit_config(manifest))
+    return ["--config", "c.yaml", "--ckpt_path", "gone.ckpt"], "gone.ckpt does not exist"
+
+
+def case_pickle_payload_checkpoint(work: Path):
+    manifest = write_volumes(work / "data")
+    write_config(work / "c.yaml", fit_config(manifest))
+    (work / "evil.ckpt").write_bytes(pickle.dumps({"state_dict": {}, "x": Payload(work / "MARKER")}))
+    return ["--config", "c.yaml", "--ckpt_path", "evil.ckpt"], "refusing checkpoint evil.ckpt"
+
+
+def case_torch_zip_payload_checkpoint(work: Path):
+    manifest = write_volumes(work / "data")
+    write_config(work / "c.yaml", fit_config(manifest))
+    torch.save({"state_dict": {}, "x": Payload(work / "MARKER")}, work / "evil.ckpt")
+    return ["--config", "c.yaml", "--ckpt_path=evil.ckpt"], "refusing checkpoint evil.ckpt"
+
+
+def case_payload_as_last_checkpoint(work: Path):
+    """``--ckpt_path last`` resolves to a planted payload: refused before Lightning opens it."""
+    manifest = write_volumes(work / "data")
+    write_config(work / "c.yaml", fit_config(manifest, root="runs/t"))
+    (work / "runs" / "t" / "checkpoints").mkdir(parents=True)
+    torch.save({"state_dict": {}, "x": Payload(work / "MARKER")}, work / "runs" / "t" / "checkpoints" / "last.ckpt")
+    return ["--config", "c.yaml", "--ckpt_path", "last"], "last.ckpt: it holds objects other than tensors"
+
+
+def case_checkpoint_that_is_not_lightning(work: Path):
+    manifest = write_volumes(work / "data")
+    write_config(work / "c.yaml", fit_config(manifest))
+    torch.save(torch.zeros(3), work / "t.ckpt")
+    return ["--config", "c.yaml", "--ckpt_path", "t.ckpt"], "not a Lightning checkpoint"
+
+
+def case_weights_only_false(work: Path):
+    manifest = write_volumes(work / "data")
+    write_config(work / "c.yaml", fit_config(manifest))
+    return ["--config", "c.yaml", "--weights_only=false"], "weights_only=true"
+
+
+CASES = [
+    case_missing_config, case_broken_yaml, case_config_not_a_mapping, case_unknown_option, case_smoke_config_on_a_fresh_clone,
+    case_missing_manifest, case_manifest_names_a_missing_image, case_nan_image, case_missing_checkpoint, case_pickle_payload_checkpoint,
+    case_torch_zip_payload_checkpoint, case_payload_as_last_checkpoint, case_checkpoint_that_is_not_lightning, case_weights_only_false,
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.__name__[5:] for c in CASES])
+def test_bad_input_fails_in_one_line_before_any_run_folder(case, workdir):
+    argv, fragment = case(workdir)
+    before = Snapshot(workdir)
+    result = run_meddiff("fit", *argv)
+    assert_clean_error(result, fragment)
+    before.assert_unchanged()  # no runs/, lightning_logs/, wandb/, config.yaml or checkpoint appeared
+    assert not (workdir / "MARKER").exists(), "a checkpoint ran code"
