@@ -29,7 +29,8 @@ def write_volumes(folder: Path, n: int = 4, split: str = "train", reports: list[
     lines = []
     for i in range(n):
         image = np.zeros(shape, np.float32)
-        image[3 + i : 15 + i, 2:18, :] = 100 + rng.normal(0, 20, (12, 16, shape[2]))
+        block = image[1 + i : 1 + i + shape[0] // 2, 2:-2, :]
+        block[...] = 100 + rng.normal(0, 20, block.shape)
         name = f"{split}{i}.nii.gz"
         nib.save(nib.Nifti1Image(image, np.eye(4)), folder / name)
         record = {"image": name, "modality": "MR", "split": split}
@@ -184,3 +185,103 @@ def test_bad_input_fails_in_one_line_before_any_run_folder(case, workdir):
     assert_clean_error(result, fragment)
     before.assert_unchanged()  # no runs/, lightning_logs/, wandb/, config.yaml or checkpoint appeared
     assert not (workdir / "MARKER").exists(), "a checkpoint ran code"
+
+
+# --- sample grids of a report-conditioned model
+
+WORDS = "no acute abnormality a small large lesion in the left right region".split()
+
+
+@pytest.fixture(scope="module")
+def bert_dir(tmp_path_factory) -> Path:
+    """A tiny BERT in the Hugging Face folder format (as tests/test_encoders.py makes it)."""
+    from transformers import BertConfig, BertModel, BertTokenizerFast
+
+    folder = tmp_path_factory.mktemp("tiny-bert")
+    tokens = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "."] + WORDS
+    BertTokenizerFast(vocab={t: i for i, t in enumerate(tokens)}, model_max_length=16).save_pretrained(folder)
+    torch.manual_seed(0)
+    BertModel(BertConfig(vocab_size=len(tokens), hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
+                         max_position_embeddings=32)).save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.parametrize("prompts", [None, ["a large lesion in the left region."]], ids=["val_reports", "given_prompts"])
+def test_sample_grid_of_a_report_conditioned_model_uses_fixed_prompts(prompts, bert_dir, tmp_path):
+    import lightning.pytorch as pl
+
+    from meddiff.data.datamodule import ManifestDataModule
+    from meddiff.training import DiffusionModule
+    from meddiff.training.callbacks import SampleGrid
+
+    train_reports, val_reports = ["no acute abnormality.", "a small lesion in the right region."], ["a large lesion in the left region.", "no acute abnormality."]
+    write_volumes(tmp_path / "data", n=2, reports=train_reports, shape=(16, 16, 4))
+    manifest = write_volumes(tmp_path / "data", n=2, split="val", reports=val_reports, shape=(16, 16, 4))
+    data = ManifestDataModule(str(manifest), spatial_dims=2, slices_per_volume=1, batch_size=2)
+    torch.manual_seed(0)
+    module = DiffusionModule(spatial_dims=2, image_shape=(16, 16), text_encoder=f"hf:{bert_dir}", **TINY_UNET)
+    grid = SampleGrid(every_n_steps=2, n=3, steps=2, prompts=prompts)
+    trainer = pl.Trainer(max_steps=2, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, limit_val_batches=0, callbacks=[grid], default_root_dir=tmp_path / "run")
+    trainer.fit(module, data)
+    expected = prompts or val_reports
+    assert grid.grid_prompts == [expected[i % len(expected)] for i in range(3)]
+    assert (tmp_path / "run" / "samples" / "step_0000002.png").is_file()
+
+
+# --- SIGKILL mid-fit, then --ckpt_path last: the weights of an uninterrupted run
+
+KILLER = '''
+import os, signal
+import lightning.pytorch as pl
+
+
+class KillAt(pl.Callback):
+    """SIGKILL this process at the end of optimizer step ``step`` (before that step's checkpoint is written)."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+        if trainer.global_step == self.step:
+            os.kill(os.getpid(), signal.SIGKILL)
+'''
+
+
+@pytest.mark.parametrize("every,kill,steps", [(3, 4, 6), (4, 5, 8)], ids=["mid_epoch", "epoch_end"])
+def test_sigkill_mid_fit_then_resume_gives_the_weights_of_an_uninterrupted_run(every, kill, steps, tmp_path):
+    """4 volumes x 2 random slices, random 16x16 crops, batch 1: 4 steps an epoch. Checkpoints every 3
+    steps; the killed run dies in step 4 (last.ckpt: step 3, mid-epoch 0); the resumed run goes on to
+    step 6 (mid-epoch 1): order, slices, crops, noise, EMA and optimizer all as in one straight run."""
+    manifest = write_volumes(tmp_path / "data", n=4, shape=(24, 22, 8))
+    (tmp_path / "killer.py").write_text(KILLER)
+
+    def config(name: str, kill: int | None = None) -> Path:
+        checkpoints = {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+                       "init_args": {"dirpath": str(tmp_path / name / "checkpoints"), "every_n_train_steps": every, "save_last": True, "save_top_k": -1}}
+        callbacks = [checkpoints] + ([{"class_path": "killer.KillAt", "init_args": {"step": kill}}] if kill else [])
+        cfg = fit_config(manifest, loggers=False, root=str(tmp_path / name), callbacks=callbacks, max_steps=steps, enable_model_summary=False)
+        return write_config(tmp_path / f"{name}.yaml", cfg)
+
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), str(REPO)]), "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline"}
+    killed = subprocess.run([sys.executable, "-m", "meddiff.cli.main", "fit", "--config", str(config("resumed", kill=kill))],
+                            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    assert torch.load(tmp_path / "resumed" / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == every
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the killed run's arithmetic, to the last bit
+    try:
+        assert run_meddiff("fit", "--config", config("resumed"), "--ckpt_path", "last", cwd=tmp_path).code == 0
+        assert run_meddiff("fit", "--config", config("straight"), cwd=tmp_path).code == 0
+    finally:
+        torch.set_num_threads(threads)
+    a = torch.load(tmp_path / "straight" / "checkpoints" / "last.ckpt", weights_only=True)
+    b = torch.load(tmp_path / "resumed" / "checkpoints" / "last.ckpt", weights_only=True)
+    assert a["global_step"] == b["global_step"] == steps
+    assert a["state_dict"].keys() == b["state_dict"].keys() and any(k.startswith("ema.") for k in a["state_dict"])
+    for key, value in a["state_dict"].items():  # raw and EMA weights, bit for bit
+        assert torch.equal(b["state_dict"][key], value), key
+    state_a, state_b = a["optimizer_states"][0]["state"], b["optimizer_states"][0]["state"]
+    for key in state_a:
+        assert torch.equal(state_a[key]["exp_avg_sq"], state_b[key]["exp_avg_sq"]), key
