@@ -14,8 +14,8 @@ from monai.data import CacheDataset, DataLoader
 from monai.transforms import (
     Compose,
     EnsureTyped,
-    RandSpatialCropd,
     Orientationd,
+    RandSpatialCropd,
     ResizeWithPadOrCropd,
     SelectItemsd,
     Spacingd,
@@ -42,10 +42,10 @@ class ManifestDataModule(pl.LightningDataModule):
     ``batch["label"]`` for class-conditioned models (strings mapped through ``class_names``). Volumes
     are reoriented to RAS first, so data from LPS DICOM and RAS NIfTI agree in layout.
 
-    Training data replay exactly on resume: the order of an epoch is a function of (``seed``, epoch)
-    only, the random transforms of an item (slices, crops, augmentation) are seeded by (``seed``,
+    Training data replay exactly on resume: the order of an epoch is a function of (``data_seed``, epoch)
+    only, the random transforms of an item (slices, crops, augmentation) are seeded by (``data_seed``,
     epoch, index), and the training loader tells Lightning how far into its epoch it got, so a run
-    resumed from any step checkpoint sees the batches an uninterrupted run would. ``seed`` defaults
+    resumed from any step checkpoint sees the batches an uninterrupted run would. ``data_seed`` defaults
     to the run's ``seed_everything`` (resume with the same seed, as the same config gives).
     """
 
@@ -66,7 +66,7 @@ class ManifestDataModule(pl.LightningDataModule):
         modalities: Sequence[str] | None = None,
         label_key: str | None = None,
         class_names: Sequence[str] | None = None,
-        seed: int | None = None,
+        data_seed: int | None = None,
     ):
         super().__init__()
         if spatial_dims not in (2, 3):
@@ -171,7 +171,7 @@ class ManifestDataModule(pl.LightningDataModule):
         drop_last = shuffle and len(dataset) > self.hparams.batch_size  # never drop the only (short) batch
         if not shuffle:
             return DataLoader(dataset, batch_size=self.hparams.batch_size, num_workers=self.hparams.num_workers)
-        seed = self.hparams.seed if self.hparams.seed is not None else int(os.environ.get("PL_GLOBAL_SEED", 0))
+        seed = self.hparams.data_seed if self.hparams.data_seed is not None else int(os.environ.get("PL_GLOBAL_SEED", "0"))
         trainer = getattr(self, "trainer", None)
         world, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
         sampler = EpochSampler(dataset, seed=seed, num_replicas=world, rank=rank)

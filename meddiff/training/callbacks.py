@@ -7,7 +7,6 @@ from pathlib import Path
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.loggers import WandbLogger
-from lightning.pytorch.utilities import rank_zero_only
 
 from meddiff.errors import MeddiffError
 from meddiff.viz import save_grid
