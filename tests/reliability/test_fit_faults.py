@@ -237,41 +237,51 @@ import lightning.pytorch as pl
 
 
 class KillAt(pl.Callback):
-    """SIGKILL this process at the end of optimizer step ``step`` (before that step's checkpoint is written)."""
+    """At the end of optimizer step ``step`` (before that step's checkpoint is written): SIGKILL this
+    process (``hard``), or fail as a crash would (an in-process run)."""
 
-    def __init__(self, step: int):
+    def __init__(self, step: int, hard: bool = True):
         self.step = step
+        self.hard = hard
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
         if trainer.global_step == self.step:
-            os.kill(os.getpid(), signal.SIGKILL)
+            if self.hard:
+                os.kill(os.getpid(), signal.SIGKILL)
+            raise RuntimeError("crashed")
 '''
 
 
-@pytest.mark.parametrize("every,kill,steps", [(3, 4, 6), (4, 5, 8)], ids=["mid_epoch", "epoch_end"])
-def test_sigkill_mid_fit_then_resume_gives_the_weights_of_an_uninterrupted_run(every, kill, steps, tmp_path):
-    """4 volumes x 2 random slices, random 16x16 crops, batch 1: 4 steps an epoch. Checkpoints every 3
-    steps; the killed run dies in step 4 (last.ckpt: step 3, mid-epoch 0); the resumed run goes on to
-    step 6 (mid-epoch 1): order, slices, crops, noise, EMA and optimizer all as in one straight run."""
+@pytest.mark.parametrize("every,kill,steps", [(3, 4, 6), (4, 5, 8)], ids=["sigkill_mid_epoch", "crash_at_epoch_end"])
+def test_killed_fit_then_resume_gives_the_weights_of_an_uninterrupted_run(every, kill, steps, tmp_path, monkeypatch):
+    """4 volumes x 2 random slices, random 16x16 crops, batch 1: 4 steps an epoch. SIGKILL in a
+    subprocess: checkpoints every 3 steps, the run dies in step 4 (last.ckpt: step 3, mid-epoch 0),
+    the resumed run goes on to step 6 (mid-epoch 1). In-process crash (no torch import to pay): a
+    checkpoint at the end of epoch 0 (step 4), resumed to step 8. Order, slices, crops, noise, EMA and
+    optimizer all as in one straight run, bit for bit."""
     manifest = write_volumes(tmp_path / "data", n=4, shape=(24, 22, 8))
     (tmp_path / "killer.py").write_text(KILLER)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    hard = kill == 4
 
     def config(name: str, kill: int | None = None) -> Path:
         checkpoints = {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
                        "init_args": {"dirpath": str(tmp_path / name / "checkpoints"), "every_n_train_steps": every, "save_last": True, "save_top_k": -1}}
-        callbacks = [checkpoints] + ([{"class_path": "killer.KillAt", "init_args": {"step": kill}}] if kill else [])
+        callbacks = [checkpoints] + ([{"class_path": "killer.KillAt", "init_args": {"step": kill, "hard": hard}}] if kill else [])
         cfg = fit_config(manifest, loggers=False, root=str(tmp_path / name), callbacks=callbacks, max_steps=steps, enable_model_summary=False)
         return write_config(tmp_path / f"{name}.yaml", cfg)
 
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), str(REPO)]), "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline"}
-    killed = subprocess.run([sys.executable, "-m", "meddiff.cli.main", "fit", "--config", str(config("resumed", kill=kill))],
-                            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300, check=False)
-    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
-    assert torch.load(tmp_path / "resumed" / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == every
-
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # the killed run's arithmetic, to the last bit
+    torch.set_num_threads(1)  # the killed run's arithmetic (OMP_NUM_THREADS=1), to the last bit
     try:
+        if hard:
+            env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), str(REPO)]), "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline"}
+            killed = subprocess.run([sys.executable, "-m", "meddiff.cli.main", "fit", "--config", str(config("resumed", kill=kill))],
+                                    cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300, check=False)
+            assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+        else:
+            assert_clean_error(run_meddiff("fit", "--config", config("resumed", kill=kill), cwd=tmp_path), "crashed")
+        assert torch.load(tmp_path / "resumed" / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == every
         assert run_meddiff("fit", "--config", config("resumed"), "--ckpt_path", "last", cwd=tmp_path).code == 0
         assert run_meddiff("fit", "--config", config("straight"), cwd=tmp_path).code == 0
     finally:
