@@ -117,6 +117,19 @@ def make_manifest_hint(manifest: Path, configs: list[Path]) -> str:
     return "write one with `meddiff manifest build DIR -o FILE.jsonl` (see data_manifests/README.md) and set --data.init_args.manifest"
 
 
+def check_text_encoder(config, configs: list[Path]) -> None:
+    """A text encoder given as a plain folder exists; if a config in the same tree writes it
+    (``export_dir``, as configs/clip_findings.yaml does), the error names that config."""
+    spec = config.get("model.init_args.text_encoder") if hasattr(config, "get") else None
+    if not isinstance(spec, str) or re.match(r"^[a-z-]+:", spec) or Path(spec).exists():
+        return
+    for folder in dict.fromkeys(parent for config_file in configs for parent in (config_file.parent, config_file.parent.parent)):
+        for candidate in sorted(folder.glob("*.yaml")):
+            if re.search(rf"^\s*export_dir:\s*['\"]?{re.escape(spec)}['\"]?\s*$", candidate.read_text(errors="replace"), re.MULTILINE):
+                raise MeddiffError(f"text encoder folder {spec} does not exist — make it with `meddiff fit --config {candidate}`")
+    raise MeddiffError(f"text encoder folder {spec} does not exist — give an exported meddiff CLIP folder, hf:NAME_OR_PATH or local-dir:PATH")
+
+
 def check_data(datamodule, configs: list[Path]) -> None:
     """Read the manifest, check its files and load the training data (finite voxels) before any logger starts."""
     from meddiff.data.datamodule import ManifestDataModule
@@ -167,6 +180,9 @@ def run(args) -> None:
             ckpt_path = self.config.get("fit", {}).get("ckpt_path")
             if ckpt_path is not None and str(ckpt_path) not in CKPT_KEYWORDS and not str(ckpt_path).startswith("registry:"):
                 check_checkpoint(ckpt_path)  # before LightningCLI reads the checkpoint's hyperparameters
+
+        def before_instantiate_classes(self) -> None:
+            check_text_encoder(self.config["fit"], configs)  # before the model loads it
 
         def before_fit(self) -> None:
             check_data(self.datamodule, configs)

@@ -106,6 +106,11 @@ def case_smoke_config_on_a_fresh_clone(work: Path):
     return ["--config", str(SMOKE)], "make it with `meddiff manifest samples -o demo_out/samples`"
 
 
+def case_report_smoke_config_without_its_text_encoder(work: Path):
+    """configs/smoke/report_2d.yaml as shipped: its text encoder is written by configs/clip_findings.yaml."""
+    return ["--config", str(REPO / "configs" / "smoke" / "report_2d.yaml")], "make it with `meddiff fit --config"
+
+
 def case_missing_manifest(work: Path):
     write_config(work / "c.yaml", fit_config(work / "none" / "manifest.jsonl"))
     return ["--config", "c.yaml"], "meddiff manifest build"
@@ -172,7 +177,8 @@ def case_weights_only_false(work: Path):
 
 CASES = [
     case_missing_config, case_broken_yaml, case_config_not_a_mapping, case_unknown_option, case_smoke_config_on_a_fresh_clone,
-    case_missing_manifest, case_manifest_names_a_missing_image, case_nan_image, case_missing_checkpoint, case_pickle_payload_checkpoint,
+    case_report_smoke_config_without_its_text_encoder, case_missing_manifest, case_manifest_names_a_missing_image, case_nan_image,
+    case_missing_checkpoint, case_pickle_payload_checkpoint,
     case_torch_zip_payload_checkpoint, case_payload_as_last_checkpoint, case_checkpoint_that_is_not_lightning, case_weights_only_false,
 ]
 
