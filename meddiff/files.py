@@ -1,15 +1,33 @@
-"""File helpers: write-then-rename, so a failed or interrupted write never leaves a half-written output; content hashes."""
+"""File helpers: write-then-rename, so a failed or interrupted write never leaves a half-written output; content hashes.
+
+Naming convention for temporaries (every writer in meddiff keeps it; folder scans rely on it):
+
+- every temporary meddiff makes lives beside its final output and its name starts with a dot, so
+  scans that skip dot-files never read one;
+- a file being written is ``.NAME.meddiff-tmp-XXXXXXXX.SUFFIX`` (``atomic_path``; SUFFIX repeats
+  the output's, so writers pick the right format), a folder being written is ``.NAME.partial``;
+- ``is_temporary(path)`` says whether a name is one of these, and ``remove_temporaries(folder)``
+  clears the ones a killed process (SIGKILL, power loss) left behind: call it under the folder's
+  lock (``folder_lock``) before resuming work in a folder.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
 import os
+import re
+import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 from meddiff.errors import MeddiffError
+
+TEMP_MARK = ".meddiff-tmp-"  # inside every atomic_path temporary's name: .NAME.meddiff-tmp-XXXXXXXX.SUFFIX
+PARTIAL_SUFFIX = ".partial"  # a folder being written: .NAME.partial
+LOCK_NAME = ".meddiff.lock"  # a folder's lock file (folder_lock), removed when the lock is released
+_TEMPORARY = re.compile(rf"^\..+(?:{re.escape(TEMP_MARK)}[A-Za-z0-9_]+.*|{re.escape(PARTIAL_SUFFIX)})$")
 
 
 def _current_umask() -> int:
@@ -55,7 +73,7 @@ def atomic_path(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Pa
     On success the temporary file replaces ``path``; on any error it is removed.
     """
     path = check_writable(path, overwrite)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=full_suffix(path), dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}{TEMP_MARK}", suffix=full_suffix(path), dir=path.parent)
     os.close(fd)
     tmp_path = Path(tmp)
     try:
@@ -66,11 +84,60 @@ def atomic_path(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Pa
         tmp_path.unlink(missing_ok=True)
 
 
+def is_temporary(path: str | os.PathLike) -> bool:
+    """True for a name meddiff gives its temporaries (see the module docstring); never for a user's file."""
+    return bool(_TEMPORARY.match(Path(path).name))
+
+
+def remove_temporaries(folder: str | os.PathLike) -> list[Path]:
+    """Remove temporaries a killed writer left directly in ``folder``; returns what was removed."""
+    removed = []
+    for path in sorted(Path(folder).iterdir()):
+        if is_temporary(path):
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
+            else:
+                path.unlink(missing_ok=True)
+            removed.append(path)
+    return removed
+
+
+@contextlib.contextmanager
+def folder_lock(folder: str | os.PathLike, what: str) -> Iterator[Path]:
+    """Hold ``folder``'s lock for the block, or refuse at once if another process holds it.
+
+    ``filelock`` keeps its lock file on release (waiters share its inode). This helper removes the
+    file at the end of the block, while still holding the lock, so no hidden file stays behind;
+    that is safe because filelock treats a lock won on an unlinked inode as not won and tries the
+    path again. A killed holder leaves the file but not the lock (the kernel drops flock locks with
+    the process): the next run takes it and removes it.
+    """
+    from filelock import FileLock, Timeout
+
+    path = Path(folder) / LOCK_NAME
+    held: list[os.stat_result] = []
+    lock = FileLock(path, timeout=0, on_acquired=lambda fd: held.append(os.fstat(fd)))
+    try:
+        lock.acquire()
+    except Timeout:
+        raise MeddiffError(f"{folder} is in use by another {what} — wait for it to finish, or choose another folder") from None
+    try:
+        yield path
+    finally:
+        try:
+            with contextlib.suppress(OSError):
+                if held and os.path.samestat(os.lstat(path), held[-1]):
+                    path.unlink()
+        finally:
+            lock.release()
+
+
 def file_sha256(path: str | os.PathLike) -> str:
-    """SHA-256 of a file's bytes, read in blocks; for a folder (a DICOM series), of its files' bytes in name order."""
+    """SHA-256 of a file's bytes, read in blocks; for a folder (a DICOM series), of its visible files' bytes in name order."""
     path = Path(path)
     digest = hashlib.sha256()
-    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    # hidden names (meddiff's temporaries, a lock) are not part of a series
+    files = sorted(p for p in path.rglob("*") if p.is_file() and not any(part.startswith(".") for part in p.relative_to(path).parts)) if path.is_dir() else [path]
     for file in files:
         with open(file, "rb") as fh:
             for block in iter(lambda: fh.read(1 << 20), b""):

@@ -1,14 +1,23 @@
 """Synthetic data at scale: Lightning ``predict`` over item indices, each rank writing its own shard.
 
 Item ``i`` is always sampled with seed ``seed + i``, so a resumed or re-sharded run writes the same
-images. Each finished item is one file plus one line in ``manifest.rank<R>.jsonl``; when all ranks
-are done, rank 0 merges every shard into ``manifest.jsonl`` (items of earlier runs kept), so an
-interrupted run resumes by skipping what is already written.
+images. Each item is one line in ``manifest.rank<R>.jsonl``, written before its file, plus the file
+(written to a temporary and renamed); when all ranks are done, rank 0 merges every shard into
+``manifest.jsonl`` (items of earlier runs kept), so an interrupted run resumes by skipping what is
+already written. Because the record comes first, every file meddiff puts in the folder is recorded
+before it exists: a file the folder's records do not name is someone else's and is never replaced.
+
+Every check runs before the folder is created; the run holds the folder's lock (a second run into
+the same folder is refused at once), clears temporaries a killed run left, and on Ctrl-C or SIGTERM
+keeps what it finished (merged into ``manifest.jsonl``) and ends with ``KeyboardInterrupt``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -19,12 +28,24 @@ from torch.utils.data import DataLoader
 
 from meddiff.data.manifest import Record, write_manifest
 from meddiff.errors import MeddiffError
+from meddiff.files import folder_lock, remove_temporaries
 from meddiff.io import SYNTHETIC_FORMATS as FORMATS
 from meddiff.io import save_image
 from meddiff.io.dicom_write import write_synthetic_dicom
 from meddiff.pipeline import DiffusionPipeline
 
 MANIFEST = "manifest.jsonl"
+MAX_ITEMS = 1_000_000  # items are named sample_000000 .. sample_999999: a larger set goes into several folders
+
+
+def sample_name(index: int, fmt: str, ndim: int) -> str:
+    """File (or, for a 3D DICOM series, folder) name of item ``index``."""
+    return f"sample_{index:06d}" + ("" if fmt == "dcm" and ndim == 3 else f".{fmt}")
+
+
+def description(provenance: dict, index: int) -> str:
+    """What a generated DICOM says about itself (DerivationDescription): model and seed."""
+    return f"synthetic image from meddiff model {provenance['weights_sha256'][:16]}, seed {provenance['seed'] + index}"
 
 
 class GenerationModule(pl.LightningModule):
@@ -65,12 +86,7 @@ class ShardWriter(BasePredictionWriter):
                     fh.write(b"\n")
         with open(shard, "a", encoding="utf-8") as fh:
             for index, image, prompt in prediction:
-                name = f"sample_{index:06d}" + ("" if self.fmt == "dcm" and image.array.ndim == 3 else f".{self.fmt}")
-                description = f"synthetic image from meddiff model {self.provenance['weights_sha256'][:16]}, seed {self.provenance['seed'] + index}"
-                if self.fmt == "dcm":
-                    write_synthetic_dicom(image, self.out_dir / name, description, overwrite=True)
-                else:
-                    save_image(image, self.out_dir / name, overwrite=True)
+                name = sample_name(index, self.fmt, image.array.ndim)
                 record = Record(
                     image=name,
                     modality=image.modality or "OT",
@@ -80,8 +96,14 @@ class ShardWriter(BasePredictionWriter):
                     synthetic=True,
                     provenance={**self.provenance, "seed": self.provenance["seed"] + index, "index": index},
                 )
+                # the record first: a file appears only once the folder's records claim it (a record
+                # without its file is simply made again on resume)
                 fh.write(record.model_dump_json(exclude_defaults=True) + "\n")
                 fh.flush()
+                if self.fmt == "dcm":
+                    write_synthetic_dicom(image, self.out_dir / name, description(self.provenance, index), overwrite=True)
+                else:
+                    save_image(image, self.out_dir / name, overwrite=True)
 
     def on_predict_epoch_end(self, trainer, pl_module) -> None:
         trainer.strategy.barrier()
@@ -92,20 +114,28 @@ class ShardWriter(BasePredictionWriter):
 RUN_KEYS = ("weights_sha256", "scheduler", "steps", "class_label", "format", "guidance_scale", "negative_prompt")
 
 
-def check_same_run(out_dir: Path, provenance: dict) -> None:
-    """Refuse to add to a folder that holds other images or items of a different run."""
+def _record_lines(out_dir: Path) -> list[tuple[Path, int, Record | None]]:
+    """Every line of the folder's manifest and shards, parsed (None for a line that is not a record)."""
     lines = []
     for path in [out_dir / MANIFEST, *sorted(out_dir.glob("manifest.rank*.jsonl"))]:
         if path.is_file():
-            lines += [(path, n, line) for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1)]
+            for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+                try:
+                    lines.append((path, number, Record.model_validate_json(line)))
+                except ValueError:
+                    lines.append((path, number, None))
+    return lines
+
+
+def check_same_run(out_dir: Path, provenance: dict) -> None:
+    """Refuse to add to a folder that holds other images or items of a different run."""
+    lines = _record_lines(out_dir)
     if not lines and any(out_dir.glob("sample_*")):
         raise MeddiffError(f"{out_dir} holds sample files but no {MANIFEST} — choose an empty or new -o folder")
-    for path, number, line in lines:
-        try:
-            record = Record.model_validate_json(line)
-        except ValueError:
+    for path, number, record in lines:
+        if record is None:
             if path.name == MANIFEST:
-                raise MeddiffError(f"{path} line {number} is not a meddiff record — choose another -o folder") from None
+                raise MeddiffError(f"{path} line {number} is not a meddiff record — choose another -o folder")
             continue  # a shard line cut short by an interruption
         if not record.provenance or "index" not in record.provenance:
             raise MeddiffError(f"{path} line {number} is not a meddiff-generated record — choose another -o folder")
@@ -117,26 +147,54 @@ def check_same_run(out_dir: Path, provenance: dict) -> None:
             raise MeddiffError(f"{out_dir} holds images of another run (different {', '.join(changed)}) — choose another -o folder")
 
 
+def check_no_foreign_files(out_dir: Path, todo: list[int], fmt: str, ndim: int, provenance: dict) -> None:
+    """Refuse to replace a file the folder's records do not claim (a user's own ``sample_000001.nii.gz``).
+
+    meddiff records an item before writing its file, so an unclaimed file is not this run's. One
+    exception keeps a resume working after a manifest lost lines: a DICOM whose own description
+    says it is exactly this item of this run (same model, same seed) may be made again.
+    """
+    claimed = {record.image for _, _, record in _record_lines(out_dir) if record is not None}
+    for index in todo:
+        name = sample_name(index, fmt, ndim)
+        path = out_dir / name
+        if name in claimed or not (path.exists() or path.is_symlink()):
+            continue
+        if fmt == "dcm" and _dicom_description(path) == description(provenance, index):
+            continue
+        raise MeddiffError(f"{path} is not recorded in {out_dir / MANIFEST}: it is not this run's, and meddiff would replace it "
+                           "— move it away or choose another -o folder")
+
+
+def _dicom_description(path: Path) -> str | None:
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+
+    first = min(path.glob("*.dcm"), default=None) if path.is_dir() else path
+    try:
+        return str(pydicom.dcmread(first, stop_before_pixels=True).get("DerivationDescription")) if first else None
+    except (OSError, InvalidDicomError, ValueError, TypeError):
+        return None
+
+
 def finished_records(out_dir: Path) -> dict[int, Record]:
     """Records of items already written (merged manifest and leftover shards), by item index."""
     records: dict[int, Record] = {}
-    sources = [out_dir / MANIFEST] if (out_dir / MANIFEST).is_file() else []
-    for path in [*sources, *sorted(out_dir.glob("manifest.rank*.jsonl"))]:
-        lines = path.read_text(encoding="utf-8").splitlines()
-        for line in lines:
-            try:
-                record = Record.model_validate_json(line)
-            except ValueError:
-                continue  # a line cut short by an interruption: that item is simply made again
-            if record.provenance and (out_dir / record.image).exists():
-                records[int(record.provenance["index"])] = record
+    for _, _, record in _record_lines(out_dir):
+        # None: a line cut short by an interruption; no file: killed between its record and its file. Made again.
+        if record is not None and record.provenance and (out_dir / record.image).exists():
+            records[int(record.provenance["index"])] = record
     return records
 
 
 def merge_shards(out_dir: Path) -> Path:
+    """Fold the shards into ``manifest.jsonl`` (only items whose file exists) and remove them."""
+    shards = list(out_dir.glob("manifest.rank*.jsonl"))
     records = finished_records(out_dir)
-    path = write_manifest([records[i] for i in sorted(records)], out_dir / MANIFEST, overwrite=True)
-    for shard in out_dir.glob("manifest.rank*.jsonl"):
+    path = out_dir / MANIFEST
+    if records or path.exists():
+        write_manifest([records[i] for i in sorted(records)], path, overwrite=True)
+    for shard in shards:
         shard.unlink()
     return path
 
@@ -163,20 +221,29 @@ def generate_to_folder(
     ``prompts`` (one per item) condition a report-conditioned model; each record keeps its prompt as
     ``report`` and the run's ``guidance_scale`` and ``negative_prompt`` in its provenance.
     """
+    from lightning.pytorch.utilities import rank_zero_only
+
+    # 1. every check that needs no folder, so a refused run leaves nothing behind
     if fmt not in FORMATS:
         raise MeddiffError(f"--format must be one of {', '.join(FORMATS)}, not {fmt!r}")
-    if n < 1 or batch_size < 1 or steps < 1:
-        raise MeddiffError("-n, --batch-size and --steps must be positive")
-    pipeline.schedule.sampler(scheduler)  # unknown names fail here, before any work
+    for name, value in (("-n", n), ("--batch-size", batch_size), ("--seed", seed)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < (name != "--seed"):
+            raise MeddiffError(f"{name} must be a whole number >= {int(name != '--seed')}, not {value!r}")
+    if n > MAX_ITEMS:
+        raise MeddiffError(f"-n {n} is more than {MAX_ITEMS} images, the most one folder holds (sample_000000 .. sample_999999) "
+                           "— split the set over several -o folders (with --seed advanced by the count of the ones before)")
     conditioned = "text_encoder" in pipeline.config
     if conditioned != (prompts is not None):
         raise MeddiffError("this model is report-conditioned: give --prompt or --prompts" if conditioned else "this model takes no prompts")
     if prompts is not None and len(prompts) != n:
         raise MeddiffError(f"{len(prompts)} prompts for {n} images: give one prompt per image")
-    if fmt == "png" and len(pipeline.config["image"]["shape"]) != 2:
+    if conditioned:
+        pipeline.text_encoder.context(prompts[:1])  # loads (or refuses) the report encoder before any folder exists
+    ndim = len(pipeline.config["image"]["shape"])
+    if fmt == "png" and ndim != 2:
         raise MeddiffError("--format png holds 2D images; this model makes 3D volumes — use nii.gz or dcm")
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    labels = None if class_label is None else [class_label] * n
+    pipeline.check_sample_args(range(seed, seed + n), steps, scheduler, labels, None, prompts, guidance_scale, negative_prompt, batch_size)
     provenance = {
         "model": model_id,
         "weights_sha256": pipeline.config.get("weights_sha256", ""),
@@ -188,22 +255,71 @@ def generate_to_folder(
         "guidance_scale": guidance_scale if prompts is not None else None,
         "negative_prompt": negative_prompt if prompts is not None else None,
     }
-    check_same_run(out_dir, provenance)
-    finished = finished_records(out_dir)
-    for index, record in finished.items():
-        if prompts is not None and index < n and record.report != prompts[index]:
-            raise MeddiffError(f"{out_dir} holds item {index} made from another prompt — choose another -o folder")
-    done = set(finished)
-    module = GenerationModule(pipeline, steps, scheduler, seed, class_label, done, prompts, guidance_scale, negative_prompt)
-    trainer = pl.Trainer(
-        accelerator=accelerator,
-        devices=devices,
-        strategy="ddp" if devices not in (1, "1") else "auto",
-        callbacks=[ShardWriter(out_dir, fmt, provenance)],
-        logger=False,
-        enable_model_summary=False,
-        enable_checkpointing=False,
-    )
-    indices = torch.arange(n)
-    trainer.predict(module, DataLoader(indices, batch_size=batch_size), return_predictions=False)
+    trainer = _trainer(accelerator, devices, ShardWriter(Path(out_dir), fmt, provenance))
+
+    # 2. the folder: created, locked (by the launching process; ranks it starts share its lock), checked, cleaned
+    out_dir = Path(out_dir)
+    created = [p for p in [out_dir, *out_dir.parents] if not p.exists()]
+    leader = rank_zero_only.rank == 0
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        with folder_lock(out_dir, "meddiff generate run") if leader else contextlib.nullcontext():
+            check_same_run(out_dir, provenance)
+            finished = finished_records(out_dir)
+            for index, record in finished.items():
+                if prompts is not None and index < n and record.report != prompts[index]:
+                    raise MeddiffError(f"{out_dir} holds item {index} made from another prompt — choose another -o folder")
+            done = set(finished)
+            check_no_foreign_files(out_dir, [i for i in range(n) if i not in done], fmt, ndim, provenance)
+            if leader:
+                remove_temporaries(out_dir)  # left by a killed run: its items are made again
+            module = GenerationModule(pipeline, steps, scheduler, seed, class_label, done, prompts, guidance_scale, negative_prompt)
+            try:
+                _predict(trainer, module, DataLoader(torch.arange(n), batch_size=batch_size))
+            except BaseException:
+                if leader and trainer.world_size == 1:  # keep what was finished, as one manifest (no other rank still writes)
+                    with contextlib.suppress(Exception):
+                        merge_shards(out_dir)
+                raise
+    finally:
+        for folder in created:  # only folders this run made and left empty (a refused or fruitless run)
+            try:
+                folder.rmdir()
+            except OSError:
+                break
     return out_dir / MANIFEST, n - len(done & set(range(n)))
+
+
+def _trainer(accelerator: str, devices: int | str, writer: ShardWriter) -> pl.Trainer:
+    """A predict-only Trainer; a device request this machine cannot meet is refused here, before the folder exists."""
+    try:
+        return pl.Trainer(
+            accelerator=accelerator,
+            devices=devices,
+            strategy="ddp" if devices not in (1, "1") else "auto",
+            callbacks=[writer],
+            logger=False,
+            enable_model_summary=False,
+            enable_checkpointing=False,
+        )
+    except Exception as exc:  # noqa: BLE001 - Lightning raises several types for a device request it cannot meet
+        reason = next((line.strip() for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
+        raise MeddiffError(f"cannot run on --accelerator {accelerator} --devices {devices}: {reason} — see 'meddiff generate --help'") from None
+
+
+def _predict(trainer: pl.Trainer, module: GenerationModule, loader: DataLoader) -> None:
+    """``trainer.predict``, with Ctrl-C and SIGTERM ending as ``KeyboardInterrupt``.
+
+    Lightning catches ``KeyboardInterrupt`` itself, cleans up, ignores SIGINT from then on and calls
+    ``sys.exit(1)``; ``trainer.interrupted`` tells that exit from others, and SIGINT's handler is put back.
+    """
+    sigint = signal.getsignal(signal.SIGINT)
+    try:
+        trainer.predict(module, loader, return_predictions=False)
+    except SystemExit:
+        if trainer.interrupted:
+            raise KeyboardInterrupt from None
+        raise
+    finally:
+        if sigint is not None and threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGINT, sigint)

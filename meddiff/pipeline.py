@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import math
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -23,6 +24,7 @@ from meddiff import __version__
 from meddiff.data.transforms import NormalizeIntensityd, from_model_range, to_model_range
 from meddiff.diffusion.denoise import denoise_tensor
 from meddiff.diffusion.noise_level import estimate_noise_sigma
+from meddiff.diffusion.rician import correct_rician_bias
 from meddiff.diffusion.schedulers import NoiseSchedule
 from meddiff.errors import MeddiffError
 from meddiff.image import Image
@@ -31,6 +33,7 @@ from meddiff.nets import build_unet
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
+MAX_SEED = 2**64 - 1  # torch.Generator.manual_seed takes 0 .. 2**64 - 1 (negative values wrap around: refused)
 
 
 class DiffusionPipeline:
@@ -70,12 +73,22 @@ class DiffusionPipeline:
         config_path, weights_path = directory / CONFIG_NAME, directory / WEIGHTS_NAME
         if not config_path.is_file() or not weights_path.is_file():
             raise MeddiffError(f"{directory} is not a meddiff model folder (needs {CONFIG_NAME} and {WEIGHTS_NAME})")
+        from meddiff.weights import check_fit, first_line
+
         try:
             config = json.loads(config_path.read_text())
             pipeline = cls.from_config(config)
-            pipeline.unet.load_state_dict(load_file(weights_path, device=str(device)))
-        except (json.JSONDecodeError, KeyError, TypeError, RuntimeError, SafetensorError) as exc:
-            raise MeddiffError(f"cannot load the model in {directory}: {exc}") from None
+        except (ValueError, KeyError, TypeError, RuntimeError) as exc:  # JSONDecodeError is a ValueError
+            raise MeddiffError(f"cannot load the model in {directory}: {CONFIG_NAME} is not a meddiff model config ({first_line(exc)}) — "
+                               f"use a folder written by meddiff export") from None
+        try:  # safetensors: tensors only, nothing in the file is ever run
+            state = load_file(weights_path, device="cpu")
+        except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+            raise MeddiffError(f"cannot load the model in {directory}: {WEIGHTS_NAME} is not a readable safetensors file ({first_line(exc)}) — "
+                               f"use a folder written by meddiff export") from None
+        check_fit(pipeline.unet, state, f"the model in {directory}: {WEIGHTS_NAME} does not fit {CONFIG_NAME}",
+                  "use the config.json and model.safetensors exported together (meddiff export)")
+        pipeline.unet.load_state_dict(state)
         pipeline.unet.to(device).eval()
         pipeline.config["weights_sha256"] = file_sha256(weights_path)
         return pipeline
@@ -98,6 +111,86 @@ class DiffusionPipeline:
     def device(self) -> torch.device:
         return next(self.unet.parameters()).device
 
+    def check_sample_args(
+        self,
+        seeds: Sequence[int],
+        steps: int = 50,
+        scheduler: str = "ddim",
+        class_labels: torch.Tensor | Sequence[int] | None = None,
+        shape: Sequence[int] | None = None,
+        prompts: Sequence[str] | None = None,
+        guidance_scale: float = 1.0,
+        negative_prompt: str = "",
+        batch_size: int | None = None,
+    ) -> None:
+        """Refuse, with one clear line, any argument ``sample`` cannot use, before any work is done.
+
+        ``generate`` and ``meddiff generate`` call it once for the whole run (``batch_size``: the
+        largest batch), so a bad seed, label, shape or guidance never leaves a half-made output.
+        """
+        if self.config.get("max_train_timestep"):
+            raise MeddiffError("this model was trained on low noise levels only (a denoising prior): it denoises images but cannot generate them")
+        if self.config["unet"].get("concat_channels"):
+            raise MeddiffError("this model takes a concatenated condition (e.g. a noisy image); sample it through its task pipeline")
+        if len(seeds) == 0:
+            raise MeddiffError("no seeds given: nothing to sample")
+        values = (seeds[0], seeds[-1]) if isinstance(seeds, range) else seeds.tolist() if isinstance(seeds, torch.Tensor) else seeds
+        if any(isinstance(s, bool) or not isinstance(s, (int, np.integer)) or not 0 <= s <= MAX_SEED for s in values):
+            raise MeddiffError(f"seeds must be whole numbers from 0 to {MAX_SEED} (image i uses seed + i) — choose a smaller --seed")
+        train_steps = self.schedule.num_train_timesteps
+        if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or not 1 <= steps <= train_steps:
+            raise MeddiffError(f"--steps must be a whole number from 1 to {train_steps} (the model's training timesteps), not {steps}")
+        self.schedule.sampler(scheduler)  # unknown names and unsupported combinations fail here
+        classes = self.config["unet"].get("num_class_embeds")
+        if classes and class_labels is None:
+            raise MeddiffError(f"this model is class-conditioned: give a class label from 0 to {classes - 1} (meddiff generate --class-label N)")
+        if class_labels is not None:
+            if not classes:
+                raise MeddiffError("this model has no classes — leave out --class-label")
+            try:
+                labels = torch.as_tensor(class_labels)
+            except (TypeError, ValueError, RuntimeError, OverflowError):
+                raise MeddiffError(f"class labels must be whole numbers from 0 to {classes - 1} for this model") from None
+            if labels.ndim != 1 or len(labels) != len(seeds):
+                raise MeddiffError(f"give one class label per image ({len(seeds)}), not {tuple(labels.shape)}")
+            if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+                raise MeddiffError(f"class labels must be whole numbers, not {labels.dtype}")
+            bad = labels[(labels < 0) | (labels >= classes)].unique().tolist()
+            if bad:
+                raise MeddiffError(f"class label {bad[0]} is out of range: this model has classes 0 to {classes - 1}")
+        try:
+            guidance = float(guidance_scale)
+        except (TypeError, ValueError):
+            guidance = math.nan
+        if not (math.isfinite(guidance) and guidance >= 0):
+            raise MeddiffError(f"--guidance-scale must be a finite number >= 0 (1 conditional, 0 unconditional, > 1 stronger), not {guidance_scale}")
+        conditioned = "text_encoder" in self.config
+        if not conditioned and (prompts is not None or guidance != 1.0 or negative_prompt):
+            given = "prompts" if prompts is not None else "--guidance-scale" if guidance != 1.0 else "--negative-prompt"
+            raise MeddiffError(f"this model has no text encoder: it takes no {given} — leave it out, or use a report-conditioned model")
+        if conditioned:
+            if prompts is None or len(prompts) != len(seeds):
+                raise MeddiffError(f"this model is report-conditioned: give one prompt per image ({len(seeds)}), e.g. meddiff generate --prompt TEXT")
+            self.text_encoder  # noqa: B018 - loads the encoder now, so a broken one fails before any work
+        self._check_shape(shape, min(batch_size or len(seeds), len(seeds)) * (2 if conditioned and guidance not in (0.0, 1.0) else 1))
+
+    def _check_shape(self, shape: Sequence[int] | None, batch: int) -> None:
+        """The sample shape fits the UNet (one size per spatial axis, divisible by its down-sampling) and memory."""
+        dims, channels = self.config["unet"]["spatial_dims"], self.config["unet"].get("channels") or [1]
+        shape = list(shape or self.config["image"]["shape"])
+        multiple = 2 ** (len(channels) - 1)
+        if len(shape) != dims or any(isinstance(s, bool) or not isinstance(s, (int, np.integer)) or s < 1 or s % multiple for s in shape):
+            raise MeddiffError(f"sample shape {shape} does not fit this {dims}D model: give {dims} sizes, each a positive multiple of {multiple}")
+        # the first level's feature maps alone (float32) must fit in this machine's memory; the real need is larger
+        need = batch * math.prod(int(s) for s in shape) * int(channels[0]) * 4
+        try:
+            memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        except (AttributeError, ValueError, OSError):
+            return
+        if need > memory:
+            raise MeddiffError(f"a batch of {batch} images of shape {shape} needs more than {need / 2**30:.0f} GiB; "
+                               f"this machine has {memory / 2**30:.0f} GiB — use a smaller --batch-size or a smaller image shape")
+
     @torch.inference_mode()
     def sample(
         self,
@@ -117,16 +210,9 @@ class DiffusionPipeline:
         report) as the unconditional side, both evaluated in one batch; 1 is plain conditional
         sampling, 0 unconditional.
         """
-        if self.config.get("max_train_timestep"):
-            raise MeddiffError("this model was trained on low noise levels only (a denoising prior): it denoises images but cannot generate them")
-        if self.config["unet"].get("concat_channels"):
-            raise MeddiffError("this model takes a concatenated condition (e.g. a noisy image); sample it through its task pipeline")
-        if self.config["unet"].get("num_class_embeds") and class_labels is None:
-            raise MeddiffError("this model is class-conditioned: give class_labels (meddiff generate --class-label N)")
+        self.check_sample_args(seeds, steps, scheduler, class_labels, shape, prompts, guidance_scale, negative_prompt)
         context = None
-        if prompts is not None or "text_encoder" in self.config:
-            if prompts is None or len(prompts) != len(seeds):
-                raise MeddiffError(f"this model is report-conditioned: give one prompt per image ({len(seeds)}), e.g. meddiff generate --prompt TEXT")
+        if "text_encoder" in self.config:
             if guidance_scale == 0.0:  # uncond + 0 * (cond - uncond): the unconditional half alone
                 prompts, guidance_scale = [negative_prompt] * len(seeds), 1.0
             cond = self.text_encoder.context(list(prompts))
@@ -140,7 +226,7 @@ class DiffusionPipeline:
         x = randn_tensor((len(seeds), self.config["unet"].get("out_channels", 1), *shape), generator=generators, device=self.device)
         x = x * sampler.init_noise_sigma
         if class_labels is not None:
-            class_labels = class_labels.to(self.device)
+            class_labels = torch.as_tensor(class_labels).to(self.device)
         # as diffusers pipelines do: only stochastic samplers take a generator in step()
         extra = {"generator": generators} if "generator" in inspect.signature(sampler.step).parameters else {}
         guided = context is not None and guidance_scale != 1.0
@@ -175,6 +261,7 @@ class DiffusionPipeline:
         batch_size: int = 16,
         strength: float | None = None,
         mask: np.ndarray | None = None,
+        rician_correction: bool = True,
     ) -> Image:
         """Denoise a magnitude MR ``image``; geometry, units and metadata of the input are kept.
 
@@ -184,7 +271,8 @@ class DiffusionPipeline:
         validation data) undoes that. ``mask`` (the image's shape): only voxels inside it change.
         A 2D model runs slice by slice across the thickest voxel axis; a 3D model runs on overlapping
         patches of the training shape with Gaussian blending (MONAI sliding-window inference), so
-        memory stays bounded. 4D images are denoised volume by volume.
+        memory stays bounded. 4D images are denoised volume by volume. ``rician_correction``: remove
+        the Rician noise floor of magnitude MR from the result (``meddiff.diffusion.rician``).
         """
         image.check_finite()
         if np.ptp(image.array) == 0:
@@ -197,7 +285,7 @@ class DiffusionPipeline:
         if image.array.ndim == 4:
             volumes = [
                 self.denoise(Image(image.array[..., v], image.affine, image.modality), noise_sigma, steps, samples, seed, batch_size,
-                             strength, None if mask is None else (mask if np.ndim(mask) == 3 else mask[..., v])).array
+                             strength, None if mask is None else (mask if np.ndim(mask) == 3 else mask[..., v]), rician_correction).array
                 for v in range(image.array.shape[3])
             ]
             return Image(np.stack(volumes, axis=-1), image.affine, image.modality, dict(image.meta))
@@ -220,6 +308,7 @@ class DiffusionPipeline:
             planes = torch.movedim(y, axis, 0)
             out = torch.movedim(self._denoise_planes(planes, run, batch_size), 0, axis)
         array = from_model_range(out.float().cpu().numpy(), low, high)
+        array = correct_rician_bias(array, sigma, image, rician_correction)
         if mask is not None:
             array = np.where(np.asarray(mask, dtype=bool), array, image.array).astype(np.float32)
         return Image(array, image.affine, image.modality, dict(image.meta))
@@ -249,10 +338,14 @@ class DiffusionPipeline:
         negative_prompt: str = "",
     ) -> list[Image]:
         """``n`` images; image ``i`` uses seed ``seed + i`` (and ``prompts[i]``), whatever the batch size."""
+        for name, value in (("n", n), ("batch_size", batch_size), ("seed", seed)):
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < (name != "seed"):
+                raise MeddiffError(f"{name} must be a whole number >= {int(name != 'seed')}, not {value!r}")
         if class_labels is not None and len(class_labels) != n:
             raise MeddiffError(f"{len(class_labels)} class labels given for {n} images")
         if prompts is not None and len(prompts) != n:
             raise MeddiffError(f"{len(prompts)} prompts given for {n} images")
+        self.check_sample_args(range(seed, seed + n), steps, scheduler, class_labels, None, prompts, guidance_scale, negative_prompt, batch_size)
         images = []
         for start in tqdm(range(0, n, batch_size), disable=not progress, desc="generate", unit="batch"):
             stop = min(n, start + batch_size)

@@ -61,7 +61,7 @@ def test_units_geometry_and_meta_are_kept(dipy_oblique, shape_kind):
     volume = load_image(dipy_oblique, modality="MR")
     array = {"2d": volume.array[:, :, 10], "3d": volume.array, "4d": np.stack([volume.array, volume.array * 0.5], -1)}[shape_kind]
     image = Image(noisy(array, 3), volume.affine, "MR", {"EchoTime": 30.0})
-    out = pipeline_for(2, oracle=True).denoise(image)
+    out = pipeline_for(2, oracle=True).denoise(image, rician_correction=False)  # the identity, floor kept
     np.testing.assert_allclose(out.array, image.array, rtol=1e-5, atol=1e-3 * image.array.max())
     np.testing.assert_array_equal(out.affine, image.affine)
     assert out.modality == "MR" and out.meta == {"EchoTime": 30.0}
@@ -74,7 +74,7 @@ def test_sliding_window_equals_whole_volume_when_it_fits():
     clean = np.zeros((16, 16, 16), np.float32)
     clean[4:12, 3:13, 2:14] = 100.0
     image = Image(noisy(clean, 5), np.diag([2.0, 2.0, 2.0, 1.0]), "MR")
-    out = pipeline.denoise(image, noise_sigma=5.0)
+    out = pipeline.denoise(image, noise_sigma=5.0, rician_correction=False)
     low, high = 0.0, float(np.percentile(image.array[image.array != 0], 99.5))
     y = torch.from_numpy((image.array - low) / (high - low) * 2 - 1)[None, None]
     whole = denoise_tensor(pipeline.unet, pipeline.schedule, y, 2 * 5.0 / (high - low))[0, 0].numpy()
@@ -120,9 +120,10 @@ def test_cli_denoises_a_dicom_series_to_nifti(ct_series_dir, tmp_path):
 
 def test_strength_scales_the_matched_noise_and_mask_limits_the_change():
     pipeline, image = random_pipeline_and_noisy_square()
+    full = pipeline.denoise(image, noise_sigma=5.0, rician_correction=False).array  # the floor's correction takes the full sigma
+    np.testing.assert_array_equal(pipeline.denoise(image, noise_sigma=10.0, strength=0.5, rician_correction=False).array, full)
+    assert not np.array_equal(pipeline.denoise(image, noise_sigma=5.0, strength=0.5, rician_correction=False).array, full)
     full = pipeline.denoise(image, noise_sigma=5.0).array
-    np.testing.assert_array_equal(pipeline.denoise(image, noise_sigma=10.0, strength=0.5).array, full)
-    assert not np.array_equal(pipeline.denoise(image, noise_sigma=5.0, strength=0.5).array, full)
     mask = np.zeros((32, 32), bool)
     mask[:16] = True
     masked = pipeline.denoise(image, noise_sigma=5.0, mask=mask).array

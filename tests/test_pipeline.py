@@ -184,5 +184,6 @@ def test_a_shard_line_cut_by_an_interruption_does_not_swallow_the_next_record(mo
     first, _ = (out / "manifest.jsonl").read_text().splitlines()
     (out / "manifest.jsonl").write_text(first + "\n")
     (out / "manifest.rank0.jsonl").write_text('{"image": "sample_0000')  # killed mid-line, no newline
+    (out / "sample_000001.nii.gz").unlink()  # records come before files: a record cut short means its file was never written
     assert main(args) == 0
     assert [r.provenance["index"] for r in Manifest.read(out / "manifest.jsonl").records] == [0, 1]

@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
-from meddiff.io import load_image, save_image
+import logging
+
+import numpy as np
+
+from meddiff.files import full_suffix
+from meddiff.io import PICTURE_SUFFIXES, load_image, save_image
+
+log = logging.getLogger(__name__)
 
 
 def add_parser(subparsers) -> None:
@@ -17,5 +24,14 @@ def add_parser(subparsers) -> None:
 
 def run(args) -> None:
     image = load_image(args.input, series=args.series, modality=args.modality)
+    suffix = full_suffix(args.output)
+    if suffix in PICTURE_SUFFIXES and not _plain_grid(image.affine):
+        spacing = " x ".join(f"{s:g}" for s in image.spacing)
+        log.warning("%s keeps no geometry: the %s mm spacing, orientation and position are dropped — write .nii.gz, .mha or .nrrd to keep them", suffix, spacing)
     out = save_image(image, args.output, overwrite=args.overwrite)
     print(f"wrote {out} ({' x '.join(map(str, image.array.shape))}, {image.orientation})")
+
+
+def _plain_grid(affine: np.ndarray) -> bool:
+    """1 mm pixels, axis-aligned, at the origin: all a picture can say about geometry."""
+    return bool(np.allclose(np.abs(affine[:3, :3]), np.eye(3), atol=1e-6) and np.allclose(affine[:3, 3], 0, atol=1e-6))

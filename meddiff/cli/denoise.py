@@ -23,6 +23,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--strength", type=float, help="remove strength x sigma (default: the model's calibrated value)")
     p.add_argument("--steps", type=int, default=1, help="1: posterior-mean estimate (best PSNR); more: reverse-process sampling")
     p.add_argument("--samples", type=int, default=1, help="with --steps > 1: average this many samples")
+    p.add_argument("--no-rician-correction", dest="rician_correction", action="store_false",
+                   help="keep the Rician noise floor (about 1.25 x sigma in air and dark tissue) that is removed by default from non-negative MR")
     p.add_argument("--mask", help="mask image on the same grid: only voxels inside it are denoised")
     p.add_argument("--series", help="series UID or number when a DICOM folder holds several")
     p.add_argument("--device", default="cpu")
@@ -49,6 +51,7 @@ def run(args) -> None:
         if mask.shape[:3] != image.array.shape[:3] or not np.allclose(mask_image.affine, image.affine, atol=1e-3):
             raise MeddiffError(f"the mask {args.mask} is not on the image's voxel grid (shape {mask.shape} vs {image.array.shape})")
     pipeline = load_pipeline(args.model, device=args.device)
-    clean = pipeline.denoise(image, noise_sigma=sigma, steps=args.steps, samples=args.samples, strength=args.strength, mask=mask)
+    clean = pipeline.denoise(image, noise_sigma=sigma, steps=args.steps, samples=args.samples, strength=args.strength, mask=mask,
+                             rician_correction=args.rician_correction)
     out = save_image(clean, args.output, overwrite=args.overwrite)
     print(f"wrote {out} ({' x '.join(map(str, clean.array.shape))})")

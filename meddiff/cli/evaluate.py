@@ -10,7 +10,7 @@ import math
 from pathlib import Path
 
 from meddiff.errors import MeddiffError
-from meddiff.files import atomic_path, check_writable
+from meddiff.files import atomic_path
 
 DEFAULT_CACHE = Path.home() / ".cache" / "meddiff" / "features"
 BIOMEDCLIP = "microsoft/BiomedCLIP-PubMedBERT_256-vit_base_patch16_224"  # meddiff.encoders.openclip.BIOMEDCLIP, without importing torch
@@ -51,18 +51,21 @@ def finite_json(value):
 
 
 def run(args) -> None:
-    from meddiff.metrics.evaluate import NO_FEATURES, check_metrics, evaluate, image_paths, image_reports, plot_closest_pairs, table
+    from meddiff.metrics.evaluate import NO_FEATURES, check_k, check_metrics, evaluate, image_paths, image_reports, plot_closest_pairs, table
     from meddiff.metrics.features import load_extractor
 
     metrics = [m.strip() for m in args.metrics.split(",") if m.strip()]
-    for out in (args.json_out, args.plot):
-        if out:
-            check_writable(out, args.overwrite)
+    check_metrics(metrics)
+    check_k(args.k)
+    for out in (args.json_out, args.plot):  # refused before any work; folders are made only when writing
+        if out and Path(out).is_dir():
+            raise MeddiffError(f"{out} is a folder — give a file name")
+        if out and Path(out).exists() and not args.overwrite:
+            raise MeddiffError(f"{out} already exists — choose another output or pass --overwrite")
     if args.plot and "memorization" not in metrics:
         raise MeddiffError("--plot shows the closest training images: add memorization to --metrics")
     real, fake = image_paths(args.real, args.real_split), image_paths(args.fake)
     train = image_paths(args.train) if args.train else None
-    check_metrics(metrics)
     clip = reports = None
     if "clip" in metrics:
         from meddiff.encoders.openclip import load_open_clip

@@ -20,23 +20,21 @@ def add_parser(subparsers) -> None:
 
 
 def module_from_checkpoint(path: str | Path):
-    """Rebuild the DiffusionModule from a checkpoint, read with ``weights_only=True`` (nothing unpickled)."""
-    import torch
-
+    """Rebuild the DiffusionModule from a checkpoint, read with torch's weights-only unpickler (nothing in it runs)."""
     from meddiff.training import DiffusionModule
+    from meddiff.weights import check_fit, first_line, torch_load
 
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise MeddiffError(f"checkpoint {path} does not exist") from None
-    except Exception as exc:
-        raise MeddiffError(f"cannot read checkpoint {path}: {str(exc).splitlines()[0]}") from None
-    hparams = {k: v for k, v in checkpoint.get("hyper_parameters", {}).items() if not k.startswith("_")}
+    checkpoint = torch_load(path, "checkpoint")
+    if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("state_dict"), dict) or not isinstance(checkpoint.get("hyper_parameters", {}), dict):
+        raise MeddiffError(f"{path} is not a Lightning checkpoint (no state_dict) — give a .ckpt that meddiff fit wrote")
+    hparams = {k: v for k, v in checkpoint.get("hyper_parameters", {}).items() if not str(k).startswith("_")}
     try:
         module = DiffusionModule(**hparams)
-        module.load_state_dict(checkpoint["state_dict"])
-    except (TypeError, KeyError, RuntimeError) as exc:
-        raise MeddiffError(f"{path} is not a DiffusionModule checkpoint: {str(exc).splitlines()[0]}") from None
+    except (TypeError, ValueError, KeyError, RuntimeError, AssertionError) as exc:
+        raise MeddiffError(f"{path} is not a DiffusionModule checkpoint: {first_line(exc)} — give a .ckpt that meddiff fit wrote") from None
+    state = checkpoint["state_dict"]
+    check_fit(module, state, f"{path}: the weights do not fit the checkpoint's own hyper_parameters", "give a .ckpt that meddiff fit wrote, unedited")
+    module.load_state_dict(state)
     return module
 
 

@@ -1,10 +1,15 @@
 """``meddiff generate --model DIR -n N -o OUTDIR``: synthetic images plus a provenance manifest.
 
-torch and Lightning load inside ``run``, so ``meddiff --help`` stays fast.
+torch and Lightning load inside ``run``, so ``meddiff --help`` stays fast. Every argument is checked
+before the output folder is created; one run at a time writes into a folder (a second is refused);
+Ctrl-C or SIGTERM keeps the finished images and ends with exit 130 (see ``meddiff.generation``).
 """
 
 from __future__ import annotations
 
+import logging
+import re
+import warnings
 from pathlib import Path
 
 from meddiff.errors import MeddiffError
@@ -28,7 +33,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--guidance-scale", type=float, default=1.0, help="classifier-free guidance: 1 conditional, 0 unconditional, >1 stronger")
     p.add_argument("--negative-prompt", default="", help="report to steer away from (default: the empty report)")
     p.add_argument("--accelerator", default="auto", help="cpu, gpu, auto")
-    p.add_argument("--devices", default="1", help="number of devices; >1 runs one process per device (DDP), each writing a shard")
+    p.add_argument("--devices", default="1", help="number of devices, a comma-separated list of device ids, or auto; "
+                   "more than one runs one process per device (DDP), each writing a shard")
     p.set_defaults(func=run)
 
 
@@ -38,6 +44,12 @@ def run(args) -> None:
     from meddiff.generation import generate_to_folder
     from meddiff.pipeline import load_pipeline
 
+    if not re.fullmatch(r"auto|-1|[1-9][0-9]{0,3}|[0-9]{1,4}(,[0-9]{1,4})*,?", args.devices):
+        raise MeddiffError(f"--devices takes a number of devices, a comma-separated list of device ids or auto, not {args.devices!r}")
+    if not getattr(args, "debug", False):  # Lightning's banner and its own Ctrl-C text are not this verb's output
+        for name in ("lightning.pytorch", "lightning.fabric"):
+            logging.getLogger(name).setLevel(logging.WARNING)
+        warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
     prompts = read_prompts(args.prompts) if args.prompts else None
     n = args.n if args.n is not None else (len(prompts) if prompts else None)
     if n is None:

@@ -20,7 +20,7 @@ def add_parser(subparsers) -> None:
 
 def describe(image: Image) -> dict:
     """A JSON-friendly summary of an image (no identifiers: ``meta`` is allow-listed)."""
-    a = image.array
+    a = image.array.astype(np.float64)  # float32 sums of squares overflow on large intensities (std would read inf)
     p1, p50, p99 = np.percentile(a, [1, 50, 99])
     return {
         "shape": list(a.shape),
@@ -28,7 +28,7 @@ def describe(image: Image) -> dict:
         "orientation": image.orientation,
         "affine": np.round(image.affine, 6).tolist(),
         "modality": image.modality,
-        "stats": {k: float(v) for k, v in dict(min=a.min(), max=a.max(), mean=a.mean(), std=a.std(), p1=p1, median=p50, p99=p99).items()},
+        "stats": {k: float(v) for k, v in {"min": a.min(), "max": a.max(), "mean": a.mean(), "std": a.std(), "p1": p1, "median": p50, "p99": p99}.items()},
         "meta": image.meta,
     }
 

@@ -34,7 +34,8 @@ def add_parser(subparsers) -> None:
 
     v = sub.add_parser("validate", help="check schema, files, and with --deep every image")
     v.add_argument("manifest", metavar="FILE")
-    v.add_argument("--deep", action="store_true", help="also load every image and mask (finite, shapes agree)")
+    v.add_argument("--deep", action="store_true", help="also load every image and mask (finite, shapes agree) and compare contents across splits")
+    v.add_argument("--allow-shared-subjects", action="store_true", help="accept one subject in several splits (a deliberate --split-by random)")
     v.set_defaults(func=run_validate)
 
     s = sub.add_parser("samples", help="write the offline real sample set (NIfTI) and its manifest")
@@ -55,6 +56,10 @@ def add_parser(subparsers) -> None:
 
 def run_build(args) -> None:
     out = Path(args.output)
+    if out.is_dir():
+        raise MeddiffError(f"{out} is a folder — give the manifest's file name (.jsonl)")
+    if out.exists() and not args.overwrite:  # refused before the folder is scanned, not after
+        raise MeddiffError(f"{out} already exists — choose another output or pass --overwrite")
     records = build_records(
         args.folder,
         manifest_dir=out.parent,
@@ -77,6 +82,7 @@ def run_build(args) -> None:
 def run_validate(args) -> None:
     manifest = Manifest.read(args.manifest)
     manifest.check_files()
+    manifest.check_splits(content=args.deep, shared_subjects=args.allow_shared_subjects)
     if args.deep:
         manifest.check_images()
     print(f"{args.manifest}: {len(manifest.records)} valid records, {_split_counts(manifest.records)}")

@@ -12,6 +12,7 @@ import hashlib
 import os
 import re
 import secrets
+import zlib
 from pathlib import Path
 
 import nibabel as nib
@@ -21,8 +22,8 @@ import SimpleITK as sitk
 
 from meddiff.data.manifest import Record
 from meddiff.errors import MeddiffError
-from meddiff.io import ITK_SUFFIXES, NIFTI_SUFFIXES, PICTURE_SUFFIXES
 from meddiff.files import full_suffix, stem
+from meddiff.io import ITK_SUFFIXES, NIFTI_SUFFIXES, PICTURE_SUFFIXES
 from meddiff.io.dicom import find_series
 
 FILE_SUFFIXES = NIFTI_SUFFIXES + ITK_SUFFIXES + PICTURE_SUFFIXES
@@ -77,13 +78,17 @@ def build_records(
                 "pseudonymised data, --allow-ids-in-paths"
             )
         subject = identifiers[0] or _subject_from_path(rel, pattern)
+        for file in series.files:
+            _check_complete(file, folder)
         found.append((dict(image=image, series=uid, modality=series.modality, spacing=_dicom_spacing(series.files)), subject, rel))
     for path in sorted(folder.rglob("*")):
-        wanted = include is None or fnmatch.fnmatch(path.relative_to(folder).as_posix(), include)
-        if wanted and path.is_file() and full_suffix(path) in FILE_SUFFIXES and not path.name.startswith("."):
+        rel = path.relative_to(folder)
+        hidden = any(part.startswith(".") for part in rel.parts)  # meddiff's temporaries and staging folders
+        wanted = include is None or fnmatch.fnmatch(rel.as_posix(), include)
+        if wanted and not hidden and path.is_file() and full_suffix(path) in FILE_SUFFIXES:
             if modality is None:
                 raise MeddiffError(f"cannot tell the modality of {path} — pass --modality MR|CT|CR|DX")
-            rel = path.relative_to(folder)
+            _check_complete(path, folder)
             found.append((dict(image=path, modality=modality, spacing=_header_spacing(path)), _subject_from_path(rel, pattern), rel))
     if not found:
         raise MeddiffError(f"no images found under {folder}")
@@ -98,6 +103,82 @@ def build_records(
         image = Path(os.path.relpath(fields.pop("image"), manifest_dir)).as_posix()
         records.append(Record(image=image, split=split, report=report, subject=digest, source=source, **fields))
     return records
+
+
+def _check_complete(path: Path, folder: Path) -> None:
+    """Refuse a truncated file, from its header and size alone (no pixel data decoded).
+
+    NIfTI: the header's data offset plus shape x item size against the file's (for .nii.gz the
+    uncompressed) size. DICOM, uncompressed transfer syntaxes: Rows x Columns x frames x samples x
+    bits against the pixel data the file holds. Other formats are checked when they are read.
+    """
+    try:
+        if full_suffix(path) in NIFTI_SUFFIXES:
+            expected, held = _nifti_sizes(path)
+        elif full_suffix(path) in FILE_SUFFIXES:
+            return
+        else:
+            expected, held = _dicom_pixel_sizes(path)
+    except Exception as exc:  # noqa: BLE001 - nibabel and pydicom raise many types on damaged headers
+        raise MeddiffError(f"{path.relative_to(folder).as_posix()} cannot be read ({exc}) — copy it again or move it out of {folder}") from None
+    if held < expected:
+        raise MeddiffError(
+            f"{path.relative_to(folder).as_posix()} is truncated: its header promises {expected} bytes, the file holds {held} — "
+            f"copy it again or move it out of {folder}"
+        )
+
+
+def _nifti_sizes(path: Path) -> tuple[int, int]:
+    """(bytes the header promises, bytes the file holds), uncompressed."""
+    proxy = nib.load(str(path)).dataobj
+    expected = int(proxy.offset + np.prod(proxy.shape, dtype=np.int64) * proxy.dtype.itemsize)
+    if full_suffix(path) != ".nii.gz":
+        return expected, path.stat().st_size
+    with open(path, "rb") as fh:  # gzip's trailer holds the uncompressed size mod 2**32: one seek in the usual case
+        fh.seek(-4, os.SEEK_END)
+        if int.from_bytes(fh.read(4), "little") == expected % 2**32:
+            return expected, expected
+    return expected, _gunzipped_size(path)
+
+
+def _gunzipped_size(path: Path) -> int:
+    """Bytes that really decompress from a gzip file (several members, a truncated end), in bounded memory.
+
+    By hand because ``gzip`` raises at a truncated end without saying how much came before it.
+    """
+    held, gz = 0, zlib.MAX_WBITS | 16
+    with open(path, "rb") as fh:
+        inflate, data = zlib.decompressobj(gz), fh.read(1 << 20)
+        try:
+            while data:
+                held += len(inflate.decompress(data, 1 << 22))
+                if inflate.eof:  # another member may follow
+                    data, inflate = inflate.unused_data or fh.read(1 << 20), zlib.decompressobj(gz)
+                else:
+                    data = inflate.unconsumed_tail or fh.read(1 << 20)
+            held += len(inflate.flush())
+        except zlib.error:  # garbage after the last member, or a damaged stream: what came before counts
+            pass
+    return held
+
+
+def _dicom_pixel_sizes(path: Path) -> tuple[int, int]:
+    """(pixel bytes the header promises, pixel bytes the file holds) of an uncompressed DICOM image; (0, 0) if compressed."""
+    ds = pydicom.dcmread(path, defer_size=1024)  # large values are skipped, not read: the pixel data's offset and length stay
+    syntax = ds.file_meta.get("TransferSyntaxUID")
+    if syntax is not None and (syntax.is_compressed or syntax.is_deflated):  # sizes in the file are not pixel counts
+        return 0, 0
+    try:
+        samples = 2 if ds.get("PhotometricInterpretation") == "YBR_FULL_422" else int(ds.get("SamplesPerPixel") or 1)  # chroma halved
+        expected = int(ds.Rows) * int(ds.Columns) * int(ds.get("NumberOfFrames") or 1) * samples * int(ds.get("BitsAllocated") or 8) // 8
+    except (TypeError, ValueError):  # a malformed size field: reading the image will say what is wrong
+        return 0, 0
+    if "PixelData" not in ds:
+        return (0, 0) if "FloatPixelData" in ds or "DoubleFloatPixelData" in ds else (expected, 0)
+    element = ds.get_item(0x7FE00010, keep_deferred=True)
+    if element.value_tell is None:  # read in full (small): its length is what the file held
+        return expected, len(element.value)
+    return expected, min(element.length, path.stat().st_size - element.value_tell)
 
 
 def _subject_from_path(rel: Path, pattern: re.Pattern | None) -> str:

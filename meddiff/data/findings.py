@@ -160,32 +160,42 @@ def detect(image: np.ndarray, threshold: float = 0.15) -> Finding:
 
 
 def write_findings_dataset(out_dir: str | os.PathLike, per_split: dict[str, int] | None = None, seed: int = 0, overwrite: bool = False) -> Path:
-    """Images (NIfTI, 3 mm), reports and attribute labels with a manifest; held-out combinations only in 'test'."""
+    """Images (NIfTI, 3 mm), reports and attribute labels with a manifest; held-out combinations only in 'test'.
+
+    All or nothing: the set is written into a staging folder that becomes ``out_dir`` when complete;
+    ``out_dir`` must be new or empty unless ``overwrite`` (see ``staged_folder``).
+    """
     from meddiff.data.manifest import Record, write_manifest
+    from meddiff.data.staging import staged_folder
     from meddiff.image import Image
     from meddiff.io import save_image
 
     per_split = per_split or {"train": 400, "val": 40, "test": 80}
+    if min(per_split.values()) < 0:
+        raise MeddiffError("the number of images per split must not be negative")
+    if not sum(per_split.values()):
+        raise MeddiffError("no images asked for — give --train, --val or --test a positive count")
     out_dir = Path(out_dir)
-    rng = np.random.default_rng(seed)
-    bases = base_slices()
-    affine = np.diag([MM_PER_PIXEL, MM_PER_PIXEL, MM_PER_PIXEL, 1.0])
-    records = []
-    for split, n in per_split.items():
-        for k in range(n):
-            held_out = None if split == "test" else False
-            finding = sample_finding(rng, held_out)
-            image = None
-            while image is None:  # some slices have no room for two large lesions in a quadrant: try another
-                try:
-                    image = render(bases[int(rng.integers(len(bases)))], finding, rng)
-                except MeddiffError:
-                    continue
-            name = f"{split}_{k:05d}.nii.gz"
-            save_image(Image(image, affine, "MR"), out_dir / name, overwrite=overwrite)
-            labels = {key: value for key, value in asdict(finding).items() if value is not None}
-            records.append(Record(image=name, modality="MR", split=split, report=report(partial(finding, rng), rng), labels=labels,
-                                  spacing=[MM_PER_PIXEL] * 2, source="meddiff findings (MNI152 + simulated lesions)", synthetic=True))
-    path = write_manifest(records, out_dir / "manifest.jsonl", overwrite=overwrite)
-    (out_dir / "held_out.json").write_text(json.dumps([dict(zip(ATTRIBUTES, c)) for c in HELD_OUT], indent=2) + "\n")
-    return path
+    with staged_folder(out_dir, overwrite=overwrite) as stage:
+        rng = np.random.default_rng(seed)
+        bases = base_slices()
+        affine = np.diag([MM_PER_PIXEL, MM_PER_PIXEL, MM_PER_PIXEL, 1.0])
+        records = []
+        for split, n in per_split.items():
+            for k in range(n):
+                held_out = None if split == "test" else False
+                finding = sample_finding(rng, held_out)
+                image = None
+                while image is None:  # some slices have no room for two large lesions in a quadrant: try another
+                    try:
+                        image = render(bases[int(rng.integers(len(bases)))], finding, rng)
+                    except MeddiffError:
+                        continue
+                name = f"{split}_{k:05d}.nii.gz"
+                save_image(Image(image, affine, "MR"), stage / name)
+                labels = {key: value for key, value in asdict(finding).items() if value is not None}
+                records.append(Record(image=name, modality="MR", split=split, report=report(partial(finding, rng), rng), labels=labels,
+                                      spacing=[MM_PER_PIXEL] * 2, source="meddiff findings (MNI152 + simulated lesions)", synthetic=True))
+        write_manifest(records, stage / "manifest.jsonl")
+        (stage / "held_out.json").write_text(json.dumps([dict(zip(ATTRIBUTES, c)) for c in HELD_OUT], indent=2) + "\n")
+    return out_dir / "manifest.jsonl"

@@ -14,8 +14,8 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from meddiff.errors import MeddiffError
-from meddiff.io import load_image
 from meddiff.files import atomic_path
+from meddiff.io import load_image
 
 SPLITS = ("train", "val", "test")
 DATA_ROOT_ENV = "MEDDIFF_DATA"
@@ -94,6 +94,34 @@ class Manifest:
                 value = getattr(record, key)
                 if value is not None and not self.resolve(value).exists():
                     raise MeddiffError(f"line {number}: field '{key}': file not found: {self.resolve(value)}")
+
+    def check_splits(self, content: bool = False, shared_subjects: bool = False) -> None:
+        """No split leak: an image (same file, or with ``content`` the same bytes) or a subject in two splits.
+
+        The error names both records by line. ``content`` reads every file (a copy under another name
+        is the same image); without it only the paths are compared. ``shared_subjects`` accepts one
+        subject in several splits (a deliberate ``manifest build --split-by random``).
+        """
+        from meddiff.files import file_sha256
+
+        seen: dict[tuple, tuple[int, Record]] = {}
+        for number, record in zip(self.lines, self.records):
+            if record.split is None:
+                continue
+            path = self.resolve(record.image).resolve()
+            keys = [("image", str(path), record.series)]
+            if content and path.exists():
+                keys.append(("content", file_sha256(path), record.series))
+            if record.subject is not None and not shared_subjects:
+                keys.append(("subject", record.subject))
+            for key in keys:
+                first = seen.setdefault(key, (number, record))
+                line, other = first
+                if other.split == record.split:
+                    continue
+                what = {"image": "name the same image", "content": "hold identical images", "subject": f"belong to one subject ({record.subject})"}[key[0]]
+                fix = "keep each subject in one split, or pass --allow-shared-subjects if that is intended" if key[0] == "subject" else "keep each image in one split"
+                raise MeddiffError(f"split leak: line {line} ({other.image}, {other.split}) and line {number} ({record.image}, {record.split}) {what} — {fix}")
 
     def check_images(self) -> None:
         """Load every image (and mask): readable, finite, and masks shaped like their images."""

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from meddiff.data.manifest import Record, write_manifest
+from meddiff.data.staging import staged_folder
 from meddiff.errors import MeddiffError
 from meddiff.image import Image
 from meddiff.io import load_image, save_image
@@ -85,17 +86,22 @@ SAMPLES = (
 
 
 def write_samples(out_dir: str | os.PathLike, names: list[str] | None = None, overwrite: bool = False) -> Path:
-    """Write the sample images as NIfTI under ``out_dir`` plus ``out_dir/manifest.jsonl``."""
+    """Write the sample images as NIfTI under ``out_dir`` plus ``out_dir/manifest.jsonl``, all or nothing.
+
+    ``out_dir`` must be new or empty unless ``overwrite`` (see ``staged_folder``).
+    """
     out_dir = Path(out_dir)
     chosen = [s for s in SAMPLES if names is None or s.name in names]
     unknown = set(names or []) - {s.name for s in SAMPLES}
     if unknown:
         raise MeddiffError(f"unknown samples {sorted(unknown)} — available: {', '.join(s.name for s in SAMPLES)}")
-    records = []
-    for sample in chosen:
-        image = sample.load()
-        file_name = f"{sample.name}.nii.gz"
-        save_image(Image(image.array, image.affine, sample.modality), out_dir / file_name, overwrite=overwrite)
-        spacing = [round(s, 6) for s in image.spacing]
-        records.append(Record(image=file_name, modality=sample.modality, split=sample.split, spacing=spacing, source=sample.source))
-    return write_manifest(records, out_dir / "manifest.jsonl", overwrite=overwrite)
+    with staged_folder(out_dir, overwrite=overwrite) as stage:
+        records = []
+        for sample in chosen:
+            image = sample.load()
+            file_name = f"{sample.name}.nii.gz"
+            save_image(Image(image.array, image.affine, sample.modality), stage / file_name)
+            spacing = [round(s, 6) for s in image.spacing]
+            records.append(Record(image=file_name, modality=sample.modality, split=sample.split, spacing=spacing, source=sample.source))
+        write_manifest(records, stage / "manifest.jsonl")
+    return out_dir / "manifest.jsonl"

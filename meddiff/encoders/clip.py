@@ -152,20 +152,25 @@ class ClipEncoder(_JointEmbedding, torch.nn.Module):
 
     def __init__(self, directory: str | Path):
         super().__init__()
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
-        from transformers import AutoModel, AutoTokenizer
+
+        from meddiff.encoders.text import load_hf
+        from meddiff.weights import check_fit, first_line
 
         directory = Path(directory)
         if not (directory / CLIP_CONFIG).is_file() or not (directory / IMAGE_WEIGHTS).is_file():
             raise MeddiffError(f"{directory} is not an exported meddiff CLIP: it needs {CLIP_CONFIG}, {IMAGE_WEIGHTS} and {TEXT_DIR}/")
         config = json.loads((directory / CLIP_CONFIG).read_text())
         self._add_image_tower_and_projections(config["embed_dim"], config["text_width"])
-        try:  # every tensor the file must hold (the text tower is loaded from its own folder below)
-            self.load_state_dict(load_file(directory / IMAGE_WEIGHTS))
-        except RuntimeError as exc:
-            raise MeddiffError(f"{directory / IMAGE_WEIGHTS} does not fit {CLIP_CONFIG}: {str(exc).splitlines()[0]}") from None
-        self.text = AutoModel.from_pretrained(directory / TEXT_DIR, local_files_only=True)
-        self.tokenizer = AutoTokenizer.from_pretrained(directory / TEXT_DIR, local_files_only=True)
+        try:  # safetensors: tensors only, nothing in the file runs
+            state = load_file(directory / IMAGE_WEIGHTS)
+        except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+            raise MeddiffError(f"{directory / IMAGE_WEIGHTS} is not a readable safetensors file ({first_line(exc)}) — export the CLIP again") from None
+        # every tensor the file must hold (the text tower is loaded from its own folder below)
+        check_fit(self, state, f"{directory / IMAGE_WEIGHTS} does not fit {CLIP_CONFIG}", "use the files of one export together")
+        self.load_state_dict(state)
+        self.tokenizer, self.text = load_hf(directory / TEXT_DIR, "the CLIP's text tower")
         self.eval().requires_grad_(False)
 
     @torch.inference_mode()

@@ -194,17 +194,32 @@ class OpenCLIPEncoder(HFTextEncoder):
 
 def load_open_clip(spec: str, max_length: int | None = None, device: str | torch.device = "cpu") -> OpenCLIPEncoder:
     """An ``OpenCLIPEncoder`` from ``hf-hub:REPO`` or ``local-dir:PATH``, loaded from local files only."""
+    import pickle
+    import warnings
+
     import open_clip
     from open_clip.tokenizer import HFTokenizer
 
+    from meddiff.encoders.text import refuse_custom_code
+    from meddiff.weights import first_line, refused
+
     files = resolve(spec)
+    refuse_custom_code(str(files.text_dir))  # open_clip reads the text tower's config through transformers
     text_cfg = dict(files.config["model_cfg"]["text_cfg"])
     local_text = {"hf_model_name": str(files.text_dir), "hf_tokenizer_name": str(files.text_dir), "hf_model_pretrained": False}
     try:
         # local-dir: open_clip reads the config and the checkpoint from the folder (a cache snapshot for hf-hub:);
-        # the text_cfg override points its Hugging Face text tower at the local folder instead of the hub name
-        clip = open_clip.create_model(f"local-dir:{files.folder}", device=device, require_pretrained=True, text_cfg={**text_cfg, **local_text})
+        # the text_cfg override points its Hugging Face text tower at the local folder instead of the hub name.
+        # weights_only=True (open_clip's default, made explicit): a .bin goes through torch's weights-only
+        # unpickler, so nothing in it runs
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # e.g. torch's note on a pickle protocol it is refusing anyway
+            clip = open_clip.create_model(f"local-dir:{files.folder}", device=device, require_pretrained=True, weights_only=True,
+                                          text_cfg={**text_cfg, **local_text})
         tokenizer = HFTokenizer(str(files.text_dir), context_length=text_cfg.get("context_length", 77), **text_cfg.get("tokenizer_kwargs", {}))
+    except pickle.UnpicklingError as exc:
+        raise MeddiffError(refused(exc, f"{spec}: {files.weights.name}", f"put the model's tensors in {WEIGHTS_NAMES[0]} instead "
+                                   "(safetensors.torch.save_file(state_dict, PATH))")) from None
     except Exception as exc:  # noqa: BLE001 - an unreadable or mismatched file, whatever open_clip raises: one line
-        raise MeddiffError(f"cannot load {spec} from {files.folder}: {str(exc).strip().splitlines()[0]}") from None
+        raise MeddiffError(f"cannot load {spec} from {files.folder}: {first_line(exc)}") from None
     return OpenCLIPEncoder(spec, clip, tokenizer, files.weights, max_length)

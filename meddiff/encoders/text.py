@@ -81,20 +81,60 @@ class HFTextEncoder(torch.nn.Module):
             self._cache[key] = (states[attention].clone(), states[0].clone())
 
 
-def _hf_encoder(name: str, max_length: int | None) -> HFTextEncoder:
+def load_hf(name: str | os.PathLike, what: str = "the text model"):
+    """``(tokenizer, model)`` of a transformers text model from a local folder or the Hugging Face cache.
+
+    Nothing is downloaded and nothing in the files runs: no custom code (``trust_remote_code=False``: a
+    config's ``auto_map`` is refused), and a ``pytorch_model.bin`` goes through torch's weights-only
+    unpickler (``weights_only=True``, transformers' default, made explicit), so a pickled payload is refused.
+    """
+    import pickle
+    import warnings
+
     try:
         from transformers import AutoModel, AutoTokenizer
     except ImportError:
         raise MeddiffError("hf: text encoders need transformers: pip install transformers") from None
+    from meddiff.weights import first_line, refused
+
+    name = str(name)
+    where = "folder" if Path(name).exists() else "Hugging Face cache (~/.cache/huggingface/hub, or $HF_HOME)"
+    refuse_custom_code(name)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(name, local_files_only=True)
-        model = AutoModel.from_pretrained(name, local_files_only=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # e.g. torch's note on a pickle protocol it is refusing anyway
+            tokenizer = AutoTokenizer.from_pretrained(name, local_files_only=True, trust_remote_code=False)
+            model = AutoModel.from_pretrained(name, local_files_only=True, trust_remote_code=False, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise MeddiffError(refused(exc, f"{what} {name!r}", "save the model as model.safetensors (model.save_pretrained(FOLDER)) "
+                                   "and remove pytorch_model.bin")) from None
     except (OSError, ValueError) as exc:
-        where = "folder" if Path(name).exists() else "Hugging Face cache (~/.cache/huggingface/hub, or $HF_HOME)"
         raise MeddiffError(
-            f"cannot load the text model {name!r} from the {where}: {str(exc).splitlines()[0]} — meddiff never downloads: "
+            f"cannot load {what} {name!r} from the {where}: {first_line(exc)} — meddiff never downloads: "
             f"copy the model folder (config.json, weights, tokenizer files) here, or fill the cache with `hf download {name}` elsewhere"
         ) from None
+    except Exception as exc:  # noqa: BLE001 - a damaged or mismatched file, whatever transformers raises: one line
+        raise MeddiffError(f"cannot load {what} {name!r} from the {where}: {first_line(exc)} — copy the model folder again, unchanged") from None
+    return tokenizer, model
+
+
+def refuse_custom_code(name: str) -> None:
+    """A folder whose config.json asks for its own Python code (``auto_map``): refused by name, before transformers
+    would prompt for it."""
+    import json
+
+    config = Path(name) / "config.json"
+    try:
+        auto_map = config.is_file() and "auto_map" in json.loads(config.read_text(encoding="utf-8"))
+    except (OSError, ValueError, TypeError):
+        return  # transformers says what is wrong with it
+    if auto_map:
+        raise MeddiffError(f"{config} asks to run the model's own Python code (auto_map), which meddiff never does — use a model "
+                           "that transformers implements (BERT, ...), saved without custom code")
+
+
+def _hf_encoder(name: str, max_length: int | None) -> HFTextEncoder:
+    tokenizer, model = load_hf(name)
     return HFTextEncoder(f"hf:{name}", tokenizer, model, max_length)
 
 

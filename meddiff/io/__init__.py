@@ -6,10 +6,11 @@ import os
 from pathlib import Path
 
 from meddiff.errors import MeddiffError
-from meddiff.image import Image
 from meddiff.files import atomic_path, full_suffix
+from meddiff.image import Image
 from meddiff.io.dicom import is_dicom_file, read_dicom
-from meddiff.io.itk import read_itk, write_itk
+from meddiff.io.guard import readers_quiet
+from meddiff.io.itk import picture_plane, read_itk, write_itk
 from meddiff.io.nifti import read_nifti, write_nifti
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
@@ -20,7 +21,7 @@ READ_SUFFIXES = NIFTI_SUFFIXES + ITK_SUFFIXES + PICTURE_SUFFIXES + DICOM_SUFFIXE
 WRITE_SUFFIXES = NIFTI_SUFFIXES + ITK_SUFFIXES + PICTURE_SUFFIXES
 SYNTHETIC_FORMATS = ("nii.gz", "png", "dcm")  # what `meddiff generate --format` writes (dcm: marked synthetic)
 
-__all__ = ["load_image", "save_image", "READ_SUFFIXES", "WRITE_SUFFIXES"]
+__all__ = ["READ_SUFFIXES", "WRITE_SUFFIXES", "load_image", "save_image"]
 
 
 def load_image(path: str | os.PathLike, series: str | int | None = None, modality: str | None = None) -> Image:
@@ -33,17 +34,25 @@ def load_image(path: str | os.PathLike, series: str | int | None = None, modalit
     if not path.exists():
         raise MeddiffError(f"{path} does not exist")
     suffix = full_suffix(path)
-    if path.is_dir() or suffix in DICOM_SUFFIXES or (suffix not in READ_SUFFIXES and is_dicom_file(path)):
-        image = read_dicom(path, series=series)
-    elif suffix in NIFTI_SUFFIXES:
-        image = read_nifti(path)
-    elif suffix in ITK_SUFFIXES + PICTURE_SUFFIXES:
-        image = read_itk(path)
-    else:
-        raise MeddiffError(f"{path}: unsupported format '{suffix}' — meddiff reads {', '.join(READ_SUFFIXES)} and DICOM folders")
-    if modality is not None:
-        image.modality = modality
-    return image.check_finite()
+    if path.is_file() and path.stat().st_size == 0:
+        raise MeddiffError(f"{path} is empty (0 bytes) — copy or export it again")
+    try:
+        with readers_quiet():
+            if path.is_dir() or suffix in DICOM_SUFFIXES or (suffix not in READ_SUFFIXES and is_dicom_file(path)):
+                image = read_dicom(path, series=series)
+            elif suffix in NIFTI_SUFFIXES:
+                image = read_nifti(path)
+            elif suffix in ITK_SUFFIXES + PICTURE_SUFFIXES:
+                image = read_itk(path)
+            else:
+                raise MeddiffError(f"{path}: unsupported format '{suffix}' — meddiff reads {', '.join(READ_SUFFIXES)} and DICOM folders")
+            if modality is not None:
+                image.modality = modality
+            return image.check_finite()
+    except MeddiffError as exc:  # every reading error names the file, whichever layer raised it
+        if str(path) in str(exc):
+            raise
+        raise MeddiffError(f"{path}: {exc}") from None
 
 
 def save_image(image: Image, path: str | os.PathLike, overwrite: bool = False) -> Path:
@@ -53,6 +62,8 @@ def save_image(image: Image, path: str | os.PathLike, overwrite: bool = False) -
     if suffix not in WRITE_SUFFIXES:
         raise MeddiffError(f"{path}: cannot write '{suffix}' — meddiff writes {', '.join(WRITE_SUFFIXES)}")
     image.check_finite()
+    if suffix in PICTURE_SUFFIXES:
+        picture_plane(image.array, path)  # refuse a volume before any file is created
     with atomic_path(path, overwrite=overwrite) as tmp:
         if suffix in NIFTI_SUFFIXES:
             write_nifti(image, tmp)

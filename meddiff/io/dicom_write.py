@@ -17,8 +17,8 @@ from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, MRImageStorage, 
 
 from meddiff import __version__
 from meddiff.errors import MeddiffError
-from meddiff.image import Image
 from meddiff.files import atomic_path
+from meddiff.image import Image
 from meddiff.io.itk import LPS_TO_RAS
 
 SOP_CLASSES = {"MR": MRImageStorage, "CT": CTImageStorage}

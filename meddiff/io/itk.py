@@ -13,7 +13,9 @@ import numpy as np
 import SimpleITK as sitk
 
 from meddiff.errors import MeddiffError
+from meddiff.files import full_suffix
 from meddiff.image import Image
+from meddiff.io.guard import check_shape, native_stderr_captured, reason, tidy
 
 log = logging.getLogger(__name__)
 
@@ -69,13 +71,29 @@ def image_to_sitk(image: Image) -> sitk.Image:
 
 
 def read_itk(path: Path) -> Image:
-    """MHA/MHD/NRRD/PNG/JPEG through SimpleITK."""
+    """MHA/MHD/NRRD/PNG/JPEG through SimpleITK; the header's sizes are checked before voxels are read."""
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    chatter: list[str] = []
     try:
-        img = sitk.ReadImage(str(path))
+        with native_stderr_captured() as chatter:
+            reader.ReadImageInformation()
     except RuntimeError as exc:
-        raise MeddiffError(f"cannot read {path}: {first_error_line(exc)}") from None
+        raise MeddiffError(f"cannot read {path}: {native_reason(chatter, exc)} — the file is truncated or not a {full_suffix(path)} image: copy or export it again") from None
+    check_shape(path, reader.GetSize(), itemsize=4)
+    try:
+        with native_stderr_captured() as chatter:
+            img = reader.Execute()
+    except (RuntimeError, MemoryError) as exc:
+        raise MeddiffError(f"cannot read {path}: {native_reason(chatter, exc)} — the file is truncated or corrupt: copy or export it again") from None
     array, affine = sitk_to_array_affine(img)
     return Image(array=array, affine=affine)
+
+
+def native_reason(chatter: list[str], exc: BaseException) -> str:
+    """Why a SimpleITK read failed: what the C++ reader printed (MetaIO, libpng say it best), else the exception."""
+    printed = [ln for ln in chatter if not ln.startswith("WARNING")]
+    return "; ".join(tidy(ln) for ln in printed[-3:]) if printed else reason(exc)
 
 
 def write_itk(image: Image, path: Path, suffix: str) -> None:
@@ -85,11 +103,17 @@ def write_itk(image: Image, path: Path, suffix: str) -> None:
     sitk.WriteImage(image_to_sitk(image), str(path), useCompression=True)
 
 
+def picture_plane(array: np.ndarray, path: Path) -> np.ndarray:
+    """The 2D plane a PNG/JPEG can hold: the array itself, or a slice volume with its one-voxel axis dropped."""
+    plane = array.squeeze() if array.ndim > 2 and sum(n > 1 for n in array.shape) == 2 else array
+    if plane.ndim != 2:
+        raise MeddiffError(f"{path}: {full_suffix(path)} holds 2D images; this one has shape {array.shape} — use .nii.gz, .mha or .nrrd")
+    return plane
+
+
 def _write_picture(image: Image, path: Path, suffix: str) -> None:
     """PNG keeps integer data exactly (8 or 16 bit); anything else is scaled to the full range."""
-    if image.array.ndim != 2:
-        raise MeddiffError(f"{suffix} holds 2D images; this one has shape {image.array.shape} — use .nii.gz")
-    array = image.array
+    array = picture_plane(image.array, path)
     is_int = np.array_equal(array, np.round(array)) and array.min() >= 0
     if suffix == ".png" and is_int and array.max() <= 65535:
         out = array.astype(np.uint8 if array.max() <= 255 else np.uint16)
@@ -104,6 +128,3 @@ def _write_picture(image: Image, path: Path, suffix: str) -> None:
     sitk.WriteImage(sitk.GetImageFromArray(out.T), str(path))
 
 
-def first_error_line(exc: Exception) -> str:
-    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
-    return lines[-1] if lines else type(exc).__name__

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
+import zipfile
+import zlib
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -19,12 +23,22 @@ from meddiff.metrics.paired import paired
 METRICS = ("fid", "prdc", "memorization", "paired", "frd", "clip")
 NO_FEATURES = ("paired", "frd", "clip")  # metrics that need no feature extractor
 
+logger = logging.getLogger(__name__)
+
 
 def check_metrics(metrics: Sequence[str]) -> None:
-    """One-line error for metric names meddiff does not know (before any model or image is loaded)."""
+    """One-line error for metric names meddiff does not know, or none at all (before any model or image is loaded)."""
+    if not metrics:
+        raise MeddiffError(f"no metrics named — pass --metrics with one or more of: {', '.join(METRICS)}")
     unknown = set(metrics) - set(METRICS)
     if unknown:
         raise MeddiffError(f"unknown metrics {sorted(unknown)} — available: {', '.join(METRICS)}")
+
+
+def check_k(k: int) -> None:
+    """Nearest neighbours for precision/recall: a positive count."""
+    if k < 1:
+        raise MeddiffError(f"-k {k}: the number of nearest neighbours must be 1 or more (default 3)")
 
 
 def image_paths(source: str | os.PathLike, split: str | None = None) -> list[Path]:
@@ -41,7 +55,8 @@ def image_paths(source: str | os.PathLike, split: str | None = None) -> list[Pat
     elif source.is_dir():
         if split:
             raise MeddiffError(f"{source} is a folder without a manifest: it has no splits (drop --real-split)")
-        paths = sorted(p for p in source.iterdir() if p.is_file() and full_suffix(p) in READ_SUFFIXES)
+        # hidden names are skipped: meddiff's temporaries (atomic_path) left by a killed writer are not images
+        paths = sorted(p for p in source.iterdir() if p.is_file() and full_suffix(p) in READ_SUFFIXES and not p.name.startswith("."))
     else:
         raise MeddiffError(f"{source} is neither a manifest nor a folder of images")
     if not paths:
@@ -92,16 +107,36 @@ def cached_features(paths: list[Path], extractor: Extractor, cache_dir: Path | N
     for path in tqdm(paths, desc=f"{desc} ({extractor.name})", unit="image"):
         cache = cache_dir / extractor.identity / f"{file_sha256(path)}.npz" if cache_dir else None
         if cache is not None and cache.is_file():
-            with np.load(cache) as stored:
-                out.append({k: stored[k] for k in stored.files})
-            continue
+            stored = _read_cached(cache)
+            if stored is not None:
+                out.append(stored)
+                continue
         features = extractor.features(load_image(path))
         if cache is not None:
-            cache.parent.mkdir(parents=True, exist_ok=True)
-            with atomic_path(cache, overwrite=True) as tmp, open(tmp, "wb") as fh:
-                np.savez(fh, **features)
+            try:
+                cache.parent.mkdir(parents=True, exist_ok=True)
+                with atomic_path(cache, overwrite=True) as tmp, open(tmp, "wb") as fh:
+                    np.savez(fh, **features)
+            except OSError as exc:  # a cache is a convenience: a read-only or full disk does not stop the evaluation
+                logger.warning("cannot write the feature cache under %s (%s): going on without it (--cache none to skip it)", cache_dir, exc.strerror or exc)
+                cache_dir = None
         out.append(features)
     return out
+
+
+def _read_cached(cache: Path) -> dict[str, np.ndarray] | None:
+    """A cache entry's features; None (with a warning naming the file, which is removed) when it cannot be read."""
+    try:
+        with np.load(cache) as stored:  # allow_pickle stays False: a cache file never runs code
+            features = {k: stored[k] for k in stored.files}
+        if not features:
+            raise ValueError("no features in it")
+        return features
+    except (OSError, EOFError, ValueError, KeyError, zipfile.BadZipFile, zlib.error) as exc:
+        logger.warning("feature cache entry %s is unreadable (%s: %s): removed, its features are computed again", cache, type(exc).__name__, exc)
+        with contextlib.suppress(OSError):  # a read-only cache: the entry is recomputed each time, as the warning says
+            cache.unlink()
+        return None
 
 
 def as_slices(features: list[dict[str, np.ndarray]], plane: str) -> list[dict[str, np.ndarray]]:
@@ -139,6 +174,7 @@ def evaluate(
     ``reports`` (each fake image's report) give the ``clip`` metric.
     """
     check_metrics(metrics)
+    check_k(k)
     results: dict = {"real": len(real), "fake": len(fake)}
     feature_metrics = [m for m in metrics if m not in NO_FEATURES]
     if feature_metrics:

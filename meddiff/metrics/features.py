@@ -30,7 +30,9 @@ ImageNet Inception features judge medical images poorly; all but ``inception_v3`
 
 Pretrained weights cannot be downloaded here: each loader takes a local file (``weights=``), or
 finds it by name under ``$MEDDIFF_WEIGHTS`` or ``~/.cache/meddiff/weights``, and otherwise says
-exactly which file to put where.
+exactly which file to put where. Nothing in a weights file runs: files are read with torch's weights-only
+unpickler (``meddiff.weights``), torchxrayvision's whole pickled release models as inert module trees
+whose tensors alone are kept, and a file holding any other object is refused in one line.
 """
 
 from __future__ import annotations
@@ -96,34 +98,20 @@ def find_weights(name: str, weights: str | os.PathLike | None, also: Path | None
 def _state_dict(path: Path, pickled_module_from: str | None = None) -> dict[str, torch.Tensor]:
     """A checkpoint's tensors, unwrapped from ``{"state_dict": ...}`` and DataParallel's ``module.`` prefix.
 
-    ``pickled_module_from``: a package whose release files are whole pickled modules (torchxrayvision);
-    such a file is unpickled only when that package is installed, and only after the safe load failed.
+    Read with torch's weights-only unpickler: nothing in the file runs (``meddiff.weights.torch_load``).
+    ``pickled_module_from``: a package whose release files are whole pickled modules (torchxrayvision); such a
+    file's module classes are read as inert attribute holders and only its tensors are kept, so the package
+    need not even be installed.
     """
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - any unreadable file gets the same one-line error
-        state = _unpickle_module(path, pickled_module_from, exc)
-    if isinstance(state, torch.nn.Module):
-        state = state.state_dict()
+    from meddiff.weights import PickledModule, module_tensors, torch_load
+
+    state = torch_load(path, "weights", modules_from=(f"{pickled_module_from}.",) if pickled_module_from else ())
+    if isinstance(state, PickledModule):
+        state = module_tensors(state)
     state = state.get("state_dict", state) if isinstance(state, dict) else state
-    if not isinstance(state, dict):
-        raise MeddiffError(f"{path} holds no state dict")
-    return {k.removeprefix("module."): v for k, v in state.items()}
-
-
-def _unpickle_module(path: Path, package: str | None, error: Exception):
-    import importlib
-
-    if package is None:
-        raise MeddiffError(f"cannot read the weights {path}: {str(error).splitlines()[0]}") from None
-    try:
-        importlib.import_module(package)  # unpickling a whole model needs its package's classes
-    except Exception:  # noqa: BLE001 - missing, or present but broken
-        raise MeddiffError(f"{path} is a whole pickled model: reading it needs an importable {package}, or save its state_dict instead") from None
-    try:
-        return torch.load(path, map_location="cpu", weights_only=False)  # the user's own release file, read by its package's classes
-    except Exception as exc:  # noqa: BLE001
-        raise MeddiffError(f"cannot read the weights {path}: {str(exc).splitlines()[0]}") from None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise MeddiffError(f"{path} holds no state dict (a mapping of names to tensors) — save one with torch.save(model.state_dict(), PATH)")
+    return {str(k).removeprefix("module."): v for k, v in state.items()}
 
 
 # RadImageNet's PyTorch release wraps torchvision's ResNet-50 children in nn.Sequential ("backbone.N").
@@ -149,11 +137,10 @@ def _xrv_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def _load(network: torch.nn.Module, state: dict[str, torch.Tensor], path: Path) -> torch.nn.Module:
-    try:
-        network.load_state_dict(state, strict=True)
-    except RuntimeError as exc:
-        first = str(exc).splitlines()[1].strip() if len(str(exc).splitlines()) > 1 else str(exc)
-        raise MeddiffError(f"{path} does not fit this network: {first}") from None
+    from meddiff.weights import check_fit
+
+    check_fit(network, state, f"{path} does not fit this network", "pass the extractor's own weights file (see --features)")
+    network.load_state_dict(state, strict=True)
     return network.eval()
 
 
@@ -238,8 +225,8 @@ def _xrv(weights) -> Extractor:
     from monai.networks.nets import DenseNet121
 
     path = find_weights("xrv_densenet121", weights)
-    densenet = DenseNet121(spatial_dims=2, in_channels=1, out_channels=18)
-    features = _load(densenet.features, {k.removeprefix("features."): v for k, v in _xrv_keys(_state_dict(path, "torchxrayvision")).items()}, path)
+    state = {k.removeprefix("features."): v for k, v in _xrv_keys(_state_dict(path, "torchxrayvision")).items()}  # the file first: fail fast
+    features = _load(DenseNet121(spatial_dims=2, in_channels=1, out_channels=18).features, state, path)
 
     def network(x: torch.Tensor) -> torch.Tensor:
         return F.relu(features(x)).mean(dim=(2, 3))
@@ -255,7 +242,8 @@ def _file_id(path: Path) -> str:
 
 def _radimagenet(weights) -> Extractor:
     path = find_weights("radimagenet_resnet50", weights)
-    network = _load(_resnet(50, 2, n_input_channels=3), _radimagenet_keys(_state_dict(path)), path)
+    state = _radimagenet_keys(_state_dict(path))  # the file first: fail fast
+    network = _load(_resnet(50, 2, n_input_channels=3), state, path)
     return Extractor("radimagenet_resnet50", network, 2, _radimagenet_prepare, _file_id(path))
 
 
@@ -263,17 +251,18 @@ def _medicalnet(depth: int):
     def load(weights) -> Extractor:
         name = f"medicalnet_resnet{depth}"
         path = find_weights(name, weights)
+        state = _state_dict(path)  # the file first: fail fast
         network = _resnet(depth, 3, n_input_channels=1, shortcut_type="B", bias_downsample=False)
-        return Extractor(name, _load(network, _state_dict(path), path), 3, _medicalnet_prepare, _file_id(path))
+        return Extractor(name, _load(network, state, path), 3, _medicalnet_prepare, _file_id(path))
 
     return load
 
 
 def _meddiff_mri(weights) -> Extractor:
+    from monai.networks.nets.diffusion_model_unet import get_timestep_embedding
+
     from meddiff.data.transforms import NormalizeIntensityd, to_model_range
     from meddiff.pipeline import load_pipeline
-
-    from monai.networks.nets.diffusion_model_unet import get_timestep_embedding
 
     pipeline = load_pipeline(weights or "mri-denoise")
     unet = pipeline.unet
@@ -309,9 +298,15 @@ def _inception(weights) -> Extractor:
     from torchmetrics.image.fid import NoTrainInceptionV3
 
     path = find_weights("inception_v3", weights, also=Path(torch.hub.get_dir()) / "checkpoints")
-    _state_dict(path)  # a safe read first: torch-fidelity unpickles the file in full, so only a plain state dict goes on
+    import io
+
+    # torch-fidelity unpickles its weights file in full (weights_only=False): it gets, in memory, only the tensors
+    # read safely here, never the user's file itself
+    tensors = io.BytesIO()
+    torch.save(_state_dict(path), tensors)
+    tensors.seek(0)
     try:
-        network = NoTrainInceptionV3(name="inception-v3-compat", features_list=["2048"], feature_extractor_weights_path=str(path))
+        network = NoTrainInceptionV3(name="inception-v3-compat", features_list=["2048"], feature_extractor_weights_path=tensors)
     except RuntimeError as exc:
         first = str(exc).splitlines()[1].strip() if len(str(exc).splitlines()) > 1 else str(exc)
         raise MeddiffError(f"{path} does not fit torch-fidelity's Inception-v3: {first}") from None

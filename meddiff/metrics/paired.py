@@ -42,18 +42,28 @@ def psnr(reference: np.ndarray, estimate: np.ndarray, data_range: float, mask: n
 
 
 def ssim(reference: np.ndarray, estimate: np.ndarray, data_range: float, mask: np.ndarray | None = None) -> float:
-    """Structural similarity averaged over ``mask``; 2D or 3D images (singleton axes dropped), 11+ pixels a side."""
+    """Structural similarity averaged over ``mask``; 2D or 3D images (singleton axes dropped), 11+ pixels a side.
+
+    A volume thinner than the window along one axis (a few thick slices) is scored slice by slice in 2D
+    along that axis, as its slices were acquired.
+    """
     mask = _checked(reference, estimate, mask)
     keep = tuple(s for s in np.shape(reference) if s != 1)
     reference, estimate, mask = np.reshape(reference, keep), np.reshape(estimate, keep), np.reshape(mask, keep)
+    thin = len(keep) == 3 and sorted(keep)[0] < 11 <= sorted(keep)[1]
+    if thin:  # slices along the thin axis become a batch of 2D images
+        axis = int(np.argmin(keep))
+        reference, estimate, mask = (np.moveaxis(a, axis, 0) for a in (reference, estimate, mask))
+        keep = keep[:axis] + keep[axis + 1 :]
     if len(keep) not in (2, 3) or min(keep) < 11:
-        raise MeddiffError(f"SSIM needs a 2D or 3D image with at least 11 pixels a side (its window), got shape {keep}")
+        raise MeddiffError(f"SSIM needs a 2D or 3D image with at least 11 pixels a side (its window), got shape {np.shape(reference)}")
     ndim = len(keep)
-    ssim_map, _ = compute_ssim_and_cs(_batched(estimate), _batched(reference), ndim, [11] * ndim, [1.5] * ndim, data_range)
-    inner = mask[tuple(slice(5, s - 5) for s in keep)]  # the map is the 'valid' part of the convolution
+    batch = (lambda a: torch.as_tensor(np.asarray(a, np.float64))[:, None]) if thin else _batched
+    ssim_map, _ = compute_ssim_and_cs(batch(estimate), batch(reference), ndim, [11] * ndim, [1.5] * ndim, data_range)
+    inner = mask[(slice(None),) * thin + tuple(slice(5, s - 5) for s in keep)]  # the map is the 'valid' part of the convolution
     if not inner.any():
         raise MeddiffError("the mask lies within 5 pixels of the border, where SSIM's window does not fit")
-    return float(ssim_map[0, 0].numpy()[inner].mean())
+    return float((ssim_map[:, 0] if thin else ssim_map[0, 0]).numpy()[inner].mean())
 
 
 def ms_ssim(reference: np.ndarray, estimate: np.ndarray, data_range: float) -> float:

@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import pytest
-
-from conftest import Snapshot, assert_clean_error, run_meddiff
+from harness import Snapshot, assert_clean_error, run_meddiff
 
 CASES = {
     "no verb": ([], "required"),

@@ -1,0 +1,65 @@
+"""Rician bias correction of a denoised magnitude MR image (the noise floor in dark tissue and air).
+
+A magnitude image is ``M = |A + n|`` with ``n`` complex Gaussian noise of standard deviation
+``sigma`` per channel: ``M`` is Rician with mean ``sigma * rice.mean(A / sigma)``, which is
+``sigma * sqrt(pi / 2)`` (about 1.25 sigma) where the true amplitude ``A`` is 0 and tends to ``A``
+only where ``A >> sigma``. A denoiser trained for additive Gaussian noise averages ``M``, so it
+estimates that mean, not ``A``: air and dark tissue keep a grey floor. Inverting the mean maps the
+denoised value back to the amplitude; values at or below the floor become 0.
+
+The inverse is a table of scipy's Rician mean (monotonic in ``A``, accurate to 1e-5 sigma); above
+``A = 36 sigma``, where scipy's formula soon overflows, ``E[M] = sqrt(A^2 + sigma^2)`` to within
+1e-5 sigma. Chosen by measurement against ``sqrt(max(M^2 - k sigma^2, 0))`` for k = 1, pi/2 and 2
+on two held-out MR slices (BENCHMARKS.md): k = 2 empties the background best but darkens dark
+tissue (-0.25 sigma, -1.2 dB foreground PSNR on the shoulder at 9 %), k = 1 leaves 0.7 sigma of floor.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from scipy.stats import rice
+
+# The inverse as a table on a uniform grid of u = sqrt(mean / sigma - sqrt(pi / 2)): the amplitude is a
+# smooth function of u (about 2 u / sqrt(sqrt(pi / 2)) near the floor, where it is steep in the mean
+# itself), and a uniform grid makes each lookup arithmetic. Written by hand because np.interp's binary
+# search is slow on a volume's unsorted values (measured: 0.116 s against 0.029 s for a 256x256 slice).
+_NU_FINE = np.linspace(0.0, 36.0, 3601)  # scipy's Rician mean overflows from about 38
+_FLOOR = float(np.sqrt(np.pi / 2))
+_U_FINE = np.sqrt(np.maximum(rice.mean(_NU_FINE) - _FLOOR, 0.0))
+_U_STEP = float(_U_FINE[-1]) / 8000
+_NU_OF_U = np.interp(np.arange(8001) * _U_STEP, _U_FINE, _NU_FINE)
+_X_MAX = _FLOOR + float(_U_FINE[-1]) ** 2  # mean / sigma at the table's end: 36.014
+_CHUNK = 1 << 22  # voxels per step: float64 temporaries stay at tens of MB for any volume
+
+
+def rician_amplitude(mean: np.ndarray, sigma: float) -> np.ndarray:
+    """The amplitude ``A >= 0`` whose Rician mean (noise ``sigma`` per channel) is ``mean``; float32.
+
+    Means at or below the noise floor ``sigma * sqrt(pi / 2)`` (including negative values) give 0.
+    """
+    if not (np.isfinite(sigma) and sigma > 0):
+        raise ValueError(f"sigma must be positive and finite, got {sigma}")
+    mean = np.asarray(mean)
+    out = np.empty(mean.shape, np.float32)
+    flat_in, flat_out = mean.reshape(-1), out.reshape(-1)
+    for start in range(0, flat_in.size, _CHUNK):
+        x = flat_in[start : start + _CHUNK].astype(np.float64) / sigma
+        position = np.sqrt(np.clip(x, _FLOOR, _X_MAX) - _FLOOR) / _U_STEP
+        index = np.minimum(position.astype(np.intp), _NU_OF_U.size - 2)
+        nu = _NU_OF_U[index] + (position - index) * (_NU_OF_U[index + 1] - _NU_OF_U[index])
+        high = x > _X_MAX  # E[M] = sqrt(A^2 + sigma^2) to within 1e-5 sigma there
+        nu[high] = np.sqrt(x[high] ** 2 - 1.0)
+        flat_out[start : start + _CHUNK] = nu * sigma
+    return out
+
+
+def correct_rician_bias(denoised: np.ndarray, sigma: float, source, enabled: bool = True) -> np.ndarray:
+    """``denoised`` with the Rician floor removed when ``source`` (the noisy ``Image``) is magnitude MR.
+
+    Magnitude MR: modality MR or unknown, and no negative value. ``sigma`` is the noise in image
+    units (estimated or given), not scaled by the denoising strength: the floor is a property of
+    the data, whatever fraction of the noise the network was asked to remove.
+    """
+    if not enabled or source.modality not in (None, "MR") or float(source.array.min()) < 0:
+        return denoised
+    return rician_amplitude(denoised, sigma)

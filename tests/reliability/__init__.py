@@ -1,0 +1,1 @@
+"""The reliability corpus: bad input, faults and misuse across every verb (see RELIABILITY.md)."""
