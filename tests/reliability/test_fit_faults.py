@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from conftest import TINY_UNET, Snapshot, assert_clean_error, run_meddiff  # tests/reliability/conftest.py
+from harness import TINY_UNET, Snapshot, assert_clean_error, run_meddiff
 
 REPO = Path(__file__).resolve().parents[2]
 SMOKE = REPO / "configs" / "smoke" / "ddpm_2d.yaml"
