@@ -2,23 +2,26 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import os
+from collections.abc import Iterator, Sequence
 from functools import cached_property
 from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
+import numpy as np
 from monai.data import CacheDataset, DataLoader
 from monai.transforms import (
     Compose,
     EnsureTyped,
-    RandSpatialCropd,
     Orientationd,
+    RandSpatialCropd,
     ResizeWithPadOrCropd,
     SelectItemsd,
     Spacingd,
     Transform,
 )
+from torch.utils.data import Dataset, DistributedSampler
 
 from meddiff.data.manifest import Manifest
 from meddiff.data.transforms import LoadImaged, NormalizeIntensityd, SliceVolumed
@@ -38,6 +41,12 @@ class ManifestDataModule(pl.LightningDataModule):
     memory, so epochs after the first skip the disk. ``label_key`` puts ``labels[label_key]`` into
     ``batch["label"]`` for class-conditioned models (strings mapped through ``class_names``). Volumes
     are reoriented to RAS first, so data from LPS DICOM and RAS NIfTI agree in layout.
+
+    Training data replay exactly on resume: the order of an epoch is a function of (``data_seed``, epoch)
+    only, the random transforms of an item (slices, crops, augmentation) are seeded by (``data_seed``,
+    epoch, index), and the training loader tells Lightning how far into its epoch it got, so a run
+    resumed from any step checkpoint sees the batches an uninterrupted run would. ``data_seed`` defaults
+    to the run's ``seed_everything`` (resume with the same seed, as the same config gives).
     """
 
     def __init__(
@@ -57,6 +66,7 @@ class ManifestDataModule(pl.LightningDataModule):
         modalities: Sequence[str] | None = None,
         label_key: str | None = None,
         class_names: Sequence[str] | None = None,
+        data_seed: int | None = None,
     ):
         super().__init__()
         if spatial_dims not in (2, 3):
@@ -116,7 +126,7 @@ class ManifestDataModule(pl.LightningDataModule):
         hp = self.hparams
         keys = ["image", "mask"]  # the mask, where a record has one, follows every spatial step
         steps: list[Transform] = [
-            LoadImaged(keys, allow_missing_keys=True),
+            NamedLoadImaged(keys, allow_missing_keys=True),
             Orientationd(keys, as_closest_canonical=True, allow_missing_keys=True),  # RAS, whatever the source
             NormalizeIntensityd("image", ct_window=hp.ct_window),
         ]
@@ -137,9 +147,17 @@ class ManifestDataModule(pl.LightningDataModule):
         steps += [SelectItemsd(keys + ["modality", "label", "report"], allow_missing_keys=True), EnsureTyped(keys, track_meta=False, allow_missing_keys=True)]
         return Compose(steps)
 
+    def reports(self, split: str) -> list[str]:
+        """The distinct non-empty reports of a split, in manifest order (fixed prompts for sample grids)."""
+        return list(dict.fromkeys(item["report"] for item in self.items(split) if item["report"]))
+
     def setup(self, stage: str | None = None) -> None:
+        """Read, check and cache the splits of ``stage``; splits already set up are kept (``meddiff fit``
+        sets up before the Trainer starts its loggers, so bad data fails before any run folder exists)."""
         splits = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ("test",)}
         for split in splits.get(stage, ("train", "val", "test")):
+            if split in self.datasets:
+                continue
             items = self.items(split)
             if items:
                 self.datasets[split] = CacheDataset(items, self.transforms(split == "train"), cache_rate=self.hparams.cache_rate, num_workers=None, progress=False)
@@ -151,7 +169,15 @@ class ManifestDataModule(pl.LightningDataModule):
             raise MeddiffError(f"manifest {self.manifest_path} has no '{split}' records")
         dataset = self.datasets[split]
         drop_last = shuffle and len(dataset) > self.hparams.batch_size  # never drop the only (short) batch
-        return DataLoader(dataset, batch_size=self.hparams.batch_size, shuffle=shuffle, num_workers=self.hparams.num_workers, drop_last=drop_last)
+        if not shuffle:
+            return DataLoader(dataset, batch_size=self.hparams.batch_size, num_workers=self.hparams.num_workers)
+        seed = self.hparams.data_seed if self.hparams.data_seed is not None else int(os.environ.get("PL_GLOBAL_SEED", "0"))
+        trainer = getattr(self, "trainer", None)
+        world, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+        sampler = EpochSampler(dataset, seed=seed, num_replicas=world, rank=rank)
+        return ResumableDataLoader(
+            EpochSeededDataset(dataset, seed), batch_size=self.hparams.batch_size, sampler=sampler, num_workers=self.hparams.num_workers, drop_last=drop_last
+        )
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", shuffle=True)
@@ -163,3 +189,88 @@ class ManifestDataModule(pl.LightningDataModule):
     def test_dataloader(self) -> DataLoader:
         return self._loader("test", shuffle=False)
 
+
+
+class NamedLoadImaged(LoadImaged):
+    """LoadImaged whose errors name the file (a NaN voxel, say): MONAI's wrapper names only the transform."""
+
+    def __call__(self, data):
+        try:
+            return super().__call__(data)
+        except MeddiffError as exc:
+            names = [str(data[key]) for key in self.key_iterator(dict(data))]
+            if any(name in str(exc) for name in names):
+                raise
+            raise MeddiffError(f"{', '.join(names)}: {exc}") from None
+
+
+class EpochSampler(DistributedSampler):
+    """torch's DistributedSampler (the order of an epoch is a permutation seeded by seed + epoch, this
+    rank's share of it), yielding ``(epoch, index)`` so that the dataset can seed an item's random
+    transforms by its epoch too. ``start`` skips the first items of the next epoch (a resume).
+
+    Being a DistributedSampler, Lightning keeps it under DDP (its rank and world size are set from the
+    trainer) and calls ``set_epoch`` before each epoch.
+    """
+
+    def __init__(self, dataset: Dataset, seed: int, num_replicas: int = 1, rank: int = 0):
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed)
+        self.start = 0
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        indices = list(super().__iter__())[self.start :]
+        self.start = 0
+        return iter([(self.epoch, index) for index in indices])
+
+
+class EpochSeededDataset(Dataset):
+    """Item ``(epoch, index)`` of a CacheDataset, its random transforms seeded by (seed, epoch, index).
+
+    MONAI seeds random transforms once per loader (or worker) and lets their state run on, so a
+    resumed run would crop differently; seeding per item makes an item a function of its key alone,
+    with or without worker processes. Written here because MONAI has no per-item seeding.
+    """
+
+    def __init__(self, dataset: CacheDataset, seed: int):
+        self.dataset = dataset
+        self.seed = seed
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: tuple[int, int]):
+        epoch, index = key
+        item_seed = int(np.random.SeedSequence([self.seed, epoch, index]).generate_state(1)[0])
+        self.dataset.transform.set_random_state(seed=item_seed)
+        return self.dataset[index]
+
+
+class ResumableDataLoader(DataLoader):
+    """A training loader with Lightning's ``state_dict``/``load_state_dict`` protocol: it records the
+    epoch and how many batches of it were handed out, and a loaded state makes the next iteration of
+    that epoch start after them (Lightning restarts a plain loader's epoch from its first batch).
+
+    Lightning does not prefetch from a loader whose length is known, so "handed out" is "trained on"
+    when a checkpoint is written. Written here because torchdata's StatefulDataLoader is not a
+    dependency and MONAI's DataLoader (collation of multi-sample transforms) is wanted.
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.batches_done = 0
+        self.resume: tuple[int, int] | None = None
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": int(self.sampler.epoch), "batches": int(self.batches_done)}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.resume = (int(state["epoch"]), int(state["batches"]))
+
+    def __iter__(self):
+        done = self.resume[1] if self.resume is not None and self.resume[0] == self.sampler.epoch else 0
+        self.resume = None
+        self.sampler.start = done * self.batch_size
+        self.batches_done = done
+        for batch in super().__iter__():
+            self.batches_done += 1
+            yield batch

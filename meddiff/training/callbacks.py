@@ -7,7 +7,6 @@ from pathlib import Path
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.loggers import WandbLogger
-from lightning.pytorch.utilities import rank_zero_only
 
 from meddiff.errors import MeddiffError
 from meddiff.viz import save_grid
@@ -18,19 +17,48 @@ class SampleGrid(pl.Callback):
 
     The grid goes to ``<log dir>/samples/step_XXXXXXX.png`` and, with a WandbLogger, to the run.
     3D samples are shown by their middle slice along the last axis. Fixed seeds make grids from
-    different steps comparable.
+    different steps comparable. A report-conditioned model (one with a text encoder) samples image
+    ``i`` from prompt ``i`` (cycled): ``prompts`` if given, else the distinct reports of the data
+    module's validation split (its training split when there is none), fixed for the whole run;
+    ``guidance_scale`` > 1 applies classifier-free guidance.
     """
 
-    def __init__(self, every_n_steps: int = 500, n: int = 8, steps: int = 25, scheduler: str = "ddim"):
+    def __init__(
+        self,
+        every_n_steps: int = 500,
+        n: int = 8,
+        steps: int = 25,
+        scheduler: str = "ddim",
+        prompts: list[str] | None = None,
+        guidance_scale: float = 1.0,
+    ):
         self.every_n_steps = every_n_steps
         self.n = n
         self.steps = steps
         self.scheduler = scheduler
+        self.prompts = list(prompts) if prompts else None
+        self.guidance_scale = guidance_scale
+        self.grid_prompts: list[str] | None = None  # what the grids use, set at fit start
 
-    @rank_zero_only
     def on_fit_start(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
         if getattr(module.hparams, "max_train_timestep", None):
             raise MeddiffError("SampleGrid samples from pure noise, which a model with max_train_timestep (a denoising prior) cannot do: remove the callback")
+        if getattr(module, "text_encoder", None) is not None:
+            prompts = self.prompts or self.data_reports(trainer)
+            if not prompts:
+                raise MeddiffError(
+                    "SampleGrid needs prompts for a report-conditioned model and the data has no reports"
+                    " — give them with init_args.prompts: [...] in the callback's config"
+                )
+            self.grid_prompts = [prompts[i % len(prompts)] for i in range(self.n)]
+
+    @staticmethod
+    def data_reports(trainer: pl.Trainer) -> list[str]:
+        """The data module's validation reports, else its training reports (a ManifestDataModule's ``reports``)."""
+        reports = getattr(trainer.datamodule, "reports", None)
+        if not callable(reports):
+            return []
+        return reports("val") or reports("train")
 
     def on_train_batch_end(self, trainer: pl.Trainer, module: pl.LightningModule, outputs, batch, batch_idx: int) -> None:
         step = trainer.global_step
@@ -41,7 +69,8 @@ class SampleGrid(pl.Callback):
         pipeline.unet.eval()
         classes = module.hparams.get("num_class_embeds")
         labels = torch.arange(self.n) % classes if classes else None  # cycle through the classes
-        x = pipeline.sample(range(self.n), steps=self.steps, scheduler=self.scheduler, class_labels=labels)
+        x = pipeline.sample(range(self.n), steps=self.steps, scheduler=self.scheduler, class_labels=labels,
+                            prompts=self.grid_prompts, guidance_scale=self.guidance_scale)
         pipeline.unet.train(was_training)
         slices = [item[0, ..., item.shape[-1] // 2] if item.ndim == 4 else item[0] for item in x.float().cpu()]
         out_dir = Path(trainer.log_dir or trainer.default_root_dir) / "samples"

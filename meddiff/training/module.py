@@ -22,7 +22,8 @@ class DiffusionModule(pl.LightningModule):
     recipe. ``class_key`` names a batch entry of integer labels (class conditioning); ``concat_key``
     names a batch entry concatenated to the input channels. Noise and timesteps of each step come
     from a generator seeded by (``seed``, step, batch, rank), so after a resume the noise is what an
-    uninterrupted run would draw (data order and random crops are not replayed). ``image_shape``, ``image_spacing``, ``modality`` and ``intensity_range`` travel into the
+    uninterrupted run would draw; ``ManifestDataModule`` replays data order and random crops, so a
+    run resumed with ``--ckpt_path last`` ends with the weights of an uninterrupted one. ``image_shape``, ``image_spacing``, ``modality`` and ``intensity_range`` travel into the
     exported pipeline so generated images come back in physical units. ``text_encoder``
     (``load_text_encoder`` spec) conditions the UNet on ``batch[report_key]`` through cross-attention;
     with probability ``condition_dropout`` a report is replaced by the empty report, so the same
@@ -83,17 +84,17 @@ class DiffusionModule(pl.LightningModule):
 
     def unet_config(self) -> dict:
         hp = self.hparams
-        return dict(
-            spatial_dims=hp.spatial_dims,
-            channels=list(hp.channels),
-            attention_levels=list(hp.attention_levels),
-            num_res_blocks=hp.num_res_blocks,
-            num_head_channels=hp.num_head_channels,
-            norm_num_groups=hp.norm_num_groups,
-            num_class_embeds=hp.num_class_embeds,
-            concat_channels=hp.concat_channels,
-            cross_attention_dim=self.text_encoder.dim if self.text_encoder is not None else None,
-        )
+        return {
+            "spatial_dims": hp.spatial_dims,
+            "channels": list(hp.channels),
+            "attention_levels": list(hp.attention_levels),
+            "num_res_blocks": hp.num_res_blocks,
+            "num_head_channels": hp.num_head_channels,
+            "norm_num_groups": hp.norm_num_groups,
+            "num_class_embeds": hp.num_class_embeds,
+            "concat_channels": hp.concat_channels,
+            "cross_attention_dim": self.text_encoder.dim if self.text_encoder is not None else None,
+        }
 
     def pipeline_config(self) -> dict:
         hp = self.hparams
