@@ -21,7 +21,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from meddiff import __version__
-from meddiff.data.transforms import NormalizeIntensityd, from_model_range, to_model_range
+from meddiff.data.transforms import NormalizeIntensityd, from_model_range
 from meddiff.diffusion.denoise import denoise_tensor
 from meddiff.diffusion.noise_level import estimate_noise_sigma
 from meddiff.diffusion.schedulers import NoiseSchedule
@@ -221,12 +221,12 @@ class DiffusionPipeline:
         if min(plane) < MIN_DENOISE_SIDE:
             raise MeddiffError(f"the image is too small to denoise: {' x '.join(map(str, image.array.shape))} voxels "
                                f"(each side of a slice needs at least {MIN_DENOISE_SIDE})")
-        # a 2D image stored as a volume (x, y, 1): its noise is estimated on the 2D slice
-        sigma = estimate_noise_sigma(np.squeeze(image.array)) if noise_sigma is None else float(noise_sigma)
+        sigma = self._estimate_sigma(image.array) if noise_sigma is None else float(noise_sigma)
         if not sigma > 0:
             raise MeddiffError("no noise found in the image (estimated sigma 0): nothing to denoise, or give --noise-sigma")
         low, high = NormalizeIntensityd("image").intensity_range(torch.from_numpy(image.array), "MR")
-        y = torch.from_numpy(to_model_range(image.array, low, high)).float().to(self.device)
+        # to_model_range in place on one float32 copy: a long volume is not copied once per operator
+        y = torch.tensor(image.array, dtype=torch.float32, device=self.device).sub_(low).mul_(2.0 / (high - low)).sub_(1.0)
         sigma_n = 2.0 * strength * sigma / (high - low)
         run = lambda x: denoise_tensor(self.unet, self.schedule, x, sigma_n, steps, samples, seed, self.config.get("max_train_timestep"))
         if self.config["unet"]["spatial_dims"] == 3:
@@ -238,10 +238,21 @@ class DiffusionPipeline:
         else:
             out = torch.movedim(self._denoise_planes(torch.movedim(y, axis, 0), run, batch_size, progress), 0, axis)
         del y
-        array = from_model_range(out.float().cpu().numpy(), low, high)
+        array = out.float().cpu().add_(1.0).mul_((high - low) / 2.0).add_(low).numpy()  # from_model_range, in place
         if mask is not None:
             array = np.where(np.asarray(mask, dtype=bool), array, image.array).astype(np.float32)
         return Image(array, image.affine, image.modality, dict(image.meta))
+
+    @staticmethod
+    def _estimate_sigma(array: np.ndarray, max_slices: int = 32) -> float:
+        """The noise sigma of ``array`` from at most ``max_slices`` evenly spaced slices along its last
+        axis (the estimator's own planes): the noise of a scan is the same in all of them, and the
+        estimator works in float64 with filtered copies, gigabytes for a 512x512x300 volume.
+        A 2D image stored as a volume (x, y, 1) is estimated as the 2D image it is."""
+        array = np.squeeze(array)
+        if array.ndim == 3 and array.shape[2] > max_slices:
+            array = array[..., np.linspace(0, array.shape[2] - 1, max_slices).round().astype(int)]
+        return estimate_noise_sigma(array)
 
     @staticmethod
     def _slice_axis(image: Image) -> int | None:
