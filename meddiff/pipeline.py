@@ -21,19 +21,23 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from meddiff import __version__
-from meddiff.data.transforms import NormalizeIntensityd, from_model_range, to_model_range
+from meddiff.data.transforms import NormalizeIntensityd, from_model_range
 from meddiff.diffusion.denoise import denoise_tensor
 from meddiff.diffusion.noise_level import estimate_noise_sigma
 from meddiff.diffusion.rician import correct_rician_bias
 from meddiff.diffusion.schedulers import NoiseSchedule
 from meddiff.errors import MeddiffError
-from meddiff.image import Image
 from meddiff.files import atomic_path, file_sha256
+from meddiff.image import Image
 from meddiff.nets import build_unet
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 MAX_SEED = 2**64 - 1  # torch.Generator.manual_seed takes 0 .. 2**64 - 1 (negative values wrap around: refused)
+# tiles of denoising overlap by a quarter of a side (as MONAI's sliding-window default)
+DENOISE_OVERLAP = 0.25
+# a slice side below this has too few voxels for a noise estimate or a UNet's levels
+MIN_DENOISE_SIDE = 8
 
 
 class DiffusionPipeline:
@@ -258,10 +262,11 @@ class DiffusionPipeline:
         steps: int = 1,
         samples: int = 1,
         seed: int = 0,
-        batch_size: int = 16,
+        batch_size: int = 8,
         strength: float | None = None,
         mask: np.ndarray | None = None,
         rician_correction: bool = True,
+        progress: bool = True,
     ) -> Image:
         """Denoise a magnitude MR ``image``; geometry, units and metadata of the input are kept.
 
@@ -269,60 +274,143 @@ class DiffusionPipeline:
         remove ``strength * noise_sigma``: a prior learnt from a few brains over-smooths the texture
         of other scans, and a strength below 1 (the model's ``denoise_strength``, chosen on held-out
         validation data) undoes that. ``mask`` (the image's shape): only voxels inside it change.
-        A 2D model runs slice by slice across the thickest voxel axis; a 3D model runs on overlapping
-        patches of the training shape with Gaussian blending (MONAI sliding-window inference), so
-        memory stays bounded. 4D images are denoised volume by volume. ``rician_correction``: remove
-        the Rician noise floor of magnitude MR from the result (``meddiff.diffusion.rician``).
+
+        The network only ever sees tiles of the model's ``denoise_tile`` (default: its training
+        shape), ``batch_size`` tiles per call, overlapping by a quarter and blended with Gaussian
+        weights (MONAI sliding-window inference): memory stays flat in the image size and time grows
+        with the number of pixels, whatever the image. A 2D model runs slice by slice across a
+        singleton axis (a 2D image stored as a volume) or else the thickest voxel axis; a 3D model
+        tiles the volume. 4D images are denoised volume by volume. ``progress``: a progress bar
+        (tiles) when denoising takes more than a moment. ``rician_correction``: remove the Rician noise
+        floor of magnitude MR from the result (``meddiff.diffusion.rician``).
         """
         image.check_finite()
         if np.ptp(image.array) == 0:
             raise MeddiffError("the image is constant (for example all zero): there is nothing to denoise")
         if mask is not None and np.shape(mask) not in (image.array.shape, image.array.shape[:3]):
             raise MeddiffError(f"the mask has shape {np.shape(mask)}, the image {image.array.shape}")
+        if noise_sigma is not None and not (math.isfinite(noise_sigma) and noise_sigma > 0):
+            raise MeddiffError(f"the noise sigma must be a positive number in image units, not {noise_sigma} — give the noise level or let it be estimated")
         strength = self.config.get("denoise_strength", 1.0) if strength is None else float(strength)
-        if not strength > 0:
-            raise MeddiffError(f"strength must be positive, got {strength}")
+        if not (math.isfinite(strength) and strength > 0):
+            raise MeddiffError(f"strength must be a positive number, not {strength} — e.g. 1 removes the whole noise sigma")
+        if steps < 1 or samples < 1:
+            raise MeddiffError("--steps and --samples must be at least 1")
         if image.array.ndim == 4:
             volumes = [
                 self.denoise(Image(image.array[..., v], image.affine, image.modality), noise_sigma, steps, samples, seed, batch_size,
-                             strength, None if mask is None else (mask if np.ndim(mask) == 3 else mask[..., v]), rician_correction).array
+                             strength, None if mask is None else (mask if np.ndim(mask) == 3 else mask[..., v]), progress=progress,
+                             rician_correction=rician_correction).array
                 for v in range(image.array.shape[3])
             ]
             return Image(np.stack(volumes, axis=-1), image.affine, image.modality, dict(image.meta))
-        sigma = estimate_noise_sigma(image.array) if noise_sigma is None else float(noise_sigma)
+        axis = self._slice_axis(image)
+        plane = [n for a, n in enumerate(image.array.shape) if a != axis]
+        if min(plane) < MIN_DENOISE_SIDE:
+            raise MeddiffError(f"the image is too small to denoise: {' x '.join(map(str, image.array.shape))} voxels "
+                               f"(each side of a slice needs at least {MIN_DENOISE_SIDE})")
+        sigma = self._estimate_sigma(image.array) if noise_sigma is None else float(noise_sigma)
         if not sigma > 0:
             raise MeddiffError("no noise found in the image (estimated sigma 0): nothing to denoise, or give --noise-sigma")
         low, high = NormalizeIntensityd("image").intensity_range(torch.from_numpy(image.array), "MR")
-        y = torch.from_numpy(to_model_range(image.array, low, high)).float().to(self.device)
+        # to_model_range in place on one float32 copy: a long volume is not copied once per operator
+        y = torch.tensor(image.array, dtype=torch.float32, device=self.device).sub_(low).mul_(2.0 / (high - low)).sub_(1.0)
         sigma_n = 2.0 * strength * sigma / (high - low)
-        run = lambda x: denoise_tensor(self.unet, self.schedule, x, sigma_n, steps, samples, seed, self.config.get("max_train_timestep"))  # noqa: E731
+        run = lambda x: denoise_tensor(self.unet, self.schedule, x, sigma_n, steps, samples, seed, self.config.get("max_train_timestep"))
         if self.config["unet"]["spatial_dims"] == 3:
             if y.ndim != 3:
                 raise MeddiffError(f"this 3D model denoises volumes; the image has shape {tuple(y.shape)}")
-            roi = self.config["image"]["shape"]
-            out = sliding_window_inference(y[None, None], roi, batch_size, run, overlap=0.25, mode="gaussian", padding_mode="reflect")[0, 0]
+            out = self._tiled(y[None, None], run, batch_size, progress)[0, 0]
         elif y.ndim == 2:
-            out = self._denoise_planes(y[None], run, batch_size)[0]
+            out = self._denoise_planes(y[None], run, batch_size, progress)[0]
         else:
-            axis = int(np.argmax(image.spacing))  # the slice axis: the thickest voxel side
-            planes = torch.movedim(y, axis, 0)
-            out = torch.movedim(self._denoise_planes(planes, run, batch_size), 0, axis)
-        array = from_model_range(out.float().cpu().numpy(), low, high)
+            out = torch.movedim(self._denoise_planes(torch.movedim(y, axis, 0), run, batch_size, progress), 0, axis)
+        del y
+        array = out.float().cpu().add_(1.0).mul_((high - low) / 2.0).add_(low).numpy()  # from_model_range, in place
         array = correct_rician_bias(array, sigma, image, rician_correction)
         if mask is not None:
             array = np.where(np.asarray(mask, dtype=bool), array, image.array).astype(np.float32)
         return Image(array, image.affine, image.modality, dict(image.meta))
 
-    def _denoise_planes(self, planes: torch.Tensor, run, batch_size: int) -> torch.Tensor:
-        """Denoise (N, H, W) planes in batches, reflect-padded to what the UNet's levels can halve."""
+    @staticmethod
+    def _estimate_sigma(array: np.ndarray, max_slices: int = 32) -> float:
+        """The noise sigma of ``array`` from at most ``max_slices`` evenly spaced slices along its last
+        axis (the estimator's own planes): the noise of a scan is the same in all of them, and the
+        estimator works in float64 with filtered copies, gigabytes for a 512x512x300 volume.
+        A 2D image stored as a volume (x, y, 1) is estimated as the 2D image it is."""
+        array = np.squeeze(array)
+        if array.ndim == 3 and array.shape[2] > max_slices:
+            array = array[..., np.linspace(0, array.shape[2] - 1, max_slices).round().astype(int)]
+        return estimate_noise_sigma(array)
+
+    @staticmethod
+    def _slice_axis(image: Image) -> int | None:
+        """The axis a 2D model runs across: a singleton axis (a 2D image stored as a volume, whatever
+        its spacing), else the thickest voxel side, and among equally thick ones (isotropic voxels)
+        the one with the fewest slices; None for a 2D array."""
+        shape = image.array.shape
+        if len(shape) == 2:
+            return None
+        singletons = [a for a, n in enumerate(shape) if n == 1]
+        if singletons:
+            return singletons[0]
+        spacing = image.spacing
+        return max(range(3), key=lambda a: (round(spacing[a], 3), -shape[a]))
+
+    def _tile_geometry(self, spatial: Sequence[int]) -> tuple[list[int], list[int], int]:
+        """(padded shape, tile, tiles per image) for an image of shape ``spatial``.
+
+        Sides are padded up to what the UNet's levels can halve; the tile is the model's
+        ``denoise_tile`` (else its training shape), shrunk to the padded image when that is smaller.
+        The tile count repeats MONAI's sliding-window scan (``_get_scan_interval``, private) so the
+        progress bar knows its total.
+        """
         multiple = 2 ** (len(self.config["unet"]["channels"]) - 1)
-        h, w = planes.shape[1:]
-        pad = (0, (-w) % multiple, 0, (-h) % multiple)
-        out = []
-        for start in range(0, planes.shape[0], batch_size):
-            batch = torch.nn.functional.pad(planes[start : start + batch_size, None], pad, mode="reflect")
-            out.append(run(batch)[:, 0, :h, :w])
-        return torch.cat(out)
+        padded = [-(-int(s) // multiple) * multiple for s in spatial]
+        tile = self.config.get("denoise_tile") or self.config["image"]["shape"]
+        roi = [min(-(-int(t) // multiple) * multiple, p) for t, p in zip(tile, padded)]
+        count = 1
+        for p, r in zip(padded, roi):
+            interval = r if r == p else max(int(r * (1 - DENOISE_OVERLAP)), 1)
+            count *= -(-(p - r) // interval) + 1
+        return padded, roi, count
+
+    def _tiled(self, x: torch.Tensor, run, batch_size: int, progress: bool, bar=None) -> torch.Tensor:
+        """``run`` over (B, 1, *spatial) ``x`` on blended tiles, ``batch_size`` tiles per call; same shape out."""
+        spatial = list(x.shape[2:])
+        padded, roi, count = self._tile_geometry(spatial)
+        for dim, (size, target) in enumerate(zip(spatial, padded)):
+            if target > size:  # at the end, as the halving needs; reflect when the side allows it
+                pad = [0] * (2 * len(spatial))
+                pad[2 * (len(spatial) - 1 - dim) + 1] = target - size
+                x = torch.nn.functional.pad(x, pad, mode="reflect" if target - size < size else "replicate")
+        own = bar is None
+        if own:
+            bar = tqdm(total=count * x.shape[0], desc="denoise", unit="tile", delay=2.0, disable=not progress)
+
+        def counted(tiles: torch.Tensor) -> torch.Tensor:
+            out = run(tiles)
+            bar.update(tiles.shape[0])
+            return out
+
+        try:
+            out = sliding_window_inference(x, roi, batch_size, counted, overlap=DENOISE_OVERLAP, mode="gaussian")
+        finally:
+            if own:
+                bar.close()
+        return out[(slice(None), slice(None), *[slice(0, s) for s in spatial])]
+
+    def _denoise_planes(self, planes: torch.Tensor, run, batch_size: int, progress: bool = False) -> torch.Tensor:
+        """Denoise (N, H, W) planes on tiles; as many planes per call as ``batch_size`` tiles hold,
+        written into one output tensor, so memory does not grow with the number of planes."""
+        _, _, count = self._tile_geometry(planes.shape[1:])
+        per_call = max(1, batch_size // count)
+        out = torch.empty(planes.shape, dtype=torch.float32, device=planes.device)
+        with tqdm(total=count * planes.shape[0], desc="denoise", unit="tile", delay=2.0, disable=not progress) as bar:
+            for start in range(0, planes.shape[0], per_call):
+                stop = min(start + per_call, planes.shape[0])
+                out[start:stop] = self._tiled(planes[start:stop, None], run, batch_size, progress, bar)[:, 0]
+        return out
 
     def generate(
         self,

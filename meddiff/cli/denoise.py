@@ -5,6 +5,8 @@ torch loads inside ``run``, so ``meddiff --help`` stays fast.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from meddiff.errors import MeddiffError
@@ -32,16 +34,28 @@ def add_parser(subparsers) -> None:
     p.set_defaults(func=run)
 
 
+def noise_sigma(text: str) -> float | None:
+    """``--noise-sigma``: None for 'auto', else a positive, finite number of image units."""
+    if text == "auto":
+        return None
+    try:
+        sigma = float(text)
+    except ValueError:
+        sigma = math.nan
+    if not (math.isfinite(sigma) and sigma > 0):
+        raise MeddiffError(f"--noise-sigma must be 'auto' or a positive number in image units, not {text!r} — "
+                           "give the noise level's standard deviation, or 'auto' to estimate it")
+    return sigma
+
+
 def run(args) -> None:
     from meddiff.pipeline import load_pipeline
 
-    if args.noise_sigma == "auto":
-        sigma = None
-    else:
-        try:
-            sigma = float(args.noise_sigma)
-        except ValueError:
-            raise MeddiffError(f"--noise-sigma must be 'auto' or a number, not {args.noise_sigma!r}") from None
+    sigma = noise_sigma(args.noise_sigma)
+    if args.strength is not None and not (math.isfinite(args.strength) and args.strength > 0):
+        raise MeddiffError(f"--strength must be a positive number, not {args.strength} — e.g. 1 removes the whole noise sigma, or leave it out")
+    if args.steps < 1 or args.samples < 1:
+        raise MeddiffError("--steps and --samples must be at least 1 — --steps 1 gives the posterior-mean estimate")
     check_writable(args.output, args.overwrite)  # before minutes of work, not after
     image = load_image(args.input, series=args.series)
     mask = None

@@ -26,7 +26,9 @@ def build_unet(
 
     ``num_class_embeds`` enables class conditioning (labels 0..n-1), ``cross_attention_dim`` enables a
     cross-attention context (e.g. report embeddings), and ``concat_channels`` adds input channels for
-    concatenated conditions such as a mask or a noisy image.
+    concatenated conditions such as a mask or a noisy image. Attention runs through torch's
+    ``scaled_dot_product_attention`` (MONAI's ``use_flash_attention``): the same weights, but no
+    tokens x tokens matrix in memory, so a full-size slice does not need gigabytes for attention.
     """
     if spatial_dims not in (2, 3):
         raise MeddiffError(f"spatial_dims must be 2 or 3, not {spatial_dims}")
@@ -46,4 +48,5 @@ def build_unet(
         num_class_embeds=num_class_embeds,
         with_conditioning=cross_attention_dim is not None,
         cross_attention_dim=cross_attention_dim,
+        use_flash_attention=True,
     )
