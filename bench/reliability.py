@@ -3,7 +3,7 @@
     python bench/reliability.py            # the corpus as `make test` runs it (short fuzz budget)
     MEDDIFF_FUZZ_EXAMPLES=2000 python bench/reliability.py   # with a long fuzz budget
 
-An area is one test file of tests/reliability/; its module docstring's first line names what it covers.
+An area is one test file of tests/reliability/; its module docstring's first sentence says what it covers.
 """
 
 from __future__ import annotations
@@ -37,7 +37,8 @@ def main() -> int:
         doc = ast.get_docstring(ast.parse((CORPUS / f"{area}.py").read_text())) or ""
         c = counts[area]
         total.update(c)
-        print(f"| `{area}.py` | {doc.splitlines()[0] if doc else ''} | {sum(c.values())} | {c['passed']} | {c['failed']} | {c['skipped']} |")
+        summary = " ".join(doc.split("\n\n")[0].split()).split(". ")[0].rstrip(".")  # the docstring's first sentence
+        print(f"| `{area}.py` | {summary} | {sum(c.values())} | {c['passed']} | {c['failed']} | {c['skipped']} |")
     print(f"| **all** | | **{sum(total.values())}** | **{total['passed']}** | **{total['failed']}** | **{total['skipped']}** |")
     return 1 if total["failed"] else 0
 

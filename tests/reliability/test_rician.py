@@ -1,4 +1,4 @@
-"""Issue 11 class 8: the Rician noise floor of magnitude MR is removed from denoised images.
+"""The Rician noise floor of magnitude MR is removed from denoised images.
 
 A denoiser trained for Gaussian noise returns the Rician mean ``E[M | A]``: about ``sigma * sqrt(pi/2)``
 where the truth is 0. ``meddiff.diffusion.rician`` inverts that mean (checked here against scipy's
