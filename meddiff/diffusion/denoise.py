@@ -13,17 +13,8 @@ import torch
 from diffusers import DDPMScheduler
 
 from meddiff.diffusion.noise_level import timestep_for_sigma
+from meddiff.diffusion.objective import predicted_x0
 from meddiff.errors import MeddiffError
-
-
-def predicted_x0(prediction: torch.Tensor, xt: torch.Tensor, abar: float, kind: str) -> torch.Tensor:
-    """x0 from the network output, whatever the model predicts (eps, v or x0)."""
-    a, s = abar**0.5, (1.0 - abar) ** 0.5
-    if kind == "eps":
-        return (xt - s * prediction) / a
-    if kind == "v":
-        return a * xt - s * prediction
-    return prediction
 
 
 @torch.inference_mode()

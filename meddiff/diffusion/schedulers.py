@@ -62,7 +62,7 @@ class NoiseSchedule:
         }
 
     def training_scheduler(self) -> DDPMScheduler:
-        """The forward process (``add_noise``, ``get_velocity``) used for the training loss."""
+        """The DDPM schedule whose ``alphas_cumprod`` the training loss (``diffusion.objective``) and denoising use."""
         return DDPMScheduler(**self.diffusers_config(), clip_sample=False)
 
     def sampler(self, name: str) -> SchedulerMixin:

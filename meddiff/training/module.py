@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch.optim.swa_utils import AveragedModel
 
+from meddiff.diffusion import objective
 from meddiff.diffusion.schedulers import NoiseSchedule
 from meddiff.errors import MeddiffError
 from meddiff.nets import build_unet
@@ -116,10 +117,9 @@ class DiffusionModule(pl.LightningModule):
         x0 = batch["image"]
         noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
         t = torch.randint(0, self.hparams.max_train_timestep or self.schedule.num_train_timesteps, (x0.shape[0],), generator=generator, device=x0.device)
-        xt = self.forward_process.add_noise(x0, noise, t)
-        target = {"eps": noise, "x0": x0}.get(self.schedule.prediction)
-        if target is None:
-            target = self.forward_process.get_velocity(x0, noise, t)
+        abar = self.forward_process.alphas_cumprod.to(x0.device)[t]
+        xt = objective.noised(x0, noise, abar)
+        target = objective.target(x0, noise, abar, self.schedule.prediction)
         if self.hparams.concat_key:
             xt = torch.cat([xt, batch[self.hparams.concat_key]], dim=1)
         labels = batch[self.hparams.class_key].long() if self.hparams.num_class_embeds else None
