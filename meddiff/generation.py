@@ -27,7 +27,7 @@ from lightning.pytorch.callbacks import BasePredictionWriter
 from torch.utils.data import DataLoader
 
 from meddiff.data.manifest import Record, write_manifest
-from meddiff.errors import MeddiffError
+from meddiff.errors import MeddiffError, first_line
 from meddiff.files import folder_lock, remove_temporaries
 from meddiff.io import SYNTHETIC_FORMATS as FORMATS
 from meddiff.io import save_image
@@ -303,8 +303,7 @@ def _trainer(accelerator: str, devices: int | str, writer: ShardWriter) -> pl.Tr
             enable_checkpointing=False,
         )
     except Exception as exc:  # noqa: BLE001 - Lightning raises several types for a device request it cannot meet
-        reason = next((line.strip() for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
-        raise MeddiffError(f"cannot run on --accelerator {accelerator} --devices {devices}: {reason} — see 'meddiff generate --help'") from None
+        raise MeddiffError(f"cannot run on --accelerator {accelerator} --devices {devices}: {first_line(exc)} — see 'meddiff generate --help'") from None
 
 
 def _predict(trainer: pl.Trainer, module: GenerationModule, loader: DataLoader) -> None:

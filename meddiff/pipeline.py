@@ -26,7 +26,7 @@ from meddiff.diffusion.denoise import denoise_tensor
 from meddiff.diffusion.noise_level import estimate_noise_sigma
 from meddiff.diffusion.rician import correct_rician_bias
 from meddiff.diffusion.schedulers import NoiseSchedule
-from meddiff.errors import MeddiffError
+from meddiff.errors import MeddiffError, first_line
 from meddiff.files import atomic_path, file_sha256
 from meddiff.image import Image
 from meddiff.nets import build_unet
@@ -77,7 +77,7 @@ class DiffusionPipeline:
         config_path, weights_path = directory / CONFIG_NAME, directory / WEIGHTS_NAME
         if not config_path.is_file() or not weights_path.is_file():
             raise MeddiffError(f"{directory} is not a meddiff model folder (needs {CONFIG_NAME} and {WEIGHTS_NAME})")
-        from meddiff.weights import check_fit, first_line
+        from meddiff.weights import check_fit
 
         try:
             config = json.loads(config_path.read_text())

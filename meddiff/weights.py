@@ -25,7 +25,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from meddiff.errors import MeddiffError
+from meddiff.errors import MeddiffError, first_line
 
 # what a user can do with a file meddiff refuses to unpickle
 SAVE_TENSORS = "save the tensors alone (torch.save(model.state_dict(), PATH), or safetensors) and pass that file"
@@ -126,12 +126,6 @@ def refused(exc: pickle.UnpicklingError, source: str, remedy: str = SAVE_TENSORS
     detail = re.search(r"WeightsUnpickler error: *\n*\s*(\S.*)", str(exc))
     return (f"cannot read {source}: not a file of tensors ({detail.group(1).strip() if detail else first_line(exc)}), and meddiff never unpickles "
             f"anything else — {remedy}")
-
-
-def first_line(exc: BaseException) -> str:
-    """An exception's first non-empty line (its type's name when it has none)."""
-    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    return lines[0] if lines else type(exc).__name__
 
 
 def module_tensors(module: PickledModule, prefix: str = "", _parents: frozenset = frozenset()) -> dict:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from meddiff.errors import MeddiffError
+from meddiff.errors import MeddiffError, first_line
 
 
 def add_parser(subparsers) -> None:
@@ -22,7 +22,7 @@ def add_parser(subparsers) -> None:
 def module_from_checkpoint(path: str | Path):
     """Rebuild the DiffusionModule from a checkpoint, read with torch's weights-only unpickler (nothing in it runs)."""
     from meddiff.training import DiffusionModule
-    from meddiff.weights import check_fit, first_line, torch_load
+    from meddiff.weights import check_fit, torch_load
 
     checkpoint = torch_load(path, "checkpoint")
     if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("state_dict"), dict) or not isinstance(checkpoint.get("hyper_parameters", {}), dict):

@@ -14,7 +14,7 @@ import threading
 
 from meddiff import __version__
 from meddiff.cli import convert, denoise, evaluate, export, fit, generate, info, manifest
-from meddiff.errors import MeddiffError
+from meddiff.errors import MeddiffError, first_line
 
 SUBCOMMANDS = (info, convert, manifest, fit, export, generate, denoise, evaluate)
 
@@ -80,7 +80,7 @@ def run(args) -> int:
     except MeddiffError as exc:
         if args.debug:
             raise
-        print(f"error: {one_line(str(exc))}", file=sys.stderr)
+        print(f"error: {first_line(str(exc))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("error: interrupted — run the same command again to finish", file=sys.stderr)
@@ -89,21 +89,17 @@ def run(args) -> int:
         if args.debug:
             raise
         where = f" {exc.filename}" if exc.filename else ""
-        print(f"error: cannot use{where}: {exc.strerror or one_line(str(exc))} — check the path, its permissions and free space", file=sys.stderr)
+        print(f"error: cannot use{where}: {exc.strerror or first_line(str(exc))} — check the path, its permissions and free space", file=sys.stderr)
         return 2
     except Exception as exc:  # noqa: BLE001 - the one place that turns surprises into one line
         if args.debug:
             raise
         cause = user_error_cause(exc)
         message = str(cause) if cause else f"internal error ({type(exc).__name__}: {exc}) — rerun with --debug and report the traceback"
-        print(f"error: {one_line(message)}", file=sys.stderr)
+        print(f"error: {first_line(message)}", file=sys.stderr)
         return 2
     return 0
 
-
-def one_line(message: str) -> str:
-    """The first non-empty line of a message: a user's terminal gets one line, never a dump."""
-    return next((line.strip() for line in message.splitlines() if line.strip()), "unknown error")
 
 
 if __name__ == "__main__":

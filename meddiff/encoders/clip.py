@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
-from meddiff.errors import MeddiffError
+from meddiff.errors import MeddiffError, first_line
 
 TEXT_DIR, IMAGE_WEIGHTS, CLIP_CONFIG = "text", "image.safetensors", "clip.json"
 
@@ -156,7 +156,7 @@ class ClipEncoder(_JointEmbedding, torch.nn.Module):
         from safetensors.torch import load_file
 
         from meddiff.encoders.text import load_hf
-        from meddiff.weights import check_fit, first_line
+        from meddiff.weights import check_fit
 
         directory = Path(directory)
         if not (directory / CLIP_CONFIG).is_file() or not (directory / IMAGE_WEIGHTS).is_file():

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from meddiff.encoders.text import HFTextEncoder
-from meddiff.errors import MeddiffError
+from meddiff.errors import MeddiffError, first_line
 
 BIOMEDCLIP = "microsoft/BiomedCLIP-PubMedBERT_256-vit_base_patch16_224"
 CONFIG_NAME = "open_clip_config.json"
@@ -201,7 +201,7 @@ def load_open_clip(spec: str, max_length: int | None = None, device: str | torch
     from open_clip.tokenizer import HFTokenizer
 
     from meddiff.encoders.text import refuse_custom_code
-    from meddiff.weights import first_line, refused
+    from meddiff.weights import refused
 
     files = resolve(spec)
     refuse_custom_code(str(files.text_dir))  # open_clip reads the text tower's config through transformers

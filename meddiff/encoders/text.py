@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from meddiff.errors import MeddiffError
+from meddiff.errors import MeddiffError, first_line
 
 logger = logging.getLogger(__name__)
 
@@ -95,7 +95,7 @@ def load_hf(name: str | os.PathLike, what: str = "the text model"):
         from transformers import AutoModel, AutoTokenizer
     except ImportError:
         raise MeddiffError("hf: text encoders need transformers: pip install transformers") from None
-    from meddiff.weights import first_line, refused
+    from meddiff.weights import refused
 
     name = str(name)
     where = "folder" if Path(name).exists() else "Hugging Face cache (~/.cache/huggingface/hub, or $HF_HOME)"
