@@ -32,7 +32,7 @@ from meddiff.files import folder_lock, remove_temporaries
 from meddiff.io import SYNTHETIC_FORMATS as FORMATS
 from meddiff.io import save_image
 from meddiff.io.dicom_write import write_synthetic_dicom
-from meddiff.pipeline import DiffusionPipeline
+from meddiff.pipeline import DiffusionPipeline, check_counts
 
 MANIFEST = "manifest.jsonl"
 MAX_ITEMS = 1_000_000  # items are named sample_000000 .. sample_999999: a larger set goes into several folders
@@ -226,9 +226,7 @@ def generate_to_folder(
     # 1. every check that needs no folder, so a refused run leaves nothing behind
     if fmt not in FORMATS:
         raise MeddiffError(f"--format must be one of {', '.join(FORMATS)}, not {fmt!r}")
-    for name, value in (("-n", n), ("--batch-size", batch_size), ("--seed", seed)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < (name != "--seed"):
-            raise MeddiffError(f"{name} must be a whole number >= {int(name != '--seed')}, not {value!r}")
+    check_counts({"-n": n, "--batch-size": batch_size, "--seed": seed})
     if n > MAX_ITEMS:
         raise MeddiffError(f"-n {n} is more than {MAX_ITEMS} images, the most one folder holds (sample_000000 .. sample_999999) "
                            "— split the set over several -o folders (with --seed advanced by the count of the ones before)")

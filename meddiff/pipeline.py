@@ -29,6 +29,7 @@ from meddiff.diffusion.schedulers import NoiseSchedule
 from meddiff.errors import MeddiffError, first_line
 from meddiff.files import atomic_path, file_sha256
 from meddiff.image import Image
+from meddiff.io.guard import physical_memory
 from meddiff.nets import build_unet
 
 CONFIG_NAME = "config.json"
@@ -187,11 +188,8 @@ class DiffusionPipeline:
             raise MeddiffError(f"sample shape {shape} does not fit this {dims}D model: give {dims} sizes, each a positive multiple of {multiple}")
         # the first level's feature maps alone (float32) must fit in this machine's memory; the real need is larger
         need = batch * math.prod(int(s) for s in shape) * int(channels[0]) * 4
-        try:
-            memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-        except (AttributeError, ValueError, OSError):
-            return
-        if need > memory:
+        memory = physical_memory()
+        if memory is not None and need > memory:
             raise MeddiffError(f"a batch of {batch} images of shape {shape} needs more than {need / 2**30:.0f} GiB; "
                                f"this machine has {memory / 2**30:.0f} GiB — use a smaller --batch-size or a smaller image shape")
 
@@ -426,9 +424,7 @@ class DiffusionPipeline:
         negative_prompt: str = "",
     ) -> list[Image]:
         """``n`` images; image ``i`` uses seed ``seed + i`` (and ``prompts[i]``), whatever the batch size."""
-        for name, value in (("n", n), ("batch_size", batch_size), ("seed", seed)):
-            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < (name != "seed"):
-                raise MeddiffError(f"{name} must be a whole number >= {int(name != 'seed')}, not {value!r}")
+        check_counts({"n": n, "batch_size": batch_size, "seed": seed})
         if class_labels is not None and len(class_labels) != n:
             raise MeddiffError(f"{len(class_labels)} class labels given for {n} images")
         if prompts is not None and len(prompts) != n:
@@ -443,6 +439,14 @@ class DiffusionPipeline:
                             prompts=batch_prompts, guidance_scale=guidance_scale, negative_prompt=negative_prompt)
             images.extend(self.to_image(item) for item in x)
         return images
+
+
+def check_counts(counts: dict[str, int]) -> None:
+    """Each of ``{name: value}`` is a whole number, at least 1 (0 for a seed): the image count, batch size and seed."""
+    for name, value in counts.items():
+        least = 0 if name.lstrip("-") == "seed" else 1
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < least:
+            raise MeddiffError(f"{name} must be a whole number >= {least}, not {value!r}")
 
 
 BUNDLED_MODELS = Path(__file__).parent / "models"
