@@ -127,9 +127,8 @@ def _record_lines(out_dir: Path) -> list[tuple[Path, int, Record | None]]:
     return lines
 
 
-def check_same_run(out_dir: Path, provenance: dict) -> None:
-    """Refuse to add to a folder that holds other images or items of a different run."""
-    lines = _record_lines(out_dir)
+def check_same_run(out_dir: Path, provenance: dict, lines: list[tuple[Path, int, Record | None]]) -> None:
+    """Refuse to add to a folder that holds other images or items of a different run (``lines``: its ``_record_lines``)."""
     if not lines and any(out_dir.glob("sample_*")):
         raise MeddiffError(f"{out_dir} holds sample files but no {MANIFEST} — choose an empty or new -o folder")
     for path, number, record in lines:
@@ -147,14 +146,15 @@ def check_same_run(out_dir: Path, provenance: dict) -> None:
             raise MeddiffError(f"{out_dir} holds images of another run (different {', '.join(changed)}) — choose another -o folder")
 
 
-def check_no_foreign_files(out_dir: Path, todo: list[int], fmt: str, ndim: int, provenance: dict) -> None:
+def check_no_foreign_files(out_dir: Path, todo: list[int], fmt: str, ndim: int, provenance: dict,
+                           lines: list[tuple[Path, int, Record | None]]) -> None:
     """Refuse to replace a file the folder's records do not claim (a user's own ``sample_000001.nii.gz``).
 
     meddiff records an item before writing its file, so an unclaimed file is not this run's. One
     exception keeps a resume working after a manifest lost lines: a DICOM whose own description
     says it is exactly this item of this run (same model, same seed) may be made again.
     """
-    claimed = {record.image for _, _, record in _record_lines(out_dir) if record is not None}
+    claimed = {record.image for _, _, record in lines if record is not None}
     for index in todo:
         name = sample_name(index, fmt, ndim)
         path = out_dir / name
@@ -177,10 +177,11 @@ def _dicom_description(path: Path) -> str | None:
         return None
 
 
-def finished_records(out_dir: Path) -> dict[int, Record]:
-    """Records of items already written (merged manifest and leftover shards), by item index."""
+def finished_records(out_dir: Path, lines: list[tuple[Path, int, Record | None]] | None = None) -> dict[int, Record]:
+    """Records of items already written (merged manifest and leftover shards), by item index; ``lines``: the
+    folder's ``_record_lines`` when already read."""
     records: dict[int, Record] = {}
-    for _, _, record in _record_lines(out_dir):
+    for _, _, record in _record_lines(out_dir) if lines is None else lines:
         # None: a line cut short by an interruption; no file: killed between its record and its file. Made again.
         if record is not None and record.provenance and (out_dir / record.image).exists():
             records[int(record.provenance["index"])] = record
@@ -235,8 +236,6 @@ def generate_to_folder(
         raise MeddiffError("this model is report-conditioned: give --prompt or --prompts" if conditioned else "this model takes no prompts")
     if prompts is not None and len(prompts) != n:
         raise MeddiffError(f"{len(prompts)} prompts for {n} images: give one prompt per image")
-    if conditioned:
-        pipeline.text_encoder.context(prompts[:1])  # loads (or refuses) the report encoder before any folder exists
     ndim = len(pipeline.config["image"]["shape"])
     if fmt == "png" and ndim != 2:
         raise MeddiffError("--format png holds 2D images; this model makes 3D volumes — use nii.gz or dcm")
@@ -262,13 +261,14 @@ def generate_to_folder(
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
         with folder_lock(out_dir, "meddiff generate run") if leader else contextlib.nullcontext():
-            check_same_run(out_dir, provenance)
-            finished = finished_records(out_dir)
+            lines = _record_lines(out_dir)  # read once for the three checks below
+            check_same_run(out_dir, provenance, lines)
+            finished = finished_records(out_dir, lines)
             for index, record in finished.items():
                 if prompts is not None and index < n and record.report != prompts[index]:
                     raise MeddiffError(f"{out_dir} holds item {index} made from another prompt — choose another -o folder")
             done = set(finished)
-            check_no_foreign_files(out_dir, [i for i in range(n) if i not in done], fmt, ndim, provenance)
+            check_no_foreign_files(out_dir, [i for i in range(n) if i not in done], fmt, ndim, provenance, lines)
             if leader:
                 remove_temporaries(out_dir)  # left by a killed run: its items are made again
             module = GenerationModule(pipeline, steps, scheduler, seed, class_label, done, prompts, guidance_scale, negative_prompt)
