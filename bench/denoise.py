@@ -30,7 +30,7 @@ import torch
 from scipy import ndimage
 
 from meddiff import Image
-from meddiff.data.samples import _dipy_t1_slice, _pydicom_data
+from meddiff.data.samples import dipy_t1_slice, pydicom_data_image
 from meddiff.data.synthetic import rician_noise
 from meddiff.diffusion.noise_level import estimate_noise_sigma
 from meddiff.metrics import foreground_mask, psnr, ssim
@@ -39,10 +39,10 @@ from meddiff.viz import save_grid
 
 
 def held_out() -> dict[str, np.ndarray]:
-    shoulder = _pydicom_data("MR2_UNCR.dcm")().array.squeeze()
-    head = _pydicom_data("emri_small.dcm")().array
+    shoulder = pydicom_data_image("MR2_UNCR.dcm")().array.squeeze()
+    head = pydicom_data_image("emri_small.dcm")().array
     return {
-        "t1_coronal_slice (dipy, brain)": _dipy_t1_slice().array.squeeze(),
+        "t1_coronal_slice (dipy, brain)": dipy_t1_slice().array.squeeze(),
         "MR2_UNCR (shoulder, 4x4 mean)": shoulder.reshape(256, 4, 256, 4).mean(axis=(1, 3)),
         "emri_small (head, frame 5)": head[:, :, head.shape[2] // 2],
     }

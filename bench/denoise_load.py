@@ -70,10 +70,10 @@ def noisy_input(shape: tuple[int, ...]):
     from scipy import ndimage
 
     from meddiff import Image
-    from meddiff.data.samples import _dipy_t1_slice
+    from meddiff.data.samples import dipy_t1_slice
     from meddiff.data.synthetic import rician_noise
 
-    clean = _dipy_t1_slice().array.squeeze().astype(np.float32)
+    clean = dipy_t1_slice().array.squeeze().astype(np.float32)
     plane = ndimage.zoom(clean, (shape[0] / clean.shape[0], shape[1] / clean.shape[1]), order=1)
     rng = np.random.default_rng(0)
     sigma = 0.05 * float(clean.max())
@@ -108,13 +108,13 @@ def psnr_of(mode: str) -> dict:
     import numpy as np
 
     from meddiff import Image
-    from meddiff.data.samples import _dipy_t1_slice, _pydicom_data
+    from meddiff.data.samples import dipy_t1_slice, pydicom_data_image
     from meddiff.data.synthetic import rician_noise
     from meddiff.metrics import foreground_mask, psnr
 
-    shoulder = _pydicom_data("MR2_UNCR.dcm")().array.squeeze().reshape(256, 4, 256, 4).mean(axis=(1, 3))
+    shoulder = pydicom_data_image("MR2_UNCR.dcm")().array.squeeze().reshape(256, 4, 256, 4).mean(axis=(1, 3))
     result = {}
-    for name, clean in (("t1", _dipy_t1_slice().array.squeeze()), ("shoulder", shoulder)):
+    for name, clean in (("t1", dipy_t1_slice().array.squeeze()), ("shoulder", shoulder)):
         clean = clean.astype(np.float32)
         peak, mask = float(clean.max()), foreground_mask(clean)
         noisy = rician_noise(clean, 0.05 * peak, np.random.default_rng(0))

@@ -19,19 +19,19 @@ import numpy as np
 import torch
 
 from meddiff import Image
-from meddiff.metrics.features import _RADIMAGENET_CHILDREN, _resnet, load_extractor
+from meddiff.metrics.features import _RADIMAGENET_CHILDREN, medicalnet_resnet, load_extractor
 
 
 def write_random_weights(folder: Path) -> None:
     names = {v: k for k, v in _RADIMAGENET_CHILDREN.items()}
-    state = {f"backbone.{names[k.partition('.')[0]]}.{k.partition('.')[2]}": v for k, v in _resnet(50, 2, n_input_channels=3).state_dict().items()}
+    state = {f"backbone.{names[k.partition('.')[0]]}.{k.partition('.')[2]}": v for k, v in medicalnet_resnet(50, 2, n_input_channels=3).state_dict().items()}
     torch.save(state, folder / "RadImageNet-ResNet50.pt")
     from monai.networks.nets import DenseNet121
 
     xrv = {k.replace(".layers.", ".").replace("class_layers.out.", "classifier."): v for k, v in DenseNet121(spatial_dims=2, in_channels=1, out_channels=18).state_dict().items()}
     torch.save(xrv, folder / "xrv-densenet121-res224-all.pt")
     for depth in (10, 50):
-        network = _resnet(depth, 3, n_input_channels=1, shortcut_type="B", bias_downsample=False)
+        network = medicalnet_resnet(depth, 3, n_input_channels=1, shortcut_type="B", bias_downsample=False)
         torch.save({"state_dict": {f"module.{k}": v for k, v in network.state_dict().items()}}, folder / f"resnet_{depth}_23dataset.pth")
 
 

@@ -23,7 +23,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from meddiff import Image
-from meddiff.data.samples import _dipy_t1_slice
+from meddiff.data.samples import dipy_t1_slice
 from meddiff.data.synthetic import rician_noise
 from meddiff.files import atomic_path, check_writable
 from meddiff.metrics import foreground_mask, psnr
@@ -33,7 +33,7 @@ from meddiff.pipeline import CONFIG_NAME, WEIGHTS_NAME, load_pipeline
 def sweep(model: str, strengths: list[float], levels: list[float], tile: int) -> dict[float, list[float]]:
     pipeline = load_pipeline(model)
     pipeline.config["denoise_tile"] = [tile, tile]
-    clean = _dipy_t1_slice().array.squeeze().astype(np.float32)
+    clean = dipy_t1_slice().array.squeeze().astype(np.float32)
     peak, mask = float(clean.max()), foreground_mask(clean)
     table = {s: [] for s in strengths}
     for level in levels:

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from meddiff.cli.main import main as meddiff
-from meddiff.data.samples import _dipy_t1_slice
+from meddiff.data.samples import dipy_t1_slice
 from meddiff.data.synthetic import rician_noise
 from meddiff.files import atomic_path
 from meddiff.image import Image
@@ -32,7 +32,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    clean = _dipy_t1_slice()
+    clean = dipy_t1_slice()
     peak = float(clean.array.max())
     noisy = Image(rician_noise(clean.array, NOISE_PERCENT / 100 * peak, np.random.default_rng(0)), clean.affine, "MR")
     save_image(clean, out / "clean.nii.gz", overwrite=True)

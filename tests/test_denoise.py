@@ -153,13 +153,13 @@ def test_bundled_model_improves_held_out_real_mri(tmp_path):
     """Regression test of the shipped weights on two real MR slices never trained on: pydicom-data's
     shoulder MR (independent) and dipy's T1 slice (the validation image that chose the strength).
     Measured gains at 5 % Rician noise: +7.2 dB (T1 slice), shoulder in BENCHMARKS.md; asserted: >= +4 dB."""
-    from meddiff.data.samples import _dipy_t1_slice, _pydicom_data
+    from meddiff.data.samples import dipy_t1_slice, pydicom_data_image
     from meddiff.metrics import foreground_mask, psnr
     from meddiff.pipeline import load_pipeline
 
     pipeline = load_pipeline("mri-denoise")
-    shoulder = _pydicom_data("MR2_UNCR.dcm")().array.squeeze().reshape(256, 4, 256, 4).mean(axis=(1, 3))
-    for clean in (_dipy_t1_slice().array.squeeze(), shoulder):
+    shoulder = pydicom_data_image("MR2_UNCR.dcm")().array.squeeze().reshape(256, 4, 256, 4).mean(axis=(1, 3))
+    for clean in (dipy_t1_slice().array.squeeze(), shoulder):
         clean = clean.astype(np.float32)
         peak, mask = float(clean.max()), foreground_mask(clean)
         image = Image(noisy(clean, 5, seed=3), np.eye(4), "MR")

@@ -12,7 +12,7 @@ from meddiff import Image, MeddiffError, load_image, save_image
 from meddiff.cli.main import main
 from meddiff.metrics import frechet_distance
 from meddiff.metrics.evaluate import cached_features, evaluate
-from meddiff.metrics.features import _RADIMAGENET_CHILDREN, _resnet, load_extractor
+from meddiff.metrics.features import _RADIMAGENET_CHILDREN, medicalnet_resnet, load_extractor
 
 
 @pytest.fixture(scope="module")
@@ -21,7 +21,7 @@ def radimagenet_weights(tmp_path_factory):
     torch.manual_seed(0)
     names = {v: k for k, v in _RADIMAGENET_CHILDREN.items()}
     state = {}
-    for key, value in _resnet(50, 2, n_input_channels=3).state_dict().items():
+    for key, value in medicalnet_resnet(50, 2, n_input_channels=3).state_dict().items():
         child, _, rest = key.partition(".")
         state[f"backbone.{names[child]}.{rest}"] = value
     path = tmp_path_factory.mktemp("weights") / "RadImageNet-ResNet50.pt"
@@ -55,7 +55,7 @@ def test_missing_or_wrong_weights_say_what_to_do(tmp_path, monkeypatch, radimage
 def test_medicalnet_from_its_release_format_gives_3d_features(tmp_path, monkeypatch):
     """MedicalNet checkpoints are {'state_dict': {'module.<key>': tensor}} (DataParallel)."""
     torch.manual_seed(0)
-    network = _resnet(10, 3, n_input_channels=1, shortcut_type="B", bias_downsample=False)
+    network = medicalnet_resnet(10, 3, n_input_channels=1, shortcut_type="B", bias_downsample=False)
     torch.save({"state_dict": {f"module.{k}": v for k, v in network.state_dict().items()}}, tmp_path / "resnet_10_23dataset.pth")
     monkeypatch.setenv("MEDDIFF_WEIGHTS", str(tmp_path))
     extractor = load_extractor("medicalnet_resnet10")

@@ -55,14 +55,14 @@ def _dipy_volume(name: str, volume: int | None = None) -> Callable[[], Image]:
     return load
 
 
-def _dipy_t1_slice() -> Image:
+def dipy_t1_slice() -> Image:
     from dipy.data import get_fnames
 
     array = np.load(get_fnames(name="t1_coronal_slice")).astype(np.float32)
     return Image(array=array, affine=np.diag([1.0, 1.0, 1.0, 1.0]), modality="MR")
 
 
-def _pydicom_data(name: str) -> Callable[[], Image]:
+def pydicom_data_image(name: str) -> Callable[[], Image]:
     def load() -> Image:
         import data_store
 
@@ -76,12 +76,12 @@ SAMPLES = (
     Sample("dipy_aniso_vox", "MR", "train", "dipy aniso_vox", _dipy_volume("aniso_vox")),
     Sample("dipy_small_64d_b0", "MR", "train", "dipy small_64D (b0)", _dipy_volume("small_64D", 0)),
     Sample("dipy_small_101d_b0", "MR", "train", "dipy small_101D (b0)", _dipy_volume("small_101D", 0)),
-    Sample("dipy_t1_coronal_slice", "MR", "val", "dipy t1_coronal_slice (held out)", _dipy_t1_slice),
-    Sample("head_ct", "CT", "test", "pydicom-data 693_UNCR (evaluation only)", _pydicom_data("693_UNCR.dcm")),
-    Sample("enhanced_ct", "CT", "test", "pydicom-data eCT_Supplemental (evaluation only)", _pydicom_data("eCT_Supplemental.dcm")),
-    Sample("shoulder_mr", "MR", "test", "pydicom-data MR2_UNCR (evaluation only)", _pydicom_data("MR2_UNCR.dcm")),
-    Sample("head_mr_enhanced", "MR", "test", "pydicom-data emri_small (evaluation only)", _pydicom_data("emri_small.dcm")),
-    Sample("chest_cr", "CR", "test", "pydicom-data RG1_UNCR (evaluation only)", _pydicom_data("RG1_UNCR.dcm")),
+    Sample("dipy_t1_coronal_slice", "MR", "val", "dipy t1_coronal_slice (held out)", dipy_t1_slice),
+    Sample("head_ct", "CT", "test", "pydicom-data 693_UNCR (evaluation only)", pydicom_data_image("693_UNCR.dcm")),
+    Sample("enhanced_ct", "CT", "test", "pydicom-data eCT_Supplemental (evaluation only)", pydicom_data_image("eCT_Supplemental.dcm")),
+    Sample("shoulder_mr", "MR", "test", "pydicom-data MR2_UNCR (evaluation only)", pydicom_data_image("MR2_UNCR.dcm")),
+    Sample("head_mr_enhanced", "MR", "test", "pydicom-data emri_small (evaluation only)", pydicom_data_image("emri_small.dcm")),
+    Sample("chest_cr", "CR", "test", "pydicom-data RG1_UNCR (evaluation only)", pydicom_data_image("RG1_UNCR.dcm")),
 )
 
 

@@ -207,7 +207,7 @@ def _medicalnet_prepare(x: torch.Tensor) -> torch.Tensor:
     return F.interpolate(torch.stack(out)[:, None], size=(128, 128, 128), mode="trilinear", align_corners=False)
 
 
-def _resnet(depth: int, spatial_dims: int, **kwargs) -> torch.nn.Module:
+def medicalnet_resnet(depth: int, spatial_dims: int, **kwargs) -> torch.nn.Module:
     from monai.networks.nets import resnet10, resnet50
 
     return {10: resnet10, 50: resnet50}[depth](spatial_dims=spatial_dims, feed_forward=False, **kwargs)
@@ -243,7 +243,7 @@ def _file_id(path: Path) -> str:
 def _radimagenet(weights) -> Extractor:
     path = find_weights("radimagenet_resnet50", weights)
     state = _radimagenet_keys(_state_dict(path))  # the file first: fail fast
-    network = _load(_resnet(50, 2, n_input_channels=3), state, path)
+    network = _load(medicalnet_resnet(50, 2, n_input_channels=3), state, path)
     return Extractor("radimagenet_resnet50", network, 2, _radimagenet_prepare, _file_id(path))
 
 
@@ -252,7 +252,7 @@ def _medicalnet(depth: int):
         name = f"medicalnet_resnet{depth}"
         path = find_weights(name, weights)
         state = _state_dict(path)  # the file first: fail fast
-        network = _resnet(depth, 3, n_input_channels=1, shortcut_type="B", bias_downsample=False)
+        network = medicalnet_resnet(depth, 3, n_input_channels=1, shortcut_type="B", bias_downsample=False)
         return Extractor(name, _load(network, state, path), 3, _medicalnet_prepare, _file_id(path))
 
     return load

@@ -58,10 +58,10 @@ def head_crop():
     """The top of dipy's T1 slice (held out from training): half air whose truth is exactly 0, half brain."""
     from scipy import ndimage
 
-    from meddiff.data.samples import _dipy_t1_slice
+    from meddiff.data.samples import dipy_t1_slice
     from meddiff.metrics import foreground_mask
 
-    clean = _dipy_t1_slice().array.squeeze()[16:144, 40:168].astype(np.float32)
+    clean = dipy_t1_slice().array.squeeze()[16:144, 40:168].astype(np.float32)
     background = ~ndimage.binary_dilation(foreground_mask(clean), iterations=3)
     assert background.mean() > 0.3 and clean[background].max() == 0
     return clean, background
