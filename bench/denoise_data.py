@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from dipy.data import get_fnames
 
-from meddiff.data.samples import _nilearn_file
+from meddiff.data.samples import nilearn_file
 from meddiff.data.synthetic import dead_leaves
 from meddiff.data.transforms import NormalizeIntensityd, to_model_range
 
@@ -50,7 +50,7 @@ def main() -> None:
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    planes = slices(normalised(_nilearn_file("mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz")), (0, 1, 2), 2)
+    planes = slices(normalised(nilearn_file("mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz")), (0, 1, 2), 2)
     planes += slices(normalised(get_fnames(name="S0_10")), (2,), 1)
     planes += slices(normalised(get_fnames(name="aniso_vox")), (2,), 1)
     np.savez(out / "denoise_slices.npz", *planes)

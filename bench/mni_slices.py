@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 from monai.transforms import Compose, ResizeWithPadOrCropd, Spacingd
 
-from meddiff.data.samples import _nilearn_file
+from meddiff.data.samples import nilearn_file
 from meddiff.data.transforms import LoadImaged, NormalizeIntensityd, SliceVolumed
 
 SHAPE = (96, 112)
@@ -25,7 +25,7 @@ def main() -> None:
     args = parser.parse_args()
     norm = NormalizeIntensityd("image")
     prep = Compose([LoadImaged("image"), norm, Spacingd("image", pixdim=(2.0, 2.0, 1.0))])
-    data = prep({"image": str(_nilearn_file("mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz")), "modality": "MR"})
+    data = prep({"image": str(nilearn_file("mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz")), "modality": "MR"})
     low, high = data["image"].applied_operations[0]["extra_info"].values()
     slices = SliceVolumed("image", axis="axial", min_foreground=0.1)(data)
     crop = ResizeWithPadOrCropd("image", spatial_size=SHAPE, constant_values=-1.0)

@@ -49,9 +49,9 @@ def base_slices() -> list[np.ndarray]:
     Voxel columns 1..195 are centred on x = 0 (voxel 98), so the 65-pixel-wide slices are symmetric
     about their middle column and the flipped image mirrors the anatomy about the midline.
     """
-    from meddiff.data.samples import _nilearn_mni152
+    from meddiff.data.samples import nilearn_mni152
 
-    volume = _nilearn_mni152().array[1:196, 9:225, :]
+    volume = nilearn_mni152().array[1:196, 9:225, :]
     volume = volume / np.percentile(volume[volume > 0], 99.5)
     slices = []
     for z in range(60, 120, 3):

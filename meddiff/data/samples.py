@@ -32,11 +32,11 @@ class Sample:
     load: Callable[[], Image]
 
 
-def _nilearn_mni152() -> Image:
-    return load_image(_nilearn_file("mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz"), modality="MR")
+def nilearn_mni152() -> Image:
+    return load_image(nilearn_file("mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz"), modality="MR")
 
 
-def _nilearn_file(name: str) -> Path:
+def nilearn_file(name: str) -> Path:
     import nilearn.datasets
 
     return Path(nilearn.datasets.__file__).parent / "data" / name
@@ -72,7 +72,7 @@ def pydicom_data_image(name: str) -> Callable[[], Image]:
 
 
 SAMPLES = (
-    Sample("mni152_t1", "MR", "train", "nilearn MNI152 2009a T1 template", _nilearn_mni152),
+    Sample("mni152_t1", "MR", "train", "nilearn MNI152 2009a T1 template", nilearn_mni152),
     Sample("dipy_aniso_vox", "MR", "train", "dipy aniso_vox", _dipy_volume("aniso_vox")),
     Sample("dipy_small_64d_b0", "MR", "train", "dipy small_64D (b0)", _dipy_volume("small_64D", 0)),
     Sample("dipy_small_101d_b0", "MR", "train", "dipy small_101D (b0)", _dipy_volume("small_101D", 0)),
