@@ -34,7 +34,7 @@ from meddiff.data.samples import dipy_t1_slice, pydicom_data_image
 from meddiff.data.synthetic import rician_noise
 from meddiff.diffusion.noise_level import estimate_noise_sigma
 from meddiff.metrics import foreground_mask, psnr, ssim
-from meddiff.pipeline import load_pipeline
+from meddiff.pipelines import load_pipeline
 from meddiff.viz import save_grid
 
 

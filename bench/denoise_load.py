@@ -44,11 +44,11 @@ CASES = [
 def load_pipeline_for(mode: str):
     import torch
 
-    from meddiff.pipeline import load_pipeline
+    from meddiff.pipelines import load_pipeline
 
     pipeline = load_pipeline("mri-denoise")
     if mode == "old":
-        pipeline.config["denoise_tile"] = [1 << 20, 1 << 20]  # one tile = the whole (padded) slice
+        pipeline.config.denoise_tile = [1 << 20, 1 << 20]  # one tile = the whole (padded) slice
         for module in pipeline.unet.modules():
             if hasattr(module, "use_flash_attention"):
                 module.use_flash_attention = False

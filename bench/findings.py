@@ -35,7 +35,7 @@ from meddiff.data.findings import ATTRIBUTES, HELD_OUT, Finding, detect, report
 from meddiff.data.manifest import Manifest
 from meddiff.encoders.clip import ClipEncoder
 from meddiff.metrics import clip_score
-from meddiff.pipeline import load_pipeline
+from meddiff.pipelines import load_pipeline
 
 ROWS = slice(3, 68)  # 65 image rows padded to 72 by ResizeWithPadOrCrop: 3 before, 4 after
 SETS = ("1-attribute", "2-attribute", "3-attribute", "4-attribute", "held-out", "normal")

@@ -16,23 +16,21 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
 
 from meddiff import Image
 from meddiff.data.samples import dipy_t1_slice
 from meddiff.data.synthetic import rician_noise
-from meddiff.files import atomic_path, check_writable
 from meddiff.metrics import foreground_mask, psnr
-from meddiff.pipeline import CONFIG_NAME, WEIGHTS_NAME, load_pipeline
+from meddiff.model import load_model
+from meddiff.pipelines import load_pipeline
 
 
 def sweep(model: str, strengths: list[float], levels: list[float], tile: int) -> dict[float, list[float]]:
     pipeline = load_pipeline(model)
-    pipeline.config["denoise_tile"] = [tile, tile]
+    pipeline.config.denoise_tile = [tile, tile]
     clean = dipy_t1_slice().array.squeeze().astype(np.float32)
     peak, mask = float(clean.max()), foreground_mask(clean)
     table = {s: [] for s in strengths}
@@ -64,18 +62,11 @@ def main() -> None:
     with open(args.log, "a") as fh:
         fh.write(json.dumps(record) + "\n")
     if args.out:
-        out = Path(args.out)
-        for name in (WEIGHTS_NAME, CONFIG_NAME):
-            check_writable(out / name, args.overwrite)
-        weights = load_file(Path(args.model) / WEIGHTS_NAME)
-        with atomic_path(out / WEIGHTS_NAME, overwrite=True) as tmp:
-            save_file({k: v.half().contiguous() for k, v in weights.items()}, tmp, metadata={"format": "pt"})
-        config = json.loads((Path(args.model) / CONFIG_NAME).read_text())
-        config["denoise_strength"] = best
-        config["denoise_tile"] = [args.tile, args.tile]
-        with atomic_path(out / CONFIG_NAME, overwrite=True) as tmp:
-            tmp.write_text(json.dumps(config, indent=2) + "\n")
-        print(f"wrote {out}")
+        model = load_model(args.model)
+        model.unet.half()  # half the package's size; loading casts the weights back to float32
+        model.config.denoise_strength = best
+        model.config.denoise_tile = [args.tile, args.tile]
+        print(f"wrote {model.save_pretrained(args.out, overwrite=args.overwrite)}")
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ import time
 
 import torch
 
-from meddiff.pipeline import DiffusionPipeline
+from meddiff.pipelines import DiffusionPipeline
 from meddiff.training import DiffusionModule
 
 MONAI_SCHEDULES = {"linear": "linear_beta", "scaled_linear": "scaled_linear_beta", "cosine": "cosine"}
@@ -35,7 +35,7 @@ def time_against_monai(pipeline: DiffusionPipeline, device: str, batch: int, ste
     )
     monai_scheduler.set_timesteps(steps)
     inferer = DiffusionInferer(monai_scheduler)
-    shape = (batch, 1, *pipeline.config["image"]["shape"])
+    shape = (batch, 1, *pipeline.config.image.shape)
 
     def sync():
         if device.startswith("cuda"):

@@ -12,8 +12,8 @@ __all__ = ["DiffusionPipeline", "Image", "MeddiffError", "load_image", "load_pip
 _LAZY = {
     "load_image": "meddiff.io",
     "save_image": "meddiff.io",
-    "DiffusionPipeline": "meddiff.pipeline",
-    "load_pipeline": "meddiff.pipeline",
+    "DiffusionPipeline": "meddiff.pipelines",
+    "load_pipeline": "meddiff.pipelines",
 }
 
 

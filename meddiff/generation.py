@@ -19,7 +19,6 @@ import os
 import signal
 import threading
 from pathlib import Path
-from typing import Any
 
 import lightning.pytorch as pl
 import torch
@@ -32,7 +31,10 @@ from meddiff.files import folder_lock, remove_temporaries
 from meddiff.io import SYNTHETIC_FORMATS as FORMATS
 from meddiff.io import save_image
 from meddiff.io.dicom_write import write_synthetic_dicom
-from meddiff.pipeline import DiffusionPipeline, check_counts
+from meddiff.model import DiffusionModel
+from meddiff.pipelines.generate import check_counts, check_sample_args
+from meddiff.pipelines.spec import SamplingSpec
+from meddiff.training.predict import GenerationModule
 
 MANIFEST = "manifest.jsonl"
 MAX_ITEMS = 1_000_000  # items are named sample_000000 .. sample_999999: a larger set goes into several folders
@@ -46,28 +48,6 @@ def sample_name(index: int, fmt: str, ndim: int) -> str:
 def description(provenance: dict, index: int) -> str:
     """What a generated DICOM says about itself (DerivationDescription): model and seed."""
     return f"synthetic image from meddiff model {provenance['weights_sha256'][:16]}, seed {provenance['seed'] + index}"
-
-
-class GenerationModule(pl.LightningModule):
-    """Wraps a pipeline so Lightning can place it on devices; ``predict_step`` samples a batch of indices."""
-
-    def __init__(self, pipeline: DiffusionPipeline, steps: int, scheduler: str, seed: int, class_label: int | None, done: set[int],
-                 prompts: list[str] | None = None, guidance_scale: float = 1.0, negative_prompt: str = ""):
-        super().__init__()
-        self.pipeline = pipeline
-        self.unet = pipeline.unet  # registered, so Lightning moves it to the device
-        self.steps, self.scheduler, self.seed, self.class_label, self.done = steps, scheduler, seed, class_label, done
-        self.prompts, self.guidance_scale, self.negative_prompt = prompts, guidance_scale, negative_prompt
-
-    def predict_step(self, batch: torch.Tensor, batch_idx: int) -> list[tuple[int, Any]]:
-        indices = [int(i) for i in batch if int(i) not in self.done]
-        if not indices:
-            return []
-        labels = None if self.class_label is None else torch.full((len(indices),), self.class_label)
-        prompts = None if self.prompts is None else [self.prompts[i] for i in indices]
-        x = self.pipeline.sample([self.seed + i for i in indices], steps=self.steps, scheduler=self.scheduler, class_labels=labels,
-                                 prompts=prompts, guidance_scale=self.guidance_scale, negative_prompt=self.negative_prompt)
-        return [(i, self.pipeline.to_image(item), None if prompts is None else prompts[k]) for k, (i, item) in enumerate(zip(indices, x))]
 
 
 class ShardWriter(BasePredictionWriter):
@@ -111,7 +91,10 @@ class ShardWriter(BasePredictionWriter):
             merge_shards(self.out_dir)
 
 
-RUN_KEYS = ("weights_sha256", "scheduler", "steps", "class_label", "format", "guidance_scale", "negative_prompt")
+def run_identity(provenance: dict) -> dict:
+    """What makes two records items of one run: the weights, the file format, the first seed and the sampling spec."""
+    keys = ("weights_sha256", "format", *SamplingSpec.model_fields)
+    return {**{k: provenance.get(k) for k in keys}, "seed": provenance["seed"] - provenance.get("index", 0)}
 
 
 def _record_lines(out_dir: Path) -> list[tuple[Path, int, Record | None]]:
@@ -138,9 +121,7 @@ def check_same_run(out_dir: Path, provenance: dict, lines: list[tuple[Path, int,
             continue  # a shard line cut short by an interruption
         if not record.provenance or "index" not in record.provenance:
             raise MeddiffError(f"{path} line {number} is not a meddiff-generated record — choose another -o folder")
-        old = {k: record.provenance.get(k) for k in RUN_KEYS}
-        old["seed"] = record.provenance["seed"] - record.provenance["index"]
-        new = {**{k: provenance.get(k) for k in RUN_KEYS}, "seed": provenance["seed"]}
+        old, new = run_identity(record.provenance), run_identity(provenance)
         changed = [k for k in new if old[k] != new[k]]
         if changed:
             raise MeddiffError(f"{out_dir} holds images of another run (different {', '.join(changed)}) — choose another -o folder")
@@ -201,26 +182,22 @@ def merge_shards(out_dir: Path) -> Path:
 
 
 def generate_to_folder(
-    pipeline: DiffusionPipeline,
+    model: DiffusionModel,
     model_id: str,
+    spec: SamplingSpec,
     n: int,
     out_dir: str | Path,
-    steps: int = 50,
-    scheduler: str = "ddim",
     seed: int = 0,
     batch_size: int = 8,
     fmt: str = "nii.gz",
-    class_label: int | None = None,
     accelerator: str = "auto",
     devices: int | str = 1,
     prompts: list[str] | None = None,
-    guidance_scale: float = 1.0,
-    negative_prompt: str = "",
 ) -> tuple[Path, int]:
     """Make items ``0..n-1`` that are not already in ``out_dir``; returns the manifest and how many were new.
 
     ``prompts`` (one per item) condition a report-conditioned model; each record keeps its prompt as
-    ``report`` and the run's ``guidance_scale`` and ``negative_prompt`` in its provenance.
+    ``report``, and the model, seed, format and every field of ``spec`` in its provenance.
     """
     from lightning.pytorch.utilities import rank_zero_only
 
@@ -231,27 +208,16 @@ def generate_to_folder(
     if n > MAX_ITEMS:
         raise MeddiffError(f"-n {n} is more than {MAX_ITEMS} images, the most one folder holds (sample_000000 .. sample_999999) "
                            "— split the set over several -o folders (with --seed advanced by the count of the ones before)")
-    conditioned = "text_encoder" in pipeline.config
+    conditioned = model.config.text_encoder is not None
     if conditioned != (prompts is not None):
         raise MeddiffError("this model is report-conditioned: give --prompt or --prompts" if conditioned else "this model takes no prompts")
     if prompts is not None and len(prompts) != n:
         raise MeddiffError(f"{len(prompts)} prompts for {n} images: give one prompt per image")
-    ndim = len(pipeline.config["image"]["shape"])
+    ndim = len(model.config.image.shape)
     if fmt == "png" and ndim != 2:
         raise MeddiffError("--format png holds 2D images; this model makes 3D volumes — use nii.gz or dcm")
-    labels = None if class_label is None else [class_label] * n
-    pipeline.check_sample_args(range(seed, seed + n), steps, scheduler, labels, None, prompts, guidance_scale, negative_prompt, batch_size)
-    provenance = {
-        "model": model_id,
-        "weights_sha256": pipeline.config.get("weights_sha256", ""),
-        "scheduler": scheduler,
-        "steps": steps,
-        "seed": seed,
-        "class_label": class_label,
-        "format": fmt,
-        "guidance_scale": guidance_scale if prompts is not None else None,
-        "negative_prompt": negative_prompt if prompts is not None else None,
-    }
+    spec = check_sample_args(model, spec, range(seed, seed + n), prompts, None, batch_size)
+    provenance = {"model": model_id, "weights_sha256": model.weights_sha256, **spec.model_dump(), "seed": seed, "format": fmt}
     trainer = _trainer(accelerator, devices, ShardWriter(Path(out_dir), fmt, provenance))
 
     # 2. the folder: created, locked (by the launching process; ranks it starts share its lock), checked, cleaned
@@ -271,7 +237,7 @@ def generate_to_folder(
             check_no_foreign_files(out_dir, [i for i in range(n) if i not in done], fmt, ndim, provenance, lines)
             if leader:
                 remove_temporaries(out_dir)  # left by a killed run: its items are made again
-            module = GenerationModule(pipeline, steps, scheduler, seed, class_label, done, prompts, guidance_scale, negative_prompt)
+            module = GenerationModule(model, spec, seed, done, prompts)
             try:
                 _predict(trainer, module, DataLoader(torch.arange(n), batch_size=batch_size))
             except BaseException:

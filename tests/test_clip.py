@@ -13,7 +13,8 @@ import torch
 from meddiff import MeddiffError
 from meddiff.cli.main import main
 from meddiff.encoders import load_text_encoder
-from meddiff.encoders.clip import ClipEncoder, ClipModule, recall_at_k
+from meddiff.encoders.clip import ClipEncoder
+from meddiff.training.clip import ClipModule, recall_at_k
 from meddiff.metrics import clip_score
 
 
@@ -62,7 +63,7 @@ def test_clip_trains_on_findings_and_its_text_tower_conditions_diffusion(tmp_pat
                                 image_shape=(72, 72), text_encoder=str(tmp_path / "clip"))
     batch = {"image": torch.rand(2, 1, 72, 72) * 2 - 1, "report": reports}
     assert np.isfinite(float(diffusion.loss(batch, torch.Generator().manual_seed(0))))
-    assert diffusion.pipeline_config()["unet"]["cross_attention_dim"] == 32
+    assert diffusion.model_config().unet.cross_attention_dim == 32
 
 
 def test_report_conditioned_chain_from_the_cli(tmp_path):

@@ -16,7 +16,8 @@ from monai.inferers import DiffusionInferer
 from monai.networks.schedulers import DDIMScheduler as MonaiDDIM
 from monai.networks.schedulers import DDPMScheduler as MonaiDDPM
 
-from meddiff.pipeline import DiffusionPipeline
+from meddiff.model import DiffusionModel, TextEncoderConfig
+from meddiff.pipelines import DiffusionPipeline
 from meddiff.training import DiffusionModule
 
 SIZE = 16
@@ -115,8 +116,8 @@ class StubTextEncoder:
 @pytest.mark.parametrize("gamma", [0.0, 1.0, 2.5, 7.0])
 def test_guidance_formula_with_a_stub_network(gamma):
     """x0-prediction and one DDIM step (final alpha 1) return the guided x0 itself: uncond + gamma (cond - uncond)."""
-    config = tiny_pipeline("x0").config | {"text_encoder": {"spec": "stub"}}
-    pipe = DiffusionPipeline(StubUNet(), config, text_encoder=StubTextEncoder())
+    config = tiny_pipeline("x0").config.model_copy(update={"text_encoder": TextEncoderConfig(spec="stub")})
+    pipe = DiffusionPipeline(DiffusionModel(config, {"unet": StubUNet()}, text_encoder=StubTextEncoder()))
     out = pipe.sample([0, 1], steps=1, scheduler="ddim", prompts=["ab", "abcdef"], guidance_scale=gamma, negative_prompt="a")
     cond, uncond = torch.tensor([2.0, 6.0]), torch.tensor([1.0, 1.0])
     expected = uncond + gamma * (cond - uncond)

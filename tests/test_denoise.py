@@ -9,7 +9,7 @@ import torch
 from meddiff import Image, MeddiffError, load_image
 from meddiff.cli.main import main
 from meddiff.diffusion.denoise import denoise_tensor
-from meddiff.pipeline import DiffusionPipeline
+from meddiff.pipelines import DiffusionPipeline
 from meddiff.training import DiffusionModule
 
 TINY = dict(channels=(16, 32), attention_levels=(False, True), num_head_channels=16, norm_num_groups=16)
@@ -136,7 +136,7 @@ def test_strength_scales_the_matched_noise_and_mask_limits_the_change():
 def test_denoising_prior_refuses_to_generate_and_noise_beyond_its_range():
     module = DiffusionModule(spatial_dims=2, image_shape=(16, 16), prediction="v", beta_schedule="cosine", max_train_timestep=100, **TINY)
     pipeline = module.pipeline(ema=False)
-    assert pipeline.config["max_train_timestep"] == 100
+    assert pipeline.config.max_train_timestep == 100
     with pytest.raises(MeddiffError, match="cannot generate"):
         pipeline.generate(1, steps=2, progress=False)
     clean = np.zeros((32, 32), np.float32)
@@ -155,7 +155,7 @@ def test_bundled_model_improves_held_out_real_mri(tmp_path):
     Measured gains at 5 % Rician noise: +7.2 dB (T1 slice), shoulder in BENCHMARKS.md; asserted: >= +4 dB."""
     from meddiff.data.samples import dipy_t1_slice, pydicom_data_image
     from meddiff.metrics import foreground_mask, psnr
-    from meddiff.pipeline import load_pipeline
+    from meddiff.pipelines import load_pipeline
 
     pipeline = load_pipeline("mri-denoise")
     shoulder = pydicom_data_image("MR2_UNCR.dcm")().array.squeeze().reshape(256, 4, 256, 4).mean(axis=(1, 3))
@@ -168,14 +168,15 @@ def test_bundled_model_improves_held_out_real_mri(tmp_path):
 
 
 def test_load_pipeline_finds_bundled_models_and_prefers_a_users_folder(tmp_path, monkeypatch):
-    from meddiff.pipeline import bundled_models, load_pipeline
+    from meddiff.model import bundled_models
+    from meddiff.pipelines import load_pipeline
 
     assert "mri-denoise" in bundled_models()
     bundled = load_pipeline("mri-denoise")
-    assert bundled.config["max_train_timestep"] and bundled.config["denoise_strength"] == 0.7
+    assert bundled.config.max_train_timestep and bundled.config.denoise_strength == 0.7
     monkeypatch.chdir(tmp_path)
     pipeline_for(2).save_pretrained(tmp_path / "mri-denoise")
-    assert "max_train_timestep" not in load_pipeline("mri-denoise").config  # the user's folder, not the bundled one
+    assert load_pipeline("mri-denoise").config.max_train_timestep is None  # the user's folder, not the bundled one
     with pytest.raises(MeddiffError, match="bundled model"):
         load_pipeline("no-such-model")
 

@@ -73,7 +73,7 @@ def test_report_conditioned_loss_uses_the_report_and_drops_it_to_the_empty_repor
     module = report_module(bert_dir, condition_dropout=0.0)
     for p in module.unet.parameters():  # MONAI zero-initialises the attention outputs: make the context count
         torch.nn.init.normal_(p, std=0.05)
-    assert module.pipeline_config()["unet"]["cross_attention_dim"] == 32
+    assert module.model_config().unet.cross_attention_dim == 32
     assert not any("text_encoder" in name for name in module.state_dict())  # the frozen text model stays out of checkpoints
     batch = {"image": torch.rand(2, 1, 16, 16) * 2 - 1, "report": ["small lesion in the left region.", "no acute abnormality."]}
     other = {**batch, "report": ["large lesion in the right region.", "large hypointense lesion."]}
@@ -87,7 +87,7 @@ def test_report_conditioned_loss_uses_the_report_and_drops_it_to_the_empty_repor
 
 
 def test_guided_sampling_is_seeded_and_guidance_changes_it(bert_dir, tmp_path):
-    from meddiff.pipeline import DiffusionPipeline
+    from meddiff.pipelines import DiffusionPipeline
 
     module = report_module(bert_dir)
     for p in module.unet.parameters():

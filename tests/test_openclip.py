@@ -242,7 +242,7 @@ def test_report_conditioned_module_takes_an_open_clip_text_encoder(local_dir, mo
     torch.manual_seed(0)
     module = DiffusionModule(spatial_dims=2, channels=(16, 32), attention_levels=(False, True), num_head_channels=16, norm_num_groups=16,
                              image_shape=(16, 16), text_encoder=f"local-dir:{local_dir}", condition_dropout=0.0)
-    assert module.pipeline_config()["unet"]["cross_attention_dim"] == 32
+    assert module.model_config().unet.cross_attention_dim == 32
     for p in module.unet.parameters():
         torch.nn.init.normal_(p, std=0.05)
     batch = {"image": torch.rand(2, 1, 16, 16) * 2 - 1, "report": ["small lesion in the left region.", "no acute abnormality."]}

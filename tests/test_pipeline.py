@@ -15,7 +15,7 @@ from meddiff import MeddiffError, load_image
 from meddiff.cli.main import main
 from meddiff.data.manifest import Manifest
 from meddiff.diffusion.schedulers import SAMPLERS, NoiseSchedule
-from meddiff.pipeline import DiffusionPipeline, load_pipeline
+from meddiff.pipelines import DiffusionPipeline, load_pipeline
 from meddiff.training import DiffusionModule
 
 MEDDIFF = str(Path(sys.executable).parent / "meddiff")
@@ -64,8 +64,8 @@ def test_images_carry_modality_and_training_spacing(model_dir):
 
 def test_class_conditioning_changes_samples():
     pipeline = tiny_pipeline(num_class_embeds=3)
-    a = pipeline.sample([0], steps=2, class_labels=torch.tensor([0]))
-    b = pipeline.sample([0], steps=2, class_labels=torch.tensor([2]))
+    a = pipeline.sample([0], steps=2, class_label=0)
+    b = pipeline.sample([0], steps=2, class_label=2)
     assert not torch.allclose(a, b)
 
 

@@ -16,7 +16,7 @@ import torch
 import yaml
 
 from meddiff.cli.main import main
-from meddiff.pipeline import DiffusionPipeline
+from meddiff.pipelines import DiffusionPipeline
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 MEDDIFF = str(Path(sys.executable).parent / "meddiff")
@@ -122,7 +122,7 @@ def test_export_gives_a_pipeline_with_identical_samples(samples_dir, tmp_path):
     assert main(["fit", "--config", str(config)]) == 0
     out = tmp_path / "model"
     assert main(["export", str(tmp_path / "run" / "checkpoints" / "last.ckpt"), str(out)]) == 0
-    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "unet.safetensors"]
     pipeline = DiffusionPipeline.from_pretrained(out)
     first = pipeline.generate(2, steps=4, seed=7, progress=False)
     saved_again = pipeline.save_pretrained(tmp_path / "copy")

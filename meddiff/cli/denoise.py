@@ -49,7 +49,7 @@ def noise_sigma(text: str) -> float | None:
 
 
 def run(args) -> None:
-    from meddiff.pipeline import load_pipeline
+    from meddiff.pipelines import load_pipeline
 
     sigma = noise_sigma(args.noise_sigma)
     if args.strength is not None and not (math.isfinite(args.strength) and args.strength > 0):

@@ -40,5 +40,5 @@ def module_from_checkpoint(path: str | Path):
 
 def run(args) -> None:
     module = module_from_checkpoint(args.checkpoint)
-    out = module.pipeline(ema=not args.no_ema).save_pretrained(args.output, overwrite=args.overwrite)
+    out = module.diffusion_model(ema=not args.no_ema).save_pretrained(args.output, overwrite=args.overwrite)
     print(f"wrote {out} ({'EMA' if not args.no_ema else 'raw'} weights)")

@@ -42,7 +42,8 @@ def run(args) -> None:
     from lightning.pytorch.utilities import rank_zero_only
 
     from meddiff.generation import generate_to_folder
-    from meddiff.pipeline import load_pipeline
+    from meddiff.model import load_model
+    from meddiff.pipelines.spec import SamplingSpec
 
     if not re.fullmatch(r"auto|-1|[1-9][0-9]{0,3}|[0-9]{1,4}(,[0-9]{1,4})*,?", args.devices):
         raise MeddiffError(f"--devices takes a number of devices, a comma-separated list of device ids or auto, not {args.devices!r}")
@@ -56,25 +57,12 @@ def run(args) -> None:
         raise MeddiffError("give -n (the number of images) or --prompts FILE")
     if args.prompt is not None:
         prompts = [args.prompt] * n
-    pipeline = load_pipeline(args.model)
+    spec = SamplingSpec(scheduler=args.scheduler, steps=args.steps, class_label=args.class_label, guidance_scale=args.guidance_scale,
+                        negative_prompt=args.negative_prompt)
+    model = load_model(args.model)
     devices = int(args.devices) if args.devices.isdigit() else args.devices
-    manifest, made = generate_to_folder(
-        pipeline,
-        model_id=str(args.model),
-        n=n,
-        out_dir=args.output,
-        steps=args.steps,
-        scheduler=args.scheduler,
-        seed=args.seed,
-        batch_size=args.batch_size,
-        fmt=args.format,
-        class_label=args.class_label,
-        accelerator=args.accelerator,
-        devices=devices,
-        prompts=prompts,
-        guidance_scale=args.guidance_scale,
-        negative_prompt=args.negative_prompt,
-    )
+    manifest, made = generate_to_folder(model, str(args.model), spec, n, args.output, seed=args.seed, batch_size=args.batch_size,
+                                        fmt=args.format, accelerator=args.accelerator, devices=devices, prompts=prompts)
     if rank_zero_only.rank == 0:  # with several devices every rank returns here
         print(f"wrote {made} new images to {args.output} ({n - made} already there); manifest {manifest}")
 

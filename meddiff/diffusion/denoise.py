@@ -14,40 +14,34 @@ from diffusers import DDPMScheduler
 
 from meddiff.diffusion.noise_level import timestep_for_sigma
 from meddiff.diffusion.objective import predicted_x0
+from meddiff.diffusion.sampling import sample_loop, unet_function
+from meddiff.diffusion.schedulers import NoiseSchedule
 from meddiff.errors import MeddiffError
 
 
 @torch.inference_mode()
-def denoise_tensor(
-    unet, schedule, y: torch.Tensor, sigma: float, steps: int = 1, samples: int = 1, seed: int = 0, max_timestep: int | None = None
-) -> torch.Tensor:
+def denoise_tensor(unet: torch.nn.Module, schedule: NoiseSchedule, y: torch.Tensor, sigma: float, steps: int = 1, samples: int = 1,
+                   seed: int = 0, max_timestep: int | None = None) -> torch.Tensor:
     """Denoise ``y`` (B, C, *spatial, in [-1, 1] units) whose noise std is ``sigma`` in those units.
 
     ``max_timestep``: the model only learnt timesteps below it; a noisier image is refused.
     """
     if steps < 1 or samples < 1:
         raise MeddiffError("--steps and --samples must be at least 1")
-    forward = schedule.training_scheduler()
-    abar = forward.alphas_cumprod
+    abar = schedule.training_scheduler().alphas_cumprod
     t = timestep_for_sigma(sigma, abar.numpy())
     if max_timestep is not None and t >= max_timestep:
         limit = float(((1 - abar[max_timestep - 1]) / abar[max_timestep - 1]) ** 0.5)
-        raise MeddiffError(
-            f"the noise to remove (sigma {sigma / 2:.1%} of the intensity range, after --strength) is beyond what this model learnt (up to {limit / 2:.1%})"
-        )
+        raise MeddiffError(f"the noise to remove (sigma {sigma / 2:.1%} of the intensity range, after --strength) "
+                           f"is beyond what this model learnt (up to {limit / 2:.1%})")
     scale = float(abar[t]) ** 0.5
+    model = unet_function(unet)
     if steps == 1:
         xt = scale * y
-        timesteps = torch.full((y.shape[0],), t, device=y.device)
-        return predicted_x0(unet(xt, timesteps=timesteps), xt, float(abar[t]), schedule.prediction)
+        return predicted_x0(model(xt, torch.tensor(t)), xt, float(abar[t]), schedule.prediction)
     total = torch.zeros_like(y)
     for k in range(samples):
         sampler = DDPMScheduler(**schedule.diffusers_config(), clip_sample=False)
         sampler.set_timesteps(timesteps=sorted({int(v) for v in np.linspace(t, 0, steps).round()}, reverse=True))
-        generator = torch.Generator(y.device).manual_seed(seed + k)
-        x = scale * y
-        for step_t in sampler.timesteps:
-            prediction = unet(x, timesteps=step_t.to(y.device).expand(y.shape[0]))
-            x = sampler.step(prediction, step_t, x, generator=generator).prev_sample
-        total += x
+        total += sample_loop(model, scale * y, sampler, generator=torch.Generator(y.device).manual_seed(seed + k))
     return total / samples

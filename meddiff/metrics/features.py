@@ -262,10 +262,10 @@ def _meddiff_mri(weights) -> Extractor:
     from monai.networks.nets.diffusion_model_unet import get_timestep_embedding
 
     from meddiff.data.transforms import NormalizeIntensityd, to_model_range
-    from meddiff.pipeline import load_pipeline
+    from meddiff.model import load_model
 
-    pipeline = load_pipeline(weights or "mri-denoise")
-    unet = pipeline.unet
+    model = load_model(weights or "mri-denoise")
+    unet = model.unet
     timestep = 10  # a little noise: the features of a clean image, as the denoiser sees it
 
     def network(x: torch.Tensor) -> torch.Tensor:
@@ -286,7 +286,7 @@ def _meddiff_mri(weights) -> Extractor:
         multiple = 2 ** (len(unet.block_out_channels) - 1)
         return F.pad(x, (0, (-x.shape[-1]) % multiple, 0, (-x.shape[-2]) % multiple), mode="replicate")
 
-    return Extractor("meddiff_mri", network, 2, prepare, pipeline.config["weights_sha256"][:16])
+    return Extractor("meddiff_mri", network, 2, prepare, model.weights_sha256[:16])
 
 
 def _to_uint8_rgb(x: torch.Tensor) -> torch.Tensor:

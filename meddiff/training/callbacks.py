@@ -9,6 +9,8 @@ import torch
 from lightning.pytorch.loggers import WandbLogger
 
 from meddiff.errors import MeddiffError
+from meddiff.pipelines.generate import sample
+from meddiff.pipelines.spec import SamplingSpec
 from meddiff.viz import save_grid
 
 
@@ -52,6 +54,19 @@ class SampleGrid(pl.Callback):
                 )
             self.grid_prompts = [prompts[i % len(prompts)] for i in range(self.n)]
 
+    def groups(self, module: pl.LightningModule) -> list[tuple[SamplingSpec, list[int], list[str] | None]]:
+        """(spec, seeds, prompts) per class (items cycle through the classes), or one group for all items."""
+        classes = module.hparams.get("num_class_embeds") or 0
+        guidance = self.guidance_scale if self.grid_prompts is not None else None
+        groups = []
+        for label in range(classes) if classes else [None]:
+            seeds = [i for i in range(self.n) if label is None or i % classes == label]
+            prompts = None if self.grid_prompts is None else [self.grid_prompts[i] for i in seeds]
+            spec = SamplingSpec(scheduler=self.scheduler, steps=self.steps, class_label=label, guidance_scale=guidance)
+            if seeds:
+                groups.append((spec, seeds, prompts))
+        return groups
+
     @staticmethod
     def data_reports(trainer: pl.Trainer) -> list[str]:
         """The data module's validation reports, else its training reports (a ManifestDataModule's ``reports``)."""
@@ -64,14 +79,11 @@ class SampleGrid(pl.Callback):
         step = trainer.global_step
         if self.every_n_steps <= 0 or step == 0 or step % self.every_n_steps:
             return
-        pipeline = module.pipeline(ema=True)
-        was_training = pipeline.unet.training
-        pipeline.unet.eval()
-        classes = module.hparams.get("num_class_embeds")
-        labels = torch.arange(self.n) % classes if classes else None  # cycle through the classes
-        x = pipeline.sample(range(self.n), steps=self.steps, scheduler=self.scheduler, class_labels=labels,
-                            prompts=self.grid_prompts, guidance_scale=self.guidance_scale)
-        pipeline.unet.train(was_training)
+        model = module.diffusion_model(ema=True)
+        was_training = model.unet.training
+        model.unet.eval()
+        x = torch.cat([sample(model, spec, seeds, prompts) for spec, seeds, prompts in self.groups(module)])
+        model.unet.train(was_training)
         slices = [item[0, ..., item.shape[-1] // 2] if item.ndim == 4 else item[0] for item in x.float().cpu()]
         out_dir = Path(trainer.log_dir or trainer.default_root_dir) / "samples"
         path = save_grid([s.numpy() for s in slices], out_dir / f"step_{step:07d}.png", window=(-1.0, 1.0))

@@ -13,7 +13,8 @@ from meddiff.diffusion import objective
 from meddiff.diffusion.schedulers import NoiseSchedule
 from meddiff.errors import MeddiffError
 from meddiff.nets import build_unet
-from meddiff.pipeline import DiffusionPipeline
+from meddiff.model import DiffusionModel, ModelConfig
+from meddiff.pipelines import DiffusionPipeline
 
 
 class DiffusionModule(pl.LightningModule):
@@ -97,21 +98,26 @@ class DiffusionModule(pl.LightningModule):
             "cross_attention_dim": self.text_encoder.dim if self.text_encoder is not None else None,
         }
 
-    def pipeline_config(self) -> dict:
+    def model_config(self) -> ModelConfig:
+        """The description of the model this module trains, as ``meddiff export`` saves it."""
         hp = self.hparams
-        image = {"shape": list(hp.image_shape), "modality": hp.modality, "intensity_range": list(hp.intensity_range)}
-        if hp.image_spacing is not None:
-            image["spacing"] = list(hp.image_spacing)
-        config = {"unet": self.unet_config(), "schedule": self.schedule.as_dict(), "image": image}
-        if hp.max_train_timestep is not None and hp.max_train_timestep < hp.num_train_timesteps:
-            config["max_train_timestep"] = hp.max_train_timestep
-        if self.text_encoder is not None:
-            config["text_encoder"] = {"spec": hp.text_encoder, "max_length": self.text_encoder.max_length}
-        return config
+        limited = hp.max_train_timestep is not None and hp.max_train_timestep < hp.num_train_timesteps
+        return ModelConfig(
+            unet=self.unet_config(),
+            schedule=self.schedule,
+            image={"shape": list(hp.image_shape), "spacing": None if hp.image_spacing is None else list(hp.image_spacing),
+                   "modality": hp.modality, "intensity_range": tuple(hp.intensity_range)},
+            text_encoder=None if self.text_encoder is None else {"spec": hp.text_encoder, "max_length": self.text_encoder.max_length},
+            max_train_timestep=hp.max_train_timestep if limited else None,
+        )
+
+    def diffusion_model(self, ema: bool = True) -> DiffusionModel:
+        """The model sharing this module's (EMA) weights, for sampling during or after training."""
+        return DiffusionModel(self.model_config(), {"unet": self.ema.module if ema else self.unet}, text_encoder=self.text_encoder)
 
     def pipeline(self, ema: bool = True) -> DiffusionPipeline:
-        """A pipeline sharing this module's (EMA) weights, for sampling during or after training."""
-        return DiffusionPipeline(self.ema.module if ema else self.unet, self.pipeline_config(), text_encoder=self.text_encoder)
+        """Every task over this module's (EMA) weights."""
+        return DiffusionPipeline(self.diffusion_model(ema))
 
     def loss(self, batch: dict, generator: torch.Generator, unet: torch.nn.Module | None = None) -> torch.Tensor:
         x0 = batch["image"]

@@ -91,7 +91,7 @@ def test_images_too_small_end_in_one_line(case, workdir, tiny_model):
 
 @pytest.mark.parametrize("shape", [(37, 53), (37, 53, 1), (1, 37, 53), (37, 1, 53), (8, 8)], ids=str)
 def test_python_api_keeps_shape_and_affine(shape, tiny_model):
-    from meddiff.pipeline import load_pipeline
+    from meddiff.pipelines import load_pipeline
 
     image = noisy_image(shape)
     out = load_pipeline(tiny_model).denoise(image)
@@ -126,7 +126,7 @@ def test_bad_noise_arguments_end_in_one_line(case, workdir, tiny_model):
 @pytest.mark.parametrize("sigma", [float("inf"), float("nan"), -1.0, 0.0])
 def test_python_api_refuses_a_bad_noise_sigma(sigma, tiny_model):
     from meddiff import MeddiffError
-    from meddiff.pipeline import load_pipeline
+    from meddiff.pipelines import load_pipeline
 
     with pytest.raises(MeddiffError, match="positive number"):
         load_pipeline(tiny_model).denoise(noisy_image((24, 24)), noise_sigma=sigma)
@@ -149,10 +149,10 @@ def test_a_512x512_slice_reaches_the_network_only_as_tiles_of_the_training_size(
     training shape; on main's code a 512x512 slice asked it for a 32 GiB attention matrix) is never
     shown more than 16x16 pixels, nor more than ``batch_size`` tiles at once."""
     from meddiff import Image
-    from meddiff.pipeline import load_pipeline
+    from meddiff.pipelines import load_pipeline
 
     pipeline = load_pipeline(tiny_model_dir(tmp_path / "model", channels=(8, 16), norm_num_groups=8, num_head_channels=8))
-    assert any(pipeline.config["unet"]["attention_levels"])
+    assert any(pipeline.config.unet.attention_levels)
     pipeline.unet = Recorder(pipeline.unet)
     image = Image(noisy_image((512, 512)).array, np.eye(4), "MR")
     out = pipeline.denoise(image, noise_sigma=5.0, batch_size=256)

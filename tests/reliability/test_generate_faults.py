@@ -104,18 +104,18 @@ def test_a_second_run_into_a_locked_folder_is_refused_at_once(tiny_model, workdi
 
 def test_ctrl_c_exits_130_and_keeps_the_finished_images_recorded(tiny_model, workdir, monkeypatch):
     from meddiff.data.manifest import Manifest
-    from meddiff.pipeline import DiffusionPipeline
+    from meddiff.training import predict
 
     calls = []
-    original = DiffusionPipeline.sample
+    original = predict.sample
 
-    def sample_then_ctrl_c(self, *args, **kwargs):
+    def sample_then_ctrl_c(*args, **kwargs):
         calls.append(1)
         if len(calls) == 3:
             os.kill(os.getpid(), signal.SIGINT)  # the user's Ctrl-C, delivered while the third image is made
-        return original(self, *args, **kwargs)
+        return original(*args, **kwargs)
 
-    monkeypatch.setattr(DiffusionPipeline, "sample", sample_then_ctrl_c)
+    monkeypatch.setattr(predict, "sample", sample_then_ctrl_c)
     out = workdir / "out"
     result = run_meddiff("generate", "--model", tiny_model, "-o", out, "-n", "5", "--steps", "2", "--batch-size", "1")
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # Lightning set it to SIG_IGN; put back

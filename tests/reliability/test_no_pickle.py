@@ -103,10 +103,10 @@ def open_clip_folder(folder: Path) -> Path:
 
 def clip_folder(folder: Path, text_weights: bool = True) -> Path:
     """A meddiff CLIP export (clip.json, image.safetensors, text/) with random weights."""
-    from meddiff.encoders.clip import CLIP_CONFIG, IMAGE_WEIGHTS, _JointEmbedding
+    from meddiff.encoders.clip import CLIP_CONFIG, IMAGE_WEIGHTS, JointEmbedding
 
     towers = torch.nn.Module()
-    _JointEmbedding._add_image_tower_and_projections(towers, 8, 32)
+    JointEmbedding._add_image_tower_and_projections(towers, 8, 32)
     folder.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in towers.state_dict().items()}, folder / IMAGE_WEIGHTS)
     (folder / CLIP_CONFIG).write_text(json.dumps({"embed_dim": 8, "text_width": 32, "logit_scale": 14.3}))
@@ -314,7 +314,7 @@ def tiny_state(tmp_path_factory):
     from harness import tiny_model_dir
 
     folder = tiny_model_dir(tmp_path_factory.mktemp("fit") / "model")
-    return json.loads((folder / "config.json").read_text()), load_file(folder / "model.safetensors")
+    return json.loads((folder / "config.json").read_text()), load_file(folder / "unet.safetensors")
 
 
 def _changed_channels(config, state):
@@ -353,11 +353,11 @@ def test_a_model_folder_whose_weights_do_not_fit_its_config_is_one_line(misfit, 
     folder = workdir / "bad model"
     folder.mkdir()
     (folder / "config.json").write_text(json.dumps(config))
-    save_file(state, folder / "model.safetensors")
+    save_file(state, folder / "unet.safetensors")
     images(workdir / "in", 1)
     before = Snapshot(workdir)
     argv = ["generate", "--model", folder, "-n", "1", "-o", "out"] if verb == "generate" else ["denoise", "-i", "in/img0.nii.gz", "-o", "x.nii.gz", "--model", folder]
-    assert_clean_error(run_meddiff(*argv), str(folder), "model.safetensors does not fit config.json", fragment, "meddiff export")
+    assert_clean_error(run_meddiff(*argv), str(folder), "unet.safetensors does not fit config.json", fragment, "meddiff export")
     before.assert_unchanged()
 
 

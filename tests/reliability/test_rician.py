@@ -71,7 +71,7 @@ def test_denoised_background_loses_the_noise_floor(head_crop):
     """Fails on main: the bundled model leaves the background at ~1.23 sigma (the Rayleigh mean)."""
     from meddiff.data.synthetic import rician_noise
     from meddiff.metrics import foreground_mask, psnr
-    from meddiff.pipeline import load_pipeline
+    from meddiff.pipelines import load_pipeline
 
     clean, background = head_crop
     sigma = 0.05 * float(clean.max())

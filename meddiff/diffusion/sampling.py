@@ -1,0 +1,61 @@
+"""The sampling loop, once: a model function, a diffusers sampler, and per-step hooks.
+
+A *model function* maps ``(x_t, t)`` to the network's prediction at ``x_t``; conditioning (class labels, a
+report context, concatenated channels) is bound into it by ``unet_function``, and wrappers change what it
+computes without the loop knowing: classifier-free guidance (``diffusion.guidance``), tiles
+(``diffusion.tiling``). A *hook* is called after every step with ``(position, t, x)`` and returns the new
+``x``: RePaint's paste-and-resample (``diffusion.repaint``) is one.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Sequence
+
+import torch
+from diffusers.schedulers.scheduling_utils import SchedulerMixin
+from tqdm.auto import tqdm
+
+ModelFunction = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+Hook = Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def unet_function(unet: torch.nn.Module, class_labels: torch.Tensor | None = None, context: torch.Tensor | None = None,
+                  concat: torch.Tensor | None = None) -> ModelFunction:
+    """The UNet as a model function, with its conditioning bound: ``class_labels`` (G,), ``context``
+    (G, tokens, dim) for cross-attention, ``concat`` (B, C, *spatial) appended to the input's channels.
+
+    A batch of N rows takes each of the G conditioning rows for N / G consecutive rows: one row per item,
+    one row for every tile of an image, or [unconditional, conditional] for a guided batch of two halves.
+    """
+
+    def rows(condition: torch.Tensor | None, n: int) -> torch.Tensor | None:
+        if condition is None or condition.shape[0] == n:
+            return condition
+        if n % condition.shape[0]:
+            raise ValueError(f"{condition.shape[0]} conditioning rows for a batch of {n}")
+        return condition.repeat_interleave(n // condition.shape[0], dim=0)
+
+    def predict(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        n = x.shape[0]
+        model_input = x if concat is None else torch.cat([x, rows(concat, n).to(x.dtype)], dim=1)
+        return unet(model_input, timesteps=t.to(x.device).expand(n), class_labels=rows(class_labels, n), context=rows(context, n))
+
+    return predict
+
+
+def sample_loop(model: ModelFunction, x: torch.Tensor, sampler: SchedulerMixin, timesteps: Sequence[torch.Tensor] | None = None,
+                generator: torch.Generator | list[torch.Generator] | None = None, hooks: Sequence[Hook] = (),
+                progress: bool = False) -> torch.Tensor:
+    """Run ``sampler`` (``set_timesteps`` already called) from ``x`` over ``timesteps`` (default: the
+    sampler's own): scale the input, predict, step, then each hook. The short, unrolled loop of diffusers'
+    pipelines; ``generator`` (one per item) feeds stochastic samplers, as diffusers passes it to ``step``.
+    """
+    extra = {"generator": generator} if "generator" in inspect.signature(sampler.step).parameters else {}
+    plan = sampler.timesteps if timesteps is None else timesteps
+    for position, t in enumerate(tqdm(plan, desc="sample", unit="step", delay=2.0, disable=not progress)):
+        prediction = model(sampler.scale_model_input(x, t), t)
+        x = sampler.step(prediction, t, x, **extra).prev_sample
+        for hook in hooks:
+            x = hook(position, t, x)
+    return x

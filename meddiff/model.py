@@ -1,0 +1,253 @@
+"""A diffusion model as meddiff saves it: a typed, versioned description plus one network per named component.
+
+A model folder holds ``config.json`` (a ``ModelConfig``) and one ``<component>.safetensors`` per network
+component (``unet`` now; a ControlNet or an autoencoder is one more entry in ``COMPONENTS``). Folders written
+before components existed hold the UNet as ``model.safetensors`` and no ``format_version``; they load unchanged.
+The text encoder is a component too, but its weights stay where the user keeps them: the config names them
+(``TextEncoderConfig.spec``) and they load on first use.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
+
+from meddiff import __version__
+from meddiff.diffusion.schedulers import NoiseSchedule
+from meddiff.errors import MeddiffError, first_line
+from meddiff.files import atomic_path, file_sha256
+
+FORMAT_VERSION = 1
+CONFIG_NAME = "config.json"
+LEGACY_UNET_WEIGHTS = "model.safetensors"  # folders written before components existed
+BUNDLED_MODELS = Path(__file__).parent / "models"
+
+
+class UNetConfig(BaseModel):
+    """The denoiser backbone: ``meddiff.nets.build_unet`` arguments."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    spatial_dims: Literal[2, 3] = 2
+    in_channels: int = 1
+    out_channels: int = 1
+    channels: list[int] = [32, 64, 64]
+    attention_levels: list[bool] = [False, False, True]
+    num_res_blocks: int = 1
+    num_head_channels: int = 32
+    norm_num_groups: int = 32
+    num_class_embeds: int | None = None
+    cross_attention_dim: int | None = None
+    concat_channels: int = 0
+
+    @property
+    def size_multiple(self) -> int:
+        """Every spatial side must be a multiple of this: each level below the first halves it."""
+        return 2 ** (len(self.channels) - 1)
+
+    def build(self) -> torch.nn.Module:
+        from meddiff.nets import build_unet
+
+        return build_unet(**self.model_dump())
+
+
+class ImageConfig(BaseModel):
+    """What the network's [-1, 1] means: sample ``shape`` and ``spacing`` (mm), ``modality``, and the
+    ``intensity_range`` that [-1, 1] maps back to (HU for CT, normalised units for MR)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    shape: list[int]
+    spacing: list[float] | None = None
+    modality: str | None = None
+    intensity_range: tuple[float, float] = (-1.0, 1.0)
+
+
+class TextEncoderConfig(BaseModel):
+    """The report encoder of a report-conditioned model: a ``meddiff.encoders.load_text_encoder`` spec."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    spec: str
+    max_length: int | None = None
+
+
+class ModelConfig(BaseModel):
+    """Everything needed to rebuild and use a model. ``max_train_timestep``: a denoising prior trained on
+    low noise levels only (it denoises, it cannot generate); ``denoise_strength`` and ``denoise_tile``:
+    the calibrated share of the noise sigma to remove and the tile side ``denoise`` uses."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    format_version: int = FORMAT_VERSION
+    meddiff_version: str | None = None
+    unet: UNetConfig
+    schedule: NoiseSchedule
+    image: ImageConfig
+    text_encoder: TextEncoderConfig | None = None
+    max_train_timestep: int | None = None
+    denoise_strength: float = 1.0
+    denoise_tile: list[int] | None = None
+
+    @field_validator("format_version")
+    @classmethod
+    def _known_version(cls, version: int) -> int:
+        if version > FORMAT_VERSION:
+            raise ValueError(f"format_version {version} was written by a newer meddiff (this one reads up to {FORMAT_VERSION})")
+        return version
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ModelConfig:
+        if len(self.image.shape) != self.unet.spatial_dims:
+            raise ValueError(f"image.shape {self.image.shape} does not match the {self.unet.spatial_dims}D unet")
+        return self
+
+    @property
+    def generates(self) -> bool:
+        """False for a denoising prior: it never learnt to start from pure noise."""
+        return not self.max_train_timestep
+
+
+# The network components a model may have: config field -> how to build the network from that field.
+COMPONENTS: dict[str, Callable[[BaseModel], torch.nn.Module]] = {"unet": UNetConfig.build}
+
+
+class DiffusionModel:
+    """A ``ModelConfig`` with its networks (by component name) and, for report-conditioned models, the
+    report encoder (loaded from its spec on first use). ``weights_sha256`` names the weights in provenance."""
+
+    def __init__(self, config: ModelConfig, networks: dict[str, torch.nn.Module] | None = None, text_encoder=None):
+        self.config = config
+        self.networks = networks if networks is not None else {
+            name: build(getattr(config, name)) for name, build in COMPONENTS.items() if getattr(config, name) is not None
+        }
+        self._text_encoder = text_encoder
+        self.weights_sha256 = ""
+
+    @property
+    def unet(self) -> torch.nn.Module:
+        return self.networks["unet"]
+
+    @unet.setter
+    def unet(self, network: torch.nn.Module) -> None:
+        self.networks["unet"] = network
+
+    @property
+    def schedule(self) -> NoiseSchedule:
+        return self.config.schedule
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.unet.parameters()).device
+
+    @property
+    def text_encoder(self):
+        if self.config.text_encoder is None:
+            raise MeddiffError("this model is not report-conditioned: it takes no prompts")
+        if self._text_encoder is None:
+            from meddiff.encoders import load_text_encoder
+
+            spec = self.config.text_encoder
+            self._text_encoder = load_text_encoder(spec.spec, max_length=spec.max_length)
+        return self._text_encoder
+
+    def to(self, device: str | torch.device) -> DiffusionModel:
+        for network in self.networks.values():
+            network.to(device).eval()
+        return self
+
+    @classmethod
+    def from_pretrained(cls, directory: str | os.PathLike, device: str | torch.device = "cpu") -> DiffusionModel:
+        directory = Path(directory)
+        remedy = "use a folder written by meddiff export"
+        if not (directory / CONFIG_NAME).is_file():
+            raise MeddiffError(f"{directory} is not a meddiff model folder (needs {CONFIG_NAME} and the weights) — {remedy}")
+        try:
+            config = ModelConfig.model_validate_json((directory / CONFIG_NAME).read_bytes())
+        except ValidationError as exc:
+            error = exc.errors()[0]
+            where = ".".join(str(part) for part in error["loc"])
+            reason = f"{where}: {error['msg']}" if where else error["msg"]
+            raise MeddiffError(f"cannot load the model in {directory}: {CONFIG_NAME} is not a meddiff model config "
+                               f"({first_line(reason)}) — {remedy}") from None
+        except (OSError, MeddiffError) as exc:
+            raise MeddiffError(f"cannot load the model in {directory}: {CONFIG_NAME}: {first_line(exc)} — {remedy}") from None
+        try:
+            model = cls(config)
+        except (MeddiffError, ValueError, TypeError, RuntimeError) as exc:
+            raise MeddiffError(f"cannot load the model in {directory}: {CONFIG_NAME} describes no buildable network "
+                               f"({first_line(exc)}) — {remedy}") from None
+        hashes = {name: _load_weights(network, directory, name) for name, network in model.networks.items()}
+        model.weights_sha256 = next(iter(hashes.values())) if len(hashes) == 1 else hashlib.sha256(
+            "".join(f"{name} {digest}\n" for name, digest in sorted(hashes.items())).encode()).hexdigest()
+        return model.to(device)
+
+    def save_pretrained(self, directory: str | os.PathLike, overwrite: bool = False) -> Path:
+        """Write ``config.json`` and one ``<component>.safetensors`` per network into a new (or, with
+        ``overwrite``, reused) folder; each file is written whole or not at all."""
+        from safetensors.torch import save_file
+
+        directory = Path(directory)
+        if directory.exists() and any(directory.iterdir()) and not overwrite:
+            raise MeddiffError(f"{directory} is not empty — choose another folder or pass --overwrite")
+        directory.mkdir(parents=True, exist_ok=True)
+        for name, network in self.networks.items():
+            state = {k: v.detach().cpu().contiguous() for k, v in network.state_dict().items()}
+            with atomic_path(directory / f"{name}.safetensors", overwrite=True) as tmp:
+                save_file(state, tmp, metadata={"format": "pt", "meddiff": __version__})
+        if self.networks.get("unet") is not None and (directory / LEGACY_UNET_WEIGHTS).is_file():
+            (directory / LEGACY_UNET_WEIGHTS).unlink()  # an older export in the reused folder: one set of weights
+        config = self.config.model_copy(update={"format_version": FORMAT_VERSION, "meddiff_version": __version__})
+        with atomic_path(directory / CONFIG_NAME, overwrite=True) as tmp:
+            tmp.write_text(json.dumps(config.model_dump(mode="json"), indent=2) + "\n")
+        return directory
+
+
+def _load_weights(network: torch.nn.Module, directory: Path, name: str) -> str:
+    """Load ``<name>.safetensors`` (for the UNet of an older folder: ``model.safetensors``) into ``network``;
+    returns the file's sha256. safetensors holds tensors only: nothing in the file ever runs."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    from meddiff.weights import check_fit
+
+    path = directory / f"{name}.safetensors"
+    if name == "unet" and not path.is_file():
+        path = directory / LEGACY_UNET_WEIGHTS
+    if not path.is_file():
+        raise MeddiffError(f"{directory} is not a meddiff model folder: {CONFIG_NAME} has a {name} but there is no "
+                           f"{name}.safetensors — use a folder written by meddiff export")
+    try:
+        state = load_file(path, device="cpu")
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise MeddiffError(f"cannot load the model in {directory}: {path.name} is not a readable safetensors file "
+                           f"({first_line(exc)}) — use a folder written by meddiff export") from None
+    check_fit(network, state, f"the model in {directory}: {path.name} does not fit {CONFIG_NAME}",
+              "use the config.json and weights exported together (meddiff export)")
+    network.load_state_dict(state)
+    return file_sha256(path)
+
+
+def bundled_models() -> list[str]:
+    """Names of the models shipped inside the package (``meddiff/models/<name>/``)."""
+    return sorted(p.name for p in BUNDLED_MODELS.iterdir() if (p / CONFIG_NAME).is_file())
+
+
+def load_model(name_or_dir: str | os.PathLike, device: str | torch.device = "cpu") -> DiffusionModel:
+    """A bundled model by name (``"mri-denoise"``) or a model folder (``meddiff export`` / ``save_pretrained``).
+
+    A folder of that name wins over a bundled model, so a user's own ``mri-denoise/`` is never shadowed.
+    """
+    path = Path(name_or_dir)
+    if not path.exists() and str(name_or_dir) in bundled_models():
+        path = BUNDLED_MODELS / str(name_or_dir)
+    if not path.exists():
+        raise MeddiffError(f"no model {name_or_dir!r}: neither a folder nor a bundled model ({', '.join(bundled_models())})")
+    return DiffusionModel.from_pretrained(path, device=device)

@@ -1,0 +1,84 @@
+"""Task pipelines over one loaded model: ``generate``, ``denoise``, ``inpaint``.
+
+Each task is a module of plain functions of a ``DiffusionModel``; ``DiffusionPipeline`` is the object a
+user holds (``meddiff.load_pipeline("mri-denoise").denoise(image)``), one short method per task.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from meddiff.image import Image
+from meddiff.model import DiffusionModel, ModelConfig, load_model
+from meddiff.pipelines import denoise, generate, inpaint
+from meddiff.pipelines.spec import SamplingSpec, spec_from
+
+__all__ = ["DiffusionPipeline", "SamplingSpec", "load_pipeline"]
+
+
+class DiffusionPipeline:
+    """A loaded model and the tasks it serves. Sampling options are a ``SamplingSpec`` (``spec=``) or its
+    fields as keywords: ``pipeline.generate(4, steps=20, scheduler="dpm++2m")``."""
+
+    def __init__(self, model: DiffusionModel):
+        self.model = model
+
+    @classmethod
+    def from_pretrained(cls, directory: str | os.PathLike, device: str | torch.device = "cpu") -> DiffusionPipeline:
+        return cls(DiffusionModel.from_pretrained(directory, device))
+
+    def save_pretrained(self, directory: str | os.PathLike, overwrite: bool = False) -> Path:
+        return self.model.save_pretrained(directory, overwrite)
+
+    @property
+    def config(self) -> ModelConfig:
+        return self.model.config
+
+    @property
+    def unet(self) -> torch.nn.Module:
+        return self.model.unet
+
+    @unet.setter
+    def unet(self, network: torch.nn.Module) -> None:
+        self.model.unet = network
+
+    @property
+    def schedule(self):
+        return self.model.schedule
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.device
+
+    def sample(self, seeds: Sequence[int], spec: SamplingSpec | None = None, prompts: Sequence[str] | None = None,
+               shape: Sequence[int] | None = None, condition: torch.Tensor | None = None, **fields) -> torch.Tensor:
+        """Samples in model units, one per seed (``generate.sample``)."""
+        return generate.sample(self.model, spec or spec_from(**fields), seeds, prompts, shape, condition)
+
+    def generate(self, n: int = 1, spec: SamplingSpec | None = None, seed: int = 0, batch_size: int = 8,
+                 prompts: Sequence[str] | None = None, progress: bool = True, **fields) -> list[Image]:
+        """``n`` images in physical units; image ``i`` uses seed ``seed + i`` (``generate.generate``)."""
+        return generate.generate(self.model, spec or spec_from(**fields), n, seed, batch_size, prompts, progress)
+
+    def to_image(self, x: torch.Tensor) -> Image:
+        return generate.to_image(self.model, x)
+
+    def denoise(self, image: Image, **options) -> Image:
+        """A denoised copy of a magnitude MR image (``denoise.denoise``)."""
+        return denoise.denoise(self.model, image, **options)
+
+    def inpaint(self, image: Image, mask: Image | np.ndarray, spec: inpaint.InpaintSpec | None = None, seed: int = 0,
+                samples: int = 1, prompt: str | None = None, batch_size: int = 8, progress: bool = True, **fields) -> list[Image]:
+        """``samples`` fills of the masked region, the rest of the image kept exactly (``inpaint.inpaint``)."""
+        spec = spec or spec_from(inpaint.InpaintSpec, **fields)
+        return inpaint.inpaint(self.model, image, mask, spec, seed, samples, prompt, batch_size, progress)
+
+
+def load_pipeline(name_or_dir: str | os.PathLike, device: str | torch.device = "cpu") -> DiffusionPipeline:
+    """A bundled model by name (``"mri-denoise"``) or a model folder, ready for every task."""
+    return DiffusionPipeline(load_model(name_or_dir, device))

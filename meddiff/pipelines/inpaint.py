@@ -1,0 +1,193 @@
+"""Inpainting without training: RePaint (``diffusion.repaint``) with any unconditional or report-conditioned model.
+
+The image goes to model units (``volumes.intensity_window``) and, where the model learnt another voxel size,
+to the model's spacing; the known region is kept at every step, the masked region is filled, and the result
+is written back only inside the mask: outside it the output is the input, bit for bit, in its own units
+and geometry. A 2D model runs on the slices the mask touches (across ``volumes.slice_axis``); a 3D model on
+the whole volume; an image larger than the model's training shape is sampled on tiles at every step.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from scipy import ndimage
+from tqdm.auto import tqdm
+
+from meddiff.data.transforms import from_model_range, to_model_range
+from meddiff.diffusion.repaint import SAMPLERS, RePaint
+from meddiff.diffusion.sampling import sample_loop
+from meddiff.diffusion.tiling import pad_to, tiled_function
+from meddiff.errors import MeddiffError
+from meddiff.image import Image
+from meddiff.model import DiffusionModel
+from meddiff.pipelines.generate import check_counts, check_sample_args, initial_noise, model_function
+from meddiff.pipelines.spec import SamplingSpec
+from meddiff.pipelines.volumes import intensity_window, slice_axis
+
+SPACING_TOLERANCE = 0.05  # a voxel size within 5 % of the model's is used as it is
+
+
+class InpaintSpec(SamplingSpec):
+    """RePaint's plan on top of the sampling spec: ``resample`` passes over each stretch of ``jump`` steps."""
+
+    scheduler: str = "ddpm"
+    resample: int = 5
+    jump: int = 10
+
+    def checked(self, config) -> InpaintSpec:
+        spec = super().checked(config)
+        if self.scheduler not in SAMPLERS:
+            raise MeddiffError(f"RePaint steps back in time, which multistep samplers cannot: use --scheduler "
+                               f"{' or '.join(SAMPLERS)}, not {self.scheduler}")
+        if self.resample < 1 or self.jump < 1:
+            raise MeddiffError(f"--resample and --jump must be at least 1, not {self.resample} and {self.jump}")
+        return spec
+
+
+def mask_on_grid(image: Image, mask: Image | np.ndarray) -> np.ndarray:
+    """The mask as booleans of the image's spatial shape (true: fill), or one clear line why it cannot be.
+
+    A mask ``Image`` on another voxel grid is resampled onto the image's by their geometry (nearest voxel);
+    a plain array must have the image's shape. A mask holds one value for "keep" (0) and one for "fill"
+    (1, 255, ...): a label map or a probability map is refused, as is a mask that selects nothing or
+    everything, or one that does not overlap the image.
+    """
+    spatial = image.array.shape
+    if isinstance(mask, Image):
+        values, affine = mask.array, mask.affine
+    else:
+        values, affine = np.asarray(mask), None
+    if values.dtype == bool:
+        values = values.astype(np.uint8)
+    levels = np.unique(values)
+    if not np.issubdtype(values.dtype, np.number) or len(levels) > 2 or levels.min() < 0 or (len(levels) == 2 and levels[0] != 0):
+        shown = ", ".join(f"{v:g}" for v in levels[:4]) + (", ..." if len(levels) > 4 else "")
+        raise MeddiffError(f"the mask is not binary (values {shown}): give 0 where the image is kept and 1 (or 255) where it is "
+                           "filled — threshold a probability map or pick one label of a label map first")
+    fill = values > 0
+    if fill.shape != spatial:
+        if affine is None or (np.allclose(affine, image.affine) and fill.ndim == len(spatial)):
+            raise MeddiffError(f"the mask has shape {fill.shape}, the image {spatial} — give a mask of the image's shape "
+                               "(or a NIfTI/DICOM mask whose geometry places it on the image)")
+        if fill.any():
+            fill = _resample_nearest(fill, affine, spatial, image.affine)
+            if not fill.any():
+                raise MeddiffError("the mask does not overlap the image (their geometries place it elsewhere) — give a mask "
+                                   "drawn on this image")
+    elif affine is not None and not np.allclose(affine, image.affine, atol=1e-3):
+        fill = _resample_nearest(fill, affine, spatial, image.affine) if fill.any() else fill
+    if not fill.any():
+        raise MeddiffError("the mask is empty: it marks nothing to fill (give 1 where the image is to be filled)")
+    if fill.all():
+        raise MeddiffError("the mask covers the whole image: nothing is left to keep — to make new images use meddiff generate")
+    return fill
+
+
+def _resample_nearest(fill: np.ndarray, affine: np.ndarray, shape: tuple[int, ...], image_affine: np.ndarray) -> np.ndarray:
+    """``fill`` (voxel -> mm by ``affine``) onto the grid of ``shape`` and ``image_affine``, nearest voxel."""
+    source = fill.reshape(fill.shape + (1,) * (3 - fill.ndim)).astype(np.uint8)
+    voxels = np.linalg.inv(affine) @ image_affine  # image voxel -> mask voxel
+    target = tuple(shape) + (1,) * (3 - len(shape))
+    out = ndimage.affine_transform(source, voxels[:3, :3], offset=voxels[:3, 3], output_shape=target, order=0, cval=0)
+    return out.reshape(shape).astype(bool)
+
+
+@torch.inference_mode()
+def inpaint(model: DiffusionModel, image: Image, mask: Image | np.ndarray, spec: InpaintSpec | None = None, seed: int = 0,
+            samples: int = 1, prompt: str | None = None, batch_size: int = 8, progress: bool = True) -> list[Image]:
+    """``samples`` fills of the masked region of ``image`` (2D or 3D); sample ``k`` of slice ``s`` (of ``S``
+    slices a 2D model runs on; ``S = 1`` otherwise) uses seed ``seed + k * S + s``, whatever the batch."""
+    spec = spec or InpaintSpec()
+    check_counts({"--samples": samples, "--seed": seed, "--batch-size": batch_size})
+    image.check_finite()
+    if image.array.ndim == 4:
+        raise MeddiffError(f"inpaint takes a 2D image or a 3D volume, not a 4D series {image.array.shape} — split it into volumes")
+    fill = mask_on_grid(image, mask)
+    config = model.config
+    if config.unet.concat_channels:
+        raise MeddiffError("this model takes a condition image concatenated to its input: RePaint needs an unconditional or "
+                           "report-conditioned model")
+    dims = config.unet.spatial_dims
+    axis = slice_axis(image) if image.array.ndim == 3 else None
+    if dims == 3 and (image.array.ndim != 3 or 1 in image.array.shape):
+        raise MeddiffError(f"this 3D model inpaints volumes; the image has shape {image.array.shape} — use a 2D model")
+    prompts = None if prompt is None else [prompt]
+    spec = check_sample_args(model, spec, [seed], prompts)
+    low, high = intensity_window(config, image.array)
+    y = to_model_range(torch.from_numpy(image.array), low, high)
+    keep = torch.from_numpy(~fill)
+    if dims == 3 or axis is None:  # one item: the whole image
+        items, keeps, seeds_of = y[None], keep[None], [0]
+        spacing = image.spacing if dims == 3 else image.spacing[:2]
+    else:
+        touched = np.flatnonzero(np.moveaxis(fill, axis, 0).reshape(fill.shape[axis], -1).any(axis=1))
+        items = torch.movedim(y, axis, 0)[touched]
+        keeps = torch.movedim(keep, axis, 0)[touched]
+        seeds_of = touched.tolist()
+        spacing = [s for a, s in enumerate(image.spacing) if a != axis]
+    slices = 1 if dims == 3 or axis is None else image.array.shape[axis]
+    out = y.clone()
+    filled = []
+    plan_length = len(RePaint.plan_for(spec.steps, spec.jump, spec.resample))
+    per_call = max(1, batch_size)
+    jobs = [(k, start) for k in range(samples) for start in range(0, len(items), per_call)]
+    with tqdm(total=plan_length * len(jobs), desc="inpaint", unit="step", delay=2.0, disable=not progress) as bar:
+        for k in range(samples):
+            result = torch.empty_like(items)
+            for start in range(0, len(items), per_call):
+                stop = min(start + per_call, len(items))
+                seeds = [seed + k * slices + s for s in seeds_of[start:stop]]
+                result[start:stop] = _repaint(model, spec, items[start:stop], keeps[start:stop], seeds, prompts, spacing,
+                                              batch_size, bar.update)
+            sample = out.clone()
+            if dims == 3 or axis is None:
+                sample = result[0]
+            else:
+                moved = torch.movedim(sample, axis, 0)
+                moved[touched] = result
+                sample = torch.movedim(moved, 0, axis)
+            physical = from_model_range(sample.numpy(), low, high).astype(np.float32)
+            array = np.where(fill, physical, image.array).astype(image.array.dtype)  # outside the mask: the input itself
+            filled.append(Image(array, image.affine.copy(), image.modality, dict(image.meta)))
+    return filled
+
+
+def _repaint(model: DiffusionModel, spec: InpaintSpec, known: torch.Tensor, keep: torch.Tensor, seeds: list[int],
+             prompts: list[str] | None, spacing, batch_size: int, on_step) -> torch.Tensor:
+    """RePaint over a batch of items (N, *spatial) in model units; returns them filled, on their own grid."""
+    config = model.config
+    spatial = tuple(known.shape[1:])
+    factors = [1.0] * len(spatial)
+    if config.image.spacing:
+        factors = [s / m for s, m in zip(spacing, config.image.spacing, strict=True)]
+        factors = [1.0 if abs(f - 1.0) <= SPACING_TOLERANCE else f for f in factors]
+    resized = tuple(max(1, round(n * f)) for n, f in zip(spatial, factors, strict=True))
+    x0 = known[:, None].float()
+    hold = keep[:, None].float()
+    if resized != spatial:  # to the model's voxel size: what it learnt anatomy at
+        mode = "bilinear" if len(spatial) == 2 else "trilinear"
+        x0 = torch.nn.functional.interpolate(x0, size=resized, mode=mode, align_corners=False)
+        hold = torch.nn.functional.interpolate(hold, size=resized, mode="area")
+    multiple = config.unet.size_multiple
+    padded = [-(-n // multiple) * multiple for n in resized]
+    x0, hold = pad_to(x0, padded), pad_to(hold, padded)
+    device = model.device
+    x0, kept = x0.to(device), (hold >= 1.0).to(device)  # a voxel partly to fill is filled
+    function = model_function(model, spec, 1, prompts)
+    if any(p > t for p, t in zip(padded, config.image.shape, strict=True)):
+        function = tiled_function(function, config.image.shape, multiple, batch_size)
+    sampler = model.schedule.sampler(spec.scheduler)
+    sampler.set_timesteps(spec.steps)
+    noise, generators = initial_noise(model, seeds, padded)
+    repaint = RePaint(x0, kept, sampler, spec.jump, spec.resample, generators)
+
+    def progress(position: int, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        on_step(1)
+        return x
+
+    x = sample_loop(function, noise * sampler.init_noise_sigma, sampler, repaint.timesteps, generators, [repaint, progress])
+    x = x[(slice(None), slice(None), *[slice(0, n) for n in resized])].float().cpu()
+    if resized != spatial:
+        x = torch.nn.functional.interpolate(x, size=spatial, mode="bilinear" if len(spatial) == 2 else "trilinear", align_corners=False)
+    return x[:, 0]
