@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from meddiff import Image
-from meddiff.metrics.features import _RADIMAGENET_CHILDREN, medicalnet_resnet, load_extractor
+from meddiff.metrics.features import _RADIMAGENET_CHILDREN, load_extractor, medicalnet_resnet
 
 
 def write_random_weights(folder: Path) -> None:

@@ -20,8 +20,8 @@ import lightning.pytorch as pl
 import numpy as np
 import torch
 import yaml
-from safetensors.torch import load_file
 from monai.data import DataLoader
+from safetensors.torch import load_file
 from torch.utils.data import Dataset
 
 from meddiff.training import DiffusionModule

@@ -16,10 +16,10 @@ from pathlib import Path
 import lightning.pytorch as pl
 import numpy as np
 import torch
+from sampling_speed import time_against_monai
 from torch.utils.data import DataLoader, TensorDataset
 
 from meddiff.training import DiffusionModule
-from sampling_speed import time_against_monai
 
 SAMPLERS = [("ddpm", 1000), ("ddim", 50), ("dpm++2m", 20), ("dpm++2m", 10), ("unipc", 10)]
 

@@ -49,7 +49,9 @@ def _legacy_allowed() -> dict:
     from collections import OrderedDict
 
     import torch
-    from torch.nn.backends.thnn import _get_thnn_function_backend  # modules pickled by torch < 1.2 carry it; returns None
+
+    # modules pickled by torch < 1.2 carry it; returns None
+    from torch.nn.backends.thnn import _get_thnn_function_backend
 
     return {
         "collections.OrderedDict": OrderedDict,

@@ -11,11 +11,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import PYDICOM_TEST_FILES
 
 from meddiff import load_image
 from meddiff.cli.main import main
-
-from conftest import PYDICOM_TEST_FILES
 
 MEDDIFF = str(Path(sys.executable).parent / "meddiff")
 

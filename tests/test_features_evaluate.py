@@ -12,7 +12,7 @@ from meddiff import Image, MeddiffError, load_image, save_image
 from meddiff.cli.main import main
 from meddiff.metrics import frechet_distance
 from meddiff.metrics.evaluate import cached_features, evaluate
-from meddiff.metrics.features import _RADIMAGENET_CHILDREN, medicalnet_resnet, load_extractor
+from meddiff.metrics.features import _RADIMAGENET_CHILDREN, load_extractor, medicalnet_resnet
 
 
 @pytest.fixture(scope="module")

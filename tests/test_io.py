@@ -11,11 +11,10 @@ import numpy as np
 import pydicom
 import pytest
 import SimpleITK as sitk
+from conftest import DICOMDIR_TESTS, PYDICOM_TEST_FILES
 
 from meddiff import Image, MeddiffError, load_image, save_image
 from meddiff.io.itk import sitk_to_array_affine
-
-from conftest import DICOMDIR_TESTS, PYDICOM_TEST_FILES
 
 IDENTIFYING = ("PatientName", "PatientID", "PatientBirthDate", "ReferringPhysicianName")
 

@@ -10,12 +10,11 @@ import nibabel as nib
 import numpy as np
 import pydicom
 import pytest
+from conftest import DICOMDIR_TESTS
 
 from meddiff import MeddiffError
 from meddiff.data.build import build_records
 from meddiff.data.manifest import Manifest, Record, write_manifest
-
-from conftest import DICOMDIR_TESTS
 
 
 def write_lines(path, lines):
@@ -149,8 +148,9 @@ def test_build_refuses_patient_ids_in_folder_names(tmp_path):
 
 
 def test_subject_of_files_without_suffix_is_their_name(tmp_path):
-    from meddiff.data.build import _subject_from_path
     from pathlib import Path
+
+    from meddiff.data.build import _subject_from_path
 
     assert _subject_from_path(Path("IM0001"), None) == "IM0001"
     assert _subject_from_path(Path("scan.nii.gz"), None) == "scan"

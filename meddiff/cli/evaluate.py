@@ -51,7 +51,16 @@ def finite_json(value):
 
 
 def run(args) -> None:
-    from meddiff.metrics.evaluate import NO_FEATURES, check_k, check_metrics, evaluate, image_paths, image_reports, plot_closest_pairs, table
+    from meddiff.metrics.evaluate import (
+        NO_FEATURES,
+        check_k,
+        check_metrics,
+        evaluate,
+        image_paths,
+        image_reports,
+        plot_closest_pairs,
+        table,
+    )
     from meddiff.metrics.features import load_extractor
 
     metrics = [m.strip() for m in args.metrics.split(",") if m.strip()]

@@ -46,7 +46,8 @@ class LoadImaged(MapTransform):
         self.modality_key = modality_key
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
-        from meddiff.io import load_image  # here, not at the top: models and pipelines import without the DICOM/ITK readers
+        # here, not at the top: models and pipelines import without the DICOM/ITK readers
+        from meddiff.io import load_image
 
         d = dict(data)
         for key in self.key_iterator(d):

@@ -7,7 +7,6 @@ import json
 import nibabel as nib
 import numpy as np
 import pytest
-
 from harness import Snapshot, assert_clean_error, run_meddiff
 
 SHAPES = {"X,Y": (37, 53), "X,Y,1": (37, 53, 1), "1,X,Y": (1, 37, 53), "X,1,Y": (37, 1, 53), "odd volume": (21, 17, 9)}
