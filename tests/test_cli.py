@@ -21,7 +21,8 @@ MEDDIFF = str(Path(sys.executable).parent / "meddiff")
 
 def run_cli(*args):
     """The installed console script, as a user runs it."""
-    return subprocess.run([MEDDIFF, *map(str, args)], capture_output=True, text=True, env={**os.environ, "COLUMNS": "200"})
+    return subprocess.run([MEDDIFF, *map(str, args)], capture_output=True, text=True,
+                          env={**os.environ, "COLUMNS": "200"})
 
 
 def test_help_lists_subcommands():

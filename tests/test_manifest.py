@@ -87,13 +87,15 @@ def test_patient_split_keeps_each_patient_in_one_split(tmp_path):
     assert all("sub" not in r.subject for r in records)  # only the hash is kept
     again = build_records(tmp_path / "data", tmp_path, modality="MR", val_fraction=0.3, test_fraction=0.3, salt="s")
     assert [r.split for r in again] == [r.split for r in records]
-    other_salt = build_records(tmp_path / "data", tmp_path, modality="MR", val_fraction=0.3, test_fraction=0.3, salt="t")
+    other_salt = build_records(tmp_path / "data", tmp_path, modality="MR", val_fraction=0.3, test_fraction=0.3,
+                               salt="t")
     assert {r.subject for r in other_salt}.isdisjoint({r.subject for r in records})
 
 
 def test_random_split_may_separate_scans_of_one_patient(tmp_path):
     make_subjects(tmp_path / "data")
-    records = build_records(tmp_path / "data", tmp_path, modality="MR", split_by="random", val_fraction=0.3, test_fraction=0.3)
+    records = build_records(tmp_path / "data", tmp_path, modality="MR", split_by="random", val_fraction=0.3,
+                            test_fraction=0.3)
     per_subject = {}
     for r in records:
         per_subject.setdefault(r.subject, set()).add(r.split)
