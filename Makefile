@@ -19,7 +19,9 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m pip install --quiet -c constraints.txt -e ".[dev,radiomics]"
 	touch $(STAMP)
 
+# ruff first ([tool.ruff] in pyproject.toml): a lint finding fails the target before pytest runs
 test: $(STAMP)
+	$(PY) -m ruff check .
 	WANDB_MODE=offline $(PY) -m pytest -n 2 -q
 
 demo: $(STAMP)

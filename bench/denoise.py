@@ -98,9 +98,11 @@ def main() -> None:
                 start = time.perf_counter()
                 results[method] = (np.asarray(run(noisy, sigma), dtype=np.float32), time.perf_counter() - start)
             for method, (estimate, seconds) in results.items():
-                rows.append({"image": name, "noise_percent": level, "method": method, "psnr": psnr(clean, estimate, peak, mask),
-                             "ssim": ssim(clean, estimate, peak, mask), "seconds": seconds, "pixels": int(clean.size)})
-                print(f"{name:32s} {level:3.0f}% {method:16s} PSNR {rows[-1]['psnr']:6.2f}  SSIM {rows[-1]['ssim']:.4f}  {seconds:6.2f} s", flush=True)
+                rows.append({"image": name, "noise_percent": level, "method": method,
+                             "psnr": psnr(clean, estimate, peak, mask), "ssim": ssim(clean, estimate, peak, mask),
+                             "seconds": seconds, "pixels": int(clean.size)})
+                print(f"{name:32s} {level:3.0f}% {method:16s} PSNR {rows[-1]['psnr']:6.2f}  SSIM "
+                      f"{rows[-1]['ssim']:.4f}  {seconds:6.2f} s", flush=True)
             if name.startswith("t1_coronal") and level == 7:
                 panel = [noisy, results["BM3D"][0], results["meddiff"][0], clean]
     out = Path(args.out)
@@ -115,7 +117,8 @@ def main() -> None:
 def table(rows: list[dict]) -> str:
     """PSNR / SSIM per image and noise level, one column per method, plus meddiff minus the best baseline."""
     methods = list(dict.fromkeys(r["method"] for r in rows))
-    lines = ["| image | noise | " + " | ".join(methods) + " | meddiff - best baseline (dB) |", "|" + "---|" * (len(methods) + 3)]
+    lines = ["| image | noise | " + " | ".join(methods) + " | meddiff - best baseline (dB) |",
+             "|" + "---|" * (len(methods) + 3)]
     for image in dict.fromkeys(r["image"] for r in rows):
         for level in dict.fromkeys(r["noise_percent"] for r in rows):
             cell = {r["method"]: r for r in rows if r["image"] == image and r["noise_percent"] == level}
@@ -151,14 +154,17 @@ def floor_benchmark(pipeline, levels: list[float], out: Path, model: str) -> Non
             # the alternatives the shipped inverse of the Rician mean was chosen against, on the same network output
             kept, estimated = results["meddiff, floor kept"], estimate_noise_sigma(noisy)
             for k, label in ((1.0, "1"), (np.pi / 2, "pi/2"), (2.0, "2")):
-                results[f"sqrt(D^2 - {label} sigma^2)"] = np.sqrt(np.maximum(kept.astype(np.float64) ** 2 - k * estimated**2, 0.0))
+                results[f"sqrt(D^2 - {label} sigma^2)"] = np.sqrt(
+                    np.maximum(kept.astype(np.float64) ** 2 - k * estimated**2, 0.0))
             for method, estimate in results.items():
                 row = {"image": name, "noise_percent": level, "sigma": sigma, "method": method,
-                       "psnr": psnr(clean, estimate, peak), "psnr_foreground": psnr(clean, estimate, peak, regions["foreground"]),
+                       "psnr": psnr(clean, estimate, peak),
+                       "psnr_foreground": psnr(clean, estimate, peak, regions["foreground"]),
                        "reference_background_mean": float(clean[regions["background"]].mean()) / sigma}
                 for region in ("background", "dark tissue"):
                     error = (estimate - clean)[regions[region]].astype(np.float64)
-                    row[f"{region} bias"], row[f"{region} rmse"] = error.mean() / sigma, np.sqrt(np.mean(error**2)) / sigma
+                    row[f"{region} bias"] = error.mean() / sigma
+                    row[f"{region} rmse"] = np.sqrt(np.mean(error**2)) / sigma
                 rows.append(row)
             if name.startswith("t1_coronal") and level == max(levels):
                 panel = [results["noisy"], results["meddiff, floor kept"], results["meddiff, floor removed"], clean]
@@ -174,11 +180,13 @@ def floor_benchmark(pipeline, levels: list[float], out: Path, model: str) -> Non
 
 
 def floor_table(rows: list[dict]) -> str:
-    lines = ["| image | noise | method | PSNR all (dB) | PSNR foreground (dB) | background bias / RMSE (sigma) | dark tissue bias / RMSE (sigma) |",
+    lines = ["| image | noise | method | PSNR all (dB) | PSNR foreground (dB) | background bias / RMSE (sigma) | "
+             "dark tissue bias / RMSE (sigma) |",
              "|---|---|---|---:|---:|---:|---:|"]
     for r in rows:
-        lines.append(f"| {r['image'].split(' (')[0]} | {r['noise_percent']:.0f} % | {r['method']} | {r['psnr']:.2f} | {r['psnr_foreground']:.2f} | "
-                     f"{r['background bias']:+.2f} / {r['background rmse']:.2f} | {r['dark tissue bias']:+.2f} / {r['dark tissue rmse']:.2f} |")
+        lines.append(f"| {r['image'].split(' (')[0]} | {r['noise_percent']:.0f} % | {r['method']} | {r['psnr']:.2f} | "
+                     f"{r['psnr_foreground']:.2f} | {r['background bias']:+.2f} / {r['background rmse']:.2f} | "
+                     f"{r['dark tissue bias']:+.2f} / {r['dark tissue rmse']:.2f} |")
     return "\n".join(lines) + "\n"
 
 

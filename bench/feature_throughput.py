@@ -19,20 +19,23 @@ import numpy as np
 import torch
 
 from meddiff import Image
-from meddiff.metrics.features import _RADIMAGENET_CHILDREN, medicalnet_resnet, load_extractor
+from meddiff.metrics.features import _RADIMAGENET_CHILDREN, load_extractor, medicalnet_resnet
 
 
 def write_random_weights(folder: Path) -> None:
     names = {v: k for k, v in _RADIMAGENET_CHILDREN.items()}
-    state = {f"backbone.{names[k.partition('.')[0]]}.{k.partition('.')[2]}": v for k, v in medicalnet_resnet(50, 2, n_input_channels=3).state_dict().items()}
+    state = {f"backbone.{names[k.partition('.')[0]]}.{k.partition('.')[2]}": v
+             for k, v in medicalnet_resnet(50, 2, n_input_channels=3).state_dict().items()}
     torch.save(state, folder / "RadImageNet-ResNet50.pt")
     from monai.networks.nets import DenseNet121
 
-    xrv = {k.replace(".layers.", ".").replace("class_layers.out.", "classifier."): v for k, v in DenseNet121(spatial_dims=2, in_channels=1, out_channels=18).state_dict().items()}
+    xrv = {k.replace(".layers.", ".").replace("class_layers.out.", "classifier."): v
+           for k, v in DenseNet121(spatial_dims=2, in_channels=1, out_channels=18).state_dict().items()}
     torch.save(xrv, folder / "xrv-densenet121-res224-all.pt")
     for depth in (10, 50):
         network = medicalnet_resnet(depth, 3, n_input_channels=1, shortcut_type="B", bias_downsample=False)
-        torch.save({"state_dict": {f"module.{k}": v for k, v in network.state_dict().items()}}, folder / f"resnet_{depth}_23dataset.pth")
+        torch.save({"state_dict": {f"module.{k}": v for k, v in network.state_dict().items()}},
+                   folder / f"resnet_{depth}_23dataset.pth")
 
 
 def write_random_inception(folder: Path) -> None:
@@ -46,7 +49,8 @@ def write_random_inception(folder: Path) -> None:
             return None
 
     with mock.patch.object(fidelity, "load_state_dict_from_url", lambda *args, **kwargs: {}):  # nothing is downloaded
-        torch.save(Unloaded("inception-v3-compat", ["2048"]).state_dict(), folder / "weights-inception-2015-12-05-6726825d.pth")
+        torch.save(Unloaded("inception-v3-compat", ["2048"]).state_dict(),
+                   folder / "weights-inception-2015-12-05-6726825d.pth")
 
 
 def write_random_biomedclip(folder: Path) -> None:
@@ -64,16 +68,21 @@ def write_random_biomedclip(folder: Path) -> None:
     config = {
         "model_cfg": {
             "embed_dim": 512,
-            "vision_cfg": {"timm_model_name": "vit_base_patch16_224", "timm_model_pretrained": False, "timm_pool": "", "timm_proj": "linear", "image_size": 224},
-            "text_cfg": {"hf_model_name": bert, "hf_tokenizer_name": bert, "hf_proj_type": "mlp", "hf_pooler_type": "cls_last_hidden_state_pooler", "context_length": 256},
+            "vision_cfg": {"timm_model_name": "vit_base_patch16_224", "timm_model_pretrained": False, "timm_pool": "",
+                           "timm_proj": "linear", "image_size": 224},
+            "text_cfg": {"hf_model_name": bert, "hf_tokenizer_name": bert, "hf_proj_type": "mlp",
+                         "hf_pooler_type": "cls_last_hidden_state_pooler", "context_length": 256},
         },
         "preprocess_cfg": {"mean": [0.48145466, 0.4578275, 0.40821073], "std": [0.26862954, 0.26130258, 0.27577711]},
     }
     (folder / "open_clip_config.json").write_text(json.dumps(config))
     BertConfig(vocab_size=30522).save_pretrained(folder)  # BERT-base, BiomedBERT's sizes
-    (folder / "vocab.txt").write_text("".join(t + "\n" for t in ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + [f"w{i}" for i in range(30517)]))
-    text_cfg = {**config["model_cfg"]["text_cfg"], "hf_model_name": str(folder), "hf_tokenizer_name": str(folder), "hf_model_pretrained": False}
-    torch.save(open_clip.create_model(f"local-dir:{folder}", text_cfg=text_cfg).state_dict(), folder / "open_clip_pytorch_model.bin")
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + [f"w{i}" for i in range(30517)]
+    (folder / "vocab.txt").write_text("".join(t + "\n" for t in words))
+    text_cfg = {**config["model_cfg"]["text_cfg"], "hf_model_name": str(folder), "hf_tokenizer_name": str(folder),
+                "hf_model_pretrained": False}
+    torch.save(open_clip.create_model(f"local-dir:{folder}", text_cfg=text_cfg).state_dict(),
+               folder / "open_clip_pytorch_model.bin")
 
 
 def main() -> None:
@@ -92,9 +101,11 @@ def main() -> None:
         if only is None or "biomedclip" in only:
             write_random_biomedclip(Path(tmp))
         os.environ["MEDDIFF_WEIGHTS"] = tmp
-        cases = [("meddiff_mri", slice_, "256x256 slice"), ("radimagenet_resnet50", slice_, "256x256 slice (resized to 224)"),
+        cases = [("meddiff_mri", slice_, "256x256 slice"),
+                 ("radimagenet_resnet50", slice_, "256x256 slice (resized to 224)"),
                  ("xrv_densenet121", slice_, "256x256 slice (resized to 224)"),
-                 ("biomedclip", slice_, "256x256 slice (resized to 224)"), ("inception_v3", slice_, "256x256 slice (resized to 299)"),
+                 ("biomedclip", slice_, "256x256 slice (resized to 224)"),
+                 ("inception_v3", slice_, "256x256 slice (resized to 299)"),
                  ("meddiff_mri", volume, "128^3 volume, 2.5D (3 planes x 8 slices)"),
                  ("radimagenet_resnet50", volume, "128^3 volume, 2.5D (3 planes x 8 slices)"),
                  ("biomedclip", volume, "128^3 volume, 2.5D (3 planes x 8 slices)"),
@@ -104,7 +115,8 @@ def main() -> None:
         extractors = {name: load_extractor(name) for name in dict.fromkeys(name for name, _, _ in cases)}
         for name, image, _ in cases:
             extractors[name].features(image)  # warm-up
-        print(f"torch threads {torch.get_num_threads()}, median of {args.repeats} rounds after one warm-up, the cases alternating within each round")
+        print(f"torch threads {torch.get_num_threads()}, median of {args.repeats} rounds after one warm-up, "
+              "the cases alternating within each round")
         times: dict[int, list[float]] = {i: [] for i in range(len(cases))}
         for _ in range(args.repeats):  # alternating, so that load from other processes falls on every case alike
             for i, (name, image, _) in enumerate(cases):

@@ -50,7 +50,7 @@ def prompt_findings() -> dict[str, list[Finding]]:
             for values in itertools.product(*(ATTRIBUTES[a] for a in subset)):
                 if k == 4 and values in HELD_OUT:
                     continue
-                stated = dict(zip(subset, values))
+                stated = dict(zip(subset, values, strict=True))
                 sets[f"{k}-attribute"].append(Finding(1 + len(sets[f"{k}-attribute"]) % 2, **stated))
     sets["held-out"] = [Finding(count, *combo) for combo in HELD_OUT for count in (1, 2) for _paraphrase in range(2)]
     sets["normal"] = [Finding(0)]
@@ -101,16 +101,20 @@ def real_reference(data: Path, clip: ClipEncoder) -> dict:
     for i, label in enumerate(labels):
         groups.setdefault(label, []).append(i)
     rmse = [mean_pairwise_rmse(images[idx]) for idx in groups.values() if len(idx) > 1]
-    return {"images": len(images), "detector_all_correct": float(np.mean([f == t for f, t in zip(found, labels)])),
-            "detector_held_out_correct": float(np.mean([f == t for f, t in zip(found, labels) if t.combination in HELD_OUT])),
-            "clip_score": clip_score(images, reports, clip)["clip_score"], "pairwise_rmse_same_label": float(np.mean(rmse))}
+    return {"images": len(images),
+            "detector_all_correct": float(np.mean([f == t for f, t in zip(found, labels, strict=True)])),
+            "detector_held_out_correct": float(np.mean([f == t for f, t in zip(found, labels, strict=True)
+                                                        if t.combination in HELD_OUT])),
+            "clip_score": clip_score(images, reports, clip)["clip_score"],
+            "pairwise_rmse_same_label": float(np.mean(rmse))}
 
 
 def run_gamma(pipeline, clip: ClipEncoder, sets: dict[str, list[Finding]], gamma: float, samples: int, steps: int,
               scheduler: str, batch: int) -> tuple[dict, dict[str, torch.Tensor]]:
     rng = np.random.default_rng(0)  # the same paraphrases at every gamma
     prompts = [(name, f, report(f, rng)) for name in SETS for f in sets[name]]
-    jobs = [(p, s) for p in range(len(prompts)) for s in range(samples)]  # prompt-major: prompt p's samples are contiguous
+    # prompt-major: prompt p's samples are contiguous
+    jobs = [(p, s) for p in range(len(prompts)) for s in range(samples)]
     images = torch.empty(len(jobs), 1, 72, 72)
     for start in range(0, len(jobs), batch):
         chunk = jobs[start:start + batch]
@@ -123,7 +127,7 @@ def run_gamma(pipeline, clip: ClipEncoder, sets: dict[str, list[Finding]], gamma
     all_correct: dict[str, list[bool]] = {}
     marks_by_attribute: dict[str, list[bool]] = {}
     rmse, entropy = [], []
-    for (name, asked, _), found_here, samples_here in zip(prompts, found_by_prompt, by_prompt):
+    for (name, asked, _), found_here, samples_here in zip(prompts, found_by_prompt, by_prompt, strict=True):
         marks = [judge(asked, f) for f in found_here]
         all_correct.setdefault(name, []).extend(all(m.values()) for m in marks)
         for m in marks:
@@ -143,7 +147,7 @@ def run_gamma(pipeline, clip: ClipEncoder, sets: dict[str, list[Finding]], gamma
         "unstated_entropy_bits": float(np.mean(entropy)) if entropy else None,
         "clip_score": clip_score(images, [prompts[p][2] for p, _ in jobs], clip)["clip_score"],
     }
-    grid = {text: samples_here for (_, _, text), samples_here in zip(prompts, by_prompt)}
+    grid = {text: samples_here for (_, _, text), samples_here in zip(prompts, by_prompt, strict=True)}
     return result, grid
 
 
@@ -160,11 +164,13 @@ def plot_curves(results: list[dict], reference: dict, path: Path) -> None:
     left.axhline(100 * reference["detector_all_correct"], color="grey", ls=":", label="detector on real test")
     left.set(xlabel="guidance scale gamma", ylabel="all stated attributes correct (%)", ylim=(0, 100), title="fidelity")
     left.legend(fontsize=8)
-    right.plot(gammas, [r["pairwise_rmse"] for r in results], marker="o", color="C0", label="pairwise RMSE, same prompt")
+    right.plot(gammas, [r["pairwise_rmse"] for r in results], marker="o", color="C0",
+               label="pairwise RMSE, same prompt")
     right.axhline(reference["pairwise_rmse_same_label"], color="C0", ls=":", label="real, same labels")
     right.set(xlabel="guidance scale gamma", ylabel="pairwise RMSE (model units)", title="diversity")
     twin = right.twinx()
-    twin.plot(gammas, [r["unstated_entropy_bits"] for r in results], marker="s", color="C3", label="unstated-attribute entropy")
+    twin.plot(gammas, [r["unstated_entropy_bits"] for r in results], marker="s", color="C3",
+              label="unstated-attribute entropy")
     twin.set(ylabel="entropy of unstated attributes (bits)", ylim=(0, 1.05))
     lines = right.get_legend_handles_labels()[0] + twin.get_legend_handles_labels()[0]
     right.legend(lines, [h.get_label() for h in lines], fontsize=8, loc="lower left")
@@ -212,13 +218,14 @@ def main() -> None:
     results, grids = [], {}
     for gamma in args.gammas:
         start = time.perf_counter()
-        result, grids[gamma] = run_gamma(pipeline, clip, sets, gamma, args.samples, args.steps, args.scheduler, args.batch)
+        result, grids[gamma] = run_gamma(pipeline, clip, sets, gamma, args.samples, args.steps, args.scheduler,
+                                         args.batch)
         result["seconds"] = round(time.perf_counter() - start, 1)
         results.append(result)
         print(json.dumps(result))
     args.out.mkdir(parents=True, exist_ok=True)
-    summary = {"reference": reference, "samples_per_prompt": args.samples, "steps": args.steps, "scheduler": args.scheduler,
-               "prompts": {name: len(v) for name, v in sets.items()}, "results": results}
+    summary = {"reference": reference, "samples_per_prompt": args.samples, "steps": args.steps,
+               "scheduler": args.scheduler, "prompts": {name: len(v) for name, v in sets.items()}, "results": results}
     (args.out / "findings.json").write_text(json.dumps(summary, indent=2) + "\n")
     plot_curves(results, reference, args.out / "findings_gamma.png")
     best = max(results, key=lambda r: r["sets"]["2-attribute"])["gamma"]
@@ -227,12 +234,15 @@ def main() -> None:
         shown += [texts[offset + i] for i in sorted({0, len(sets[name]) // 2})]
         offset += len(sets[name])
     plot_grid(grids[best], shown, best, args.out / "findings_grid.png", columns=min(6, args.samples))
-    header = "| gamma | " + " | ".join(SETS) + " | " + " | ".join(ATTRIBUTES) + " | count | pairwise RMSE | unstated entropy (bits) | CLIP score |"
+    header = ("| gamma | " + " | ".join(SETS) + " | " + " | ".join(ATTRIBUTES)
+              + " | count | pairwise RMSE | unstated entropy (bits) | CLIP score |")
     print(header)
     print("|" + "---|" * (header.count("|") - 1))
     for r in results:
-        cells = [f"{100 * r['sets'][s]:.1f} %" for s in SETS] + [f"{100 * r['attribute_accuracy'][a]:.1f} %" for a in (*ATTRIBUTES, "count")]
-        print(f"| {r['gamma']:g} | " + " | ".join(cells) + f" | {r['pairwise_rmse']:.3f} | {r['unstated_entropy_bits']:.2f} | {r['clip_score']:.1f} |")
+        cells = ([f"{100 * r['sets'][s]:.1f} %" for s in SETS]
+                 + [f"{100 * r['attribute_accuracy'][a]:.1f} %" for a in (*ATTRIBUTES, "count")])
+        print(f"| {r['gamma']:g} | " + " | ".join(cells)
+              + f" | {r['pairwise_rmse']:.3f} | {r['unstated_entropy_bits']:.2f} | {r['clip_score']:.1f} |")
 
 
 if __name__ == "__main__":

@@ -65,7 +65,8 @@ def main() -> None:
             values[name] = run()
             times[name].append(time.perf_counter() - start)
     base = statistics.median(times["meddiff.frechet_distance"])
-    print(f"{args.n} x {args.dim} features per set, {args.repeats} alternating repeats, torch threads {torch.get_num_threads()}")
+    print(f"{args.n} x {args.dim} features per set, {args.repeats} alternating repeats, "
+          f"torch threads {torch.get_num_threads()}")
     for name in methods:
         median = statistics.median(times[name])
         print(f"| {name} | {median:.2f} s | {median / base:.2f} | {values[name]:.6f} |")

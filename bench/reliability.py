@@ -22,7 +22,8 @@ CORPUS = Path(__file__).resolve().parents[1] / "tests" / "reliability"
 def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         report = Path(tmp) / "report.xml"
-        subprocess.run([sys.executable, "-m", "pytest", "-q", "-n", "2", str(CORPUS), f"--junitxml={report}"], check=False)
+        subprocess.run([sys.executable, "-m", "pytest", "-q", "-n", "2", str(CORPUS), f"--junitxml={report}"],
+                       check=False)
         cases = ET.parse(report).getroot().iter("testcase")
         counts: dict[str, Counter] = {}
         for case in cases:
@@ -39,7 +40,8 @@ def main() -> int:
         total.update(c)
         summary = " ".join(doc.split("\n\n")[0].split()).split(". ")[0].rstrip(".")  # the docstring's first sentence
         print(f"| `{area}.py` | {summary} | {sum(c.values())} | {c['passed']} | {c['failed']} | {c['skipped']} |")
-    print(f"| **all** | | **{sum(total.values())}** | **{total['passed']}** | **{total['failed']}** | **{total['skipped']}** |")
+    print(f"| **all** | | **{sum(total.values())}** | **{total['passed']}** | **{total['failed']}** | "
+          f"**{total['skipped']}** |")
     return 1 if total["failed"] else 0
 
 

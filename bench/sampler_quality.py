@@ -57,7 +57,7 @@ def swd(real: np.ndarray, fake: np.ndarray, seed: int = 0) -> float:
     pr = laplacian_pyramid(torch.from_numpy(real)[:, None].float(), levels)
     pf = laplacian_pyramid(torch.from_numpy(fake)[:, None].float(), levels)
     distances = []
-    for lr, lf in zip(pr, pf):
+    for lr, lf in zip(pr, pf, strict=True):
         a, b = patches(lr, 128, rng), patches(lf, 128, rng)
         mean, std = a.mean(0), a.std(0) + 1e-8  # normalise by the real descriptors' statistics
         distances.append(np.mean([sliced_wasserstein((a - mean) / std, (b - mean) / std, 512, rng) for _ in range(4)]))
@@ -88,13 +88,17 @@ def main() -> None:
     rows = []
     for key, seconds in timings.items():
         name, steps = key.rsplit("-", 1)
-        fake = np.load(Path(args.samples) / f"samples_{name.replace('+', 'p')}_{steps}.npz")["samples"].astype(np.float32)
-        rows.append({"sampler": name, "steps": int(steps), "swd": swd(real, fake), "fd_pca": fd_pca(real, fake), "seconds": seconds})
+        samples_file = Path(args.samples) / f"samples_{name.replace('+', 'p')}_{steps}.npz"
+        fake = np.load(samples_file)["samples"].astype(np.float32)
+        rows.append({"sampler": name, "steps": int(steps), "swd": swd(real, fake), "fd_pca": fd_pca(real, fake),
+                     "seconds": seconds})
     reference = next(r for r in rows if r["sampler"] == "ddpm")
-    print("| sampler | network evaluations | SWD x1e3 | vs DDPM-1000 | FD-PCA | vs DDPM-1000 | wall time (256 samples) |")
+    print("| sampler | network evaluations | SWD x1e3 | vs DDPM-1000 | FD-PCA | vs DDPM-1000 | "
+          "wall time (256 samples) |")
     print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
     for r in rows:
-        print(f"| {r['sampler']} | {r['steps']} | {r['swd']:.2f} | {r['swd'] / reference['swd']:.2f} | {r['fd_pca']:.2f} | {r['fd_pca'] / reference['fd_pca']:.2f} | {r['seconds']:.1f} s |")
+        print(f"| {r['sampler']} | {r['steps']} | {r['swd']:.2f} | {r['swd'] / reference['swd']:.2f} | "
+              f"{r['fd_pca']:.2f} | {r['fd_pca'] / reference['fd_pca']:.2f} | {r['seconds']:.1f} s |")
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2))
 

@@ -38,8 +38,8 @@ def main() -> None:
         for name, (layers, width, heads) in SIZES.items():
             folder = Path(tmp) / name.split()[0]
             BertTokenizerFast(vocab=wordpiece.get_vocab(), model_max_length=args.max_length).save_pretrained(folder)
-            config = BertConfig(vocab_size=wordpiece.get_vocab_size(), hidden_size=width, num_hidden_layers=layers, num_attention_heads=heads,
-                                intermediate_size=4 * width, max_position_embeddings=512)
+            config = BertConfig(vocab_size=wordpiece.get_vocab_size(), hidden_size=width, num_hidden_layers=layers,
+                                num_attention_heads=heads, intermediate_size=4 * width, max_position_embeddings=512)
             BertModel(config).save_pretrained(folder)
             encoder = load_text_encoder(f"hf:{folder}")
             for run in ("cold", "warm"):
@@ -48,7 +48,8 @@ def main() -> None:
                     encoder.encode(reports[i : i + args.batch])
                 seconds = time.perf_counter() - start
                 print(f"| {name} | {run} | {seconds:.1f} s | {len(reports) / seconds:.0f} reports/s |", flush=True)
-    print(f"{len(reports)} reports, batch {args.batch}, max {args.max_length} tokens, torch threads {torch.get_num_threads()}")
+    print(f"{len(reports)} reports, batch {args.batch}, max {args.max_length} tokens, "
+          f"torch threads {torch.get_num_threads()}")
 
 
 if __name__ == "__main__":

@@ -20,8 +20,8 @@ import lightning.pytorch as pl
 import numpy as np
 import torch
 import yaml
-from safetensors.torch import load_file
 from monai.data import DataLoader
+from safetensors.torch import load_file
 from torch.utils.data import Dataset
 
 from meddiff.training import DiffusionModule
@@ -43,9 +43,10 @@ class PatchDataset(Dataset):
         return self.length
 
     def crop(self, image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-        pad = [(max(0, s - d) // 2, max(0, s - d) - max(0, s - d) // 2) for s, d in zip(self.size, image.shape)]
+        pad = [(max(0, s - d) // 2, max(0, s - d) - max(0, s - d) // 2)
+               for s, d in zip(self.size, image.shape, strict=True)]
         image = np.pad(image, pad, constant_values=-1.0)
-        corner = [rng.integers(0, d - s + 1) for s, d in zip(self.size, image.shape)]
+        corner = [rng.integers(0, d - s + 1) for s, d in zip(self.size, image.shape, strict=True)]
         return image[corner[0] : corner[0] + self.size[0], corner[1] : corner[1] + self.size[1]]
 
     def __getitem__(self, index: int) -> dict:
@@ -95,7 +96,8 @@ def main() -> None:
         module.ema.module.load_state_dict(start_weights)
     gpu = args.device.startswith("cuda")
     trainer = pl.Trainer(
-        accelerator="gpu" if gpu else "cpu", devices=1, precision=config["trainer"].get("precision", "32-true") if gpu else "32-true",
+        accelerator="gpu" if gpu else "cpu", devices=1,
+        precision=config["trainer"].get("precision", "32-true") if gpu else "32-true",
         max_time={"seconds": args.train_seconds}, max_steps=config["trainer"]["max_steps"], logger=False,
         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
         gradient_clip_val=config["trainer"].get("gradient_clip_val"),
@@ -105,8 +107,9 @@ def main() -> None:
     seconds = time.perf_counter() - start
     loss = float(trainer.callback_metrics.get("train/loss", float("nan")))
     module.pipeline(ema=True).save_pretrained(args.out, overwrite=True)
-    log = {"steps": trainer.global_step, "batch_size": batch_size, "train_seconds": round(seconds, 1), "last_loss": loss,
-           "mri_slices": len(planes), "dead_leaves_images": len(leaves), "dead_leaves_prob": leaves_prob,
+    log = {"steps": trainer.global_step, "batch_size": batch_size, "train_seconds": round(seconds, 1),
+           "last_loss": loss, "mri_slices": len(planes), "dead_leaves_images": len(leaves),
+           "dead_leaves_prob": leaves_prob,
            "device": torch.cuda.get_device_name() if gpu else "cpu", "config": args.config, "init": args.init}
     (Path(args.out) / "train_log.json").write_text(json.dumps(log, indent=2) + "\n")
     print(json.dumps(log), flush=True)

@@ -16,10 +16,10 @@ from pathlib import Path
 import lightning.pytorch as pl
 import numpy as np
 import torch
+from sampling_speed import time_against_monai
 from torch.utils.data import DataLoader, TensorDataset
 
 from meddiff.training import DiffusionModule
-from sampling_speed import time_against_monai
 
 SAMPLERS = [("ddpm", 1000), ("ddim", 50), ("dpm++2m", 20), ("dpm++2m", 10), ("unipc", 10)]
 
@@ -54,11 +54,12 @@ def main() -> None:
     pl.seed_everything(0)
     module = DiffusionModule(
         spatial_dims=2, channels=(32, 64, 128), attention_levels=(False, False, True), num_res_blocks=2,
-        num_head_channels=32, prediction=args.prediction, beta_schedule=args.beta_schedule, lr=2e-4, ema_decay=args.ema_decay,
-        image_shape=tuple(slices.shape[2:]), image_spacing=(2.0, 2.0), modality="MR",
+        num_head_channels=32, prediction=args.prediction, beta_schedule=args.beta_schedule, lr=2e-4,
+        ema_decay=args.ema_decay, image_shape=tuple(slices.shape[2:]), image_spacing=(2.0, 2.0), modality="MR",
         intensity_range=(window["low"], window["high"]),
     )
-    loader = DataLoader(TensorDataset(slices), batch_size=args.batch_size, shuffle=True, drop_last=True, collate_fn=flip_collate)
+    loader = DataLoader(TensorDataset(slices), batch_size=args.batch_size, shuffle=True, drop_last=True,
+                        collate_fn=flip_collate)
     accelerator = "gpu" if args.device.startswith("cuda") else "cpu"
     trainer = pl.Trainer(
         accelerator=accelerator, devices=1, precision="bf16-mixed" if accelerator == "gpu" else "32-true",
@@ -68,11 +69,13 @@ def main() -> None:
     start = time.perf_counter()
     trainer.fit(module, loader)
     train_seconds = time.perf_counter() - start
-    print(f"trained {trainer.global_step} steps in {train_seconds:.0f} s, last loss {float(trainer.callback_metrics.get('train/loss', float('nan'))):.4f}", flush=True)
+    print(f"trained {trainer.global_step} steps in {train_seconds:.0f} s, "
+          f"last loss {float(trainer.callback_metrics.get('train/loss', float('nan'))):.4f}", flush=True)
     pipeline = module.pipeline(ema=True)
     pipeline.unet.to(args.device).eval()
     pipeline.save_pretrained(out / "model", overwrite=True)
-    timings = {"train_steps": trainer.global_step, "train_seconds": train_seconds, "device": torch.cuda.get_device_name() if accelerator == "gpu" else "cpu", "sampling": {}}
+    timings = {"train_steps": trainer.global_step, "train_seconds": train_seconds,
+               "device": torch.cuda.get_device_name() if accelerator == "gpu" else "cpu", "sampling": {}}
     for name, steps in SAMPLERS:
         steps = 2 if args.quick else steps
         chunks, t0 = [], time.perf_counter()

@@ -41,7 +41,8 @@ def lightning_steps(batches: list[dict], steps: int) -> list[float]:
     torch.manual_seed(0)
     module = DiffusionModule(**UNET, image_shape=tuple(batches[0]["image"].shape[2:]), lr=1e-4)
     timer = StepTimer()
-    trainer = pl.Trainer(accelerator="cpu", max_steps=steps, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+    trainer = pl.Trainer(accelerator="cpu", max_steps=steps, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False,
                          enable_model_summary=False, gradient_clip_val=1.0, callbacks=[timer], num_sanity_val_steps=0)
     trainer.fit(module, DataLoader(batches, batch_size=None))
     return timer.times

@@ -120,7 +120,8 @@ def folder_lock(folder: str | os.PathLike, what: str) -> Iterator[Path]:
     try:
         lock.acquire()
     except Timeout:
-        raise MeddiffError(f"{folder} is in use by another {what} — wait for it to finish, or choose another folder") from None
+        raise MeddiffError(f"{folder} is in use by another {what} — wait for it to finish, "
+                           "or choose another folder") from None
     try:
         yield path
     finally:
@@ -133,11 +134,14 @@ def folder_lock(folder: str | os.PathLike, what: str) -> Iterator[Path]:
 
 
 def file_sha256(path: str | os.PathLike) -> str:
-    """SHA-256 of a file's bytes, read in blocks; for a folder (a DICOM series), of its visible files' bytes in name order."""
+    """SHA-256 of a file's bytes, read in blocks; for a folder (a DICOM series), of its visible files' bytes
+    in name order."""
     path = Path(path)
     digest = hashlib.sha256()
     # hidden names (meddiff's temporaries, a lock) are not part of a series
-    files = sorted(p for p in path.rglob("*") if p.is_file() and not any(part.startswith(".") for part in p.relative_to(path).parts)) if path.is_dir() else [path]
+    files = sorted(p for p in path.rglob("*")
+                   if p.is_file() and not any(part.startswith(".") for part in p.relative_to(path).parts)
+                   ) if path.is_dir() else [path]
     for file in files:
         with open(file, "rb") as fh:
             for block in iter(lambda: fh.read(1 << 20), b""):

@@ -37,7 +37,8 @@ def save_grid(
     canvas = np.zeros((rows * (height + 2), columns * (width + 2)), dtype=np.uint8)
     for n, tile in enumerate(tiles):
         r, c = divmod(n, columns)
-        canvas[r * (height + 2) : r * (height + 2) + tile.shape[0], c * (width + 2) : c * (width + 2) + tile.shape[1]] = tile
+        canvas[r * (height + 2) : r * (height + 2) + tile.shape[0],
+               c * (width + 2) : c * (width + 2) + tile.shape[1]] = tile
     with atomic_path(path, overwrite=overwrite) as tmp:
         PILImage.fromarray(canvas).save(tmp, format="PNG")
     return Path(path)

@@ -49,7 +49,9 @@ def _legacy_allowed() -> dict:
     from collections import OrderedDict
 
     import torch
-    from torch.nn.backends.thnn import _get_thnn_function_backend  # modules pickled by torch < 1.2 carry it; returns None
+
+    # modules pickled by torch < 1.2 carry it; returns None
+    from torch.nn.backends.thnn import _get_thnn_function_backend
 
     return {
         "collections.OrderedDict": OrderedDict,
@@ -102,8 +104,10 @@ def torch_load(path: str | os.PathLike, what: str = "weights", modules_from: tup
                 return torch.load(path, map_location="cpu", weights_only=True)
             prefixes = (*modules_from, "torch.nn.modules.")
             if not zipfile.is_zipfile(path):  # torch < 1.6's format
-                return torch.load(path, map_location="cpu", weights_only=False, pickle_module=_restricted_pickle(prefixes))
-            names = torch.serialization.get_unsafe_globals_in_checkpoint(path)  # read by disassembling, nothing unpickled
+                return torch.load(path, map_location="cpu", weights_only=False,
+                                  pickle_module=_restricted_pickle(prefixes))
+            # read by disassembling, nothing unpickled
+            names = torch.serialization.get_unsafe_globals_in_checkpoint(path)
             allowed = [(PickledModule, name) for name in names if name.startswith(prefixes)]
             with torch.serialization.safe_globals(allowed):
                 return torch.load(path, map_location="cpu", weights_only=True)
@@ -119,13 +123,14 @@ def torch_load(path: str | os.PathLike, what: str = "weights", modules_from: tup
 
 def refused(exc: pickle.UnpicklingError, source: str, remedy: str = SAVE_TENSORS) -> str:
     """The one-line message for a file torch's weights-only unpickler refused: the object it would not build."""
-    found = re.search(r"GLOBAL (\S+) (?:was not an allowed global|whose module)|unrecognized function (.+?)(?: which|$)", str(exc), re.MULTILINE)
+    found = re.search(r"GLOBAL (\S+) (?:was not an allowed global|whose module)"
+                      r"|unrecognized function (.+?)(?: which|$)", str(exc), re.MULTILINE)
     name = next((g for g in found.groups() if g), None) if found else None
     if name:
         return f"{source} holds pickled Python objects ({name}), which meddiff never unpickles — {remedy}"
     detail = re.search(r"WeightsUnpickler error: *\n*\s*(\S.*)", str(exc))
-    return (f"cannot read {source}: not a file of tensors ({detail.group(1).strip() if detail else first_line(exc)}), and meddiff never unpickles "
-            f"anything else — {remedy}")
+    return (f"cannot read {source}: not a file of tensors ({detail.group(1).strip() if detail else first_line(exc)}), "
+            f"and meddiff never unpickles anything else — {remedy}")
 
 
 def module_tensors(module: PickledModule, prefix: str = "", _parents: frozenset = frozenset()) -> dict:

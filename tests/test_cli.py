@@ -11,18 +11,18 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import PYDICOM_TEST_FILES
 
 from meddiff import load_image
 from meddiff.cli.main import main
-
-from conftest import PYDICOM_TEST_FILES
 
 MEDDIFF = str(Path(sys.executable).parent / "meddiff")
 
 
 def run_cli(*args):
     """The installed console script, as a user runs it."""
-    return subprocess.run([MEDDIFF, *map(str, args)], capture_output=True, text=True, env={**os.environ, "COLUMNS": "200"})
+    return subprocess.run([MEDDIFF, *map(str, args)], capture_output=True, text=True,
+                          env={**os.environ, "COLUMNS": "200"})
 
 
 def test_help_lists_subcommands():

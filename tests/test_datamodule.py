@@ -15,7 +15,8 @@ from meddiff.data.datamodule import ManifestDataModule
 
 
 def test_2d_batches_from_real_volumes(samples_dir):
-    dm = ManifestDataModule(str(samples_dir / "manifest.jsonl"), spatial_dims=2, patch_size=(64, 64), slices_per_volume=3, batch_size=2)
+    dm = ManifestDataModule(str(samples_dir / "manifest.jsonl"), spatial_dims=2, patch_size=(64, 64),
+                            slices_per_volume=3, batch_size=2)
     dm.setup("fit")
     batch = next(iter(dm.train_dataloader()))
     assert batch["image"].shape == (6, 1, 64, 64) and batch["image"].dtype == torch.float32
@@ -40,9 +41,11 @@ def test_masks_follow_the_image_and_augmentation_hooks_apply(tmp_path):
     image[5:15, 2:8, :] = 100.0
     for name, data in (("img", image), ("mask", (image > 0).astype(np.float32))):
         nib.save(nib.Nifti1Image(data, np.eye(4)), tmp_path / f"{name}.nii.gz")
-    (tmp_path / "m.jsonl").write_text(json.dumps({"image": "img.nii.gz", "mask": "mask.nii.gz", "modality": "MR", "split": "train"}) + "\n")
+    (tmp_path / "m.jsonl").write_text(json.dumps({"image": "img.nii.gz", "mask": "mask.nii.gz", "modality": "MR",
+                                                  "split": "train"}) + "\n")
     flip = RandFlipd(["image", "mask"], prob=1.0, spatial_axis=1)
-    dm = ManifestDataModule(str(tmp_path / "m.jsonl"), spatial_dims=2, slices_per_volume=2, batch_size=1, augment=[flip])
+    dm = ManifestDataModule(str(tmp_path / "m.jsonl"), spatial_dims=2, slices_per_volume=2, batch_size=1,
+                            augment=[flip])
     dm.setup("fit")
     batch = next(iter(dm.train_dataloader()))
     assert batch["mask"].shape == batch["image"].shape == (2, 1, 20, 20)
@@ -64,10 +67,11 @@ def test_class_labels_and_zero_padded_masks(tmp_path):
         image[3:9, 3:9] = 50.0 + n
         nib.save(nib.Nifti1Image(image, np.eye(4)), tmp_path / f"img{n}.nii.gz")
         nib.save(nib.Nifti1Image((image > 0).astype(np.float32), np.eye(4)), tmp_path / f"mask{n}.nii.gz")
-        lines.append({"image": f"img{n}.nii.gz", "mask": f"mask{n}.nii.gz", "modality": "MR", "split": "train", "labels": {"finding": finding}})
+        lines.append({"image": f"img{n}.nii.gz", "mask": f"mask{n}.nii.gz", "modality": "MR", "split": "train",
+                      "labels": {"finding": finding}})
     (tmp_path / "m.jsonl").write_text("\n".join(json.dumps(x) for x in lines) + "\n")
-    dm = ManifestDataModule(str(tmp_path / "m.jsonl"), spatial_dims=2, patch_size=(16, 16), slices_per_volume=1, batch_size=3,
-                            label_key="finding", class_names=["normal", "lesion"])
+    dm = ManifestDataModule(str(tmp_path / "m.jsonl"), spatial_dims=2, patch_size=(16, 16), slices_per_volume=1,
+                            batch_size=3, label_key="finding", class_names=["normal", "lesion"])
     assert [i["label"] for i in dm.items("train")] == [0, 1, 0]
     dm.setup("fit")
     batch = next(iter(dm.train_dataloader()))
@@ -79,7 +83,8 @@ def test_class_labels_and_zero_padded_masks(tmp_path):
 
 
 def test_fewer_training_volumes_than_the_batch_size_still_train(samples_dir):
-    dm = ManifestDataModule(str(samples_dir / "manifest.jsonl"), spatial_dims=2, patch_size=(32, 32), slices_per_volume=2, batch_size=8)
+    dm = ManifestDataModule(str(samples_dir / "manifest.jsonl"), spatial_dims=2, patch_size=(32, 32),
+                            slices_per_volume=2, batch_size=8)
     dm.setup("fit")
     batches = list(dm.train_dataloader())
     assert len(batches) == 1 and batches[0]["image"].shape == (4, 1, 32, 32)  # 2 volumes x 2 slices

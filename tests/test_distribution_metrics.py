@@ -44,7 +44,8 @@ def test_frechet_distance_is_stable_for_singular_covariances():
     rng = np.random.default_rng(1)
     a, b = rng.standard_normal((40, 120)), rng.standard_normal((50, 120)) + 0.1  # rank < dimension
     cov_a, cov_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
-    reference = ((a.mean(0) - b.mean(0)) ** 2).sum() + np.trace(cov_a) + np.trace(cov_b) - 2 * np.trace(sqrtm(cov_a @ cov_b)).real
+    reference = (((a.mean(0) - b.mean(0)) ** 2).sum() + np.trace(cov_a) + np.trace(cov_b)
+                 - 2 * np.trace(sqrtm(cov_a @ cov_b)).real)
     assert frechet_distance(a, b) == pytest.approx(reference, rel=1e-6)
     assert np.isfinite(frechet_distance(a[:3], b[:3]))
 
@@ -64,7 +65,8 @@ def test_fidelity_and_diversity_separate():
     real = rng.standard_normal((400, 8))
     collapsed = rng.standard_normal((400, 8)) * 0.2  # faithful but not diverse
     assert precision_recall(real, collapsed)["precision"] > 0.9 and precision_recall(real, collapsed)["recall"] < 0.3
-    assert density_coverage(real, collapsed)["coverage"] < density_coverage(real, rng.standard_normal((400, 8)))["coverage"]
+    assert (density_coverage(real, collapsed)["coverage"]
+            < density_coverage(real, rng.standard_normal((400, 8)))["coverage"])
 
 
 def test_memorization_finds_near_copies():

@@ -10,7 +10,8 @@ import torch
 from meddiff import MeddiffError
 from meddiff.encoders import load_text_encoder
 
-WORDS = "no acute abnormality a mm hyperintense hypointense lesion in the left right anterior posterior region small large".split()
+WORDS = ("no acute abnormality a mm hyperintense hypointense lesion in the left right anterior posterior region "
+         "small large").split()
 
 
 @pytest.fixture(scope="module")
@@ -23,14 +24,16 @@ def bert_dir(tmp_path_factory):
     tokenizer = BertTokenizerFast(vocab={t: i for i, t in enumerate(tokens)}, model_max_length=16)
     tokenizer.save_pretrained(folder)
     torch.manual_seed(0)
-    config = BertConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, max_position_embeddings=64)
+    config = BertConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=64, max_position_embeddings=64)
     BertModel(config).save_pretrained(folder)
     return folder
 
 
 def test_hf_encoder_gives_tokens_mask_and_pooled_independent_of_batch(bert_dir):
     encoder = load_text_encoder(f"hf:{bert_dir}")
-    assert encoder.tokenizer.unk_token_id not in encoder.tokenizer("a 4 mm lesion")["input_ids"]  # the saved vocab was read back
+    # the saved vocab was read back
+    assert encoder.tokenizer.unk_token_id not in encoder.tokenizer("a 4 mm lesion")["input_ids"]
     reports = ["No acute abnormality.", "A 14 mm hyperintense lesion in the right posterior region.", ""]
     batch = encoder.encode(reports)
     assert batch.tokens.shape[0] == 3 and batch.tokens.shape[2] == 32 and batch.pooled.shape == (3, 32)
@@ -65,8 +68,8 @@ def report_module(bert_dir, **kwargs):
     from meddiff.training import DiffusionModule
 
     torch.manual_seed(0)
-    return DiffusionModule(spatial_dims=2, channels=(16, 32), attention_levels=(False, True), num_head_channels=16, norm_num_groups=16,
-                           image_shape=(16, 16), text_encoder=f"hf:{bert_dir}", **kwargs)
+    return DiffusionModule(spatial_dims=2, channels=(16, 32), attention_levels=(False, True), num_head_channels=16,
+                           norm_num_groups=16, image_shape=(16, 16), text_encoder=f"hf:{bert_dir}", **kwargs)
 
 
 def test_report_conditioned_loss_uses_the_report_and_drops_it_to_the_empty_report(bert_dir):
@@ -74,8 +77,10 @@ def test_report_conditioned_loss_uses_the_report_and_drops_it_to_the_empty_repor
     for p in module.unet.parameters():  # MONAI zero-initialises the attention outputs: make the context count
         torch.nn.init.normal_(p, std=0.05)
     assert module.model_config().unet.cross_attention_dim == 32
-    assert not any("text_encoder" in name for name in module.state_dict())  # the frozen text model stays out of checkpoints
-    batch = {"image": torch.rand(2, 1, 16, 16) * 2 - 1, "report": ["small lesion in the left region.", "no acute abnormality."]}
+    # the frozen text model stays out of checkpoints
+    assert not any("text_encoder" in name for name in module.state_dict())
+    batch = {"image": torch.rand(2, 1, 16, 16) * 2 - 1,
+             "report": ["small lesion in the left region.", "no acute abnormality."]}
     other = {**batch, "report": ["large lesion in the right region.", "large hypointense lesion."]}
     gen = lambda: torch.Generator().manual_seed(0)  # noqa: E731
     assert module.loss(batch, gen()) != module.loss(other, gen())  # the report reaches the network
@@ -97,14 +102,19 @@ def test_guided_sampling_is_seeded_and_guidance_changes_it(bert_dir, tmp_path):
     a = pipeline.sample([1, 2], steps=3, prompts=prompts, guidance_scale=3.0)
     torch.testing.assert_close(a, pipeline.sample([1, 2], steps=3, prompts=prompts, guidance_scale=3.0))
     assert not torch.allclose(a, pipeline.sample([1, 2], steps=3, prompts=prompts, guidance_scale=1.0))
-    assert not torch.allclose(a, pipeline.sample([1, 2], steps=3, prompts=prompts, guidance_scale=3.0, negative_prompt="large lesion."))
-    torch.testing.assert_close(a[1:], pipeline.sample([2], steps=3, prompts=prompts[1:], guidance_scale=3.0))  # batch-independent
-    unconditional = pipeline.sample([1, 2], steps=3, prompts=prompts, guidance_scale=0.0)  # one half evaluated, same result
-    torch.testing.assert_close(unconditional, pipeline.sample([1, 2], steps=3, prompts=prompts, guidance_scale=1e-9), atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(a, pipeline.sample([1, 2], steps=3, prompts=prompts, guidance_scale=3.0,
+                                                 negative_prompt="large lesion."))
+    # batch-independent
+    torch.testing.assert_close(a[1:], pipeline.sample([2], steps=3, prompts=prompts[1:], guidance_scale=3.0))
+    # one half evaluated, same result
+    unconditional = pipeline.sample([1, 2], steps=3, prompts=prompts, guidance_scale=0.0)
+    torch.testing.assert_close(unconditional, pipeline.sample([1, 2], steps=3, prompts=prompts, guidance_scale=1e-9),
+                               atol=1e-5, rtol=1e-5)
     assert not torch.allclose(unconditional, pipeline.sample([1, 2], steps=3, prompts=prompts, guidance_scale=1.0))
     with pytest.raises(MeddiffError, match="one prompt per image"):
         pipeline.sample([1, 2], steps=3)
-    reloaded = DiffusionPipeline.from_pretrained(pipeline.save_pretrained(tmp_path / "model"))  # text encoder reloaded from its spec
+    # text encoder reloaded from its spec
+    reloaded = DiffusionPipeline.from_pretrained(pipeline.save_pretrained(tmp_path / "model"))
     torch.testing.assert_close(a, reloaded.sample([1, 2], steps=3, prompts=prompts, guidance_scale=3.0))
 
 
@@ -117,7 +127,8 @@ def test_generate_cli_with_prompts_records_them_and_resumes(bert_dir, tmp_path):
     module = report_module(bert_dir)
     model = module.pipeline(ema=False).save_pretrained(tmp_path / "model")
     prompts = tmp_path / "prompts.jsonl"
-    prompts.write_text('{"prompt": "small lesion in the left region."}\n{"prompt": "no acute abnormality."}\n{"report": ""}\n')
+    prompts.write_text('{"prompt": "small lesion in the left region."}\n{"prompt": "no acute abnormality."}\n'
+                       '{"report": ""}\n')
     out = tmp_path / "synthetic"
     base = ["generate", "--model", str(model), "-o", str(out), "--steps", "2", "--accelerator", "cpu"]
     assert main([*base, "--prompts", str(prompts), "--guidance-scale", "2"]) == 0

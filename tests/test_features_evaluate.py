@@ -12,7 +12,7 @@ from meddiff import Image, MeddiffError, load_image, save_image
 from meddiff.cli.main import main
 from meddiff.metrics import frechet_distance
 from meddiff.metrics.evaluate import cached_features, evaluate
-from meddiff.metrics.features import _RADIMAGENET_CHILDREN, medicalnet_resnet, load_extractor
+from meddiff.metrics.features import _RADIMAGENET_CHILDREN, load_extractor, medicalnet_resnet
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +56,8 @@ def test_medicalnet_from_its_release_format_gives_3d_features(tmp_path, monkeypa
     """MedicalNet checkpoints are {'state_dict': {'module.<key>': tensor}} (DataParallel)."""
     torch.manual_seed(0)
     network = medicalnet_resnet(10, 3, n_input_channels=1, shortcut_type="B", bias_downsample=False)
-    torch.save({"state_dict": {f"module.{k}": v for k, v in network.state_dict().items()}}, tmp_path / "resnet_10_23dataset.pth")
+    torch.save({"state_dict": {f"module.{k}": v for k, v in network.state_dict().items()}},
+               tmp_path / "resnet_10_23dataset.pth")
     monkeypatch.setenv("MEDDIFF_WEIGHTS", str(tmp_path))
     extractor = load_extractor("medicalnet_resnet10")
     volume = np.zeros((20, 24, 16), np.float32)
@@ -68,16 +69,22 @@ def test_medicalnet_from_its_release_format_gives_3d_features(tmp_path, monkeypa
 
 
 def test_fid_rises_with_corruption_and_held_out_real_is_close(mni_t1):
-    """meddiff's MRI features: FID(real, held-out real) far below FID(real, corrupted held-out), rising with the corruption."""
+    """meddiff's MRI features: FID(real, held-out real) far below FID(real, corrupted held-out),
+    rising with the corruption."""
     volume = load_image(mni_t1).array[::3, ::3, 30:160:3]
     extractor = load_extractor("meddiff_mri")
     first, second = volume[..., 0::2], volume[..., 1::2]  # interleaved axial slices: real and held-out real
-    features = lambda slices: np.concatenate([extractor.features(Image(s, np.eye(4), "MR"))["2d"] for s in np.moveaxis(slices, -1, 0)])
+
+    def features(slices):
+        return np.concatenate([extractor.features(Image(s, np.eye(4), "MR"))["2d"] for s in np.moveaxis(slices, -1, 0)])
+
     real = features(first)
     rng = np.random.default_rng(0)
     peak = float(volume.max())
-    scores = [frechet_distance(real, features(second + level * peak * rng.standard_normal(second.shape).astype(np.float32)))
-              for level in (0.0, 0.05, 0.2)]
+    scores = []
+    for level in (0.0, 0.05, 0.2):
+        noise = rng.standard_normal(second.shape).astype(np.float32)
+        scores.append(frechet_distance(real, features(second + level * peak * noise)))
     assert scores == sorted(scores) and scores[0] < scores[1] / 3
 
 
@@ -86,7 +93,8 @@ def test_features_are_cached_by_file_and_extractor(tmp_path, monkeypatch):
     rng = np.random.default_rng(0)
     paths = []
     for i in range(3):
-        paths.append(save_image(Image(rng.random((40, 48), dtype=np.float32), np.eye(4), "MR"), tmp_path / f"img{i}.nii.gz"))
+        paths.append(save_image(Image(rng.random((40, 48), dtype=np.float32), np.eye(4), "MR"),
+                                tmp_path / f"img{i}.nii.gz"))
     first = cached_features(paths, extractor, tmp_path / "cache", "real")
     assert len(list((tmp_path / "cache" / extractor.identity).glob("*.npz"))) == 3
     monkeypatch.setattr(extractor, "features", lambda image: pytest.fail("the cache was not used"))
@@ -101,10 +109,13 @@ def test_evaluate_cli_on_folders(tmp_path):
     for folder, noise in (("real", 2.0), ("fake", 6.0)):
         (tmp_path / folder).mkdir()
         for i in range(6):
-            save_image(Image(base + noise * rng.standard_normal(base.shape).astype(np.float32), np.eye(4), "MR"), tmp_path / folder / f"s{i}.nii.gz")
+            save_image(Image(base + noise * rng.standard_normal(base.shape).astype(np.float32), np.eye(4), "MR"),
+                       tmp_path / folder / f"s{i}.nii.gz")
     out = tmp_path / "eval.json"
-    args = ["evaluate", "--real", str(tmp_path / "real"), "--fake", str(tmp_path / "fake"), "--cache", str(tmp_path / "cache")]
-    assert main([*args, "--metrics", "fid,prdc,memorization,paired", "--json", str(out), "--plot", str(tmp_path / "pairs.png")]) == 0
+    args = ["evaluate", "--real", str(tmp_path / "real"), "--fake", str(tmp_path / "fake"),
+            "--cache", str(tmp_path / "cache")]
+    assert main([*args, "--metrics", "fid,prdc,memorization,paired", "--json", str(out),
+                 "--plot", str(tmp_path / "pairs.png")]) == 0
     results = json.loads(out.read_text())
     assert results["real"] == 6 and results["views"]["2d"]["fid"] > 0 and results["paired"]["pairs"] == 6
     assert 0 <= results["views"]["2d"]["precision"] <= 1 and (tmp_path / "pairs.png").stat().st_size > 0
@@ -167,12 +178,14 @@ def test_feature_cache_key_follows_slices_per_plane():
 
 
 def test_xrv_densenet_from_a_torchxrayvision_state_dict(tmp_path, monkeypatch):
-    """torchxrayvision's DenseNet keys (torchvision layout: 'denselayerN.norm1', 'classifier') load into MONAI's DenseNet121."""
+    """torchxrayvision's DenseNet keys (torchvision layout: 'denselayerN.norm1', 'classifier') load into
+    MONAI's DenseNet121."""
     from monai.networks.nets import DenseNet121
 
     torch.manual_seed(0)
     monai_state = DenseNet121(spatial_dims=2, in_channels=1, out_channels=18).state_dict()
-    xrv_state = {k.replace(".layers.", ".").replace("class_layers.out.", "classifier."): v for k, v in monai_state.items()}
+    xrv_state = {k.replace(".layers.", ".").replace("class_layers.out.", "classifier."): v
+                 for k, v in monai_state.items()}
     torch.save(xrv_state, tmp_path / "xrv-densenet121-res224-all.pt")
     extractor = load_extractor("xrv_densenet121", tmp_path / "xrv-densenet121-res224-all.pt")
     chest = np.random.default_rng(0).random((300, 260), dtype=np.float32)
@@ -185,8 +198,10 @@ def test_xrv_densenet_from_a_torchxrayvision_state_dict(tmp_path, monkeypatch):
     torch.save(model, tmp_path / "release-legacy.pt", _use_new_zipfile_serialization=False)  # torch < 1.6's format
     torch.save(model.state_dict(), tmp_path / "state.pt")
     reference = load_extractor("xrv_densenet121", tmp_path / "state.pt").features(Image(chest, np.eye(4), "DX"))["2d"]
-    monkeypatch.setitem(__import__("sys").modules, "torchxrayvision", None)  # not even importable: none of its code is needed
-    for release in ("release.pt", "release-legacy.pt"):  # read by an allow-listing unpickler, no class of torchxrayvision runs
+    # not even importable: none of its code is needed
+    monkeypatch.setitem(__import__("sys").modules, "torchxrayvision", None)
+    # read by an allow-listing unpickler, no class of torchxrayvision runs
+    for release in ("release.pt", "release-legacy.pt"):
         released = load_extractor("xrv_densenet121", tmp_path / release)
         np.testing.assert_array_equal(released.features(Image(chest, np.eye(4), "DX"))["2d"], reference)
     torch.save(torch.nn.Linear(2, 2), tmp_path / "pickled.pt")
@@ -199,7 +214,8 @@ def test_evaluate_json_is_standard_when_psnr_is_infinite(tmp_path):
     for folder in ("real", "fake"):
         save_image(image, tmp_path / folder / "same.nii.gz")
     out = tmp_path / "eval.json"
-    assert main(["evaluate", "--real", str(tmp_path / "real"), "--fake", str(tmp_path / "fake"), "--metrics", "paired", "--json", str(out)]) == 0
+    assert main(["evaluate", "--real", str(tmp_path / "real"), "--fake", str(tmp_path / "fake"),
+                 "--metrics", "paired", "--json", str(out)]) == 0
     assert json.loads(out.read_text())["paired"]["psnr"] is None  # identical images: +inf, written as null
 
 
@@ -235,11 +251,13 @@ def test_inception_v3_features_are_torchmetrics_fid_features(inception_weights):
         array = rng.integers(0, 256, (80, 96)).astype(np.float32)
         array[:3], array[-3:] = 0, 255  # robust min-max leaves these 8-bit values as they are
         arrays.append(array)
-    ours = np.concatenate([extractor.features(Image(a * 7.5 - 1000, np.eye(4), "CT"))["2d"] for a in arrays])  # any units
+    # any units
+    ours = np.concatenate([extractor.features(Image(a * 7.5 - 1000, np.eye(4), "CT"))["2d"] for a in arrays])
     assert ours.shape == (3, 2048) and np.isfinite(ours).all() and ours.std() > 0
     fid = FrechetInceptionDistance(feature=2048, normalize=True, feature_extractor_weights_path=str(inception_weights))
     fid.update(torch.stack([torch.from_numpy(a / 255).float().expand(3, -1, -1) for a in arrays]), real=True)
-    np.testing.assert_allclose(fid.real_features_sum.numpy(), ours.sum(axis=0), rtol=1e-4, atol=1e-6 * np.abs(ours).max())
+    np.testing.assert_allclose(fid.real_features_sum.numpy(), ours.sum(axis=0), rtol=1e-4,
+                               atol=1e-6 * np.abs(ours).max())
 
 
 def test_inception_v3_weights_from_meddiff_folder_or_torch_hub_cache(inception_weights, tmp_path, monkeypatch):
@@ -252,7 +270,9 @@ def test_inception_v3_weights_from_meddiff_folder_or_torch_hub_cache(inception_w
     (hub / inception_weights.name).symlink_to(inception_weights)  # where torchmetrics' FID would have downloaded it
     assert load_extractor("inception_v3").name == "inception_v3"
     torch.save(torch.nn.Linear(2, 2), tmp_path / "pickled.pth")  # a whole pickled module is never unpickled
-    with pytest.raises(MeddiffError, match=r"holds pickled Python objects \(torch.nn.modules.linear.Linear\), which meddiff never unpickles"):
+    with pytest.raises(MeddiffError,
+                       match=r"holds pickled Python objects \(torch.nn.modules.linear.Linear\), "
+                             r"which meddiff never unpickles"):
         load_extractor("inception_v3", tmp_path / "pickled.pth")
     torch.save({"fc.weight": torch.zeros(3, 3)}, tmp_path / "other.pth")
     with pytest.raises(MeddiffError, match="does not fit torch-fidelity's Inception-v3"):

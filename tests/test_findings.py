@@ -1,4 +1,5 @@
-"""The offline findings set: lesions drawn as reported, held-out combinations kept out of training, detector accuracy."""
+"""The offline findings set: lesions drawn as reported, held-out combinations kept out of training,
+detector accuracy."""
 
 from __future__ import annotations
 
@@ -14,22 +15,29 @@ from meddiff.data.manifest import Manifest
 @pytest.fixture(scope="module")
 def findings_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("findings")
-    assert main(["manifest", "findings", "-o", str(out), "--train", "60", "--val", "0", "--test", "60", "--seed", "1"]) == 0
+    assert main(["manifest", "findings", "-o", str(out), "--train", "60", "--val", "0", "--test", "60",
+                 "--seed", "1"]) == 0
     return out
 
 
 def test_held_out_combinations_only_in_test_and_reports_match_labels(findings_dir):
     records = Manifest.read(findings_dir / "manifest.jsonl").records
-    combos = lambda split: {tuple(r.labels.get(k) for k in ("intensity", "size", "side", "region")) for r in records if r.split == split}  # noqa: E731
+
+    def combos(split):
+        return {tuple(r.labels.get(k) for k in ("intensity", "size", "side", "region"))
+                for r in records if r.split == split}
+
     assert not combos("train") & set(HELD_OUT) and combos("test") & set(HELD_OUT)
     for r in records:
         if r.labels["count"] == 0:
             assert not any(word in r.report for word in ("hyperintense", "hypointense", "left", "right"))
         else:  # every attribute a report states is true; partial reports leave some unsaid
-            stated = {a for a, values in ATTRIBUTES.items() for v in values if v in r.report or (a == "size" and " mm " in r.report)}
+            stated = {a for a, values in ATTRIBUTES.items() for v in values
+                      if v in r.report or (a == "size" and " mm " in r.report)}
             assert stated and all(r.labels[a] in r.report or (a == "size" and " mm " in r.report) for a in stated)
             assert not any(v in r.report for a, values in ATTRIBUTES.items() for v in values if v != r.labels[a])
-    assert sum(all(r.labels[a] in r.report for a in ("intensity", "side", "region")) for r in records if r.labels["count"]) > 10
+    assert sum(all(r.labels[a] in r.report for a in ("intensity", "side", "region")) for r in records
+               if r.labels["count"]) > 10
     assert all(r.synthetic and r.spacing == [3.0, 3.0] for r in records)
 
 
@@ -50,4 +58,5 @@ def test_lesions_change_the_slice_only_where_reported():
     assert detect(base) == Finding(0)
     assert "No" in report(Finding(0), rng) or "Normal" in report(Finding(0), rng)
     with pytest.raises(MeddiffError, match="no room"):
-        render(np.zeros((65, 72), np.float32) + (np.arange(72) > 60) * 0.5, Finding(1, "hyperintense", "large", "left", "posterior"), rng)
+        render(np.zeros((65, 72), np.float32) + (np.arange(72) > 60) * 0.5,
+               Finding(1, "hyperintense", "large", "left", "posterior"), rng)

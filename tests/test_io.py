@@ -11,11 +11,10 @@ import numpy as np
 import pydicom
 import pytest
 import SimpleITK as sitk
+from conftest import DICOMDIR_TESTS, PYDICOM_TEST_FILES
 
 from meddiff import Image, MeddiffError, load_image, save_image
 from meddiff.io.itk import sitk_to_array_affine
-
-from conftest import DICOMDIR_TESTS, PYDICOM_TEST_FILES
 
 IDENTIFYING = ("PatientName", "PatientID", "PatientBirthDate", "ReferringPhysicianName")
 
@@ -58,9 +57,11 @@ def test_dicom_series_geometry_matches_simpleitk_and_headers(ct_series_dir):
     np.testing.assert_allclose(image.affine, affine, atol=1e-4)
     np.testing.assert_array_equal(image.array, array)
     # independently from the headers: origin = first slice position, slices 2.5 mm apart, CT in HU
-    headers = sorted((pydicom.dcmread(p) for p in ct_series_dir.iterdir()), key=lambda d: float(d.ImagePositionPatient[2]))
+    headers = sorted((pydicom.dcmread(p) for p in ct_series_dir.iterdir()),
+                     key=lambda d: float(d.ImagePositionPatient[2]))
     first = headers[0]
-    np.testing.assert_allclose(image.affine[:3, 3], np.array(first.ImagePositionPatient, float) * [-1, -1, 1], atol=1e-4)
+    np.testing.assert_allclose(image.affine[:3, 3], np.array(first.ImagePositionPatient, float) * [-1, -1, 1],
+                               atol=1e-4)
     assert image.spacing == pytest.approx((float(first.PixelSpacing[1]), float(first.PixelSpacing[0]), 2.5), abs=1e-4)
     hu = first.pixel_array.astype(np.float32) * float(first.RescaleSlope) + float(first.RescaleIntercept)
     np.testing.assert_array_equal(image.array[:, :, 0], hu.T)

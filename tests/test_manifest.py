@@ -10,12 +10,11 @@ import nibabel as nib
 import numpy as np
 import pydicom
 import pytest
+from conftest import DICOMDIR_TESTS
 
 from meddiff import MeddiffError
 from meddiff.data.build import build_records
 from meddiff.data.manifest import Manifest, Record, write_manifest
-
-from conftest import DICOMDIR_TESTS
 
 
 def write_lines(path, lines):
@@ -88,13 +87,15 @@ def test_patient_split_keeps_each_patient_in_one_split(tmp_path):
     assert all("sub" not in r.subject for r in records)  # only the hash is kept
     again = build_records(tmp_path / "data", tmp_path, modality="MR", val_fraction=0.3, test_fraction=0.3, salt="s")
     assert [r.split for r in again] == [r.split for r in records]
-    other_salt = build_records(tmp_path / "data", tmp_path, modality="MR", val_fraction=0.3, test_fraction=0.3, salt="t")
+    other_salt = build_records(tmp_path / "data", tmp_path, modality="MR", val_fraction=0.3, test_fraction=0.3,
+                               salt="t")
     assert {r.subject for r in other_salt}.isdisjoint({r.subject for r in records})
 
 
 def test_random_split_may_separate_scans_of_one_patient(tmp_path):
     make_subjects(tmp_path / "data")
-    records = build_records(tmp_path / "data", tmp_path, modality="MR", split_by="random", val_fraction=0.3, test_fraction=0.3)
+    records = build_records(tmp_path / "data", tmp_path, modality="MR", split_by="random", val_fraction=0.3,
+                            test_fraction=0.3)
     per_subject = {}
     for r in records:
         per_subject.setdefault(r.subject, set()).add(r.split)
@@ -149,8 +150,9 @@ def test_build_refuses_patient_ids_in_folder_names(tmp_path):
 
 
 def test_subject_of_files_without_suffix_is_their_name(tmp_path):
-    from meddiff.data.build import _subject_from_path
     from pathlib import Path
+
+    from meddiff.data.build import _subject_from_path
 
     assert _subject_from_path(Path("IM0001"), None) == "IM0001"
     assert _subject_from_path(Path("scan.nii.gz"), None) == "scan"

@@ -19,7 +19,8 @@ from meddiff.encoders import load_text_encoder
 
 BIOMEDCLIP = "microsoft/BiomedCLIP-PubMedBERT_256-vit_base_patch16_224"
 BERT = "microsoft/BiomedNLP-BiomedBERT-base-uncased-abstract"
-WORDS = "no acute abnormality a mm hyperintense hypointense lesion in the left right anterior posterior region small large chest".split()
+WORDS = ("no acute abnormality a mm hyperintense hypointense lesion in the left right anterior posterior region "
+         "small large chest").split()
 CONTEXT = 16
 
 
@@ -28,9 +29,10 @@ def tiny_config() -> dict:
     return {
         "model_cfg": {
             "embed_dim": 24,
-            "vision_cfg": {"timm_model_name": "vit_tiny_patch16_224", "timm_model_pretrained": False, "timm_pool": "", "timm_proj": "linear", "image_size": 224},
-            "text_cfg": {"hf_model_name": BERT, "hf_tokenizer_name": BERT, "hf_proj_type": "mlp", "hf_pooler_type": "cls_last_hidden_state_pooler",
-                         "context_length": CONTEXT},
+            "vision_cfg": {"timm_model_name": "vit_tiny_patch16_224", "timm_model_pretrained": False, "timm_pool": "",
+                           "timm_proj": "linear", "image_size": 224},
+            "text_cfg": {"hf_model_name": BERT, "hf_tokenizer_name": BERT, "hf_proj_type": "mlp",
+                         "hf_pooler_type": "cls_last_hidden_state_pooler", "context_length": CONTEXT},
         },
         "preprocess_cfg": {"mean": [0.48145466, 0.4578275, 0.40821073], "std": [0.26862954, 0.26130258, 0.27577711]},
     }
@@ -63,7 +65,8 @@ def local_dir(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("biomedclip-local")
     (folder / "open_clip_config.json").write_text(json.dumps(tiny_config(), indent=2))
     write_bert_files(folder)
-    text_cfg = {**tiny_config()["model_cfg"]["text_cfg"], "hf_model_name": str(folder), "hf_tokenizer_name": str(folder), "hf_model_pretrained": False}
+    text_cfg = {**tiny_config()["model_cfg"]["text_cfg"], "hf_model_name": str(folder),
+                "hf_tokenizer_name": str(folder), "hf_model_pretrained": False}
     torch.manual_seed(0)
     model = open_clip.create_model(f"local-dir:{folder}", text_cfg=text_cfg)  # random weights: none in the folder yet
     torch.save(model.state_dict(), folder / "open_clip_pytorch_model.bin")
@@ -71,7 +74,8 @@ def local_dir(tmp_path_factory) -> Path:
 
 
 def _add_to_hub_cache(cache: Path, repo_id: str, files: dict[str, Path]) -> Path:
-    """A repo in huggingface_hub's cache layout: blobs/<hash>, snapshots/<commit>/<name> -> ../../blobs/<hash>, refs/main."""
+    """A repo in huggingface_hub's cache layout: blobs/<hash>,
+    snapshots/<commit>/<name> -> ../../blobs/<hash>, refs/main."""
     repo = cache / f"models--{repo_id.replace('/', '--')}"
     commit = hashlib.sha1(repo_id.encode()).hexdigest()
     snapshot = repo / "snapshots" / commit
@@ -91,8 +95,10 @@ def hub_cache(local_dir, tmp_path_factory) -> Path:
     """The same model as a Hugging Face cache: BiomedCLIP's repo holds only its config and weights (as on the
     hub), the BERT's repo its config and tokenizer files."""
     cache = tmp_path_factory.mktemp("hf-home") / "hub"
-    _add_to_hub_cache(cache, BIOMEDCLIP, {n: local_dir / n for n in ("open_clip_config.json", "open_clip_pytorch_model.bin")})
-    bert = {p.name: p for p in local_dir.iterdir() if p.name not in ("open_clip_config.json", "open_clip_pytorch_model.bin")}
+    _add_to_hub_cache(cache, BIOMEDCLIP,
+                      {n: local_dir / n for n in ("open_clip_config.json", "open_clip_pytorch_model.bin")})
+    bert = {p.name: p for p in local_dir.iterdir()
+            if p.name not in ("open_clip_config.json", "open_clip_pytorch_model.bin")}
     _add_to_hub_cache(cache, BERT, bert)
     return cache
 
@@ -124,14 +130,16 @@ def test_local_dir_gives_tokens_mask_pooled_and_the_saved_weights(local_dir, mon
     torch.testing.assert_close(batch.tokens[1, :n], alone.tokens[0, :n])
     # the token states are those of the CLIP text tower's transformer
     ids = encoder.tokenizer(reports[:1], return_tensors="pt")
-    torch.testing.assert_close(batch.tokens[0, : ids["input_ids"].shape[1]], encoder.clip.text.transformer(**ids).last_hidden_state[0])
+    torch.testing.assert_close(batch.tokens[0, : ids["input_ids"].shape[1]],
+                               encoder.clip.text.transformer(**ids).last_hidden_state[0])
     assert encoder.context(reports).shape == (3, CONTEXT, 32)
 
 
 def test_hf_hub_spec_loads_from_the_cache_offline_and_matches_local_dir(local_dir, hub_cache, monkeypatch):
     clean_offline_env(monkeypatch, hub_cache)
     encoder = load_text_encoder(f"hf-hub:{BIOMEDCLIP}")
-    assert encoder.spec == f"hf-hub:{BIOMEDCLIP}" and "models--microsoft--BiomedNLP" in str(encoder.tokenizer.name_or_path)
+    assert (encoder.spec == f"hf-hub:{BIOMEDCLIP}"
+            and "models--microsoft--BiomedNLP" in str(encoder.tokenizer.name_or_path))
     local = load_text_encoder(f"local-dir:{local_dir}")
     reports = ["small lesion in the left region.", "no acute abnormality."]
     torch.testing.assert_close(encoder.encode(reports).tokens, local.encode(reports).tokens)
@@ -161,7 +169,8 @@ def test_truncation_warning_and_text_cache(local_dir, monkeypatch, caplog):
 
 def test_missing_files_say_which_file_goes_where(local_dir, tmp_path, monkeypatch):
     clean_offline_env(monkeypatch, tmp_path / "empty-cache")
-    with pytest.raises(MeddiffError, match=r"not in the Hugging Face cache .*empty-cache.*never downloads.*hf download"):
+    with pytest.raises(MeddiffError,
+                       match=r"not in the Hugging Face cache .*empty-cache.*never downloads.*hf download"):
         load_text_encoder(f"hf-hub:{BIOMEDCLIP}")
     with pytest.raises(MeddiffError, match="no such folder"):
         load_text_encoder(f"local-dir:{tmp_path / 'nowhere'}")
@@ -173,20 +182,25 @@ def test_missing_files_say_which_file_goes_where(local_dir, tmp_path, monkeypatc
     with pytest.raises(MeddiffError, match="copy the model's open_clip_pytorch_model.bin"):
         load_text_encoder(f"local-dir:{folder}")
     shutil.copy(local_dir / "open_clip_pytorch_model.bin", folder)
-    with pytest.raises(MeddiffError, match=rf"text tower '{BERT}' needs its config.json and tokenizer .* put them in {folder}"):
+    with pytest.raises(MeddiffError,
+                       match=rf"text tower '{BERT}' needs its config.json and tokenizer .* put them in {folder}"):
         load_text_encoder(f"local-dir:{folder}")
     # the BERT files only in the cache: found there (the hf-hub case with the model itself in a folder)
     cache = tmp_path / "bert-cache"
-    _add_to_hub_cache(cache, BERT, {p.name: p for p in local_dir.iterdir() if p.name in ("config.json", "vocab.txt", "tokenizer_config.json")})
+    _add_to_hub_cache(cache, BERT,
+                      {p.name: p for p in local_dir.iterdir()
+                       if p.name in ("config.json", "vocab.txt", "tokenizer_config.json")})
     monkeypatch.setenv("HF_HUB_CACHE", str(cache))
     assert load_text_encoder(f"local-dir:{folder}").dim == 32
     (folder / "open_clip_pytorch_model.bin").write_bytes(b"not a checkpoint")
-    with pytest.raises(MeddiffError, match="cannot read local-dir:.*open_clip_pytorch_model.bin: not a file of tensors"):
+    with pytest.raises(MeddiffError,
+                       match="cannot read local-dir:.*open_clip_pytorch_model.bin: not a file of tensors"):
         load_text_encoder(f"local-dir:{folder}")
 
 
 def test_clip_score_matches_open_clip_reference_use(local_dir, monkeypatch):
-    """clip_score through the encoder equals open_clip's documented recipe (its preprocess on a PIL image, its tokenizer)."""
+    """clip_score through the encoder equals open_clip's documented recipe (its preprocess on a PIL image,
+    its tokenizer)."""
     import open_clip
     from PIL import Image as PILImage
 
@@ -201,11 +215,13 @@ def test_clip_score_matches_open_clip_reference_use(local_dir, monkeypatch):
     reports = ["small lesion in the left region.", "no acute abnormality."]
     result = clip_score([Image(a, np.eye(4), "DX") for a in arrays], reports, encoder)
     _, _, preprocess = open_clip.create_model_and_transforms(f"local-dir:{local_dir}", text_cfg={
-        **tiny_config()["model_cfg"]["text_cfg"], "hf_model_name": str(local_dir), "hf_tokenizer_name": str(local_dir), "hf_model_pretrained": False})
+        **tiny_config()["model_cfg"]["text_cfg"], "hf_model_name": str(local_dir), "hf_tokenizer_name": str(local_dir),
+        "hf_model_pretrained": False})
     with torch.inference_mode():
         image = torch.stack([preprocess(PILImage.fromarray(a.T.astype(np.uint8)).convert("RGB")) for a in arrays])
         image_emb = torch.nn.functional.normalize(encoder.clip.encode_image(image), dim=-1)
-        text_emb = torch.nn.functional.normalize(encoder.clip.encode_text(open_clip.get_tokenizer(f"local-dir:{local_dir}")(reports)), dim=-1)
+        tokens = open_clip.get_tokenizer(f"local-dir:{local_dir}")(reports)
+        text_emb = torch.nn.functional.normalize(encoder.clip.encode_text(tokens), dim=-1)
     expected = (100 * (image_emb * text_emb).sum(-1).clamp_min(0)).tolist()
     np.testing.assert_allclose(result["per_item"], expected, rtol=1e-4, atol=1e-4)
     assert encoder.preprocess_cfg.size == (224, 224)
@@ -227,7 +243,8 @@ def test_evaluate_cli_clip_metric_uses_manifest_reports(local_dir, tmp_path, mon
         records.append(Record(image=f"f{i}.nii.gz", modality="MR", report=report))
     (fake / "manifest.jsonl").write_text("".join(r.model_dump_json(exclude_none=True) + "\n" for r in records))
     out = tmp_path / "eval.json"
-    args = ["evaluate", "--real", str(fake), "--fake", str(fake), "--metrics", "clip", "--clip", f"local-dir:{local_dir}"]
+    args = ["evaluate", "--real", str(fake), "--fake", str(fake), "--metrics", "clip",
+            "--clip", f"local-dir:{local_dir}"]
     assert main([*args, "--json", str(out)]) == 0
     result = json.loads(out.read_text())["clip"]
     assert result["images"] == 2 and 0 <= result["clip_score"] <= 100 and result["encoder"] == f"local-dir:{local_dir}"
@@ -240,12 +257,14 @@ def test_report_conditioned_module_takes_an_open_clip_text_encoder(local_dir, mo
 
     clean_offline_env(monkeypatch)
     torch.manual_seed(0)
-    module = DiffusionModule(spatial_dims=2, channels=(16, 32), attention_levels=(False, True), num_head_channels=16, norm_num_groups=16,
-                             image_shape=(16, 16), text_encoder=f"local-dir:{local_dir}", condition_dropout=0.0)
+    module = DiffusionModule(spatial_dims=2, channels=(16, 32), attention_levels=(False, True), num_head_channels=16,
+                             norm_num_groups=16, image_shape=(16, 16), text_encoder=f"local-dir:{local_dir}",
+                             condition_dropout=0.0)
     assert module.model_config().unet.cross_attention_dim == 32
     for p in module.unet.parameters():
         torch.nn.init.normal_(p, std=0.05)
-    batch = {"image": torch.rand(2, 1, 16, 16) * 2 - 1, "report": ["small lesion in the left region.", "no acute abnormality."]}
+    batch = {"image": torch.rand(2, 1, 16, 16) * 2 - 1,
+             "report": ["small lesion in the left region.", "no acute abnormality."]}
     other = {**batch, "report": ["large lesion in the right region.", "large hypointense lesion."]}
     gen = lambda: torch.Generator().manual_seed(0)  # noqa: E731
     assert module.loss(batch, gen()) != module.loss(other, gen())
@@ -284,7 +303,8 @@ def extractor_encoder_reference(local_dir: Path, image: Image) -> np.ndarray:
 
 
 def test_no_hf_offline_variable_is_needed(local_dir, hub_cache, monkeypatch):
-    """The cache look-ups are file-system only: with HF_HUB_OFFLINE unset (and the network refused) hf-hub: still loads."""
+    """The cache look-ups are file-system only: with HF_HUB_OFFLINE unset (and the network refused)
+    hf-hub: still loads."""
     clean_offline_env(monkeypatch, hub_cache)
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)

@@ -61,15 +61,17 @@ def test_ssim_and_ms_ssim_match_scikit_image_and_refuse_what_they_cannot_measure
     rng = np.random.default_rng(5)
     reference = rng.random((64, 80))
     estimate = reference + 0.1 * rng.standard_normal(reference.shape)
-    expected = structural_similarity(reference, estimate, data_range=1.0, gaussian_weights=True, sigma=1.5, use_sample_covariance=False)
+    expected = structural_similarity(reference, estimate, data_range=1.0, gaussian_weights=True, sigma=1.5,
+                                     use_sample_covariance=False)
     assert ssim(reference, estimate, 1.0) == pytest.approx(expected, rel=1e-6)
-    assert ssim(reference[..., None], estimate[..., None], 1.0) == pytest.approx(expected, rel=1e-6)  # singleton axis dropped
+    # singleton axis dropped
+    assert ssim(reference[..., None], estimate[..., None], 1.0) == pytest.approx(expected, rel=1e-6)
     with pytest.raises(MeddiffError, match="11 pixels"):
         ssim(reference[:8, :8], estimate[:8, :8], 1.0)
     slab = rng.random((40, 32, 6))  # six thick slices: scored slice by slice in 2D
     noisy_slab = slab + 0.1 * rng.standard_normal(slab.shape)
-    per_slice = [structural_similarity(slab[..., k], noisy_slab[..., k], data_range=1.0, gaussian_weights=True, sigma=1.5,
-                                       use_sample_covariance=False) for k in range(6)]
+    per_slice = [structural_similarity(slab[..., k], noisy_slab[..., k], data_range=1.0, gaussian_weights=True,
+                                       sigma=1.5, use_sample_covariance=False) for k in range(6)]
     assert ssim(slab, noisy_slab, 1.0) == pytest.approx(np.mean(per_slice), rel=1e-6)
     border = np.zeros(reference.shape, bool)
     border[:3] = True

@@ -20,7 +20,8 @@ def loaded(path, modality=None):
 
 
 def test_normalisation_inverts_exactly_on_real_images(mni_t1, clinical_dicom, samples_dir):
-    for path in (mni_t1, clinical_dicom / "693_UNCR.dcm", clinical_dicom / "RG1_UNCR.dcm", samples_dir / "dipy_t1_coronal_slice.nii.gz"):
+    for path in (mni_t1, clinical_dicom / "693_UNCR.dcm", clinical_dicom / "RG1_UNCR.dcm",
+                 samples_dir / "dipy_t1_coronal_slice.nii.gz"):
         data = loaded(path)
         original = data["image"].clone()
         norm = NormalizeIntensityd("image")

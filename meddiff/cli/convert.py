@@ -27,7 +27,8 @@ def run(args) -> None:
     suffix = full_suffix(args.output)
     if suffix in PICTURE_SUFFIXES and not _plain_grid(image.affine):
         spacing = " x ".join(f"{s:g}" for s in image.spacing)
-        log.warning("%s keeps no geometry: the %s mm spacing, orientation and position are dropped — write .nii.gz, .mha or .nrrd to keep them", suffix, spacing)
+        log.warning("%s keeps no geometry: the %s mm spacing, orientation and position are dropped — write .nii.gz, "
+                    ".mha or .nrrd to keep them", suffix, spacing)
     out = save_image(image, args.output, overwrite=args.overwrite)
     print(f"wrote {out} ({' x '.join(map(str, image.array.shape))}, {image.orientation})")
 

@@ -27,7 +27,8 @@ CKPT_KEYWORDS = ("last", "best", "hpc", "registry")  # Lightning resolves these 
 
 
 def add_parser(subparsers) -> None:
-    p = subparsers.add_parser("fit", help="train a model from a LightningCLI YAML config (meddiff fit --help)", add_help=False)
+    p = subparsers.add_parser("fit", help="train a model from a LightningCLI YAML config (meddiff fit --help)",
+                              add_help=False)
     p.set_defaults(func=run, passthrough=True)
 
 
@@ -56,7 +57,8 @@ def check_config_files(files: list[Path]) -> None:
     """Each config file exists and is a YAML mapping; otherwise one line naming the file and the place."""
     for path in files:
         if not path.is_file():
-            raise MeddiffError(f"config file {path} does not exist — give a LightningCLI YAML such as configs/smoke/ddpm_2d.yaml")
+            raise MeddiffError(f"config file {path} does not exist — give a LightningCLI YAML such as "
+                               "configs/smoke/ddpm_2d.yaml")
         try:
             config = yaml.safe_load(path.read_text())
         except yaml.YAMLError as exc:
@@ -67,7 +69,8 @@ def check_config_files(files: list[Path]) -> None:
         except (OSError, UnicodeDecodeError) as exc:
             raise MeddiffError(f"cannot read config file {path}: {exc} — give a LightningCLI YAML file") from None
         if config is not None and not isinstance(config, dict):
-            raise MeddiffError(f"config file {path} holds a {type(config).__name__}, not a mapping of trainer/model/data — fix the file")
+            raise MeddiffError(f"config file {path} holds a {type(config).__name__}, "
+                               "not a mapping of trainer/model/data — fix the file")
 
 
 def check_checkpoint(path: str | os.PathLike) -> None:
@@ -82,16 +85,20 @@ def check_checkpoint(path: str | os.PathLike) -> None:
 
     path = Path(path)
     if not path.is_file():
-        raise MeddiffError(f"checkpoint {path} does not exist — give a .ckpt file that meddiff fit wrote, or --ckpt_path last")
+        raise MeddiffError(f"checkpoint {path} does not exist — give a .ckpt file that meddiff fit wrote, "
+                           "or --ckpt_path last")
     try:
         with warnings.catch_warnings():  # torch warns about the pickle protocol of a file it then refuses
             warnings.simplefilter("ignore")
             checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
     except (pickle.UnpicklingError, RuntimeError, ValueError, EOFError, OSError, AttributeError, TypeError) as exc:
-        reason = "it holds objects other than tensors and plain values" if isinstance(exc, pickle.UnpicklingError) else f"{type(exc).__name__}"
-        raise MeddiffError(f"refusing checkpoint {path}: {reason} (read with torch.load weights_only) — resume only from a .ckpt that meddiff fit wrote") from None
+        reason = ("it holds objects other than tensors and plain values" if isinstance(exc, pickle.UnpicklingError)
+                  else f"{type(exc).__name__}")
+        raise MeddiffError(f"refusing checkpoint {path}: {reason} (read with torch.load weights_only) "
+                           "— resume only from a .ckpt that meddiff fit wrote") from None
     if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
-        raise MeddiffError(f"{path} is not a Lightning checkpoint (no state_dict) — resume only from a .ckpt that meddiff fit wrote")
+        raise MeddiffError(f"{path} is not a Lightning checkpoint (no state_dict) "
+                           "— resume only from a .ckpt that meddiff fit wrote")
 
 
 def make_manifest_hint(manifest: Path, configs: list[Path]) -> str:
@@ -114,7 +121,8 @@ def make_manifest_hint(manifest: Path, configs: list[Path]) -> str:
             outputs = [words[i + 1] for i, word in enumerate(words[:-1]) if word in ("-o", "--output")]
             if any(os.path.normpath(out) in wanted for out in outputs):
                 return f"make it with `{command}`"
-    return "write one with `meddiff manifest build DIR -o FILE.jsonl` (see data_manifests/README.md) and set --data.init_args.manifest"
+    return ("write one with `meddiff manifest build DIR -o FILE.jsonl` (see data_manifests/README.md) "
+            "and set --data.init_args.manifest")
 
 
 def check_text_encoder(config, configs: list[Path]) -> None:
@@ -123,11 +131,15 @@ def check_text_encoder(config, configs: list[Path]) -> None:
     spec = config.get("model.init_args.text_encoder") if hasattr(config, "get") else None
     if not isinstance(spec, str) or re.match(r"^[a-z-]+:", spec) or Path(spec).exists():
         return
-    for folder in dict.fromkeys(parent for config_file in configs for parent in (config_file.parent, config_file.parent.parent)):
+    for folder in dict.fromkeys(parent for config_file in configs
+                                for parent in (config_file.parent, config_file.parent.parent)):
         for candidate in sorted(folder.glob("*.yaml")):
-            if re.search(rf"^\s*export_dir:\s*['\"]?{re.escape(spec)}['\"]?\s*$", candidate.read_text(errors="replace"), re.MULTILINE):
-                raise MeddiffError(f"text encoder folder {spec} does not exist — make it with `meddiff fit --config {candidate}`")
-    raise MeddiffError(f"text encoder folder {spec} does not exist — give an exported meddiff CLIP folder, hf:NAME_OR_PATH or local-dir:PATH")
+            if re.search(rf"^\s*export_dir:\s*['\"]?{re.escape(spec)}['\"]?\s*$", candidate.read_text(errors="replace"),
+                         re.MULTILINE):
+                raise MeddiffError(f"text encoder folder {spec} does not exist — "
+                                   f"make it with `meddiff fit --config {candidate}`")
+    raise MeddiffError(f"text encoder folder {spec} does not exist — give an exported meddiff CLIP folder, "
+                       "hf:NAME_OR_PATH or local-dir:PATH")
 
 
 def check_data(datamodule, configs: list[Path]) -> None:
@@ -152,8 +164,10 @@ def check_resume(trainer, ckpt_path: str | None) -> None:
         try:
             with warnings.catch_warnings():  # Lightning warns (once, later) when there is no last checkpoint
                 warnings.simplefilter("ignore")
-                ckpt_path = trainer._checkpoint_connector._parse_ckpt_path(TrainerFn.FITTING, "last", model_provided=True, model_connected=False)
-        except Exception:  # noqa: BLE001 - a private Lightning call: if it changes, Lightning's own weights_only load still guards
+                ckpt_path = trainer._checkpoint_connector._parse_ckpt_path(TrainerFn.FITTING, "last",
+                                                                           model_provided=True, model_connected=False)
+        except Exception:  # noqa: BLE001
+            # a private Lightning call: if it changes, Lightning's own weights_only load still guards
             return
         if ckpt_path is None:
             return
@@ -170,7 +184,8 @@ def run(args) -> None:
     check_config_files(configs)
     weights_only = [a for a in cli_args if a.startswith("--weights_only")]
     if any(a not in ("--weights_only=true", "--weights_only=True") for a in weights_only):
-        raise MeddiffError("meddiff fit always reads checkpoints with weights_only=true (no code from a file) — drop --weights_only")
+        raise MeddiffError("meddiff fit always reads checkpoints with weights_only=true (no code from a file) "
+                           "— drop --weights_only")
     if not weights_only:
         cli_args.append("--weights_only=true")
 
@@ -178,7 +193,8 @@ def run(args) -> None:
         def parse_arguments(self, parser, args) -> None:
             super().parse_arguments(parser, args)
             ckpt_path = self.config.get("fit", {}).get("ckpt_path")
-            if ckpt_path is not None and str(ckpt_path) not in CKPT_KEYWORDS and not str(ckpt_path).startswith("registry:"):
+            if (ckpt_path is not None and str(ckpt_path) not in CKPT_KEYWORDS
+                    and not str(ckpt_path).startswith("registry:")):
                 check_checkpoint(ckpt_path)  # before LightningCLI reads the checkpoint's hyperparameters
 
         def before_instantiate_classes(self) -> None:
@@ -202,7 +218,8 @@ def run(args) -> None:
             parser_kwargs={"exit_on_error": False, "fit": {"exit_on_error": False}},
             trainer_defaults={
                 "logger": [
-                    {"class_path": "lightning.pytorch.loggers.WandbLogger", "init_args": {"project": "meddiff", "save_dir": "runs"}},
+                    {"class_path": "lightning.pytorch.loggers.WandbLogger",
+                     "init_args": {"project": "meddiff", "save_dir": "runs"}},
                     {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": "runs"}},
                 ],
             },

@@ -28,7 +28,8 @@ def describe(image: Image) -> dict:
         "orientation": image.orientation,
         "affine": np.round(image.affine, 6).tolist(),
         "modality": image.modality,
-        "stats": {k: float(v) for k, v in {"min": a.min(), "max": a.max(), "mean": a.mean(), "std": a.std(), "p1": p1, "median": p50, "p99": p99}.items()},
+        "stats": {k: float(v) for k, v in {"min": a.min(), "max": a.max(), "mean": a.mean(), "std": a.std(),
+                                           "p1": p1, "median": p50, "p99": p99}.items()},
         "meta": image.meta,
     }
 

@@ -25,17 +25,21 @@ def add_parser(subparsers) -> None:
     b.add_argument("--salt", help="secret salt of the patient hash (default: random each run)")
     b.add_argument("--seed", type=int, default=0, help="seed of --split-by random")
     b.add_argument("--modality", help="modality of non-DICOM files (MR, CT, CR, DX, ...)")
-    b.add_argument("--subject-pattern", metavar="REGEX", help="regex whose first group is the subject, for non-DICOM files")
+    b.add_argument("--subject-pattern", metavar="REGEX",
+                   help="regex whose first group is the subject, for non-DICOM files")
     b.add_argument("--source", help="dataset name recorded in each record (default: DIR's name)")
     b.add_argument("--include", metavar="GLOB", help="only files whose path under DIR matches, e.g. '*_t1.nii.gz'")
-    b.add_argument("--allow-ids-in-paths", action="store_true", help="accept DICOM patient IDs in folder names (public pseudonymised data only)")
+    b.add_argument("--allow-ids-in-paths", action="store_true",
+                   help="accept DICOM patient IDs in folder names (public pseudonymised data only)")
     b.add_argument("--overwrite", action="store_true")
     b.set_defaults(func=run_build)
 
     v = sub.add_parser("validate", help="check schema, files, and with --deep every image")
     v.add_argument("manifest", metavar="FILE")
-    v.add_argument("--deep", action="store_true", help="also load every image and mask (finite, shapes agree) and compare contents across splits")
-    v.add_argument("--allow-shared-subjects", action="store_true", help="accept one subject in several splits (a deliberate --split-by random)")
+    v.add_argument("--deep", action="store_true",
+                   help="also load every image and mask (finite, shapes agree) and compare contents across splits")
+    v.add_argument("--allow-shared-subjects", action="store_true",
+                   help="accept one subject in several splits (a deliberate --split-by random)")
     v.set_defaults(func=run_validate)
 
     s = sub.add_parser("samples", help="write the offline real sample set (NIfTI) and its manifest")
@@ -44,7 +48,9 @@ def add_parser(subparsers) -> None:
     s.add_argument("--overwrite", action="store_true")
     s.set_defaults(func=run_samples)
 
-    f = sub.add_parser("findings", help="write the 'findings' set: MRI slices with simulated lesions, reports and held-out combinations")
+    f = sub.add_parser("findings",
+                       help="write the 'findings' set: MRI slices with simulated lesions, "
+                            "reports and held-out combinations")
     f.add_argument("-o", "--output", required=True, metavar="DIR")
     f.add_argument("--train", type=int, default=400)
     f.add_argument("--val", type=int, default=40)
@@ -93,7 +99,8 @@ def run_findings(args) -> None:
 
     if min(args.train, args.val, args.test) < 0:
         raise MeddiffError("--train, --val and --test must not be negative")
-    path = write_findings_dataset(args.output, {"train": args.train, "val": args.val, "test": args.test}, seed=args.seed, overwrite=args.overwrite)
+    path = write_findings_dataset(args.output, {"train": args.train, "val": args.val, "test": args.test},
+                                  seed=args.seed, overwrite=args.overwrite)
     print(f"wrote {path}: {_split_counts(Manifest.read(path).records)}")
 
 

@@ -73,14 +73,16 @@ def build_records(
         exposed = [i for i in identifiers if len(i) >= 3 and (i in rel.as_posix() or i in source)]
         if exposed and not allow_ids_in_paths:
             raise MeddiffError(
-                f"the path of {rel.as_posix()} or the source name contains its patient's {('ID', 'name')[identifiers.index(exposed[0])]}: "
+                f"the path of {rel.as_posix()} or the source name contains its patient's "
+                f"{('ID', 'name')[identifiers.index(exposed[0])]}: "
                 "a manifest would expose it — rename the folders to pseudonyms, pass --source, or, for public "
                 "pseudonymised data, --allow-ids-in-paths"
             )
         subject = identifiers[0] or _subject_from_path(rel, pattern)
         for file in series.files:
             _check_complete(file, folder)
-        found.append((dict(image=image, series=uid, modality=series.modality, spacing=_dicom_spacing(series.files)), subject, rel))
+        found.append((dict(image=image, series=uid, modality=series.modality, spacing=_dicom_spacing(series.files)),
+                      subject, rel))
     for path in sorted(folder.rglob("*")):
         rel = path.relative_to(folder)
         hidden = any(part.startswith(".") for part in rel.parts)  # meddiff's temporaries and staging folders
@@ -89,7 +91,8 @@ def build_records(
             if modality is None:
                 raise MeddiffError(f"cannot tell the modality of {path} — pass --modality MR|CT|CR|DX")
             _check_complete(path, folder)
-            found.append((dict(image=path, modality=modality, spacing=_header_spacing(path)), _subject_from_path(rel, pattern), rel))
+            found.append((dict(image=path, modality=modality, spacing=_header_spacing(path)),
+                          _subject_from_path(rel, pattern), rel))
     if not found:
         raise MeddiffError(f"no images found under {folder}")
     rng = np.random.default_rng(seed)
@@ -120,11 +123,12 @@ def _check_complete(path: Path, folder: Path) -> None:
         else:
             expected, held = _dicom_pixel_sizes(path)
     except Exception as exc:  # noqa: BLE001 - nibabel and pydicom raise many types on damaged headers
-        raise MeddiffError(f"{path.relative_to(folder).as_posix()} cannot be read ({exc}) — copy it again or move it out of {folder}") from None
+        raise MeddiffError(f"{path.relative_to(folder).as_posix()} cannot be read ({exc}) "
+                           f"— copy it again or move it out of {folder}") from None
     if held < expected:
         raise MeddiffError(
-            f"{path.relative_to(folder).as_posix()} is truncated: its header promises {expected} bytes, the file holds {held} — "
-            f"copy it again or move it out of {folder}"
+            f"{path.relative_to(folder).as_posix()} is truncated: its header promises {expected} bytes, "
+            f"the file holds {held} — copy it again or move it out of {folder}"
         )
 
 
@@ -163,14 +167,18 @@ def _gunzipped_size(path: Path) -> int:
 
 
 def _dicom_pixel_sizes(path: Path) -> tuple[int, int]:
-    """(pixel bytes the header promises, pixel bytes the file holds) of an uncompressed DICOM image; (0, 0) if compressed."""
-    ds = pydicom.dcmread(path, defer_size=1024)  # large values are skipped, not read: the pixel data's offset and length stay
+    """(pixel bytes the header promises, pixel bytes the file holds) of an uncompressed DICOM image;
+    (0, 0) if compressed."""
+    # large values are skipped, not read: the pixel data's offset and length stay
+    ds = pydicom.dcmread(path, defer_size=1024)
     syntax = ds.file_meta.get("TransferSyntaxUID")
     if syntax is not None and (syntax.is_compressed or syntax.is_deflated):  # sizes in the file are not pixel counts
         return 0, 0
     try:
-        samples = 2 if ds.get("PhotometricInterpretation") == "YBR_FULL_422" else int(ds.get("SamplesPerPixel") or 1)  # chroma halved
-        expected = int(ds.Rows) * int(ds.Columns) * int(ds.get("NumberOfFrames") or 1) * samples * int(ds.get("BitsAllocated") or 8) // 8
+        # chroma halved
+        samples = 2 if ds.get("PhotometricInterpretation") == "YBR_FULL_422" else int(ds.get("SamplesPerPixel") or 1)
+        expected = (int(ds.Rows) * int(ds.Columns) * int(ds.get("NumberOfFrames") or 1) * samples
+                    * int(ds.get("BitsAllocated") or 8) // 8)
     except (TypeError, ValueError):  # a malformed size field: reading the image will say what is wrong
         return 0, 0
     if "PixelData" not in ds:

@@ -36,12 +36,12 @@ class ManifestDataModule(pl.LightningDataModule):
     first (mm); ``patch_size`` takes random crops for training and centred crops/pads for
     validation. In 2D, one volume gives ``slices_per_volume`` training items, so a training batch
     holds ``batch_size * slices_per_volume`` slices (MONAI's ``num_samples`` convention); 3D modules
-    skip records whose ``spacing`` marks them 2D. ``augment`` is a list of MONAI dict transforms (keys ``image``/``mask``) applied to
-    training items only. ``cache_rate`` keeps the deterministic part (load, resample, normalise) in
-    memory, so epochs after the first skip the disk. ``label_key`` puts ``labels[label_key]`` into
-    ``batch["label"]`` for class-conditioned models (strings mapped through ``class_names``). Volumes
-    are reoriented to RAS first, so data from LPS DICOM and RAS NIfTI agree in layout.
-
+    skip records whose ``spacing`` marks them 2D. ``augment`` is a list of MONAI dict transforms
+    (keys ``image``/``mask``) applied to training items only. ``cache_rate`` keeps the deterministic
+    part (load, resample, normalise) in memory, so epochs after the first skip the disk.
+    ``label_key`` puts ``labels[label_key]`` into ``batch["label"]`` for class-conditioned models
+    (strings mapped through ``class_names``). Volumes are reoriented to RAS first, so data from LPS
+    DICOM and RAS NIfTI agree in layout.
     Training data replay exactly on resume: the order of an epoch is a function of (``data_seed``, epoch)
     only, the random transforms of an item (slices, crops, augmentation) are seeded by (``data_seed``,
     epoch, index), and the training loader tells Lightning how far into its epoch it got, so a run
@@ -90,14 +90,15 @@ class ManifestDataModule(pl.LightningDataModule):
         manifest = self.manifest
         wanted = {m.upper() for m in self.hparams.modalities} if self.hparams.modalities else None
         items = []
-        for number, record in zip(manifest.lines, manifest.records):
+        for number, record in zip(manifest.lines, manifest.records, strict=True):
             if record.split != split:
                 continue
             if wanted and record.modality not in wanted:
                 continue
             if self.hparams.spatial_dims == 3 and record.spacing is not None and len(record.spacing) == 2:
                 continue  # a 2D image cannot give 3D training items
-            item = {"image": str(manifest.resolve(record.image)), "modality": record.modality, "report": record.report or ""}
+            item = {"image": str(manifest.resolve(record.image)), "modality": record.modality,
+                    "report": record.report or ""}
             if self.hparams.label_key is not None:
                 item["label"] = self.class_index(record.labels, number)
             if record.series:
@@ -111,14 +112,17 @@ class ManifestDataModule(pl.LightningDataModule):
         """``labels[label_key]`` as a class index: its position in ``class_names``, or the integer itself."""
         key, names = self.hparams.label_key, self.hparams.class_names
         if key not in labels:
-            raise MeddiffError(f"{self.manifest_path} line {number}: labels has no '{key}' (needed for class conditioning)")
+            raise MeddiffError(f"{self.manifest_path} line {number}: "
+                               f"labels has no '{key}' (needed for class conditioning)")
         value = labels[key]
         if names is not None:
             if str(value) not in names:
-                raise MeddiffError(f"{self.manifest_path} line {number}: label {value!r} is not one of class_names {list(names)}")
+                raise MeddiffError(f"{self.manifest_path} line {number}: "
+                                   f"label {value!r} is not one of class_names {list(names)}")
             return list(names).index(str(value))
         if not isinstance(value, int) or value < 0:
-            raise MeddiffError(f"{self.manifest_path} line {number}: label {value!r} must be a class index >= 0 or listed in class_names")
+            raise MeddiffError(f"{self.manifest_path} line {number}: "
+                               f"label {value!r} must be a class index >= 0 or listed in class_names")
         return value
 
     def transforms(self, train: bool) -> Compose:
@@ -141,10 +145,12 @@ class ManifestDataModule(pl.LightningDataModule):
             if train:
                 steps.append(RandSpatialCropd(keys, roi_size=hp.patch_size, random_size=False, allow_missing_keys=True))
             steps.append(ResizeWithPadOrCropd("image", spatial_size=hp.patch_size, constant_values=-1.0))  # -1: empty
-            steps.append(ResizeWithPadOrCropd("mask", spatial_size=hp.patch_size, constant_values=0.0, allow_missing_keys=True))
+            steps.append(ResizeWithPadOrCropd("mask", spatial_size=hp.patch_size, constant_values=0.0,
+                                              allow_missing_keys=True))
         if train:
             steps.extend(self.augment)
-        steps += [SelectItemsd(keys + ["modality", "label", "report"], allow_missing_keys=True), EnsureTyped(keys, track_meta=False, allow_missing_keys=True)]
+        steps += [SelectItemsd(keys + ["modality", "label", "report"], allow_missing_keys=True),
+                  EnsureTyped(keys, track_meta=False, allow_missing_keys=True)]
         return Compose(steps)
 
     def reports(self, split: str) -> list[str]:
@@ -160,7 +166,9 @@ class ManifestDataModule(pl.LightningDataModule):
                 continue
             items = self.items(split)
             if items:
-                self.datasets[split] = CacheDataset(items, self.transforms(split == "train"), cache_rate=self.hparams.cache_rate, num_workers=None, progress=False)
+                self.datasets[split] = CacheDataset(items, self.transforms(split == "train"),
+                                                    cache_rate=self.hparams.cache_rate, num_workers=None,
+                                                    progress=False)
         if "train" not in self.datasets and stage in (None, "fit"):
             raise MeddiffError(f"manifest {self.manifest_path} has no 'train' records")
 
@@ -171,12 +179,14 @@ class ManifestDataModule(pl.LightningDataModule):
         drop_last = shuffle and len(dataset) > self.hparams.batch_size  # never drop the only (short) batch
         if not shuffle:
             return DataLoader(dataset, batch_size=self.hparams.batch_size, num_workers=self.hparams.num_workers)
-        seed = self.hparams.data_seed if self.hparams.data_seed is not None else int(os.environ.get("PL_GLOBAL_SEED", "0"))
+        seed = (self.hparams.data_seed if self.hparams.data_seed is not None
+                else int(os.environ.get("PL_GLOBAL_SEED", "0")))
         trainer = getattr(self, "trainer", None)
         world, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
         sampler = EpochSampler(dataset, seed=seed, num_replicas=world, rank=rank)
         return ResumableDataLoader(
-            EpochSeededDataset(dataset, seed), batch_size=self.hparams.batch_size, sampler=sampler, num_workers=self.hparams.num_workers, drop_last=drop_last
+            EpochSeededDataset(dataset, seed), batch_size=self.hparams.batch_size, sampler=sampler,
+            num_workers=self.hparams.num_workers, drop_last=drop_last
         )
 
     def train_dataloader(self) -> DataLoader:

@@ -3,10 +3,10 @@
 A compositional test bed for report-conditioned generation that needs no downloads: axial slices of
 nilearn's MNI152 T1 (3 mm, 65 x 72, symmetric about the middle column) get 0-2 lesions whose attributes
 (hyper/hypointense, small/large, left/right, anterior/posterior) are written into a templated report
-with paraphrases; half of the reports leave some attributes unsaid, as real reports do. Two attribute combinations never appear in training (``HELD_OUT``), so a model's
-compositional generalisation can be measured on them. ``detect`` reads the attributes back from an
-image analytically (left-right mirror asymmetry of a local-contrast residual), for scoring generated
-images without a trained classifier.
+with paraphrases; half of the reports leave some attributes unsaid, as real reports do. Two attribute
+combinations never appear in training (``HELD_OUT``), so a model's compositional generalisation can be
+measured on them. ``detect`` reads the attributes back from an image analytically (left-right mirror
+asymmetry of a local-contrast residual), for scoring generated images without a trained classifier.
 """
 
 from __future__ import annotations
@@ -22,7 +22,8 @@ from scipy import ndimage
 
 from meddiff.errors import MeddiffError
 
-ATTRIBUTES = {"intensity": ("hyperintense", "hypointense"), "size": ("small", "large"), "side": ("left", "right"), "region": ("anterior", "posterior")}
+ATTRIBUTES = {"intensity": ("hyperintense", "hypointense"), "size": ("small", "large"), "side": ("left", "right"),
+              "region": ("anterior", "posterior")}
 HELD_OUT = (("hypointense", "large", "left", "anterior"), ("hyperintense", "small", "right", "posterior"))
 RADIUS = {"small": 2.5, "large": 5.0}  # pixels of 3 mm
 MM_PER_PIXEL = 3.0
@@ -91,7 +92,8 @@ def render(base: np.ndarray, finding: Finding, rng: np.random.Generator) -> np.n
         if len(centres) == finding.count:
             break
     if len(centres) < finding.count:
-        raise MeddiffError(f"this slice has no room for {finding.count} separate {finding.size} lesions in that quadrant")
+        raise MeddiffError(f"this slice has no room for {finding.count} separate {finding.size} "
+                           "lesions in that quadrant")
     for ci, cj in centres:
         profile = 1.0 / (1.0 + np.exp((np.hypot(ii - ci, jj - cj) - radius) / 0.6))
         image = image + 0.6 * profile if finding.intensity == "hyperintense" else image * (1.0 - 0.8 * profile)
@@ -153,13 +155,15 @@ def detect(image: np.ndarray, threshold: float = 0.15) -> Finding:
         on_left = residual[:half][blob].mean() >= residual[::-1][:half][blob].mean()
         contrast = asymmetry[:half][blob].mean() * (1 if on_left else -1)
         lesions.append(("hyperintense" if contrast > 0 else "hypointense", "large" if blob.sum() > 40 else "small",
-                        "left" if on_left else "right", "anterior" if ndimage.center_of_mass(blob)[1] > mid_j else "posterior"))
+                        "left" if on_left else "right",
+                        "anterior" if ndimage.center_of_mass(blob)[1] > mid_j else "posterior"))
     if not lesions:
         return Finding(0)
     return Finding(min(len(lesions), 2), *lesions[0])
 
 
-def write_findings_dataset(out_dir: str | os.PathLike, per_split: dict[str, int] | None = None, seed: int = 0, overwrite: bool = False) -> Path:
+def write_findings_dataset(out_dir: str | os.PathLike, per_split: dict[str, int] | None = None, seed: int = 0,
+                           overwrite: bool = False) -> Path:
     """Images (NIfTI, 3 mm), reports and attribute labels with a manifest; held-out combinations only in 'test'.
 
     All or nothing: the set is written into a staging folder that becomes ``out_dir`` when complete;
@@ -194,8 +198,10 @@ def write_findings_dataset(out_dir: str | os.PathLike, per_split: dict[str, int]
                 name = f"{split}_{k:05d}.nii.gz"
                 save_image(Image(image, affine, "MR"), stage / name)
                 labels = {key: value for key, value in asdict(finding).items() if value is not None}
-                records.append(Record(image=name, modality="MR", split=split, report=report(partial(finding, rng), rng), labels=labels,
-                                      spacing=[MM_PER_PIXEL] * 2, source="meddiff findings (MNI152 + simulated lesions)", synthetic=True))
+                records.append(Record(image=name, modality="MR", split=split, report=report(partial(finding, rng), rng),
+                                      labels=labels, spacing=[MM_PER_PIXEL] * 2,
+                                      source="meddiff findings (MNI152 + simulated lesions)", synthetic=True))
         write_manifest(records, stage / "manifest.jsonl")
-        (stage / "held_out.json").write_text(json.dumps([dict(zip(ATTRIBUTES, c)) for c in HELD_OUT], indent=2) + "\n")
+        (stage / "held_out.json").write_text(json.dumps([dict(zip(ATTRIBUTES, c, strict=True)) for c in HELD_OUT],
+                                                        indent=2) + "\n")
     return out_dir / "manifest.jsonl"

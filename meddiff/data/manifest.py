@@ -89,7 +89,7 @@ class Manifest:
 
     def check_files(self) -> None:
         """Every image and mask named exists; the error names the first missing one's line."""
-        for number, record in zip(self.lines, self.records):
+        for number, record in zip(self.lines, self.records, strict=True):
             for key in ("image", "mask"):
                 value = getattr(record, key)
                 if value is not None and not self.resolve(value).exists():
@@ -105,7 +105,7 @@ class Manifest:
         from meddiff.files import file_sha256
 
         seen: dict[tuple, tuple[int, Record]] = {}
-        for number, record in zip(self.lines, self.records):
+        for number, record in zip(self.lines, self.records, strict=True):
             if record.split is None:
                 continue
             path = self.resolve(record.image).resolve()
@@ -119,13 +119,16 @@ class Manifest:
                 line, other = first
                 if other.split == record.split:
                     continue
-                what = {"image": "name the same image", "content": "hold identical images", "subject": f"belong to one subject ({record.subject})"}[key[0]]
-                fix = "keep each subject in one split, or pass --allow-shared-subjects if that is intended" if key[0] == "subject" else "keep each image in one split"
-                raise MeddiffError(f"split leak: line {line} ({other.image}, {other.split}) and line {number} ({record.image}, {record.split}) {what} — {fix}")
+                what = {"image": "name the same image", "content": "hold identical images",
+                        "subject": f"belong to one subject ({record.subject})"}[key[0]]
+                fix = ("keep each subject in one split, or pass --allow-shared-subjects if that is intended"
+                       if key[0] == "subject" else "keep each image in one split")
+                raise MeddiffError(f"split leak: line {line} ({other.image}, {other.split}) "
+                                   f"and line {number} ({record.image}, {record.split}) {what} — {fix}")
 
     def check_images(self) -> None:
         """Load every image (and mask): readable, finite, and masks shaped like their images."""
-        for number, record in zip(self.lines, self.records):
+        for number, record in zip(self.lines, self.records, strict=True):
             try:
                 image = load_image(self.resolve(record.image), series=record.series)
                 if record.mask is not None:

@@ -23,7 +23,8 @@ def openi_reports_file() -> Path:
     spec = importlib.util.find_spec("torchxrayvision")
     path = Path(spec.origin).parent / "data" / "NLMCXR_reports.tgz" if spec and spec.origin else None
     if path is None or not path.is_file():
-        raise MeddiffError("the OpenI chest X-ray reports come with torchxrayvision's package data: pip install torchxrayvision")
+        raise MeddiffError("the OpenI chest X-ray reports come with torchxrayvision's package data: "
+                           "pip install torchxrayvision")
     return path
 
 

@@ -78,9 +78,11 @@ SAMPLES = (
     Sample("dipy_small_101d_b0", "MR", "train", "dipy small_101D (b0)", _dipy_volume("small_101D", 0)),
     Sample("dipy_t1_coronal_slice", "MR", "val", "dipy t1_coronal_slice (held out)", dipy_t1_slice),
     Sample("head_ct", "CT", "test", "pydicom-data 693_UNCR (evaluation only)", pydicom_data_image("693_UNCR.dcm")),
-    Sample("enhanced_ct", "CT", "test", "pydicom-data eCT_Supplemental (evaluation only)", pydicom_data_image("eCT_Supplemental.dcm")),
+    Sample("enhanced_ct", "CT", "test", "pydicom-data eCT_Supplemental (evaluation only)",
+           pydicom_data_image("eCT_Supplemental.dcm")),
     Sample("shoulder_mr", "MR", "test", "pydicom-data MR2_UNCR (evaluation only)", pydicom_data_image("MR2_UNCR.dcm")),
-    Sample("head_mr_enhanced", "MR", "test", "pydicom-data emri_small (evaluation only)", pydicom_data_image("emri_small.dcm")),
+    Sample("head_mr_enhanced", "MR", "test", "pydicom-data emri_small (evaluation only)",
+           pydicom_data_image("emri_small.dcm")),
     Sample("chest_cr", "CR", "test", "pydicom-data RG1_UNCR (evaluation only)", pydicom_data_image("RG1_UNCR.dcm")),
 )
 
@@ -102,6 +104,7 @@ def write_samples(out_dir: str | os.PathLike, names: list[str] | None = None, ov
             file_name = f"{sample.name}.nii.gz"
             save_image(Image(image.array, image.affine, sample.modality), stage / file_name)
             spacing = [round(s, 6) for s in image.spacing]
-            records.append(Record(image=file_name, modality=sample.modality, split=sample.split, spacing=spacing, source=sample.source))
+            records.append(Record(image=file_name, modality=sample.modality, split=sample.split, spacing=spacing,
+                                  source=sample.source))
         write_manifest(records, stage / "manifest.jsonl")
     return out_dir / "manifest.jsonl"

@@ -23,8 +23,10 @@ from meddiff.files import UMASK
 
 
 @contextlib.contextmanager
-def staged_folder(out_dir: str | os.PathLike, overwrite: bool = False, last: tuple[str, ...] = ("manifest.jsonl",)) -> Iterator[Path]:
-    """Yield an empty hidden folder beside ``out_dir``; on success its files become ``out_dir``'s, on any error it vanishes.
+def staged_folder(out_dir: str | os.PathLike, overwrite: bool = False,
+                  last: tuple[str, ...] = ("manifest.jsonl",)) -> Iterator[Path]:
+    """Yield an empty hidden folder beside ``out_dir``; on success its files become ``out_dir``'s, on any
+    error it vanishes.
 
     A new ``out_dir`` is the staging folder renamed: the whole set appears at once. An existing
     ``out_dir`` must be empty unless ``overwrite``; it is kept (a shell inside it, its permissions, a
@@ -48,7 +50,8 @@ def staged_folder(out_dir: str | os.PathLike, overwrite: bool = False, last: tup
             os.replace(stage, out_dir)
         else:
             if _non_empty(out_dir) and not overwrite:
-                raise MeddiffError(f"{shown} was filled by something else while the set was written — choose a new folder or pass --overwrite")
+                raise MeddiffError(f"{shown} was filled by something else while the set was written "
+                                   "— choose a new folder or pass --overwrite")
             for entry in sorted(stage.iterdir(), key=lambda e: e.name in last):  # renames only: no writing left to fail
                 os.replace(entry, out_dir / entry.name)
         committed = True

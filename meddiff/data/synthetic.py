@@ -18,7 +18,8 @@ from monai.transforms import MapTransform, RandomizableTransform
 from scipy.ndimage import gaussian_filter
 
 
-def dead_leaves(shape: Sequence[int], rng: np.random.RandomState | np.random.Generator, max_discs: int = 5000, max_blur: float = 1.5) -> np.ndarray:
+def dead_leaves(shape: Sequence[int], rng: np.random.RandomState | np.random.Generator, max_discs: int = 5000,
+                max_blur: float = 1.5) -> np.ndarray:
     """One dead-leaves image (2D discs or 3D balls) in [0, 1].
 
     Radii follow p(r) ~ r^-3 between 1 pixel and a third of the image; each disc has a uniform random
@@ -33,8 +34,10 @@ def dead_leaves(shape: Sequence[int], rng: np.random.RandomState | np.random.Gen
     for drawn in range(1, max_discs + 1):
         radius = (r_min**-2 - rng.random() * (r_min**-2 - r_max**-2)) ** -0.5
         centre = rng.random(len(shape)) * np.array(shape)
-        box = tuple(slice(max(0, int(c - radius)), min(s, int(c + radius) + 1)) for c, s in zip(centre, shape))
-        offsets = np.meshgrid(*[np.arange(b.start, b.stop) + 0.5 - c for b, c in zip(box, centre)], indexing="ij", sparse=True)
+        box = tuple(slice(max(0, int(c - radius)), min(s, int(c + radius) + 1))
+                    for c, s in zip(centre, shape, strict=True))
+        offsets = np.meshgrid(*[np.arange(b.start, b.stop) + 0.5 - c for b, c in zip(box, centre, strict=True)],
+                              indexing="ij", sparse=True)
         inside = sum(o**2 for o in offsets) < radius**2
         fill = inside & empty[box]
         image[box][fill] = rng.random()
@@ -51,7 +54,8 @@ class RandDeadLeavesd(RandomizableTransform, MapTransform):
     intensity normalisation; the image keeps its channels (each channel its own pattern) and metadata.
     """
 
-    def __init__(self, keys: KeysCollection, prob: float = 0.5, max_discs: int = 5000, max_blur: float = 1.5, allow_missing_keys: bool = False):
+    def __init__(self, keys: KeysCollection, prob: float = 0.5, max_discs: int = 5000, max_blur: float = 1.5,
+                 allow_missing_keys: bool = False):
         MapTransform.__init__(self, keys, allow_missing_keys)
         RandomizableTransform.__init__(self, prob)
         self.max_discs = max_discs
@@ -64,7 +68,8 @@ class RandDeadLeavesd(RandomizableTransform, MapTransform):
             return d
         for key in self.key_iterator(d):
             image = d[key]
-            patterns = np.stack([dead_leaves(image.shape[1:], self.R, self.max_discs, self.max_blur) for _ in range(image.shape[0])]) * 2.0 - 1.0
+            patterns = np.stack([dead_leaves(image.shape[1:], self.R, self.max_discs, self.max_blur)
+                                 for _ in range(image.shape[0])]) * 2.0 - 1.0
             if isinstance(image, torch.Tensor):
                 d[key] = image.clone().copy_(torch.from_numpy(patterns))
             else:

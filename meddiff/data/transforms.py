@@ -40,13 +40,15 @@ class LoadImaged(MapTransform):
     Orientationd) and their inverses work; ``data["modality"]`` is filled from the file when unset.
     """
 
-    def __init__(self, keys: KeysCollection, series_key: str = "series", modality_key: str = "modality", allow_missing_keys: bool = False):
+    def __init__(self, keys: KeysCollection, series_key: str = "series", modality_key: str = "modality",
+                 allow_missing_keys: bool = False):
         super().__init__(keys, allow_missing_keys)
         self.series_key = series_key
         self.modality_key = modality_key
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
-        from meddiff.io import load_image  # here, not at the top: models and pipelines import without the DICOM/ITK readers
+        # here, not at the top: models and pipelines import without the DICOM/ITK readers
+        from meddiff.io import load_image
 
         d = dict(data)
         for key in self.key_iterator(d):
@@ -145,7 +147,8 @@ class SliceVolumed(MapTransform, Randomizable):
     ``num_slices=None`` gives every kept slice in order; an integer draws that many at random, or,
     with ``random=False``, takes that many evenly spaced kept slices (the same ones every time).
     Slices whose foreground (voxels above 10 % of the volume's intensity range) covers less than
-    ``min_foreground`` of the slice are skipped, so empty air does not dominate 2D training. Keys are cut at the same index.
+    ``min_foreground`` of the slice are skipped, so empty air does not dominate 2D training.
+    Keys are cut at the same index.
     """
 
     def __init__(
@@ -186,7 +189,8 @@ class SliceVolumed(MapTransform, Randomizable):
         if not indices:
             raise MeddiffError(f"{first.meta.get('filename_or_obj', 'volume')}: no slice has enough foreground")
         if self.num_slices is not None and self.random:
-            indices = sorted(self.R.choice(indices, size=self.num_slices, replace=len(indices) < self.num_slices).tolist())
+            indices = sorted(self.R.choice(indices, size=self.num_slices,
+                                           replace=len(indices) < self.num_slices).tolist())
         elif self.num_slices is not None and len(indices) > self.num_slices:
             indices = [indices[i] for i in np.linspace(0, len(indices) - 1, self.num_slices).round().astype(int)]
         out = []

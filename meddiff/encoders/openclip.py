@@ -46,7 +46,8 @@ def hub_cache_dir() -> Path:
     at import), with huggingface_hub's precedence."""
     if os.environ.get("HF_HUB_CACHE") or os.environ.get("HUGGINGFACE_HUB_CACHE"):
         return Path(os.environ.get("HF_HUB_CACHE") or os.environ["HUGGINGFACE_HUB_CACHE"]).expanduser()
-    home = os.environ.get("HF_HOME") or os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.join(os.path.expanduser("~"), ".cache")), "huggingface")
+    home = os.environ.get("HF_HOME") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME", os.path.join(os.path.expanduser("~"), ".cache")), "huggingface")
     return Path(home).expanduser() / "hub"
 
 
@@ -89,20 +90,23 @@ def resolve(spec: str) -> OpenCLIPFiles:
     if spec.startswith("local-dir:"):
         folder = Path(spec.removeprefix("local-dir:")).expanduser()
         if not folder.is_dir():
-            raise MeddiffError(f"{spec}: no such folder — give the folder holding {CONFIG_NAME} and {WEIGHTS_NAMES[-1]}")
+            raise MeddiffError(f"{spec}: no such folder — give the folder holding {CONFIG_NAME} "
+                               f"and {WEIGHTS_NAMES[-1]}")
         if not (folder / CONFIG_NAME).is_file():
-            raise MeddiffError(f"{spec}: {folder / CONFIG_NAME} is missing — copy the model's {CONFIG_NAME} there (for BiomedCLIP: from the Hugging Face repo {BIOMEDCLIP})")
+            raise MeddiffError(f"{spec}: {folder / CONFIG_NAME} is missing — copy the model's {CONFIG_NAME} there (for "
+                               f"BiomedCLIP: from the Hugging Face repo {BIOMEDCLIP})")
         weights = _weights_in(folder)
         if weights is None:
-            raise MeddiffError(f"{spec}: no weights in {folder} — copy the model's {WEIGHTS_NAMES[-1]} (or {WEIGHTS_NAMES[0]}) there")
+            raise MeddiffError(f"{spec}: no weights in {folder} — "
+                               f"copy the model's {WEIGHTS_NAMES[-1]} (or {WEIGHTS_NAMES[0]}) there")
     elif spec.startswith("hf-hub:"):
         repo_id = spec.removeprefix("hf-hub:")
         config_path = cached_file(repo_id, CONFIG_NAME)
         if config_path is None:
             raise MeddiffError(
-                f"{spec} is not in the Hugging Face cache {hub_cache_dir()} and meddiff never downloads — fill the cache where there is "
-                f"network (`hf download {repo_id} {CONFIG_NAME} {WEIGHTS_NAMES[-1]}`) and copy {_cache_folder(repo_id).name}/ into it "
-                f"(or set HF_HUB_CACHE / HF_HOME), or use local-dir:PATH"
+                f"{spec} is not in the Hugging Face cache {hub_cache_dir()} and meddiff never downloads — fill the "
+                f"cache where there is network (`hf download {repo_id} {CONFIG_NAME} {WEIGHTS_NAMES[-1]}`) and copy "
+                f"{_cache_folder(repo_id).name}/ into it (or set HF_HUB_CACHE / HF_HOME), or use local-dir:PATH"
             )
         folder = config_path.parent
         weights = next((p for p in (cached_file(repo_id, name) for name in WEIGHTS_NAMES) if p is not None), None)
@@ -112,7 +116,8 @@ def resolve(spec: str) -> OpenCLIPFiles:
                 f"`hf download {repo_id} {WEIGHTS_NAMES[-1]}` where there is network and copy the cache folder here"
             )
     else:
-        raise MeddiffError(f"unknown open_clip spec {spec!r}: use hf-hub:REPO (pre-filled Hugging Face cache) or local-dir:PATH")
+        raise MeddiffError(f"unknown open_clip spec {spec!r}: use hf-hub:REPO (pre-filled Hugging Face cache) "
+                           "or local-dir:PATH")
     try:
         config = json.loads((folder / CONFIG_NAME).read_text(encoding="utf-8"))
         text_cfg = config["model_cfg"]["text_cfg"]
@@ -120,7 +125,8 @@ def resolve(spec: str) -> OpenCLIPFiles:
         raise MeddiffError(f"{folder / CONFIG_NAME} is not an open_clip config (no model_cfg.text_cfg)") from None
     name = text_cfg.get("hf_model_name")
     if not name:
-        raise MeddiffError(f"{spec} has no Hugging Face text tower (text_cfg.hf_model_name): meddiff's report encoders need one, as BiomedCLIP has")
+        raise MeddiffError(f"{spec} has no Hugging Face text tower (text_cfg.hf_model_name): "
+                           "meddiff's report encoders need one, as BiomedCLIP has")
     return OpenCLIPFiles(folder, config, weights, _text_dir(spec, name, folder))
 
 
@@ -134,9 +140,9 @@ def _text_dir(spec: str, name: str, folder: Path) -> Path:
         if candidate.is_dir() and _is_text_dir(candidate):
             return candidate
     raise MeddiffError(
-        f"{spec}: the text tower {name!r} needs its config.json and tokenizer (vocab.txt, or tokenizer.json), which open_clip would "
-        f"download — put them in {folder}, or in the Hugging Face cache ({_cache_folder(name)}, filled elsewhere with "
-        f"`hf download {name} config.json vocab.txt`)"
+        f"{spec}: the text tower {name!r} needs its config.json and tokenizer (vocab.txt, or tokenizer.json), "
+        f"which open_clip would download — put them in {folder}, or in the Hugging Face cache ({_cache_folder(name)}, "
+        f"filled elsewhere with `hf download {name} config.json vocab.txt`)"
     )
 
 
@@ -161,7 +167,8 @@ class OpenCLIPEncoder(HFTextEncoder):
         texts = ["" if t is None else str(t) for t in texts]
         self.warn_if_truncated(texts)
         device = next(self.clip.parameters()).device
-        return self.clip.encode_text(self.clip_tokenizer(texts, context_length=self.max_length).to(device)).float().cpu()
+        return self.clip.encode_text(
+            self.clip_tokenizer(texts, context_length=self.max_length).to(device)).float().cpu()
 
     def image_batch(self, images: torch.Tensor | Sequence) -> torch.Tensor:
         """2D images (any intensities) -> the image tower's input (B, 3, S, S).
@@ -206,7 +213,8 @@ def load_open_clip(spec: str, max_length: int | None = None, device: str | torch
     files = resolve(spec)
     refuse_custom_code(str(files.text_dir))  # open_clip reads the text tower's config through transformers
     text_cfg = dict(files.config["model_cfg"]["text_cfg"])
-    local_text = {"hf_model_name": str(files.text_dir), "hf_tokenizer_name": str(files.text_dir), "hf_model_pretrained": False}
+    local_text = {"hf_model_name": str(files.text_dir), "hf_tokenizer_name": str(files.text_dir),
+                  "hf_model_pretrained": False}
     try:
         # local-dir: open_clip reads the config and the checkpoint from the folder (a cache snapshot for hf-hub:);
         # the text_cfg override points its Hugging Face text tower at the local folder instead of the hub name.
@@ -214,11 +222,13 @@ def load_open_clip(spec: str, max_length: int | None = None, device: str | torch
         # unpickler, so nothing in it runs
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # e.g. torch's note on a pickle protocol it is refusing anyway
-            clip = open_clip.create_model(f"local-dir:{files.folder}", device=device, require_pretrained=True, weights_only=True,
-                                          text_cfg={**text_cfg, **local_text})
-        tokenizer = HFTokenizer(str(files.text_dir), context_length=text_cfg.get("context_length", 77), **text_cfg.get("tokenizer_kwargs", {}))
+            clip = open_clip.create_model(f"local-dir:{files.folder}", device=device, require_pretrained=True,
+                                          weights_only=True, text_cfg={**text_cfg, **local_text})
+        tokenizer = HFTokenizer(str(files.text_dir), context_length=text_cfg.get("context_length", 77),
+                                **text_cfg.get("tokenizer_kwargs", {}))
     except pickle.UnpicklingError as exc:
-        raise MeddiffError(refused(exc, f"{spec}: {files.weights.name}", f"put the model's tensors in {WEIGHTS_NAMES[0]} instead "
+        raise MeddiffError(refused(exc, f"{spec}: {files.weights.name}",
+                                   f"put the model's tensors in {WEIGHTS_NAMES[0]} instead "
                                    "(safetensors.torch.save_file(state_dict, PATH))")) from None
     except Exception as exc:  # noqa: BLE001 - an unreadable or mismatched file, whatever open_clip raises: one line
         raise MeddiffError(f"cannot load {spec} from {files.folder}: {first_line(exc)}") from None

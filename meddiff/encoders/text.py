@@ -3,9 +3,10 @@
 ``load_text_encoder("hf:NAME_OR_PATH")`` loads any Hugging Face text model (CXR-BERT, BiomedBERT,
 ClinicalBERT, ...) through transformers, from a local folder or a pre-filled Hugging Face cache:
 nothing is downloaded. ``hf-hub:REPO`` / ``local-dir:PATH`` load an open_clip model with a Hugging Face
-text tower (BiomedCLIP) the same way (``meddiff.encoders.openclip``). ``encode(reports)`` returns the token states (cross-attention context), the
-padding mask and a pooled embedding (the first token's state, BERT's [CLS]). Embeddings are cached
-by text hash, so a training loop that sees the same reports every epoch runs the encoder once each.
+text tower (BiomedCLIP) the same way (``meddiff.encoders.openclip``). ``encode(reports)`` returns the
+token states (cross-attention context), the padding mask and a pooled embedding (the first token's
+state, BERT's [CLS]). Embeddings are cached by text hash, so a training loop that sees the same reports
+every epoch runs the encoder once each.
 """
 
 from __future__ import annotations
@@ -49,7 +50,7 @@ class HFTextEncoder(torch.nn.Module):
         keys = [hashlib.sha256(r.encode("utf-8")).hexdigest() for r in reports]
         missing = list(dict.fromkeys(k for k in keys if k not in self._cache))
         if missing:
-            text_of = dict(zip(keys, reports))
+            text_of = dict(zip(keys, reports, strict=True))
             self._encode_into_cache(missing, [text_of[k] for k in missing])
         states = [self._cache[k] for k in keys]
         length = max(s[0].shape[0] for s in states)
@@ -77,7 +78,7 @@ class HFTextEncoder(torch.nn.Module):
         batch = self.tokenizer(texts, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt")
         device = next(self.model.parameters()).device
         hidden = self.model(**{k: v.to(device) for k, v in batch.items()}).last_hidden_state.float().cpu()
-        for key, states, attention in zip(keys, hidden, batch["attention_mask"].bool()):
+        for key, states, attention in zip(keys, hidden, batch["attention_mask"].bool(), strict=True):
             self._cache[key] = (states[attention].clone(), states[0].clone())
 
 
@@ -106,15 +107,18 @@ def load_hf(name: str | os.PathLike, what: str = "the text model"):
             tokenizer = AutoTokenizer.from_pretrained(name, local_files_only=True, trust_remote_code=False)
             model = AutoModel.from_pretrained(name, local_files_only=True, trust_remote_code=False, weights_only=True)
     except pickle.UnpicklingError as exc:
-        raise MeddiffError(refused(exc, f"{what} {name!r}", "save the model as model.safetensors (model.save_pretrained(FOLDER)) "
+        raise MeddiffError(refused(exc, f"{what} {name!r}",
+                                   "save the model as model.safetensors (model.save_pretrained(FOLDER)) "
                                    "and remove pytorch_model.bin")) from None
     except (OSError, ValueError) as exc:
         raise MeddiffError(
             f"cannot load {what} {name!r} from the {where}: {first_line(exc)} — meddiff never downloads: "
-            f"copy the model folder (config.json, weights, tokenizer files) here, or fill the cache with `hf download {name}` elsewhere"
+            "copy the model folder (config.json, weights, tokenizer files) here, "
+            f"or fill the cache with `hf download {name}` elsewhere"
         ) from None
     except Exception as exc:  # noqa: BLE001 - a damaged or mismatched file, whatever transformers raises: one line
-        raise MeddiffError(f"cannot load {what} {name!r} from the {where}: {first_line(exc)} — copy the model folder again, unchanged") from None
+        raise MeddiffError(f"cannot load {what} {name!r} from the {where}: {first_line(exc)} — copy the model folder "
+                           "again, unchanged") from None
     return tokenizer, model
 
 
@@ -129,8 +133,8 @@ def refuse_custom_code(name: str) -> None:
     except (OSError, ValueError, TypeError):
         return  # transformers says what is wrong with it
     if auto_map:
-        raise MeddiffError(f"{config} asks to run the model's own Python code (auto_map), which meddiff never does — use a model "
-                           "that transformers implements (BERT, ...), saved without custom code")
+        raise MeddiffError(f"{config} asks to run the model's own Python code (auto_map), which meddiff never does "
+                           "— use a model that transformers implements (BERT, ...), saved without custom code")
 
 
 def _hf_encoder(name: str, max_length: int | None) -> HFTextEncoder:
@@ -155,6 +159,6 @@ def load_text_encoder(spec: str | os.PathLike, max_length: int | None = None) ->
         encoder.spec = spec
         return encoder
     raise MeddiffError(
-        f"unknown text encoder {spec!r}: use hf:NAME_OR_PATH (a transformers model in a folder or the Hugging Face cache), "
-        "hf-hub:REPO or local-dir:PATH (an open_clip model such as BiomedCLIP), or a meddiff CLIP folder"
+        f"unknown text encoder {spec!r}: use hf:NAME_OR_PATH (a transformers model in a folder or the Hugging Face "
+        "cache), hf-hub:REPO or local-dir:PATH (an open_clip model such as BiomedCLIP), or a meddiff CLIP folder"
     )

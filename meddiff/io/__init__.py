@@ -45,7 +45,8 @@ def load_image(path: str | os.PathLike, series: str | int | None = None, modalit
             elif suffix in ITK_SUFFIXES + PICTURE_SUFFIXES:
                 image = read_itk(path)
             else:
-                raise MeddiffError(f"{path}: unsupported format '{suffix}' — meddiff reads {', '.join(READ_SUFFIXES)} and DICOM folders")
+                raise MeddiffError(f"{path}: unsupported format '{suffix}' — meddiff reads {', '.join(READ_SUFFIXES)} "
+                                   "and DICOM folders")
             if modality is not None:
                 image.modality = modality
             return image.check_finite()

@@ -137,8 +137,10 @@ def _read_files(files: list[Path], header: pydicom.Dataset) -> Image:
         for file in files:  # name the file at fault when pydicom can tell (a cut-off copy is the usual cause)
             _check_pixel_data(file)
         raise MeddiffError(
-            f"cannot decode DICOM pixels of {files[0]}{f' (and {len(files) - 1} more files)' if len(files) > 1 else ''}: "
-            f"{native_reason(chatter, exc)} — the file is corrupt or uses an encoding GDCM cannot read: convert it with dcmdjpeg/gdcmconv first"
+            "cannot decode DICOM pixels of "
+            f"{files[0]}{f' (and {len(files) - 1} more files)' if len(files) > 1 else ''}: "
+            f"{native_reason(chatter, exc)} — the file is corrupt or uses an encoding GDCM cannot read: "
+            "convert it with dcmdjpeg/gdcmconv first"
         ) from None
     array, affine = sitk_to_array_affine(img)
     array = array.astype(np.float32)
@@ -152,8 +154,9 @@ def _read_files(files: list[Path], header: pydicom.Dataset) -> Image:
 
 # The header values meddiff relies on; a file whose values for these cannot be parsed is refused.
 _USED_KEYS = (
-    "SOPClassUID", "SeriesInstanceUID", "SeriesNumber", "SeriesDescription", "Modality", "Rows", "Columns", "NumberOfFrames",
-    "BitsAllocated", "SamplesPerPixel", "ImagePositionPatient", "ImageOrientationPatient", "InstanceNumber",
+    "SOPClassUID", "SeriesInstanceUID", "SeriesNumber", "SeriesDescription", "Modality", "Rows", "Columns",
+    "NumberOfFrames", "BitsAllocated", "SamplesPerPixel", "ImagePositionPatient", "ImageOrientationPatient",
+    "InstanceNumber",
 )
 
 
@@ -168,7 +171,8 @@ def _read_header(path: Path) -> pydicom.Dataset | None:
     except (InvalidDicomError, IsADirectoryError):
         return None
     except Exception as exc:  # noqa: BLE001 - truncated or corrupt header
-        raise MeddiffError(f"cannot read DICOM {path}: {reason(exc)} — the file is truncated or corrupt: copy or export it again") from None
+        raise MeddiffError(f"cannot read DICOM {path}: {reason(exc)} — the file is truncated or corrupt: "
+                           "copy or export it again") from None
     return ds
 
 
@@ -181,15 +185,18 @@ def _number(ds: pydicom.Dataset, key: str, default: int | None, path: Path | Non
         return int(value)
     except (TypeError, ValueError, OverflowError):
         where = f" {path}" if path else ""
-        raise MeddiffError(f"cannot read DICOM{where}: {key} is {str(value)[:40]!r}, not a number — the header is corrupt") from None
+        raise MeddiffError(f"cannot read DICOM{where}: {key} is {str(value)[:40]!r}, "
+                           "not a number — the header is corrupt") from None
 
 
 def _check_size(files: list[Path], header: pydicom.Dataset) -> None:
     """Refuse a header's absurd image size (0 rows, 60000 x 60000 x 60000 frames) before the decoder
     allocates it: uncompressed pixels cannot outnumber the files' bytes; nothing may outgrow memory."""
     first = files[0]
-    shape = (_number(header, "Columns", 0, first), _number(header, "Rows", 0, first), _number(header, "NumberOfFrames", 1, first) * len(files))
-    voxel_bytes = max(_number(header, "BitsAllocated", 16, first) // 8, 1) * max(_number(header, "SamplesPerPixel", 1, first), 1)
+    shape = (_number(header, "Columns", 0, first), _number(header, "Rows", 0, first),
+             _number(header, "NumberOfFrames", 1, first) * len(files))
+    voxel_bytes = (max(_number(header, "BitsAllocated", 16, first) // 8, 1)
+                   * max(_number(header, "SamplesPerPixel", 1, first), 1))
     try:
         syntax = header.file_meta.TransferSyntaxUID
         compressed = bool(syntax.is_compressed)
@@ -208,7 +215,8 @@ def _check_pixel_data(path: Path) -> None:
         ds = pydicom.dcmread(path)
         data = ds.get("PixelData")
         if data is None:
-            raise MeddiffError(f"cannot read DICOM {path}: it holds no pixel data (the file is cut off before it, or not an image) — copy or export it again")
+            raise MeddiffError(f"cannot read DICOM {path}: it holds no pixel data (the file is cut off before it, "
+                               "or not an image) — copy or export it again")
         if ds.file_meta.TransferSyntaxUID.is_compressed:
             return
         expected = (
@@ -220,7 +228,8 @@ def _check_pixel_data(path: Path) -> None:
     except Exception:  # noqa: BLE001 - only a diagnosis: the caller reports the decoder's own reason
         return
     if len(data) < expected:
-        raise MeddiffError(f"cannot read DICOM {path}: it is truncated (its pixel data holds {len(data)} of the {expected} bytes its header promises) — copy or export it again")
+        raise MeddiffError(f"cannot read DICOM {path}: it is truncated (its pixel data holds {len(data)} of the "
+                           f"{expected} bytes its header promises) — copy or export it again")
 
 
 def _slice_position(ds: pydicom.Dataset, path: Path) -> float:
@@ -233,7 +242,8 @@ def _slice_position(ds: pydicom.Dataset, path: Path) -> float:
     except (TypeError, ValueError):
         ipp = iop = np.zeros(0)
     if ipp.shape != (3,) or iop.shape != (6,) or not (np.isfinite(ipp).all() and np.isfinite(iop).all()):
-        raise MeddiffError(f"cannot read DICOM {path}: ImagePositionPatient/ImageOrientationPatient are not 3 and 6 numbers — the header is corrupt")
+        raise MeddiffError(f"cannot read DICOM {path}: ImagePositionPatient/ImageOrientationPatient are not 3 and 6 "
+                           "numbers — the header is corrupt")
     return float(np.dot(np.cross(iop[:3], iop[3:]), ipp))
 
 
@@ -246,7 +256,8 @@ def _safe_meta(ds: pydicom.Dataset) -> dict:
                     meta[key] = str(ds.SOPClassUID.name)
                 continue
             value = ds.get(key)
-        except Exception:  # noqa: BLE001, S112 - a garbled optional value (pydicom parses lazily) is left out, not fatal
+        except Exception:  # noqa: BLE001, S112
+            # a garbled optional value (pydicom parses lazily) is left out, not fatal
             continue
         if value is None or value == "":
             continue

@@ -39,20 +39,23 @@ def gib(n: float) -> str:
     return f"{n / 2**30:.3g} GiB"
 
 
-def check_shape(path: Path, shape: Sequence[int], itemsize: int, available: int | None = None, compressed: bool = False) -> int:
+def check_shape(path: Path, shape: Sequence[int], itemsize: int, available: int | None = None,
+                compressed: bool = False) -> int:
     """Refuse a header's voxel grid that cannot be real: a size below 1, more voxel bytes than the file can
     hold (``available`` bytes after the header; deflate's limit when ``compressed``), or more float32
     voxels than this machine's memory. Returns the number of voxels."""
     dims = tuple(int(n) for n in shape)
     if not dims or any(n < 1 for n in dims):
-        raise MeddiffError(f"{path}: the header gives the image size {dims}; every axis needs at least 1 voxel — the header is corrupt: re-export the image")
+        raise MeddiffError(f"{path}: the header gives the image size {dims}; "
+                           "every axis needs at least 1 voxel — the header is corrupt: re-export the image")
     voxels = math.prod(dims)
     need = voxels * itemsize
     grid = " x ".join(map(str, dims))
     if available is not None:
         limit = available * MAX_DEFLATE_RATIO if compressed else available
         if need > limit:
-            holds = f"{available} compressed bytes (at most {limit} once expanded)" if compressed else f"{available} bytes"
+            holds = (f"{available} compressed bytes (at most {limit} once expanded)" if compressed
+                     else f"{available} bytes")
             raise MeddiffError(
                 f"{path}: the header promises {grid} voxels ({need} bytes) but the file holds {holds} — "
                 "the file is truncated or its header is corrupt: copy or export it again"
@@ -60,7 +63,8 @@ def check_shape(path: Path, shape: Sequence[int], itemsize: int, available: int 
     memory = physical_memory()
     if memory is not None and voxels * 4 > memory:
         raise MeddiffError(
-            f"{path}: the header promises {grid} voxels ({gib(voxels * 4)} as float32), more than this machine's memory ({gib(memory)}) — "
+            f"{path}: the header promises {grid} voxels ({gib(voxels * 4)} as float32), "
+            f"more than this machine's memory ({gib(memory)}) — "
             "the header is corrupt, or crop/downsample the image first"
         )
     return voxels
@@ -78,7 +82,8 @@ MAX_REASON = 200  # a library's message can quote kilobytes of the corrupt bytes
 
 
 def tidy(line: str) -> str:
-    """A library's message without C++ prefixes and object addresses (``ITK ERROR: PNGImageIO(0x55...):``), cut to a readable length."""
+    """A library's message without C++ prefixes and object addresses (``ITK ERROR: PNGImageIO(0x55...):``),
+    cut to a readable length."""
     line = re.sub(r"\(0x[0-9a-fA-F]+\)", "", line)
     line = re.sub(r"^(sitk::ERROR|ITK ERROR|ERROR):\s*", "", line).strip()
     line = "".join(c if c.isprintable() else "?" for c in line)  # garbled bytes must not move the terminal's cursor

@@ -79,13 +79,15 @@ def read_itk(path: Path) -> Image:
         with native_stderr_captured() as chatter:
             reader.ReadImageInformation()
     except RuntimeError as exc:
-        raise MeddiffError(f"cannot read {path}: {native_reason(chatter, exc)} — the file is truncated or not a {full_suffix(path)} image: copy or export it again") from None
+        raise MeddiffError(f"cannot read {path}: {native_reason(chatter, exc)} — the file is truncated or not a "
+                           f"{full_suffix(path)} image: copy or export it again") from None
     check_shape(path, reader.GetSize(), itemsize=4)
     try:
         with native_stderr_captured() as chatter:
             img = reader.Execute()
     except (RuntimeError, MemoryError) as exc:
-        raise MeddiffError(f"cannot read {path}: {native_reason(chatter, exc)} — the file is truncated or corrupt: copy or export it again") from None
+        raise MeddiffError(f"cannot read {path}: {native_reason(chatter, exc)} — the file is truncated or corrupt: "
+                           "copy or export it again") from None
     array, affine = sitk_to_array_affine(img)
     return Image(array=array, affine=affine)
 
@@ -107,7 +109,8 @@ def picture_plane(array: np.ndarray, path: Path) -> np.ndarray:
     """The 2D plane a PNG/JPEG can hold: the array itself, or a slice volume with its one-voxel axis dropped."""
     plane = array.squeeze() if array.ndim > 2 and sum(n > 1 for n in array.shape) == 2 else array
     if plane.ndim != 2:
-        raise MeddiffError(f"{path}: {full_suffix(path)} holds 2D images; this one has shape {array.shape} — use .nii.gz, .mha or .nrrd")
+        raise MeddiffError(f"{path}: {full_suffix(path)} holds 2D images; "
+                           f"this one has shape {array.shape} — use .nii.gz, .mha or .nrrd")
     return plane
 
 

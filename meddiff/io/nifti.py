@@ -24,7 +24,8 @@ _MODALITY_TAG = "meddiff:modality="
 
 
 def _unreadable(path: Path, exc: BaseException) -> MeddiffError:
-    return MeddiffError(f"cannot read NIfTI {path}: {reason(exc)} — the file is truncated or not NIfTI: copy or export it again")
+    return MeddiffError(f"cannot read NIfTI {path}: {reason(exc)} — the file is truncated or not NIfTI: "
+                        "copy or export it again")
 
 
 def read_nifti(path: Path) -> Image:
@@ -41,9 +42,11 @@ def read_nifti(path: Path) -> Image:
         while len(shape) > 3 and shape[-1] == 1:  # (x, y, z, 1) volumes are common
             shape = shape[:-1]
         if len(shape) not in (2, 3, 4):
-            raise MeddiffError(f"{path}: the header gives {len(shape)} axes, {tuple(shape)}; meddiff reads 2D, 3D and 4D images — the header is corrupt or the image needs reshaping first")
+            raise MeddiffError(f"{path}: the header gives {len(shape)} axes, {tuple(shape)}; meddiff reads 2D, "
+                               "3D and 4D images — the header is corrupt or the image needs reshaping first")
         compressed = full_suffix(path) == ".nii.gz"
-        check_shape(path, shape, dtype.itemsize, available=max(path.stat().st_size - (0 if compressed else offset), 0), compressed=compressed)
+        check_shape(path, shape, dtype.itemsize, available=max(path.stat().st_size - (0 if compressed else offset), 0),
+                    compressed=compressed)
         try:
             array = np.asarray(img.get_fdata(dtype=np.float32)).reshape(shape)
         except Exception as exc:  # noqa: BLE001 - truncated data, bad gzip stream, ...
@@ -65,9 +68,11 @@ def _check_voxel_type(path: Path, dtype: np.dtype) -> None:
             "save the magnitude first (e.g. numpy.abs of the data, or fslcomplex -realabs)"
         )
     if dtype.fields is not None:
-        raise MeddiffError(f"{path} holds colour voxels ({', '.join(dtype.names)}): meddiff reads single-valued images — save one channel or a grey image first")
+        raise MeddiffError(f"{path} holds colour voxels ({', '.join(dtype.names)}): "
+                           "meddiff reads single-valued images — save one channel or a grey image first")
     if dtype.kind not in "biuf":
-        raise MeddiffError(f"{path} holds voxels of type {dtype}, which meddiff cannot read — save it as float32 or an integer type")
+        raise MeddiffError(f"{path} holds voxels of type {dtype}, which meddiff cannot read "
+                           "— save it as float32 or an integer type")
 
 
 def write_nifti(image: Image, path: Path) -> None:

@@ -118,7 +118,8 @@ class Memorization:
 
     def summary(self) -> dict[str, float | None]:
         return {"near_copy_fraction": self.near_copy_fraction, "median_ratio": float(np.median(self.ratio)),
-                "median_distance": float(np.median(self.distance)), "holdout_ratio": self.holdout_ratio, "threshold": self.threshold}
+                "median_distance": float(np.median(self.distance)), "holdout_ratio": self.holdout_ratio,
+                "threshold": self.threshold}
 
 
 def memorization(train_feats, fake_feats, threshold: float = 0.5, holdout_feats=None) -> Memorization:

@@ -56,7 +56,8 @@ def image_paths(source: str | os.PathLike, split: str | None = None) -> list[Pat
         if split:
             raise MeddiffError(f"{source} is a folder without a manifest: it has no splits (drop --real-split)")
         # hidden names are skipped: meddiff's temporaries (atomic_path) left by a killed writer are not images
-        paths = sorted(p for p in source.iterdir() if p.is_file() and full_suffix(p) in READ_SUFFIXES and not p.name.startswith("."))
+        paths = sorted(p for p in source.iterdir()
+                       if p.is_file() and full_suffix(p) in READ_SUFFIXES and not p.name.startswith("."))
     else:
         raise MeddiffError(f"{source} is neither a manifest nor a folder of images")
     if not paths:
@@ -72,12 +73,14 @@ def image_reports(source: str | os.PathLike) -> dict[Path, str]:
     if source.is_dir() and (source / "manifest.jsonl").is_file():
         source = source / "manifest.jsonl"
     if not (source.is_file() and full_suffix(source) in (".jsonl", ".json")):
-        raise MeddiffError(f"CLIP score needs the fake images' reports: give --fake as a manifest whose records carry 'report' ({source} has none)")
+        raise MeddiffError("CLIP score needs the fake images' reports: give --fake as a manifest whose records carry "
+                           f"'report' ({source} has none)")
     manifest = Manifest.read(source)
     return {manifest.resolve(r.image): r.report for r in manifest.records if r.report is not None}
 
 
-def clip_score_of(fake: list[Path], reports: dict[Path, str], encoder, plane: str | None = None, batch: int = 32) -> dict:
+def clip_score_of(fake: list[Path], reports: dict[Path, str], encoder, plane: str | None = None,
+                  batch: int = 32) -> dict:
     """CLIP score of generated images against their reports (2D images; the middle ``plane`` slice of volumes)."""
     from meddiff.data.transforms import slice_axis
     from meddiff.metrics.text_image import clip_score
@@ -93,7 +96,8 @@ def clip_score_of(fake: list[Path], reports: dict[Path, str], encoder, plane: st
             array = np.asarray(image.array).squeeze()
             if array.ndim == 3:
                 if plane in (None, "all"):
-                    raise MeddiffError(f"CLIP score compares 2D images with reports; {path.name} is a volume: pass --plane axial|coronal|sagittal to use its middle slice")
+                    raise MeddiffError(f"CLIP score compares 2D images with reports; {path.name} is a volume: "
+                                       "pass --plane axial|coronal|sagittal to use its middle slice")
                 axis = slice_axis(image.affine, plane)
                 array = np.take(array, array.shape[axis] // 2, axis=axis)
             images.append(array)
@@ -101,7 +105,8 @@ def clip_score_of(fake: list[Path], reports: dict[Path, str], encoder, plane: st
     return {"clip_score": float(np.mean(scores)), "encoder": encoder.spec, "images": len(scores)}
 
 
-def cached_features(paths: list[Path], extractor: Extractor, cache_dir: Path | None, desc: str) -> list[dict[str, np.ndarray]]:
+def cached_features(paths: list[Path], extractor: Extractor, cache_dir: Path | None,
+                    desc: str) -> list[dict[str, np.ndarray]]:
     """Features of each image, read from / written to ``cache_dir/<extractor id>/<file sha256>.npz``."""
     out = []
     for path in tqdm(paths, desc=f"{desc} ({extractor.name})", unit="image"):
@@ -118,7 +123,8 @@ def cached_features(paths: list[Path], extractor: Extractor, cache_dir: Path | N
                 with atomic_path(cache, overwrite=True) as tmp, open(tmp, "wb") as fh:
                     np.savez(fh, **features)
             except OSError as exc:  # a cache is a convenience: a read-only or full disk does not stop the evaluation
-                logger.warning("cannot write the feature cache under %s (%s): going on without it (--cache none to skip it)", cache_dir, exc.strerror or exc)
+                logger.warning("cannot write the feature cache under %s (%s): "
+                               "going on without it (--cache none to skip it)", cache_dir, exc.strerror or exc)
                 cache_dir = None
         out.append(features)
     return out
@@ -133,7 +139,8 @@ def _read_cached(cache: Path) -> dict[str, np.ndarray] | None:
             raise ValueError("no features in it")
         return features
     except (OSError, EOFError, ValueError, KeyError, zipfile.BadZipFile, zlib.error) as exc:
-        logger.warning("feature cache entry %s is unreadable (%s: %s): removed, its features are computed again", cache, type(exc).__name__, exc)
+        logger.warning("feature cache entry %s is unreadable (%s: %s): removed, its features are computed again", cache,
+                       type(exc).__name__, exc)
         with contextlib.suppress(OSError):  # a read-only cache: the entry is recomputed each time, as the warning says
             cache.unlink()
         return None
@@ -181,15 +188,18 @@ def evaluate(
         if extractor is None:
             raise MeddiffError(f"{', '.join(feature_metrics)} need a feature extractor (--features NAME)")
         results["features"] = extractor.name
-        real_list, fake_list = cached_features(real, extractor, cache_dir, "real"), cached_features(fake, extractor, cache_dir, "fake")
-        train_list = cached_features(train, extractor, cache_dir, "train") if train and "memorization" in metrics else real_list
+        real_list, fake_list = (cached_features(real, extractor, cache_dir, "real"),
+                                cached_features(fake, extractor, cache_dir, "fake"))
+        train_list = (cached_features(train, extractor, cache_dir, "train") if train and "memorization" in metrics
+                      else real_list)
         if plane is not None:
             real_list, fake_list, train_list = (as_slices(f, plane) for f in (real_list, fake_list, train_list))
         real_f, fake_f, train_f = _stack(real_list), _stack(fake_list), _stack(train_list)
         train_counts, fake_counts = _counts(train_list), _counts(fake_list)
         views = sorted(set(real_f) & set(fake_f))
         if not views:
-            raise MeddiffError("the real and fake images give no common view: for 2D images against volumes, pass --plane axial|coronal|sagittal|all")
+            raise MeddiffError("the real and fake images give no common view: for 2D images against volumes, "
+                               "pass --plane axial|coronal|sagittal|all")
         per_view = {}
         for view in views:
             r, f = real_f[view], fake_f[view]
@@ -202,7 +212,8 @@ def evaluate(
             if "memorization" in metrics:
                 found = memorization(train_f[view], f)
                 row.update({f"memorization_{key}": value for key, value in found.summary().items()})
-                results.setdefault("closest_pairs", {})[view] = _closest_pairs(found, train or real, fake, train_counts[view], fake_counts[view])
+                results.setdefault("closest_pairs", {})[view] = _closest_pairs(found, train or real, fake,
+                                                                               train_counts[view], fake_counts[view])
             per_view[view] = row
         results["views"] = per_view
         results["mean"] = {key: float(np.mean([row[key] for row in per_view.values()])) for key in per_view[views[0]]
@@ -213,7 +224,8 @@ def evaluate(
         results["frd"] = frechet_radiomics_distance(real, fake)
     if "clip" in metrics:
         if clip is None or reports is None:
-            raise MeddiffError("clip needs an image-text encoder (--clip SPEC) and the fake images' reports (a manifest)")
+            raise MeddiffError("clip needs an image-text encoder (--clip SPEC) "
+                               "and the fake images' reports (a manifest)")
         results["clip"] = clip_score_of(fake, reports, clip, plane)
     return results
 
@@ -231,10 +243,12 @@ def frechet_radiomics_distance(real: list[Path], fake: list[Path]) -> float:
     try:
         import frd_score
     except ImportError:
-        raise MeddiffError("FRD needs frd-score and pyradiomics: pip install 'meddiff[radiomics]' (see pyproject.toml)") from None
+        raise MeddiffError("FRD needs frd-score and pyradiomics: "
+                           "pip install 'meddiff[radiomics]' (see pyproject.toml)") from None
     folders = [p for p in real + fake if p.is_dir()]
     if folders:
-        raise MeddiffError(f"FRD reads image files, not DICOM series folders: convert {folders[0]} first (meddiff convert)")
+        raise MeddiffError("FRD reads image files, not DICOM series folders: "
+                           f"convert {folders[0]} first (meddiff convert)")
     logging.getLogger("radiomics").setLevel(logging.ERROR)
     try:
         with contextlib.redirect_stdout(io.StringIO()):  # frd-score prints its result
@@ -249,12 +263,14 @@ def _counts(features: list[dict[str, np.ndarray]]) -> dict[str, list[int]]:
     return {view: [len(f[view]) for f in features] for view in features[0]}
 
 
-def _closest_pairs(found, train: list[Path], fake: list[Path], train_counts: list[int], fake_counts: list[int], n: int = 8) -> list[dict]:
+def _closest_pairs(found, train: list[Path], fake: list[Path], train_counts: list[int], fake_counts: list[int],
+                   n: int = 8) -> list[dict]:
     """The ``n`` fake feature rows nearest to a training row, as (fake image, training image, distance)."""
-    train_owner, fake_owner = np.repeat(np.arange(len(train)), train_counts), np.repeat(np.arange(len(fake)), fake_counts)
+    train_owner, fake_owner = (np.repeat(np.arange(len(train)), train_counts),
+                               np.repeat(np.arange(len(fake)), fake_counts))
     order = np.argsort(found.ratio)[:n]
-    return [{"fake": str(fake[fake_owner[i]]), "train": str(train[train_owner[found.nearest[i]]]), "distance": float(found.distance[i]),
-             "ratio": float(found.ratio[i])} for i in order]
+    return [{"fake": str(fake[fake_owner[i]]), "train": str(train[train_owner[found.nearest[i]]]),
+             "distance": float(found.distance[i]), "ratio": float(found.ratio[i])} for i in order]
 
 
 def plot_closest_pairs(pairs: list[dict], path: str | os.PathLike) -> Path:
@@ -275,7 +291,8 @@ def paired_by_name(real: list[Path], fake: list[Path]) -> dict[str, float]:
     """Mean PSNR/SSIM(/MS-SSIM) over images present in both lists under the same file name."""
     by_name = {p.name: p for p in real}
     if len(by_name) < len(real) or len({p.name for p in fake}) < len(fake):
-        raise MeddiffError("paired metrics match images by file name, and some file names repeat: give folders with unique names")
+        raise MeddiffError("paired metrics match images by file name, and some file names repeat: "
+                           "give folders with unique names")
     pairs = [(by_name[p.name], p) for p in fake if p.name in by_name]
     if not pairs:
         raise MeddiffError("paired metrics need real and fake images with the same file names; none match")
@@ -283,7 +300,8 @@ def paired_by_name(real: list[Path], fake: list[Path]) -> dict[str, float]:
     for reference_path, estimate_path in tqdm(pairs, desc="paired", unit="pair"):
         reference, estimate = load_image(reference_path).array, load_image(estimate_path).array
         if reference.shape != estimate.shape:
-            raise MeddiffError(f"{estimate_path.name}: shape {estimate.shape} differs from the real image's {reference.shape}")
+            raise MeddiffError(f"{estimate_path.name}: shape {estimate.shape} differs from the real image's "
+                               f"{reference.shape}")
         rows.append(paired(reference, estimate))
     summary = {"pairs": len(rows)}
     for key in rows[0]:
@@ -295,7 +313,8 @@ def paired_by_name(real: list[Path], fake: list[Path]) -> dict[str, float]:
 
 def table(results: dict) -> str:
     """The results as a plain-text table (one row per view, then the mean)."""
-    lines = [f"real {results['real']} images, fake {results['fake']} images" + (f", features {results['features']}" if "features" in results else "")]
+    lines = [f"real {results['real']} images, fake {results['fake']} images"
+             + (f", features {results['features']}" if "features" in results else "")]
     if "views" in results:
         keys = list(next(iter(results["views"].values())))
         lines.append("view      " + "".join(f"{k.removeprefix('memorization_'):>20s}" for k in keys))
@@ -305,7 +324,8 @@ def table(results: dict) -> str:
     if "frd" in results:
         lines.append(f"FRD (radiomics, frd-score v1): {results['frd']:.4g}")
     if "clip" in results:
-        lines.append(f"CLIP score ({results['clip']['encoder']}): {results['clip']['clip_score']:.4g} over {results['clip']['images']} images")
+        lines.append(f"CLIP score ({results['clip']['encoder']}): {results['clip']['clip_score']:.4g} over "
+                     f"{results['clip']['images']} images")
     if "paired" in results:
         lines.append("paired    " + "  ".join(f"{k} {_cell(v)}" for k, v in results["paired"].items()))
     return "\n".join(lines)

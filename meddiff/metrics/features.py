@@ -60,18 +60,22 @@ class WeightsFile:
 
 
 WEIGHTS = {
-    "radimagenet_resnet50": WeightsFile("RadImageNet-ResNet50.pt", "the RadImageNet PyTorch release (BMEII-AI/RadImageNet), ResNet50.pt"),
-    "medicalnet_resnet10": WeightsFile("resnet_10_23dataset.pth", "Tencent MedicalNet (Hugging Face TencentMedicalNet/MedicalNet-Resnet10)"),
-    "medicalnet_resnet50": WeightsFile("resnet_50_23dataset.pth", "Tencent MedicalNet (Hugging Face TencentMedicalNet/MedicalNet-Resnet50)"),
+    "radimagenet_resnet50": WeightsFile("RadImageNet-ResNet50.pt",
+                                        "the RadImageNet PyTorch release (BMEII-AI/RadImageNet), ResNet50.pt"),
+    "medicalnet_resnet10": WeightsFile("resnet_10_23dataset.pth",
+                                       "Tencent MedicalNet (Hugging Face TencentMedicalNet/MedicalNet-Resnet10)"),
+    "medicalnet_resnet50": WeightsFile("resnet_50_23dataset.pth",
+                                       "Tencent MedicalNet (Hugging Face TencentMedicalNet/MedicalNet-Resnet50)"),
     "inception_v3": WeightsFile(
         "weights-inception-2015-12-05-6726825d.pth",
-        "torch-fidelity's v0.2.0 release (toshas/torch-fidelity; torchmetrics' FrechetInceptionDistance keeps the same file in "
-        "~/.cache/torch/hub/checkpoints/, where meddiff also looks)",
+        "torch-fidelity's v0.2.0 release (toshas/torch-fidelity; torchmetrics' FrechetInceptionDistance keeps the same "
+        "file in ~/.cache/torch/hub/checkpoints/, where meddiff also looks)",
     ),
     "xrv_densenet121": WeightsFile(
         "xrv-densenet121-res224-all.pt",
-        "torchxrayvision: torch.save(xrv.models.DenseNet(weights='densenet121-res224-all').state_dict(), 'xrv-densenet121-res224-all.pt'), "
-        "or its release file nih-pc-chex-mimic_ch-google-openi-kaggle-densenet121-d121-tw-lr001-rot45-tr15-sc15-seed0-best.pt renamed",
+        "torchxrayvision: torch.save(xrv.models.DenseNet(weights='densenet121-res224-all').state_dict(), "
+        "'xrv-densenet121-res224-all.pt'), or its release file "
+        "nih-pc-chex-mimic_ch-google-openi-kaggle-densenet121-d121-tw-lr001-rot45-tr15-sc15-seed0-best.pt renamed",
     ),
 }
 
@@ -90,7 +94,8 @@ def find_weights(name: str, weights: str | os.PathLike | None, also: Path | None
     if not path.is_file():
         raise MeddiffError(
             f"{name} needs pretrained weights that cannot be downloaded here: get {spec.file_name} from {spec.source} "
-            f"and put it at {weights_dir() / spec.file_name} (or set MEDDIFF_WEIGHTS to its folder, or pass --weights PATH)"
+            f"and put it at {weights_dir() / spec.file_name} (or set MEDDIFF_WEIGHTS to its folder, "
+            "or pass --weights PATH)"
         )
     return path
 
@@ -110,7 +115,8 @@ def _state_dict(path: Path, pickled_module_from: str | None = None) -> dict[str,
         state = module_tensors(state)
     state = state.get("state_dict", state) if isinstance(state, dict) else state
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise MeddiffError(f"{path} holds no state dict (a mapping of names to tensors) — save one with torch.save(model.state_dict(), PATH)")
+        raise MeddiffError(f"{path} holds no state dict (a mapping of names to tensors) "
+                           "— save one with torch.save(model.state_dict(), PATH)")
     return {str(k).removeprefix("module."): v for k, v in state.items()}
 
 
@@ -133,13 +139,15 @@ def _xrv_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """torchxrayvision/torchvision DenseNet names -> MONAI's (dense layers sit in a ``layers`` block); no classifier."""
     import re
 
-    return {re.sub(r"(denselayer\d+)\.", r"\1.layers.", k): v for k, v in state.items() if not k.startswith("classifier.")}
+    return {re.sub(r"(denselayer\d+)\.", r"\1.layers.", k): v for k, v in state.items()
+            if not k.startswith("classifier.")}
 
 
 def _load(network: torch.nn.Module, state: dict[str, torch.Tensor], path: Path) -> torch.nn.Module:
     from meddiff.weights import check_fit
 
-    check_fit(network, state, f"{path} does not fit this network", "pass the extractor's own weights file (see --features)")
+    check_fit(network, state, f"{path} does not fit this network",
+              "pass the extractor's own weights file (see --features)")
     network.load_state_dict(state, strict=True)
     return network.eval()
 
@@ -148,7 +156,8 @@ class Extractor:
     """``features(image)`` -> {view: (n, D) array}: view '2d' for 2D images, one per plane ('sagittal',
     'coronal', 'axial') for volumes under a 2D network, '3d' for a 3D network."""
 
-    def __init__(self, name: str, network: Callable[[torch.Tensor], torch.Tensor], spatial_dims: int, prepare, weights_id: str, slices: int = 8):
+    def __init__(self, name: str, network: Callable[[torch.Tensor], torch.Tensor], spatial_dims: int, prepare,
+                 weights_id: str, slices: int = 8):
         self.name, self.network, self.spatial_dims, self.prepare = name, network, spatial_dims, prepare
         self.weights_id = weights_id
         self.slices = slices
@@ -174,7 +183,8 @@ class Extractor:
         views = {}
         for plane in PLANES:  # 2.5D: evenly spaced slices along each anatomical plane, as MAISI does
             axis = slice_axis(image.affine, plane)
-            picks = np.linspace(0, array.shape[axis] - 1, min(self.slices, array.shape[axis]) + 2).round().astype(int)[1:-1]
+            picks = np.linspace(0, array.shape[axis] - 1,
+                                min(self.slices, array.shape[axis]) + 2).round().astype(int)[1:-1]
             views[plane] = self._run(np.stack([np.take(array, i, axis=axis) for i in picks]))
         return views
 
@@ -202,7 +212,8 @@ def _medicalnet_prepare(x: torch.Tensor) -> torch.Tensor:
     out = []
     for volume in x:
         inside = volume[volume > 0]
-        mean, std = (inside.mean(), inside.std().clamp_min(1e-6)) if inside.numel() > 1 else (volume.mean(), volume.std().clamp_min(1e-6))
+        mean, std = ((inside.mean(), inside.std().clamp_min(1e-6)) if inside.numel() > 1
+                     else (volume.mean(), volume.std().clamp_min(1e-6)))
         out.append((volume - mean) / std)
     return F.interpolate(torch.stack(out)[:, None], size=(128, 128, 128), mode="trilinear", align_corners=False)
 
@@ -225,7 +236,8 @@ def _xrv(weights) -> Extractor:
     from monai.networks.nets import DenseNet121
 
     path = find_weights("xrv_densenet121", weights)
-    state = {k.removeprefix("features."): v for k, v in _xrv_keys(_state_dict(path, "torchxrayvision")).items()}  # the file first: fail fast
+    # the file first: fail fast
+    state = {k.removeprefix("features."): v for k, v in _xrv_keys(_state_dict(path, "torchxrayvision")).items()}
     features = _load(DenseNet121(spatial_dims=2, in_channels=1, out_channels=18).features, state, path)
 
     def network(x: torch.Tensor) -> torch.Tensor:
@@ -306,7 +318,8 @@ def _inception(weights) -> Extractor:
     torch.save(_state_dict(path), tensors)
     tensors.seek(0)
     try:
-        network = NoTrainInceptionV3(name="inception-v3-compat", features_list=["2048"], feature_extractor_weights_path=tensors)
+        network = NoTrainInceptionV3(name="inception-v3-compat", features_list=["2048"],
+                                     feature_extractor_weights_path=tensors)
     except RuntimeError as exc:
         first = str(exc).splitlines()[1].strip() if len(str(exc).splitlines()) > 1 else str(exc)
         raise MeddiffError(f"{path} does not fit torch-fidelity's Inception-v3: {first}") from None
@@ -327,17 +340,20 @@ def biomedclip_spec(weights: str | os.PathLike | None) -> str:
             return weights
         if Path(weights).is_dir():
             return f"local-dir:{weights}"
-        raise MeddiffError(f"biomedclip --weights takes a folder in open_clip's format (open_clip_config.json, open_clip_pytorch_model.bin), "
-                           f"local-dir:PATH or hf-hub:REPO; {weights} is none of them")
+        raise MeddiffError("biomedclip --weights takes a folder in open_clip's format (open_clip_config.json, "
+                           f"open_clip_pytorch_model.bin), local-dir:PATH or hf-hub:REPO; {weights} is none of them")
     folder = weights_dir() / BIOMEDCLIP_FOLDER
     if folder.is_dir():
         return f"local-dir:{folder}"
     if cached_file(BIOMEDCLIP, "open_clip_config.json") is not None:
         return f"hf-hub:{BIOMEDCLIP}"
     raise MeddiffError(
-        f"biomedclip needs BiomedCLIP's files, which cannot be downloaded here: put open_clip_config.json and open_clip_pytorch_model.bin "
-        f"(Hugging Face repo {BIOMEDCLIP}) with config.json and vocab.txt of microsoft/BiomedNLP-BiomedBERT-base-uncased-abstract in {folder}, "
-        f"or fill the Hugging Face cache {hub_cache_dir()} with both repos (README: Using BiomedCLIP offline), or pass --weights"
+        "biomedclip needs BiomedCLIP's files, which cannot be downloaded here: "
+        "put open_clip_config.json and open_clip_pytorch_model.bin "
+        f"(Hugging Face repo {BIOMEDCLIP}) "
+        f"with config.json and vocab.txt of microsoft/BiomedNLP-BiomedBERT-base-uncased-abstract in {folder}, "
+        f"or fill the Hugging Face cache {hub_cache_dir()} with both repos (README: Using BiomedCLIP offline), "
+        "or pass --weights"
     )
 
 

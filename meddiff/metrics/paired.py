@@ -56,11 +56,13 @@ def ssim(reference: np.ndarray, estimate: np.ndarray, data_range: float, mask: n
         reference, estimate, mask = (np.moveaxis(a, axis, 0) for a in (reference, estimate, mask))
         keep = keep[:axis] + keep[axis + 1 :]
     if len(keep) not in (2, 3) or min(keep) < 11:
-        raise MeddiffError(f"SSIM needs a 2D or 3D image with at least 11 pixels a side (its window), got shape {np.shape(reference)}")
+        raise MeddiffError("SSIM needs a 2D or 3D image with at least 11 pixels a side (its window), "
+                           f"got shape {np.shape(reference)}")
     ndim = len(keep)
     batch = (lambda a: torch.as_tensor(np.asarray(a, np.float64))[:, None]) if thin else _batched
     ssim_map, _ = compute_ssim_and_cs(batch(estimate), batch(reference), ndim, [11] * ndim, [1.5] * ndim, data_range)
-    inner = mask[(slice(None),) * thin + tuple(slice(5, s - 5) for s in keep)]  # the map is the 'valid' part of the convolution
+    # the map is the 'valid' part of the convolution
+    inner = mask[(slice(None),) * thin + tuple(slice(5, s - 5) for s in keep)]
     if not inner.any():
         raise MeddiffError("the mask lies within 5 pixels of the border, where SSIM's window does not fit")
     return float((ssim_map[:, 0] if thin else ssim_map[0, 0]).numpy()[inner].mean())
@@ -74,10 +76,12 @@ def ms_ssim(reference: np.ndarray, estimate: np.ndarray, data_range: float) -> f
     reference, estimate = np.squeeze(reference), np.squeeze(estimate)
     if reference.ndim not in (2, 3) or min(reference.shape) <= 160:
         raise MeddiffError(f"MS-SSIM's five scales need every side above 160 pixels, the image is {reference.shape}")
-    return float(MultiScaleSSIMMetric(spatial_dims=reference.ndim, data_range=data_range)(_batched(estimate), _batched(reference)).item())
+    return float(MultiScaleSSIMMetric(spatial_dims=reference.ndim, data_range=data_range)(
+        _batched(estimate), _batched(reference)).item())
 
 
-def paired(reference: np.ndarray, estimate: np.ndarray, data_range: float | None = None, mask: np.ndarray | None = None) -> dict[str, float | None]:
+def paired(reference: np.ndarray, estimate: np.ndarray, data_range: float | None = None,
+           mask: np.ndarray | None = None) -> dict[str, float | None]:
     """PSNR, SSIM (over ``mask`` when given) and MS-SSIM (whole image; None below 161 pixels a side).
 
     ``data_range`` defaults to the reference's max - min.
@@ -86,7 +90,8 @@ def paired(reference: np.ndarray, estimate: np.ndarray, data_range: float | None
     data_range = float(np.ptp(reference)) if data_range is None else float(data_range)
     if not data_range > 0:
         raise MeddiffError("the reference image is constant: PSNR and SSIM need a data range above 0")
-    result = {"psnr": psnr(reference, estimate, data_range, mask), "ssim": ssim(reference, estimate, data_range, mask), "ms_ssim": None}
+    result = {"psnr": psnr(reference, estimate, data_range, mask), "ssim": ssim(reference, estimate, data_range, mask),
+              "ms_ssim": None}
     if reference.ndim in (2, 3) and min(reference.shape) > 160:
         result["ms_ssim"] = ms_ssim(reference, estimate, data_range)
     return result

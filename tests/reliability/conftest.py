@@ -1,4 +1,5 @@
-"""Fixtures of the reliability corpus; the helpers themselves live in ``harness.py`` (a name no other conftest shadows)."""
+"""Fixtures of the reliability corpus; the helpers themselves live in ``harness.py``
+(a name no other conftest shadows)."""
 
 from __future__ import annotations
 

@@ -68,15 +68,19 @@ EVALUATE = ["evaluate", "--real", "real", "--fake", "fake", "--features", "meddi
 CASES = {
     # manifest validate
     "validate: no such manifest": (nothing, ["manifest", "validate", "m.jsonl"], ["does not exist"]),
-    "validate: not JSON": (lambda d: (d / "m.jsonl").write_text("{image: a}\n"), ["manifest", "validate", "m.jsonl"], ["line 1", "JSON"]),
+    "validate: not JSON": (lambda d: (d / "m.jsonl").write_text("{image: a}\n"), ["manifest", "validate", "m.jsonl"],
+                           ["line 1", "JSON"]),
     "validate: unknown field": (lambda d: manifest(d / "m.jsonl", {"image": "a.nii.gz", "patient_name": "X"}),
                                 ["manifest", "validate", "m.jsonl"], ["line 1", "patient_name"]),
     "validate: split 'training'": (lambda d: manifest(d / "m.jsonl", {"image": "a.nii.gz", "split": "training"}),
                                    ["manifest", "validate", "m.jsonl"], ["field 'split'"]),
-    "validate: empty manifest": (lambda d: (d / "m.jsonl").write_text("\n"), ["manifest", "validate", "m.jsonl"], ["no records"]),
-    "validate: image missing": (lambda d: manifest(d / "m.jsonl", {"image": "a.nii.gz"}), ["manifest", "validate", "m.jsonl"], ["file not found"]),
+    "validate: empty manifest": (lambda d: (d / "m.jsonl").write_text("\n"), ["manifest", "validate", "m.jsonl"],
+                                 ["no records"]),
+    "validate: image missing": (lambda d: manifest(d / "m.jsonl", {"image": "a.nii.gz"}),
+                                ["manifest", "validate", "m.jsonl"], ["file not found"]),
     "validate: one image in train and test": (
-        lambda d: (two_images(d), manifest(d / "m.jsonl", {"image": "a.nii.gz", "split": "train"}, {"image": "b.nii.gz", "split": "train"},
+        lambda d: (two_images(d), manifest(d / "m.jsonl", {"image": "a.nii.gz", "split": "train"},
+                                           {"image": "b.nii.gz", "split": "train"},
                                            {"image": "a.nii.gz", "split": "test"})),
         ["manifest", "validate", "m.jsonl"], ["split leak", "line 1 (a.nii.gz, train)", "line 3 (a.nii.gz, test)"]),
     "validate: one image spelt two ways in train and val": (
@@ -89,52 +93,71 @@ CASES = {
         ["manifest", "validate", "m.jsonl"], ["split leak", "subject", "line 1", "line 2"]),
     "validate --deep: a copy of a train image in test": (
         lambda d: (two_images(d), shutil.copy(d / "a.nii.gz", d / "c.nii.gz"),
-                   manifest(d / "m.jsonl", {"image": "a.nii.gz", "split": "train"}, {"image": "b.nii.gz", "split": "test"},
-                            {"image": "c.nii.gz", "split": "test"})),
+                   manifest(d / "m.jsonl", {"image": "a.nii.gz", "split": "train"},
+                            {"image": "b.nii.gz", "split": "test"}, {"image": "c.nii.gz", "split": "test"})),
         ["manifest", "validate", "m.jsonl", "--deep"], ["split leak", "identical", "line 1", "line 3"]),
     # manifest build
-    "build: no such folder": (nothing, ["manifest", "build", "data", "-o", "m.jsonl", "--modality", "MR"], ["not a folder"]),
+    "build: no such folder": (nothing, ["manifest", "build", "data", "-o", "m.jsonl", "--modality", "MR"],
+                              ["not a folder"]),
     "build: only hidden temporaries": (
         lambda d: (temp_left_by_a_kill(d / "data"), nifti(d / "data" / ".out.staging-x1" / "s0.nii.gz")),
         ["manifest", "build", "data", "-o", "m.jsonl", "--modality", "MR"], ["no images found"]),
-    "build: files without --modality": (lambda d: nifti(d / "data" / "a.nii.gz"), ["manifest", "build", "data", "-o", "m.jsonl"], ["--modality"]),
+    "build: files without --modality": (lambda d: nifti(d / "data" / "a.nii.gz"),
+                                        ["manifest", "build", "data", "-o", "m.jsonl"], ["--modality"]),
     "build: truncated .nii": (lambda d: (nifti(d / "data" / "a.nii.gz"), truncate(nifti(d / "data" / "b.nii")) ),
-                              ["manifest", "build", "data", "-o", "m.jsonl", "--modality", "MR"], ["b.nii", "truncated"]),
+                              ["manifest", "build", "data", "-o", "m.jsonl", "--modality", "MR"],
+                              ["b.nii", "truncated"]),
     "build: truncated .nii.gz": (lambda d: truncate(nifti(d / "data" / "a.nii.gz", shape=(64, 64, 8))),
-                                 ["manifest", "build", "data", "-o", "m.jsonl", "--modality", "MR"], ["a.nii.gz", "truncated"]),
-    "build: truncated DICOM": (truncated_dicom, ["manifest", "build", "data", "-o", "m.jsonl"], ["ct.dcm", "truncated"]),
+                                 ["manifest", "build", "data", "-o", "m.jsonl", "--modality", "MR"],
+                                 ["a.nii.gz", "truncated"]),
+    "build: truncated DICOM": (truncated_dicom, ["manifest", "build", "data", "-o", "m.jsonl"],
+                               ["ct.dcm", "truncated"]),
     "build: manifest exists": (lambda d: (nifti(d / "data" / "a.nii.gz"), (d / "m.jsonl").write_text("mine\n")),
-                               ["manifest", "build", "data", "-o", "m.jsonl", "--modality", "MR"], ["already exists", "--overwrite"]),
+                               ["manifest", "build", "data", "-o", "m.jsonl", "--modality", "MR"],
+                               ["already exists", "--overwrite"]),
     "build: fractions sum to 1": (lambda d: nifti(d / "data" / "a.nii.gz"),
-                                  ["manifest", "build", "data", "-o", "m.jsonl", "--modality", "MR", "--val-fraction", "0.5", "--test-fraction", "0.5"],
+                                  ["manifest", "build", "data", "-o", "m.jsonl", "--modality", "MR",
+                                   "--val-fraction", "0.5", "--test-fraction", "0.5"],
                                   ["sum to less than 1"]),
     # manifest samples
     "samples: output folder holds a file": (lambda d: (d / "out").mkdir() or (d / "out" / "mine.txt").write_text("x"),
-                                            ["manifest", "samples", "-o", "out", "--only", "dipy_t1_coronal_slice"], ["not empty", "--overwrite"]),
-    "samples: output is a file": (lambda d: (d / "out").write_text("x"), ["manifest", "samples", "-o", "out", "--only", "dipy_t1_coronal_slice"],
+                                            ["manifest", "samples", "-o", "out", "--only", "dipy_t1_coronal_slice"],
+                                            ["not empty", "--overwrite"]),
+    "samples: output is a file": (lambda d: (d / "out").write_text("x"),
+                                  ["manifest", "samples", "-o", "out", "--only", "dipy_t1_coronal_slice"],
                                   ["is a file"]),
     "samples: unknown --only": (nothing, ["manifest", "samples", "-o", "out", "--only", "brain"], ["invalid choice"]),
     # manifest findings
     "findings: negative --train": (nothing, ["manifest", "findings", "-o", "out", "--train", "-1"], ["negative"]),
-    "findings: held_out.json exists": (lambda d: (d / "out").mkdir() or (d / "out" / "held_out.json").write_text("[]\n"),
-                                       ["manifest", "findings", "-o", "out", "--train", "4", "--val", "2", "--test", "4"], ["not empty"]),
-    "findings: manifest.jsonl exists": (lambda d: (d / "out").mkdir() or (d / "out" / "manifest.jsonl").write_text("mine\n"),
-                                        ["manifest", "findings", "-o", "out", "--train", "4", "--val", "2", "--test", "4"], ["not empty"]),
-    "findings: no images asked for": (nothing, ["manifest", "findings", "-o", "out", "--train", "0", "--val", "0", "--test", "0"], ["positive"]),
+    "findings: held_out.json exists": (
+        lambda d: (d / "out").mkdir() or (d / "out" / "held_out.json").write_text("[]\n"),
+        ["manifest", "findings", "-o", "out", "--train", "4", "--val", "2", "--test", "4"], ["not empty"]),
+    "findings: manifest.jsonl exists": (
+        lambda d: (d / "out").mkdir() or (d / "out" / "manifest.jsonl").write_text("mine\n"),
+        ["manifest", "findings", "-o", "out", "--train", "4", "--val", "2", "--test", "4"], ["not empty"]),
+    "findings: no images asked for": (
+        nothing, ["manifest", "findings", "-o", "out", "--train", "0", "--val", "0", "--test", "0"], ["positive"]),
     "build: output is a folder": (lambda d: (nifti(d / "data" / "a.nii.gz"), (d / "m.jsonl").mkdir()),
                                   ["manifest", "build", "data", "-o", "m.jsonl", "--modality", "MR"], ["is a folder"]),
-    "findings: output is a file": (lambda d: (d / "out").write_text("x"), ["manifest", "findings", "-o", "out", "--train", "4"], ["is a file"]),
+    "findings: output is a file": (lambda d: (d / "out").write_text("x"),
+                                   ["manifest", "findings", "-o", "out", "--train", "4"], ["is a file"]),
     # evaluate
     "evaluate -k 0": (image_folders, [*EVALUATE, "-k", "0"], ["-k 0", "1 or more"]),
     "evaluate -k -3": (image_folders, [*EVALUATE, "-k", "-3"], ["-k -3"]),
     "evaluate --metrics ,": (image_folders, [*EVALUATE, "--metrics", ","], ["no metrics"]),
-    "evaluate --metrics fid,bogus": (image_folders, [*EVALUATE, "--metrics", "fid,bogus"], ["unknown metrics", "bogus"]),
-    "evaluate: --fake holds only a temporary": (lambda d: (image_folders(d), shutil.rmtree(d / "fake"), temp_left_by_a_kill(d / "fake")),
-                                                EVALUATE, ["fake", "holds no images"]),
-    "evaluate: no such --real": (lambda d: (image_folders(d), shutil.rmtree(d / "real")), EVALUATE, ["real", "neither a manifest nor a folder"]),
-    "evaluate: --json exists": (lambda d: (image_folders(d), (d / "r.json").write_text("{}\n")), [*EVALUATE, "--json", "r.json"], ["already exists"]),
-    "evaluate: --json is a folder": (lambda d: (image_folders(d), (d / "r.json").mkdir()), [*EVALUATE, "--json", "r.json"], ["is a folder"]),
-    "evaluate: --json into a new folder, then bad -k": (image_folders, [*EVALUATE, "--json", "new/r.json", "-k", "0"], ["-k 0"]),
+    "evaluate --metrics fid,bogus": (image_folders, [*EVALUATE, "--metrics", "fid,bogus"],
+                                     ["unknown metrics", "bogus"]),
+    "evaluate: --fake holds only a temporary": (
+        lambda d: (image_folders(d), shutil.rmtree(d / "fake"), temp_left_by_a_kill(d / "fake")),
+        EVALUATE, ["fake", "holds no images"]),
+    "evaluate: no such --real": (lambda d: (image_folders(d), shutil.rmtree(d / "real")), EVALUATE,
+                                 ["real", "neither a manifest nor a folder"]),
+    "evaluate: --json exists": (lambda d: (image_folders(d), (d / "r.json").write_text("{}\n")),
+                                [*EVALUATE, "--json", "r.json"], ["already exists"]),
+    "evaluate: --json is a folder": (lambda d: (image_folders(d), (d / "r.json").mkdir()),
+                                     [*EVALUATE, "--json", "r.json"], ["is a folder"]),
+    "evaluate: --json into a new folder, then bad -k": (image_folders, [*EVALUATE, "--json", "new/r.json", "-k", "0"],
+                                                        ["-k 0"]),
     "evaluate: --plot without memorization": (image_folders, [*EVALUATE, "--plot", "p.png"], ["memorization"]),
     "evaluate: --real-split of a plain folder": (image_folders, [*EVALUATE, "--real-split", "test"], ["no splits"]),
 }
@@ -170,7 +193,8 @@ def fail_after_first(monkeypatch, module, error: BaseException) -> None:
 def test_samples_failing_midway_leave_no_partial_set(error, code, workdir, monkeypatch):
     from meddiff.data import samples
 
-    assert run_meddiff("manifest", "samples", "-o", "old", "--only", "dipy_t1_coronal_slice").code == 0  # a complete older set
+    # a complete older set
+    assert run_meddiff("manifest", "samples", "-o", "old", "--only", "dipy_t1_coronal_slice").code == 0
     (workdir / "old" / "mine.txt").write_text("a user's file\n")
     before = Snapshot(workdir)
     fail_after_first(monkeypatch, samples, error)
@@ -185,7 +209,8 @@ def test_findings_failing_midway_leave_no_partial_set(workdir, monkeypatch):
 
     before = Snapshot(workdir)
     fail_after_first(monkeypatch, meddiff.io, Boom(28, "No space left on device"))
-    assert_clean_error(run_meddiff("manifest", "findings", "-o", "out", "--train", "4", "--val", "2", "--test", "4"), "No space left")
+    assert_clean_error(run_meddiff("manifest", "findings", "-o", "out", "--train", "4", "--val", "2", "--test", "4"),
+                       "No space left")
     before.assert_unchanged()
 
 
@@ -231,7 +256,8 @@ def test_evaluate_does_not_read_a_temporary_left_in_a_plain_folder(folders):
 
 def test_corrupt_feature_cache_entry_is_named_dropped_and_recomputed(folders, tmp_path, caplog):
     cache = tmp_path / "cache"
-    args = ["evaluate", "--real", "real", "--fake", "fake", "--features", "meddiff_mri", "--cache", cache, "--metrics", "fid", "--json"]
+    args = ["evaluate", "--real", "real", "--fake", "fake", "--features", "meddiff_mri", "--cache", cache,
+            "--metrics", "fid", "--json"]
     assert run_meddiff(*args, "first.json").code == 0
     entries = sorted(cache.rglob("*.npz"))
     assert len(entries) == 8
@@ -265,7 +291,8 @@ def test_staging_folders_of_killed_writers_are_removed_on_the_next_run(workdir):
     result = run_meddiff("manifest", "findings", "-o", "out", "--train", "2", "--val", "0", "--test", "0")
     assert result.code == 0, result.err
     assert not stale.exists() and live.exists() and elsewhere.exists()
-    assert sorted(p.name for p in (workdir / "out").iterdir()) == ["held_out.json", "manifest.jsonl", "train_00000.nii.gz", "train_00001.nii.gz"]
+    assert sorted(p.name for p in (workdir / "out").iterdir()) == ["held_out.json", "manifest.jsonl",
+                                                                   "train_00000.nii.gz", "train_00001.nii.gz"]
 
 
 def test_built_manifests_validate_and_a_random_split_needs_its_flag(workdir):
@@ -276,14 +303,16 @@ def test_built_manifests_validate_and_a_random_split_needs_its_flag(workdir):
     assert run_meddiff("manifest", "build", *common, "-o", "patient.jsonl").code == 0
     assert run_meddiff("manifest", "validate", "patient.jsonl", "--deep").code == 0
     assert run_meddiff("manifest", "build", *common, "-o", "random.jsonl", "--split-by", "random").code == 0
-    assert_clean_error(run_meddiff("manifest", "validate", "random.jsonl"), "split leak", "subject", "--allow-shared-subjects")
+    assert_clean_error(run_meddiff("manifest", "validate", "random.jsonl"), "split leak", "subject",
+                       "--allow-shared-subjects")
     assert run_meddiff("manifest", "validate", "random.jsonl", "--allow-shared-subjects").code == 0
 
 
 def test_an_unwritable_feature_cache_is_named_and_the_evaluation_goes_on(folders, tmp_path, caplog):
     blocked = tmp_path / "cache"
     blocked.write_text("a file where the cache folder should be\n")
-    result = run_meddiff("evaluate", "--real", "real", "--fake", "fake", "--features", "meddiff_mri", "--cache", blocked, "--metrics", "fid")
+    result = run_meddiff("evaluate", "--real", "real", "--fake", "fake", "--features", "meddiff_mri",
+                         "--cache", blocked, "--metrics", "fid")
     assert result.code == 0, result.err
     assert "fake 4 images" in result.out
     assert any(str(blocked) in r.getMessage() for r in caplog.records if r.levelname == "WARNING")

@@ -119,7 +119,8 @@ def test_bad_noise_arguments_end_in_one_line(case, workdir, tiny_model):
     extra, fragment = BAD_ARGUMENTS[case]
     write(noisy_image((24, 24)), workdir / "in.nii.gz")
     before = Snapshot(workdir)
-    assert_clean_error(run_meddiff("denoise", "-i", "in.nii.gz", "-o", "out.nii.gz", "--model", tiny_model, *extra), fragment)
+    assert_clean_error(run_meddiff("denoise", "-i", "in.nii.gz", "-o", "out.nii.gz", "--model", tiny_model, *extra),
+                       fragment)
     before.assert_unchanged()
 
 
@@ -151,7 +152,8 @@ def test_a_512x512_slice_reaches_the_network_only_as_tiles_of_the_training_size(
     from meddiff import Image
     from meddiff.pipelines import load_pipeline
 
-    pipeline = load_pipeline(tiny_model_dir(tmp_path / "model", channels=(8, 16), norm_num_groups=8, num_head_channels=8))
+    pipeline = load_pipeline(tiny_model_dir(tmp_path / "model", channels=(8, 16), norm_num_groups=8,
+                                            num_head_channels=8))
     assert any(pipeline.config.unet.attention_levels)
     pipeline.unet = Recorder(pipeline.unet)
     image = Image(noisy_image((512, 512)).array, np.eye(4), "MR")

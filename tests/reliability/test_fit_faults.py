@@ -22,7 +22,8 @@ REPO = Path(__file__).resolve().parents[2]
 SMOKE = REPO / "configs" / "smoke" / "ddpm_2d.yaml"
 
 
-def write_volumes(folder: Path, n: int = 4, split: str = "train", reports: list[str] | None = None, shape=(20, 20, 8)) -> Path:
+def write_volumes(folder: Path, n: int = 4, split: str = "train", reports: list[str] | None = None,
+                  shape=(20, 20, 8)) -> Path:
     """``n`` small MR volumes with a bright block each (different per volume) and their manifest."""
     folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(len(list(folder.glob("*.nii.gz"))))
@@ -43,23 +44,28 @@ def write_volumes(folder: Path, n: int = 4, split: str = "train", reports: list[
     return manifest
 
 
-def fit_config(manifest: Path | str, loggers: bool = True, root: str = "runs/t", callbacks: list | None = None, **trainer) -> dict:
+def fit_config(manifest: Path | str, loggers: bool = True, root: str = "runs/t", callbacks: list | None = None,
+               **trainer) -> dict:
     """The 2D smoke recipe on 16x16 patches: the loggers and checkpoints a real run starts (relative to the cwd)."""
     config = yaml.safe_load(SMOKE.read_text())
-    config["trainer"].update(default_root_dir=root, enable_progress_bar=False, val_check_interval=None, check_val_every_n_epoch=1000)
+    config["trainer"].update(default_root_dir=root, enable_progress_bar=False, val_check_interval=None,
+                             check_val_every_n_epoch=1000)
     if loggers:
         config["trainer"]["logger"] = [
-            {"class_path": "lightning.pytorch.loggers.WandbLogger", "init_args": {"project": "meddiff", "save_dir": root}},
+            {"class_path": "lightning.pytorch.loggers.WandbLogger",
+             "init_args": {"project": "meddiff", "save_dir": root}},
             {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": root}},
         ]
     else:
         config["trainer"]["logger"] = False
     config["trainer"]["callbacks"] = callbacks if callbacks is not None else [
-        {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint", "init_args": {"dirpath": f"{root}/checkpoints", "every_n_train_steps": 2, "save_last": True}}
+        {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+         "init_args": {"dirpath": f"{root}/checkpoints", "every_n_train_steps": 2, "save_last": True}}
     ]
     config["trainer"].update(trainer)
     config["model"]["init_args"].update(image_shape=[16, 16], image_spacing=[1.0, 1.0])
-    config["data"]["init_args"].update(manifest=str(manifest), spacing=None, patch_size=[16, 16], slices_per_volume=2, batch_size=1)
+    config["data"]["init_args"].update(manifest=str(manifest), spacing=None, patch_size=[16, 16], slices_per_volume=2,
+                                       batch_size=1)
     return config
 
 
@@ -176,10 +182,11 @@ def case_weights_only_false(work: Path):
 
 
 CASES = [
-    case_missing_config, case_broken_yaml, case_config_not_a_mapping, case_unknown_option, case_smoke_config_on_a_fresh_clone,
-    case_report_smoke_config_without_its_text_encoder, case_missing_manifest, case_manifest_names_a_missing_image, case_nan_image,
-    case_missing_checkpoint, case_pickle_payload_checkpoint,
-    case_torch_zip_payload_checkpoint, case_payload_as_last_checkpoint, case_checkpoint_that_is_not_lightning, case_weights_only_false,
+    case_missing_config, case_broken_yaml, case_config_not_a_mapping, case_unknown_option,
+    case_smoke_config_on_a_fresh_clone, case_report_smoke_config_without_its_text_encoder, case_missing_manifest,
+    case_manifest_names_a_missing_image, case_nan_image, case_missing_checkpoint, case_pickle_payload_checkpoint,
+    case_torch_zip_payload_checkpoint, case_payload_as_last_checkpoint, case_checkpoint_that_is_not_lightning,
+    case_weights_only_false,
 ]
 
 
@@ -207,12 +214,13 @@ def bert_dir(tmp_path_factory) -> Path:
     tokens = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "."] + WORDS
     BertTokenizerFast(vocab={t: i for i, t in enumerate(tokens)}, model_max_length=16).save_pretrained(folder)
     torch.manual_seed(0)
-    BertModel(BertConfig(vocab_size=len(tokens), hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
-                         max_position_embeddings=32)).save_pretrained(folder)
+    BertModel(BertConfig(vocab_size=len(tokens), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                         intermediate_size=32, max_position_embeddings=32)).save_pretrained(folder)
     return folder
 
 
-@pytest.mark.parametrize("prompts", [None, ["a large lesion in the left region."]], ids=["val_reports", "given_prompts"])
+@pytest.mark.parametrize("prompts", [None, ["a large lesion in the left region."]],
+                         ids=["val_reports", "given_prompts"])
 def test_sample_grid_of_a_report_conditioned_model_uses_fixed_prompts(prompts, bert_dir, tmp_path):
     import lightning.pytorch as pl
 
@@ -220,15 +228,17 @@ def test_sample_grid_of_a_report_conditioned_model_uses_fixed_prompts(prompts, b
     from meddiff.training import DiffusionModule
     from meddiff.training.callbacks import SampleGrid
 
-    train_reports, val_reports = ["no acute abnormality.", "a small lesion in the right region."], ["a large lesion in the left region.", "no acute abnormality."]
+    train_reports = ["no acute abnormality.", "a small lesion in the right region."]
+    val_reports = ["a large lesion in the left region.", "no acute abnormality."]
     write_volumes(tmp_path / "data", n=2, reports=train_reports, shape=(16, 16, 4))
     manifest = write_volumes(tmp_path / "data", n=2, split="val", reports=val_reports, shape=(16, 16, 4))
     data = ManifestDataModule(str(manifest), spatial_dims=2, slices_per_volume=1, batch_size=2)
     torch.manual_seed(0)
     module = DiffusionModule(spatial_dims=2, image_shape=(16, 16), text_encoder=f"hf:{bert_dir}", **TINY_UNET)
     grid = SampleGrid(every_n_steps=2, n=3, steps=2, **({"prompts": prompts} if prompts else {}))
-    trainer = pl.Trainer(max_steps=2, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                         enable_model_summary=False, limit_val_batches=0, callbacks=[grid], default_root_dir=tmp_path / "run")
+    trainer = pl.Trainer(max_steps=2, accelerator="cpu", logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0, callbacks=[grid],
+                         default_root_dir=tmp_path / "run")
     trainer.fit(module, data)
     expected = prompts or val_reports
     assert grid.grid_prompts == [expected[i % len(expected)] for i in range(3)]
@@ -272,17 +282,22 @@ def test_killed_fit_then_resume_gives_the_weights_of_an_uninterrupted_run(every,
 
     def config(name: str, kill: int | None = None) -> Path:
         checkpoints = {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
-                       "init_args": {"dirpath": str(tmp_path / name / "checkpoints"), "every_n_train_steps": every, "save_last": True, "save_top_k": -1}}
-        callbacks = [checkpoints] + ([{"class_path": "killer.KillAt", "init_args": {"step": kill, "hard": hard}}] if kill else [])
-        cfg = fit_config(manifest, loggers=False, root=str(tmp_path / name), callbacks=callbacks, max_steps=steps, enable_model_summary=False)
+                       "init_args": {"dirpath": str(tmp_path / name / "checkpoints"), "every_n_train_steps": every,
+                                     "save_last": True, "save_top_k": -1}}
+        callbacks = [checkpoints] + (
+            [{"class_path": "killer.KillAt", "init_args": {"step": kill, "hard": hard}}] if kill else [])
+        cfg = fit_config(manifest, loggers=False, root=str(tmp_path / name), callbacks=callbacks, max_steps=steps,
+                         enable_model_summary=False)
         return write_config(tmp_path / f"{name}.yaml", cfg)
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # the killed run's arithmetic (OMP_NUM_THREADS=1), to the last bit
     try:
         if hard:
-            env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), str(REPO)]), "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline"}
-            killed = subprocess.run([sys.executable, "-m", "meddiff.cli.main", "fit", "--config", str(config("resumed", kill=kill))],
+            env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), str(REPO)]), "OMP_NUM_THREADS": "1",
+                   "WANDB_MODE": "offline"}
+            killed = subprocess.run([sys.executable, "-m", "meddiff.cli.main", "fit",
+                                     "--config", str(config("resumed", kill=kill))],
                                     cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300, check=False)
             assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
         else:

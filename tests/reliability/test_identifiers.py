@@ -27,7 +27,8 @@ IDENTIFIERS = {
     "StudyInstanceUID": "1.2.826.0.1.3680043.8.498.773421199",
 }
 # what to look for: every value, and the parts of person names (a writer may reorder or split them)
-NEEDLES = sorted({v for v in IDENTIFIERS.values()} | {"ZZTESTPATIENT", "QQREFERRER", "7734211", "1951-03-07", "07.03.1951"})
+NEEDLES = sorted({v for v in IDENTIFIERS.values()} | {"ZZTESTPATIENT", "QQREFERRER", "7734211", "1951-03-07",
+                                                      "07.03.1951"})
 
 
 def identified_mr(folder: Path, copies: int = 6) -> list[Path]:
@@ -62,9 +63,11 @@ def leaks(work: Path, printed: str) -> list[str]:
     found = []
     for path in sorted(p for p in work.rglob("*") if p.is_file()):
         for where, data in unpacked(path):
-            found += [f"{needle!r} in {where}" for needle in NEEDLES if needle.encode() in data or needle.encode("utf-16-le") in data]
+            found += [f"{needle!r} in {where}" for needle in NEEDLES
+                      if needle.encode() in data or needle.encode("utf-16-le") in data]
     found += [f"{needle!r} printed" for needle in NEEDLES if needle in printed]
-    found += [f"{needle!r} in a file name" for needle in NEEDLES for p in work.rglob("*") if needle in str(p.relative_to(work))]
+    found += [f"{needle!r} in a file name" for needle in NEEDLES for p in work.rglob("*")
+              if needle in str(p.relative_to(work))]
     return found
 
 
@@ -95,14 +98,16 @@ def test_no_identifier_in_any_output_or_message(identified, tiny_model, tmp_path
         ["manifest", "build", mr.parent, "-o", "real/manifest.jsonl", "--modality", "MR"],
         ["generate", "--model", tiny_model, "-n", "6", "-o", "fake_nii", "--steps", "2", "--format", "nii.gz"],
         ["generate", "--model", tiny_model, "-n", "2", "-o", "fake_dcm", "--steps", "2", "--format", "dcm"],
-        ["evaluate", "--real", "real/manifest.jsonl", "--fake", "fake_nii", "--features", "meddiff_mri", "--json", "eval.json", "--cache", "cache"],
+        ["evaluate", "--real", "real/manifest.jsonl", "--fake", "fake_nii", "--features", "meddiff_mri",
+         "--json", "eval.json", "--cache", "cache"],
     ]
     printed = []
     for argv in steps:
         result = run_meddiff(*argv, cwd=work)
         assert result.code == 0, f"{argv[:2]} failed: {result.err}"
         printed.append(result.out + result.err)
-    for name in ("mr.nii.gz", "mr.mha", "mr.nrrd", "mr.png", "denoised.nii.gz", "real/manifest.jsonl", "fake_nii", "fake_dcm", "eval.json", "cache"):
+    for name in ("mr.nii.gz", "mr.mha", "mr.nrrd", "mr.png", "denoised.nii.gz", "real/manifest.jsonl", "fake_nii",
+                 "fake_dcm", "eval.json", "cache"):
         assert (work / name).exists(), f"{name} was not written"
     assert not leaks(work, "\n".join(printed)), leaks(work, "\n".join(printed))
 

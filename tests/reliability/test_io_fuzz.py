@@ -34,8 +34,8 @@ pytestmark = pytest.mark.fuzz
 
 EXAMPLES = int(os.environ.get("MEDDIFF_FUZZ_EXAMPLES", "40"))
 SECONDS_PER_EXAMPLE = 20  # a read of these small files takes milliseconds: anything near this is a hang
-FUZZ = settings(max_examples=EXAMPLES, deadline=None, derandomize=not os.environ.get("MEDDIFF_FUZZ_RANDOM"), database=None,
-                suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+FUZZ = settings(max_examples=EXAMPLES, deadline=None, derandomize=not os.environ.get("MEDDIFF_FUZZ_RANDOM"),
+                database=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 
 
 @functools.cache
@@ -95,7 +95,8 @@ def pixel_data_offset(data: bytes) -> int:
 
 
 SOURCES = (".nii", ".nii.gz", "CT_small.dcm", "MR_small.dcm")
-# NIfTI-1 header fields worth pushing to extremes: dim[0..7], datatype, bitpix, vox_offset, scl_slope/inter, q/sform codes
+# NIfTI-1 header fields worth pushing to extremes: dim[0..7], datatype, bitpix, vox_offset, scl_slope/inter,
+# q/sform codes
 NIFTI_FIELDS = {"dim": (40, "<8h"), "datatype": (70, "<h"), "bitpix": (72, "<h"), "vox_offset": (108, "<f"),
                 "scl": (112, "<2f"), "qform_code": (252, "<h"), "sform_code": (254, "<h"), "pixdim": (76, "<8f")}
 EXTREMES = st.sampled_from([0, 1, -1, 2, 7, 8, 255, 32767, -32768])
@@ -105,7 +106,8 @@ FLOATS = st.one_of(st.sampled_from([0.0, -1.0, 1e38, -1e38, float("nan"), float(
 @st.composite
 def mutations(draw):
     source = draw(st.sampled_from(SOURCES))
-    kind = draw(st.sampled_from(["header bytes", "truncate", "field"] if source.startswith(".nii") else ["header bytes", "truncate"]))
+    kind = draw(st.sampled_from(["header bytes", "truncate", "field"] if source.startswith(".nii")
+                                else ["header bytes", "truncate"]))
     return source, kind, draw(st.data())
 
 

@@ -54,7 +54,8 @@ def _real(name: str) -> bytes:
 
 
 def _mha(header: str, data: bytes = b"x" * 100) -> bytes:
-    return f"ObjectType = Image\nNDims = 3\n{header}\nElementType = MET_FLOAT\nElementDataFile = LOCAL\n".encode() + data
+    return (f"ObjectType = Image\nNDims = 3\n{header}\n"
+            "ElementType = MET_FLOAT\nElementDataFile = LOCAL\n").encode() + data
 
 
 def _sitk_bytes(tmp: Path, name: str, array: np.ndarray, compress: bool = False) -> bytes:
@@ -72,14 +73,19 @@ RGB = np.dtype([("R", "u1"), ("G", "u1"), ("B", "u1")])
 
 # file name -> (bytes of the bad file (given a scratch folder), fragment the error line must hold)
 BAD_FILES = {
-    "complex.nii.gz": (lambda t: gzip.compress(_nifti((np.ones((8, 8, 3)) * (1 + 2j)).astype(np.complex64))), "complex values"),
+    "complex.nii.gz": (lambda t: gzip.compress(_nifti((np.ones((8, 8, 3)) * (1 + 2j)).astype(np.complex64))),
+                       "complex values"),
     "complex128.nii": (lambda t: _nifti((np.ones((8, 8)) * 1j).astype(np.complex128)), "complex values"),
     "rgb.nii.gz": (lambda t: gzip.compress(_nifti(np.zeros((8, 8, 3), RGB))), "colour voxels"),
-    "huge_dims.nii": (lambda t: _with_dims(_nifti(np.ones((8, 8, 3), np.float32)), [3, 30000, 30000, 30000, 1, 1, 1, 1]), "header promises"),
-    "huge_dims.nii.gz": (lambda t: gzip.compress(_with_dims(_nifti(np.ones((8, 8, 3), np.float32)), [3, 30000, 30000, 30000, 1, 1, 1, 1])), "header promises"),
+    "huge_dims.nii": (lambda t: _with_dims(_nifti(np.ones((8, 8, 3), np.float32)),
+                                           [3, 30000, 30000, 30000, 1, 1, 1, 1]), "header promises"),
+    "huge_dims.nii.gz": (lambda t: gzip.compress(_with_dims(_nifti(np.ones((8, 8, 3), np.float32)),
+                                                            [3, 30000, 30000, 30000, 1, 1, 1, 1])), "header promises"),
     "nifti2_1e9.nii": (lambda t: _nifti2_dims([3, 10**9, 10**9, 3, 1, 1, 1, 1]), "header promises"),
-    "negative_dim.nii": (lambda t: _with_dims(_nifti(np.ones((8, 8, 3), np.float32)), [3, -8, 8, 3, 1, 1, 1, 1]), "at least 1 voxel"),
-    "zero_dim.nii.gz": (lambda t: gzip.compress(_with_dims(_nifti(np.ones((8, 8, 3), np.float32)), [3, 0, 8, 3, 1, 1, 1, 1])), "at least 1 voxel"),
+    "negative_dim.nii": (lambda t: _with_dims(_nifti(np.ones((8, 8, 3), np.float32)), [3, -8, 8, 3, 1, 1, 1, 1]),
+                         "at least 1 voxel"),
+    "zero_dim.nii.gz": (lambda t: gzip.compress(_with_dims(_nifti(np.ones((8, 8, 3), np.float32)),
+                                                           [3, 0, 8, 3, 1, 1, 1, 1])), "at least 1 voxel"),
     "no_axes.nii": (lambda t: _with_dims(_nifti(np.ones((8, 8, 3), np.float32)), [0, 8, 8, 3, 1, 1, 1, 1]), "axes"),
     "five_axes.nii.gz": (lambda t: gzip.compress(_nifti(np.ones((4, 4, 3, 2, 2), np.float32))), "5 axes"),
     "truncated.nii": (lambda t: _nifti(np.ones((8, 8, 3), np.float32))[:400], "header promises"),
@@ -91,14 +97,19 @@ BAD_FILES = {
     "cut_mr_no_suffix": (lambda t: _real("MR_small.dcm")[:-500], "pixel data holds"),
     "header_cut.dcm": (lambda t: _real("CT_small.dcm")[:300], "not a DICOM image"),
     "rows_zero.dcm": (lambda t: _dicom("MR_small.dcm", Rows=0), "at least 1 voxel"),
-    "huge_frames.dcm": (lambda t: _dicom("MR_small.dcm", Rows=65535, Columns=65535, NumberOfFrames=10000), "header promises"),
+    "huge_frames.dcm": (lambda t: _dicom("MR_small.dcm", Rows=65535, Columns=65535, NumberOfFrames=10000),
+                        "header promises"),
     "empty.dcm": (lambda t: b"", "0 bytes"),
-    "truncated.mha": (lambda t: _sitk_bytes(t, "a.mha", np.ones((6, 7, 8), np.float32))[:-700], "data not read completely"),
-    "truncated.nrrd": (lambda t: _sitk_bytes(t, "a.nrrd", np.random.default_rng(0).random((6, 7, 8), np.float32), True)[:-300], "expected"),
+    "truncated.mha": (lambda t: _sitk_bytes(t, "a.mha", np.ones((6, 7, 8), np.float32))[:-700],
+                      "data not read completely"),
+    "truncated.nrrd": (lambda t: _sitk_bytes(t, "a.nrrd", np.random.default_rng(0).random((6, 7, 8), np.float32),
+                                             True)[:-300], "expected"),
     "huge.mha": (lambda t: _mha("DimSize = 1000000000 1000000000 1000"), "memory"),
     "zero.mha": (lambda t: _mha("DimSize = 0 8 8"), "at least 1 voxel"),
     "header_only.mha": (lambda t: _sitk_bytes(t, "b.mha", np.ones((6, 7, 8), np.float32))[:100], "cannot read"),
-    "truncated.png": (lambda t: _sitk_bytes(t, "a.png", np.random.default_rng(1).integers(0, 255, (32, 32), dtype=np.uint8))[:120], "cannot read"),
+    "truncated.png": (lambda t: _sitk_bytes(t, "a.png",
+                                            np.random.default_rng(1).integers(0, 255, (32, 32), dtype=np.uint8))[:120],
+                      "cannot read"),
     "text.png": (lambda t: b"this is a text file\n" * 10, "cannot read"),
     "empty.png": (lambda t: b"", "0 bytes"),
 }
@@ -113,7 +124,8 @@ def bad_folder(tmp_path_factory) -> Path:
     return folder
 
 
-VERBS = {"info": lambda path: ["info", path], "info --json": lambda path: ["info", "--json", path], "convert": lambda path: ["convert", path, "out.nii.gz"]}
+VERBS = {"info": lambda path: ["info", path], "info --json": lambda path: ["info", "--json", path],
+         "convert": lambda path: ["convert", path, "out.nii.gz"]}
 
 
 @pytest.mark.parametrize("verb", list(VERBS))

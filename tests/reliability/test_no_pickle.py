@@ -1,4 +1,5 @@
-"""No weights or checkpoint file a user passes in ever runs code, and one that does not fit says what differs in one line.
+"""No weights or checkpoint file a user passes in ever runs code, and one that does not fit says what differs
+in one line.
 
 Every path that reads such a file (each feature extractor's ``--weights``, ``export CKPT``, model folders for
 ``generate`` / ``denoise`` / ``meddiff_mri``, open_clip folders, Hugging Face text folders, meddiff CLIP
@@ -59,7 +60,8 @@ def write_payload(path: Path, kind: str, marker: Path) -> Path:
     elif kind in ("torch-zip", "torch-legacy"):  # a state dict whose tensors sit beside the payload
         state = {"state_dict": {"conv.weight": torch.zeros(2, 2), "evil": OpenMarker(marker)}}
         torch.save(state, path, _use_new_zipfile_serialization=kind == "torch-zip")
-    elif kind in ("module-zip", "module-legacy"):  # a whole pickled model, as torchxrayvision releases them, with a payload attribute
+    # a whole pickled model, as torchxrayvision releases them, with a payload attribute
+    elif kind in ("module-zip", "module-legacy"):
         module = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3), torch.nn.ReLU())
         module[0].evil = SystemMarker(marker)
         torch.save(module, path, _use_new_zipfile_serialization=kind == "module-zip")
@@ -75,7 +77,8 @@ WORDS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "no", "acute", "lesion", 
 
 
 def write_bert_config(folder: Path) -> None:
-    """A tiny BERT's config.json and tokenizer files (vocab.txt): what a Hugging Face folder holds besides its weights."""
+    """A tiny BERT's config.json and tokenizer files (vocab.txt): what a Hugging Face folder holds
+    besides its weights."""
     from transformers import BertConfig
 
     folder.mkdir(parents=True, exist_ok=True)
@@ -91,8 +94,8 @@ def open_clip_folder(folder: Path) -> Path:
     config = {
         "model_cfg": {
             "embed_dim": 16,
-            "vision_cfg": {"timm_model_name": "vit_tiny_patch16_224", "timm_model_pretrained": False, "timm_pool": "", "timm_proj": "linear",
-                           "image_size": 224},
+            "vision_cfg": {"timm_model_name": "vit_tiny_patch16_224", "timm_model_pretrained": False, "timm_pool": "",
+                           "timm_proj": "linear", "image_size": 224},
             "text_cfg": {"hf_model_name": str(folder), "hf_tokenizer_name": str(folder), "hf_proj_type": "mlp",
                          "hf_pooler_type": "cls_last_hidden_state_pooler", "context_length": 16},
         },
@@ -122,7 +125,8 @@ def images(folder: Path, n: int = 2) -> Path:
 
 
 def evaluate(features: str, weights: str) -> list[str]:
-    return ["evaluate", "--real", "real", "--fake", "fake", "--metrics", "fid", "--features", features, "--weights", weights, "--cache", "none"]
+    return ["evaluate", "--real", "real", "--fake", "fake", "--metrics", "fid", "--features", features,
+            "--weights", weights, "--cache", "none"]
 
 
 # path -> (kinds, set-up(work, kind, marker) -> what to run, fragment of the error line)
@@ -140,7 +144,8 @@ def _model_folder(verb: str):
     def setup(work: Path, kind: str, marker: Path):
         folder = work / "model"
         folder.mkdir()
-        (folder / "config.json").write_text(json.dumps({"unet": {**TINY_UNET, "spatial_dims": 2}, "schedule": {}, "image": {"shape": [16, 16]}}))
+        (folder / "config.json").write_text(json.dumps({"unet": {**TINY_UNET, "spatial_dims": 2}, "schedule": {},
+                                                        "image": {"shape": [16, 16]}}))
         write_payload(folder / "model.safetensors", kind, marker)
         if verb == "generate":
             return ["generate", "--model", "model", "-n", "1", "-o", "out"]
@@ -204,7 +209,8 @@ def _clip_as_text_encoder(work: Path, kind: str, marker: Path):
 
 
 def _generate_with_text_encoder(work: Path, kind: str, marker: Path):
-    """A report-conditioned model folder whose config.json names an hf: text encoder folder: generate loads it to encode the prompt."""
+    """A report-conditioned model folder whose config.json names an hf: text encoder folder:
+    generate loads it to encode the prompt."""
     from harness import tiny_model_dir
 
     folder = tiny_model_dir(work / "model")
@@ -290,12 +296,14 @@ def _custom_clip(work: Path, marker: Path):
     return lambda: ClipEncoder(folder)
 
 
-CUSTOM_CODE = {"hf: folder": _custom_hf, "open_clip local-dir text tower": _custom_open_clip, "CLIP folder text tower": _custom_clip}
+CUSTOM_CODE = {"hf: folder": _custom_hf, "open_clip local-dir text tower": _custom_open_clip,
+               "CLIP folder text tower": _custom_clip}
 
 
 @pytest.mark.parametrize("path", list(CUSTOM_CODE))
 def test_a_folder_asking_to_run_its_own_code_is_refused(path, workdir, tmp_path):
-    """transformers would import a folder's own Python file for a config with auto_map (after a prompt); meddiff never does."""
+    """transformers would import a folder's own Python file for a config with auto_map (after a prompt);
+    meddiff never does."""
     marker = tmp_path / "MARKER"
     run = CUSTOM_CODE[path](workdir, marker)
     before = Snapshot(workdir)
@@ -356,8 +364,10 @@ def test_a_model_folder_whose_weights_do_not_fit_its_config_is_one_line(misfit, 
     save_file(state, folder / "unet.safetensors")
     images(workdir / "in", 1)
     before = Snapshot(workdir)
-    argv = ["generate", "--model", folder, "-n", "1", "-o", "out"] if verb == "generate" else ["denoise", "-i", "in/img0.nii.gz", "-o", "x.nii.gz", "--model", folder]
-    assert_clean_error(run_meddiff(*argv), str(folder), "unet.safetensors does not fit config.json", fragment, "meddiff export")
+    argv = (["generate", "--model", folder, "-n", "1", "-o", "out"] if verb == "generate"
+            else ["denoise", "-i", "in/img0.nii.gz", "-o", "x.nii.gz", "--model", folder])
+    assert_clean_error(run_meddiff(*argv), str(folder), "unet.safetensors does not fit config.json", fragment,
+                       "meddiff export")
     before.assert_unchanged()
 
 
@@ -378,13 +388,15 @@ def _ckpt_missing(ckpt):
     ckpt["state_dict"].pop(max(ckpt["state_dict"]))
 
 
-EXPORT_MISFITS = {"channels in hyper_parameters": (_ckpt_channels, "of another shape"), "a tensor missing": (_ckpt_missing, "1 tensor missing")}
+EXPORT_MISFITS = {"channels in hyper_parameters": (_ckpt_channels, "of another shape"),
+                  "a tensor missing": (_ckpt_missing, "1 tensor missing")}
 
 
 @pytest.mark.parametrize("misfit", list(EXPORT_MISFITS))
 def test_export_of_a_checkpoint_that_does_not_fit_is_one_line(misfit, checkpoint, workdir):
     alter, fragment = EXPORT_MISFITS[misfit]
-    ckpt = {**checkpoint, "hyper_parameters": dict(checkpoint["hyper_parameters"]), "state_dict": dict(checkpoint["state_dict"])}
+    ckpt = {**checkpoint, "hyper_parameters": dict(checkpoint["hyper_parameters"]),
+            "state_dict": dict(checkpoint["state_dict"])}
     alter(ckpt)
     torch.save(ckpt, workdir / "last.ckpt")
     before = Snapshot(workdir)

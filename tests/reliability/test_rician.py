@@ -20,7 +20,8 @@ FLOOR = np.sqrt(np.pi / 2)  # the Rayleigh mean / sigma: what the background sho
 @pytest.mark.parametrize("sigma", [0.01, 1.0, 250.0])
 def test_inverse_of_scipys_rician_mean(sigma):
     nu = np.array([0.0, 0.05, 0.3, 0.7, 1.0, 1.5, 2.0, 3.0, 5.0, 9.9, 10.02, 17.3, 29.9, 36.0])
-    np.testing.assert_allclose(rician_amplitude(stats.rice.mean(nu) * sigma, sigma), nu * sigma, rtol=1e-4, atol=0.03 * sigma)
+    np.testing.assert_allclose(rician_amplitude(stats.rice.mean(nu) * sigma, sigma), nu * sigma, rtol=1e-4,
+                               atol=0.03 * sigma)
     # beyond the table (scipy's mean overflows from about 38 sigma): E[M] = sqrt(A^2 + sigma^2) to within 1e-5 sigma
     big = np.array([30.0, 30.1, 100.0, 1e4])
     np.testing.assert_allclose(rician_amplitude(np.sqrt(big**2 + 1) * sigma, sigma), big * sigma, rtol=1e-5)
@@ -31,7 +32,8 @@ def test_inverse_of_scipys_rician_mean(sigma):
 @pytest.mark.parametrize("amplitude", [0.0, 0.5, 1.0, 2.0, 6.0])
 def test_monte_carlo_mean_of_rician_samples_gives_back_the_amplitude(amplitude):
     sigma, n = 3.0, 400_000
-    samples = stats.rice.rvs(amplitude / sigma, scale=sigma, size=n, random_state=np.random.default_rng(int(amplitude * 10)))
+    samples = stats.rice.rvs(amplitude / sigma, scale=sigma, size=n,
+                             random_state=np.random.default_rng(int(amplitude * 10)))
     sample_mean = samples.mean()
     assert abs(sample_mean - stats.rice.mean(amplitude / sigma) * sigma) < 4 * samples.std() / np.sqrt(n)
     estimate = float(rician_amplitude(np.array(sample_mean), sigma))
@@ -45,8 +47,10 @@ def test_only_magnitude_mr_is_corrected():
     corrected = correct_rician_bias(array, 1.0, Image(array, np.eye(4), "MR"))
     assert corrected.dtype == np.float32 and corrected.shape == array.shape
     assert corrected[0, 0] == 0 and corrected[1, 1] == pytest.approx(np.sqrt(99.0), rel=1e-4)
-    np.testing.assert_array_equal(correct_rician_bias(array, 1.0, Image(array, np.eye(4), None)), corrected)  # NIfTI: unknown
-    for source in (Image(array, np.eye(4), "CT"), Image(array - 1, np.eye(4), "MR")):  # CT, or signed values: not magnitude MR
+    # NIfTI: unknown
+    np.testing.assert_array_equal(correct_rician_bias(array, 1.0, Image(array, np.eye(4), None)), corrected)
+    # CT, or signed values: not magnitude MR
+    for source in (Image(array, np.eye(4), "CT"), Image(array - 1, np.eye(4), "MR")):
         assert correct_rician_bias(array, 1.0, source) is array
     assert correct_rician_bias(array, 1.0, Image(array, np.eye(4), "MR"), enabled=False) is array
     with pytest.raises(ValueError, match="sigma"):
