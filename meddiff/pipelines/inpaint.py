@@ -115,6 +115,7 @@ def inpaint(model: DiffusionModel, image: Image, mask: Image | np.ndarray, spec:
     prompts = None if prompt is None else [prompt]
     spec = check_sample_args(model, spec, [seed], prompts)
     low, high = intensity_window(config, image.array)
+    whole_numbers = np.array_equal(image.array, np.round(image.array))
     y = to_model_range(torch.from_numpy(image.array), low, high)
     keep = torch.from_numpy(~fill)
     if dims == 3 or axis is None:  # one item: the whole image
@@ -148,6 +149,8 @@ def inpaint(model: DiffusionModel, image: Image, mask: Image | np.ndarray, spec:
                 moved[touched] = result
                 sample = torch.movedim(moved, 0, axis)
             physical = from_model_range(sample.numpy(), low, high).astype(np.float32)
+            if whole_numbers:  # a scan stored as integers (DICOM) gets integers, so it is stored exactly again
+                physical = np.round(physical)
             array = np.where(fill, physical, image.array).astype(image.array.dtype)  # outside the mask: the input itself
             filled.append(Image(array, image.affine.copy(), image.modality, dict(image.meta)))
     return filled
