@@ -54,6 +54,8 @@ def mask_on_grid(image: Image, mask: Image | np.ndarray) -> np.ndarray:
     everything, or one that does not overlap the image.
     """
     spatial = image.array.shape
+    if len(spatial) == 4:
+        raise MeddiffError(f"inpaint takes a 2D image or a 3D volume, not a 4D series {spatial} — split it into volumes")
     if isinstance(mask, Image):
         values, affine = mask.array, mask.affine
     else:
@@ -66,17 +68,15 @@ def mask_on_grid(image: Image, mask: Image | np.ndarray) -> np.ndarray:
         raise MeddiffError(f"the mask is not binary (values {shown}): give 0 where the image is kept and 1 (or 255) where it is "
                            "filled — threshold a probability map or pick one label of a label map first")
     fill = values > 0
-    if fill.shape != spatial:
-        if affine is None or (np.allclose(affine, image.affine) and fill.ndim == len(spatial)):
-            raise MeddiffError(f"the mask has shape {fill.shape}, the image {spatial} — give a mask of the image's shape "
-                               "(or a NIfTI/DICOM mask whose geometry places it on the image)")
-        if fill.any():
-            fill = _resample_nearest(fill, affine, spatial, image.affine)
-            if not fill.any():
-                raise MeddiffError("the mask does not overlap the image (their geometries place it elsewhere) — give a mask "
-                                   "drawn on this image")
-    elif affine is not None and not np.allclose(affine, image.affine, atol=1e-3):
-        fill = _resample_nearest(fill, affine, spatial, image.affine) if fill.any() else fill
+    same_grid = affine is None or np.allclose(affine, image.affine, atol=1e-3)
+    if fill.shape != spatial and same_grid:
+        raise MeddiffError(f"the mask has shape {fill.shape}, the image {spatial} — give a mask of the image's shape "
+                           "(or a NIfTI/DICOM mask whose geometry places it on the image)")
+    if not same_grid and fill.any():
+        fill = _resample_nearest(fill, affine, spatial, image.affine)
+        if not fill.any():
+            raise MeddiffError("the mask does not overlap the image (their geometries place it elsewhere) — give a mask "
+                               "drawn on this image")
     if not fill.any():
         raise MeddiffError("the mask is empty: it marks nothing to fill (give 1 where the image is to be filled)")
     if fill.all():
@@ -101,8 +101,6 @@ def inpaint(model: DiffusionModel, image: Image, mask: Image | np.ndarray, spec:
     spec = spec or InpaintSpec()
     check_counts({"--samples": samples, "--seed": seed, "--batch-size": batch_size})
     image.check_finite()
-    if image.array.ndim == 4:
-        raise MeddiffError(f"inpaint takes a 2D image or a 3D volume, not a 4D series {image.array.shape} — split it into volumes")
     fill = mask_on_grid(image, mask)
     config = model.config
     if config.unet.concat_channels:
