@@ -114,44 +114,29 @@ def inpaint(model: DiffusionModel, image: Image, mask: Image | np.ndarray, spec:
     spec = check_sample_args(model, spec, [seed], prompts)
     low, high = intensity_window(config, image.array)
     whole_numbers = np.array_equal(image.array, np.round(image.array))
-    y = to_model_range(torch.from_numpy(image.array), low, high)
-    keep = torch.from_numpy(~fill)
-    if dims == 3 or axis is None:  # one item: the whole image
-        items, keeps, seeds_of = y[None], keep[None], [0]
-        spacing = image.spacing if dims == 3 else image.spacing[:2]
-    else:
-        touched = np.flatnonzero(np.moveaxis(fill, axis, 0).reshape(fill.shape[axis], -1).any(axis=1))
-        items = torch.movedim(y, axis, 0)[touched]
-        keeps = torch.movedim(keep, axis, 0)[touched]
-        seeds_of = touched.tolist()
-        spacing = [s for a, s in enumerate(image.spacing) if a != axis]
-    slices = 1 if dims == 3 or axis is None else image.array.shape[axis]
-    out = y.clone()
-    filled = []
-    plan_length = len(RePaint.plan_for(spec.steps, spec.jump, spec.resample))
-    per_call = max(1, batch_size)
-    jobs = [(k, start) for k in range(samples) for start in range(0, len(items), per_call)]
-    with tqdm(total=plan_length * len(jobs), desc="inpaint", unit="step", delay=2.0, disable=not progress) as bar:
+    # a stack of items along a leading axis: the slices across ``axis`` for a 2D model, else the one image
+    stacked = dims == 2 and axis is not None
+    source = np.moveaxis(image.array, axis, 0) if stacked else image.array[None]
+    fills = np.moveaxis(fill, axis, 0) if stacked else fill[None]
+    spacing = [s for a, s in enumerate(image.spacing) if a != axis] if stacked else image.spacing
+    touched = np.flatnonzero(fills.reshape(len(fills), -1).any(axis=1))
+    chunks = [touched[start:start + batch_size] for start in range(0, len(touched), batch_size)]
+    steps_per_run = len(RePaint.plan_for(spec.steps, spec.jump, spec.resample))
+    results = []
+    with tqdm(total=steps_per_run * len(chunks) * samples, desc="inpaint", unit="step", delay=2.0, disable=not progress) as bar:
         for k in range(samples):
-            result = torch.empty_like(items)
-            for start in range(0, len(items), per_call):
-                stop = min(start + per_call, len(items))
-                seeds = [seed + k * slices + s for s in seeds_of[start:stop]]
-                result[start:stop] = _repaint(model, spec, items[start:stop], keeps[start:stop], seeds, prompts, spacing,
-                                              batch_size, bar.update)
-            sample = out.clone()
-            if dims == 3 or axis is None:
-                sample = result[0]
-            else:
-                moved = torch.movedim(sample, axis, 0)
-                moved[touched] = result
-                sample = torch.movedim(moved, 0, axis)
-            physical = from_model_range(sample.numpy(), low, high).astype(np.float32)
-            if whole_numbers:  # a scan stored as integers (DICOM) gets integers, so it is stored exactly again
-                physical = np.round(physical)
-            array = np.where(fill, physical, image.array).astype(image.array.dtype)  # outside the mask: the input itself
-            filled.append(Image(array, image.affine.copy(), image.modality, dict(image.meta)))
-    return filled
+            result = source.copy()
+            for chunk in chunks:
+                known = to_model_range(torch.from_numpy(source[chunk]), low, high)
+                seeds = [seed + k * len(source) + int(s) for s in chunk]
+                made = _repaint(model, spec, known, torch.from_numpy(~fills[chunk]), seeds, prompts, spacing, batch_size, bar.update)
+                physical = from_model_range(made.numpy(), low, high)
+                if whole_numbers:  # a scan stored as integers (DICOM) gets integers, so it is stored exactly again
+                    physical = np.round(physical)
+                result[chunk] = np.where(fills[chunk], physical, source[chunk])  # outside the mask: the input itself
+            array = np.moveaxis(result, 0, axis) if stacked else result[0]
+            results.append(Image(array, image.affine.copy(), image.modality, dict(image.meta)))
+    return results
 
 
 def _repaint(model: DiffusionModel, spec: InpaintSpec, known: torch.Tensor, keep: torch.Tensor, seeds: list[int],
