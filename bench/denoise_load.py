@@ -125,22 +125,26 @@ def psnr_of(mode: str) -> dict:
 
 def measure(mode: str, size: str) -> dict:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
-    proc = subprocess.run(["/usr/bin/time", "-v", sys.executable, __file__, "--child", mode, size], check=False, capture_output=True, text=True, env=env)
+    proc = subprocess.run(["/usr/bin/time", "-v", sys.executable, __file__, "--child", mode, size],
+                          check=False, capture_output=True, text=True, env=env)
     rss = re.search(r"Maximum resident set size \(kbytes\): (\d+)", proc.stderr)
     user = re.search(r"User time \(seconds\): ([\d.]+)", proc.stderr)
-    row = {"mode": mode, "size": size, "exit": proc.returncode, "max_rss_gib": int(rss.group(1)) / 2**20 if rss else None,
+    row = {"mode": mode, "size": size, "exit": proc.returncode,
+           "max_rss_gib": int(rss.group(1)) / 2**20 if rss else None,
            "process_user_seconds": float(user.group(1)) if user else None}
     lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
     if proc.returncode == 0 and lines:
         row.update(json.loads(lines[-1]))
     else:
-        own = [line for line in proc.stderr.split("\tCommand being timed")[0].splitlines() if line.strip() and not line.startswith("Command exited")]
+        own = [line for line in proc.stderr.split("\tCommand being timed")[0].splitlines()
+               if line.strip() and not line.startswith("Command exited")]
         row["error"] = (own[-1] if own else "no output")[:160]
     return row
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| image | mode | exit | max RSS (GiB) | denoise wall (s) | denoise CPU (s) | CPU per slice (s) |", "|---|---|---|---|---|---|---|"]
+    lines = ["| image | mode | exit | max RSS (GiB) | denoise wall (s) | denoise CPU (s) | CPU per slice (s) |",
+             "|---|---|---|---|---|---|---|"]
     for r in rows:
         if r["size"] == "psnr":
             continue

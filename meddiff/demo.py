@@ -45,14 +45,16 @@ def main(argv: list[str] | None = None) -> None:
         "image": "dipy t1_coronal_slice (held out from training)",
         "noise": f"Rician, sigma {NOISE_PERCENT:g} % of the maximum",
         "model": "mri-denoise (bundled)",
-        **{f"{name}_{metric}": fn(clean.array, array, peak, mask) for name, array in (("noisy", noisy.array), ("denoised", denoised))
+        **{f"{name}_{metric}": fn(clean.array, array, peak, mask)
+           for name, array in (("noisy", noisy.array), ("denoised", denoised))
            for metric, fn in (("psnr_db", psnr), ("ssim", ssim))},
     }
     with atomic_path(out / "metrics.json", overwrite=True) as tmp:
         tmp.write_text(json.dumps(metrics, indent=2) + "\n")
     panel = save_grid([noisy.array, denoised, clean.array], out / "denoise_panel.png", columns=3, window=(0.0, peak))
     gain = metrics["denoised_psnr_db"] - metrics["noisy_psnr_db"]
-    print(f"noisy -> denoised: PSNR {metrics['noisy_psnr_db']:.2f} -> {metrics['denoised_psnr_db']:.2f} dB ({gain:+.2f} dB), "
+    print(f"noisy -> denoised: PSNR {metrics['noisy_psnr_db']:.2f} -> {metrics['denoised_psnr_db']:.2f} dB "
+          f"({gain:+.2f} dB), "
           f"SSIM {metrics['noisy_ssim']:.3f} -> {metrics['denoised_ssim']:.3f} on the foreground")
     print(f"images: {out}/{{clean,noisy,denoised}}.nii.gz, panel {panel}, metrics {out / 'metrics.json'}")
 

@@ -57,7 +57,9 @@ class ShardWriter(BasePredictionWriter):
         super().__init__(write_interval="batch")
         self.out_dir, self.fmt, self.provenance = out_dir, fmt, provenance
 
-    def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx) -> None:
+    def write_on_batch_end(
+        self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx
+    ) -> None:
         shard = self.out_dir / f"manifest.rank{trainer.global_rank}.jsonl"
         with open(shard, "a+b") as fh:  # a line cut short by an interruption must not swallow the next record
             if fh.seek(0, os.SEEK_END) > 0:
@@ -81,7 +83,9 @@ class ShardWriter(BasePredictionWriter):
                 fh.write(record.model_dump_json(exclude_defaults=True) + "\n")
                 fh.flush()
                 if self.fmt == "dcm":
-                    write_synthetic_dicom(image, self.out_dir / name, description(self.provenance, index), overwrite=True)
+                    write_synthetic_dicom(
+                        image, self.out_dir / name, description(self.provenance, index), overwrite=True
+                    )
                 else:
                     save_image(image, self.out_dir / name, overwrite=True)
 
@@ -111,7 +115,8 @@ def _record_lines(out_dir: Path) -> list[tuple[Path, int, Record | None]]:
 
 
 def check_same_run(out_dir: Path, provenance: dict, lines: list[tuple[Path, int, Record | None]]) -> None:
-    """Refuse to add to a folder that holds other images or items of a different run (``lines``: its ``_record_lines``)."""
+    """Refuse to add to a folder that holds other images or items of a different run
+    (``lines``: its ``_record_lines``)."""
     if not lines and any(out_dir.glob("sample_*")):
         raise MeddiffError(f"{out_dir} holds sample files but no {MANIFEST} — choose an empty or new -o folder")
     for path, number, record in lines:
@@ -124,7 +129,8 @@ def check_same_run(out_dir: Path, provenance: dict, lines: list[tuple[Path, int,
         old, new = run_identity(record.provenance), run_identity(provenance)
         changed = [k for k in new if old[k] != new[k]]
         if changed:
-            raise MeddiffError(f"{out_dir} holds images of another run (different {', '.join(changed)}) — choose another -o folder")
+            raise MeddiffError(f"{out_dir} holds images of another run (different {', '.join(changed)}) "
+                               "— choose another -o folder")
 
 
 def check_no_foreign_files(out_dir: Path, todo: list[int], fmt: str, ndim: int, provenance: dict,
@@ -143,8 +149,8 @@ def check_no_foreign_files(out_dir: Path, todo: list[int], fmt: str, ndim: int, 
             continue
         if fmt == "dcm" and _dicom_description(path) == description(provenance, index):
             continue
-        raise MeddiffError(f"{path} is not recorded in {out_dir / MANIFEST}: it is not this run's, and meddiff would replace it "
-                           "— move it away or choose another -o folder")
+        raise MeddiffError(f"{path} is not recorded in {out_dir / MANIFEST}: it is not this run's, "
+                           "and meddiff would replace it — move it away or choose another -o folder")
 
 
 def _dicom_description(path: Path) -> str | None:
@@ -206,18 +212,25 @@ def generate_to_folder(
         raise MeddiffError(f"--format must be one of {', '.join(FORMATS)}, not {fmt!r}")
     check_counts({"-n": n, "--batch-size": batch_size, "--seed": seed})
     if n > MAX_ITEMS:
-        raise MeddiffError(f"-n {n} is more than {MAX_ITEMS} images, the most one folder holds (sample_000000 .. sample_999999) "
-                           "— split the set over several -o folders (with --seed advanced by the count of the ones before)")
+        raise MeddiffError(f"-n {n} is more than {MAX_ITEMS} images, the most one folder holds "
+                           "(sample_000000 .. sample_999999) — split the set over several -o folders "
+                           "(with --seed advanced by the count of the ones before)")
     conditioned = model.config.text_encoder is not None
     if conditioned != (prompts is not None):
-        raise MeddiffError("this model is report-conditioned: give --prompt or --prompts" if conditioned else "this model takes no prompts")
+        raise MeddiffError(
+            "this model is report-conditioned: give --prompt or --prompts"
+            if conditioned
+            else "this model takes no prompts"
+        )
     if prompts is not None and len(prompts) != n:
         raise MeddiffError(f"{len(prompts)} prompts for {n} images: give one prompt per image")
     ndim = len(model.config.image.shape)
     if fmt == "png" and ndim != 2:
         raise MeddiffError("--format png holds 2D images; this model makes 3D volumes — use nii.gz or dcm")
     spec = check_sample_args(model, spec, range(seed, seed + n), prompts, None, batch_size)
-    provenance = {"model": model_id, "weights_sha256": model.weights_sha256, **spec.model_dump(), "seed": seed, "format": fmt}
+    provenance = {
+        "model": model_id, "weights_sha256": model.weights_sha256, **spec.model_dump(), "seed": seed, "format": fmt
+    }
     trainer = _trainer(accelerator, devices, ShardWriter(Path(out_dir), fmt, provenance))
 
     # 2. the folder: created, locked (by the launching process; ranks it starts share its lock), checked, cleaned
@@ -232,7 +245,9 @@ def generate_to_folder(
             finished = finished_records(out_dir, lines)
             for index, record in finished.items():
                 if prompts is not None and index < n and record.report != prompts[index]:
-                    raise MeddiffError(f"{out_dir} holds item {index} made from another prompt — choose another -o folder")
+                    raise MeddiffError(
+                        f"{out_dir} holds item {index} made from another prompt — choose another -o folder"
+                    )
             done = set(finished)
             check_no_foreign_files(out_dir, [i for i in range(n) if i not in done], fmt, ndim, provenance, lines)
             if leader:
@@ -241,7 +256,8 @@ def generate_to_folder(
             try:
                 _predict(trainer, module, DataLoader(torch.arange(n), batch_size=batch_size))
             except BaseException:
-                if leader and trainer.world_size == 1:  # keep what was finished, as one manifest (no other rank still writes)
+                # keep what was finished, as one manifest (no other rank still writes)
+                if leader and trainer.world_size == 1:
                     with contextlib.suppress(Exception):
                         merge_shards(out_dir)
                 raise
@@ -267,7 +283,8 @@ def _trainer(accelerator: str, devices: int | str, writer: ShardWriter) -> pl.Tr
             enable_checkpointing=False,
         )
     except Exception as exc:  # noqa: BLE001 - Lightning raises several types for a device request it cannot meet
-        raise MeddiffError(f"cannot run on --accelerator {accelerator} --devices {devices}: {first_line(exc)} — see 'meddiff generate --help'") from None
+        raise MeddiffError(f"cannot run on --accelerator {accelerator} --devices {devices}: {first_line(exc)} "
+                           "— see 'meddiff generate --help'") from None
 
 
 def _predict(trainer: pl.Trainer, module: GenerationModule, loader: DataLoader) -> None:

@@ -53,13 +53,17 @@ def random_pipeline_and_noisy_square() -> tuple[DiffusionPipeline, Image]:
 def noisy(clean: np.ndarray, percent: float, seed: int = 0) -> np.ndarray:
     rng = np.random.default_rng(seed)
     sigma = percent / 100 * clean.max()
-    return np.sqrt((clean + rng.normal(0, sigma, clean.shape)) ** 2 + rng.normal(0, sigma, clean.shape) ** 2).astype(np.float32)
+    return np.sqrt(
+        (clean + rng.normal(0, sigma, clean.shape)) ** 2 + rng.normal(0, sigma, clean.shape) ** 2
+    ).astype(np.float32)
 
 
 @pytest.mark.parametrize("shape_kind", ["2d", "3d", "4d"])
 def test_units_geometry_and_meta_are_kept(dipy_oblique, shape_kind):
     volume = load_image(dipy_oblique, modality="MR")
-    array = {"2d": volume.array[:, :, 10], "3d": volume.array, "4d": np.stack([volume.array, volume.array * 0.5], -1)}[shape_kind]
+    array = {
+        "2d": volume.array[:, :, 10], "3d": volume.array, "4d": np.stack([volume.array, volume.array * 0.5], -1)
+    }[shape_kind]
     image = Image(noisy(array, 3), volume.affine, "MR", {"EchoTime": 30.0})
     out = pipeline_for(2, oracle=True).denoise(image, rician_correction=False)  # the identity, floor kept
     np.testing.assert_allclose(out.array, image.array, rtol=1e-5, atol=1e-3 * image.array.max())
@@ -107,22 +111,32 @@ def test_bad_images_are_refused():
 def test_cli_denoises_a_dicom_series_to_nifti(ct_series_dir, tmp_path):
     model = pipeline_for(2).save_pretrained(tmp_path / "model")
     out = tmp_path / "clean.nii.gz"
-    assert main(["denoise", "-i", str(ct_series_dir), "-o", str(out), "--model", str(model), "--noise-sigma", "20"]) == 0
+    assert main(
+        ["denoise", "-i", str(ct_series_dir), "-o", str(out), "--model", str(model), "--noise-sigma", "20"]
+    ) == 0
     source, result = load_image(ct_series_dir), load_image(out)
     assert result.array.shape == source.array.shape
     np.testing.assert_allclose(result.affine, source.affine, atol=1e-5)
     assert main(["denoise", "-i", str(ct_series_dir), "-o", str(out), "--model", str(model)]) == 2  # exists
-    assert main(["denoise", "-i", str(ct_series_dir), "-o", str(tmp_path / "x.nii.gz"), "--model", str(model), "--noise-sigma", "lots"]) == 2
+    assert main(["denoise", "-i", str(ct_series_dir), "-o", str(tmp_path / "x.nii.gz"), "--model", str(model),
+                 "--noise-sigma", "lots"]) == 2
     (tmp_path / "notes.txt").write_text("not an image")
-    assert main(["denoise", "-i", str(tmp_path / "notes.txt"), "-o", str(tmp_path / "y.nii.gz"), "--model", str(model)]) == 2
+    assert main(
+        ["denoise", "-i", str(tmp_path / "notes.txt"), "-o", str(tmp_path / "y.nii.gz"), "--model", str(model)]
+    ) == 2
     assert not (tmp_path / "x.nii.gz").exists() and not (tmp_path / "y.nii.gz").exists()
 
 
 def test_strength_scales_the_matched_noise_and_mask_limits_the_change():
     pipeline, image = random_pipeline_and_noisy_square()
-    full = pipeline.denoise(image, noise_sigma=5.0, rician_correction=False).array  # the floor's correction takes the full sigma
-    np.testing.assert_array_equal(pipeline.denoise(image, noise_sigma=10.0, strength=0.5, rician_correction=False).array, full)
-    assert not np.array_equal(pipeline.denoise(image, noise_sigma=5.0, strength=0.5, rician_correction=False).array, full)
+    # the floor's correction takes the full sigma
+    full = pipeline.denoise(image, noise_sigma=5.0, rician_correction=False).array
+    np.testing.assert_array_equal(
+        pipeline.denoise(image, noise_sigma=10.0, strength=0.5, rician_correction=False).array, full
+    )
+    assert not np.array_equal(
+        pipeline.denoise(image, noise_sigma=5.0, strength=0.5, rician_correction=False).array, full
+    )
     full = pipeline.denoise(image, noise_sigma=5.0).array
     mask = np.zeros((32, 32), bool)
     mask[:16] = True
@@ -134,7 +148,9 @@ def test_strength_scales_the_matched_noise_and_mask_limits_the_change():
 
 
 def test_denoising_prior_refuses_to_generate_and_noise_beyond_its_range():
-    module = DiffusionModule(spatial_dims=2, image_shape=(16, 16), prediction="v", beta_schedule="cosine", max_train_timestep=100, **TINY)
+    module = DiffusionModule(
+        spatial_dims=2, image_shape=(16, 16), prediction="v", beta_schedule="cosine", max_train_timestep=100, **TINY
+    )
     pipeline = module.pipeline(ema=False)
     assert pipeline.config.max_train_timestep == 100
     with pytest.raises(MeddiffError, match="cannot generate"):
@@ -193,13 +209,16 @@ def test_cli_uses_the_bundled_model_by_default_and_checks_the_mask_grid(tmp_path
     mask[:24] = 1
     save_image(Image(mask, affine, "MR"), tmp_path / "mask.nii.gz")
     out = tmp_path / "out.nii.gz"
-    assert main(["denoise", "-i", str(tmp_path / "noisy.nii.gz"), "-o", str(out), "--mask", str(tmp_path / "mask.nii.gz")]) == 0
+    assert main(
+        ["denoise", "-i", str(tmp_path / "noisy.nii.gz"), "-o", str(out), "--mask", str(tmp_path / "mask.nii.gz")]
+    ) == 0
     source, result = load_image(tmp_path / "noisy.nii.gz"), load_image(out)
     np.testing.assert_array_equal(result.array[24:], source.array[24:])
     assert np.abs(result.array[8:24, 10:38] - 100).mean() < np.abs(source.array[8:24, 10:38] - 100).mean()
     save_image(Image(mask, np.diag([2.0, 2.0, 1.0, 1.0]), "MR"), tmp_path / "other_grid.nii.gz")
     bad = tmp_path / "bad.nii.gz"
-    assert main(["denoise", "-i", str(tmp_path / "noisy.nii.gz"), "-o", str(bad), "--mask", str(tmp_path / "other_grid.nii.gz")]) == 2
+    assert main(["denoise", "-i", str(tmp_path / "noisy.nii.gz"), "-o", str(bad),
+                 "--mask", str(tmp_path / "other_grid.nii.gz")]) == 2
     assert not bad.exists()
 
 

@@ -29,7 +29,11 @@ def test_predicted_x0_inverts_each_target(kind):
     x0, noise = torch.randn(4, 1, 3, 8, 8, generator=generator), torch.randn(4, 1, 3, 8, 8, generator=generator)
     abar = scheduler.alphas_cumprod[torch.tensor([10, 200, 600, 900])]
     xt = objective.noised(x0, noise, abar)
-    torch.testing.assert_close(objective.predicted_x0(objective.target(x0, noise, abar, kind), xt, abar, kind), x0, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(
+        objective.predicted_x0(objective.target(x0, noise, abar, kind), xt, abar, kind), x0, atol=1e-4, rtol=1e-4
+    )
     one = float(abar[1])  # one value for the whole batch, as the denoiser passes it
     xt = objective.noised(x0, noise, one)
-    torch.testing.assert_close(objective.predicted_x0(objective.target(x0, noise, one, kind), xt, one, kind), x0, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(
+        objective.predicted_x0(objective.target(x0, noise, one, kind), xt, one, kind), x0, atol=1e-4, rtol=1e-4
+    )

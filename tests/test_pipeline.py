@@ -25,7 +25,9 @@ TINY = dict(channels=(16, 32), attention_levels=(False, True), num_head_channels
 def tiny_pipeline(spatial_dims=2, **kwargs) -> DiffusionPipeline:
     torch.manual_seed(0)
     shape = (16,) * spatial_dims
-    module = DiffusionModule(spatial_dims=spatial_dims, image_shape=shape, image_spacing=(2.0,) * spatial_dims, **{**TINY, **kwargs})
+    module = DiffusionModule(
+        spatial_dims=spatial_dims, image_shape=shape, image_spacing=(2.0,) * spatial_dims, **{**TINY, **kwargs}
+    )
     for p in module.unet.parameters():  # MONAI zero-initialises the output layer: make the net non-trivial
         torch.nn.init.normal_(p, std=0.05)
     return module.pipeline(ema=False)
@@ -33,7 +35,9 @@ def tiny_pipeline(spatial_dims=2, **kwargs) -> DiffusionPipeline:
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory) -> Path:
-    return tiny_pipeline(modality="CT", intensity_range=(-1000.0, 1000.0)).save_pretrained(tmp_path_factory.mktemp("m") / "model")
+    return tiny_pipeline(modality="CT", intensity_range=(-1000.0, 1000.0)).save_pretrained(
+        tmp_path_factory.mktemp("m") / "model"
+    )
 
 
 MODEL_KINDS = [(2, "v", "cosine"), (3, "eps", "linear"), (2, "x0", "scaled_linear")]
@@ -100,7 +104,9 @@ def test_generate_dicom_is_marked_synthetic(model_dir, tmp_path):
     import pydicom
 
     out = tmp_path / "dcm"
-    assert main(["generate", "--model", str(model_dir), "-n", "2", "-o", str(out), "--steps", "2", "--format", "dcm"]) == 0
+    assert main(
+        ["generate", "--model", str(model_dir), "-n", "2", "-o", str(out), "--steps", "2", "--format", "dcm"]
+    ) == 0
     files = sorted(out.glob("*.dcm"))
     datasets = [pydicom.dcmread(f) for f in files]
     assert all("DERIVED" in ds.ImageType and "SYNTHETIC" in ds.ImageType for ds in datasets)
@@ -184,6 +190,7 @@ def test_a_shard_line_cut_by_an_interruption_does_not_swallow_the_next_record(mo
     first, _ = (out / "manifest.jsonl").read_text().splitlines()
     (out / "manifest.jsonl").write_text(first + "\n")
     (out / "manifest.rank0.jsonl").write_text('{"image": "sample_0000')  # killed mid-line, no newline
-    (out / "sample_000001.nii.gz").unlink()  # records come before files: a record cut short means its file was never written
+    # records come before files: a record cut short means its file was never written
+    (out / "sample_000001.nii.gz").unlink()
     assert main(args) == 0
     assert [r.provenance["index"] for r in Manifest.read(out / "manifest.jsonl").records] == [0, 1]

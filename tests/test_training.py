@@ -27,7 +27,11 @@ def smoke_config(name: str, tmp_path: Path, manifest: Path, wandb: bool = False,
     config = yaml.safe_load((CONFIGS / "smoke" / name).read_text())
     root = tmp_path / "run"
     config["trainer"]["default_root_dir"] = str(root)
-    loggers = config["trainer"]["logger"] if wandb else [l for l in config["trainer"]["logger"] if "CSV" in l["class_path"]]
+    loggers = (
+        config["trainer"]["logger"]
+        if wandb
+        else [logger for logger in config["trainer"]["logger"] if "CSV" in logger["class_path"]]
+    )
     for logger in loggers:
         logger["init_args"]["save_dir"] = str(root)
     config["trainer"]["logger"] = loggers
@@ -71,22 +75,32 @@ def single_slice_manifest(tmp_path) -> Path:
     image = np.zeros((32, 32), np.float32)
     image[8:24, 8:24] = 100 + rng.normal(0, 10, (16, 16))
     nib.save(nib.Nifti1Image(image, np.eye(4)), tmp_path / "slice.nii.gz")
-    (tmp_path / "m.jsonl").write_text(json.dumps({"image": "slice.nii.gz", "modality": "MR", "split": "train", "spacing": [1, 1]}) + "\n")
+    (tmp_path / "m.jsonl").write_text(
+        json.dumps({"image": "slice.nii.gz", "modality": "MR", "split": "train", "spacing": [1, 1]}) + "\n"
+    )
     return tmp_path / "m.jsonl"
 
 
 def run_fit(config: Path, *extra: str) -> None:
-    args = ["fit", "--config", str(config), "--data.init_args.patch_size=null", "--data.init_args.spacing=null", "--data.init_args.batch_size=1", *extra]
+    args = ["fit", "--config", str(config), "--data.init_args.patch_size=null", "--data.init_args.spacing=null",
+            "--data.init_args.batch_size=1", *extra]
     assert main(args) == 0
 
 
 def test_resume_continues_exactly(single_slice_manifest, tmp_path):
     ckpt_every = {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint"}
-    straight = smoke_config("ddpm_2d.yaml", tmp_path / "a", single_slice_manifest, max_steps=6, val_check_interval=None, check_val_every_n_epoch=1000)
-    resumed = smoke_config("ddpm_2d.yaml", tmp_path / "b", single_slice_manifest, max_steps=3, val_check_interval=None, check_val_every_n_epoch=1000)
+    straight = smoke_config("ddpm_2d.yaml", tmp_path / "a", single_slice_manifest, max_steps=6,
+                            val_check_interval=None, check_val_every_n_epoch=1000)
+    resumed = smoke_config("ddpm_2d.yaml", tmp_path / "b", single_slice_manifest, max_steps=3,
+                           val_check_interval=None, check_val_every_n_epoch=1000)
     for cfg in (straight, resumed):
         config = yaml.safe_load(cfg.read_text())
-        config["trainer"]["callbacks"] = [{**ckpt_every, "init_args": {"dirpath": str(cfg.parent / "run" / "checkpoints"), "every_n_train_steps": 3, "save_last": True}}]
+        config["trainer"]["callbacks"] = [{
+            **ckpt_every,
+            "init_args": {
+                "dirpath": str(cfg.parent / "run" / "checkpoints"), "every_n_train_steps": 3, "save_last": True
+            },
+        }]
         config["model"]["init_args"]["image_shape"] = [32, 32]
         cfg.write_text(yaml.safe_dump(config))
     run_fit(straight)
@@ -106,7 +120,8 @@ def test_resume_continues_exactly(single_slice_manifest, tmp_path):
 
 
 def test_ddp_two_cpu_processes(single_slice_manifest, tmp_path):
-    config = smoke_config("ddpm_2d.yaml", tmp_path, single_slice_manifest, max_steps=2, val_check_interval=None, check_val_every_n_epoch=1000)
+    config = smoke_config("ddpm_2d.yaml", tmp_path, single_slice_manifest, max_steps=2,
+                          val_check_interval=None, check_val_every_n_epoch=1000)
     result = subprocess.run(
         [MEDDIFF, "fit", "--config", str(config), "--trainer.devices=2", "--trainer.strategy=ddp",
          "--data.init_args.patch_size=null", "--data.init_args.spacing=null", "--data.init_args.batch_size=1"],
@@ -127,14 +142,17 @@ def test_export_gives_a_pipeline_with_identical_samples(samples_dir, tmp_path):
     first = pipeline.generate(2, steps=4, seed=7, progress=False)
     saved_again = pipeline.save_pretrained(tmp_path / "copy")
     second = DiffusionPipeline.from_pretrained(saved_again).generate(2, steps=4, seed=7, progress=False)
-    for a, b in zip(first, second):
+    for a, b in zip(first, second, strict=True):
         np.testing.assert_array_equal(a.array, b.array)
         assert a.spacing == (4.0, 4.0) and a.modality == "MR"
     assert main(["export", str(tmp_path / "run" / "checkpoints" / "last.ckpt"), str(out)]) == 2  # not empty
     assert main(["export", str(tmp_path / "missing.ckpt"), str(tmp_path / "x")]) == 2
 
 
-@pytest.mark.parametrize("name", ["mri_t1_2d.yaml", "mri_denoise_2d.yaml", "ct_3d.yaml", "cxr_2d.yaml", "smoke/ddpm_2d.yaml", "smoke/ddpm_3d.yaml"])
+@pytest.mark.parametrize(
+    "name",
+    ["mri_t1_2d.yaml", "mri_denoise_2d.yaml", "ct_3d.yaml", "cxr_2d.yaml", "smoke/ddpm_2d.yaml", "smoke/ddpm_3d.yaml"],
+)
 def test_every_config_parses_and_builds_its_model(name, capsys):
     """The real configs cannot train here (no data), but LightningCLI must accept every field
     (trainer, loggers, callbacks, augmentations) and the model and data module must construct."""

@@ -20,13 +20,17 @@ def add_parser(subparsers) -> None:
     p = subparsers.add_parser("denoise", help="denoise an MR image with a diffusion model (NIfTI/DICOM, 2D/3D/4D)")
     p.add_argument("-i", "--input", required=True, help="image file or DICOM folder")
     p.add_argument("-o", "--output", required=True, help="output file (.nii.gz, .mha, ...)")
-    p.add_argument("--model", default=DEFAULT_MODEL, help=f"bundled model name or model folder (default: the bundled {DEFAULT_MODEL})")
-    p.add_argument("--noise-sigma", default="auto", help="'auto' (estimated from the image) or the noise sigma in image units")
+    p.add_argument("--model", default=DEFAULT_MODEL,
+                   help=f"bundled model name or model folder (default: the bundled {DEFAULT_MODEL})")
+    p.add_argument("--noise-sigma", default="auto",
+                   help="'auto' (estimated from the image) or the noise sigma in image units")
     p.add_argument("--strength", type=float, help="remove strength x sigma (default: the model's calibrated value)")
-    p.add_argument("--steps", type=int, default=1, help="1: posterior-mean estimate (best PSNR); more: reverse-process sampling")
+    p.add_argument("--steps", type=int, default=1,
+                   help="1: posterior-mean estimate (best PSNR); more: reverse-process sampling")
     p.add_argument("--samples", type=int, default=1, help="with --steps > 1: average this many samples")
     p.add_argument("--no-rician-correction", dest="rician_correction", action="store_false",
-                   help="keep the Rician noise floor (about 1.25 x sigma in air and dark tissue) that is removed by default from non-negative MR")
+                   help="keep the Rician noise floor (about 1.25 x sigma in air and dark tissue) "
+                        "that is removed by default from non-negative MR")
     p.add_argument("--mask", help="mask image on the same grid: only voxels inside it are denoised")
     p.add_argument("--series", help="series UID or number when a DICOM folder holds several")
     p.add_argument("--device", default="cpu")
@@ -53,7 +57,8 @@ def run(args) -> None:
 
     sigma = noise_sigma(args.noise_sigma)
     if args.strength is not None and not (math.isfinite(args.strength) and args.strength > 0):
-        raise MeddiffError(f"--strength must be a positive number, not {args.strength} — e.g. 1 removes the whole noise sigma, or leave it out")
+        raise MeddiffError(f"--strength must be a positive number, not {args.strength} "
+                           "— e.g. 1 removes the whole noise sigma, or leave it out")
     if args.steps < 1 or args.samples < 1:
         raise MeddiffError("--steps and --samples must be at least 1 — --steps 1 gives the posterior-mean estimate")
     check_writable(args.output, args.overwrite)  # before minutes of work, not after
@@ -63,9 +68,10 @@ def run(args) -> None:
         mask_image = load_image(args.mask)
         mask = mask_image.array > 0
         if mask.shape[:3] != image.array.shape[:3] or not np.allclose(mask_image.affine, image.affine, atol=1e-3):
-            raise MeddiffError(f"the mask {args.mask} is not on the image's voxel grid (shape {mask.shape} vs {image.array.shape})")
+            raise MeddiffError(f"the mask {args.mask} is not on the image's voxel grid "
+                               f"(shape {mask.shape} vs {image.array.shape})")
     pipeline = load_pipeline(args.model, device=args.device)
-    clean = pipeline.denoise(image, noise_sigma=sigma, steps=args.steps, samples=args.samples, strength=args.strength, mask=mask,
-                             rician_correction=args.rician_correction)
+    clean = pipeline.denoise(image, noise_sigma=sigma, steps=args.steps, samples=args.samples, strength=args.strength,
+                             mask=mask, rician_correction=args.rician_correction)
     out = save_image(clean, args.output, overwrite=args.overwrite)
     print(f"wrote {out} ({' x '.join(map(str, clean.array.shape))})")

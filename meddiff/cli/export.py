@@ -11,7 +11,9 @@ from meddiff.errors import MeddiffError, first_line
 
 
 def add_parser(subparsers) -> None:
-    p = subparsers.add_parser("export", help="turn a training checkpoint into a model folder (config.json + safetensors)")
+    p = subparsers.add_parser(
+        "export", help="turn a training checkpoint into a model folder (config.json + safetensors)"
+    )
     p.add_argument("checkpoint", metavar="CKPT")
     p.add_argument("output", metavar="DIR")
     p.add_argument("--no-ema", action="store_true", help="export the raw weights instead of the EMA weights")
@@ -25,15 +27,22 @@ def module_from_checkpoint(path: str | Path):
     from meddiff.weights import check_fit, torch_load
 
     checkpoint = torch_load(path, "checkpoint")
-    if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("state_dict"), dict) or not isinstance(checkpoint.get("hyper_parameters", {}), dict):
-        raise MeddiffError(f"{path} is not a Lightning checkpoint (no state_dict) — give a .ckpt that meddiff fit wrote")
+    if (
+        not isinstance(checkpoint, dict)
+        or not isinstance(checkpoint.get("state_dict"), dict)
+        or not isinstance(checkpoint.get("hyper_parameters", {}), dict)
+    ):
+        raise MeddiffError(f"{path} is not a Lightning checkpoint (no state_dict) "
+                           "— give a .ckpt that meddiff fit wrote")
     hparams = {k: v for k, v in checkpoint.get("hyper_parameters", {}).items() if not str(k).startswith("_")}
     try:
         module = DiffusionModule(**hparams)
     except (TypeError, ValueError, KeyError, RuntimeError, AssertionError) as exc:
-        raise MeddiffError(f"{path} is not a DiffusionModule checkpoint: {first_line(exc)} — give a .ckpt that meddiff fit wrote") from None
+        raise MeddiffError(f"{path} is not a DiffusionModule checkpoint: {first_line(exc)} "
+                           "— give a .ckpt that meddiff fit wrote") from None
     state = checkpoint["state_dict"]
-    check_fit(module, state, f"{path}: the weights do not fit the checkpoint's own hyper_parameters", "give a .ckpt that meddiff fit wrote, unedited")
+    check_fit(module, state, f"{path}: the weights do not fit the checkpoint's own hyper_parameters",
+              "give a .ckpt that meddiff fit wrote, unedited")
     module.load_state_dict(state)
     return module
 

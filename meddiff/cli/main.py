@@ -59,7 +59,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     args.extra = extra
-    previous = signal.signal(signal.SIGTERM, interrupt) if threading.current_thread() is threading.main_thread() else None
+    previous = (
+        signal.signal(signal.SIGTERM, interrupt) if threading.current_thread() is threading.main_thread() else None
+    )
     try:
         return run(args)
     finally:
@@ -89,13 +91,18 @@ def run(args) -> int:
         if args.debug:
             raise
         where = f" {exc.filename}" if exc.filename else ""
-        print(f"error: cannot use{where}: {exc.strerror or first_line(str(exc))} — check the path, its permissions and free space", file=sys.stderr)
+        print(f"error: cannot use{where}: {exc.strerror or first_line(str(exc))} "
+              "— check the path, its permissions and free space", file=sys.stderr)
         return 2
     except Exception as exc:  # noqa: BLE001 - the one place that turns surprises into one line
         if args.debug:
             raise
         cause = user_error_cause(exc)
-        message = str(cause) if cause else f"internal error ({type(exc).__name__}: {exc}) — rerun with --debug and report the traceback"
+        message = (
+            str(cause)
+            if cause
+            else f"internal error ({type(exc).__name__}: {exc}) — rerun with --debug and report the traceback"
+        )
         print(f"error: {first_line(message)}", file=sys.stderr)
         return 2
     return 0

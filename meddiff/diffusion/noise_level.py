@@ -23,7 +23,9 @@ _MAD_TO_STD = 1.0 / 0.6744897501960817
 def highpass_sigma(array: np.ndarray) -> float:
     """Gaussian-noise sigma from the MAD of the high-pass band, slice by slice along the last axis."""
     planes = array[..., None] if array.ndim == 2 else array.reshape(*array.shape[:2], -1)
-    responses = [ndimage.convolve(planes[..., k], _KERNEL_2D, mode="reflect")[1:-1, 1:-1] for k in range(planes.shape[-1])]
+    responses = [
+        ndimage.convolve(planes[..., k], _KERNEL_2D, mode="reflect")[1:-1, 1:-1] for k in range(planes.shape[-1])
+    ]
     return float(np.median(np.abs(np.concatenate([r.ravel() for r in responses]))) * _MAD_TO_STD / 6.0)
 
 

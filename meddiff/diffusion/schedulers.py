@@ -70,7 +70,8 @@ class NoiseSchedule:
         if name not in SAMPLERS:
             raise MeddiffError(f"unknown scheduler {name!r} — choose one of {', '.join(SAMPLERS)}")
         if self.prediction == "x0" and name in NO_X0:
-            raise MeddiffError(f"scheduler {name!r} does not support x0-prediction models — choose ddim, dpm++2m or another")
+            raise MeddiffError(f"scheduler {name!r} does not support x0-prediction models "
+                               "— choose ddim, dpm++2m or another")
         cls, extra = SAMPLERS[name]
         config = self.diffusers_config()
         if cls in (DDPMScheduler, DDIMScheduler):

@@ -35,7 +35,9 @@ class JointEmbedding:
         self.text_proj = torch.nn.Linear(text_width, embed_dim)
 
     def embed_text(self, reports: list[str]) -> torch.Tensor:
-        batch = self.tokenizer(list(reports), padding=True, truncation=True, return_tensors="pt").to(self.image_proj.weight.device)
+        batch = self.tokenizer(list(reports), padding=True, truncation=True, return_tensors="pt").to(
+            self.image_proj.weight.device
+        )
         return F.normalize(self.text_proj(self.text(**batch).last_hidden_state[:, 0]), dim=-1)
 
     def embed_image(self, images: torch.Tensor) -> torch.Tensor:
@@ -43,7 +45,8 @@ class JointEmbedding:
 
 
 class ClipEncoder(JointEmbedding, torch.nn.Module):
-    """An exported meddiff CLIP for scoring: ``encode_image`` / ``encode_text`` give unit-norm joint embeddings.
+    """An exported meddiff CLIP for scoring: ``encode_image`` / ``encode_text`` give unit-norm joint
+    embeddings.
 
     Images are what the model trained on: (B, 1, H, W) tensors (or a sequence of (1, H, W) arrays) in
     model units, i.e. normalised like ``ManifestDataModule`` does (``to_model_range``). Serves
@@ -60,22 +63,29 @@ class ClipEncoder(JointEmbedding, torch.nn.Module):
 
         directory = Path(directory)
         if not (directory / CLIP_CONFIG).is_file() or not (directory / IMAGE_WEIGHTS).is_file():
-            raise MeddiffError(f"{directory} is not an exported meddiff CLIP: it needs {CLIP_CONFIG}, {IMAGE_WEIGHTS} and {TEXT_DIR}/")
+            raise MeddiffError(f"{directory} is not an exported meddiff CLIP: "
+                               f"it needs {CLIP_CONFIG}, {IMAGE_WEIGHTS} and {TEXT_DIR}/")
         config = json.loads((directory / CLIP_CONFIG).read_text())
         self._add_image_tower_and_projections(config["embed_dim"], config["text_width"])
         try:  # safetensors: tensors only, nothing in the file runs
             state = load_file(directory / IMAGE_WEIGHTS)
         except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
-            raise MeddiffError(f"{directory / IMAGE_WEIGHTS} is not a readable safetensors file ({first_line(exc)}) — export the CLIP again") from None
+            raise MeddiffError(f"{directory / IMAGE_WEIGHTS} is not a readable safetensors file ({first_line(exc)}) "
+                               "— export the CLIP again") from None
         # every tensor the file must hold (the text tower is loaded from its own folder below)
-        check_fit(self, state, f"{directory / IMAGE_WEIGHTS} does not fit {CLIP_CONFIG}", "use the files of one export together")
+        check_fit(self, state, f"{directory / IMAGE_WEIGHTS} does not fit {CLIP_CONFIG}",
+                  "use the files of one export together")
         self.load_state_dict(state)
         self.tokenizer, self.text = load_hf(directory / TEXT_DIR, "the CLIP's text tower")
         self.eval().requires_grad_(False)
 
     @torch.inference_mode()
     def encode_image(self, images) -> torch.Tensor:
-        batch = images if torch.is_tensor(images) else torch.stack([torch.as_tensor(i, dtype=torch.float32) for i in images])
+        batch = (
+            images
+            if torch.is_tensor(images)
+            else torch.stack([torch.as_tensor(i, dtype=torch.float32) for i in images])
+        )
         return self.embed_image(batch.float())
 
     @torch.inference_mode()

@@ -35,7 +35,8 @@ def build_unet(
     if len(channels) != len(attention_levels):
         raise MeddiffError(f"channels {list(channels)} and attention_levels {list(attention_levels)} differ in length")
     if any(c % norm_num_groups for c in channels):
-        raise MeddiffError(f"every entry of channels {list(channels)} must be a multiple of norm_num_groups={norm_num_groups}")
+        raise MeddiffError(f"every entry of channels {list(channels)} "
+                           f"must be a multiple of norm_num_groups={norm_num_groups}")
     return DiffusionModelUNet(
         spatial_dims=spatial_dims,
         in_channels=in_channels + concat_channels,

@@ -44,7 +44,8 @@ class SampleGrid(pl.Callback):
 
     def on_fit_start(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
         if getattr(module.hparams, "max_train_timestep", None):
-            raise MeddiffError("SampleGrid samples from pure noise, which a model with max_train_timestep (a denoising prior) cannot do: remove the callback")
+            raise MeddiffError("SampleGrid samples from pure noise, which a model with max_train_timestep "
+                               "(a denoising prior) cannot do: remove the callback")
         if getattr(module, "text_encoder", None) is not None:
             prompts = self.prompts or self.data_reports(trainer)
             if not prompts:
@@ -75,7 +76,9 @@ class SampleGrid(pl.Callback):
             return []
         return reports("val") or reports("train")
 
-    def on_train_batch_end(self, trainer: pl.Trainer, module: pl.LightningModule, outputs, batch, batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, module: pl.LightningModule, outputs, batch, batch_idx: int
+    ) -> None:
         step = trainer.global_step
         if self.every_n_steps <= 0 or step == 0 or step % self.every_n_steps:
             return

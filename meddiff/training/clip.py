@@ -67,7 +67,8 @@ class ClipModule(JointEmbedding, pl.LightningModule):
             raise MeddiffError(f"{manifest} has no reports in its 'train' split to learn a vocabulary from")
         self.tokenizer = train_tokenizer(reports, vocab_size, max_length)
         config = BertConfig(vocab_size=len(self.tokenizer), hidden_size=text_width, num_hidden_layers=text_layers,
-                            num_attention_heads=text_heads, intermediate_size=4 * text_width, max_position_embeddings=max_length)
+                            num_attention_heads=text_heads, intermediate_size=4 * text_width,
+                            max_position_embeddings=max_length)
         self.text = BertModel(config)  # with its (unused) pooler, so the exported folder loads as a plain BertModel
         self._add_image_tower_and_projections(embed_dim, text_width)
         self.logit_scale = torch.nn.Parameter(torch.tensor(math.log(1 / 0.07)))
@@ -114,5 +115,7 @@ class ClipModule(JointEmbedding, pl.LightningModule):
         image_state.update({f"text_proj.{k}": v for k, v in self.text_proj.state_dict().items()})
         save_file({k: v.detach().cpu().contiguous() for k, v in image_state.items()}, directory / IMAGE_WEIGHTS)
         config = {k: v for k, v in self.hparams.items() if k not in ("manifest", "export_dir")}
-        (directory / CLIP_CONFIG).write_text(json.dumps({**config, "logit_scale": float(self.logit_scale.detach().exp())}, indent=2) + "\n")
+        (directory / CLIP_CONFIG).write_text(
+            json.dumps({**config, "logit_scale": float(self.logit_scale.detach().exp())}, indent=2) + "\n"
+        )
         return directory

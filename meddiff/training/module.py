@@ -12,8 +12,8 @@ from torch.optim.swa_utils import AveragedModel
 from meddiff.diffusion import objective
 from meddiff.diffusion.schedulers import NoiseSchedule
 from meddiff.errors import MeddiffError
-from meddiff.nets import build_unet
 from meddiff.model import DiffusionModel, ModelConfig
+from meddiff.nets import build_unet
 from meddiff.pipelines import DiffusionPipeline
 
 
@@ -25,8 +25,9 @@ class DiffusionModule(pl.LightningModule):
     names a batch entry concatenated to the input channels. Noise and timesteps of each step come
     from a generator seeded by (``seed``, step, batch, rank), so after a resume the noise is what an
     uninterrupted run would draw; ``ManifestDataModule`` replays data order and random crops, so a
-    run resumed with ``--ckpt_path last`` ends with the weights of an uninterrupted one. ``image_shape``, ``image_spacing``, ``modality`` and ``intensity_range`` travel into the
-    exported pipeline so generated images come back in physical units. ``text_encoder``
+    run resumed with ``--ckpt_path last`` ends with the weights of an uninterrupted one. ``image_shape``,
+    ``image_spacing``, ``modality`` and ``intensity_range`` travel into the exported pipeline so
+    generated images come back in physical units. ``text_encoder``
     (``load_text_encoder`` spec) conditions the UNet on ``batch[report_key]`` through cross-attention;
     with probability ``condition_dropout`` a report is replaced by the empty report, so the same
     network also learns the unconditional model that classifier-free guidance needs. ``max_train_timestep`` limits
@@ -105,15 +106,22 @@ class DiffusionModule(pl.LightningModule):
         return ModelConfig(
             unet=self.unet_config(),
             schedule=self.schedule,
-            image={"shape": list(hp.image_shape), "spacing": None if hp.image_spacing is None else list(hp.image_spacing),
+            image={"shape": list(hp.image_shape),
+                   "spacing": None if hp.image_spacing is None else list(hp.image_spacing),
                    "modality": hp.modality, "intensity_range": tuple(hp.intensity_range)},
-            text_encoder=None if self.text_encoder is None else {"spec": hp.text_encoder, "max_length": self.text_encoder.max_length},
+            text_encoder=(
+                None
+                if self.text_encoder is None
+                else {"spec": hp.text_encoder, "max_length": self.text_encoder.max_length}
+            ),
             max_train_timestep=hp.max_train_timestep if limited else None,
         )
 
     def diffusion_model(self, ema: bool = True) -> DiffusionModel:
         """The model sharing this module's (EMA) weights, for sampling during or after training."""
-        return DiffusionModel(self.model_config(), {"unet": self.ema.module if ema else self.unet}, text_encoder=self.text_encoder)
+        return DiffusionModel(
+            self.model_config(), {"unet": self.ema.module if ema else self.unet}, text_encoder=self.text_encoder
+        )
 
     def pipeline(self, ema: bool = True) -> DiffusionPipeline:
         """Every task over this module's (EMA) weights."""
@@ -122,7 +130,8 @@ class DiffusionModule(pl.LightningModule):
     def loss(self, batch: dict, generator: torch.Generator, unet: torch.nn.Module | None = None) -> torch.Tensor:
         x0 = batch["image"]
         noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
-        t = torch.randint(0, self.hparams.max_train_timestep or self.schedule.num_train_timesteps, (x0.shape[0],), generator=generator, device=x0.device)
+        t = torch.randint(0, self.hparams.max_train_timestep or self.schedule.num_train_timesteps, (x0.shape[0],),
+                          generator=generator, device=x0.device)
         abar = self.forward_process.alphas_cumprod.to(x0.device)[t]
         xt = objective.noised(x0, noise, abar)
         target = objective.target(x0, noise, abar, self.schedule.prediction)
@@ -133,7 +142,7 @@ class DiffusionModule(pl.LightningModule):
         if self.text_encoder is not None:
             reports = list(batch[self.hparams.report_key])
             dropped = torch.rand(len(reports), generator=generator, device=x0.device) < self.hparams.condition_dropout
-            reports = ["" if drop else report for report, drop in zip(reports, dropped.tolist())]
+            reports = ["" if drop else report for report, drop in zip(reports, dropped.tolist(), strict=True)]
             context = self.text_encoder.context(reports).to(x0.device, x0.dtype)
         prediction = (unet or self.unet)(xt, timesteps=t, class_labels=labels, context=context)
         return F.mse_loss(prediction.float(), target.float())
@@ -158,7 +167,8 @@ class DiffusionModule(pl.LightningModule):
         with torch.no_grad():  # the same noise every epoch, for the raw and the EMA weights
             for name, unet in (("val/loss", self.unet), ("val/loss_ema", self.ema.module)):
                 generator = torch.Generator(self.device).manual_seed(self.hparams.seed + batch_idx)
-                self.log(name, self.loss(batch, generator, unet), prog_bar=name == "val/loss", sync_dist=True, batch_size=size)
+                self.log(name, self.loss(batch, generator, unet), prog_bar=name == "val/loss", sync_dist=True,
+                         batch_size=size)
 
     def configure_optimizers(self):
         return torch.optim.AdamW(self.unet.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)

@@ -16,6 +16,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+
 @dataclass
 class Result:
     code: int
@@ -103,7 +104,9 @@ def tiny_model_dir(folder: Path, spatial_dims: int = 2, **kwargs) -> Path:
 
     torch.manual_seed(0)
     shape = (16,) * spatial_dims
-    module = DiffusionModule(spatial_dims=spatial_dims, image_shape=shape, image_spacing=(2.0,) * spatial_dims, **{**TINY_UNET, **kwargs})
+    module = DiffusionModule(
+        spatial_dims=spatial_dims, image_shape=shape, image_spacing=(2.0,) * spatial_dims, **{**TINY_UNET, **kwargs}
+    )
     for p in module.unet.parameters():  # MONAI zero-initialises the output layer: make the net non-trivial
         torch.nn.init.normal_(p, std=0.05)
     return module.pipeline(ema=False).save_pretrained(folder)

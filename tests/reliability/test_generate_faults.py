@@ -75,7 +75,8 @@ BAD_ARGUMENTS = {
 def test_bad_arguments_are_refused_before_the_output_folder_exists(case, models, workdir):
     model, extra, fragment = BAD_ARGUMENTS[case]
     before = Snapshot(workdir)
-    argv = ["generate", "--model", models.get(model, workdir / "no_such_model"), "-o", "runs/out", "-n", "2", "--steps", "2", *extra]
+    argv = ["generate", "--model", models.get(model, workdir / "no_such_model"), "-o", "runs/out", "-n", "2",
+            "--steps", "2", *extra]
     assert_clean_error(run_meddiff(*argv), fragment)
     before.assert_unchanged()  # not even an empty runs/out
 
@@ -97,7 +98,9 @@ def test_a_second_run_into_a_locked_folder_is_refused_at_once(tiny_model, workdi
     out.mkdir()
     with folder_lock(out, "test run"):
         before = Snapshot(workdir)
-        assert_clean_error(run_meddiff("generate", "--model", tiny_model, "-o", out, "-n", "1", "--steps", "2"), "in use", str(out))
+        assert_clean_error(
+            run_meddiff("generate", "--model", tiny_model, "-o", out, "-n", "1", "--steps", "2"), "in use", str(out)
+        )
         before.assert_unchanged()
     assert not list(out.iterdir())  # the lock file goes with the lock
 
@@ -133,11 +136,16 @@ def reference(tiny_model, tmp_path_factory) -> dict[str, bytes]:
 
 
 def folder_bytes(folder: Path) -> dict[str, bytes]:
-    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}  # hidden entries too: a temporary or lock would show
+    # hidden entries too: a temporary or lock would show
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
 
 
 def start(model: Path, out: Path, *extra: str) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]), "OMP_NUM_THREADS": "1"}
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+        "OMP_NUM_THREADS": "1",
+    }
     argv = [sys.executable, "-m", "meddiff.cli.main", "generate", "--model", str(model), "-o", str(out), *RUN, *extra]
     return subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=out.parent)
 
