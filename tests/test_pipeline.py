@@ -194,3 +194,20 @@ def test_a_shard_line_cut_by_an_interruption_does_not_swallow_the_next_record(mo
     (out / "sample_000001.nii.gz").unlink()
     assert main(args) == 0
     assert [r.provenance["index"] for r in Manifest.read(out / "manifest.jsonl").records] == [0, 1]
+
+
+def test_concat_conditioned_models_sample_through_the_pipeline():
+    """A model trained with a concatenated condition (concat_key) samples given that condition, and only then."""
+    pipeline = tiny_pipeline(concat_channels=1, concat_key="mask")
+    condition = torch.zeros(2, 1, 16, 16)
+    condition[:, :, 4:12, 4:12] = 1.0
+    x = pipeline.sample([0, 1], steps=3, condition=condition)
+    assert x.shape == (2, 1, 16, 16) and torch.isfinite(x).all()
+    assert not torch.equal(x, pipeline.sample([0, 1], steps=3, condition=-condition))  # the condition reaches the network
+    torch.testing.assert_close(x[1:], pipeline.sample([1], steps=3, condition=condition[1:]))  # per item, batch-independent
+    with pytest.raises(MeddiffError, match="condition image"):
+        pipeline.sample([0], steps=3)
+    with pytest.raises(MeddiffError, match="condition has shape"):
+        pipeline.sample([0], steps=3, condition=condition)
+    with pytest.raises(MeddiffError, match="takes no condition"):
+        tiny_pipeline().sample([0], steps=3, condition=condition[:1])
