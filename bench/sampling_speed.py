@@ -1,8 +1,11 @@
-"""Benchmark (a): wall time of ``pipeline.sample`` against MONAI's ``DiffusionInferer.sample``.
+"""Benchmark (a): wall time of meddiff's sampling loop against MONAI's ``DiffusionInferer.sample`` and against
+the raw network evaluations alone.
 
-Same network, same DDIM schedule, same number of steps and batch; runs alternate so both see the
-same machine load; medians reported. ``--model`` is a pipeline folder (default: a freshly
-initialised 4M-parameter 96x112 UNet, which times the same arithmetic as a trained one).
+Same network, same DDIM schedule, same number of steps and batch. "raw" calls the UNet once per step on
+the same input with nothing else (no scheduler, no conditioning, no loop bookkeeping): the floor any
+loop pays. Runs alternate so all three see the same machine load; medians reported. ``--model`` is a
+model folder (default: a freshly initialised 4M-parameter 96x112 UNet, which times the same arithmetic
+as a trained one).
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ MONAI_PREDICTIONS = {"eps": "epsilon", "v": "v_prediction", "x0": "sample"}
 
 
 def time_against_monai(pipeline: DiffusionPipeline, device: str, batch: int, steps: int, repeats: int = 3) -> dict:
-    """Median seconds of both samplers, alternating runs."""
+    """Median seconds of meddiff's loop, MONAI's and the raw network evaluations, alternating runs."""
     from monai.inferers import DiffusionInferer
     from monai.networks.schedulers import DDIMScheduler
 
@@ -36,51 +39,61 @@ def time_against_monai(pipeline: DiffusionPipeline, device: str, batch: int, ste
     monai_scheduler.set_timesteps(steps)
     inferer = DiffusionInferer(monai_scheduler)
     shape = (batch, 1, *pipeline.config.image.shape)
+    timesteps = [torch.full((batch,), int(t), device=device) for t in monai_scheduler.timesteps]
 
     def sync():
         if device.startswith("cuda"):
             torch.cuda.synchronize()
 
-    ours, theirs = [], []
+    times = {"meddiff": [], "monai": [], "raw": []}
     for _ in range(repeats):
         sync()
         t0 = time.perf_counter()
         pipeline.sample(range(batch), steps=steps, scheduler="ddim")
         sync()
-        ours.append(time.perf_counter() - t0)
+        times["meddiff"].append(time.perf_counter() - t0)
         noise = torch.randn(shape, device=device)
         t0 = time.perf_counter()
         with torch.inference_mode():
             inferer.sample(input_noise=noise, diffusion_model=pipeline.unet, scheduler=monai_scheduler, verbose=False)
         sync()
-        theirs.append(time.perf_counter() - t0)
+        times["monai"].append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            for t in timesteps:
+                pipeline.unet(noise, timesteps=t)
+        sync()
+        times["raw"].append(time.perf_counter() - t0)
+    medians = {name: statistics.median(values) for name, values in times.items()}
     return {
         "batch": batch,
         "steps": steps,
-        "meddiff_s": ours,
-        "monai_s": theirs,
-        "meddiff_median_s": statistics.median(ours),
-        "monai_median_s": statistics.median(theirs),
-        "ratio_median": statistics.median(ours) / statistics.median(theirs),
+        **{f"{name}_s": values for name, values in times.items()},
+        **{f"{name}_median_s": value for name, value in medians.items()},
+        "ratio_median": medians["meddiff"] / medians["monai"],
+        "ratio_to_raw_median": medians["meddiff"] / medians["raw"],
     }
+
+
+def benchmark_pipeline(device: str) -> DiffusionPipeline:
+    """The benchmark-sized UNet (4M parameters, 96x112), freshly initialised."""
+    torch.manual_seed(0)
+    module = DiffusionModule(channels=(32, 64, 128), attention_levels=(False, False, True), num_res_blocks=2,
+                             prediction="v", beta_schedule="cosine", image_shape=(96, 112), image_spacing=(2.0, 2.0))
+    pipeline = module.pipeline(ema=False)
+    pipeline.unet.to(device).eval()
+    return pipeline
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--model", help="pipeline folder (default: a fresh benchmark-sized UNet)")
+    parser.add_argument("--model", help="model folder (default: a fresh benchmark-sized UNet)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
-    if args.model:
-        pipeline = DiffusionPipeline.from_pretrained(args.model, device=args.device)
-    else:
-        torch.manual_seed(0)
-        module = DiffusionModule(channels=(32, 64, 128), attention_levels=(False, False, True), num_res_blocks=2,
-                                 prediction="v", beta_schedule="cosine", image_shape=(96, 112))
-        pipeline = module.pipeline(ema=False)
-        pipeline.unet.to(args.device).eval()
+    pipeline = DiffusionPipeline.from_pretrained(args.model, args.device) if args.model else benchmark_pipeline(args.device)
     pipeline.sample(range(args.batch), steps=2)  # warm-up
     print(json.dumps(time_against_monai(pipeline, args.device, args.batch, args.steps, args.repeats), indent=2))
 
