@@ -100,7 +100,8 @@ class ModelConfig(BaseModel):
     @classmethod
     def _known_version(cls, version: int) -> int:
         if version > FORMAT_VERSION:
-            raise ValueError(f"format_version {version} was written by a newer meddiff (this one reads up to {FORMAT_VERSION})")
+            raise ValueError(f"format_version {version} was written by a newer meddiff "
+                             f"(this one reads up to {FORMAT_VERSION})")
         return version
 
     @model_validator(mode="after")
@@ -126,7 +127,9 @@ class DiffusionModel:
     def __init__(self, config: ModelConfig, networks: dict[str, torch.nn.Module] | None = None, text_encoder=None):
         self.config = config
         self.networks = networks if networks is not None else {
-            name: build(getattr(config, name)) for name, build in COMPONENTS.items() if getattr(config, name) is not None
+            name: build(getattr(config, name))
+            for name, build in COMPONENTS.items()
+            if getattr(config, name) is not None
         }
         self._text_encoder = text_encoder
         self.weights_sha256 = ""
@@ -168,7 +171,8 @@ class DiffusionModel:
         directory = Path(directory)
         remedy = "use a folder written by meddiff export"
         if not (directory / CONFIG_NAME).is_file():
-            raise MeddiffError(f"{directory} is not a meddiff model folder (needs {CONFIG_NAME} and the weights) — {remedy}")
+            raise MeddiffError(f"{directory} is not a meddiff model folder (needs {CONFIG_NAME} and the weights) "
+                               f"— {remedy}")
         try:
             config = ModelConfig.model_validate_json((directory / CONFIG_NAME).read_bytes())
         except ValidationError as exc:
@@ -178,7 +182,8 @@ class DiffusionModel:
             raise MeddiffError(f"cannot load the model in {directory}: {CONFIG_NAME} is not a meddiff model config "
                                f"({first_line(reason)}) — {remedy}") from None
         except (OSError, MeddiffError) as exc:
-            raise MeddiffError(f"cannot load the model in {directory}: {CONFIG_NAME}: {first_line(exc)} — {remedy}") from None
+            raise MeddiffError(f"cannot load the model in {directory}: {CONFIG_NAME}: {first_line(exc)} "
+                               f"— {remedy}") from None
         try:
             model = cls(config)
         except (MeddiffError, ValueError, TypeError, RuntimeError) as exc:
@@ -249,5 +254,6 @@ def load_model(name_or_dir: str | os.PathLike, device: str | torch.device = "cpu
     if not path.exists() and str(name_or_dir) in bundled_models():
         path = BUNDLED_MODELS / str(name_or_dir)
     if not path.exists():
-        raise MeddiffError(f"no model {name_or_dir!r}: neither a folder nor a bundled model ({', '.join(bundled_models())})")
+        raise MeddiffError(f"no model {name_or_dir!r}: neither a folder nor a bundled model "
+                           f"({', '.join(bundled_models())})")
     return DiffusionModel.from_pretrained(path, device=device)

@@ -27,7 +27,8 @@ MONAI_PREDICTION = {"eps": "epsilon", "v": "v_prediction", "x0": "sample"}
 
 def tiny_pipeline(prediction: str = "eps", num_train_timesteps: int = 1000) -> DiffusionPipeline:
     torch.manual_seed(0)
-    module = DiffusionModule(image_shape=(SIZE, SIZE), prediction=prediction, num_train_timesteps=num_train_timesteps, **TINY)
+    module = DiffusionModule(image_shape=(SIZE, SIZE), prediction=prediction, num_train_timesteps=num_train_timesteps,
+                             **TINY)
     for p in module.unet.parameters():  # MONAI zero-initialises the output layer: make the net non-trivial
         torch.nn.init.normal_(p, std=0.02)
     return module.pipeline(ema=False)
@@ -53,7 +54,9 @@ class DiffusersInterface(torch.nn.Module):
         return SimpleNamespace(sample=self.unet(x, timesteps=t.expand(x.shape[0])))
 
 
-@pytest.mark.parametrize(("scheduler", "prediction"), [("ddpm", "eps"), ("ddim", "v"), ("dpm++2m", "eps"), ("dpm++2m", "v")])
+@pytest.mark.parametrize(
+    ("scheduler", "prediction"), [("ddpm", "eps"), ("ddim", "v"), ("dpm++2m", "eps"), ("dpm++2m", "v")]
+)
 def test_sampling_equals_the_diffusers_pipeline_loop(scheduler, prediction):
     pipe = tiny_pipeline(prediction)
     seeds = [3, 7]
@@ -72,7 +75,12 @@ def test_sampling_equals_the_diffusers_pipeline_loop(scheduler, prediction):
 
 @pytest.mark.parametrize(
     ("scheduler", "monai_scheduler", "prediction", "train_steps", "steps"),
-    [("ddpm", MonaiDDPM, "v", 100, 100), ("ddpm", MonaiDDPM, "x0", 100, 100), ("ddim", MonaiDDIM, "v", 1000, 10), ("ddim", MonaiDDIM, "x0", 1000, 10)],
+    [
+        ("ddpm", MonaiDDPM, "v", 100, 100),
+        ("ddpm", MonaiDDPM, "x0", 100, 100),
+        ("ddim", MonaiDDIM, "v", 1000, 10),
+        ("ddim", MonaiDDIM, "x0", 1000, 10),
+    ],
 )
 def test_sampling_equals_monai_diffusion_inferer(scheduler, monai_scheduler, prediction, train_steps, steps):
     """MONAI's DDPM steps one timestep at a time (its variance uses the single-step beta), so it runs the whole chain.
@@ -84,11 +92,13 @@ def test_sampling_equals_monai_diffusion_inferer(scheduler, monai_scheduler, pre
     pipe = tiny_pipeline(prediction, train_steps)
     seed = 11
     ours = pipe.sample([seed], steps=steps, scheduler=scheduler)
-    monai = monai_scheduler(num_train_timesteps=train_steps, schedule="linear_beta", clip_sample=False, prediction_type=MONAI_PREDICTION[prediction])
+    monai = monai_scheduler(num_train_timesteps=train_steps, schedule="linear_beta", clip_sample=False,
+                            prediction_type=MONAI_PREDICTION[prediction])
     monai.set_timesteps(steps)
     sampler = pipe.schedule.sampler(scheduler)
     sampler.set_timesteps(steps)
-    monai.timesteps = sampler.timesteps.clone()  # MONAI's DDIM spaces timesteps by linspace, diffusers' by "leading": use ours
+    # MONAI's DDIM spaces timesteps by linspace, diffusers' by "leading": use ours
+    monai.timesteps = sampler.timesteps.clone()
     torch.manual_seed(seed)  # MONAI's schedulers draw step noise from the global generator: continue its stream
     noise = torch.randn(1, 1, SIZE, SIZE)
     with torch.inference_mode():
@@ -118,7 +128,8 @@ def test_guidance_formula_with_a_stub_network(gamma):
     """x0-prediction and one DDIM step (final alpha 1) return the guided x0 itself: uncond + gamma (cond - uncond)."""
     config = tiny_pipeline("x0").config.model_copy(update={"text_encoder": TextEncoderConfig(spec="stub")})
     pipe = DiffusionPipeline(DiffusionModel(config, {"unet": StubUNet()}, text_encoder=StubTextEncoder()))
-    out = pipe.sample([0, 1], steps=1, scheduler="ddim", prompts=["ab", "abcdef"], guidance_scale=gamma, negative_prompt="a")
+    out = pipe.sample([0, 1], steps=1, scheduler="ddim", prompts=["ab", "abcdef"], guidance_scale=gamma,
+                      negative_prompt="a")
     cond, uncond = torch.tensor([2.0, 6.0]), torch.tensor([1.0, 1.0])
     expected = uncond + gamma * (cond - uncond)
     torch.testing.assert_close(out.mean(dim=(1, 2, 3)), expected)
@@ -126,7 +137,8 @@ def test_guidance_formula_with_a_stub_network(gamma):
 
 
 def test_full_loop_value_is_pinned():
-    """DDIM, 10 steps, v-prediction, seed 0 on the tiny seeded network (as diffusers' scheduler tests pin result sums)."""
+    """DDIM, 10 steps, v-prediction, seed 0 on the tiny seeded network
+    (as diffusers' scheduler tests pin result sums)."""
     x = tiny_pipeline("v").sample([0], steps=10, scheduler="ddim")
     assert x.abs().sum().item() == pytest.approx(PINNED_ABS_SUM, rel=1e-4)
     assert x.mean().item() == pytest.approx(PINNED_MEAN, rel=1e-3, abs=1e-5)

@@ -1,4 +1,5 @@
-"""Inpainting without training (RePaint): the plan, the hook, the pipeline on real MRI and CT, and ``meddiff inpaint``."""
+"""Inpainting without training (RePaint): the plan, the hook, the pipeline on real MRI and CT,
+and ``meddiff inpaint``."""
 
 from __future__ import annotations
 
@@ -21,8 +22,8 @@ FAST = dict(steps=6, resample=2, jump=2, progress=False)
 
 def tiny_pipeline(spatial_dims: int = 2, size: int = 16, spacing: float = 2.0, **kwargs) -> DiffusionPipeline:
     torch.manual_seed(0)
-    module = DiffusionModule(spatial_dims=spatial_dims, image_shape=(size,) * spatial_dims, image_spacing=(spacing,) * spatial_dims,
-                             **{**TINY, **kwargs})
+    module = DiffusionModule(spatial_dims=spatial_dims, image_shape=(size,) * spatial_dims,
+                             image_spacing=(spacing,) * spatial_dims, **{**TINY, **kwargs})
     for p in module.unet.parameters():  # MONAI zero-initialises the output layer: make the net non-trivial
         torch.nn.init.normal_(p, std=0.05)
     return module.pipeline(ema=False)
@@ -77,7 +78,8 @@ def test_hook_keeps_the_known_region_and_an_oracle_fills_the_rest():
         return x
 
     noise = torch.randn(target.shape, generator=torch.Generator().manual_seed(1))
-    out = sample_loop(lambda x, t: Oracle(target)(x, t), noise, sampler, repaint.timesteps, generator, [repaint, record])
+    out = sample_loop(lambda x, t: Oracle(target)(x, t), noise, sampler, repaint.timesteps, generator,
+                      [repaint, record])
     assert len(seen) == len(repaint.plan) > 10  # the jumps ran steps again
     assert torch.equal(out[keep], known[keep])  # pasted unnoised after the last step
     torch.testing.assert_close(out[~keep], target[~keep])
@@ -191,7 +193,8 @@ def test_models_that_cannot_repaint_are_refused():
 
 
 def test_cli_on_a_real_ct_dicom_writes_derived_dicom_and_keeps_the_rest(tmp_path):
-    """pydicom's CT_small (real CT, 128x128, integer HU): written back as DICOM marked DERIVED, exact outside the mask."""
+    """pydicom's CT_small (real CT, 128x128, integer HU): written back as DICOM marked DERIVED,
+    exact outside the mask."""
     import pydicom
     from pydicom.data import get_testdata_file
 
@@ -206,7 +209,11 @@ def test_cli_on_a_real_ct_dicom_writes_derived_dicom_and_keeps_the_rest(tmp_path
             "--steps", "4", "--resample", "2", "--jump", "2"]
     assert main(args) == 0
     written = pydicom.dcmread(out)
-    assert "DERIVED" in written.ImageType and "inpainted" in written.DerivationDescription and written.PatientName == "SYNTHETIC"
+    assert (
+        "DERIVED" in written.ImageType
+        and "inpainted" in written.DerivationDescription
+        and written.PatientName == "SYNTHETIC"
+    )
     result = load_image(out)
     fill = mask.reshape(result.array.shape).astype(bool)
     assert np.array_equal(result.array[~fill], image.array.reshape(result.array.shape)[~fill])
@@ -220,8 +227,9 @@ def test_cli_writes_numbered_samples_and_help_lists_the_verb(tmp_path, capsys):
     mask = np.zeros(image.array.shape, np.uint8)
     mask[20:40, 20:40] = 255
     save_image(Image(mask, image.affine, "MR"), tmp_path / "mask.nii.gz")
-    assert main(["inpaint", "-i", str(tmp_path / "t1.nii.gz"), "--mask", str(tmp_path / "mask.nii.gz"), "-o", str(tmp_path / "f.nii.gz"),
-                 "--model", str(model), "--steps", "3", "--resample", "1", "--samples", "2", "--seed", "4"]) == 0
+    assert main(["inpaint", "-i", str(tmp_path / "t1.nii.gz"), "--mask", str(tmp_path / "mask.nii.gz"),
+                 "-o", str(tmp_path / "f.nii.gz"), "--model", str(model),
+                 "--steps", "3", "--resample", "1", "--samples", "2", "--seed", "4"]) == 0
     first, second = load_image(tmp_path / "f_1.nii.gz"), load_image(tmp_path / "f_2.nii.gz")
     assert not np.array_equal(first.array, second.array) and np.array_equal(first.affine, image.affine)
     direct = load_pipeline(model).inpaint(image, mask, steps=3, resample=1, seed=4, progress=False)[0]

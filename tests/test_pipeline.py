@@ -203,8 +203,10 @@ def test_concat_conditioned_models_sample_through_the_pipeline():
     condition[:, :, 4:12, 4:12] = 1.0
     x = pipeline.sample([0, 1], steps=3, condition=condition)
     assert x.shape == (2, 1, 16, 16) and torch.isfinite(x).all()
-    assert not torch.equal(x, pipeline.sample([0, 1], steps=3, condition=-condition))  # the condition reaches the network
-    torch.testing.assert_close(x[1:], pipeline.sample([1], steps=3, condition=condition[1:]))  # per item, batch-independent
+    # the condition reaches the network
+    assert not torch.equal(x, pipeline.sample([0, 1], steps=3, condition=-condition))
+    # per item, batch-independent
+    torch.testing.assert_close(x[1:], pipeline.sample([1], steps=3, condition=condition[1:]))
     with pytest.raises(MeddiffError, match="condition image"):
         pipeline.sample([0], steps=3)
     with pytest.raises(MeddiffError, match="condition has shape"):

@@ -30,7 +30,8 @@ def add_parser(subparsers) -> None:
     prompt = p.add_mutually_exclusive_group()
     prompt.add_argument("--prompt", help="report text for every image (report-conditioned models)")
     prompt.add_argument("--prompts", metavar="FILE.jsonl", help='one {"prompt": "..."} per line, one image each')
-    p.add_argument("--guidance-scale", type=float, default=1.0, help="classifier-free guidance: 1 conditional, 0 unconditional, >1 stronger")
+    p.add_argument("--guidance-scale", type=float, default=1.0,
+                   help="classifier-free guidance: 1 conditional, 0 unconditional, >1 stronger")
     p.add_argument("--negative-prompt", default="", help="report to steer away from (default: the empty report)")
     p.add_argument("--accelerator", default="auto", help="cpu, gpu, auto")
     p.add_argument("--devices", default="1", help="number of devices, a comma-separated list of device ids, or auto; "
@@ -46,7 +47,8 @@ def run(args) -> None:
     from meddiff.pipelines.spec import SamplingSpec
 
     if not re.fullmatch(r"auto|-1|[1-9][0-9]{0,3}|[0-9]{1,4}(,[0-9]{1,4})*,?", args.devices):
-        raise MeddiffError(f"--devices takes a number of devices, a comma-separated list of device ids or auto, not {args.devices!r}")
+        raise MeddiffError("--devices takes a number of devices, a comma-separated list of device ids or auto, "
+                           f"not {args.devices!r}")
     if not getattr(args, "debug", False):  # Lightning's banner and its own Ctrl-C text are not this verb's output
         for name in ("lightning.pytorch", "lightning.fabric"):
             logging.getLogger(name).setLevel(logging.WARNING)
@@ -57,12 +59,13 @@ def run(args) -> None:
         raise MeddiffError("give -n (the number of images) or --prompts FILE")
     if args.prompt is not None:
         prompts = [args.prompt] * n
-    spec = SamplingSpec(scheduler=args.scheduler, steps=args.steps, class_label=args.class_label, guidance_scale=args.guidance_scale,
-                        negative_prompt=args.negative_prompt)
+    spec = SamplingSpec(scheduler=args.scheduler, steps=args.steps, class_label=args.class_label,
+                        guidance_scale=args.guidance_scale, negative_prompt=args.negative_prompt)
     model = load_model(args.model)
     devices = int(args.devices) if args.devices.isdigit() else args.devices
-    manifest, made = generate_to_folder(model, str(args.model), spec, n, args.output, seed=args.seed, batch_size=args.batch_size,
-                                        fmt=args.format, accelerator=args.accelerator, devices=devices, prompts=prompts)
+    manifest, made = generate_to_folder(model, str(args.model), spec, n, args.output, seed=args.seed,
+                                        batch_size=args.batch_size, fmt=args.format, accelerator=args.accelerator,
+                                        devices=devices, prompts=prompts)
     if rank_zero_only.rank == 0:  # with several devices every rank returns here
         print(f"wrote {made} new images to {args.output} ({n - made} already there); manifest {manifest}")
 

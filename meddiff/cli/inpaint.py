@@ -14,18 +14,25 @@ from meddiff.io import DICOM_SUFFIXES, WRITE_SUFFIXES
 
 
 def add_parser(subparsers) -> None:
-    p = subparsers.add_parser("inpaint", help="fill a masked region of an image with a diffusion model (RePaint; 2D/3D, NIfTI/DICOM)")
+    p = subparsers.add_parser(
+        "inpaint", help="fill a masked region of an image with a diffusion model (RePaint; 2D/3D, NIfTI/DICOM)"
+    )
     p.add_argument("-i", "--input", required=True, help="image file or DICOM folder")
-    p.add_argument("--mask", required=True, help="mask image: 1 (or any one positive value) where the image is filled, 0 where it is kept; "
-                   "on another grid it is resampled by its geometry")
-    p.add_argument("-o", "--output", required=True, help="output file (.nii.gz, .mha, .png, ... or .dcm, marked derived)")
-    p.add_argument("--model", required=True, help="model folder (meddiff export) or bundled model name: any unconditional, "
-                   "class- or report-conditioned model")
+    p.add_argument("--mask", required=True,
+                   help="mask image: 1 (or any one positive value) where the image is filled, 0 where it is kept; "
+                        "on another grid it is resampled by its geometry")
+    p.add_argument("-o", "--output", required=True,
+                   help="output file (.nii.gz, .mha, .png, ... or .dcm, marked derived)")
+    p.add_argument("--model", required=True,
+                   help="model folder (meddiff export) or bundled model name: any unconditional, "
+                        "class- or report-conditioned model")
     p.add_argument("--steps", type=int, default=50)
-    p.add_argument("--resample", type=int, default=5, help="passes over each stretch of --jump steps (RePaint's resampling; 1: none)")
+    p.add_argument("--resample", type=int, default=5,
+                   help="passes over each stretch of --jump steps (RePaint's resampling; 1: none)")
     p.add_argument("--jump", type=int, default=10, help="length of RePaint's jumps back, in steps")
     p.add_argument("--scheduler", default="ddpm", help="ddpm (RePaint's own) or ddim")
-    p.add_argument("--samples", type=int, default=1, help="fills to make; OUT gets _1, _2, ... before its suffix when more than 1")
+    p.add_argument("--samples", type=int, default=1,
+                   help="fills to make; OUT gets _1, _2, ... before its suffix when more than 1")
     p.add_argument("--seed", type=int, default=0, help="sample k of slice s (of S slices) uses seed + k * S + s")
     p.add_argument("--prompt", help="report text (report-conditioned models)")
     p.add_argument("--guidance-scale", type=float, default=1.0, help="classifier-free guidance with --prompt")
@@ -56,7 +63,8 @@ def run(args) -> None:
 
     suffix = full_suffix(Path(args.output))
     if suffix not in WRITE_SUFFIXES + DICOM_SUFFIXES[:1]:
-        raise MeddiffError(f"{args.output}: cannot write '{suffix}' — meddiff inpaint writes {', '.join(WRITE_SUFFIXES)} and .dcm")
+        raise MeddiffError(f"{args.output}: cannot write '{suffix}' "
+                           f"— meddiff inpaint writes {', '.join(WRITE_SUFFIXES)} and .dcm")
     if args.samples < 1:
         raise MeddiffError(f"--samples must be at least 1, not {args.samples}")
     outputs = output_paths(args.output, args.samples)
@@ -69,14 +77,15 @@ def run(args) -> None:
     mask = load_image(args.mask)
     mask_on_grid(image, mask)  # a bad mask is refused before the model loads
     spec = InpaintSpec(scheduler=args.scheduler, steps=args.steps, resample=args.resample, jump=args.jump,
-                       class_label=args.class_label, guidance_scale=args.guidance_scale, negative_prompt=args.negative_prompt)
+                       class_label=args.class_label, guidance_scale=args.guidance_scale,
+                       negative_prompt=args.negative_prompt)
     pipeline = load_pipeline(args.model, device=args.device)
     filled = pipeline.inpaint(image, mask, spec, seed=args.seed, samples=args.samples, prompt=args.prompt,
                               batch_size=args.batch_size)
     for k, (result, out) in enumerate(zip(filled, outputs, strict=True)):
         if suffix == ".dcm":
-            description = (f"inpainted by meddiff (RePaint, model {pipeline.model.weights_sha256[:16]}, seed {args.seed}, "
-                           f"sample {k + 1}); outside the mask the source image")
+            description = (f"inpainted by meddiff (RePaint, model {pipeline.model.weights_sha256[:16]}, "
+                           f"seed {args.seed}, sample {k + 1}); outside the mask the source image")
             write_synthetic_dicom(result, out, description, overwrite=args.overwrite)
         else:
             save_image(result, out, overwrite=args.overwrite)

@@ -20,8 +20,9 @@ from meddiff.errors import MeddiffError
 
 
 @torch.inference_mode()
-def denoise_tensor(unet: torch.nn.Module, schedule: NoiseSchedule, y: torch.Tensor, sigma: float, steps: int = 1, samples: int = 1,
-                   seed: int = 0, max_timestep: int | None = None) -> torch.Tensor:
+def denoise_tensor(unet: torch.nn.Module, schedule: NoiseSchedule, y: torch.Tensor, sigma: float,
+                   steps: int = 1, samples: int = 1, seed: int = 0,
+                   max_timestep: int | None = None) -> torch.Tensor:
     """Denoise ``y`` (B, C, *spatial, in [-1, 1] units) whose noise std is ``sigma`` in those units.
 
     ``max_timestep``: the model only learnt timesteps below it; a noisier image is refused.

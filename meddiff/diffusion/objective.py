@@ -44,7 +44,8 @@ def predicted_x0(prediction: torch.Tensor, xt: torch.Tensor, abar: torch.Tensor 
     return a**0.5 * xt - (1 - a) ** 0.5 * prediction
 
 
-def renoised(xs: torch.Tensor, noise: torch.Tensor, abar_from: torch.Tensor | float, abar_to: torch.Tensor | float) -> torch.Tensor:
+def renoised(xs: torch.Tensor, noise: torch.Tensor, abar_from: torch.Tensor | float,
+             abar_to: torch.Tensor | float) -> torch.Tensor:
     """The forward process from a less noisy level to a noisier one: ``x_s`` at ``abar_from`` -> ``x_t`` at
     ``abar_to`` (<= ``abar_from``), ``x_t = sqrt(abar_to / abar_from) x_s + sqrt(1 - abar_to / abar_from) eps``."""
     ratio = _per_item(torch.as_tensor(abar_to) / torch.as_tensor(abar_from), xs)

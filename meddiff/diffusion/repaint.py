@@ -60,7 +60,8 @@ class RePaint:
         return repaint_plan(steps, min(jump, steps), resample)
 
     def _noise(self) -> torch.Tensor:
-        return randn_tensor(self.known.shape, generator=self.generator, device=self.known.device, dtype=self.known.dtype)
+        return randn_tensor(self.known.shape, generator=self.generator, device=self.known.device,
+                            dtype=self.known.dtype)
 
     def __call__(self, position: int, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         index = self.plan[position]

@@ -39,12 +39,14 @@ def unet_function(unet: torch.nn.Module, class_labels: torch.Tensor | None = Non
     def predict(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         n = x.shape[0]
         model_input = x if concat is None else torch.cat([x, rows(concat, n).to(x.dtype)], dim=1)
-        return unet(model_input, timesteps=t.to(x.device).expand(n), class_labels=rows(class_labels, n), context=rows(context, n))
+        return unet(model_input, timesteps=t.to(x.device).expand(n), class_labels=rows(class_labels, n),
+                    context=rows(context, n))
 
     return predict
 
 
-def sample_loop(model: ModelFunction, x: torch.Tensor, sampler: SchedulerMixin, timesteps: Sequence[torch.Tensor] | None = None,
+def sample_loop(model: ModelFunction, x: torch.Tensor, sampler: SchedulerMixin,
+                timesteps: Sequence[torch.Tensor] | None = None,
                 generator: torch.Generator | list[torch.Generator] | None = None, hooks: Sequence[Hook] = (),
                 progress: bool = False) -> torch.Tensor:
     """Run ``sampler`` (``set_timesteps`` already called) from ``x`` over ``timesteps`` (default: the

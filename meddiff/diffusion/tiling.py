@@ -40,8 +40,8 @@ def pad_to(x: torch.Tensor, padded: Sequence[int]) -> torch.Tensor:
     return x
 
 
-def tiled(run: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, tile: Sequence[int], multiple: int, batch_size: int,
-          on_tiles: Callable[[int], None] | None = None) -> torch.Tensor:
+def tiled(run: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, tile: Sequence[int], multiple: int,
+          batch_size: int, on_tiles: Callable[[int], None] | None = None) -> torch.Tensor:
     """``run`` over (B, C, *spatial) ``x`` on blended tiles, ``batch_size`` tiles per call; the same shape out.
     ``on_tiles(n)`` is told after each call how many tiles it took (a progress bar)."""
     spatial = list(x.shape[2:])

@@ -73,7 +73,8 @@ class DiffusionPipeline:
         return denoise.denoise(self.model, image, **options)
 
     def inpaint(self, image: Image, mask: Image | np.ndarray, spec: inpaint.InpaintSpec | None = None, seed: int = 0,
-                samples: int = 1, prompt: str | None = None, batch_size: int = 8, progress: bool = True, **fields) -> list[Image]:
+                samples: int = 1, prompt: str | None = None, batch_size: int = 8, progress: bool = True,
+                **fields) -> list[Image]:
         """``samples`` fills of the masked region, the rest of the image kept exactly (``inpaint.inpaint``)."""
         spec = spec or spec_from(inpaint.InpaintSpec, **fields)
         return inpaint.inpaint(self.model, image, mask, spec, seed, samples, prompt, batch_size, progress)

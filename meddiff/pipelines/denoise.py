@@ -24,9 +24,9 @@ MIN_DENOISE_SIDE = 8
 
 
 @torch.inference_mode()
-def denoise(model: DiffusionModel, image: Image, noise_sigma: float | None = None, steps: int = 1, samples: int = 1, seed: int = 0,
-            batch_size: int = 8, strength: float | None = None, mask: np.ndarray | None = None, rician_correction: bool = True,
-            progress: bool = True) -> Image:
+def denoise(model: DiffusionModel, image: Image, noise_sigma: float | None = None, steps: int = 1, samples: int = 1,
+            seed: int = 0, batch_size: int = 8, strength: float | None = None, mask: np.ndarray | None = None,
+            rician_correction: bool = True, progress: bool = True) -> Image:
     """Denoise a magnitude MR ``image``; geometry, units and metadata of the input are kept.
 
     ``noise_sigma`` (image units) is estimated from the image when None. The model is asked to
@@ -58,8 +58,8 @@ def denoise(model: DiffusionModel, image: Image, noise_sigma: float | None = Non
         raise MeddiffError("--steps and --samples must be at least 1")
     if image.array.ndim == 4:
         volumes = [
-            denoise(model, Image(image.array[..., v], image.affine, image.modality), noise_sigma, steps, samples, seed, batch_size,
-                    strength, None if mask is None else (mask if np.ndim(mask) == 3 else mask[..., v]),
+            denoise(model, Image(image.array[..., v], image.affine, image.modality), noise_sigma, steps, samples, seed,
+                    batch_size, strength, None if mask is None else (mask if np.ndim(mask) == 3 else mask[..., v]),
                     rician_correction=rician_correction, progress=progress).array
             for v in range(image.array.shape[3])
         ]
@@ -78,7 +78,8 @@ def denoise(model: DiffusionModel, image: Image, noise_sigma: float | None = Non
     sigma_n = 2.0 * strength * sigma / (high - low)
 
     def run(x: torch.Tensor) -> torch.Tensor:
-        return denoise_tensor(model.unet, model.schedule, x, sigma_n, steps, samples, seed, model.config.max_train_timestep)
+        return denoise_tensor(model.unet, model.schedule, x, sigma_n, steps, samples, seed,
+                              model.config.max_train_timestep)
 
     tiles = Tiles(model, batch_size, progress)
     if model.config.unet.spatial_dims == 3:
@@ -130,8 +131,10 @@ class Tiles:
         count = self.count(planes.shape[1:])
         per_call = max(1, self.batch_size // count)
         out = torch.empty(planes.shape, dtype=torch.float32, device=planes.device)
-        with tqdm(total=count * planes.shape[0], desc="denoise", unit="tile", delay=2.0, disable=not self.progress) as bar:
+        with tqdm(total=count * planes.shape[0], desc="denoise", unit="tile", delay=2.0,
+                  disable=not self.progress) as bar:
             for start in range(0, planes.shape[0], per_call):
                 stop = min(start + per_call, planes.shape[0])
-                out[start:stop] = tiled(run, planes[start:stop, None], self.tile, self.multiple, self.batch_size, bar.update)[:, 0]
+                out[start:stop] = tiled(run, planes[start:stop, None], self.tile, self.multiple, self.batch_size,
+                                        bar.update)[:, 0]
         return out

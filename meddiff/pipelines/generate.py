@@ -34,7 +34,8 @@ def check_counts(counts: dict[str, int]) -> None:
             raise MeddiffError(f"{name} must be a whole number >= {least}, not {value!r}")
 
 
-def check_sample_args(model: DiffusionModel, spec: SamplingSpec, seeds: Sequence[int], prompts: Sequence[str] | None = None,
+def check_sample_args(model: DiffusionModel, spec: SamplingSpec, seeds: Sequence[int],
+                      prompts: Sequence[str] | None = None,
                       shape: Sequence[int] | None = None, batch_size: int | None = None,
                       condition: torch.Tensor | None = None) -> SamplingSpec:
     """The spec checked for this model (``SamplingSpec.checked``), or one clear line for any argument
@@ -45,14 +46,16 @@ def check_sample_args(model: DiffusionModel, spec: SamplingSpec, seeds: Sequence
         raise MeddiffError("no seeds given: nothing to sample")
     values = (seeds[0], seeds[-1]) if isinstance(seeds, range) else seeds
     if any(isinstance(s, bool) or not isinstance(s, (int, np.integer)) or not 0 <= s <= MAX_SEED for s in values):
-        raise MeddiffError(f"seeds must be whole numbers from 0 to {MAX_SEED} (image i uses seed + i) — choose a smaller --seed")
+        raise MeddiffError(f"seeds must be whole numbers from 0 to {MAX_SEED} (image i uses seed + i) "
+                           "— choose a smaller --seed")
     if model.config.text_encoder is not None:
         if prompts is None or len(prompts) != len(seeds):
             raise MeddiffError(f"this model is report-conditioned: give one prompt per image ({len(seeds)}), "
                                "e.g. meddiff generate --prompt TEXT")
         model.text_encoder  # noqa: B018 - loads the encoder now, so a broken one fails before any work
     elif prompts is not None:
-        raise MeddiffError("this model has no text encoder: it takes no prompts — leave them out, or use a report-conditioned model")
+        raise MeddiffError("this model has no text encoder: it takes no prompts "
+                           "— leave them out, or use a report-conditioned model")
     extra = model.config.unet.concat_channels
     if extra and condition is None:
         raise MeddiffError(f"this model takes a condition image of {extra} channel(s) concatenated to its input: "
@@ -64,7 +67,8 @@ def check_sample_args(model: DiffusionModel, spec: SamplingSpec, seeds: Sequence
     if condition is not None:
         expected = (len(seeds), extra, *(shape or model.config.image.shape))
         if tuple(condition.shape) != expected:
-            raise MeddiffError(f"the condition has shape {tuple(condition.shape)}; this model and sample need {expected}")
+            raise MeddiffError(f"the condition has shape {tuple(condition.shape)}; "
+                               f"this model and sample need {expected}")
     return spec
 
 
@@ -73,16 +77,18 @@ def check_shape(model: DiffusionModel, shape: Sequence[int] | None, batch: int) 
     unet = model.config.unet
     shape = list(shape or model.config.image.shape)
     multiple = unet.size_multiple
-    if len(shape) != unet.spatial_dims or any(isinstance(s, bool) or not isinstance(s, (int, np.integer)) or s < 1 or s % multiple
-                                              for s in shape):
-        raise MeddiffError(f"sample shape {shape} does not fit this {unet.spatial_dims}D model: give {unet.spatial_dims} sizes, "
-                           f"each a positive multiple of {multiple}")
+    if len(shape) != unet.spatial_dims or any(
+        isinstance(s, bool) or not isinstance(s, (int, np.integer)) or s < 1 or s % multiple for s in shape
+    ):
+        raise MeddiffError(f"sample shape {shape} does not fit this {unet.spatial_dims}D model: "
+                           f"give {unet.spatial_dims} sizes, each a positive multiple of {multiple}")
     # the first level's feature maps alone (float32) must fit in this machine's memory; the real need is larger
     need = batch * math.prod(int(s) for s in shape) * int(unet.channels[0]) * 4
     memory = physical_memory()
     if memory is not None and need > memory:
         raise MeddiffError(f"a batch of {batch} images of shape {shape} needs more than {need / 2**30:.0f} GiB; "
-                           f"this machine has {memory / 2**30:.0f} GiB — use a smaller --batch-size or a smaller image shape")
+                           f"this machine has {memory / 2**30:.0f} GiB "
+                           "— use a smaller --batch-size or a smaller image shape")
 
 
 def model_function(model: DiffusionModel, spec: SamplingSpec, items: int, prompts: Sequence[str] | None = None,
@@ -101,12 +107,14 @@ def model_function(model: DiffusionModel, spec: SamplingSpec, items: int, prompt
     if not spec.guided:
         return unet_function(model.unet, labels, context, condition)
     negative = model.text_encoder.context([spec.negative_prompt] * len(prompts)).to(device)
-    both = unet_function(model.unet, None if labels is None else torch.cat([labels, labels]), torch.cat([negative, context]),
+    both = unet_function(model.unet, None if labels is None else torch.cat([labels, labels]),
+                         torch.cat([negative, context]),
                          None if condition is None else torch.cat([condition, condition]))
     return classifier_free_guidance(both, spec.guidance_scale)
 
 
-def initial_noise(model: DiffusionModel, seeds: Sequence[int], shape: Sequence[int]) -> tuple[torch.Tensor, list[torch.Generator]]:
+def initial_noise(model: DiffusionModel, seeds: Sequence[int],
+                  shape: Sequence[int]) -> tuple[torch.Tensor, list[torch.Generator]]:
     """x_T of each item from its own seed, and the items' generators (the sampler's later noise)."""
     generators = [torch.Generator(model.device).manual_seed(int(s)) for s in seeds]
     x = randn_tensor((len(seeds), model.config.unet.out_channels, *shape), generator=generators, device=model.device)
@@ -123,8 +131,8 @@ def sample(model: DiffusionModel, spec: SamplingSpec, seeds: Sequence[int], prom
     sampler.set_timesteps(spec.steps)  # timesteps stay on the CPU: indexing schedule tables never syncs a GPU
     x, generators = initial_noise(model, seeds, shape or model.config.image.shape)
     condition = None if condition is None else condition.to(model.device)
-    return sample_loop(model_function(model, spec, len(seeds), prompts, condition), x * sampler.init_noise_sigma, sampler,
-                       generator=generators)
+    return sample_loop(model_function(model, spec, len(seeds), prompts, condition), x * sampler.init_noise_sigma,
+                       sampler, generator=generators)
 
 
 def to_image(model: DiffusionModel, x: torch.Tensor) -> Image:
@@ -133,7 +141,8 @@ def to_image(model: DiffusionModel, x: torch.Tensor) -> Image:
     low, high = info.intensity_range
     array = from_model_range(x[0].float().cpu().numpy(), low, high)
     spacing = list(info.spacing or [1.0] * array.ndim)
-    return Image(array=array, affine=np.diag([*spacing[: array.ndim], *[1.0] * (4 - array.ndim)]), modality=info.modality)
+    return Image(array=array, affine=np.diag([*spacing[: array.ndim], *[1.0] * (4 - array.ndim)]),
+                 modality=info.modality)
 
 
 def generate(model: DiffusionModel, spec: SamplingSpec, n: int = 1, seed: int = 0, batch_size: int = 8,
@@ -146,6 +155,7 @@ def generate(model: DiffusionModel, spec: SamplingSpec, n: int = 1, seed: int = 
     images = []
     for start in tqdm(range(0, n, batch_size), disable=not progress, desc="generate", unit="batch"):
         stop = min(n, start + batch_size)
-        x = sample(model, spec, range(seed + start, seed + stop), None if prompts is None else list(prompts[start:stop]))
+        x = sample(model, spec, range(seed + start, seed + stop),
+                   None if prompts is None else list(prompts[start:stop]))
         images.extend(to_image(model, item) for item in x)
     return images

@@ -55,7 +55,8 @@ def mask_on_grid(image: Image, mask: Image | np.ndarray) -> np.ndarray:
     """
     spatial = image.array.shape
     if len(spatial) == 4:
-        raise MeddiffError(f"inpaint takes a 2D image or a 3D volume, not a 4D series {spatial} — split it into volumes")
+        raise MeddiffError(f"inpaint takes a 2D image or a 3D volume, not a 4D series {spatial} "
+                           "— split it into volumes")
     if isinstance(mask, Image):
         values, affine = mask.array, mask.affine
     else:
@@ -63,10 +64,16 @@ def mask_on_grid(image: Image, mask: Image | np.ndarray) -> np.ndarray:
     if values.dtype == bool:
         values = values.astype(np.uint8)
     levels = np.unique(values)
-    if not np.issubdtype(values.dtype, np.number) or len(levels) > 2 or levels.min() < 0 or (len(levels) == 2 and levels[0] != 0):
+    if (
+        not np.issubdtype(values.dtype, np.number)
+        or len(levels) > 2
+        or levels.min() < 0
+        or (len(levels) == 2 and levels[0] != 0)
+    ):
         shown = ", ".join(f"{v:g}" for v in levels[:4]) + (", ..." if len(levels) > 4 else "")
-        raise MeddiffError(f"the mask is not binary (values {shown}): give 0 where the image is kept and 1 (or 255) where it is "
-                           "filled — threshold a probability map or pick one label of a label map first")
+        raise MeddiffError(f"the mask is not binary (values {shown}): "
+                           "give 0 where the image is kept and 1 (or 255) where it is filled "
+                           "— threshold a probability map or pick one label of a label map first")
     fill = values > 0
     same_grid = affine is None or np.allclose(affine, image.affine, atol=1e-3)
     if fill.shape != spatial and same_grid:
@@ -75,16 +82,18 @@ def mask_on_grid(image: Image, mask: Image | np.ndarray) -> np.ndarray:
     if not same_grid and fill.any():
         fill = _resample_nearest(fill, affine, spatial, image.affine)
         if not fill.any():
-            raise MeddiffError("the mask does not overlap the image (their geometries place it elsewhere) — give a mask "
-                               "drawn on this image")
+            raise MeddiffError("the mask does not overlap the image (their geometries place it elsewhere) "
+                               "— give a mask drawn on this image")
     if not fill.any():
         raise MeddiffError("the mask is empty: it marks nothing to fill (give 1 where the image is to be filled)")
     if fill.all():
-        raise MeddiffError("the mask covers the whole image: nothing is left to keep — to make new images use meddiff generate")
+        raise MeddiffError("the mask covers the whole image: nothing is left to keep "
+                           "— to make new images use meddiff generate")
     return fill
 
 
-def _resample_nearest(fill: np.ndarray, affine: np.ndarray, shape: tuple[int, ...], image_affine: np.ndarray) -> np.ndarray:
+def _resample_nearest(fill: np.ndarray, affine: np.ndarray, shape: tuple[int, ...],
+                      image_affine: np.ndarray) -> np.ndarray:
     """``fill`` (voxel -> mm by ``affine``) onto the grid of ``shape`` and ``image_affine``, nearest voxel."""
     source = fill.reshape(fill.shape + (1,) * (3 - fill.ndim)).astype(np.uint8)
     voxels = np.linalg.inv(affine) @ image_affine  # image voxel -> mask voxel
@@ -94,8 +103,9 @@ def _resample_nearest(fill: np.ndarray, affine: np.ndarray, shape: tuple[int, ..
 
 
 @torch.inference_mode()
-def inpaint(model: DiffusionModel, image: Image, mask: Image | np.ndarray, spec: InpaintSpec | None = None, seed: int = 0,
-            samples: int = 1, prompt: str | None = None, batch_size: int = 8, progress: bool = True) -> list[Image]:
+def inpaint(model: DiffusionModel, image: Image, mask: Image | np.ndarray, spec: InpaintSpec | None = None,
+            seed: int = 0, samples: int = 1, prompt: str | None = None, batch_size: int = 8,
+            progress: bool = True) -> list[Image]:
     """``samples`` fills of the masked region of ``image`` (2D or 3D); sample ``k`` of slice ``s`` (of ``S``
     slices a 2D model runs on; ``S = 1`` otherwise) uses seed ``seed + k * S + s``, whatever the batch."""
     spec = spec or InpaintSpec()
@@ -104,8 +114,8 @@ def inpaint(model: DiffusionModel, image: Image, mask: Image | np.ndarray, spec:
     fill = mask_on_grid(image, mask)
     config = model.config
     if config.unet.concat_channels:
-        raise MeddiffError("this model takes a condition image concatenated to its input: RePaint needs an unconditional or "
-                           "report-conditioned model")
+        raise MeddiffError("this model takes a condition image concatenated to its input: "
+                           "RePaint needs an unconditional or report-conditioned model")
     dims = config.unet.spatial_dims
     axis = slice_axis(image) if image.array.ndim == 3 else None
     if dims == 3 and (image.array.ndim != 3 or 1 in image.array.shape):
@@ -123,13 +133,15 @@ def inpaint(model: DiffusionModel, image: Image, mask: Image | np.ndarray, spec:
     chunks = [touched[start:start + batch_size] for start in range(0, len(touched), batch_size)]
     steps_per_run = len(RePaint.plan_for(spec.steps, spec.jump, spec.resample))
     results = []
-    with tqdm(total=steps_per_run * len(chunks) * samples, desc="inpaint", unit="step", delay=2.0, disable=not progress) as bar:
+    with tqdm(total=steps_per_run * len(chunks) * samples, desc="inpaint", unit="step", delay=2.0,
+              disable=not progress) as bar:
         for k in range(samples):
             result = source.copy()
             for chunk in chunks:
                 known = to_model_range(torch.from_numpy(source[chunk]), low, high)
                 seeds = [seed + k * len(source) + int(s) for s in chunk]
-                made = _repaint(model, spec, known, torch.from_numpy(~fills[chunk]), seeds, prompts, spacing, batch_size, bar.update)
+                made = _repaint(model, spec, known, torch.from_numpy(~fills[chunk]), seeds, prompts, spacing,
+                                batch_size, bar.update)
                 physical = from_model_range(made.numpy(), low, high)
                 if whole_numbers:  # a scan stored as integers (DICOM) gets integers, so it is stored exactly again
                     physical = np.round(physical)
@@ -172,8 +184,10 @@ def _repaint(model: DiffusionModel, spec: InpaintSpec, known: torch.Tensor, keep
         on_step(1)
         return x
 
-    x = sample_loop(function, noise * sampler.init_noise_sigma, sampler, repaint.timesteps, generators, [repaint, progress])
+    x = sample_loop(function, noise * sampler.init_noise_sigma, sampler, repaint.timesteps, generators,
+                    [repaint, progress])
     x = x[(slice(None), slice(None), *[slice(0, n) for n in resized])].float().cpu()
     if resized != spatial:
-        x = torch.nn.functional.interpolate(x, size=spatial, mode="bilinear" if len(spatial) == 2 else "trilinear", align_corners=False)
+        x = torch.nn.functional.interpolate(x, size=spatial, mode="bilinear" if len(spatial) == 2 else "trilinear",
+                                            align_corners=False)
     return x[:, 0]

@@ -34,8 +34,8 @@ class SamplingSpec(BaseModel):
                                "it denoises images but cannot generate or inpaint them")
         train_steps = config.schedule.num_train_timesteps
         if isinstance(self.steps, bool) or not 1 <= self.steps <= train_steps:
-            raise MeddiffError(f"--steps must be a whole number from 1 to {train_steps} (the model's training timesteps), "
-                               f"not {self.steps}")
+            raise MeddiffError(f"--steps must be a whole number from 1 to {train_steps} "
+                               f"(the model's training timesteps), not {self.steps}")
         config.schedule.sampler(self.scheduler)  # unknown names and unsupported combinations fail here
         classes = config.unet.num_class_embeds
         if classes and self.class_label is None:
@@ -44,7 +44,8 @@ class SamplingSpec(BaseModel):
         if self.class_label is not None and not classes:
             raise MeddiffError("this model has no classes — leave out --class-label")
         if self.class_label is not None and not 0 <= self.class_label < classes:
-            raise MeddiffError(f"class label {self.class_label} is out of range: this model has classes 0 to {classes - 1}")
+            raise MeddiffError(f"class label {self.class_label} is out of range: "
+                               f"this model has classes 0 to {classes - 1}")
         if config.text_encoder is None:
             if self.guidance_scale not in (None, 1.0) or self.negative_prompt:
                 given = "--guidance-scale" if self.guidance_scale not in (None, 1.0) else "--negative-prompt"

@@ -16,7 +16,8 @@ class GenerationModule(pl.LightningModule):
     """``predict_step`` samples the batch's item indices not in ``done``; item ``i`` uses seed ``seed + i``
     and ``prompts[i]``. Returns (index, image, prompt) per item."""
 
-    def __init__(self, model: DiffusionModel, spec: SamplingSpec, seed: int, done: set[int], prompts: list[str] | None = None):
+    def __init__(self, model: DiffusionModel, spec: SamplingSpec, seed: int, done: set[int],
+                 prompts: list[str] | None = None):
         super().__init__()
         self.model, self.spec, self.seed, self.done, self.prompts = model, spec, seed, done, prompts
         self.unet = model.unet  # registered, so Lightning moves it to the device
@@ -27,5 +28,5 @@ class GenerationModule(pl.LightningModule):
             return []
         prompts = None if self.prompts is None else [self.prompts[i] for i in indices]
         x = sample(self.model, self.spec, [self.seed + i for i in indices], prompts)
-        return [(i, to_image(self.model, item), None if prompts is None else prompts[k]) for k, (i, item) in enumerate(zip(indices, x,
-                                                                                                                          strict=True))]
+        return [(i, to_image(self.model, item), None if prompts is None else prompts[k])
+                for k, (i, item) in enumerate(zip(indices, x, strict=True))]
