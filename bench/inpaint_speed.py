@@ -16,12 +16,12 @@ import time
 
 import numpy as np
 import torch
+from sampling_speed import benchmark_pipeline
 
 from meddiff.data.samples import dipy_t1_slice
 from meddiff.diffusion.repaint import RePaint
 from meddiff.diffusion.tiling import tile_geometry
 from meddiff.pipelines import DiffusionPipeline
-from sampling_speed import benchmark_pipeline
 
 
 def main() -> None:
@@ -38,7 +38,8 @@ def main() -> None:
     mask = np.zeros(image.array.shape, bool)
     mask[100:140, 90:150] = True
     calls = len(RePaint.plan_for(args.steps, args.jump, args.resample))
-    model_shape = [round(n * s / m) for n, s, m in zip(image.array.shape, image.spacing, pipeline.config.image.spacing, strict=True)]
+    sizes = zip(image.array.shape, image.spacing, pipeline.config.image.spacing, strict=True)
+    model_shape = [round(n * s / m) for n, s, m in sizes]
     multiple = pipeline.config.unet.size_multiple
     _, tile, tiles = tile_geometry(model_shape, pipeline.config.image.shape, multiple)
     batches = [min(args.batch_size, tiles - start) for start in range(0, tiles, args.batch_size)]

@@ -93,7 +93,10 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
-    pipeline = DiffusionPipeline.from_pretrained(args.model, args.device) if args.model else benchmark_pipeline(args.device)
+    if args.model:
+        pipeline = DiffusionPipeline.from_pretrained(args.model, args.device)
+    else:
+        pipeline = benchmark_pipeline(args.device)
     pipeline.sample(range(args.batch), steps=2)  # warm-up
     print(json.dumps(time_against_monai(pipeline, args.device, args.batch, args.steps, args.repeats), indent=2))
 
