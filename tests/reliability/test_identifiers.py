@@ -1,5 +1,5 @@
 """No patient identifier survives any verb: a real DICOM carrying a name, ID, birth date, institution and
-referring physician goes through info, convert, denoise, manifest build, generate and evaluate, and no
+referring physician goes through info, convert, denoise, inpaint, manifest build, generate and evaluate, and no
 identifier value appears in any byte of anything they wrote (files, manifests, caches, logs, wandb/ or
 lightning_logs/ folders, compressed members unpacked) or printed.
 """
@@ -11,10 +11,13 @@ import io
 import zipfile
 from pathlib import Path
 
+import numpy as np
 import pydicom
 import pydicom.data
 import pytest
 from harness import run_meddiff
+
+from meddiff import Image, load_image, save_image
 
 IDENTIFIERS = {
     "PatientName": "ZZTESTPATIENT^ANNA",
@@ -87,6 +90,11 @@ def test_no_identifier_in_any_output_or_message(identified, tiny_model, tmp_path
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_DIR", str(work))
     mr = identified[0]
+    image = load_image(mr)
+    fill = np.zeros(image.array.shape, np.uint8)
+    fill[8:24, 8:24] = 1
+    save_image(Image(fill, image.affine, "MR"), work / "mask.nii.gz")
+    inpaint = ["inpaint", "-i", mr, "--mask", "mask.nii.gz", "--model", tiny_model, "--steps", "2", "--resample", "1"]
     steps = [
         ["info", "--json", mr],
         ["info", mr],
@@ -96,6 +104,8 @@ def test_no_identifier_in_any_output_or_message(identified, tiny_model, tmp_path
         ["convert", mr, "mr.png"],
         ["denoise", "-i", mr, "-o", "denoised.nii.gz"],
         ["manifest", "build", mr.parent, "-o", "real/manifest.jsonl", "--modality", "MR"],
+        [*inpaint, "-o", "filled.nii.gz"],
+        [*inpaint, "-o", "filled.dcm"],
         ["generate", "--model", tiny_model, "-n", "6", "-o", "fake_nii", "--steps", "2", "--format", "nii.gz"],
         ["generate", "--model", tiny_model, "-n", "2", "-o", "fake_dcm", "--steps", "2", "--format", "dcm"],
         ["evaluate", "--real", "real/manifest.jsonl", "--fake", "fake_nii", "--features", "meddiff_mri",
@@ -106,8 +116,8 @@ def test_no_identifier_in_any_output_or_message(identified, tiny_model, tmp_path
         result = run_meddiff(*argv, cwd=work)
         assert result.code == 0, f"{argv[:2]} failed: {result.err}"
         printed.append(result.out + result.err)
-    for name in ("mr.nii.gz", "mr.mha", "mr.nrrd", "mr.png", "denoised.nii.gz", "real/manifest.jsonl", "fake_nii",
-                 "fake_dcm", "eval.json", "cache"):
+    for name in ("mr.nii.gz", "mr.mha", "mr.nrrd", "mr.png", "denoised.nii.gz", "filled.nii.gz", "filled.dcm",
+                 "real/manifest.jsonl", "fake_nii", "fake_dcm", "eval.json", "cache"):
         assert (work / name).exists(), f"{name} was not written"
     assert not leaks(work, "\n".join(printed)), leaks(work, "\n".join(printed))
 
