@@ -24,7 +24,7 @@ from meddiff.data.samples import dipy_t1_slice, pydicom_data_image
 from meddiff.pipelines import load_pipeline
 from meddiff.viz import save_grid
 
-MASKS = {"cortex, right": (slice(70, 110), slice(40, 80)), "deep, central": (slice(110, 150), slice(100, 150))}
+MASKS = {"brain edge": (slice(70, 110), slice(40, 80)), "deep, central": (slice(110, 150), slice(100, 150))}
 
 
 def scores(truth: np.ndarray, fill: np.ndarray, mask: np.ndarray, peak: float) -> dict:

@@ -3,7 +3,8 @@ the raw network evaluations alone.
 
 Same network, same DDIM schedule, same number of steps and batch. "raw" calls the UNet once per step on
 the same input with nothing else (no scheduler, no conditioning, no loop bookkeeping): the floor any
-loop pays. Runs alternate so all three see the same machine load; medians reported. ``--model`` is a
+loop pays. Runs alternate so all three see the same machine load; medians reported. The loop's own work
+is also timed alone, around a network that costs one multiply (``loop_overhead_ms_per_step``). ``--model`` is a
 model folder (default: a freshly initialised 4M-parameter 96x112 UNet, which times the same arithmetic
 as a trained one).
 """
@@ -75,6 +76,31 @@ def time_against_monai(pipeline: DiffusionPipeline, device: str, batch: int, ste
     }
 
 
+class FreeNetwork(torch.nn.Module):
+    """Costs one multiply: what remains of a sampling call is the loop's own work."""
+
+    def __init__(self):
+        super().__init__()
+        self.anchor = torch.nn.Parameter(torch.zeros(()))
+
+    def forward(self, x, timesteps=None, class_labels=None, context=None):
+        return x * 0.5
+
+
+def loop_overhead_ms_per_step(pipeline: DiffusionPipeline, batch: int, steps: int, repeats: int = 20) -> float:
+    """Milliseconds per step of a whole ``sample`` call (checks, sampler, noise, loop) around a free network."""
+    network = pipeline.unet
+    pipeline.unet = FreeNetwork().to(network.device if hasattr(network, "device") else "cpu")
+    try:
+        pipeline.sample(range(batch), steps=steps)
+        start = time.perf_counter()
+        for _ in range(repeats):
+            pipeline.sample(range(batch), steps=steps)
+        return (time.perf_counter() - start) / repeats / steps * 1000
+    finally:
+        pipeline.unet = network
+
+
 def benchmark_pipeline(device: str) -> DiffusionPipeline:
     """The benchmark-sized UNet (4M parameters, 96x112), freshly initialised."""
     torch.manual_seed(0)
@@ -98,7 +124,10 @@ def main() -> None:
     else:
         pipeline = benchmark_pipeline(args.device)
     pipeline.sample(range(args.batch), steps=2)  # warm-up
-    print(json.dumps(time_against_monai(pipeline, args.device, args.batch, args.steps, args.repeats), indent=2))
+    result = time_against_monai(pipeline, args.device, args.batch, args.steps, args.repeats)
+    result["loop_overhead_ms_per_step"] = loop_overhead_ms_per_step(pipeline, args.batch, args.steps)
+    result["network_ms_per_step"] = result["raw_median_s"] / args.steps * 1000
+    print(json.dumps(result, indent=2))
 
 
 if __name__ == "__main__":

@@ -67,13 +67,17 @@ class NoiseSchedule:
 
     def sampler(self, name: str) -> SchedulerMixin:
         """A fresh sampler by name (see ``SAMPLERS``) matching this schedule."""
-        if name not in SAMPLERS:
-            raise MeddiffError(f"unknown scheduler {name!r} — choose one of {', '.join(SAMPLERS)}")
-        if self.prediction == "x0" and name in NO_X0:
-            raise MeddiffError(f"scheduler {name!r} does not support x0-prediction models "
-                               "— choose ddim, dpm++2m or another")
+        self.check_sampler(name)
         cls, extra = SAMPLERS[name]
         config = self.diffusers_config()
         if cls in (DDPMScheduler, DDIMScheduler):
             config["clip_sample"] = False  # medical intensities may exceed [-1, 1] after normalisation
         return cls(**config, **extra)
+
+    def check_sampler(self, name: str) -> None:
+        """Refuse an unknown sampler name, or one this schedule's prediction type cannot use."""
+        if name not in SAMPLERS:
+            raise MeddiffError(f"unknown scheduler {name!r} — choose one of {', '.join(SAMPLERS)}")
+        if self.prediction == "x0" and name in NO_X0:
+            raise MeddiffError(f"scheduler {name!r} does not support x0-prediction models "
+                               "— choose ddim, dpm++2m or another")

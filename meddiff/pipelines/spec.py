@@ -36,7 +36,7 @@ class SamplingSpec(BaseModel):
         if isinstance(self.steps, bool) or not 1 <= self.steps <= train_steps:
             raise MeddiffError(f"--steps must be a whole number from 1 to {train_steps} "
                                f"(the model's training timesteps), not {self.steps}")
-        config.schedule.sampler(self.scheduler)  # unknown names and unsupported combinations fail here
+        config.schedule.check_sampler(self.scheduler)  # unknown names and unsupported combinations fail here
         classes = config.unet.num_class_embeds
         if classes and self.class_label is None:
             raise MeddiffError(f"this model is class-conditioned: give a class label from 0 to {classes - 1} "
