@@ -81,8 +81,10 @@ class TextEncoderConfig(BaseModel):
 
 class ModelConfig(BaseModel):
     """Everything needed to rebuild and use a model. ``max_train_timestep``: a denoising prior trained on
-    low noise levels only (it denoises, it cannot generate); ``denoise_strength`` and ``denoise_tile``:
-    the calibrated share of the noise sigma to remove and the tile side ``denoise`` uses."""
+    low noise levels only (it denoises, it cannot generate); ``task`` "inpaint": a mask-conditioned model
+    whose 2 concatenated channels are the masked image and the mask (``meddiff.data.masks``);
+    ``denoise_strength`` and ``denoise_tile``: the calibrated share of the noise sigma to remove and the
+    tile side ``denoise`` uses."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -92,6 +94,7 @@ class ModelConfig(BaseModel):
     schedule: NoiseSchedule
     image: ImageConfig
     text_encoder: TextEncoderConfig | None = None
+    task: Literal["generate", "inpaint"] = "generate"
     max_train_timestep: int | None = None
     denoise_strength: float = 1.0
     denoise_tile: list[int] | None = None
@@ -106,6 +109,9 @@ class ModelConfig(BaseModel):
 
     @model_validator(mode="after")
     def _consistent(self) -> ModelConfig:
+        if self.task == "inpaint" and self.unet.concat_channels != 2:
+            raise ValueError("an inpainting model takes 2 concatenated channels (the masked image and the mask), "
+                             f"not {self.unet.concat_channels}")
         if len(self.image.shape) != self.unet.spatial_dims:
             raise ValueError(f"image.shape {self.image.shape} does not match the {self.unet.spatial_dims}D unet")
         return self

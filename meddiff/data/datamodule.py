@@ -24,6 +24,7 @@ from monai.transforms import (
 from torch.utils.data import Dataset, DistributedSampler
 
 from meddiff.data.manifest import Manifest
+from meddiff.data.masks import CONDITION_KEY
 from meddiff.data.transforms import LoadImaged, NormalizeIntensityd, SliceVolumed
 from meddiff.errors import MeddiffError
 
@@ -37,8 +38,11 @@ class ManifestDataModule(pl.LightningDataModule):
     validation. In 2D, one volume gives ``slices_per_volume`` training items, so a training batch
     holds ``batch_size * slices_per_volume`` slices (MONAI's ``num_samples`` convention); 3D modules
     skip records whose ``spacing`` marks them 2D. ``augment`` is a list of MONAI dict transforms
-    (keys ``image``/``mask``) applied to training items only. ``cache_rate`` keeps the deterministic
-    part (load, resample, normalise) in memory, so epochs after the first skip the disk.
+    (keys ``image``/``mask``) applied to training items only; ``conditions`` are dict transforms applied to
+    training and validation items after it, making what a conditioned network sees besides the image
+    (``meddiff.data.masks.RandInpaintMaskd``: random masks and ``inpaint_condition``). ``cache_rate``
+    keeps the deterministic part (load, resample, normalise) in memory, so epochs after the first skip
+    the disk.
     ``label_key`` puts ``labels[label_key]`` into ``batch["label"]`` for class-conditioned models
     (strings mapped through ``class_names``). Volumes are reoriented to RAS first, so data from LPS
     DICOM and RAS NIfTI agree in layout.
@@ -60,6 +64,7 @@ class ManifestDataModule(pl.LightningDataModule):
         min_foreground: float = 0.05,
         ct_window: Sequence[float] = (-1000.0, 1000.0),
         augment: list[Transform] | None = None,
+        conditions: list[Transform] | None = None,
         batch_size: int = 8,
         num_workers: int = 0,
         cache_rate: float = 1.0,
@@ -73,9 +78,10 @@ class ManifestDataModule(pl.LightningDataModule):
             raise MeddiffError(f"spatial_dims must be 2 or 3, not {spatial_dims}")
         if patch_size is not None and len(patch_size) != spatial_dims:
             raise MeddiffError(f"patch_size {list(patch_size)} must have {spatial_dims} entries")
-        self.save_hyperparameters(ignore=["augment"])
+        self.save_hyperparameters(ignore=["augment", "conditions"])
         self.manifest_path = Path(manifest)
         self.augment = augment or []
+        self.conditions = conditions or []
         self.datasets: dict[str, CacheDataset] = {}
 
     @cached_property
@@ -149,7 +155,9 @@ class ManifestDataModule(pl.LightningDataModule):
                                               allow_missing_keys=True))
         if train:
             steps.extend(self.augment)
-        steps += [SelectItemsd(keys + ["modality", "label", "report"], allow_missing_keys=True),
+        # what the network sees besides the image (e.g. inpainting masks), for training and validation alike
+        steps.extend(self.conditions)
+        steps += [SelectItemsd(keys + ["modality", "label", "report", CONDITION_KEY], allow_missing_keys=True),
                   EnsureTyped(keys, track_meta=False, allow_missing_keys=True)]
         return Compose(steps)
 

@@ -45,6 +45,12 @@ def unet_function(unet: torch.nn.Module, class_labels: torch.Tensor | None = Non
     return predict
 
 
+def concatenated(model: ModelFunction, condition: torch.Tensor) -> ModelFunction:
+    """``model`` on ``x`` with ``condition`` (B, C, *spatial) appended to its channels: for a network that
+    takes its condition with the image (a mask-conditioned inpainting model), when tiles need it unbound."""
+    return lambda x, t: model(torch.cat([x, condition.to(x.dtype)], dim=1), t)
+
+
 def sample_loop(model: ModelFunction, x: torch.Tensor, sampler: SchedulerMixin,
                 timesteps: Sequence[torch.Tensor] | None = None,
                 generator: torch.Generator | list[torch.Generator] | None = None, hooks: Sequence[Hook] = (),

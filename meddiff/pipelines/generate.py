@@ -41,6 +41,26 @@ def check_sample_args(model: DiffusionModel, spec: SamplingSpec, seeds: Sequence
     """The spec checked for this model (``SamplingSpec.checked``), or one clear line for any argument
     ``sample`` cannot use, before any work is done. ``generate`` and ``meddiff generate`` call it once for
     the whole run (``batch_size``: the largest batch), so nothing bad is found half-way."""
+    spec = check_conditioning(model, spec, seeds, prompts)
+    extra = model.config.unet.concat_channels
+    if extra and condition is None:
+        raise MeddiffError(f"this model takes a condition image of {extra} channel(s) concatenated to its input: "
+                           "give it (sample(..., condition=...)) or use the task pipeline made for it")
+    if not extra and condition is not None:
+        raise MeddiffError("this model takes no condition image — leave it out")
+    batch = min(batch_size or len(seeds), len(seeds)) * (2 if spec.guided else 1)
+    check_shape(model, shape, batch)
+    if condition is not None:
+        expected = (len(seeds), extra, *(shape or model.config.image.shape))
+        if tuple(condition.shape) != expected:
+            raise MeddiffError(f"the condition has shape {tuple(condition.shape)}; "
+                               f"this model and sample need {expected}")
+    return spec
+
+
+def check_conditioning(model: DiffusionModel, spec: SamplingSpec, seeds: Sequence[int],
+                       prompts: Sequence[str] | None = None) -> SamplingSpec:
+    """The spec, the seeds and the prompts checked for this model (what every sampling task needs)."""
     spec = spec.checked(model.config)
     if len(seeds) == 0:
         raise MeddiffError("no seeds given: nothing to sample")
@@ -56,19 +76,6 @@ def check_sample_args(model: DiffusionModel, spec: SamplingSpec, seeds: Sequence
     elif prompts is not None:
         raise MeddiffError("this model has no text encoder: it takes no prompts "
                            "— leave them out, or use a report-conditioned model")
-    extra = model.config.unet.concat_channels
-    if extra and condition is None:
-        raise MeddiffError(f"this model takes a condition image of {extra} channel(s) concatenated to its input: "
-                           "give it (sample(..., condition=...)) or use the task pipeline made for it")
-    if not extra and condition is not None:
-        raise MeddiffError("this model takes no condition image — leave it out")
-    batch = min(batch_size or len(seeds), len(seeds)) * (2 if spec.guided else 1)
-    check_shape(model, shape, batch)
-    if condition is not None:
-        expected = (len(seeds), extra, *(shape or model.config.image.shape))
-        if tuple(condition.shape) != expected:
-            raise MeddiffError(f"the condition has shape {tuple(condition.shape)}; "
-                               f"this model and sample need {expected}")
     return spec
 
 

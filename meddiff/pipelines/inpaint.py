@@ -14,14 +14,15 @@ import torch
 from scipy import ndimage
 from tqdm.auto import tqdm
 
+from meddiff.data.masks import inpaint_condition
 from meddiff.data.transforms import from_model_range, to_model_range
 from meddiff.diffusion.repaint import SAMPLERS, RePaint
-from meddiff.diffusion.sampling import sample_loop
+from meddiff.diffusion.sampling import concatenated, sample_loop
 from meddiff.diffusion.tiling import pad_to, tiled_function
 from meddiff.errors import MeddiffError
 from meddiff.image import Image
 from meddiff.model import DiffusionModel
-from meddiff.pipelines.generate import check_counts, check_sample_args, initial_noise, model_function
+from meddiff.pipelines.generate import check_conditioning, check_counts, initial_noise, model_function
 from meddiff.pipelines.spec import SamplingSpec
 from meddiff.pipelines.volumes import intensity_window, slice_axis
 
@@ -29,7 +30,8 @@ SPACING_TOLERANCE = 0.05  # a voxel size within 5 % of the model's is used as it
 
 
 class InpaintSpec(SamplingSpec):
-    """RePaint's plan on top of the sampling spec: ``resample`` passes over each stretch of ``jump`` steps."""
+    """RePaint's plan on top of the sampling spec: ``resample`` passes over each stretch of ``jump`` steps
+    (a mask-conditioned model, ``task`` "inpaint", fills in one plain pass and ignores them)."""
 
     scheduler: str = "ddpm"
     resample: int = 5
@@ -37,6 +39,8 @@ class InpaintSpec(SamplingSpec):
 
     def checked(self, config) -> InpaintSpec:
         spec = super().checked(config)
+        if config.task == "inpaint":
+            return spec
         if self.scheduler not in SAMPLERS:
             raise MeddiffError(f"RePaint steps back in time, which multistep samplers cannot: use --scheduler "
                                f"{' or '.join(SAMPLERS)}, not {self.scheduler}")
@@ -113,15 +117,15 @@ def inpaint(model: DiffusionModel, image: Image, mask: Image | np.ndarray, spec:
     image.check_finite()
     fill = mask_on_grid(image, mask)
     config = model.config
-    if config.unet.concat_channels:
-        raise MeddiffError("this model takes a condition image concatenated to its input: "
-                           "RePaint needs an unconditional or report-conditioned model")
+    if config.unet.concat_channels and config.task != "inpaint":
+        raise MeddiffError("this model takes a condition image concatenated to its input that is not a mask: "
+                           "inpaint with a mask-conditioned (task inpaint), unconditional or report-conditioned model")
     dims = config.unet.spatial_dims
     axis = slice_axis(image) if image.array.ndim == 3 else None
     if dims == 3 and (image.array.ndim != 3 or 1 in image.array.shape):
         raise MeddiffError(f"this 3D model inpaints volumes; the image has shape {image.array.shape} — use a 2D model")
     prompts = None if prompt is None else [prompt]
-    spec = check_sample_args(model, spec, [seed], prompts)
+    spec = check_conditioning(model, spec, [seed], prompts)
     low, high = intensity_window(config, image.array)
     whole_numbers = np.array_equal(image.array, np.round(image.array))
     # a stack of items along a leading axis: the slices across ``axis`` for a 2D model, else the one image
@@ -131,7 +135,8 @@ def inpaint(model: DiffusionModel, image: Image, mask: Image | np.ndarray, spec:
     spacing = [s for a, s in enumerate(image.spacing) if a != axis] if stacked else image.spacing
     touched = np.flatnonzero(fills.reshape(len(fills), -1).any(axis=1))
     chunks = [touched[start:start + batch_size] for start in range(0, len(touched), batch_size)]
-    steps_per_run = len(RePaint.plan_for(spec.steps, spec.jump, spec.resample))
+    conditioned = config.task == "inpaint"
+    steps_per_run = spec.steps if conditioned else len(RePaint.plan_for(spec.steps, spec.jump, spec.resample))
     results = []
     with tqdm(total=steps_per_run * len(chunks) * samples, desc="inpaint", unit="step", delay=2.0,
               disable=not progress) as bar:
@@ -140,7 +145,7 @@ def inpaint(model: DiffusionModel, image: Image, mask: Image | np.ndarray, spec:
             for chunk in chunks:
                 known = to_model_range(torch.from_numpy(source[chunk]), low, high)
                 seeds = [seed + k * len(source) + int(s) for s in chunk]
-                made = _repaint(model, spec, known, torch.from_numpy(~fills[chunk]), seeds, prompts, spacing,
+                made = _fill(model, spec, known, torch.from_numpy(~fills[chunk]), seeds, prompts, spacing,
                                 batch_size, bar.update)
                 physical = from_model_range(made.numpy(), low, high)
                 if whole_numbers:  # a scan stored as integers (DICOM) gets integers, so it is stored exactly again
@@ -151,9 +156,10 @@ def inpaint(model: DiffusionModel, image: Image, mask: Image | np.ndarray, spec:
     return results
 
 
-def _repaint(model: DiffusionModel, spec: InpaintSpec, known: torch.Tensor, keep: torch.Tensor, seeds: list[int],
-             prompts: list[str] | None, spacing, batch_size: int, on_step) -> torch.Tensor:
-    """RePaint over a batch of items (N, *spatial) in model units; returns them filled, on their own grid."""
+def _fill(model: DiffusionModel, spec: InpaintSpec, known: torch.Tensor, keep: torch.Tensor, seeds: list[int],
+          prompts: list[str] | None, spacing, batch_size: int, on_step) -> torch.Tensor:
+    """Fill a batch of items (N, *spatial) in model units; returns them filled, on their own grid. A
+    mask-conditioned model sees [masked image, mask] at every step; any other model runs RePaint."""
     config = model.config
     spatial = tuple(known.shape[1:])
     factors = [1.0] * len(spatial)
@@ -172,20 +178,26 @@ def _repaint(model: DiffusionModel, spec: InpaintSpec, known: torch.Tensor, keep
     x0, hold = pad_to(x0, padded), pad_to(hold, padded)
     device = model.device
     x0, kept = x0.to(device), (hold >= 1.0).to(device)  # a voxel partly to fill is filled
-    function = model_function(model, spec, 1, prompts)
+    function = model_function(model, spec, 1, prompts)  # a mask-conditioned model gets its condition below
+    condition = inpaint_condition(x0, (~kept).to(x0.dtype), channel_dim=1) if config.task == "inpaint" else None
     if any(p > t for p, t in zip(padded, config.image.shape, strict=True)):
-        function = tiled_function(function, config.image.shape, multiple, batch_size)
+        function = tiled_function(function, config.image.shape, multiple, batch_size, condition)
+    elif condition is not None:
+        function = concatenated(function, condition)
     sampler = model.schedule.sampler(spec.scheduler)
     sampler.set_timesteps(spec.steps)
     noise, generators = initial_noise(model, seeds, padded)
-    repaint = RePaint(x0, kept, sampler, spec.jump, spec.resample, generators)
 
     def progress(position: int, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         on_step(1)
         return x
 
-    x = sample_loop(function, noise * sampler.init_noise_sigma, sampler, repaint.timesteps, generators,
-                    [repaint, progress])
+    if condition is not None:
+        x = sample_loop(function, noise * sampler.init_noise_sigma, sampler, generator=generators, hooks=[progress])
+    else:
+        repaint = RePaint(x0, kept, sampler, spec.jump, spec.resample, generators)
+        x = sample_loop(function, noise * sampler.init_noise_sigma, sampler, repaint.timesteps, generators,
+                        [repaint, progress])
     x = x[(slice(None), slice(None), *[slice(0, n) for n in resized])].float().cpu()
     if resized != spatial:
         x = torch.nn.functional.interpolate(x, size=spatial, mode="bilinear" if len(spatial) == 2 else "trilinear",

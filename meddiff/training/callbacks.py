@@ -46,6 +46,9 @@ class SampleGrid(pl.Callback):
         if getattr(module.hparams, "max_train_timestep", None):
             raise MeddiffError("SampleGrid samples from pure noise, which a model with max_train_timestep "
                                "(a denoising prior) cannot do: remove the callback")
+        if getattr(module.hparams, "concat_channels", 0):
+            raise MeddiffError("SampleGrid samples from pure noise, which a model with a concatenated condition "
+                               "(concat_key) cannot do: remove the callback")
         if getattr(module, "text_encoder", None) is not None:
             prompts = self.prompts or self.data_reports(trainer)
             if not prompts:

@@ -22,7 +22,8 @@ class DiffusionModule(pl.LightningModule):
 
     Every argument is a plain value so a LightningCLI YAML (and the checkpoint) holds the whole
     recipe. ``class_key`` names a batch entry of integer labels (class conditioning); ``concat_key``
-    names a batch entry concatenated to the input channels. Noise and timesteps of each step come
+    names a batch entry concatenated to the input channels (``task`` "inpaint": the masked image and the mask,
+    so ``meddiff inpaint`` fills with the model itself instead of RePaint). Noise and timesteps of each step come
     from a generator seeded by (``seed``, step, batch, rank), so after a resume the noise is what an
     uninterrupted run would draw; ``ManifestDataModule`` replays data order and random crops, so a
     run resumed with ``--ckpt_path last`` ends with the weights of an uninterrupted one. ``image_shape``,
@@ -47,6 +48,7 @@ class DiffusionModule(pl.LightningModule):
         class_key: str = "label",
         concat_channels: int = 0,
         concat_key: str | None = None,
+        task: str = "generate",
         text_encoder: str | None = None,
         report_key: str = "report",
         condition_dropout: float = 0.1,
@@ -66,6 +68,11 @@ class DiffusionModule(pl.LightningModule):
         super().__init__()
         if (concat_channels > 0) != (concat_key is not None):
             raise MeddiffError("concat_channels and concat_key go together: set both or neither")
+        if task not in ("generate", "inpaint"):
+            raise MeddiffError(f"task must be generate or inpaint, not {task!r}")
+        if task == "inpaint" and concat_channels != 2:
+            raise MeddiffError("task inpaint takes concat_channels 2 (the masked image and the mask: "
+                               "concat_key inpaint_condition, made by meddiff.data.masks.RandInpaintMaskd)")
         if len(image_shape) != spatial_dims:
             raise MeddiffError(f"image_shape {list(image_shape)} must have {spatial_dims} entries")
         if max_train_timestep is not None and not 0 < max_train_timestep <= num_train_timesteps:
@@ -115,6 +122,7 @@ class DiffusionModule(pl.LightningModule):
                 else {"spec": hp.text_encoder, "max_length": self.text_encoder.max_length}
             ),
             max_train_timestep=hp.max_train_timestep if limited else None,
+            task=hp.task,
         )
 
     def diffusion_model(self, ema: bool = True) -> DiffusionModel:
