@@ -1,4 +1,5 @@
-"""RePaint (``meddiff inpaint``) against biharmonic inpainting on a held-out real MRI slice, and a real volume.
+"""``meddiff inpaint`` (RePaint, or a mask-conditioned model's own pass: the model decides) against biharmonic
+inpainting on a held-out real MRI slice, and a real volume.
 
 The slice is dipy's T1 coronal slice (256x256, 1 mm), which no meddiff model trains on; each mask is cut
 out and filled, and the fill is compared with the truth inside the mask (PSNR over the brain's intensity
@@ -6,7 +7,7 @@ peak, and the mean absolute error). The baseline is scikit-image's biharmonic in
 smooth fill. A smooth fill scores well on PSNR, which rewards the mean; RePaint draws texture, which PSNR
 penalises: the panel shows both. The volume is pydicom-data's ``emri_small`` head MR (64x64x10), filled
 slice by slice across three slices, to show a 2D model on a real volume (timed). Writes a JSON record and
-a PNG panel (truth, masked, biharmonic, RePaint per mask).
+a PNG panel (truth, masked, biharmonic, meddiff per mask).
 """
 
 from __future__ import annotations
@@ -39,13 +40,15 @@ def main() -> None:
     parser.add_argument("--resample", type=int, default=5)
     parser.add_argument("--jump", type=int, default=10)
     parser.add_argument("--out", default="bench/results")
+    parser.add_argument("--name", default="inpaint_quality", help="stem of the JSON record (the panel: NAME_panel.png)")
     args = parser.parse_args()
     pipeline = load_pipeline(args.model)
     image = dipy_t1_slice()
     truth = image.array
     peak = float(truth.max())
     options = {"steps": args.steps, "resample": args.resample, "jump": args.jump}
-    record, panels = {"model": args.model, **options, "slice": {}}, []
+    method = "mask-conditioned" if pipeline.config.task == "inpaint" else "RePaint"
+    record, panels = {"model": args.model, "method": method, **options, "slice": {}}, []
     for name, (rows, cols) in MASKS.items():
         mask = np.zeros(truth.shape, bool)
         mask[rows, cols] = True
@@ -56,7 +59,7 @@ def main() -> None:
         seconds = time.perf_counter() - start
         assert np.array_equal(filled.array[~mask], truth[~mask])
         record["slice"][name] = {"biharmonic": scores(truth, smooth, mask, peak),
-                                 "repaint": scores(truth, filled.array, mask, peak), "repaint_seconds": seconds}
+                                 "meddiff": scores(truth, filled.array, mask, peak), "meddiff_seconds": seconds}
         print(name, json.dumps(record["slice"][name]), flush=True)
         panels += [truth, masked, smooth, filled.array]
     volume = pydicom_data_image("emri_small.dcm")()
@@ -68,8 +71,8 @@ def main() -> None:
                         "outside_mask_identical": bool(np.array_equal(filled.array[~mask], volume.array[~mask]))}
     print("volume", json.dumps(record["volume"]), flush=True)
     out = Path(args.out)
-    (out / "inpaint_quality.json").write_text(json.dumps(record, indent=2) + "\n")
-    save_grid(panels, out / "inpaint_panel.png", columns=4, window=(0.0, peak))
+    (out / f"{args.name}.json").write_text(json.dumps(record, indent=2) + "\n")
+    save_grid(panels, out / f"{args.name}_panel.png", columns=4, window=(0.0, peak))
 
 
 if __name__ == "__main__":
