@@ -146,7 +146,7 @@ def inpaint(model: DiffusionModel, image: Image, mask: Image | np.ndarray, spec:
                 known = to_model_range(torch.from_numpy(source[chunk]), low, high)
                 seeds = [seed + k * len(source) + int(s) for s in chunk]
                 made = _fill(model, spec, known, torch.from_numpy(~fills[chunk]), seeds, prompts, spacing,
-                                batch_size, bar.update)
+                             batch_size, bar.update)
                 physical = from_model_range(made.numpy(), low, high)
                 if whole_numbers:  # a scan stored as integers (DICOM) gets integers, so it is stored exactly again
                     physical = np.round(physical)
