@@ -75,12 +75,12 @@ def run(args) -> None:
             check_writable(out, args.overwrite)
     image = load_image(args.input, series=args.series)
     mask = load_image(args.mask)
-    mask_on_grid(image, mask)  # a bad mask is refused before the model loads
+    fill = mask_on_grid(image, mask)  # a bad mask is refused before the model loads; resampled once
     spec = InpaintSpec(scheduler=args.scheduler, steps=args.steps, resample=args.resample, jump=args.jump,
                        class_label=args.class_label, guidance_scale=args.guidance_scale,
                        negative_prompt=args.negative_prompt)
     pipeline = load_pipeline(args.model, device=args.device)
-    filled = pipeline.inpaint(image, mask, spec, seed=args.seed, samples=args.samples, prompt=args.prompt,
+    filled = pipeline.inpaint(image, fill, spec, seed=args.seed, samples=args.samples, prompt=args.prompt,
                               batch_size=args.batch_size)
     for k, (result, out) in enumerate(zip(filled, outputs, strict=True)):
         if suffix == ".dcm":

@@ -14,7 +14,6 @@ from collections.abc import Callable, Sequence
 
 import torch
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
-from tqdm.auto import tqdm
 
 ModelFunction = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 Hook = Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -47,21 +46,22 @@ def unet_function(unet: torch.nn.Module, class_labels: torch.Tensor | None = Non
 
 def concatenated(model: ModelFunction, condition: torch.Tensor) -> ModelFunction:
     """``model`` on ``x`` with ``condition`` (B, C, *spatial) appended to its channels: for a network that
-    takes its condition with the image (a mask-conditioned inpainting model), when tiles need it unbound."""
+    takes its condition with the image (a mask-conditioned inpainting model). Around a tiled ``model`` the
+    condition is tiled with the image."""
     return lambda x, t: model(torch.cat([x, condition.to(x.dtype)], dim=1), t)
 
 
 def sample_loop(model: ModelFunction, x: torch.Tensor, sampler: SchedulerMixin,
                 timesteps: Sequence[torch.Tensor] | None = None,
-                generator: torch.Generator | list[torch.Generator] | None = None, hooks: Sequence[Hook] = (),
-                progress: bool = False) -> torch.Tensor:
+                generator: torch.Generator | list[torch.Generator] | None = None,
+                hooks: Sequence[Hook] = ()) -> torch.Tensor:
     """Run ``sampler`` (``set_timesteps`` already called) from ``x`` over ``timesteps`` (default: the
     sampler's own): scale the input, predict, step, then each hook. The short, unrolled loop of diffusers'
     pipelines; ``generator`` (one per item) feeds stochastic samplers, as diffusers passes it to ``step``.
     """
     extra = {"generator": generator} if "generator" in inspect.signature(sampler.step).parameters else {}
     plan = sampler.timesteps if timesteps is None else timesteps
-    for position, t in enumerate(tqdm(plan, desc="sample", unit="step", delay=2.0, disable=not progress)):
+    for position, t in enumerate(plan):
         prediction = model(sampler.scale_model_input(x, t), t)
         x = sampler.step(prediction, t, x, **extra).prev_sample
         for hook in hooks:

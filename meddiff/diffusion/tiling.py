@@ -57,17 +57,8 @@ def tiled(run: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, tile: Se
     return out[(slice(None), slice(None), *[slice(0, s) for s in spatial])]
 
 
-def tiled_function(model: ModelFunction, tile: Sequence[int], multiple: int, batch_size: int,
-                   condition: torch.Tensor | None = None) -> ModelFunction:
+def tiled_function(model: ModelFunction, tile: Sequence[int], multiple: int, batch_size: int) -> ModelFunction:
     """``model`` evaluated tile by tile at every step: for images larger than the network's training shape.
-
-    ``condition`` (B, C, *spatial): channels concatenated to ``x`` before tiling, so each tile carries its
-    own part of them; ``model`` then receives the concatenated tiles.
-    """
-    if condition is None:
-        return lambda x, t: tiled(lambda tiles: model(tiles, t), x, tile, multiple, batch_size)
-    def run(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        joined = torch.cat([x, condition.to(x.dtype)], dim=1)
-        return tiled(lambda tiles: model(tiles, t), joined, tile, multiple, batch_size)
-
-    return run
+    Channels a network takes with the image go on outside: ``sampling.concatenated(tiled_function(...), c)``
+    tiles them with the image, so each tile carries its own part."""
+    return lambda x, t: tiled(lambda tiles: model(tiles, t), x, tile, multiple, batch_size)

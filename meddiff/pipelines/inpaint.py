@@ -181,8 +181,8 @@ def _fill(model: DiffusionModel, spec: InpaintSpec, known: torch.Tensor, keep: t
     function = model_function(model, spec, 1, prompts)  # a mask-conditioned model gets its condition below
     condition = inpaint_condition(x0, (~kept).to(x0.dtype), channel_dim=1) if config.task == "inpaint" else None
     if any(p > t for p, t in zip(padded, config.image.shape, strict=True)):
-        function = tiled_function(function, config.image.shape, multiple, batch_size, condition)
-    elif condition is not None:
+        function = tiled_function(function, config.image.shape, multiple, batch_size)
+    if condition is not None:  # outside the tiles, so each tile carries its part of the condition
         function = concatenated(function, condition)
     sampler = model.schedule.sampler(spec.scheduler)
     sampler.set_timesteps(spec.steps)
