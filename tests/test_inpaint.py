@@ -220,6 +220,25 @@ def test_cli_on_a_real_ct_dicom_writes_derived_dicom_and_keeps_the_rest(tmp_path
     assert main(args) == 2  # exists: not replaced without --overwrite
 
 
+def test_an_mr_dicom_comes_back_exactly_outside_the_mask(tmp_path):
+    """pydicom's MR_small (whole-number MR): the fill is rounded to whole numbers and the DICOM writer stores
+    them as they are, so a DICOM in -> DICOM out round trip keeps every voxel outside the mask."""
+    from pydicom.data import get_testdata_file
+
+    model = tiny_pipeline().save_pretrained(tmp_path / "model")
+    source = get_testdata_file("MR_small.dcm")
+    image = load_image(source)
+    fill = np.zeros(image.array.shape, np.uint8)
+    fill[20:40, 20:40] = 1
+    save_image(Image(fill, image.affine, "MR"), tmp_path / "mask.nii.gz")
+    assert main(["inpaint", "-i", source, "--mask", str(tmp_path / "mask.nii.gz"), "-o", str(tmp_path / "out.dcm"),
+                 "--model", str(model), "--steps", "3", "--resample", "1"]) == 0
+    result = load_image(tmp_path / "out.dcm")
+    keep = fill.reshape(result.array.shape) == 0
+    assert np.array_equal(result.array[keep], image.array.reshape(result.array.shape)[keep])
+    assert np.array_equal(result.array, np.round(result.array))
+
+
 def test_cli_writes_numbered_samples_and_help_lists_the_verb(tmp_path, capsys):
     model = tiny_pipeline().save_pretrained(tmp_path / "model")
     image = Image(t1_slice().array[64:128, 64:128], np.diag([2.0, 2.0, 2.0, 1.0]), "MR")

@@ -99,12 +99,14 @@ def _slice_dataset(image: Image, plane: np.ndarray, k: int, uids: dict[str, str]
 
 
 def _set_pixels(ds: pydicom.Dataset, rows_cols: np.ndarray, modality: str, low: float, high: float) -> None:
-    """CT as int16 Hounsfield units; other modalities as uint16, whole numbers in 0..65535 as they are (so a
-    scan read from DICOM is written back exactly), else with a rescale that keeps the range."""
-    if modality == "CT":
+    """CT as int16 Hounsfield units; other modalities' whole numbers as they are (uint16 in 0..65535, else
+    int16 in -32768..32767: a scan read from DICOM is written back exactly), anything else as uint16 with a
+    rescale that keeps the range."""
+    whole = np.array_equal(rows_cols, np.round(rows_cols))
+    if modality == "CT" or (whole and low < 0 and -32768 <= low and high <= 32767):
         stored = np.clip(np.round(rows_cols), -32768, 32767).astype(np.int16)
         slope, intercept, signed = 1.0, 0.0, 1
-    elif low >= 0 and high <= 65535 and np.array_equal(rows_cols, np.round(rows_cols)):
+    elif whole and 0 <= low and high <= 65535:
         stored = rows_cols.astype(np.uint16)
         slope, intercept, signed = 1.0, 0.0, 0
     else:
