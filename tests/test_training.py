@@ -152,6 +152,30 @@ def test_an_inpainting_model_trains_exports_and_fills_through_the_cli(samples_di
     assert np.array_equal(filled[mask == 0], image.array[mask == 0]) and np.isfinite(filled).all()
 
 
+def test_a_ct_inpainting_model_trains_on_the_chest_ct_in_hu_and_never_on_its_padding(tmp_path):
+    """configs/smoke/ct_inpaint_2d.yaml on the chest CT's lower training slab with its label map: the condition
+    is built (field of view, body, structure masks), the padding outside the field of view is out of the loss,
+    and the exported model fills a CT in HU."""
+    from meddiff import Image, load_image
+    from meddiff.data.samples import write_samples
+
+    manifest = write_samples(tmp_path / "ct", names=["chest_ct_train_lower"])
+    config = smoke_config("ct_inpaint_2d.yaml", tmp_path, manifest, max_steps=4, log_every_n_steps=1)
+    assert main(["fit", "--config", str(config)]) == 0
+    assert np.isfinite(train_losses(tmp_path)).all()
+    out = tmp_path / "model"
+    assert main(["export", str(tmp_path / "run" / "checkpoints" / "last.ckpt"), str(out)]) == 0
+    pipeline = DiffusionPipeline.from_pretrained(out)
+    assert pipeline.config.task == "inpaint" and pipeline.config.image.modality == "CT"
+    volume = load_image(tmp_path / "ct" / "chest_ct_train_lower.nii.gz")
+    image = Image(volume.array[:, :, 20], volume.affine, "CT")
+    fill = np.zeros(image.array.shape, bool)
+    fill[200:260, 250:300] = True
+    filled = pipeline.inpaint(image, fill, steps=3, progress=False)[0]
+    assert np.array_equal(filled.array[~fill], image.array[~fill])
+    assert np.array_equal(filled.array, np.round(filled.array)) and filled.array[fill].min() > -2048  # HU
+
+
 def test_export_gives_a_pipeline_with_identical_samples(samples_dir, tmp_path):
     config = smoke_config("ddpm_2d.yaml", tmp_path, samples_dir / "manifest.jsonl", max_steps=4)
     assert main(["fit", "--config", str(config)]) == 0
@@ -172,7 +196,8 @@ def test_export_gives_a_pipeline_with_identical_samples(samples_dir, tmp_path):
 @pytest.mark.parametrize(
     "name",
     ["mri_t1_2d.yaml", "mri_denoise_2d.yaml", "ct_3d.yaml", "cxr_2d.yaml", "smoke/ddpm_2d.yaml", "smoke/ddpm_3d.yaml",
-     "smoke/inpaint_2d.yaml"],
+     "smoke/inpaint_2d.yaml", "mri_inpaint_2d.yaml", "ct_inpaint_2d.yaml", "mri_inpaint_3d.yaml",
+     "smoke/ct_inpaint_2d.yaml", "smoke/inpaint_3d.yaml"],
 )
 def test_every_config_parses_and_builds_its_model(name, capsys):
     """The real configs cannot train here (no data), but LightningCLI must accept every field

@@ -1,4 +1,8 @@
-"""``meddiff inpaint -i IMAGE --mask MASK -o OUT --model DIR``: fill the masked region with RePaint.
+"""``meddiff inpaint -i IMAGE --mask MASK -o OUT [--model NAME|DIR]``: fill the masked region.
+
+The model decides the method: a mask-conditioned model (``task`` "inpaint") fills in one pass, any other
+runs RePaint. Without ``--model`` the bundled model of the image's modality is used (MR: ``mri-inpaint``,
+CT: ``ct-inpaint``); a NIfTI carries no modality, so ``--modality`` names it.
 
 torch loads inside ``run``, so ``meddiff --help`` stays fast. Every argument, the mask and the outputs
 are checked before sampling starts; outputs are written whole or not at all.
@@ -15,7 +19,8 @@ from meddiff.io import DICOM_SUFFIXES, WRITE_SUFFIXES
 
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser(
-        "inpaint", help="fill a masked region of an image with a diffusion model (RePaint; 2D/3D, NIfTI/DICOM)"
+        "inpaint", help="fill a masked region of an image with a diffusion model (mask-conditioned or RePaint; "
+                   "2D/3D, NIfTI/DICOM)"
     )
     p.add_argument("-i", "--input", required=True, help="image file or DICOM folder")
     p.add_argument("--mask", required=True,
@@ -23,9 +28,12 @@ def add_parser(subparsers) -> None:
                         "on another grid it is resampled by its geometry")
     p.add_argument("-o", "--output", required=True,
                    help="output file (.nii.gz, .mha, .png, ... or .dcm, marked derived)")
-    p.add_argument("--model", required=True,
-                   help="model folder (meddiff export) or bundled model name: any unconditional, "
-                        "class- or report-conditioned model")
+    p.add_argument("--model",
+                   help="model folder (meddiff export) or bundled model name: a mask-conditioned model fills in one "
+                        "pass; any unconditional, class- or report-conditioned model runs RePaint "
+                        "(default: mri-inpaint for MR, ct-inpaint for CT)")
+    p.add_argument("--modality", type=str.upper, choices=["CT", "MR"],
+                   help="the image's modality where the file has none (NIfTI), to pick the default model")
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--resample", type=int, default=5,
                    help="passes over each stretch of --jump steps (RePaint's resampling; 1: none)")
@@ -59,7 +67,7 @@ def run(args) -> None:
     from meddiff.io import load_image, save_image
     from meddiff.io.dicom_write import write_synthetic_dicom
     from meddiff.pipelines import load_pipeline
-    from meddiff.pipelines.inpaint import InpaintSpec, mask_on_grid
+    from meddiff.pipelines.inpaint import InpaintSpec, default_model, mask_on_grid
 
     suffix = full_suffix(Path(args.output))
     if suffix not in WRITE_SUFFIXES + DICOM_SUFFIXES[:1]:
@@ -73,18 +81,20 @@ def run(args) -> None:
             raise MeddiffError(f"{out} already exists — choose another output or pass --overwrite")
         if suffix != ".dcm":
             check_writable(out, args.overwrite)
-    image = load_image(args.input, series=args.series)
+    image = load_image(args.input, series=args.series, modality=args.modality)
     mask = load_image(args.mask)
     fill = mask_on_grid(image, mask)  # a bad mask is refused before the model loads; resampled once
+    model = args.model or default_model(image.modality)
     spec = InpaintSpec(scheduler=args.scheduler, steps=args.steps, resample=args.resample, jump=args.jump,
                        class_label=args.class_label, guidance_scale=args.guidance_scale,
                        negative_prompt=args.negative_prompt)
-    pipeline = load_pipeline(args.model, device=args.device)
+    pipeline = load_pipeline(model, device=args.device)
+    method = "mask-conditioned" if pipeline.config.task == "inpaint" else "RePaint"
     filled = pipeline.inpaint(image, fill, spec, seed=args.seed, samples=args.samples, prompt=args.prompt,
                               batch_size=args.batch_size)
     for k, (result, out) in enumerate(zip(filled, outputs, strict=True)):
         if suffix == ".dcm":
-            description = (f"inpainted by meddiff (RePaint, model {pipeline.model.weights_sha256[:16]}, "
+            description = (f"inpainted by meddiff ({method}, model {pipeline.model.weights_sha256[:16]}, "
                            f"seed {args.seed}, sample {k + 1}); outside the mask the source image")
             write_synthetic_dicom(result, out, description, overwrite=args.overwrite)
         else:

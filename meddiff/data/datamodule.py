@@ -157,7 +157,8 @@ class ManifestDataModule(pl.LightningDataModule):
             steps.extend(self.augment)
         # what the network sees besides the image (e.g. inpainting masks), for training and validation alike
         steps.extend(self.conditions)
-        steps += [SelectItemsd(keys + ["modality", "label", "report", CONDITION_KEY], allow_missing_keys=True),
+        steps += [SelectItemsd(keys + ["modality", "label", "report", "valid", CONDITION_KEY],
+                               allow_missing_keys=True),
                   EnsureTyped(keys, track_meta=False, allow_missing_keys=True)]
         return Compose(steps)
 

@@ -2,8 +2,9 @@
 
 A mask-conditioned inpainting model (the BraTS "local synthesis" task) learns from healthy images with a
 random region cut out: its input is [noisy image, masked image, mask]. ``RandInpaintMaskd`` draws the region
-(lesion-like blobs: elastically deformed ellipsoids; boxes; brush strokes) at 1-30 % of the foreground and
-writes ``inpaint_condition`` = [image with the region set to 0, mask] for ``DiffusionModule(concat_key=...)``.
+(lesion-like blobs: elastically deformed ellipsoids; boxes; brush strokes; and, given a label map, the shape of
+one anatomical structure) at 1-30 % of the foreground and writes ``inpaint_condition`` = [image with the
+region set to 0, mask] for ``DiffusionModule(concat_key=...)``.
 Shapes are drawn by hand (numpy) and deformed with MONAI's elastic transforms: MONAI's random-erasing
 transforms (``RandCoarseDropoutd``) cut boxes only and do not report what they cut.
 """
@@ -16,11 +17,12 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 from monai.transforms import MapTransform, Rand2DElastic, Rand3DElastic, Randomizable
+from scipy import ndimage
 
 from meddiff.errors import MeddiffError
 
 CONDITION_KEY = "inpaint_condition"
-SHAPES = ("blob", "box", "stroke")
+SHAPES = ("blob", "box", "stroke", "structure")
 
 
 def inpaint_condition(image: torch.Tensor, mask: torch.Tensor, channel_dim: int = 0) -> torch.Tensor:
@@ -40,37 +42,49 @@ class RandInpaintMaskd(Randomizable, MapTransform):
     """Draw one random region per item in ``key``'s spatial shape, centred on a foreground voxel.
 
     ``area``: the region's size as a fraction of the foreground (drawn log-uniformly); ``shapes``: which
-    kinds to draw (uniformly). Writes ``mask_key`` (1, *spatial) and ``CONDITION_KEY`` (2, *spatial).
+    kinds to draw (uniformly). ``foreground_key`` names an item entry marking where regions may be centred (a
+    body mask: CT air is not "background" by intensity); without it the foreground is ``foreground(image)``.
+    ``labels_key`` names an integer label map; the "structure" shape (which needs it) cuts out one connected
+    region of one label, whole, when one fits the area range (else a blob). Writes ``mask_key``
+    (1, *spatial) and ``CONDITION_KEY`` (2, *spatial).
     """
 
-    def __init__(self, key: str = "image", mask_key: str = "inpaint_mask", shapes: Sequence[str] = SHAPES,
-                 area: Sequence[float] = (0.01, 0.30)):
+    def __init__(self, key: str = "image", mask_key: str = "inpaint_mask", shapes: Sequence[str] = SHAPES[:3],
+                 area: Sequence[float] = (0.01, 0.30), foreground_key: str | None = None,
+                 labels_key: str | None = None):
         super().__init__([key])
         unknown = [s for s in shapes if s not in SHAPES]
         if unknown or not shapes:
             raise MeddiffError(f"inpainting mask shapes must be some of {list(SHAPES)}, not {list(shapes)}")
+        if "structure" in shapes and labels_key is None:
+            raise MeddiffError("the structure mask shape cuts out a labelled structure: give labels_key")
         if not 0 < area[0] <= area[1] < 1:
             raise MeddiffError(f"area must be two fractions 0 < low <= high < 1 of the foreground, not {list(area)}")
         self.key, self.mask_key, self.shapes, self.area = key, mask_key, tuple(shapes), tuple(area)
+        self.foreground_key, self.labels_key = foreground_key, labels_key
 
     def __call__(self, data):
         d = dict(data)
         image = d[self.key]
         array = np.asarray(image[0].detach().cpu() if isinstance(image, torch.Tensor) else image[0])
-        mask = self.draw(array)
+        tissue = None if self.foreground_key is None else _first_channel(d[self.foreground_key]) > 0
+        labels = None if self.labels_key is None else _first_channel(d[self.labels_key])
+        mask = self.draw(array, tissue, labels)
         d[self.mask_key] = torch.from_numpy(mask[None].astype(np.float32))
         d[CONDITION_KEY] = inpaint_condition(torch.as_tensor(np.asarray(image), dtype=torch.float32), d[self.mask_key])
         return d
 
-    def draw(self, image: np.ndarray) -> np.ndarray:
-        """A boolean region of ``image``'s shape."""
-        tissue = foreground(image)
+    def draw(self, image: np.ndarray, tissue: np.ndarray | None = None, labels: np.ndarray | None = None) -> np.ndarray:
+        """A boolean region of ``image``'s shape, centred in ``tissue`` (default ``foreground(image)``)."""
+        tissue = foreground(image) if tissue is None else tissue
         points = np.argwhere(tissue) if tissue.any() else np.argwhere(np.ones_like(tissue))
         centre = points[self.R.randint(len(points))]
         low, high = self.area
         target = math.exp(self.R.uniform(math.log(low), math.log(high))) * max(int(tissue.sum()), 1)
         shape = self.shapes[self.R.randint(len(self.shapes))]
-        region = getattr(self, f"_{shape}")(image.shape, centre, target)
+        region = self._structure(labels, tissue) if shape == "structure" else None
+        if region is None:
+            region = getattr(self, f"_{'blob' if shape == 'structure' else shape}")(image.shape, centre, target)
         return region if region.any() else self._box(image.shape, centre, max(target, 1.0))
 
     def _grid(self, shape: Sequence[int], centre: np.ndarray) -> list[np.ndarray]:
@@ -106,6 +120,19 @@ class RandInpaintMaskd(Randomizable, MapTransform):
             region &= np.abs(g) <= side / 2
         return region
 
+    def _structure(self, labels: np.ndarray, tissue: np.ndarray) -> np.ndarray | None:
+        """One connected region of one label whose size fits the area range, or None when none does."""
+        size = max(int(tissue.sum()), 1)
+        low, high = self.area[0] * size, self.area[1] * size
+        present = [v for v in np.unique(labels[tissue]) if v != 0]
+        for value in self.R.permutation(present):
+            parts, count = ndimage.label(labels == value)
+            sizes = np.bincount(parts.ravel())[1:]
+            fitting = np.flatnonzero((sizes >= low) & (sizes <= high))
+            if len(fitting):
+                return parts == fitting[self.R.randint(len(fitting))] + 1
+        return None
+
     def _stroke(self, shape, centre, target) -> np.ndarray:
         """A brush stroke: a random walk of discs (balls in 3D) until the painted volume reaches ``target``."""
         ndim = len(shape)
@@ -120,3 +147,35 @@ class RandInpaintMaskd(Randomizable, MapTransform):
             heading = heading / (np.linalg.norm(heading) + 1e-8) + 0.6 * self.R.normal(size=ndim)
             point = np.clip(point + width * heading / (np.linalg.norm(heading) + 1e-8), 0, np.array(shape) - 1)
         return region
+
+
+class FieldOfViewd(MapTransform):
+    """For CT in model units: ``valid`` (1 inside the scanner's field of view; outside it scanners store
+    padding such as -2048 HU, which a model must never learn as anatomy: ``DiffusionModule(valid_key=...)``)
+    and ``body`` (the largest connected region above ``body_above``, its holes such as the lungs filled: where
+    ``RandInpaintMaskd(foreground_key="body")`` centres its regions; air is not background by intensity).
+    Thresholds in model units: -1.5 and -0.5 are -1500 and -500 HU with the default window (-1000, 1000).
+    """
+
+    def __init__(self, key: str = "image", valid_key: str = "valid", body_key: str = "body",
+                 outside_below: float = -1.5, body_above: float = -0.5):
+        super().__init__([key])
+        self.key, self.valid_key, self.body_key = key, valid_key, body_key
+        self.outside_below, self.body_above = outside_below, body_above
+
+    def __call__(self, data):
+        d = dict(data)
+        image = _first_channel(d[self.key])
+        d[self.valid_key] = torch.from_numpy((image > self.outside_below)[None].astype(np.float32))
+        parts, count = ndimage.label(image > self.body_above)
+        if count:
+            body = ndimage.binary_fill_holes(parts == np.argmax(np.bincount(parts.ravel())[1:]) + 1)
+        else:
+            body = np.ones_like(image, bool)
+        d[self.body_key] = torch.from_numpy(body[None].astype(np.float32))
+        return d
+
+
+def _first_channel(value) -> np.ndarray:
+    """Channel 0 of a channel-first item entry (tensor or array) as numpy."""
+    return np.asarray(value[0].detach().cpu() if isinstance(value, torch.Tensor) else value[0])

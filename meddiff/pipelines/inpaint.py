@@ -26,6 +26,7 @@ from meddiff.pipelines.generate import check_conditioning, check_counts, initial
 from meddiff.pipelines.spec import SamplingSpec
 from meddiff.pipelines.volumes import intensity_window, slice_axis
 
+DEFAULT_MODELS = {"MR": "mri-inpaint", "CT": "ct-inpaint"}  # the bundled model of each modality
 SPACING_TOLERANCE = 0.05  # a voxel size within 5 % of the model's is used as it is
 
 
@@ -47,6 +48,17 @@ class InpaintSpec(SamplingSpec):
         if self.resample < 1 or self.jump < 1:
             raise MeddiffError(f"--resample and --jump must be at least 1, not {self.resample} and {self.jump}")
         return spec
+
+
+def default_model(modality: str | None) -> str:
+    """The bundled inpainting model for ``modality`` (MR: ``mri-inpaint``, CT: ``ct-inpaint``)."""
+    if modality is None:
+        raise MeddiffError("the image file names no modality (NIfTI carries none): pass --modality MR or CT, "
+                           "or --model NAME|DIR")
+    if modality.upper() not in DEFAULT_MODELS:
+        raise MeddiffError(f"no bundled inpainting model for modality {modality}: pass --model NAME|DIR "
+                           f"(bundled: {', '.join(DEFAULT_MODELS.values())})")
+    return DEFAULT_MODELS[modality.upper()]
 
 
 def mask_on_grid(image: Image, mask: Image | np.ndarray) -> np.ndarray:

@@ -34,6 +34,10 @@ class DiffusionModule(pl.LightningModule):
     network also learns the unconditional model that classifier-free guidance needs. ``max_train_timestep`` limits
     training to the low-noise timesteps ``[0, max)``: a denoising prior (``meddiff denoise`` only
     starts from the noise level of a scan) spends its whole capacity there but cannot generate.
+    An inpainting model's loss weighs voxels outside the mask (the last condition channel) by
+    ``outside_mask_weight``: the region to fill is what it must learn, outside it the input is kept anyway.
+    ``valid_key`` names a batch entry that is 0 where the image holds no data (a CT's padding outside the
+    scanner's field of view): those voxels never enter the loss.
     """
 
     def __init__(
@@ -49,6 +53,8 @@ class DiffusionModule(pl.LightningModule):
         concat_channels: int = 0,
         concat_key: str | None = None,
         task: str = "generate",
+        outside_mask_weight: float = 1.0,
+        valid_key: str | None = None,
         text_encoder: str | None = None,
         report_key: str = "report",
         condition_dropout: float = 0.1,
@@ -73,6 +79,9 @@ class DiffusionModule(pl.LightningModule):
         if task == "inpaint" and concat_channels != 2:
             raise MeddiffError("task inpaint takes concat_channels 2 (the masked image and the mask: "
                                "concat_key inpaint_condition, made by meddiff.data.masks.RandInpaintMaskd)")
+        if not 0.0 <= outside_mask_weight <= 1.0 or (outside_mask_weight != 1.0 and task != "inpaint"):
+            raise MeddiffError(f"outside_mask_weight must be in [0, 1] and needs task inpaint, "
+                               f"not {outside_mask_weight}")
         if len(image_shape) != spatial_dims:
             raise MeddiffError(f"image_shape {list(image_shape)} must have {spatial_dims} entries")
         if max_train_timestep is not None and not 0 < max_train_timestep <= num_train_timesteps:
@@ -153,7 +162,23 @@ class DiffusionModule(pl.LightningModule):
             reports = ["" if drop else report for report, drop in zip(reports, dropped.tolist(), strict=True)]
             context = self.text_encoder.context(reports).to(x0.device, x0.dtype)
         prediction = (unet or self.unet)(xt, timesteps=t, class_labels=labels, context=context)
-        return F.mse_loss(prediction.float(), target.float())
+        weight = self.loss_weight(batch)
+        if weight is None:
+            return F.mse_loss(prediction.float(), target.float())
+        squared = (prediction.float() - target.float()) ** 2 * weight
+        return squared.sum() / (weight.expand_as(squared).sum() + 1e-8)
+
+    def loss_weight(self, batch: dict) -> torch.Tensor | None:
+        """Per-voxel loss weights (N, 1, *spatial), or None for a plain mean."""
+        hp = self.hparams
+        weight = None
+        if hp.task == "inpaint" and hp.outside_mask_weight != 1.0:
+            mask = batch[hp.concat_key][:, -1:].float()
+            weight = mask + hp.outside_mask_weight * (1 - mask)
+        if hp.valid_key is not None:
+            valid = batch[hp.valid_key].float()
+            weight = valid if weight is None else weight * valid
+        return weight
 
     def step_generator(self, batch_idx: int) -> torch.Generator:
         """Seeded by (seed, step, batch, rank): micro-batches of an accumulated step draw differently."""
