@@ -132,6 +132,7 @@ class Recorder(torch.nn.Module):
 
     def forward(self, x, **kwargs):
         self.shapes.append(tuple(x.shape[2:]))
+        self.voxels = getattr(self, "voxels", 0) + x[:, :1].numel()
         return self.unet(x, **kwargs)
 
 
@@ -145,6 +146,22 @@ def test_a_3d_model_runs_on_tiles_of_its_training_shape():
     result = pipeline.inpaint(volume, mask, **FAST)[0]
     assert np.array_equal(result.array[~mask], volume.array[~mask]) and result.array.shape == volume.array.shape
     assert set(pipeline.unet.shapes) == {(16, 16, 16)}
+
+
+def test_a_3d_model_fills_a_small_region_of_a_large_volume_from_the_region_around_it():
+    """A 30 mm sphere in a 400x400x200 mm volume: the network sees the sphere's neighbourhood (its bounding box
+    widened by the training extent), a small fraction of the volume, at every step."""
+    pipeline = tiny_pipeline(spatial_dims=3, size=16)
+    pipeline.unet = Recorder(pipeline.unet)
+    volume = Image(np.random.default_rng(0).random((200, 200, 100), dtype=np.float32) * 100,
+                   np.diag([2.0, 2.0, 2.0, 1.0]), "MR")
+    grid = np.ogrid[:200, :200, :100]
+    sphere = sum((g - c) ** 2 for g, c in zip(grid, (100, 90, 50), strict=True)) <= 7.5**2  # 15 mm radius
+    result = pipeline.inpaint(volume, sphere, steps=3, scheduler="ddim", resample=1, jump=1, progress=False)[0]
+    assert np.array_equal(result.array[~sphere], volume.array[~sphere])
+    assert not np.array_equal(result.array[sphere], volume.array[sphere])
+    per_step = pipeline.unet.voxels / 3
+    assert per_step < 0.1 * volume.array.size, per_step  # the whole volume: several times its size
 
 
 def test_a_mask_on_another_grid_is_resampled_by_geometry():

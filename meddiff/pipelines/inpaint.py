@@ -1,10 +1,13 @@
-"""Inpainting without training: RePaint (``diffusion.repaint``) with any unconditional or report-conditioned model.
+"""Inpainting: a mask-conditioned model's own pass, or RePaint (``diffusion.repaint``) with any unconditional or
+report-conditioned model.
 
 The image goes to model units (``volumes.intensity_window``) and, where the model learnt another voxel size,
 to the model's spacing; the known region is kept at every step, the masked region is filled, and the result
 is written back only inside the mask: outside it the output is the input, bit for bit, in its own units
 and geometry. A 2D model runs on the slices the mask touches (across ``volumes.slice_axis``); a 3D model on
-the whole volume; an image larger than the model's training shape is sampled on tiles at every step.
+the region around the mask (its bounding box widened by the model's training extent on every side, so a
+small region of a large volume costs a few tiles, not the volume); an image larger than the model's
+training shape is sampled on tiles at every step.
 """
 
 from __future__ import annotations
@@ -140,10 +143,12 @@ def inpaint(model: DiffusionModel, image: Image, mask: Image | np.ndarray, spec:
     spec = check_conditioning(model, spec, [seed], prompts)
     low, high = intensity_window(config, image.array)
     whole_numbers = np.array_equal(image.array, np.round(image.array))
+    # a 3D model works on the region around the mask; the rest of the volume is the input as it is
+    box = _context_box(fill, image.spacing, config) if dims == 3 else (slice(None),) * fill.ndim
     # a stack of items along a leading axis: the slices across ``axis`` for a 2D model, else the one image
     stacked = dims == 2 and axis is not None
-    source = np.moveaxis(image.array, axis, 0) if stacked else image.array[None]
-    fills = np.moveaxis(fill, axis, 0) if stacked else fill[None]
+    source = np.moveaxis(image.array, axis, 0) if stacked else image.array[box][None]
+    fills = np.moveaxis(fill, axis, 0) if stacked else fill[box][None]
     spacing = [s for a, s in enumerate(image.spacing) if a != axis] if stacked else image.spacing
     touched = np.flatnonzero(fills.reshape(len(fills), -1).any(axis=1))
     chunks = [touched[start:start + batch_size] for start in range(0, len(touched), batch_size)]
@@ -163,9 +168,22 @@ def inpaint(model: DiffusionModel, image: Image, mask: Image | np.ndarray, spec:
                 if whole_numbers:  # a scan stored as integers (DICOM) gets integers, so it is stored exactly again
                     physical = np.round(physical)
                 result[chunk] = np.where(fills[chunk], physical, source[chunk])  # outside the mask: the input itself
-            array = np.moveaxis(result, 0, axis) if stacked else result[0]
+            array = image.array.copy()
+            array[box] = np.moveaxis(result, 0, axis) if stacked else result[0]
             results.append(Image(array, image.affine.copy(), image.modality, dict(image.meta)))
     return results
+
+
+def _context_box(fill: np.ndarray, spacing, config) -> tuple[slice, ...]:
+    """The mask's bounding box widened on every side by the model's training extent (in mm, as voxels of the
+    image), clipped to the volume; the whole volume when that covers it anyway."""
+    model_spacing = config.image.spacing or spacing
+    box = []
+    for axis, indices in enumerate(np.nonzero(fill)):
+        low, high = int(indices.min()), int(indices.max())
+        margin = int(np.ceil(config.image.shape[axis] * model_spacing[axis] / spacing[axis]))
+        box.append(slice(max(0, low - margin), min(fill.shape[axis], high + 1 + margin)))
+    return tuple(box)
 
 
 def _fill(model: DiffusionModel, spec: InpaintSpec, known: torch.Tensor, keep: torch.Tensor, seeds: list[int],
