@@ -150,7 +150,7 @@ def test_a_3d_model_runs_on_tiles_of_its_training_shape():
 
 def test_a_3d_model_fills_a_small_region_of_a_large_volume_from_the_region_around_it():
     """A 30 mm sphere in a 400x400x200 mm volume: the network sees the sphere's neighbourhood (its bounding box
-    widened by the training extent), a small fraction of the volume, at every step."""
+    widened by half the training extent), a small fraction of the volume, at every step."""
     pipeline = tiny_pipeline(spatial_dims=3, size=16)
     pipeline.unet = Recorder(pipeline.unet)
     volume = Image(np.random.default_rng(0).random((200, 200, 100), dtype=np.float32) * 100,

@@ -5,8 +5,9 @@ The image goes to model units (``volumes.intensity_window``) and, where the mode
 to the model's spacing; the known region is kept at every step, the masked region is filled, and the result
 is written back only inside the mask: outside it the output is the input, bit for bit, in its own units
 and geometry. A 2D model runs on the slices the mask touches (across ``volumes.slice_axis``); a 3D model on
-the region around the mask (its bounding box widened by the model's training extent on every side, so a
-small region of a large volume costs a few tiles, not the volume); an image larger than the model's
+the region around the mask (its bounding box widened by half the model's training extent on every side: a
+tile centred on the region sees as much context as in training; a small region of a large volume costs a few
+tiles, not the volume); an image larger than the model's
 training shape is sampled on tiles at every step.
 """
 
@@ -175,13 +176,13 @@ def inpaint(model: DiffusionModel, image: Image, mask: Image | np.ndarray, spec:
 
 
 def _context_box(fill: np.ndarray, spacing, config) -> tuple[slice, ...]:
-    """The mask's bounding box widened on every side by the model's training extent (in mm, as voxels of the
-    image), clipped to the volume; the whole volume when that covers it anyway."""
+    """The mask's bounding box widened on every side by half the model's training extent (in mm, as voxels of
+    the image), clipped to the volume."""
     model_spacing = config.image.spacing or spacing
     box = []
     for axis, indices in enumerate(np.nonzero(fill)):
         low, high = int(indices.min()), int(indices.max())
-        margin = int(np.ceil(config.image.shape[axis] * model_spacing[axis] / spacing[axis]))
+        margin = int(np.ceil(config.image.shape[axis] * model_spacing[axis] / spacing[axis] / 2))
         box.append(slice(max(0, low - margin), min(fill.shape[axis], high + 1 + margin)))
     return tuple(box)
 
