@@ -84,7 +84,8 @@ class ModelConfig(BaseModel):
     low noise levels only (it denoises, it cannot generate); ``task`` "inpaint": a mask-conditioned model
     whose 2 concatenated channels are the masked image and the mask (``meddiff.data.masks``);
     ``denoise_strength`` and ``denoise_tile``: the calibrated share of the noise sigma to remove and the
-    tile side ``denoise`` uses."""
+    tile side ``denoise`` uses; ``inpaint_steps``: the steps a mask-conditioned model fills in when none are
+    asked (1: its estimate of the posterior mean, what PSNR and SSIM reward; more steps draw a sharper sample)."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -98,6 +99,7 @@ class ModelConfig(BaseModel):
     max_train_timestep: int | None = None
     denoise_strength: float = 1.0
     denoise_tile: list[int] | None = None
+    inpaint_steps: int | None = None
 
     @field_validator("format_version")
     @classmethod

@@ -104,6 +104,11 @@ def test_a_mask_conditioned_model_fills_in_one_plain_pass_with_its_condition():
     assert torch.equal(mask.bool(), torch.from_numpy(fill)) and torch.all(masked[mask.bool()] == 0)
     np.testing.assert_allclose(result.array[fill], truth[fill], atol=1e-3)
     assert np.array_equal(result.array[~fill], truth[~fill])
+    oracle.seen.clear()  # one step starts at the last timestep (trailing spacing) and returns the x0 estimate
+    pipeline.config.inpaint_steps = 1
+    result = pipeline.inpaint(image, fill, scheduler="ddim", progress=False)[0]
+    assert len(oracle.seen) == 1
+    np.testing.assert_allclose(result.array[fill], truth[fill], atol=1e-3)
 
 
 def test_structure_masks_cut_out_one_whole_labelled_region_and_fall_back_to_blobs():

@@ -34,7 +34,8 @@ def add_parser(subparsers) -> None:
                         "(default: mri-inpaint for MR, ct-inpaint for CT)")
     p.add_argument("--modality", type=str.upper, choices=["CT", "MR"],
                    help="the image's modality where the file has none (NIfTI), to pick the default model")
-    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--steps", type=int,
+                   help="sampling steps (default: the model's inpaint_steps for a mask-conditioned model, else 50)")
     p.add_argument("--resample", type=int, default=5,
                    help="passes over each stretch of --jump steps (RePaint's resampling; 1: none)")
     p.add_argument("--jump", type=int, default=10, help="length of RePaint's jumps back, in steps")
@@ -85,10 +86,11 @@ def run(args) -> None:
     mask = load_image(args.mask)
     fill = mask_on_grid(image, mask)  # a bad mask is refused before the model loads; resampled once
     model = args.model or default_model(image.modality)
-    spec = InpaintSpec(scheduler=args.scheduler, steps=args.steps, resample=args.resample, jump=args.jump,
+    pipeline = load_pipeline(model, device=args.device)
+    steps = args.steps if args.steps is not None else (pipeline.config.inpaint_steps or 50)
+    spec = InpaintSpec(scheduler=args.scheduler, steps=steps, resample=args.resample, jump=args.jump,
                        class_label=args.class_label, guidance_scale=args.guidance_scale,
                        negative_prompt=args.negative_prompt)
-    pipeline = load_pipeline(model, device=args.device)
     method = "mask-conditioned" if pipeline.config.task == "inpaint" else "RePaint"
     filled = pipeline.inpaint(image, fill, spec, seed=args.seed, samples=args.samples, prompt=args.prompt,
                               batch_size=args.batch_size)

@@ -76,6 +76,8 @@ class DiffusionPipeline:
                 samples: int = 1, prompt: str | None = None, batch_size: int = 8, progress: bool = True,
                 **fields) -> list[Image]:
         """``samples`` fills of the masked region, the rest of the image kept exactly (``inpaint.inpaint``)."""
+        if spec is None and "steps" not in fields and self.config.inpaint_steps:
+            fields["steps"] = self.config.inpaint_steps  # the model's own default
         spec = spec or spec_from(inpaint.InpaintSpec, **fields)
         return inpaint.inpaint(self.model, image, mask, spec, seed, samples, prompt, batch_size, progress)
 

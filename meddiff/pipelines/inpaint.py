@@ -216,6 +216,8 @@ def _fill(model: DiffusionModel, spec: InpaintSpec, known: torch.Tensor, keep: t
     if condition is not None:  # outside the tiles, so each tile carries its part of the condition
         function = concatenated(function, condition)
     sampler = model.schedule.sampler(spec.scheduler)
+    if condition is not None:  # the first step at the last timestep, pure noise: few steps start where training
+        sampler.register_to_config(timestep_spacing="trailing")  # did (Lin et al. 2024); 1 step: the x0 estimate
     sampler.set_timesteps(spec.steps)
     noise, generators = initial_noise(model, seeds, padded)
 
