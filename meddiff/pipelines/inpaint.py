@@ -7,8 +7,7 @@ is written back only inside the mask: outside it the output is the input, bit fo
 and geometry. A 2D model runs on the slices the mask touches (across ``volumes.slice_axis``); a 3D model on
 the region around the mask (its bounding box widened by half the model's training extent on every side: a
 tile centred on the region sees as much context as in training; a small region of a large volume costs a few
-tiles, not the volume); an image larger than the model's
-training shape is sampled on tiles at every step.
+tiles, not the volume); an image larger than the model's training shape is sampled on tiles at every step.
 """
 
 from __future__ import annotations
