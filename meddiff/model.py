@@ -58,6 +58,36 @@ class UNetConfig(BaseModel):
         return build_unet(**self.model_dump())
 
 
+class AutoencoderConfig(BaseModel):
+    """The first stage of a latent model: ``meddiff.nets.build_autoencoder`` arguments, the ``scale_factor``
+    that brings its latents to unit variance (1 / std of the training latents, as latent diffusion computes
+    it) and ``decode_tile``, the latent tile a large sample is decoded in (sliding window), or None: whole."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    spatial_dims: Literal[2, 3] = 2
+    in_channels: int = 1
+    out_channels: int = 1
+    channels: list[int] = [32, 64, 64]
+    latent_channels: int = 4
+    num_res_blocks: int = 1
+    attention_levels: list[bool] = [False, False, False]
+    norm_num_groups: int = 32
+    with_nonlocal_attn: bool = False
+    scale_factor: float = 1.0
+    decode_tile: list[int] | None = None
+
+    @property
+    def downsample(self) -> int:
+        """Image side / latent side."""
+        return 2 ** (len(self.channels) - 1)
+
+    def build(self) -> torch.nn.Module:
+        from meddiff.nets import build_autoencoder
+
+        return build_autoencoder(**self.model_dump(exclude={"scale_factor", "decode_tile"}))
+
+
 class ImageConfig(BaseModel):
     """What the network's [-1, 1] means: sample ``shape`` and ``spacing`` (mm), ``modality``, and the
     ``intensity_range`` that [-1, 1] maps back to (HU for CT, normalised units for MR)."""
@@ -95,6 +125,7 @@ class ModelConfig(BaseModel):
     schedule: NoiseSchedule
     image: ImageConfig
     text_encoder: TextEncoderConfig | None = None
+    autoencoder: AutoencoderConfig | None = None
     task: Literal["generate", "inpaint"] = "generate"
     max_train_timestep: int | None = None
     denoise_strength: float = 1.0
@@ -114,9 +145,29 @@ class ModelConfig(BaseModel):
         if self.task == "inpaint" and self.unet.concat_channels != 2:
             raise ValueError("an inpainting model takes 2 concatenated channels (the masked image and the mask), "
                              f"not {self.unet.concat_channels}")
+        if self.schedule.kind != "ddpm" and (self.task != "generate" or self.max_train_timestep):
+            raise ValueError(f"a {self.schedule.kind} model generates only (task generate, no max_train_timestep)")
         if len(self.image.shape) != self.unet.spatial_dims:
             raise ValueError(f"image.shape {self.image.shape} does not match the {self.unet.spatial_dims}D unet")
+        autoencoder = self.autoencoder
+        if autoencoder is not None:
+            if self.task != "generate" or self.max_train_timestep:
+                raise ValueError("a latent model generates only (task generate, no max_train_timestep)")
+            if autoencoder.spatial_dims != self.unet.spatial_dims or not (
+                    self.unet.in_channels == self.unet.out_channels == autoencoder.latent_channels):
+                raise ValueError(f"the unet ({self.unet.spatial_dims}D, {self.unet.in_channels} channels) does not "
+                                 f"work on the autoencoder's latents ({autoencoder.spatial_dims}D, "
+                                 f"{autoencoder.latent_channels} channels)")
+            if any(side % autoencoder.downsample for side in self.image.shape):
+                raise ValueError(f"image.shape {self.image.shape} is not a multiple of the autoencoder's "
+                                 f"down-sampling {autoencoder.downsample}")
         return self
+
+    def sample_shape(self, image_shape: list[int] | None = None) -> list[int]:
+        """Where the diffusion runs for images of ``image_shape`` (default: the training shape): the image
+        grid, or for a latent model the latent grid."""
+        shape = list(image_shape or self.image.shape)
+        return shape if self.autoencoder is None else [side // self.autoencoder.downsample for side in shape]
 
     @property
     def generates(self) -> bool:
@@ -125,7 +176,8 @@ class ModelConfig(BaseModel):
 
 
 # The network components a model may have: config field -> how to build the network from that field.
-COMPONENTS: dict[str, Callable[[BaseModel], torch.nn.Module]] = {"unet": UNetConfig.build}
+COMPONENTS: dict[str, Callable[[BaseModel], torch.nn.Module]] = {"unet": UNetConfig.build,
+                                                                  "autoencoder": AutoencoderConfig.build}
 
 
 class DiffusionModel:
@@ -149,6 +201,10 @@ class DiffusionModel:
     @unet.setter
     def unet(self, network: torch.nn.Module) -> None:
         self.networks["unet"] = network
+
+    @property
+    def autoencoder(self) -> torch.nn.Module | None:
+        return self.networks.get("autoencoder")
 
     @property
     def schedule(self) -> NoiseSchedule:
@@ -184,6 +240,10 @@ class DiffusionModel:
         try:
             config = ModelConfig.model_validate_json((directory / CONFIG_NAME).read_bytes())
         except ValidationError as exc:
+            if _autoencoder_only(directory):
+                raise MeddiffError(f"{directory} holds an autoencoder only (the first stage of a latent model): it "
+                                   "cannot generate — train a diffusion model on it (DiffusionModule autoencoder: "
+                                   f"{directory})") from None
             error = exc.errors()[0]
             where = ".".join(str(part) for part in error["loc"])
             reason = f"{where}: {error['msg']}" if where else error["msg"]
@@ -265,3 +325,57 @@ def load_model(name_or_dir: str | os.PathLike, device: str | torch.device = "cpu
         raise MeddiffError(f"no model {name_or_dir!r}: neither a folder nor a bundled model "
                            f"({', '.join(bundled_models())})")
     return DiffusionModel.from_pretrained(path, device=device)
+
+
+class AutoencoderFolder(BaseModel):
+    """The autoencoder part of a model folder's ``config.json``: a first-stage folder (``AutoencoderModule``'s
+    export) or a whole latent model, whose autoencoder another latent model may reuse."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    format_version: int = FORMAT_VERSION
+    meddiff_version: str | None = None
+    autoencoder: AutoencoderConfig
+    image: ImageConfig
+
+
+def _autoencoder_only(directory: Path) -> bool:
+    try:
+        config = json.loads((directory / CONFIG_NAME).read_bytes())
+    except (OSError, ValueError):
+        return False
+    return isinstance(config, dict) and "autoencoder" in config and "unet" not in config
+
+
+def save_autoencoder(config: AutoencoderFolder, network: torch.nn.Module, directory: str | os.PathLike,
+                     overwrite: bool = False) -> Path:
+    """A first-stage folder: ``config.json`` (an ``AutoencoderFolder``) and ``autoencoder.safetensors``."""
+    from safetensors.torch import save_file
+
+    directory = Path(directory)
+    if directory.exists() and any(directory.iterdir()) and not overwrite:
+        raise MeddiffError(f"{directory} is not empty — choose another folder or pass --overwrite")
+    directory.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu().contiguous() for k, v in network.state_dict().items()}
+    with atomic_path(directory / "autoencoder.safetensors", overwrite=True) as tmp:
+        save_file(state, tmp, metadata={"format": "pt", "meddiff": __version__})
+    config = config.model_copy(update={"format_version": FORMAT_VERSION, "meddiff_version": __version__})
+    with atomic_path(directory / CONFIG_NAME, overwrite=True) as tmp:
+        tmp.write_text(json.dumps(config.model_dump(mode="json"), indent=2) + "\n")
+    return directory
+
+
+def load_autoencoder(directory: str | os.PathLike) -> tuple[AutoencoderFolder, torch.nn.Module]:
+    """The autoencoder of a first-stage folder or of a latent model folder, with its weights loaded."""
+    directory = Path(directory)
+    remedy = "give a folder written by an AutoencoderModule (export_dir) or a latent model folder"
+    try:
+        config = AutoencoderFolder.model_validate_json((directory / CONFIG_NAME).read_bytes())
+    except OSError:
+        raise MeddiffError(f"{directory} is not an autoencoder folder (no {CONFIG_NAME}) — {remedy}") from None
+    except ValidationError as exc:
+        raise MeddiffError(f"{directory}/{CONFIG_NAME} describes no autoencoder ({first_line(exc.errors()[0]['msg'])})"
+                           f" — {remedy}") from None
+    network = config.autoencoder.build()
+    _load_weights(network, directory, "autoencoder")
+    return config, network.eval()

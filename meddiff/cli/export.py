@@ -1,4 +1,5 @@
-"""``meddiff export CKPT DIR``: a Lightning checkpoint -> a pipeline folder with the EMA weights.
+"""``meddiff export CKPT DIR``: a Lightning checkpoint -> a model folder (a diffusion model's EMA weights, or an
+autoencoder's first-stage folder).
 
 torch and Lightning load inside the functions, so ``meddiff --help`` stays fast.
 """
@@ -22,8 +23,10 @@ def add_parser(subparsers) -> None:
 
 
 def module_from_checkpoint(path: str | Path):
-    """Rebuild the DiffusionModule from a checkpoint, read with torch's weights-only unpickler (nothing in it runs)."""
-    from meddiff.training import DiffusionModule
+    """Rebuild the training module (``DiffusionModule``, or the ``AutoencoderModule`` its checkpoint names) from a
+    checkpoint, read with torch's weights-only unpickler (nothing in it runs)."""
+    from meddiff.training import AutoencoderModule, DiffusionModule
+    from meddiff.training.autoencoder import KIND as AUTOENCODER
     from meddiff.weights import check_fit, torch_load
 
     checkpoint = torch_load(path, "checkpoint")
@@ -35,10 +38,11 @@ def module_from_checkpoint(path: str | Path):
         raise MeddiffError(f"{path} is not a Lightning checkpoint (no state_dict) "
                            "— give a .ckpt that meddiff fit wrote")
     hparams = {k: v for k, v in checkpoint.get("hyper_parameters", {}).items() if not str(k).startswith("_")}
+    cls = AutoencoderModule if checkpoint.get("meddiff_module") == AUTOENCODER else DiffusionModule
     try:
-        module = DiffusionModule(**hparams)
+        module = cls(**hparams)
     except (TypeError, ValueError, KeyError, RuntimeError, AssertionError) as exc:
-        raise MeddiffError(f"{path} is not a DiffusionModule checkpoint: {first_line(exc)} "
+        raise MeddiffError(f"{path} is not a {cls.__name__} checkpoint: {first_line(exc)} "
                            "— give a .ckpt that meddiff fit wrote") from None
     state = checkpoint["state_dict"]
     check_fit(module, state, f"{path}: the weights do not fit the checkpoint's own hyper_parameters",
@@ -48,6 +52,12 @@ def module_from_checkpoint(path: str | Path):
 
 
 def run(args) -> None:
+    from meddiff.training import AutoencoderModule
+
     module = module_from_checkpoint(args.checkpoint)
+    if isinstance(module, AutoencoderModule):
+        out = module.save_pretrained(args.output, overwrite=args.overwrite)
+        print(f"wrote {out} (an autoencoder: train a latent model on it with DiffusionModule autoencoder: {out})")
+        return
     out = module.diffusion_model(ema=not args.no_ema).save_pretrained(args.output, overwrite=args.overwrite)
     print(f"wrote {out} ({'EMA' if not args.no_ema else 'raw'} weights)")

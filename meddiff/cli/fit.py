@@ -125,21 +125,24 @@ def make_manifest_hint(manifest: Path, configs: list[Path]) -> str:
             "and set --data.init_args.manifest")
 
 
-def check_text_encoder(config, configs: list[Path]) -> None:
-    """A text encoder given as a plain folder exists; if a config in the same tree writes it
-    (``export_dir``, as configs/clip_findings.yaml does), the error names that config."""
-    spec = config.get("model.init_args.text_encoder") if hasattr(config, "get") else None
-    if not isinstance(spec, str) or re.match(r"^[a-z-]+:", spec) or Path(spec).exists():
-        return
-    for folder in dict.fromkeys(parent for config_file in configs
-                                for parent in (config_file.parent, config_file.parent.parent)):
-        for candidate in sorted(folder.glob("*.yaml")):
-            if re.search(rf"^\s*export_dir:\s*['\"]?{re.escape(spec)}['\"]?\s*$", candidate.read_text(errors="replace"),
-                         re.MULTILINE):
-                raise MeddiffError(f"text encoder folder {spec} does not exist — "
-                                   f"make it with `meddiff fit --config {candidate}`")
-    raise MeddiffError(f"text encoder folder {spec} does not exist — give an exported meddiff CLIP folder, "
-                       "hf:NAME_OR_PATH or local-dir:PATH")
+def check_model_folders(config, configs: list[Path]) -> None:
+    """A text encoder or an autoencoder given as a plain folder exists; if a config in the same tree writes it
+    (``export_dir``, as configs/clip_findings.yaml and the autoencoder configs do), the error names that config."""
+    get = config.get if hasattr(config, "get") else (lambda key: None)
+    for key, what, remedy in (
+            ("text_encoder", "text encoder", "give an exported meddiff CLIP folder, hf:NAME_OR_PATH or local-dir:PATH"),
+            ("autoencoder", "autoencoder", "give a folder an AutoencoderModule wrote (export_dir or meddiff export)")):
+        spec = get(f"model.init_args.{key}")
+        if not isinstance(spec, str) or re.match(r"^[a-z-]+:", spec) or Path(spec).exists():
+            continue
+        for folder in dict.fromkeys(parent for config_file in configs
+                                    for parent in (config_file.parent, config_file.parent.parent)):
+            for candidate in sorted(folder.glob("*.yaml")):
+                if re.search(rf"^\s*export_dir:\s*['\"]?{re.escape(spec)}['\"]?\s*$",
+                             candidate.read_text(errors="replace"), re.MULTILINE):
+                    raise MeddiffError(f"{what} folder {spec} does not exist — "
+                                       f"make it with `meddiff fit --config {candidate}`")
+        raise MeddiffError(f"{what} folder {spec} does not exist — {remedy}")
 
 
 def check_data(datamodule, configs: list[Path]) -> None:
@@ -198,7 +201,7 @@ def run(args) -> None:
                 check_checkpoint(ckpt_path)  # before LightningCLI reads the checkpoint's hyperparameters
 
         def before_instantiate_classes(self) -> None:
-            check_text_encoder(self.config["fit"], configs)  # before the model loads it
+            check_model_folders(self.config["fit"], configs)  # before the model loads them
 
         def before_fit(self) -> None:
             check_data(self.datamodule, configs)

@@ -22,7 +22,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("-n", type=int, help="number of images (default with --prompts: one per prompt)")
     p.add_argument("-o", "--output", required=True, metavar="OUTDIR")
     p.add_argument("--steps", type=int, default=50)
-    p.add_argument("--scheduler", default="ddim", help="ddpm, ddim, dpm++2m, euler, unipc, pndm")
+    p.add_argument("--scheduler", help="ddpm, ddim, dpm++2m, euler, unipc, pndm; rflow for a rectified-flow model "
+                   "(default: ddim, or rflow)")
     p.add_argument("--seed", type=int, default=0, help="image i uses seed + i")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--format", choices=SYNTHETIC_FORMATS, default="nii.gz")

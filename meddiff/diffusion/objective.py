@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-KINDS = ("eps", "v", "x0")
+KINDS = ("eps", "v", "x0")  # the DDPM family; rectified flow: the flow_* functions
 
 
 def _per_item(abar: torch.Tensor | float, like: torch.Tensor) -> torch.Tensor:
@@ -50,3 +50,16 @@ def renoised(xs: torch.Tensor, noise: torch.Tensor, abar_from: torch.Tensor | fl
     ``abar_to`` (<= ``abar_from``), ``x_t = sqrt(abar_to / abar_from) x_s + sqrt(1 - abar_to / abar_from) eps``."""
     ratio = _per_item(torch.as_tensor(abar_to) / torch.as_tensor(abar_from), xs)
     return ratio**0.5 * xs + (1 - ratio) ** 0.5 * noise
+
+
+def flow_noised(x0: torch.Tensor, noise: torch.Tensor, share: torch.Tensor | float) -> torch.Tensor:
+    """Rectified flow's straight line: ``x_t = (1 - s) x0 + s noise`` at ``s = t / T`` (MONAI's
+    ``RFlowScheduler.add_noise``, tested equal)."""
+    s = _per_item(share, x0)
+    return (1 - s) * x0 + s * noise
+
+
+def flow_velocity(x0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """What a rectified-flow network predicts: the velocity ``x0 - noise`` along that line, towards the image."""
+    return x0 - noise
+

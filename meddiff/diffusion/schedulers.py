@@ -1,13 +1,18 @@
-"""Noise schedules and samplers by name, from diffusers' scheduler zoo.
+"""Noise schedules and samplers by name: diffusers' scheduler zoo and MONAI's rectified flow.
 
-Training and every sampler share one ``NoiseSchedule`` (timesteps, beta schedule, prediction type),
-so a model trained once can be sampled with DDPM, DDIM, DPM-Solver++, Euler, UniPC or PNDM.
+Training and every sampler share one ``NoiseSchedule``. Its ``kind`` "ddpm" (timesteps, beta schedule,
+prediction type) is sampled with DDPM, DDIM, DPM-Solver++, Euler, UniPC or PNDM; its ``kind`` "rflow"
+(rectified flow, Liu et al. 2023, as MAISI v2 uses it) trains a velocity ``x0 - noise`` on the straight line
+from the image to the noise and is sampled with MONAI's ``RFlowScheduler`` (Euler steps along that line).
 """
 
 from __future__ import annotations
 
+import functools
 from dataclasses import asdict, dataclass
+from types import SimpleNamespace
 
+import torch
 from diffusers import (
     DDIMScheduler,
     DDPMScheduler,
@@ -18,6 +23,7 @@ from diffusers import (
 )
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
+from meddiff.diffusion import objective
 from meddiff.errors import MeddiffError
 
 BETA_SCHEDULES = {"linear": "linear", "scaled_linear": "scaled_linear", "cosine": "squaredcos_cap_v2"}
@@ -35,17 +41,32 @@ SAMPLERS = {
 }
 # Samplers that cannot use a model predicting x0 directly.
 NO_X0 = {"pndm"}
+KINDS = ("ddpm", "rflow")
+RFLOW_SAMPLER = "rflow"
+RFLOW_TIMESTEP_SAMPLING = ("uniform", "logit-normal")
 
 
 @dataclass(frozen=True)
 class NoiseSchedule:
-    """What a model was trained with: ``beta_schedule`` linear | scaled_linear | cosine, ``prediction`` eps | v | x0."""
+    """What a model was trained with: ``beta_schedule`` linear | scaled_linear | cosine, ``prediction`` eps | v | x0
+    (``kind`` "ddpm"); or ``kind`` "rflow", whose network predicts the flow velocity ``x0 - noise`` (``prediction``
+    "v") at timesteps drawn ``timestep_sampling`` uniform or logit-normal (Esser et al. 2024)."""
 
     num_train_timesteps: int = 1000
     beta_schedule: str = "linear"
     prediction: str = "eps"
+    kind: str = "ddpm"
+    timestep_sampling: str = "uniform"
 
     def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise MeddiffError(f"schedule kind must be one of {list(KINDS)}, not {self.kind!r}")
+        if self.kind == "rflow" and self.prediction != "v":
+            raise MeddiffError("a rectified-flow schedule predicts the velocity: prediction must be v")
+        if self.timestep_sampling not in RFLOW_TIMESTEP_SAMPLING or (
+                self.kind == "ddpm" and self.timestep_sampling != "uniform"):
+            raise MeddiffError(f"timestep_sampling must be uniform (or logit-normal for kind rflow), "
+                               f"not {self.timestep_sampling!r}")
         if self.beta_schedule not in BETA_SCHEDULES:
             raise MeddiffError(f"beta_schedule must be one of {list(BETA_SCHEDULES)}, not {self.beta_schedule!r}")
         if self.prediction not in PREDICTION_TYPES:
@@ -53,6 +74,32 @@ class NoiseSchedule:
 
     def as_dict(self) -> dict:
         return asdict(self)
+
+    @property
+    def default_sampler(self) -> str:
+        return RFLOW_SAMPLER if self.kind == "rflow" else "ddim"
+
+    def draw_timesteps(self, n: int, generator: torch.Generator, device: torch.device | str,
+                       below: int | None = None) -> torch.Tensor:
+        """``n`` training timesteps from ``generator``: integers in ``[0, below or T)`` for DDPM; for rectified
+        flow continuous ones in ``[0, T)``, uniform or logit-normal as MONAI's ``RFlowScheduler.sample_timesteps``
+        draws them (drawn here so that a seeded generator, not the global one, decides them)."""
+        if self.kind == "ddpm":
+            return torch.randint(0, below or self.num_train_timesteps, (n,), generator=generator, device=device)
+        if self.timestep_sampling == "uniform":
+            share = torch.rand(n, generator=generator, device=device)
+        else:
+            share = torch.sigmoid(torch.randn(n, generator=generator, device=device))
+        return share * self.num_train_timesteps
+
+    def noised_and_target(self, x0: torch.Tensor, noise: torch.Tensor,
+                          t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The network's input ``x_t`` and what it must predict there, for this schedule."""
+        if self.kind == "rflow":
+            share = t.float() / self.num_train_timesteps
+            return objective.flow_noised(x0, noise, share), objective.flow_velocity(x0, noise)
+        abar = _alphas_cumprod(self).to(x0.device)[t]
+        return objective.noised(x0, noise, abar), objective.target(x0, noise, abar, self.prediction)
 
     def diffusers_config(self) -> dict:
         return {
@@ -65,9 +112,11 @@ class NoiseSchedule:
         """The DDPM schedule whose ``alphas_cumprod`` the training loss (``diffusion.objective``) and denoising use."""
         return DDPMScheduler(**self.diffusers_config(), clip_sample=False)
 
-    def sampler(self, name: str) -> SchedulerMixin:
+    def sampler(self, name: str) -> SchedulerMixin | RectifiedFlowSampler:
         """A fresh sampler by name (see ``SAMPLERS``) matching this schedule."""
         self.check_sampler(name)
+        if self.kind == "rflow":
+            return RectifiedFlowSampler(self.num_train_timesteps)
         cls, extra = SAMPLERS[name]
         config = self.diffusers_config()
         if cls in (DDPMScheduler, DDIMScheduler):
@@ -76,8 +125,47 @@ class NoiseSchedule:
 
     def check_sampler(self, name: str) -> None:
         """Refuse an unknown sampler name, or one this schedule's prediction type cannot use."""
+        if self.kind == "rflow":
+            if name != RFLOW_SAMPLER:
+                raise MeddiffError(f"this model was trained with rectified flow: sample it with --scheduler "
+                                   f"{RFLOW_SAMPLER}, not {name!r}")
+            return
+        if name == RFLOW_SAMPLER:
+            raise MeddiffError("scheduler rflow samples rectified-flow models only; this one is a DDPM-family model "
+                               f"— choose one of {', '.join(SAMPLERS)}")
         if name not in SAMPLERS:
             raise MeddiffError(f"unknown scheduler {name!r} — choose one of {', '.join(SAMPLERS)}")
         if self.prediction == "x0" and name in NO_X0:
             raise MeddiffError(f"scheduler {name!r} does not support x0-prediction models "
                                "— choose ddim, dpm++2m or another")
+
+
+@functools.cache
+def _alphas_cumprod(schedule: NoiseSchedule) -> torch.Tensor:
+    return schedule.training_scheduler().alphas_cumprod
+
+
+class RectifiedFlowSampler:
+    """MONAI's ``RFlowScheduler`` behind the interface ``sample_loop`` drives (diffusers': ``set_timesteps``,
+    ``timesteps``, ``scale_model_input``, ``step(...).prev_sample``), so one loop samples both families.
+    The adapter is ours because MONAI's ``step`` needs the next timestep and returns a tuple."""
+
+    init_noise_sigma = 1.0
+
+    def __init__(self, num_train_timesteps: int = 1000):
+        from monai.networks.schedulers import RFlowScheduler
+
+        self.scheduler = RFlowScheduler(num_train_timesteps)
+        self.timesteps = torch.empty(0)
+
+    def set_timesteps(self, num_inference_steps: int, device: torch.device | str | None = None) -> None:
+        self.scheduler.set_timesteps(num_inference_steps, device=device)
+        self.timesteps = self.scheduler.timesteps
+
+    def scale_model_input(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return x
+
+    def step(self, prediction: torch.Tensor, t: torch.Tensor, x: torch.Tensor) -> SimpleNamespace:
+        later = self.timesteps[self.timesteps < t]
+        next_t = int(later[0]) if len(later) else 0
+        return SimpleNamespace(prev_sample=self.scheduler.step(prediction, int(t), x, next_t)[0])

@@ -43,6 +43,12 @@ def denoise(model: DiffusionModel, image: Image, noise_sigma: float | None = Non
     (tiles) when denoising takes more than a moment. ``rician_correction``: remove the Rician noise
     floor of magnitude MR from the result (``meddiff.diffusion.rician``).
     """
+    if model.config.autoencoder is not None:
+        raise MeddiffError("this is a latent model: it generates images but cannot denoise them — use a pixel-space "
+                           "model such as mri-denoise")
+    if model.schedule.kind != "ddpm":
+        raise MeddiffError(f"denoising matches the scan's noise to a DDPM timestep; this is a {model.schedule.kind} "
+                           "model — use a DDPM-family model such as mri-denoise")
     image.check_finite()
     if np.ptp(image.array) == 0:
         raise MeddiffError("the image is constant (for example all zero): there is nothing to denoise")

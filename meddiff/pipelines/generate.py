@@ -15,6 +15,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from tqdm.auto import tqdm
 
 from meddiff.data.transforms import from_model_range
+from meddiff.diffusion import latent
 from meddiff.diffusion.guidance import classifier_free_guidance
 from meddiff.diffusion.sampling import ModelFunction, sample_loop, unet_function
 from meddiff.errors import MeddiffError
@@ -81,16 +82,17 @@ def check_conditioning(model: DiffusionModel, spec: SamplingSpec, seeds: Sequenc
 
 def check_shape(model: DiffusionModel, shape: Sequence[int] | None, batch: int) -> None:
     """The sample shape fits the UNet (one size per spatial axis, divisible by its down-sampling) and memory."""
-    unet = model.config.unet
+    unet, autoencoder = model.config.unet, model.config.autoencoder
     shape = list(shape or model.config.image.shape)
-    multiple = unet.size_multiple
+    multiple = unet.size_multiple * (autoencoder.downsample if autoencoder else 1)
     if len(shape) != unet.spatial_dims or any(
         isinstance(s, bool) or not isinstance(s, (int, np.integer)) or s < 1 or s % multiple for s in shape
     ):
         raise MeddiffError(f"sample shape {shape} does not fit this {unet.spatial_dims}D model: "
                            f"give {unet.spatial_dims} sizes, each a positive multiple of {multiple}")
     # the first level's feature maps alone (float32) must fit in this machine's memory; the real need is larger
-    need = batch * math.prod(int(s) for s in shape) * int(unet.channels[0]) * 4
+    first = autoencoder.channels[0] if autoencoder else unet.channels[0]  # a decoder's last level: image size
+    need = batch * math.prod(int(s) for s in shape) * int(first) * 4
     memory = physical_memory()
     if memory is not None and need > memory:
         raise MeddiffError(f"a batch of {batch} images of shape {shape} needs more than {need / 2**30:.0f} GiB; "
@@ -131,15 +133,19 @@ def initial_noise(model: DiffusionModel, seeds: Sequence[int],
 @torch.inference_mode()
 def sample(model: DiffusionModel, spec: SamplingSpec, seeds: Sequence[int], prompts: Sequence[str] | None = None,
            shape: Sequence[int] | None = None, condition: torch.Tensor | None = None) -> torch.Tensor:
-    """Denoise from pure noise: (len(seeds), C, *shape) in model units. ``condition``: the concatenated
-    input channels of a concat-conditioned model, in model units."""
+    """Denoise from pure noise: (len(seeds), C, *shape) in model units; a latent model samples latents and
+    decodes them. ``condition``: the concatenated input channels of a concat-conditioned model, in model units."""
     spec = check_sample_args(model, spec, seeds, prompts, shape, condition=condition)
     sampler = model.schedule.sampler(spec.scheduler)
     sampler.set_timesteps(spec.steps)  # timesteps stay on the CPU: indexing schedule tables never syncs a GPU
-    x, generators = initial_noise(model, seeds, shape or model.config.image.shape)
+    x, generators = initial_noise(model, seeds, model.config.sample_shape(shape))
     condition = None if condition is None else condition.to(model.device)
-    return sample_loop(model_function(model, spec, len(seeds), prompts, condition), x * sampler.init_noise_sigma,
-                       sampler, generator=generators)
+    x = sample_loop(model_function(model, spec, len(seeds), prompts, condition), x * sampler.init_noise_sigma,
+                    sampler, generator=generators)
+    autoencoder = model.config.autoencoder
+    if autoencoder is None:
+        return x
+    return latent.decode(model.autoencoder, x, autoencoder.scale_factor, autoencoder.decode_tile)
 
 
 def to_image(model: DiffusionModel, x: torch.Tensor) -> Image:

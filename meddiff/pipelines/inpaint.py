@@ -132,6 +132,9 @@ def inpaint(model: DiffusionModel, image: Image, mask: Image | np.ndarray, spec:
     image.check_finite()
     fill = mask_on_grid(image, mask)
     config = model.config
+    if config.autoencoder is not None:
+        raise MeddiffError("this is a latent model: it generates images but cannot inpaint them — use a "
+                           "mask-conditioned model (mri-inpaint, ct-inpaint) or a pixel-space one")
     if config.unet.concat_channels and config.task != "inpaint":
         raise MeddiffError("this model takes a condition image concatenated to its input that is not a mask: "
                            "inpaint with a mask-conditioned (task inpaint), unconditional or report-conditioned model")

@@ -17,7 +17,7 @@ class SamplingSpec(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    scheduler: str = "ddim"
+    scheduler: str | None = None  # None: the model's own (ddim; rflow for a rectified-flow model)
     steps: int = 50
     class_label: int | None = None
     guidance_scale: float | None = 1.0
@@ -36,27 +36,28 @@ class SamplingSpec(BaseModel):
         if isinstance(self.steps, bool) or not 1 <= self.steps <= train_steps:
             raise MeddiffError(f"--steps must be a whole number from 1 to {train_steps} "
                                f"(the model's training timesteps), not {self.steps}")
-        config.schedule.check_sampler(self.scheduler)  # unknown names and unsupported combinations fail here
+        spec = self if self.scheduler else self.model_copy(update={"scheduler": config.schedule.default_sampler})
+        config.schedule.check_sampler(spec.scheduler)  # unknown names and unsupported combinations fail here
         classes = config.unet.num_class_embeds
-        if classes and self.class_label is None:
+        if classes and spec.class_label is None:
             raise MeddiffError(f"this model is class-conditioned: give a class label from 0 to {classes - 1} "
                                "(meddiff generate --class-label N)")
-        if self.class_label is not None and not classes:
+        if spec.class_label is not None and not classes:
             raise MeddiffError("this model has no classes — leave out --class-label")
-        if self.class_label is not None and not 0 <= self.class_label < classes:
-            raise MeddiffError(f"class label {self.class_label} is out of range: "
+        if spec.class_label is not None and not 0 <= spec.class_label < classes:
+            raise MeddiffError(f"class label {spec.class_label} is out of range: "
                                f"this model has classes 0 to {classes - 1}")
         if config.text_encoder is None:
-            if self.guidance_scale not in (None, 1.0) or self.negative_prompt:
-                given = "--guidance-scale" if self.guidance_scale not in (None, 1.0) else "--negative-prompt"
+            if spec.guidance_scale not in (None, 1.0) or spec.negative_prompt:
+                given = "--guidance-scale" if spec.guidance_scale not in (None, 1.0) else "--negative-prompt"
                 raise MeddiffError(f"this model has no text encoder: it takes no {given} — leave it out, or use a "
                                    "report-conditioned model")
-            return self.model_copy(update={"guidance_scale": None, "negative_prompt": None})
-        scale = math.nan if self.guidance_scale is None else self.guidance_scale
+            return spec.model_copy(update={"guidance_scale": None, "negative_prompt": None})
+        scale = math.nan if spec.guidance_scale is None else spec.guidance_scale
         if not (math.isfinite(scale) and scale >= 0):
             raise MeddiffError(f"--guidance-scale must be a finite number >= 0 (1 conditional, 0 unconditional, "
-                               f"> 1 stronger), not {self.guidance_scale}")
-        return self.model_copy(update={"negative_prompt": self.negative_prompt or ""})
+                               f"> 1 stronger), not {spec.guidance_scale}")
+        return spec.model_copy(update={"negative_prompt": spec.negative_prompt or ""})
 
     @property
     def guided(self) -> bool:

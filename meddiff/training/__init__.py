@@ -1,5 +1,6 @@
 """Lightning modules and callbacks for training meddiff models."""
 
+from meddiff.training.autoencoder import AutoencoderModule
 from meddiff.training.module import DiffusionModule
 
-__all__ = ["DiffusionModule"]
+__all__ = ["AutoencoderModule", "DiffusionModule"]

@@ -30,7 +30,7 @@ class SampleGrid(pl.Callback):
         every_n_steps: int = 500,
         n: int = 8,
         steps: int = 25,
-        scheduler: str = "ddim",
+        scheduler: str | None = None,
         prompts: list[str] | None = None,
         guidance_scale: float = 1.0,
     ):

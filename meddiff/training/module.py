@@ -9,12 +9,14 @@ import torch
 import torch.nn.functional as F
 from torch.optim.swa_utils import AveragedModel
 
-from meddiff.diffusion import objective
+from meddiff.diffusion import latent
 from meddiff.diffusion.schedulers import NoiseSchedule
 from meddiff.errors import MeddiffError
-from meddiff.model import DiffusionModel, ModelConfig
+from meddiff.model import DiffusionModel, ModelConfig, load_autoencoder
 from meddiff.nets import build_unet
 from meddiff.pipelines import DiffusionPipeline
+
+KIND = "diffusion"  # what ``meddiff export`` reads from a checkpoint to rebuild this module
 
 
 class DiffusionModule(pl.LightningModule):
@@ -37,7 +39,11 @@ class DiffusionModule(pl.LightningModule):
     An inpainting model's loss weighs voxels outside the mask (the last condition channel) by
     ``outside_mask_weight``: the region to fill is what it must learn, outside it the input is kept anyway.
     ``valid_key`` names a batch entry that is 0 where the image holds no data (a CT's padding outside the
-    scanner's field of view): those voxels never enter the loss.
+    scanner's field of view): those voxels never enter the loss. ``autoencoder`` (a first-stage folder,
+    ``AutoencoderModule``'s ``export_dir``, or a latent model folder) makes a latent model: the frozen encoder
+    maps each batch to latents (posterior mean x the scale factor computed from the first batch) and the UNet
+    learns those; the exported folder holds both networks and ``meddiff generate`` decodes. ``schedule``
+    "rflow" trains rectified flow (``meddiff.diffusion.schedulers``) instead of a DDPM-family schedule.
     """
 
     def __init__(
@@ -55,12 +61,15 @@ class DiffusionModule(pl.LightningModule):
         task: str = "generate",
         outside_mask_weight: float = 1.0,
         valid_key: str | None = None,
+        autoencoder: str | None = None,
         text_encoder: str | None = None,
         report_key: str = "report",
         condition_dropout: float = 0.1,
         num_train_timesteps: int = 1000,
         beta_schedule: str = "linear",
         prediction: str = "eps",
+        schedule: str = "ddpm",
+        timestep_sampling: str = "uniform",
         max_train_timestep: int | None = None,
         lr: float = 1e-4,
         weight_decay: float = 0.0,
@@ -95,11 +104,34 @@ class DiffusionModule(pl.LightningModule):
 
             # frozen and kept out of the module tree: checkpoints hold the UNet, not a copy of the text model
             object.__setattr__(self, "text_encoder", load_text_encoder(text_encoder))
+        self.autoencoder_folder = None
+        if autoencoder is not None:
+            self._attach_autoencoder(autoencoder)
         self.unet = build_unet(**self.unet_config())
-        self.schedule = NoiseSchedule(num_train_timesteps, beta_schedule, prediction)
-        self.forward_process = self.schedule.training_scheduler()
+        self.schedule = NoiseSchedule(num_train_timesteps, beta_schedule, prediction, schedule, timestep_sampling)
         self.ema = AveragedModel(self.unet, multi_avg_fn=ema_with_warmup(ema_decay), use_buffers=True)
         self.ema.requires_grad_(False)  # updated by averaging, never by gradients (and ignored by DDP)
+
+    def _attach_autoencoder(self, directory: str) -> None:
+        """The frozen first stage of a latent model, from its folder; the UNet then works on its latents."""
+        hp = self.hparams
+        if hp.task != "generate" or hp.concat_key or hp.valid_key or hp.max_train_timestep:
+            raise MeddiffError("a latent model (autoencoder) generates only: no task inpaint, concat_key, valid_key "
+                               "or max_train_timestep")
+        folder, network = load_autoencoder(directory)
+        if folder.autoencoder.spatial_dims != hp.spatial_dims or any(
+                side % folder.autoencoder.downsample for side in hp.image_shape):
+            raise MeddiffError(f"the autoencoder in {directory} is {folder.autoencoder.spatial_dims}D and halves "
+                               f"{len(folder.autoencoder.channels) - 1} times; image_shape {list(hp.image_shape)} "
+                               "does not fit it")
+        self.autoencoder_folder = folder
+        self.autoencoder = network.requires_grad_(False)
+        # 1 / std of the training latents, from the first training batch (0: not yet known); kept in checkpoints
+        self.register_buffer("latent_scale", torch.zeros(()))
+
+    @property
+    def latent_channels(self) -> int:
+        return 1 if self.autoencoder_folder is None else self.autoencoder_folder.autoencoder.latent_channels
 
     def unet_config(self) -> dict:
         hp = self.hparams
@@ -112,6 +144,8 @@ class DiffusionModule(pl.LightningModule):
             "norm_num_groups": hp.norm_num_groups,
             "num_class_embeds": hp.num_class_embeds,
             "concat_channels": hp.concat_channels,
+            "in_channels": self.latent_channels,
+            "out_channels": self.latent_channels,
             "cross_attention_dim": self.text_encoder.dim if self.text_encoder is not None else None,
         }
 
@@ -132,13 +166,16 @@ class DiffusionModule(pl.LightningModule):
             ),
             max_train_timestep=hp.max_train_timestep if limited else None,
             task=hp.task,
+            autoencoder=None if self.autoencoder_folder is None else self.autoencoder_folder.autoencoder.model_copy(
+                update={"scale_factor": float(self.latent_scale)}),
         )
 
     def diffusion_model(self, ema: bool = True) -> DiffusionModel:
         """The model sharing this module's (EMA) weights, for sampling during or after training."""
-        return DiffusionModel(
-            self.model_config(), {"unet": self.ema.module if ema else self.unet}, text_encoder=self.text_encoder
-        )
+        networks = {"unet": self.ema.module if ema else self.unet}
+        if self.autoencoder_folder is not None:
+            networks["autoencoder"] = self.autoencoder
+        return DiffusionModel(self.model_config(), networks, text_encoder=self.text_encoder)
 
     def pipeline(self, ema: bool = True) -> DiffusionPipeline:
         """Every task over this module's (EMA) weights."""
@@ -146,12 +183,11 @@ class DiffusionModule(pl.LightningModule):
 
     def loss(self, batch: dict, generator: torch.Generator, unet: torch.nn.Module | None = None) -> torch.Tensor:
         x0 = batch["image"]
+        if self.autoencoder_folder is not None:
+            x0 = latent.encode(self.autoencoder, x0, float(self.latent_scale))
         noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
-        t = torch.randint(0, self.hparams.max_train_timestep or self.schedule.num_train_timesteps, (x0.shape[0],),
-                          generator=generator, device=x0.device)
-        abar = self.forward_process.alphas_cumprod.to(x0.device)[t]
-        xt = objective.noised(x0, noise, abar)
-        target = objective.target(x0, noise, abar, self.schedule.prediction)
+        t = self.schedule.draw_timesteps(x0.shape[0], generator, x0.device, self.hparams.max_train_timestep)
+        xt, target = self.schedule.noised_and_target(x0, noise, t)
         if self.hparams.concat_key:
             xt = torch.cat([xt, batch[self.hparams.concat_key]], dim=1)
         labels = batch[self.hparams.class_key].long() if self.hparams.num_class_embeds else None
@@ -185,6 +221,12 @@ class DiffusionModule(pl.LightningModule):
         seed = (self.hparams.seed * 1_000_003 + self.global_step * 1_009 + batch_idx * 7_919 + self.global_rank) % 2**63
         return torch.Generator(self.device).manual_seed(seed)
 
+    def on_train_batch_start(self, batch: dict, batch_idx: int) -> None:
+        """A latent model's scale factor, once, from its first training batch (rank 0's, for every rank)."""
+        if self.autoencoder_folder is not None and float(self.latent_scale) == 0.0:
+            factor = latent.scale_factor(latent.encode(self.autoencoder, batch["image"], 1.0))
+            self.latent_scale.fill_(self.trainer.strategy.broadcast(factor) if self._trainer else factor)
+
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         loss = self.loss(batch, self.step_generator(batch_idx))
         self.log("train/loss", loss, prog_bar=True, batch_size=batch["image"].shape[0])
@@ -197,11 +239,16 @@ class DiffusionModule(pl.LightningModule):
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         size = batch["image"].shape[0]
+        if self.autoencoder_folder is not None and float(self.latent_scale) == 0.0:
+            return  # the sanity check before training: no scale factor yet
         with torch.no_grad():  # the same noise every epoch, for the raw and the EMA weights
             for name, unet in (("val/loss", self.unet), ("val/loss_ema", self.ema.module)):
                 generator = torch.Generator(self.device).manual_seed(self.hparams.seed + batch_idx)
                 self.log(name, self.loss(batch, generator, unet), prog_bar=name == "val/loss", sync_dist=True,
                          batch_size=size)
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["meddiff_module"] = KIND
 
     def configure_optimizers(self):
         return torch.optim.AdamW(self.unet.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)

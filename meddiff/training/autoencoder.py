@@ -1,0 +1,146 @@
+"""``AutoencoderModule``: the first stage of a latent model, MONAI ``AutoencoderKL`` trained as latent diffusion
+and MAISI train theirs.
+
+Loss: L1 reconstruction + ``kl_weight`` x the KL divergence of the posterior from N(0, 1) + (after
+``adversarial_start`` batches) ``adversarial_weight`` x a least-squares patch-adversarial term from a MONAI
+``PatchDiscriminator``. No perceptual term: the networks it needs (LPIPS, RadImageNet) cannot be fetched here.
+Two optimizers (Lightning manual optimisation), so ``trainer.max_steps`` counts the autoencoder's and the
+discriminator's steps (two per batch once the discriminator has started). At the end of training the module
+writes ``export_dir`` (``meddiff.model.save_autoencoder``), the folder a ``DiffusionModule(autoencoder=...)`` trains on.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import lightning.pytorch as pl
+import torch
+import torch.nn.functional as F
+
+from meddiff.errors import MeddiffError
+from meddiff.model import AutoencoderConfig, AutoencoderFolder, save_autoencoder
+from meddiff.nets import build_discriminator
+
+KIND = "autoencoder"  # what ``meddiff export`` reads from a checkpoint to rebuild this module
+
+
+class AutoencoderModule(pl.LightningModule):
+    """Trains ``build_autoencoder(...)``; every argument is a plain value, so the YAML holds the whole recipe.
+    ``image_shape``, ``image_spacing``, ``modality`` and ``intensity_range`` describe what the latent model
+    trained on this autoencoder will generate."""
+
+    def __init__(
+        self,
+        spatial_dims: int = 2,
+        channels: Sequence[int] = (32, 64, 64),
+        latent_channels: int = 4,
+        num_res_blocks: int = 1,
+        attention_levels: Sequence[bool] | None = None,
+        norm_num_groups: int = 32,
+        with_nonlocal_attn: bool = False,
+        kl_weight: float = 1e-6,
+        adversarial_weight: float = 0.01,
+        adversarial_start: int = 0,
+        discriminator_channels: int = 32,
+        discriminator_layers: int = 3,
+        lr: float = 1e-4,
+        discriminator_lr: float = 5e-4,
+        decode_tile: Sequence[int] | None = None,
+        image_shape: Sequence[int] = (64, 64),
+        image_spacing: Sequence[float] | None = None,
+        modality: str = "CT",
+        intensity_range: Sequence[float] = (-1.0, 1.0),
+        export_dir: str | None = None,
+        seed: int = 0,
+    ):
+        super().__init__()
+        if len(image_shape) != spatial_dims:
+            raise MeddiffError(f"image_shape {list(image_shape)} must have {spatial_dims} entries")
+        if kl_weight < 0 or adversarial_weight < 0 or adversarial_start < 0:
+            raise MeddiffError("kl_weight, adversarial_weight and adversarial_start must be >= 0")
+        self.save_hyperparameters()
+        self.automatic_optimization = False
+        self.config = AutoencoderConfig(
+            spatial_dims=spatial_dims, channels=list(channels), latent_channels=latent_channels,
+            num_res_blocks=num_res_blocks, norm_num_groups=norm_num_groups, with_nonlocal_attn=with_nonlocal_attn,
+            attention_levels=list(attention_levels) if attention_levels is not None else [False] * len(channels),
+            decode_tile=None if decode_tile is None else list(decode_tile))
+        self.autoencoder = self.config.build()
+        self.discriminator = build_discriminator(spatial_dims, discriminator_channels, discriminator_layers)
+        self.register_buffer("batches_seen", torch.zeros((), dtype=torch.long))
+
+    def folder_config(self) -> AutoencoderFolder:
+        hp = self.hparams
+        return AutoencoderFolder(autoencoder=self.config, image={
+            "shape": list(hp.image_shape), "spacing": None if hp.image_spacing is None else list(hp.image_spacing),
+            "modality": hp.modality, "intensity_range": tuple(hp.intensity_range)})
+
+    def reconstruct(self, x: torch.Tensor, generator: torch.Generator | None = None):
+        """The reconstruction of ``x`` from a posterior sample (the mean without ``generator``), mean and sigma."""
+        mean, sigma = self.autoencoder.encode(x)
+        z = mean if generator is None else mean + sigma * torch.randn(
+            mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
+        return self.autoencoder.decode(z), mean, sigma
+
+    @staticmethod
+    def kl(mean: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        """KL(N(mean, sigma^2) || N(0, 1)) summed over a latent, averaged over the batch."""
+        per_voxel = mean.pow(2) + sigma.pow(2) - torch.log(sigma.pow(2) + 1e-12) - 1
+        return 0.5 * per_voxel.flatten(1).sum(dim=1).mean()
+
+    def training_step(self, batch: dict, batch_idx: int) -> None:
+        from monai.losses import PatchAdversarialLoss
+
+        hp = self.hparams
+        opt_ae, opt_d = self.optimizers()
+        x = batch["image"]
+        seed = (hp.seed * 1_000_003 + int(self.batches_seen) * 1_009 + self.global_rank) % 2**63
+        recon, mean, sigma = self.reconstruct(x, torch.Generator(x.device).manual_seed(seed))
+        l1 = F.l1_loss(recon.float(), x.float())
+        kl = self.kl(mean.float(), sigma.float())
+        loss = l1 + hp.kl_weight * kl
+        adversarial = hp.adversarial_weight > 0 and int(self.batches_seen) >= hp.adversarial_start
+        adv = PatchAdversarialLoss(criterion="least_squares")
+        if adversarial:
+            fooled = adv(self.discriminator(recon.float())[-1], target_is_real=True, for_discriminator=False)
+            loss = loss + hp.adversarial_weight * fooled
+            self.log("train/generator", fooled, batch_size=x.shape[0])
+        opt_ae.zero_grad()
+        self.manual_backward(loss)
+        opt_ae.step()
+        if adversarial:
+            fake = adv(self.discriminator(recon.detach().float())[-1], target_is_real=False, for_discriminator=True)
+            real = adv(self.discriminator(x.float())[-1], target_is_real=True, for_discriminator=True)
+            loss_d = hp.adversarial_weight * 0.5 * (fake + real)
+            opt_d.zero_grad()
+            self.manual_backward(loss_d)
+            opt_d.step()
+            self.log("train/discriminator", loss_d, batch_size=x.shape[0])
+        self.batches_seen += 1
+        self.log("train/l1", l1, prog_bar=True, batch_size=x.shape[0])
+        self.log("train/kl", kl, batch_size=x.shape[0])
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        x = batch["image"]
+        with torch.no_grad():
+            recon, _, _ = self.reconstruct(x)
+        low, high = self.hparams.intensity_range
+        error = (recon.float() - x.float()).abs() * (high - low) / 2  # model units -> physical units
+        self.log("val/l1", F.l1_loss(recon.float(), x.float()), prog_bar=True, sync_dist=True, batch_size=x.shape[0])
+        self.log("val/mae", error.mean(), sync_dist=True, batch_size=x.shape[0])
+
+    def configure_optimizers(self):
+        hp = self.hparams
+        return (torch.optim.AdamW(self.autoencoder.parameters(), lr=hp.lr),
+                torch.optim.AdamW(self.discriminator.parameters(), lr=hp.discriminator_lr))
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["meddiff_module"] = KIND
+
+    def on_train_end(self) -> None:
+        if self.hparams.export_dir and self.global_rank == 0:
+            self.save_pretrained(self.hparams.export_dir, overwrite=True)
+
+    def save_pretrained(self, directory, overwrite: bool = False):
+        """The first-stage folder: ``config.json`` and ``autoencoder.safetensors``."""
+        return save_autoencoder(self.folder_config(), self.autoencoder, directory, overwrite=overwrite)
