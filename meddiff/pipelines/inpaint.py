@@ -127,14 +127,14 @@ def inpaint(model: DiffusionModel, image: Image, mask: Image | np.ndarray, spec:
             progress: bool = True) -> list[Image]:
     """``samples`` fills of the masked region of ``image`` (2D or 3D); sample ``k`` of slice ``s`` (of ``S``
     slices a 2D model runs on; ``S = 1`` otherwise) uses seed ``seed + k * S + s``, whatever the batch."""
+    if model.config.autoencoder is not None:
+        raise MeddiffError("this is a latent model: it generates images but cannot inpaint them — use a "
+                           "mask-conditioned model (mri-inpaint, ct-inpaint) or a pixel-space one")
     spec = spec or InpaintSpec()
     check_counts({"--samples": samples, "--seed": seed, "--batch-size": batch_size})
     image.check_finite()
     fill = mask_on_grid(image, mask)
     config = model.config
-    if config.autoencoder is not None:
-        raise MeddiffError("this is a latent model: it generates images but cannot inpaint them — use a "
-                           "mask-conditioned model (mri-inpaint, ct-inpaint) or a pixel-space one")
     if config.unet.concat_channels and config.task != "inpaint":
         raise MeddiffError("this model takes a condition image concatenated to its input that is not a mask: "
                            "inpaint with a mask-conditioned (task inpaint), unconditional or report-conditioned model")

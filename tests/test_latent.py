@@ -1,0 +1,228 @@
+"""Latent diffusion and rectified flow: MONAI references, the two-stage smoke recipe end to end, folder checks."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from test_training import CONFIGS, smoke_config
+
+from meddiff.cli.main import main
+from meddiff.diffusion import latent, objective
+from meddiff.diffusion.schedulers import NoiseSchedule
+from meddiff.errors import MeddiffError
+from meddiff.model import DiffusionModel, ModelConfig, load_autoencoder, load_model
+from meddiff.nets import build_autoencoder
+from meddiff.pipelines import DiffusionPipeline
+
+RFLOW = NoiseSchedule(prediction="v", kind="rflow")
+
+
+def tiny_model(schedule: NoiseSchedule = RFLOW, autoencoder: dict | None = None) -> DiffusionModel:
+    torch.manual_seed(0)
+    channels = 4 if autoencoder else 1
+    config = ModelConfig(
+        unet={"channels": [16, 16], "attention_levels": [False, False], "num_head_channels": 16,
+              "norm_num_groups": 16, "in_channels": channels, "out_channels": channels},
+        schedule=schedule, image={"shape": [32, 32], "spacing": [2.0, 2.0], "modality": "CT",
+                                  "intensity_range": (-1000.0, 1000.0)},
+        autoencoder=autoencoder)
+    return DiffusionModel(config).to("cpu")
+
+
+def test_the_flow_line_is_monai_rflow_add_noise():
+    from monai.networks.schedulers import RFlowScheduler
+
+    x0, noise = torch.randn(3, 1, 8, 8), torch.randn(3, 1, 8, 8)
+    t = torch.tensor([0.0, 250.5, 999.0])
+    expected = RFlowScheduler(1000, use_discrete_timesteps=False).add_noise(x0, noise, t)
+    xt, target = RFLOW.noised_and_target(x0, noise, t)
+    torch.testing.assert_close(xt, expected)
+    torch.testing.assert_close(target, x0 - noise)
+    torch.testing.assert_close(objective.flow_noised(x0, noise, 1.0), noise)
+
+
+def test_rectified_flow_sampling_equals_monai_loop_and_is_pinned():
+    """The same network and noise through our loop and MONAI's documented RFlowScheduler loop agree."""
+    from monai.networks.schedulers import RFlowScheduler
+
+    model = tiny_model()
+    pipeline = DiffusionPipeline(model)
+    ours = pipeline.sample([3], steps=7)
+    scheduler = RFlowScheduler(1000)
+    scheduler.set_timesteps(7)
+    x = torch.randn((1, 1, 32, 32), generator=torch.Generator().manual_seed(3))
+    nexts = torch.cat([scheduler.timesteps[1:], torch.tensor([0], dtype=scheduler.timesteps.dtype)])
+    with torch.no_grad():
+        for t, next_t in zip(scheduler.timesteps, nexts, strict=True):
+            v = model.unet(x, timesteps=torch.as_tensor(t).expand(1))
+            x, _ = scheduler.step(v, t, x, next_t)
+    torch.testing.assert_close(ours, x)
+    assert float(ours.abs().sum()) == pytest.approx(821.18, abs=0.05)  # full-loop value pinned
+
+
+def test_schedule_kind_decides_the_samplers():
+    model = tiny_model()
+    assert DiffusionPipeline(model).sample([0], steps=2).shape == (1, 1, 32, 32)  # default sampler: rflow
+    with pytest.raises(MeddiffError, match="rectified flow: sample it with --scheduler rflow"):
+        DiffusionPipeline(model).sample([0], steps=2, scheduler="ddim")
+    with pytest.raises(MeddiffError, match="rflow samples rectified-flow models only"):
+        NoiseSchedule().check_sampler("rflow")
+    with pytest.raises(MeddiffError, match="prediction must be v"):
+        NoiseSchedule(kind="rflow")
+    with pytest.raises(MeddiffError, match="rflow model"):
+        DiffusionPipeline(model).denoise(__import__("meddiff").Image(np.random.rand(32, 32).astype(np.float32),
+                                                                     np.eye(4)))
+    draws = RFLOW.draw_timesteps(4096, torch.Generator().manual_seed(0), "cpu")
+    assert 0 <= draws.min() and draws.max() < 1000 and not torch.equal(draws, draws.round())  # continuous
+    logit = NoiseSchedule(prediction="v", kind="rflow", timestep_sampling="logit-normal")
+    middle = logit.draw_timesteps(4096, torch.Generator().manual_seed(0), "cpu")
+    assert ((middle > 250) & (middle < 750)).float().mean() > ((draws > 250) & (draws < 750)).float().mean() + 0.1
+
+
+def test_large_latents_decode_in_tiles_no_larger_than_the_tile():
+    torch.manual_seed(0)
+    autoencoder = build_autoencoder(2, channels=[16, 16], attention_levels=[False, False], norm_num_groups=16).eval()
+    seen = []
+    decoder = autoencoder.decode
+
+    def spy(z):
+        seen.append(tuple(z.shape[2:]))
+        return decoder(z)
+
+    autoencoder.decode = spy
+    z = torch.randn(1, 4, 24, 20)
+    with torch.no_grad():
+        whole = latent.decode(autoencoder, z, 0.5)
+        assert seen == [(24, 20)] and whole.shape == (1, 1, 48, 40)
+        torch.testing.assert_close(latent.decode(autoencoder, z, 0.5, tile=[32, 32]), whole)  # fits: one piece
+        seen.clear()
+        tiled = latent.decode(autoencoder, z, 0.5, tile=[8, 8])
+    assert tiled.shape == whole.shape and len(seen) > 4 and set(seen) == {(8, 8)}
+
+
+def test_latent_model_config_is_checked():
+    autoencoder = {"channels": [16, 16], "attention_levels": [False, False], "norm_num_groups": 16}
+    model = tiny_model(autoencoder=autoencoder)
+    assert model.config.sample_shape() == [16, 16] and model.config.sample_shape([64, 48]) == [32, 24]
+    with pytest.raises(ValueError, match="does not work on the autoencoder's latents"):
+        ModelConfig(unet={"channels": [16, 16], "attention_levels": [False, False], "norm_num_groups": 16},
+                    schedule=RFLOW, image={"shape": [32, 32]}, autoencoder=autoencoder)
+    with pytest.raises(MeddiffError, match="multiple of 4"):  # the unet halves once, the autoencoder once
+        DiffusionPipeline(model).sample([0], steps=2, shape=[34, 32])
+    with pytest.raises(MeddiffError, match="latent model: it generates images but cannot inpaint"):
+        DiffusionPipeline(model).inpaint(__import__("meddiff").Image(np.zeros((32, 32), np.float32), np.eye(4)),
+                                         np.ones((32, 32), bool))
+
+
+@pytest.fixture(scope="module")
+def latent_run(tmp_path_factory):
+    """The 2D two-stage smoke recipe on the chest CT's lower training slab, through meddiff fit and export."""
+    from meddiff.data.samples import write_samples
+
+    root = tmp_path_factory.mktemp("latent")
+    manifest = write_samples(root / "ct", names=["chest_ct_train_lower"])
+    ae_config = smoke_config("ct_autoencoder_2d.yaml", root / "ae", manifest, max_steps=8, log_every_n_steps=1)
+    settings = yaml.safe_load(ae_config.read_text())
+    settings["model"]["init_args"].update(export_dir=str(root / "autoencoder"), adversarial_start=2)
+    ae_config.write_text(yaml.safe_dump(settings))
+    assert main(["fit", "--config", str(ae_config)]) == 0
+    ldm_config = smoke_config("ct_latent_2d.yaml", root / "ldm", manifest, max_steps=4, log_every_n_steps=1)
+    settings = yaml.safe_load(ldm_config.read_text())
+    settings["model"]["init_args"]["autoencoder"] = str(root / "autoencoder")
+    ldm_config.write_text(yaml.safe_dump(settings))
+    assert main(["fit", "--config", str(ldm_config)]) == 0
+    assert main(["export", str(root / "ldm" / "run" / "checkpoints" / "last.ckpt"), str(root / "model")]) == 0
+    return root
+
+
+def test_the_two_stage_recipe_trains_exports_and_generates_ct(latent_run, tmp_path):
+    root = latent_run
+    assert sorted(p.name for p in (root / "model").iterdir()) == ["autoencoder.safetensors", "config.json",
+                                                                  "unet.safetensors"]
+    model = load_model(root / "model")
+    folder, autoencoder = load_autoencoder(root / "autoencoder")
+    for name, tensor in autoencoder.state_dict().items():  # the first stage stayed frozen
+        torch.testing.assert_close(model.autoencoder.state_dict()[name], tensor)
+    assert model.config.schedule.kind == "rflow" and folder.image.modality == "CT"
+    scale = model.config.autoencoder.scale_factor
+    assert scale > 0 and scale != 1.0  # computed from the training latents
+    out = tmp_path / "generated"
+    assert main(["generate", "--model", str(root / "model"), "-n", "2", "--steps", "3", "-o", str(out)]) == 0
+    records = [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]
+    assert [r["provenance"]["scheduler"] for r in records] == ["rflow", "rflow"]
+    from meddiff import load_image
+
+    image = load_image(out / "sample_000000.nii.gz")
+    assert image.array.shape == (32, 32) and image.spacing == pytest.approx((5.6, 5.6))
+    assert np.isfinite(image.array).all() and image.array.std() > 0
+
+
+def test_an_autoencoder_folder_is_not_a_generator_and_a_mismatched_one_is_refused(latent_run, tmp_path):
+    from meddiff.training import DiffusionModule
+
+    with pytest.raises(MeddiffError, match="holds an autoencoder only"):
+        load_model(latent_run / "autoencoder")
+    with pytest.raises(MeddiffError, match="does not fit it"):
+        DiffusionModule(spatial_dims=2, autoencoder=str(latent_run / "autoencoder"), image_shape=[33, 33])
+    with pytest.raises(MeddiffError, match="generates only"):
+        DiffusionModule(autoencoder=str(latent_run / "autoencoder"), task="inpaint", concat_channels=2,
+                        concat_key="inpaint_condition")
+    config = smoke_config("ct_latent_2d.yaml", tmp_path, latent_run / "ct" / "manifest.jsonl")
+    assert main(["fit", "--config", str(config), "--model.init_args.autoencoder", str(tmp_path / "none")]) == 2
+
+
+def test_the_3d_two_stage_smoke_recipe_runs(tmp_path):
+    from meddiff.data.samples import write_samples
+
+    manifest = write_samples(tmp_path / "ct", names=["chest_ct_train_lower"])
+    ae_config = smoke_config("ct_autoencoder_3d.yaml", tmp_path / "ae", manifest, max_steps=4)
+    settings = yaml.safe_load(ae_config.read_text())
+    settings["model"]["init_args"].update(export_dir=str(tmp_path / "autoencoder"), adversarial_start=1)
+    ae_config.write_text(yaml.safe_dump(settings))
+    assert main(["fit", "--config", str(ae_config)]) == 0
+    ldm_config = smoke_config("ct_latent_3d.yaml", tmp_path / "ldm", manifest, max_steps=2)
+    settings = yaml.safe_load(ldm_config.read_text())
+    settings["model"]["init_args"]["autoencoder"] = str(tmp_path / "autoencoder")
+    ldm_config.write_text(yaml.safe_dump(settings))
+    assert main(["fit", "--config", str(ldm_config)]) == 0
+    assert main(["export", str(tmp_path / "ldm" / "run" / "checkpoints" / "last.ckpt"), str(tmp_path / "m")]) == 0
+    (image,) = DiffusionPipeline.from_pretrained(tmp_path / "m").generate(1, steps=2, progress=False)
+    assert image.array.shape == (32, 32, 32) and np.isfinite(image.array).all()
+
+
+@pytest.mark.parametrize("name", ["ct_3d_autoencoder.yaml", "smoke/ct_autoencoder_2d.yaml",
+                                  "smoke/ct_autoencoder_3d.yaml"])
+def test_autoencoder_configs_parse_and_build(name, capsys):
+    from meddiff.training import AutoencoderModule
+
+    with pytest.raises(SystemExit) as done:
+        main(["fit", "--config", str(CONFIGS / name), "--print_config"])
+    assert done.value.code in (0, None)
+    assert "class_path: meddiff.training.AutoencoderModule" in capsys.readouterr().out
+    config = yaml.safe_load((CONFIGS / name).read_text())
+    module = AutoencoderModule(**config["model"]["init_args"])
+    assert list(config["data"]["init_args"]["patch_size"]) != [] and module.config.downsample >= 2
+
+
+@pytest.mark.parametrize("name, first_stage", [("ct_3d_latent.yaml", "ct_3d_autoencoder.yaml"),
+                                               ("smoke/ct_latent_2d.yaml", "smoke/ct_autoencoder_2d.yaml"),
+                                               ("smoke/ct_latent_3d.yaml", "smoke/ct_autoencoder_3d.yaml")])
+def test_latent_configs_parse_and_build_on_their_first_stage(name, first_stage, tmp_path, capsys):
+    """Each latent config names the folder its autoencoder config writes, and builds on that autoencoder."""
+    from meddiff.training import AutoencoderModule, DiffusionModule
+
+    with pytest.raises(SystemExit) as done:
+        main(["fit", "--config", str(CONFIGS / name), "--print_config"])
+    assert done.value.code in (0, None)
+    assert "class_path: meddiff.training.DiffusionModule" in capsys.readouterr().out
+    stage_one = yaml.safe_load((CONFIGS / first_stage).read_text())["model"]["init_args"]
+    args = yaml.safe_load((CONFIGS / name).read_text())["model"]["init_args"]
+    assert args["autoencoder"] == stage_one["export_dir"]
+    AutoencoderModule(**stage_one).save_pretrained(tmp_path / "autoencoder")
+    module = DiffusionModule(**{**args, "autoencoder": str(tmp_path / "autoencoder")})
+    assert module.model_config().sample_shape() == [side // module.autoencoder_folder.autoencoder.downsample
+                                                    for side in args["image_shape"]]
