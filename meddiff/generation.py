@@ -28,10 +28,12 @@ from torch.utils.data import DataLoader
 from meddiff.data.manifest import Record, write_manifest
 from meddiff.errors import MeddiffError, first_line
 from meddiff.files import folder_lock, remove_temporaries
+from meddiff.image import Image
 from meddiff.io import SYNTHETIC_FORMATS as FORMATS
 from meddiff.io import save_image
 from meddiff.io.dicom_write import write_synthetic_dicom
 from meddiff.model import DiffusionModel
+from meddiff.pipelines.controlnet import check_label_args
 from meddiff.pipelines.generate import check_counts, check_sample_args
 from meddiff.pipelines.spec import SamplingSpec
 from meddiff.training.predict import GenerationModule
@@ -97,7 +99,7 @@ class ShardWriter(BasePredictionWriter):
 
 def run_identity(provenance: dict) -> dict:
     """What makes two records items of one run: the weights, the file format, the first seed and the sampling spec."""
-    keys = ("weights_sha256", "format", *SamplingSpec.model_fields)
+    keys = ("weights_sha256", "format", "condition_sha256", *SamplingSpec.model_fields)
     return {**{k: provenance.get(k) for k in keys}, "seed": provenance["seed"] - provenance.get("index", 0)}
 
 
@@ -199,11 +201,15 @@ def generate_to_folder(
     accelerator: str = "auto",
     devices: int | str = 1,
     prompts: list[str] | None = None,
+    labels: Image | None = None,
+    condition: dict | None = None,
 ) -> tuple[Path, int]:
     """Make items ``0..n-1`` that are not already in ``out_dir``; returns the manifest and how many were new.
 
     ``prompts`` (one per item) condition a report-conditioned model; each record keeps its prompt as
-    ``report``, and the model, seed, format and every field of ``spec`` in its provenance.
+    ``report``, and the model, seed, format and every field of ``spec`` in its provenance. ``labels``: the
+    label map a ControlNet model follows (every item on its grid); ``condition`` (its ``condition`` file and
+    ``condition_sha256``) goes into each record's provenance.
     """
     from lightning.pytorch.utilities import rank_zero_only
 
@@ -224,12 +230,16 @@ def generate_to_folder(
         )
     if prompts is not None and len(prompts) != n:
         raise MeddiffError(f"{len(prompts)} prompts for {n} images: give one prompt per image")
-    ndim = len(model.config.image.shape)
+    ndim = len(model.config.image.shape) if labels is None else labels.array.ndim
     if fmt == "png" and ndim != 2:
-        raise MeddiffError("--format png holds 2D images; this model makes 3D volumes — use nii.gz or dcm")
-    spec = check_sample_args(model, spec, range(seed, seed + n), prompts, None, batch_size)
+        raise MeddiffError("--format png holds 2D images; this run makes 3D volumes — use nii.gz or dcm")
+    if labels is None:
+        spec = check_sample_args(model, spec, range(seed, seed + n), prompts, None, batch_size)
+    else:
+        spec, _ = check_label_args(model, labels, spec, range(seed, seed + n), batch_size)
     provenance = {
-        "model": model_id, "weights_sha256": model.weights_sha256, **spec.model_dump(), "seed": seed, "format": fmt
+        "model": model_id, "weights_sha256": model.weights_sha256, **spec.model_dump(), "seed": seed, "format": fmt,
+        **(condition or {}),
     }
     trainer = _trainer(accelerator, devices, ShardWriter(Path(out_dir), fmt, provenance))
 
@@ -252,7 +262,7 @@ def generate_to_folder(
             check_no_foreign_files(out_dir, [i for i in range(n) if i not in done], fmt, ndim, provenance, lines)
             if leader:
                 remove_temporaries(out_dir)  # left by a killed run: its items are made again
-            module = GenerationModule(model, spec, seed, done, prompts)
+            module = GenerationModule(model, spec, seed, done, prompts, labels)
             try:
                 _predict(trainer, module, DataLoader(torch.arange(n), batch_size=batch_size))
             except BaseException:

@@ -88,6 +88,24 @@ class AutoencoderConfig(BaseModel):
         return build_autoencoder(**self.model_dump(exclude={"scale_factor", "decode_tile"}))
 
 
+class ControlNetConfig(BaseModel):
+    """A label-map ControlNet on the UNet (``meddiff.nets.build_controlnet``): the label map enters as
+    ``conditioning_channels`` binary digits of each voxel's label, embedded by ``conditioning_embedding_channels``
+    (a latent model: one halving per autoencoder level); ``structures`` names the labels (0: background)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    conditioning_channels: int = 8
+    conditioning_embedding_channels: list[int] = [16]
+    conditioning_scale: float = 1.0
+    structures: dict[int, str] = {}
+
+    def build(self, unet: UNetConfig) -> torch.nn.Module:
+        from meddiff.nets import build_controlnet
+
+        return build_controlnet(unet.model_dump(), self.conditioning_channels, self.conditioning_embedding_channels)
+
+
 class ImageConfig(BaseModel):
     """What the network's [-1, 1] means: sample ``shape`` and ``spacing`` (mm), ``modality``, and the
     ``intensity_range`` that [-1, 1] maps back to (HU for CT, normalised units for MR)."""
@@ -126,6 +144,7 @@ class ModelConfig(BaseModel):
     image: ImageConfig
     text_encoder: TextEncoderConfig | None = None
     autoencoder: AutoencoderConfig | None = None
+    controlnet: ControlNetConfig | None = None
     task: Literal["generate", "inpaint"] = "generate"
     max_train_timestep: int | None = None
     denoise_strength: float = 1.0
@@ -161,6 +180,11 @@ class ModelConfig(BaseModel):
             if any(side % autoencoder.downsample for side in self.image.shape):
                 raise ValueError(f"image.shape {self.image.shape} is not a multiple of the autoencoder's "
                                  f"down-sampling {autoencoder.downsample}")
+        if self.controlnet is not None:
+            downsample = self.autoencoder.downsample if self.autoencoder else 1
+            if 2 ** (len(self.controlnet.conditioning_embedding_channels) - 1) != downsample:
+                raise ValueError(f"the controlnet's conditioning embedding must halve the label map "
+                                 f"{downsample.bit_length() - 1} times (the image -> sample down-sampling)")
         return self
 
     def sample_shape(self, image_shape: list[int] | None = None) -> list[int]:
@@ -175,9 +199,12 @@ class ModelConfig(BaseModel):
         return not self.max_train_timestep
 
 
-# The network components a model may have: config field -> how to build the network from that field.
-COMPONENTS: dict[str, Callable[[BaseModel], torch.nn.Module]] = {"unet": UNetConfig.build,
-                                                                  "autoencoder": AutoencoderConfig.build}
+# The network components a model may have: config field -> how to build that network from the model's config.
+COMPONENTS: dict[str, Callable[[ModelConfig], torch.nn.Module]] = {
+    "unet": lambda config: config.unet.build(),
+    "autoencoder": lambda config: config.autoencoder.build(),
+    "controlnet": lambda config: config.controlnet.build(config.unet),
+}
 
 
 class DiffusionModel:
@@ -187,7 +214,7 @@ class DiffusionModel:
     def __init__(self, config: ModelConfig, networks: dict[str, torch.nn.Module] | None = None, text_encoder=None):
         self.config = config
         self.networks = networks if networks is not None else {
-            name: build(getattr(config, name))
+            name: build(config)
             for name, build in COMPONENTS.items()
             if getattr(config, name) is not None
         }
@@ -205,6 +232,10 @@ class DiffusionModel:
     @property
     def autoencoder(self) -> torch.nn.Module | None:
         return self.networks.get("autoencoder")
+
+    @property
+    def controlnet(self) -> torch.nn.Module | None:
+        return self.networks.get("controlnet")
 
     @property
     def schedule(self) -> NoiseSchedule:

@@ -226,3 +226,98 @@ def test_latent_configs_parse_and_build_on_their_first_stage(name, first_stage, 
     module = DiffusionModule(**{**args, "autoencoder": str(tmp_path / "autoencoder")})
     assert module.model_config().sample_shape() == [side // module.autoencoder_folder.autoencoder.downsample
                                                     for side in args["image_shape"]]
+
+
+def test_label_bits_encode_each_label_in_binary():
+    from meddiff.nets import label_bits
+
+    labels = torch.tensor([0, 1, 5, 118]).view(1, 1, 2, 2)
+    bits = label_bits(labels, 7)
+    assert bits.shape == (1, 7, 2, 2)
+    decoded = (bits * (2 ** torch.arange(7)).view(1, 7, 1, 1)).sum(dim=1)
+    assert decoded.long().flatten().tolist() == [0, 1, 5, 118]
+
+
+@pytest.fixture(scope="module")
+def controlnet_run(latent_run):
+    """configs/smoke/ct_controlnet_2d.yaml on the latent smoke model, through meddiff fit and export."""
+    root = latent_run
+    config = smoke_config("ct_controlnet_2d.yaml", root / "cn", root / "ct" / "manifest.jsonl", max_steps=3)
+    settings = yaml.safe_load(config.read_text())
+    settings["model"]["init_args"].update(base=str(root / "model"), export_dir=str(root / "cn_model"),
+                                          structures=str(root / "ct" / "chest_ct_structures.json"))
+    config.write_text(yaml.safe_dump(settings))
+    assert main(["fit", "--config", str(config)]) == 0
+    assert main(["export", str(root / "cn" / "run" / "checkpoints" / "last.ckpt"), str(root / "cn_export")]) == 0
+    return root
+
+
+def test_a_fresh_controlnet_leaves_the_base_model_unchanged(latent_run):
+    """MONAI's ControlNet adds zero-initialised residuals: before training, samples equal the base model's."""
+    from meddiff.model import ModelConfig
+    from meddiff.nets import build_controlnet
+
+    base = load_model(latent_run / "model")
+    config = ModelConfig.model_validate({**base.config.model_dump(mode="json"), "controlnet": {
+        "conditioning_channels": 7, "conditioning_embedding_channels": [8, 16], "structures": {"1": "spleen"}}})
+    controlnet = build_controlnet(config.unet.model_dump(), 7, [8, 16])
+    from monai.networks.utils import copy_model_state
+
+    copy_model_state(controlnet, base.unet.state_dict())
+    model = DiffusionModel(config, {**base.networks, "controlnet": controlnet.eval()})
+    labels = torch.randint(0, 100, (1, 1, 32, 32))
+    torch.testing.assert_close(DiffusionPipeline(model).sample([4], steps=3, labels=labels),
+                               DiffusionPipeline(base).sample([4], steps=3))
+
+
+def test_the_controlnet_recipe_trains_exports_and_follows_a_label_map_on_its_grid(controlnet_run, tmp_path):
+    from meddiff import load_image
+
+    root = controlnet_run
+    for folder in ("cn_model", "cn_export"):  # export_dir at the end of training, and meddiff export
+        assert sorted(p.name for p in (root / folder).iterdir()) == [
+            "autoencoder.safetensors", "config.json", "controlnet.safetensors", "unet.safetensors"]
+    model = load_model(root / "cn_export")
+    assert model.config.controlnet.structures[5] == "liver" and model.config.controlnet.conditioning_channels == 7
+    base = load_model(root / "model")
+    for name, tensor in base.unet.state_dict().items():  # the base stayed frozen
+        torch.testing.assert_close(model.unet.state_dict()[name], tensor)
+    labels_path = root / "ct" / "chest_ct_train_lower_labels.nii.gz"
+    source = load_image(labels_path)
+    small = tmp_path / "labels.nii.gz"  # a few slices of the map keep the test fast
+    from meddiff import Image
+    from meddiff.io import save_image
+
+    save_image(Image(source.array[:, :, 10:12], source.affine, None), small)
+    out = tmp_path / "out"
+    assert main(["generate", "--model", str(root / "cn_export"), "--condition", str(small), "-n", "2",
+                 "--steps", "2", "-o", str(out)]) == 0
+    record = json.loads((out / "manifest.jsonl").read_text().splitlines()[1])
+    from meddiff.files import file_sha256
+
+    assert record["provenance"]["condition"] == "labels.nii.gz"
+    assert record["provenance"]["condition_sha256"] == file_sha256(small)
+    made = load_image(out / "sample_000001.nii.gz")
+    assert made.array.shape == (512, 512, 2) and np.allclose(made.affine, load_image(small).affine)
+    assert made.modality == "CT" and np.isfinite(made.array).all()
+    same = DiffusionPipeline(model).generate(1, steps=2, seed=1, labels=load_image(small), progress=False)[0]
+    np.testing.assert_allclose(same.array, made.array, atol=1e-3)  # image 1 = base seed 1, however it is made
+
+
+def test_label_maps_are_checked(controlnet_run, tmp_path):
+    from meddiff import Image
+
+    pipeline = DiffusionPipeline(load_model(controlnet_run / "cn_export"))
+    eye = np.eye(4)
+    with pytest.raises(MeddiffError, match="not whole numbers"):
+        pipeline.generate(1, labels=Image(np.full((32, 32), 0.5, np.float32), eye), progress=False)
+    with pytest.raises(MeddiffError, match="labels -1 to -1; this model knows 0 to 127"):
+        pipeline.generate(1, labels=Image(-np.ones((32, 32), np.float32), eye), progress=False)
+    with pytest.raises(MeddiffError, match="conditioned on a label map"):
+        pipeline.generate(1, progress=False)
+    with pytest.raises(MeddiffError, match="takes no label map"):
+        DiffusionPipeline(load_model(controlnet_run / "model")).generate(
+            1, labels=Image(np.zeros((32, 32), np.float32), eye), progress=False)
+    assert main(["generate", "--model", str(controlnet_run / "cn_export"), "--condition", str(tmp_path / "no.nii.gz"),
+                 "-n", "1", "-o", str(tmp_path / "o")]) == 2
+    assert not (tmp_path / "o").exists()

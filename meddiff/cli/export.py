@@ -1,5 +1,5 @@
-"""``meddiff export CKPT DIR``: a Lightning checkpoint -> a model folder (a diffusion model's EMA weights, or an
-autoencoder's first-stage folder).
+"""``meddiff export CKPT DIR``: a Lightning checkpoint -> a model folder (a diffusion model's EMA weights, a base
+model with its ControlNet, or an autoencoder's first-stage folder).
 
 torch and Lightning load inside the functions, so ``meddiff --help`` stays fast.
 """
@@ -25,8 +25,7 @@ def add_parser(subparsers) -> None:
 def module_from_checkpoint(path: str | Path):
     """Rebuild the training module (``DiffusionModule``, or the ``AutoencoderModule`` its checkpoint names) from a
     checkpoint, read with torch's weights-only unpickler (nothing in it runs)."""
-    from meddiff.training import AutoencoderModule, DiffusionModule
-    from meddiff.training.autoencoder import KIND as AUTOENCODER
+    from meddiff.training import AutoencoderModule, ControlNetModule, DiffusionModule
     from meddiff.weights import check_fit, torch_load
 
     checkpoint = torch_load(path, "checkpoint")
@@ -38,7 +37,8 @@ def module_from_checkpoint(path: str | Path):
         raise MeddiffError(f"{path} is not a Lightning checkpoint (no state_dict) "
                            "— give a .ckpt that meddiff fit wrote")
     hparams = {k: v for k, v in checkpoint.get("hyper_parameters", {}).items() if not str(k).startswith("_")}
-    cls = AutoencoderModule if checkpoint.get("meddiff_module") == AUTOENCODER else DiffusionModule
+    kinds = {"autoencoder": AutoencoderModule, "controlnet": ControlNetModule}
+    cls = kinds.get(checkpoint.get("meddiff_module"), DiffusionModule)
     try:
         module = cls(**hparams)
     except (TypeError, ValueError, KeyError, RuntimeError, AssertionError) as exc:

@@ -126,12 +126,14 @@ def make_manifest_hint(manifest: Path, configs: list[Path]) -> str:
 
 
 def check_model_folders(config, configs: list[Path]) -> None:
-    """A text encoder or an autoencoder given as a plain folder exists; if a config in the same tree writes it
-    (``export_dir``, as configs/clip_findings.yaml and the autoencoder configs do), the error names that config."""
+    """A text encoder, an autoencoder or a ControlNet's base model given as a plain folder exists; if a config in
+    the same tree writes it (``export_dir``, as configs/clip_findings.yaml and the stage configs do), the error
+    names that config."""
     get = config.get if hasattr(config, "get") else (lambda key: None)
     for key, what, remedy in (
             ("text_encoder", "text encoder", "give an exported meddiff CLIP folder, hf:NAME_OR_PATH or local-dir:PATH"),
-            ("autoencoder", "autoencoder", "give a folder an AutoencoderModule wrote (export_dir or meddiff export)")):
+            ("autoencoder", "autoencoder", "give a folder an AutoencoderModule wrote (export_dir or meddiff export)"),
+            ("base", "base model", "give a model folder (meddiff export or a DiffusionModule's export_dir)")):
         spec = get(f"model.init_args.{key}")
         if not isinstance(spec, str) or re.match(r"^[a-z-]+:", spec) or Path(spec).exists():
             continue

@@ -27,6 +27,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--seed", type=int, default=0, help="image i uses seed + i")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--format", choices=SYNTHETIC_FORMATS, default="nii.gz")
+    p.add_argument("--condition", metavar="LABELS", help="an integer label map (NIfTI, MHA, NRRD, ...) the images "
+                   "follow, on its grid (models with a ControlNet)")
     p.add_argument("--class-label", type=int, help="class for class-conditioned models")
     prompt = p.add_mutually_exclusive_group()
     prompt.add_argument("--prompt", help="report text for every image (report-conditioned models)")
@@ -63,10 +65,18 @@ def run(args) -> None:
     spec = SamplingSpec(scheduler=args.scheduler, steps=args.steps, class_label=args.class_label,
                         guidance_scale=args.guidance_scale, negative_prompt=args.negative_prompt)
     model = load_model(args.model)
+    labels, condition = None, None
+    if args.condition is not None:
+        from meddiff.files import file_sha256
+        from meddiff.io import load_image
+
+        labels = load_image(args.condition)
+        # the file name, not its folder (a path may name a patient); the hash identifies the map
+        condition = {"condition": Path(args.condition).name, "condition_sha256": file_sha256(args.condition)}
     devices = int(args.devices) if args.devices.isdigit() else args.devices
     manifest, made = generate_to_folder(model, str(args.model), spec, n, args.output, seed=args.seed,
                                         batch_size=args.batch_size, fmt=args.format, accelerator=args.accelerator,
-                                        devices=devices, prompts=prompts)
+                                        devices=devices, prompts=prompts, labels=labels, condition=condition)
     if rank_zero_only.rank == 0:  # with several devices every rank returns here
         print(f"wrote {made} new images to {args.output} ({n - made} already there); manifest {manifest}")
 

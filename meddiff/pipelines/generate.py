@@ -22,6 +22,7 @@ from meddiff.errors import MeddiffError
 from meddiff.image import Image
 from meddiff.io.guard import physical_memory
 from meddiff.model import DiffusionModel
+from meddiff.nets import label_bits
 from meddiff.pipelines.spec import SamplingSpec
 
 MAX_SEED = 2**64 - 1  # torch.Generator.manual_seed takes 0 .. 2**64 - 1 (negative values wrap around: refused)
@@ -38,7 +39,7 @@ def check_counts(counts: dict[str, int]) -> None:
 def check_sample_args(model: DiffusionModel, spec: SamplingSpec, seeds: Sequence[int],
                       prompts: Sequence[str] | None = None,
                       shape: Sequence[int] | None = None, batch_size: int | None = None,
-                      condition: torch.Tensor | None = None) -> SamplingSpec:
+                      condition: torch.Tensor | None = None, labels: torch.Tensor | None = None) -> SamplingSpec:
     """The spec checked for this model (``SamplingSpec.checked``), or one clear line for any argument
     ``sample`` cannot use, before any work is done. ``generate`` and ``meddiff generate`` call it once for
     the whole run (``batch_size``: the largest batch), so nothing bad is found half-way."""
@@ -49,6 +50,22 @@ def check_sample_args(model: DiffusionModel, spec: SamplingSpec, seeds: Sequence
                            "give it (sample(..., condition=...)) or use the task pipeline made for it")
     if not extra and condition is not None:
         raise MeddiffError("this model takes no condition image — leave it out")
+    controlnet = model.config.controlnet
+    if controlnet is not None and labels is None:
+        raise MeddiffError("this model is conditioned on a label map: give one "
+                           "(meddiff generate --condition labels.nii.gz)")
+    if controlnet is None and labels is not None:
+        raise MeddiffError("this model takes no label map — leave out --condition, or use a model with a ControlNet")
+    if labels is not None:
+        expected = [*(shape or model.config.image.shape)]
+        if labels.ndim != len(expected) + 2 or list(labels.shape[2:]) != expected or labels.shape[1] != 1 or \
+                labels.shape[0] not in (1, len(seeds)):
+            raise MeddiffError(f"the label maps have shape {tuple(labels.shape)}; this sample needs "
+                               f"(1 or {len(seeds)}, 1, {', '.join(map(str, expected))})")
+        largest = int(labels.max()) if labels.numel() else 0
+        if labels.min() < 0 or largest >= 2 ** controlnet.conditioning_channels:
+            raise MeddiffError(f"label values must be 0 to {2 ** controlnet.conditioning_channels - 1} for this "
+                               f"model, not {int(labels.min())} to {largest}")
     batch = min(batch_size or len(seeds), len(seeds)) * (2 if spec.guided else 1)
     check_shape(model, shape, batch)
     if condition is not None:
@@ -101,24 +118,30 @@ def check_shape(model: DiffusionModel, shape: Sequence[int] | None, batch: int) 
 
 
 def model_function(model: DiffusionModel, spec: SamplingSpec, items: int, prompts: Sequence[str] | None = None,
-                   condition: torch.Tensor | None = None) -> ModelFunction:
+                   condition: torch.Tensor | None = None, control: torch.Tensor | None = None) -> ModelFunction:
     """The UNet with this sample's conditioning bound and, for ``spec.guided``, classifier-free guidance.
 
     ``prompts``: one per item, or one for all items; ``guidance_scale`` 0 is the unconditional model alone.
+    ``control``: a ControlNet model's condition (encoded label maps), one per item or one for all.
     """
     device = model.device
     labels = None if spec.class_label is None else torch.full((items,), spec.class_label, device=device)
+    controlnet = {} if control is None else {
+        "controlnet": model.controlnet, "control_scale": model.config.controlnet.conditioning_scale}
     if model.config.text_encoder is None:
-        return unet_function(model.unet, labels, None, condition)
+        return unet_function(model.unet, labels, None, condition, control=control, **controlnet)
     if spec.guidance_scale == 0.0:  # uncond + 0 * (cond - uncond): the unconditional half alone
         prompts = [spec.negative_prompt] * len(prompts)
     context = model.text_encoder.context(list(prompts)).to(device)
     if not spec.guided:
-        return unet_function(model.unet, labels, context, condition)
+        return unet_function(model.unet, labels, context, condition, control=control, **controlnet)
     negative = model.text_encoder.context([spec.negative_prompt] * len(prompts)).to(device)
-    both = unet_function(model.unet, None if labels is None else torch.cat([labels, labels]),
-                         torch.cat([negative, context]),
-                         None if condition is None else torch.cat([condition, condition]))
+
+    def twice(rows: torch.Tensor | None) -> torch.Tensor | None:
+        return None if rows is None else torch.cat([rows, rows])
+
+    both = unet_function(model.unet, twice(labels), torch.cat([negative, context]), twice(condition),
+                         control=twice(control), **controlnet)
     return classifier_free_guidance(both, spec.guidance_scale)
 
 
@@ -132,16 +155,20 @@ def initial_noise(model: DiffusionModel, seeds: Sequence[int],
 
 @torch.inference_mode()
 def sample(model: DiffusionModel, spec: SamplingSpec, seeds: Sequence[int], prompts: Sequence[str] | None = None,
-           shape: Sequence[int] | None = None, condition: torch.Tensor | None = None) -> torch.Tensor:
+           shape: Sequence[int] | None = None, condition: torch.Tensor | None = None,
+           labels: torch.Tensor | None = None) -> torch.Tensor:
     """Denoise from pure noise: (len(seeds), C, *shape) in model units; a latent model samples latents and
-    decodes them. ``condition``: the concatenated input channels of a concat-conditioned model, in model units."""
-    spec = check_sample_args(model, spec, seeds, prompts, shape, condition=condition)
+    decodes them. ``condition``: the concatenated input channels of a concat-conditioned model, in model units;
+    ``labels``: a ControlNet model's integer label maps (1 or len(seeds), 1, *shape) on the sample's grid."""
+    spec = check_sample_args(model, spec, seeds, prompts, shape, condition=condition, labels=labels)
     sampler = model.schedule.sampler(spec.scheduler)
     sampler.set_timesteps(spec.steps)  # timesteps stay on the CPU: indexing schedule tables never syncs a GPU
     x, generators = initial_noise(model, seeds, model.config.sample_shape(shape))
     condition = None if condition is None else condition.to(model.device)
-    x = sample_loop(model_function(model, spec, len(seeds), prompts, condition), x * sampler.init_noise_sigma,
-                    sampler, generator=generators)
+    control = None if labels is None else label_bits(labels.to(model.device),
+                                                     model.config.controlnet.conditioning_channels)
+    x = sample_loop(model_function(model, spec, len(seeds), prompts, condition, control),
+                    x * sampler.init_noise_sigma, sampler, generator=generators)
     autoencoder = model.config.autoencoder
     if autoencoder is None:
         return x

@@ -44,6 +44,7 @@ class DiffusionModule(pl.LightningModule):
     maps each batch to latents (posterior mean x the scale factor computed from the first batch) and the UNet
     learns those; the exported folder holds both networks and ``meddiff generate`` decodes. ``schedule``
     "rflow" trains rectified flow (``meddiff.diffusion.schedulers``) instead of a DDPM-family schedule.
+    ``export_dir``: where the model folder (EMA weights, as ``meddiff export`` writes it) goes when training ends.
     """
 
     def __init__(
@@ -78,6 +79,7 @@ class DiffusionModule(pl.LightningModule):
         image_spacing: Sequence[float] | None = None,
         modality: str = "MR",
         intensity_range: Sequence[float] = (-1.0, 1.0),
+        export_dir: str | None = None,
         seed: int = 0,
     ):
         super().__init__()
@@ -249,6 +251,10 @@ class DiffusionModule(pl.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["meddiff_module"] = KIND
+
+    def on_train_end(self) -> None:
+        if self.hparams.export_dir and self.global_rank == 0:
+            self.diffusion_model().save_pretrained(self.hparams.export_dir, overwrite=True)
 
     def configure_optimizers(self):
         return torch.optim.AdamW(self.unet.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
