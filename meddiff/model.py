@@ -41,11 +41,14 @@ class UNetConfig(BaseModel):
     channels: list[int] = [32, 64, 64]
     attention_levels: list[bool] = [False, False, True]
     num_res_blocks: int = 1
-    num_head_channels: int = 32
+    num_head_channels: int | list[int] = 32
     norm_num_groups: int = 32
     num_class_embeds: int | None = None
     cross_attention_dim: int | None = None
     concat_channels: int = 0
+    family: Literal["monai", "maisi"] = "monai"  # maisi: MONAI's DiffusionModelUNetMaisi (released MAISI weights)
+    include_region_inputs: bool = False  # maisi: the top and bottom body region (RegionConfig)
+    include_spacing_input: bool = False  # maisi: the voxel spacing
 
     @property
     def size_multiple(self) -> int:
@@ -70,10 +73,12 @@ class AutoencoderConfig(BaseModel):
     out_channels: int = 1
     channels: list[int] = [32, 64, 64]
     latent_channels: int = 4
-    num_res_blocks: int = 1
+    num_res_blocks: int | list[int] = 1
     attention_levels: list[bool] = [False, False, False]
     norm_num_groups: int = 32
     with_nonlocal_attn: bool = False
+    family: Literal["monai", "maisi"] = "monai"  # maisi: MONAI's AutoencoderKlMaisi (released MAISI weights)
+    maisi_options: dict[str, int | bool] = {}  # AutoencoderKlMaisi's memory options (num_splits, norm_float16, ...)
     scale_factor: float = 1.0
     decode_tile: list[int] | None = None
 
@@ -104,6 +109,16 @@ class ControlNetConfig(BaseModel):
         from meddiff.nets import build_controlnet
 
         return build_controlnet(unet.model_dump(), self.conditioning_channels, self.conditioning_embedding_channels)
+
+
+class RegionConfig(BaseModel):
+    """The body region a MAISI UNet is told it generates: one-hot over (head and neck, thorax, abdomen, pelvis and
+    lower body) for the top and the bottom of the volume, as MAISI's ``get_body_region_index_from_mask`` gives."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    top: list[int] = [0, 1, 0, 0]
+    bottom: list[int] = [0, 1, 0, 0]
 
 
 class ImageConfig(BaseModel):
@@ -145,6 +160,7 @@ class ModelConfig(BaseModel):
     text_encoder: TextEncoderConfig | None = None
     autoencoder: AutoencoderConfig | None = None
     controlnet: ControlNetConfig | None = None
+    region: RegionConfig | None = None
     task: Literal["generate", "inpaint"] = "generate"
     max_train_timestep: int | None = None
     denoise_strength: float = 1.0
@@ -180,6 +196,10 @@ class ModelConfig(BaseModel):
             if any(side % autoencoder.downsample for side in self.image.shape):
                 raise ValueError(f"image.shape {self.image.shape} is not a multiple of the autoencoder's "
                                  f"down-sampling {autoencoder.downsample}")
+        if self.unet.include_region_inputs and self.region is None:
+            raise ValueError("a unet with body-region inputs needs region (top and bottom)")
+        if self.unet.include_spacing_input and not self.image.spacing:
+            raise ValueError("a unet with a spacing input needs image.spacing")
         if self.controlnet is not None:
             downsample = self.autoencoder.downsample if self.autoencoder else 1
             if 2 ** (len(self.controlnet.conditioning_embedding_channels) - 1) != downsample:

@@ -21,11 +21,13 @@ Hook = Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor]
 
 def unet_function(unet: torch.nn.Module, class_labels: torch.Tensor | None = None, context: torch.Tensor | None = None,
                   concat: torch.Tensor | None = None, controlnet: torch.nn.Module | None = None,
-                  control: torch.Tensor | None = None, control_scale: float = 1.0) -> ModelFunction:
+                  control: torch.Tensor | None = None, control_scale: float = 1.0,
+                  inputs: dict[str, torch.Tensor] | None = None) -> ModelFunction:
     """The UNet as a model function, with its conditioning bound: ``class_labels`` (G,), ``context``
     (G, tokens, dim) for cross-attention, ``concat`` (B, C, *spatial) appended to the input's channels, and a
     ``controlnet`` whose residuals for the ``control`` image (G, C, *spatial), times ``control_scale``, are
-    added to the UNet's skip connections.
+    added to the UNet's skip connections; ``inputs``: further per-row keyword inputs (G, ...) of the network
+    (a MAISI UNet's body region and spacing).
 
     A batch of N rows takes each of the G conditioning rows for N / G consecutive rows: one row per item,
     one row for every tile of an image, or [unconditional, conditional] for a guided batch of two halves.
@@ -42,11 +44,11 @@ def unet_function(unet: torch.nn.Module, class_labels: torch.Tensor | None = Non
         n = x.shape[0]
         model_input = x if concat is None else torch.cat([x, rows(concat, n).to(x.dtype)], dim=1)
         timesteps, labels, ctx = t.to(x.device).expand(n), rows(class_labels, n), rows(context, n)
-        residuals = {}
+        residuals = {name: rows(value, n) for name, value in (inputs or {}).items()}
         if controlnet is not None:
             down, middle = controlnet(model_input, timesteps, rows(control, n).to(x.dtype), control_scale,
                                       context=ctx, class_labels=labels)
-            residuals = {"down_block_additional_residuals": down, "mid_block_additional_residual": middle}
+            residuals.update(down_block_additional_residuals=down, mid_block_additional_residual=middle)
         return unet(model_input, timesteps=timesteps, class_labels=labels, context=ctx, **residuals)
 
     return predict

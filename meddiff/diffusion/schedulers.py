@@ -57,6 +57,8 @@ class NoiseSchedule:
     prediction: str = "eps"
     kind: str = "ddpm"
     timestep_sampling: str = "uniform"
+    beta_start: float = 0.0001  # diffusers' defaults; MAISI v1: 0.0015 .. 0.0195, scaled_linear
+    beta_end: float = 0.02
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -105,6 +107,8 @@ class NoiseSchedule:
         return {
             "num_train_timesteps": self.num_train_timesteps,
             "beta_schedule": BETA_SCHEDULES[self.beta_schedule],
+            "beta_start": self.beta_start,
+            "beta_end": self.beta_end,
             "prediction_type": PREDICTION_TYPES[self.prediction],
         }
 

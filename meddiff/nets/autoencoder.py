@@ -19,10 +19,12 @@ def build_autoencoder(
     out_channels: int = 1,
     channels: Sequence[int] = (32, 64, 64),
     latent_channels: int = 4,
-    num_res_blocks: int = 1,
+    num_res_blocks: int | Sequence[int] = 1,
     attention_levels: Sequence[bool] = (False, False, False),
     norm_num_groups: int = 32,
     with_nonlocal_attn: bool = False,
+    family: str = "monai",
+    maisi_options: dict | None = None,
 ) -> AutoencoderKL:
     """A KL-regularised autoencoder. ``with_nonlocal_attn``: the attention block in the middle of encoder and
     decoder (MONAI's default; off by default here because its tokens x tokens cost grows with the volume)."""
@@ -33,6 +35,15 @@ def build_autoencoder(
     if any(c % norm_num_groups for c in channels):
         raise MeddiffError(f"every entry of channels {list(channels)} "
                            f"must be a multiple of norm_num_groups={norm_num_groups}")
+    if family == "maisi":  # MAISI's released VAE: AutoencoderKL's layout, split convolutions to save memory
+        from monai.apps.generation.maisi.networks.autoencoderkl_maisi import AutoencoderKlMaisi
+
+        blocks = [num_res_blocks] * len(channels) if isinstance(num_res_blocks, int) else list(num_res_blocks)
+        return AutoencoderKlMaisi(
+            spatial_dims=spatial_dims, in_channels=in_channels, out_channels=out_channels, num_res_blocks=blocks,
+            num_channels=tuple(channels), attention_levels=tuple(attention_levels), latent_channels=latent_channels,
+            norm_num_groups=norm_num_groups, with_encoder_nonlocal_attn=with_nonlocal_attn,
+            with_decoder_nonlocal_attn=with_nonlocal_attn, **(maisi_options or {}))
     return AutoencoderKL(
         spatial_dims=spatial_dims,
         in_channels=in_channels,

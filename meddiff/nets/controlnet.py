@@ -18,6 +18,16 @@ def build_controlnet(unet: dict, conditioning_channels: int = 8,
                      conditioning_embedding_channels: Sequence[int] = (16,)) -> ControlNet:
     """A ControlNet for the UNet described by ``unet`` (``UNetConfig`` fields); the condition is embedded by
     ``conditioning_embedding_channels`` (each entry after the first halves it: a latent model's down-sampling)."""
+    if unet.get("family") == "maisi":  # MAISI's released ControlNet
+        from monai.apps.generation.maisi.networks.controlnet_maisi import ControlNetMaisi
+
+        return ControlNetMaisi(
+            spatial_dims=unet["spatial_dims"], in_channels=unet["in_channels"] + unet["concat_channels"],
+            num_channels=tuple(unet["channels"]), attention_levels=tuple(unet["attention_levels"]),
+            num_res_blocks=unet["num_res_blocks"], num_head_channels=unet["num_head_channels"],
+            norm_num_groups=unet["norm_num_groups"], conditioning_embedding_in_channels=conditioning_channels,
+            conditioning_embedding_num_channels=tuple(conditioning_embedding_channels), use_checkpointing=False,
+            use_flash_attention=True)
     return ControlNet(
         spatial_dims=unet["spatial_dims"],
         in_channels=unet["in_channels"] + unet["concat_channels"],

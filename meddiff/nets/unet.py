@@ -16,11 +16,14 @@ def build_unet(
     channels: Sequence[int] = (32, 64, 64),
     attention_levels: Sequence[bool] = (False, False, True),
     num_res_blocks: int = 1,
-    num_head_channels: int = 32,
+    num_head_channels: int | Sequence[int] = 32,
     norm_num_groups: int = 32,
     num_class_embeds: int | None = None,
     cross_attention_dim: int | None = None,
     concat_channels: int = 0,
+    family: str = "monai",
+    include_region_inputs: bool = False,
+    include_spacing_input: bool = False,
 ) -> DiffusionModelUNet:
     """The denoiser backbone.
 
@@ -34,9 +37,22 @@ def build_unet(
         raise MeddiffError(f"spatial_dims must be 2 or 3, not {spatial_dims}")
     if len(channels) != len(attention_levels):
         raise MeddiffError(f"channels {list(channels)} and attention_levels {list(attention_levels)} differ in length")
+    if family not in ("monai", "maisi"):
+        raise MeddiffError(f"unet family must be monai or maisi, not {family!r}")
     if any(c % norm_num_groups for c in channels):
         raise MeddiffError(f"every entry of channels {list(channels)} "
                            f"must be a multiple of norm_num_groups={norm_num_groups}")
+    if family == "maisi":  # MAISI's released UNet: the same blocks plus body-region and spacing embeddings
+        from monai.apps.generation.maisi.networks.diffusion_model_unet_maisi import DiffusionModelUNetMaisi
+
+        return DiffusionModelUNetMaisi(
+            spatial_dims=spatial_dims, in_channels=in_channels + concat_channels, out_channels=out_channels,
+            num_channels=tuple(channels), attention_levels=tuple(attention_levels), num_res_blocks=num_res_blocks,
+            num_head_channels=num_head_channels, norm_num_groups=norm_num_groups, num_class_embeds=num_class_embeds,
+            with_conditioning=cross_attention_dim is not None, cross_attention_dim=cross_attention_dim,
+            include_top_region_index_input=include_region_inputs,
+            include_bottom_region_index_input=include_region_inputs, include_spacing_input=include_spacing_input,
+            use_flash_attention=True)
     return DiffusionModelUNet(
         spatial_dims=spatial_dims,
         in_channels=in_channels + concat_channels,

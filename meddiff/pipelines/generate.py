@@ -126,8 +126,9 @@ def model_function(model: DiffusionModel, spec: SamplingSpec, items: int, prompt
     """
     device = model.device
     labels = None if spec.class_label is None else torch.full((items,), spec.class_label, device=device)
-    controlnet = {} if control is None else {
-        "controlnet": model.controlnet, "control_scale": model.config.controlnet.conditioning_scale}
+    controlnet = {"inputs": unet_inputs(model, items)}
+    if control is not None:
+        controlnet.update(controlnet=model.controlnet, control_scale=model.config.controlnet.conditioning_scale)
     if model.config.text_encoder is None:
         return unet_function(model.unet, labels, None, condition, control=control, **controlnet)
     if spec.guidance_scale == 0.0:  # uncond + 0 * (cond - uncond): the unconditional half alone
@@ -140,9 +141,25 @@ def model_function(model: DiffusionModel, spec: SamplingSpec, items: int, prompt
     def twice(rows: torch.Tensor | None) -> torch.Tensor | None:
         return None if rows is None else torch.cat([rows, rows])
 
+    controlnet["inputs"] = {name: twice(value) for name, value in controlnet["inputs"].items()}
     both = unet_function(model.unet, twice(labels), torch.cat([negative, context]), twice(condition),
                          control=twice(control), **controlnet)
     return classifier_free_guidance(both, spec.guidance_scale)
+
+
+def unet_inputs(model: DiffusionModel, items: int) -> dict[str, torch.Tensor]:
+    """A MAISI UNet's further inputs, one row per item: the body region (one-hot, top and bottom) and the voxel
+    spacing in mm, each times 100 as MAISI feeds them; {} for any other UNet."""
+    config, device = model.config, model.device
+    inputs = {}
+    if config.unet.include_region_inputs:
+        for name, value in (("top_region_index_tensor", config.region.top),
+                            ("bottom_region_index_tensor", config.region.bottom)):
+            inputs[name] = torch.tensor([value], dtype=torch.float32, device=device).expand(items, -1) * 1e2
+    if config.unet.include_spacing_input:
+        spacing = torch.tensor([config.image.spacing], dtype=torch.float32, device=device)
+        inputs["spacing_tensor"] = spacing.expand(items, -1) * 1e2
+    return inputs
 
 
 def initial_noise(model: DiffusionModel, seeds: Sequence[int],
