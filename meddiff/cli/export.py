@@ -1,5 +1,6 @@
 """``meddiff export CKPT DIR``: a Lightning checkpoint -> a model folder (a diffusion model's EMA weights, a base
-model with its ControlNet, or an autoencoder's first-stage folder).
+model with its ControlNet, or an autoencoder's first-stage folder); a MAISI bundle folder -> a meddiff model
+folder with MAISI's released networks (``meddiff.maisi``).
 
 torch and Lightning load inside the functions, so ``meddiff --help`` stays fast.
 """
@@ -15,7 +16,8 @@ def add_parser(subparsers) -> None:
     p = subparsers.add_parser(
         "export", help="turn a training checkpoint into a model folder (config.json + safetensors)"
     )
-    p.add_argument("checkpoint", metavar="CKPT")
+    p.add_argument("checkpoint", metavar="CKPT", help="a checkpoint meddiff fit wrote, or a MAISI bundle folder "
+                   "(configs/inference.json and models/*.pt)")
     p.add_argument("output", metavar="DIR")
     p.add_argument("--no-ema", action="store_true", help="export the raw weights instead of the EMA weights")
     p.add_argument("--overwrite", action="store_true")
@@ -52,8 +54,13 @@ def module_from_checkpoint(path: str | Path):
 
 
 def run(args) -> None:
+    from meddiff.maisi import is_maisi_bundle, load_maisi_bundle
     from meddiff.training import AutoencoderModule
 
+    if is_maisi_bundle(args.checkpoint):
+        out = load_maisi_bundle(args.checkpoint).save_pretrained(args.output, overwrite=args.overwrite)
+        print(f"wrote {out} (MAISI bundle {args.checkpoint}: autoencoder, diffusion UNet and ControlNet)")
+        return
     module = module_from_checkpoint(args.checkpoint)
     if isinstance(module, AutoencoderModule):
         out = module.save_pretrained(args.output, overwrite=args.overwrite)

@@ -27,7 +27,7 @@ def build_controlnet(unet: dict, conditioning_channels: int = 8,
             num_res_blocks=unet["num_res_blocks"], num_head_channels=unet["num_head_channels"],
             norm_num_groups=unet["norm_num_groups"], conditioning_embedding_in_channels=conditioning_channels,
             conditioning_embedding_num_channels=tuple(conditioning_embedding_channels), use_checkpointing=False,
-            use_flash_attention=True)
+            use_flash_attention=torch.cuda.is_available())  # MAISI's class refuses it without a GPU; same weights
     return ControlNet(
         spatial_dims=unet["spatial_dims"],
         in_channels=unet["in_channels"] + unet["concat_channels"],

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import torch
 from monai.networks.nets import DiffusionModelUNet
 
 from meddiff.errors import MeddiffError
@@ -52,7 +53,7 @@ def build_unet(
             with_conditioning=cross_attention_dim is not None, cross_attention_dim=cross_attention_dim,
             include_top_region_index_input=include_region_inputs,
             include_bottom_region_index_input=include_region_inputs, include_spacing_input=include_spacing_input,
-            use_flash_attention=True)
+            use_flash_attention=torch.cuda.is_available())  # MAISI's class refuses it without a GPU; same weights
     return DiffusionModelUNet(
         spatial_dims=spatial_dims,
         in_channels=in_channels + concat_channels,
