@@ -321,3 +321,27 @@ def test_label_maps_are_checked(controlnet_run, tmp_path):
     assert main(["generate", "--model", str(controlnet_run / "cn_export"), "--condition", str(tmp_path / "no.nii.gz"),
                  "-n", "1", "-o", str(tmp_path / "o")]) == 2
     assert not (tmp_path / "o").exists()
+
+
+def test_drrs_of_the_training_slabs_make_a_radiograph_set_that_trains(tmp_path):
+    """meddiff manifest drr: Beer-Lambert projections of the chest CT's training slabs only, a radiograph's
+    contrast (bone and soft tissue above lung, lung above air), and the DRR smoke config trains on them."""
+    from meddiff import load_image
+    from meddiff.data.drr import Pose, render
+    from meddiff.data.samples import chest_ct_slab
+
+    assert main(["manifest", "drr", "-o", str(tmp_path / "drr"), "--per-slab", "2"]) == 0
+    records = [json.loads(line) for line in (tmp_path / "drr" / "manifest.jsonl").read_text().splitlines()]
+    assert len(records) == 4 and all("chest_ct_train" in r["source"] for r in records)
+    image = load_image(tmp_path / "drr" / records[2]["image"])
+    assert image.array.shape == (512, 61) and image.spacing == pytest.approx((0.703125, 2.5))
+    ct = chest_ct_slab(72, 133)()
+    straight = render(ct, Pose(photons=1e9)).array
+    spine, lung, air = straight[250:262, 30].mean(), straight[150:170, 30].mean(), straight[5:15, 30].mean()
+    assert spine > lung > air >= 0  # the spine and mediastinum attenuate most, lungs less, air nothing
+    assert render(ct, Pose(exposure=1.1, photons=1e9)).array.mean() > straight.mean()
+    config = smoke_config("cxr_drr_2d.yaml", tmp_path, tmp_path / "drr" / "manifest.jsonl", max_steps=3)
+    assert main(["fit", "--config", str(config)]) == 0
+    assert main(["export", str(tmp_path / "run" / "checkpoints" / "last.ckpt"), str(tmp_path / "m")]) == 0
+    (made,) = DiffusionPipeline.from_pretrained(tmp_path / "m").generate(1, steps=2, progress=False)
+    assert made.modality == "DX" and made.array.shape == (32, 32)

@@ -1,4 +1,4 @@
-"""``meddiff manifest build|validate|samples|findings``: JSONL manifests of images, reports and splits."""
+"""``meddiff manifest build|validate|samples|drr|findings``: JSONL manifests of images, reports and splits."""
 
 from __future__ import annotations
 
@@ -47,6 +47,14 @@ def add_parser(subparsers) -> None:
     s.add_argument("--only", nargs="+", choices=[x.name for x in SAMPLES], help="write only these samples")
     s.add_argument("--overwrite", action="store_true")
     s.set_defaults(func=run_samples)
+
+    d = sub.add_parser("drr", help="write an offline radiograph set: DRRs of the chest CT's training slabs at "
+                                   "varied poses and exposures")
+    d.add_argument("-o", "--output", required=True, metavar="DIR")
+    d.add_argument("--per-slab", type=int, default=8, help="radiographs per training slab")
+    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--overwrite", action="store_true")
+    d.set_defaults(func=run_drr)
 
     f = sub.add_parser("findings",
                        help="write the 'findings' set: MRI slices with simulated lesions, "
@@ -102,6 +110,15 @@ def run_findings(args) -> None:
     path = write_findings_dataset(args.output, {"train": args.train, "val": args.val, "test": args.test},
                                   seed=args.seed, overwrite=args.overwrite)
     print(f"wrote {path}: {_split_counts(Manifest.read(path).records)}")
+
+
+def run_drr(args) -> None:
+    from meddiff.data.drr import write_drr_set
+
+    if args.per_slab < 1:
+        raise MeddiffError(f"--per-slab must be at least 1, not {args.per_slab}")
+    path = write_drr_set(args.output, args.per_slab, args.seed, overwrite=args.overwrite)
+    print(f"wrote {path}")
 
 
 def run_samples(args) -> None:
