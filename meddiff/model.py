@@ -1,10 +1,11 @@
 """A diffusion model as meddiff saves it: a typed, versioned description plus one network per named component.
 
 A model folder holds ``config.json`` (a ``ModelConfig``) and one ``<component>.safetensors`` per network
-component (``unet`` now; a ControlNet or an autoencoder is one more entry in ``COMPONENTS``). Folders written
-before components existed hold the UNet as ``model.safetensors`` and no ``format_version``; they load unchanged.
-The text encoder is a component too, but its weights stay where the user keeps them: the config names them
-(``TextEncoderConfig.spec``) and they load on first use.
+component (``COMPONENTS``): the ``unet``; for a latent model the ``autoencoder`` (its first stage); for a
+label-map model the ``controlnet``. Folders written before components existed hold the UNet as
+``model.safetensors`` and no ``format_version``; they load unchanged. The text encoder is a component too, but
+its weights stay where the user keeps them: the config names them (``TextEncoderConfig.spec``) and they load on
+first use. A first-stage folder (``AutoencoderFolder``) holds an autoencoder alone, for latent models to train on.
 """
 
 from __future__ import annotations
