@@ -16,7 +16,6 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
-import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
 from torch.optim.swa_utils import AveragedModel
@@ -26,7 +25,7 @@ from meddiff.errors import MeddiffError, first_line
 from meddiff.model import ControlNetConfig, DiffusionModel, ModelConfig, load_model
 from meddiff.nets import label_bits
 from meddiff.nets.controlnet import bits_needed
-from meddiff.training.module import ema_with_warmup
+from meddiff.training.module import SeededEMATraining, ema_with_warmup
 
 KIND = "controlnet"  # what ``meddiff export`` reads from a checkpoint to rebuild this module
 
@@ -46,10 +45,12 @@ def read_structures(path: str | None) -> dict[int, str]:
     return structures
 
 
-class ControlNetModule(pl.LightningModule):
+class ControlNetModule(SeededEMATraining):
     """Trains a ControlNet for the model in ``base``. ``conditioning_channels``: binary digits per label (default:
     enough for the largest named structure, else 8); ``conditioning_embedding_channels``: the condition's
     embedding (default: 16 channels, doubling once per halving the model needs: a latent model's down-sampling)."""
+
+    trained = "controlnet"
 
     def __init__(
         self,
@@ -114,19 +115,6 @@ class ControlNetModule(pl.LightningModule):
         prediction = self.unet(xt, timesteps=t, down_block_additional_residuals=down,
                                mid_block_additional_residual=middle)
         return F.mse_loss(prediction.float(), target.float())
-
-    def step_generator(self, batch_idx: int) -> torch.Generator:
-        seed = (self.hparams.seed * 1_000_003 + self.global_step * 1_009 + batch_idx * 7_919 + self.global_rank) % 2**63
-        return torch.Generator(self.device).manual_seed(seed)
-
-    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        loss = self.loss(batch, self.step_generator(batch_idx))
-        self.log("train/loss", loss, prog_bar=True, batch_size=batch["image"].shape[0])
-        return loss
-
-    def optimizer_step(self, *args, **kwargs) -> None:
-        super().optimizer_step(*args, **kwargs)
-        self.ema.update_parameters(self.controlnet)
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         with torch.no_grad():

@@ -19,7 +19,29 @@ from meddiff.pipelines import DiffusionPipeline
 KIND = "diffusion"  # what ``meddiff export`` reads from a checkpoint to rebuild this module
 
 
-class DiffusionModule(pl.LightningModule):
+class SeededEMATraining(pl.LightningModule):
+    """What the diffusion-loss modules share: each step's noise from a generator seeded by (seed, step, batch,
+    rank), the loss logged, and the EMA (``self.ema``) of the trained network (the attribute ``trained`` names)
+    updated right after each optimizer step, before checkpoint callbacks run."""
+
+    trained = "unet"
+
+    def step_generator(self, batch_idx: int) -> torch.Generator:
+        """Seeded by (seed, step, batch, rank): micro-batches of an accumulated step draw differently."""
+        seed = (self.hparams.seed * 1_000_003 + self.global_step * 1_009 + batch_idx * 7_919 + self.global_rank) % 2**63
+        return torch.Generator(self.device).manual_seed(seed)
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        loss = self.loss(batch, self.step_generator(batch_idx))
+        self.log("train/loss", loss, prog_bar=True, batch_size=batch["image"].shape[0])
+        return loss
+
+    def optimizer_step(self, *args, **kwargs) -> None:
+        super().optimizer_step(*args, **kwargs)
+        self.ema.update_parameters(getattr(self, self.trained))
+
+
+class DiffusionModule(SeededEMATraining):
     """Trains ``build_unet(...)`` to predict eps, v or x0 from noised images (Ho et al. 2020).
 
     Every argument is a plain value so a LightningCLI YAML (and the checkpoint) holds the whole
@@ -218,26 +240,11 @@ class DiffusionModule(pl.LightningModule):
             weight = valid if weight is None else weight * valid
         return weight
 
-    def step_generator(self, batch_idx: int) -> torch.Generator:
-        """Seeded by (seed, step, batch, rank): micro-batches of an accumulated step draw differently."""
-        seed = (self.hparams.seed * 1_000_003 + self.global_step * 1_009 + batch_idx * 7_919 + self.global_rank) % 2**63
-        return torch.Generator(self.device).manual_seed(seed)
-
     def on_train_batch_start(self, batch: dict, batch_idx: int) -> None:
         """A latent model's scale factor, once, from its first training batch (rank 0's, for every rank)."""
         if self.autoencoder_folder is not None and float(self.latent_scale) == 0.0:
             factor = latent.scale_factor(latent.encode(self.autoencoder, batch["image"], 1.0))
             self.latent_scale.fill_(self.trainer.strategy.broadcast(factor) if self._trainer else factor)
-
-    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        loss = self.loss(batch, self.step_generator(batch_idx))
-        self.log("train/loss", loss, prog_bar=True, batch_size=batch["image"].shape[0])
-        return loss
-
-    def optimizer_step(self, *args, **kwargs) -> None:
-        """Update the EMA right after each optimizer step, before checkpoint callbacks run."""
-        super().optimizer_step(*args, **kwargs)
-        self.ema.update_parameters(self.unet)
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         size = batch["image"].shape[0]
