@@ -194,7 +194,7 @@ def test_the_3d_two_stage_smoke_recipe_runs(tmp_path):
     assert image.array.shape == (32, 32, 32) and np.isfinite(image.array).all()
 
 
-@pytest.mark.parametrize("name", ["ct_3d_autoencoder.yaml", "smoke/ct_autoencoder_2d.yaml",
+@pytest.mark.parametrize("name", ["ct_3d_autoencoder.yaml", "ct_autoencoder_2d.yaml", "smoke/ct_autoencoder_2d.yaml",
                                   "smoke/ct_autoencoder_3d.yaml"])
 def test_autoencoder_configs_parse_and_build(name, capsys):
     from meddiff.training import AutoencoderModule
@@ -209,6 +209,7 @@ def test_autoencoder_configs_parse_and_build(name, capsys):
 
 
 @pytest.mark.parametrize("name, first_stage", [("ct_3d_latent.yaml", "ct_3d_autoencoder.yaml"),
+                                               ("ct_latent_2d.yaml", "ct_autoencoder_2d.yaml"),
                                                ("smoke/ct_latent_2d.yaml", "smoke/ct_autoencoder_2d.yaml"),
                                                ("smoke/ct_latent_3d.yaml", "smoke/ct_autoencoder_3d.yaml")])
 def test_latent_configs_parse_and_build_on_their_first_stage(name, first_stage, tmp_path, capsys):
@@ -345,3 +346,28 @@ def test_drrs_of_the_training_slabs_make_a_radiograph_set_that_trains(tmp_path):
     assert main(["export", str(tmp_path / "run" / "checkpoints" / "last.ckpt"), str(tmp_path / "m")]) == 0
     (made,) = DiffusionPipeline.from_pretrained(tmp_path / "m").generate(1, steps=2, progress=False)
     assert made.modality == "DX" and made.array.shape == (32, 32)
+
+
+@pytest.mark.parametrize("name, stages", [("ct_controlnet_2d.yaml", ("ct_autoencoder_2d.yaml", "ct_latent_2d.yaml")),
+                                          ("smoke/ct_controlnet_2d.yaml",
+                                           ("smoke/ct_autoencoder_2d.yaml", "smoke/ct_latent_2d.yaml"))])
+def test_controlnet_configs_parse_and_build_on_their_base(name, stages, tmp_path, capsys):
+    """Each ControlNet config names the folder its base config writes, and builds on that base."""
+    from meddiff.training import AutoencoderModule, ControlNetModule, DiffusionModule
+
+    with pytest.raises(SystemExit) as done:
+        main(["fit", "--config", str(CONFIGS / name), "--print_config"])
+    assert done.value.code in (0, None)
+    assert "class_path: meddiff.training.ControlNetModule" in capsys.readouterr().out
+    first, second = (yaml.safe_load((CONFIGS / stage).read_text())["model"]["init_args"] for stage in stages)
+    args = yaml.safe_load((CONFIGS / name).read_text())["model"]["init_args"]
+    assert args["base"] == second["export_dir"] and second["autoencoder"] == first["export_dir"]
+    AutoencoderModule(**first).save_pretrained(tmp_path / "autoencoder")
+    DiffusionModule(**{**second, "autoencoder": str(tmp_path / "autoencoder")}).diffusion_model().save_pretrained(
+        tmp_path / "base")
+    (tmp_path / "structures.json").write_text(json.dumps({"1": "spleen", "118": "costal_cartilages"}))
+    module = ControlNetModule(**{**args, "base": str(tmp_path / "base"),
+                                 "structures": str(tmp_path / "structures.json")})
+    assert module.control_config.conditioning_channels == 7
+    assert 2 ** (len(module.control_config.conditioning_embedding_channels) - 1) == (
+        module.base_config.autoencoder.downsample)
