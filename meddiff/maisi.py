@@ -18,8 +18,6 @@ import json
 import re
 from pathlib import Path
 
-import torch
-
 from meddiff.errors import MeddiffError, first_line
 from meddiff.model import DiffusionModel, ModelConfig
 
@@ -54,14 +52,12 @@ def _weights_file(bundle: Path, config: dict, key: str) -> Path:
 
 
 def _load(path: Path) -> dict:
+    from meddiff.weights import torch_load
+
     if not path.is_file():
         raise MeddiffError(f"{path} is missing — put MAISI's released weights under the bundle's models/ "
-                           "(see README: MAISI weights)")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - torch raises many types for a file it refuses
-        raise MeddiffError(f"cannot read {path} with weights_only=True ({first_line(exc)}) — give MAISI's released "
-                           "checkpoint, unchanged") from None
+                           "(see README: MAISI's released weights)")
+    state = torch_load(path, "MAISI checkpoint")  # weights_only: a payload is refused, never run
     if not isinstance(state, dict):
         raise MeddiffError(f"{path} holds no state dict — give MAISI's released checkpoint, unchanged")
     return state

@@ -163,6 +163,25 @@ def _export(work: Path, kind: str, marker: Path):
     return ["export", "last.ckpt", "exported"]
 
 
+def _maisi_bundle(work: Path, kind: str, marker: Path):
+    """A MAISI bundle folder whose autoencoder checkpoint is the payload (``meddiff export BUNDLE OUT``)."""
+    (work / "bundle" / "configs").mkdir(parents=True)
+    (work / "bundle" / "models").mkdir()
+    (work / "bundle" / "configs" / "inference.json").write_text(json.dumps({
+        "trained_autoencoder_path": "$@model_dir + '/autoencoder_epoch273.pt'",
+        "trained_diffusion_path": "$@model_dir + '/diffusion.pt'",
+        "autoencoder_def": {"spatial_dims": 3, "in_channels": 1, "out_channels": 1, "latent_channels": 4,
+                            "num_channels": [8, 8], "num_res_blocks": [1, 1], "norm_num_groups": 8,
+                            "attention_levels": [False, False]},
+        "diffusion_unet_def": {"spatial_dims": 3, "in_channels": 4, "out_channels": 4, "num_channels": [8, 8],
+                               "attention_levels": [False, False], "num_head_channels": [0, 0], "num_res_blocks": 1,
+                               "norm_num_groups": 8},
+        "noise_scheduler": {"_target_": "monai.networks.schedulers.ddpm.DDPMScheduler"},
+        "output_size": [16, 16, 16], "spacing": [1.0, 1.0, 1.0]}))
+    write_payload(work / "bundle" / "models" / "diffusion.pt", kind, marker)
+    return ["export", "bundle", "exported"]
+
+
 def _biomedclip(work: Path, kind: str, marker: Path):
     images(work / "real"), images(work / "fake")
     write_payload(open_clip_folder(work / "biomedclip") / "open_clip_pytorch_model.bin", kind, marker)
@@ -234,6 +253,7 @@ PATHS = {
     "generate model folder": (("pickle", "torch-zip", "module-legacy"), _model_folder("generate"), SAFETENSORS),
     "denoise model folder": (("pickle", "torch-zip", "module-legacy"), _model_folder("denoise"), SAFETENSORS),
     "export checkpoint": (PICKLES, _export, NEVER),
+    "export MAISI bundle": (PICKLES, _maisi_bundle, NEVER),
     "open_clip local-dir text encoder": (FEW, _open_clip_text, NEVER),
     "hf: text encoder folder": (PICKLES, _hf_text, NEVER),
     "generate with an hf: text encoder": (("pickle", "torch-zip"), _generate_with_text_encoder, NEVER),
