@@ -80,7 +80,7 @@ def frd(real: np.ndarray, fakes: list[np.ndarray], spacing) -> float:
         return frechet_radiomics_distance(slices(real, "real"), fake_paths)
 
 
-def panel(labels: np.ndarray, fake: np.ndarray, real: np.ndarray, path: Path, slices=(4, 10, 16)) -> None:
+def panel(labels: np.ndarray, fake: np.ndarray, real: np.ndarray, path: Path) -> None:
     """A PNG grid: label map / generated / real for a few axial slices (window -1000..1000 HU)."""
     from PIL import Image as Picture
 
@@ -94,10 +94,10 @@ def panel(labels: np.ndarray, fake: np.ndarray, real: np.ndarray, path: Path, sl
         return table[lab]
 
     rows = []
-    for k in slices:
+    for k in np.linspace(2, labels.shape[2] - 3, 3).round().astype(int):
         cells = [colour(labels[:, :, k]), *(np.repeat(grey(v[:, :, k])[..., None], 3, axis=2) for v in (fake, real))]
         rows.append(np.concatenate([np.rot90(c) for c in cells], axis=1))
-    Picture.fromarray(np.concatenate(rows, axis=0)).resize((3 * 256, len(slices) * 256)).save(path)
+    Picture.fromarray(np.concatenate(rows, axis=0)).resize((3 * 256, len(rows) * 256)).save(path)
 
 
 def main() -> None:
@@ -107,8 +107,10 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--out", type=Path)
     parser.add_argument("--png", type=Path)
+    parser.add_argument("--slab", default="chest_ct_test", choices=list(CHEST_CT_SLABS),
+                        help="a training slab shows how well the model follows maps it has seen")
     args = parser.parse_args()
-    start, stop, _ = CHEST_CT_SLABS["chest_ct_test"]
+    start, stop, _ = CHEST_CT_SLABS[args.slab]
     real = chest_ct_slab(start, stop)()
     labels = chest_ct_slab(start, stop, "mask.nii.gz")()
     names = chest_ct_structures()
@@ -138,7 +140,8 @@ def main() -> None:
         fake_lungs, fake_bone = threshold_segmentation(np.where(inside, fake, -1000), vessels)
         dices[f"generated_{i}"] = {"lungs": dice(fake_lungs, lungs_map), "bone": dice(fake_bone, bone_map)}
     result = {
-        "model": args.model, "samples": args.samples, "steps": args.steps, "seconds": round(seconds, 1),
+        "model": args.model, "slab": args.slab, "samples": args.samples, "steps": args.steps,
+        "seconds": round(seconds, 1),
         "structures": table, "dice": dices,
         "frd": frd(np.where(inside, hu, -1000), [np.where(inside, f, -1000) for f in fakes], real.spacing),
         "goal_mean_within_30_hu": all(abs(row["mean_error"]) <= 30 for row in table.values()),

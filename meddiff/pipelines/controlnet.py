@@ -1,15 +1,16 @@
 """Generation from a label map: a ControlNet model makes images whose anatomy follows the map.
 
-The map is taken to the model's voxel size (nearest neighbour: labels stay labels), padded with background to
-what the networks divide, sampled, and the images are brought back to the map's own grid, so each result has
-the map's shape and affine. A 2D model runs across the map's slice axis, slice by slice (no consistency
+The map is put in the closest canonical (RAS) voxel order, as the training transforms give a network its images,
+taken to the model's voxel size (nearest neighbour: labels stay labels), padded with background to what the
+networks divide, sampled, and the images are brought back to the map's own grid and voxel order, so each result
+has the map's shape and affine. A 2D model runs across the map's slice axis, slice by slice (no consistency
 between slices); image ``k`` (base seed ``seed + k``) draws slice ``s`` of ``S`` with seed ``(seed + k) * S + s``,
 whatever the batch.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -23,7 +24,7 @@ from meddiff.image import Image
 from meddiff.model import DiffusionModel
 from meddiff.pipelines.generate import check_counts, check_sample_args, sample
 from meddiff.pipelines.spec import SamplingSpec
-from meddiff.pipelines.volumes import slice_axis
+from meddiff.pipelines.volumes import canonical, slice_axis
 
 
 def check_label_map(model: DiffusionModel, labels: Image) -> np.ndarray:
@@ -55,10 +56,13 @@ class LabelPlan:
     grid: tuple[int, ...]
     resized: list[int]
     padded: list[int]
+    back: Callable[[np.ndarray], np.ndarray]  # a result on the canonical grid -> the map's own voxel order
 
 
 def plan(model: DiffusionModel, labels: Image) -> LabelPlan:
-    array = check_label_map(model, labels)
+    check_label_map(model, labels)
+    labels, back = canonical(labels)  # the voxel order the model was trained in
+    array = labels.array.astype(np.int64)
     config = model.config
     axis = slice_axis(labels) if config.unet.spatial_dims == 2 and array.ndim == 3 else None
     items = np.moveaxis(array, axis, 0) if axis is not None else array[None]
@@ -70,7 +74,7 @@ def plan(model: DiffusionModel, labels: Image) -> LabelPlan:
     padded = [-(-side // multiple) * multiple for side in resized]
     maps = F.interpolate(torch.from_numpy(items)[:, None].float(), size=resized, mode="nearest-exact")
     maps = F.pad(maps, [p for r, full in zip(reversed(resized), reversed(padded), strict=True) for p in (0, full - r)])
-    return LabelPlan(maps, axis, grid, resized, padded)
+    return LabelPlan(maps, axis, grid, resized, padded, back)
 
 
 def check_label_args(model: DiffusionModel, labels: Image, spec: SamplingSpec, seeds: Sequence[int],
@@ -104,5 +108,5 @@ def generate_from_labels(model: DiffusionModel, labels: Image, spec: SamplingSpe
         for (k, s), image in zip(chunk, x[:, 0].numpy(), strict=True):
             made[k, s] = from_model_range(image, low, high)
     axis = ready.axis
-    return [Image(np.moveaxis(volume, 0, axis) if axis is not None else volume[0], labels.affine.copy(),
+    return [Image(ready.back(np.moveaxis(volume, 0, axis) if axis is not None else volume[0]), labels.affine.copy(),
                   model.config.image.modality) for volume in made]

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
+import numpy as np
 import torch
 
 from meddiff.data.transforms import CT_MODALITIES, NormalizeIntensityd
@@ -30,3 +33,18 @@ def intensity_window(config: ModelConfig, array) -> tuple[float, float]:
     if modality in CT_MODALITIES:
         return config.image.intensity_range
     return NormalizeIntensityd("image").intensity_range(torch.as_tensor(array), modality)
+
+
+def canonical(image: Image) -> tuple[Image, Callable[[np.ndarray], np.ndarray]]:
+    """``image`` in its closest canonical (RAS) voxel order, as the training transforms (MONAI's
+    ``Orientationd(as_closest_canonical=True)``) give a network its images, and the function that puts an array on
+    that grid back in ``image``'s own voxel order. 2D images are returned as they are."""
+    from nibabel.orientations import apply_orientation, inv_ornt_aff, io_orientation, ornt_transform
+
+    if image.array.ndim != 3:
+        return image, lambda array: array
+    ornt = io_orientation(image.affine)
+    affine = image.affine @ inv_ornt_aff(ornt, image.array.shape)
+    back = ornt_transform(io_orientation(affine), ornt)
+    reordered = Image(np.ascontiguousarray(apply_orientation(image.array, ornt)), affine, image.modality)
+    return reordered, lambda array: np.ascontiguousarray(apply_orientation(array, back))
