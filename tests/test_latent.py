@@ -387,3 +387,24 @@ def test_a_label_map_gives_the_same_anatomy_in_any_voxel_order(controlnet_run):
     same = pipeline.generate(1, steps=2, seed=3, labels=labels, progress=False)[0].array
     other = pipeline.generate(1, steps=2, seed=3, labels=reversed_map, progress=False)[0].array
     np.testing.assert_allclose(other[::-1], same, atol=1e-3)
+
+
+def test_drrs_are_scored_in_torchxrayvision_feature_space_from_a_release_file(tmp_path):
+    """meddiff evaluate --features xrv_densenet121 on two DRR sets (the lower and upper training slabs), with the
+    weights as torchxrayvision releases them (a whole pickled model, read without running its code)."""
+    import torchxrayvision as xrv
+
+    assert main(["manifest", "drr", "-o", str(tmp_path / "drr"), "--per-slab", "3"]) == 0
+    for slab in ("lower", "upper"):
+        (tmp_path / slab).mkdir()
+        for path in (tmp_path / "drr").glob(f"drr_chest_ct_train_{slab}_*.nii.gz"):
+            path.rename(tmp_path / slab / path.name)
+    torch.manual_seed(0)
+    torch.save(xrv.models.DenseNet(weights=None, num_classes=18), tmp_path / "xrv-densenet121-res224-all.pt")
+    out = tmp_path / "scores.json"
+    assert main(["evaluate", "--real", str(tmp_path / "lower"), "--fake", str(tmp_path / "upper"), "--features",
+                 "xrv_densenet121", "--weights", str(tmp_path / "xrv-densenet121-res224-all.pt"), "--metrics", "fid",
+                 "--cache", "none", "--json", str(out)]) == 0
+    scores = json.loads(out.read_text())
+    fid = scores["views"]["2d"]["fid"]
+    assert np.isfinite(fid) and fid > 0
