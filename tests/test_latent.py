@@ -408,3 +408,31 @@ def test_drrs_are_scored_in_torchxrayvision_feature_space_from_a_release_file(tm
     scores = json.loads(out.read_text())
     fid = scores["views"]["2d"]["fid"]
     assert np.isfinite(fid) and fid > 0
+
+
+def test_the_autoencoders_perceptual_term_reads_radimagenet_from_its_local_release_file(tmp_path):
+    """perceptual_weight > 0: RadImageNet's ResNet-50 (here random weights in its release layout) scores the
+    reconstruction; the network stays out of checkpoints; a missing file is one clear line."""
+    from meddiff.metrics.features import _RADIMAGENET_CHILDREN, medicalnet_resnet
+    from meddiff.training import AutoencoderModule
+
+    torch.manual_seed(0)
+    names = {v: k for k, v in _RADIMAGENET_CHILDREN.items()}
+    state = {}
+    for key, value in medicalnet_resnet(50, 2, n_input_channels=3).state_dict().items():
+        child, _, rest = key.partition(".")
+        state[f"backbone.{names[child]}.{rest}"] = value
+    torch.save(state, tmp_path / "RadImageNet-ResNet50.pt")
+    module = AutoencoderModule(channels=[16, 16], norm_num_groups=16, image_shape=[64, 64], perceptual_weight=0.1,
+                               perceptual_weights=str(tmp_path / "RadImageNet-ResNet50.pt"))
+    x = torch.rand(2, 1, 64, 64) * 2 - 1
+    assert float(module.perceptual(x, x)) == 0.0
+    y = (x + 0.3 * torch.randn_like(x)).requires_grad_()
+    distance = module.perceptual(y, x)
+    distance.backward()
+    assert float(distance) > 0 and y.grad.abs().sum() > 0
+    assert not any(key.startswith("perceptual") for key in module.state_dict())
+    volume = torch.rand(1, 1, 32, 32, 4) * 2 - 1
+    assert float(module.perceptual(volume, volume.flip(2))) > 0  # a 3D autoencoder: on its axial slices
+    with pytest.raises(MeddiffError):
+        AutoencoderModule(perceptual_weight=0.1, perceptual_weights=str(tmp_path / "missing.pt"))

@@ -259,6 +259,17 @@ def _radimagenet(weights) -> Extractor:
     return Extractor("radimagenet_resnet50", network, 2, _radimagenet_prepare, _file_id(path))
 
 
+def radimagenet_trunk(weights: str | os.PathLike | None = None) -> torch.nn.Module:
+    """RadImageNet's ResNet-50 up to its last feature map (no pooling), frozen, from the local weights file: the
+    network of a perceptual loss in radiology (MONAI's ``PerceptualLoss(network_type="radimagenet_resnet50")``
+    uses the same one, fetched from torch hub, which is not reachable here)."""
+    path = find_weights("radimagenet_resnet50", weights)
+    resnet = _load(medicalnet_resnet(50, 2, n_input_channels=3), _radimagenet_keys(_state_dict(path)), path)
+    layers = [resnet.conv1, resnet.bn1, resnet.act, resnet.maxpool, resnet.layer1, resnet.layer2, resnet.layer3,
+              resnet.layer4]
+    return torch.nn.Sequential(*layers).eval().requires_grad_(False)
+
+
 def _medicalnet(depth: int):
     def load(weights) -> Extractor:
         name = f"medicalnet_resnet{depth}"

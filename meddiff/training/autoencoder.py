@@ -3,7 +3,10 @@ and MAISI train theirs.
 
 Loss: L1 reconstruction + ``kl_weight`` x the KL divergence of the posterior from N(0, 1) + (after
 ``adversarial_start`` batches) ``adversarial_weight`` x a least-squares patch-adversarial term from a MONAI
-``PatchDiscriminator``. No perceptual term: the networks it needs (LPIPS, RadImageNet) cannot be fetched here.
+``PatchDiscriminator``, and with ``perceptual_weight`` > 0 a perceptual term: the distance between unit-normalised
+RadImageNet ResNet-50 feature maps of the image and its reconstruction (MONAI's RadImageNet perceptual loss), the
+network read from its local weights file (``perceptual_weights``, or where ``meddiff evaluate`` finds it); a 3D
+autoencoder gets it on its axial slices.
 Two optimizers (Lightning manual optimisation), so ``trainer.max_steps`` counts the autoencoder's and the
 discriminator's steps (two per batch once the discriminator has started). At the end of training the module
 writes ``export_dir`` (``meddiff.model.save_autoencoder``), the folder a ``DiffusionModule(autoencoder=...)`` trains on.
@@ -41,6 +44,8 @@ class AutoencoderModule(pl.LightningModule):
         kl_weight: float = 1e-6,
         adversarial_weight: float = 0.01,
         adversarial_start: int = 0,
+        perceptual_weight: float = 0.0,
+        perceptual_weights: str | None = None,
         discriminator_channels: int = 32,
         discriminator_layers: int = 3,
         lr: float = 1e-4,
@@ -56,8 +61,8 @@ class AutoencoderModule(pl.LightningModule):
         super().__init__()
         if len(image_shape) != spatial_dims:
             raise MeddiffError(f"image_shape {list(image_shape)} must have {spatial_dims} entries")
-        if kl_weight < 0 or adversarial_weight < 0 or adversarial_start < 0:
-            raise MeddiffError("kl_weight, adversarial_weight and adversarial_start must be >= 0")
+        if kl_weight < 0 or adversarial_weight < 0 or adversarial_start < 0 or perceptual_weight < 0:
+            raise MeddiffError("kl_weight, adversarial_weight, adversarial_start and perceptual_weight must be >= 0")
         self.save_hyperparameters()
         self.automatic_optimization = False
         self.config = AutoencoderConfig(
@@ -68,6 +73,26 @@ class AutoencoderModule(pl.LightningModule):
         self.autoencoder = self.config.build()
         self.discriminator = build_discriminator(spatial_dims, discriminator_channels, discriminator_layers)
         self.register_buffer("batches_seen", torch.zeros((), dtype=torch.long))
+        self.perceptual_network = None
+        if perceptual_weight > 0:
+            from meddiff.metrics.features import radimagenet_trunk
+
+            # frozen and kept out of the module tree: checkpoints hold the autoencoder, not a copy of ResNet-50
+            object.__setattr__(self, "perceptual_network", radimagenet_trunk(perceptual_weights))
+
+    def perceptual(self, recon: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """Mean squared distance between channel-normalised feature maps (LPIPS without learnt weights, as
+        MONAI's ``RadImageNetPerceptualSimilarity``), model units [-1, 1] -> [0, 1], BGR mean removed."""
+        network = self.perceptual_network.to(x.device)
+        if x.ndim == 5:  # a volume: its axial slices
+            recon, x = (v.movedim(-1, 1).flatten(0, 1) for v in (recon, x))
+        mean = torch.tensor([0.406, 0.456, 0.485], device=x.device).view(1, 3, 1, 1)
+
+        def features(v: torch.Tensor) -> torch.Tensor:
+            out = network(((v.float() + 1) / 2).clamp(0, 1).repeat(1, 3, 1, 1) - mean)
+            return out / (out.norm(dim=1, keepdim=True) + 1e-10)
+
+        return (features(recon) - features(x)).pow(2).sum(dim=1).mean()
 
     def folder_config(self) -> AutoencoderFolder:
         hp = self.hparams
@@ -99,6 +124,10 @@ class AutoencoderModule(pl.LightningModule):
         l1 = F.l1_loss(recon.float(), x.float())
         kl = self.kl(mean.float(), sigma.float())
         loss = l1 + hp.kl_weight * kl
+        if self.perceptual_network is not None:
+            perceptual = self.perceptual(recon, x)
+            loss = loss + hp.perceptual_weight * perceptual
+            self.log("train/perceptual", perceptual, batch_size=x.shape[0])
         adversarial = hp.adversarial_weight > 0 and int(self.batches_seen) >= hp.adversarial_start
         adv = PatchAdversarialLoss(criterion="least_squares")
         if adversarial:
