@@ -68,3 +68,20 @@ def samples_dir(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("samples")
     write_samples(out, names=["dipy_aniso_vox", "dipy_small_64d_b0", "dipy_t1_coronal_slice", "head_ct"])
     return out
+
+
+def write_radimagenet_weights(path: Path) -> Path:
+    """A random ResNet-50 state dict laid out as RadImageNet's PyTorch release saves it (nn.Sequential
+    'backbone.N' keys)."""
+    import torch
+
+    from meddiff.metrics.features import _RADIMAGENET_CHILDREN, medicalnet_resnet
+
+    torch.manual_seed(0)
+    names = {v: k for k, v in _RADIMAGENET_CHILDREN.items()}
+    state = {}
+    for key, value in medicalnet_resnet(50, 2, n_input_channels=3).state_dict().items():
+        child, _, rest = key.partition(".")
+        state[f"backbone.{names[child]}.{rest}"] = value
+    torch.save(state, path)
+    return path

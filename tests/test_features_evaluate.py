@@ -7,26 +7,19 @@ import json
 import numpy as np
 import pytest
 import torch
+from conftest import write_radimagenet_weights
 
 from meddiff import Image, MeddiffError, load_image, save_image
 from meddiff.cli.main import main
 from meddiff.metrics import frechet_distance
 from meddiff.metrics.evaluate import cached_features, evaluate
-from meddiff.metrics.features import _RADIMAGENET_CHILDREN, load_extractor, medicalnet_resnet
+from meddiff.metrics.features import load_extractor, medicalnet_resnet
 
 
 @pytest.fixture(scope="module")
 def radimagenet_weights(tmp_path_factory):
     """A ResNet-50 state dict laid out as RadImageNet's PyTorch release saves it (nn.Sequential 'backbone.N' keys)."""
-    torch.manual_seed(0)
-    names = {v: k for k, v in _RADIMAGENET_CHILDREN.items()}
-    state = {}
-    for key, value in medicalnet_resnet(50, 2, n_input_channels=3).state_dict().items():
-        child, _, rest = key.partition(".")
-        state[f"backbone.{names[child]}.{rest}"] = value
-    path = tmp_path_factory.mktemp("weights") / "RadImageNet-ResNet50.pt"
-    torch.save(state, path)
-    return path
+    return write_radimagenet_weights(tmp_path_factory.mktemp("weights") / "RadImageNet-ResNet50.pt")
 
 
 def test_radimagenet_from_its_release_format_gives_2d_and_25d_features(radimagenet_weights, mni_t1):

@@ -413,16 +413,11 @@ def test_drrs_are_scored_in_torchxrayvision_feature_space_from_a_release_file(tm
 def test_the_autoencoders_perceptual_term_reads_radimagenet_from_its_local_release_file(tmp_path):
     """perceptual_weight > 0: RadImageNet's ResNet-50 (here random weights in its release layout) scores the
     reconstruction; the network stays out of checkpoints; a missing file is one clear line."""
-    from meddiff.metrics.features import _RADIMAGENET_CHILDREN, medicalnet_resnet
+    from conftest import write_radimagenet_weights
+
     from meddiff.training import AutoencoderModule
 
-    torch.manual_seed(0)
-    names = {v: k for k, v in _RADIMAGENET_CHILDREN.items()}
-    state = {}
-    for key, value in medicalnet_resnet(50, 2, n_input_channels=3).state_dict().items():
-        child, _, rest = key.partition(".")
-        state[f"backbone.{names[child]}.{rest}"] = value
-    torch.save(state, tmp_path / "RadImageNet-ResNet50.pt")
+    write_radimagenet_weights(tmp_path / "RadImageNet-ResNet50.pt")
     module = AutoencoderModule(channels=[16, 16], norm_num_groups=16, image_shape=[64, 64], perceptual_weight=0.1,
                                perceptual_weights=str(tmp_path / "RadImageNet-ResNet50.pt"))
     x = torch.rand(2, 1, 64, 64) * 2 - 1
