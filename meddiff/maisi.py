@@ -104,9 +104,10 @@ def load_maisi_bundle(bundle: str | Path) -> DiffusionModel:
         window = [int(v) // 4 for v in _resolve(config.get("autoencoder_sliding_window_infer_size", []), config)]
     except (KeyError, TypeError, ValueError) as exc:
         raise MeddiffError(f"{bundle / INFERENCE} is not a MAISI inference config ({first_line(exc)})") from None
-    diffusion = _load(_weights_file(bundle, config, WEIGHTS["unet"]))
+    diffusion_file = _weights_file(bundle, config, WEIGHTS["unet"])
+    diffusion = _load(diffusion_file)
     if "unet_state_dict" not in diffusion:
-        raise MeddiffError(f"{_weights_file(bundle, config, WEIGHTS['unet'])} holds no unet_state_dict")
+        raise MeddiffError(f"{diffusion_file} holds no unet_state_dict")
     one_hot = [[int(REGIONS.index(region[0]) == i) for i in range(4)], [int(REGIONS.index(region[-1]) == i)
                                                                          for i in range(4)]]
     model_config = ModelConfig(

@@ -62,4 +62,3 @@ def flow_noised(x0: torch.Tensor, noise: torch.Tensor, share: torch.Tensor | flo
 def flow_velocity(x0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
     """What a rectified-flow network predicts: the velocity ``x0 - noise`` along that line, towards the image."""
     return x0 - noise
-

@@ -27,9 +27,9 @@ from meddiff.pipelines.spec import SamplingSpec
 from meddiff.pipelines.volumes import canonical, slice_axis
 
 
-def check_label_map(model: DiffusionModel, labels: Image) -> np.ndarray:
-    """The map's labels as integers, or one clear line: the model must have a ControlNet, the map whole
-    numbers from 0 to what the model encodes, with the dimensions the model runs on."""
+def check_label_map(model: DiffusionModel, labels: Image) -> None:
+    """One clear line unless the model has a ControlNet and the map holds whole numbers from 0 to what the model
+    encodes, with the dimensions the model runs on."""
     controlnet = model.config.controlnet
     if controlnet is None:
         raise MeddiffError("this model takes no label map — leave out --condition, or use a model with a ControlNet")
@@ -43,7 +43,6 @@ def check_label_map(model: DiffusionModel, labels: Image) -> np.ndarray:
     if array.min() < 0 or array.max() > largest:
         raise MeddiffError(f"the label map holds labels {int(array.min())} to {int(array.max())}; this model knows "
                            f"0 to {largest} ({len(controlnet.structures)} named structures)")
-    return array.astype(np.int64)
 
 
 @dataclass(frozen=True)

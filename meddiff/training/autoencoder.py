@@ -19,6 +19,7 @@ from collections.abc import Sequence
 import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
+from monai.losses import PatchAdversarialLoss
 
 from meddiff.errors import MeddiffError
 from meddiff.model import AutoencoderConfig, AutoencoderFolder, save_autoencoder
@@ -73,6 +74,7 @@ class AutoencoderModule(pl.LightningModule):
         self.autoencoder = self.config.build()
         self.discriminator = build_discriminator(spatial_dims, discriminator_channels, discriminator_layers)
         self.register_buffer("batches_seen", torch.zeros((), dtype=torch.long))
+        self.adversarial_loss = PatchAdversarialLoss(criterion="least_squares")  # no parameters, no state
         self.perceptual_network = None
         if perceptual_weight > 0:
             from meddiff.metrics.features import radimagenet_trunk
@@ -114,8 +116,6 @@ class AutoencoderModule(pl.LightningModule):
         return 0.5 * per_voxel.flatten(1).sum(dim=1).mean()
 
     def training_step(self, batch: dict, batch_idx: int) -> None:
-        from monai.losses import PatchAdversarialLoss
-
         hp = self.hparams
         opt_ae, opt_d = self.optimizers()
         x = batch["image"]
@@ -129,7 +129,7 @@ class AutoencoderModule(pl.LightningModule):
             loss = loss + hp.perceptual_weight * perceptual
             self.log("train/perceptual", perceptual, batch_size=x.shape[0])
         adversarial = hp.adversarial_weight > 0 and int(self.batches_seen) >= hp.adversarial_start
-        adv = PatchAdversarialLoss(criterion="least_squares")
+        adv = self.adversarial_loss
         if adversarial:
             fooled = adv(self.discriminator(recon.float())[-1], target_is_real=True, for_discriminator=False)
             loss = loss + hp.adversarial_weight * fooled
