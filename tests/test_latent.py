@@ -132,7 +132,7 @@ def latent_run(tmp_path_factory):
     assert main(["fit", "--config", str(ae_config)]) == 0
     ldm_config = smoke_config("ct_latent_2d.yaml", root / "ldm", manifest, max_steps=4, log_every_n_steps=1)
     settings = yaml.safe_load(ldm_config.read_text())
-    settings["model"]["init_args"]["autoencoder"] = str(root / "autoencoder")
+    settings["model"]["init_args"]["autoencoder"] = settings["data"]["init_args"]["latents"] = str(root / "autoencoder")
     ldm_config.write_text(yaml.safe_dump(settings))
     assert main(["fit", "--config", str(ldm_config)]) == 0
     assert main(["export", str(root / "ldm" / "run" / "checkpoints" / "last.ckpt"), str(root / "model")]) == 0
@@ -175,6 +175,42 @@ def test_an_autoencoder_folder_is_not_a_generator_and_a_mismatched_one_is_refuse
     assert main(["fit", "--config", str(config), "--model.init_args.autoencoder", str(tmp_path / "none")]) == 2
 
 
+def test_cached_latents_are_the_encoded_slices_and_spare_the_encoder(latent_run):
+    """The data module's cached latents equal encoding its image slices; training on them never runs the encoder
+    and refuses latents of another autoencoder."""
+    import torch.nn.functional as F
+
+    from meddiff.data.datamodule import ManifestDataModule
+    from meddiff.training import DiffusionModule
+
+    options = {"manifest": str(latent_run / "ct" / "manifest.jsonl"), "spacing": [5.6, 5.6, 5.0],
+               "slices_per_volume": 4, "batch_size": 4, "modalities": ["CT"]}
+    batches = []
+    for latents in (None, str(latent_run / "autoencoder")):
+        data = ManifestDataModule(**options, latents=latents)
+        data.datasets["val"] = __import__("monai").data.Dataset(data.items("train"), data.transforms(train=False))
+        batches.append(next(iter(data._loader("val", shuffle=False))))
+    images, cached = batches
+    folder, autoencoder = load_autoencoder(latent_run / "autoencoder")
+    factor, (height, width) = folder.autoencoder.downsample, images["image"].shape[-2:]
+    padded = F.pad(images["image"], [0, -width % factor, 0, -height % factor], value=-1.0)
+    torch.testing.assert_close(cached["image"], latent.encode(autoencoder, padded, 1.0), atol=1e-5, rtol=1e-4)
+    assert cached["image"].shape[1] == 4 and "latent" not in images
+
+    module = DiffusionModule(spatial_dims=2, autoencoder=str(latent_run / "autoencoder"), image_shape=[32, 32],
+                             channels=[16, 32], attention_levels=[False, False], num_head_channels=16,
+                             norm_num_groups=16, schedule="rflow", prediction="v")
+    module.autoencoder.encode = None  # cached latents must not need it
+    module.latent_scale.fill_(2.0)
+    torch.testing.assert_close(module.latents(cached, 2.0), cached["image"] * 2.0)
+    patch = {**cached, "image": cached["image"][..., :16, :16]}  # the latent side of a 32-voxel training crop
+    assert torch.isfinite(module.loss(patch, torch.Generator().manual_seed(0)))
+    with pytest.raises(MeddiffError, match="another autoencoder"):
+        module.latents({**cached, "latent": ["0" * 16] * len(cached["latent"])}, 1.0)
+    with pytest.raises(MeddiffError, match="no augment"):
+        ManifestDataModule(**options, latents=str(latent_run / "autoencoder"), augment=[lambda d: d])
+
+
 def test_the_3d_two_stage_smoke_recipe_runs(tmp_path):
     from meddiff.data.samples import write_samples
 
@@ -187,6 +223,7 @@ def test_the_3d_two_stage_smoke_recipe_runs(tmp_path):
     ldm_config = smoke_config("ct_latent_3d.yaml", tmp_path / "ldm", manifest, max_steps=2)
     settings = yaml.safe_load(ldm_config.read_text())
     settings["model"]["init_args"]["autoencoder"] = str(tmp_path / "autoencoder")
+    settings["data"]["init_args"]["latents"] = str(tmp_path / "autoencoder")
     ldm_config.write_text(yaml.safe_dump(settings))
     assert main(["fit", "--config", str(ldm_config)]) == 0
     assert main(["export", str(tmp_path / "ldm" / "run" / "checkpoints" / "last.ckpt"), str(tmp_path / "m")]) == 0
@@ -221,8 +258,9 @@ def test_latent_configs_parse_and_build_on_their_first_stage(name, first_stage, 
     assert done.value.code in (0, None)
     assert "class_path: meddiff.training.DiffusionModule" in capsys.readouterr().out
     stage_one = yaml.safe_load((CONFIGS / first_stage).read_text())["model"]["init_args"]
-    args = yaml.safe_load((CONFIGS / name).read_text())["model"]["init_args"]
-    assert args["autoencoder"] == stage_one["export_dir"]
+    config = yaml.safe_load((CONFIGS / name).read_text())
+    args = config["model"]["init_args"]
+    assert args["autoencoder"] == stage_one["export_dir"] == config["data"]["init_args"]["latents"]
     AutoencoderModule(**stage_one).save_pretrained(tmp_path / "autoencoder")
     module = DiffusionModule(**{**args, "autoencoder": str(tmp_path / "autoencoder")})
     assert module.model_config().sample_shape() == [side // module.autoencoder_folder.autoencoder.downsample

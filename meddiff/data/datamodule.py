@@ -23,6 +23,7 @@ from monai.transforms import (
 )
 from torch.utils.data import Dataset, DistributedSampler
 
+from meddiff.data.latents import LATENT_KEY, EncodeLatentd
 from meddiff.data.manifest import Manifest
 from meddiff.data.masks import CONDITION_KEY
 from meddiff.data.transforms import LoadImaged, NormalizeIntensityd, SliceVolumed
@@ -51,6 +52,9 @@ class ManifestDataModule(pl.LightningDataModule):
     epoch, index), and the training loader tells Lightning how far into its epoch it got, so a run
     resumed from any step checkpoint sees the batches an uninterrupted run would. ``data_seed`` defaults
     to the run's ``seed_everything`` (resume with the same seed, as the same config gives).
+    ``latents`` (an autoencoder folder: the ``autoencoder`` of the latent model being trained) caches latents:
+    each volume is encoded once, after resampling (``meddiff.data.latents``), and slices and crops are drawn in
+    latent space (``patch_size`` stays in image voxels); it takes no ``augment`` and no ``slice_axis`` "any".
     """
 
     def __init__(
@@ -72,12 +76,16 @@ class ManifestDataModule(pl.LightningDataModule):
         label_key: str | None = None,
         class_names: Sequence[str] | None = None,
         data_seed: int | None = None,
+        latents: str | None = None,
     ):
         super().__init__()
         if spatial_dims not in (2, 3):
             raise MeddiffError(f"spatial_dims must be 2 or 3, not {spatial_dims}")
         if patch_size is not None and len(patch_size) != spatial_dims:
             raise MeddiffError(f"patch_size {list(patch_size)} must have {spatial_dims} entries")
+        if latents is not None and (augment or slice_axis == "any"):
+            raise MeddiffError("cached latents (latents) take no augment and no slice_axis 'any': "
+                               "images are encoded once, before any random step")
         self.save_hyperparameters(ignore=["augment", "conditions"])
         self.manifest_path = Path(manifest)
         self.augment = augment or []
@@ -142,25 +150,52 @@ class ManifestDataModule(pl.LightningDataModule):
         ]
         if hp.spacing is not None:
             steps.append(Spacingd(keys, pixdim=hp.spacing, mode=("bilinear", "nearest"), allow_missing_keys=True))
+        patch_size, min_foreground = hp.patch_size, hp.min_foreground
+        if hp.latents is not None:
+            steps.append(self.encoder)
+            patch_size = self.latent_patch_size
+            min_foreground = 0.0  # the encoder kept only slices with enough foreground
         if hp.spatial_dims == 2:
             steps.append(
                 SliceVolumed(keys, axis=hp.slice_axis, num_slices=hp.slices_per_volume, random=train,
-                             min_foreground=hp.min_foreground, allow_missing_keys=True)
+                             min_foreground=min_foreground, allow_missing_keys=True)
             )  # validation: the same evenly spaced slices every epoch
-        if hp.patch_size is not None:
+        if patch_size is not None:
             if train:
-                steps.append(RandSpatialCropd(keys, roi_size=hp.patch_size, random_size=False, allow_missing_keys=True))
-            steps.append(ResizeWithPadOrCropd("image", spatial_size=hp.patch_size, constant_values=-1.0))  # -1: empty
-            steps.append(ResizeWithPadOrCropd("mask", spatial_size=hp.patch_size, constant_values=0.0,
+                steps.append(RandSpatialCropd(keys, roi_size=patch_size, random_size=False, allow_missing_keys=True))
+            steps.append(ResizeWithPadOrCropd("image", spatial_size=patch_size, constant_values=-1.0))  # -1: empty
+            steps.append(ResizeWithPadOrCropd("mask", spatial_size=patch_size, constant_values=0.0,
                                               allow_missing_keys=True))
         if train:
             steps.extend(self.augment)
         # what the network sees besides the image (e.g. inpainting masks), for training and validation alike
         steps.extend(self.conditions)
-        steps += [SelectItemsd(keys + ["modality", "label", "report", "valid", CONDITION_KEY],
+        steps += [SelectItemsd(keys + ["modality", "label", "report", "valid", CONDITION_KEY, LATENT_KEY],
                                allow_missing_keys=True),
                   EnsureTyped(keys, track_meta=False, allow_missing_keys=True)]
         return Compose(steps)
+
+    @cached_property
+    def encoder(self) -> EncodeLatentd:
+        """The first stage that encodes each volume once (``latents``)."""
+        hp = self.hparams
+        encoder = EncodeLatentd(hp.latents, axis=hp.slice_axis, min_foreground=hp.min_foreground,
+                                min_size=hp.patch_size)
+        if encoder.spatial_dims != hp.spatial_dims:
+            raise MeddiffError(f"the autoencoder in {hp.latents} is {encoder.spatial_dims}D; this data module makes "
+                               f"{hp.spatial_dims}D items")
+        return encoder
+
+    @property
+    def latent_patch_size(self) -> list[int] | None:
+        """``patch_size`` on the latent grid."""
+        if self.hparams.patch_size is None:
+            return None
+        factor = self.encoder.factor
+        if any(side % factor for side in self.hparams.patch_size):
+            raise MeddiffError(f"patch_size {list(self.hparams.patch_size)} is not a multiple of the autoencoder's "
+                               f"down-sampling {factor} (latents {self.hparams.latents})")
+        return [side // factor for side in self.hparams.patch_size]
 
     def reports(self, split: str) -> list[str]:
         """The distinct non-empty reports of a split, in manifest order (fixed prompts for sample grids)."""

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch.optim.swa_utils import AveragedModel
 
+from meddiff.data.latents import LATENT_KEY, fingerprint
 from meddiff.diffusion import latent
 from meddiff.diffusion.schedulers import NoiseSchedule
 from meddiff.errors import MeddiffError
@@ -63,8 +64,9 @@ class DiffusionModule(SeededEMATraining):
     ``valid_key`` names a batch entry that is 0 where the image holds no data (a CT's padding outside the
     scanner's field of view): those voxels never enter the loss. ``autoencoder`` (a first-stage folder,
     ``AutoencoderModule``'s ``export_dir``, or a latent model folder) makes a latent model: the frozen encoder
-    maps each batch to latents (posterior mean x the scale factor computed from the first batch) and the UNet
-    learns those; the exported folder holds both networks and ``meddiff generate`` decodes. ``schedule``
+    maps each batch to latents (posterior mean x the scale factor computed from the first batch), or the data
+    brings them cached (``ManifestDataModule``'s ``latents``, the same folder), and the UNet learns those; the
+    exported folder holds both networks and ``meddiff generate`` decodes. ``schedule``
     "rflow" trains rectified flow (``meddiff.diffusion.schedulers``) instead of a DDPM-family schedule.
     ``export_dir``: where the model folder (EMA weights, as ``meddiff export`` writes it) goes when training ends.
     """
@@ -150,6 +152,7 @@ class DiffusionModule(SeededEMATraining):
                                "does not fit it")
         self.autoencoder_folder = folder
         self.autoencoder = network.requires_grad_(False)
+        self.autoencoder_fingerprint = fingerprint(network)
         # 1 / std of the training latents, from the first training batch (0: not yet known); kept in checkpoints
         self.register_buffer("latent_scale", torch.zeros(()))
 
@@ -208,7 +211,7 @@ class DiffusionModule(SeededEMATraining):
     def loss(self, batch: dict, generator: torch.Generator, unet: torch.nn.Module | None = None) -> torch.Tensor:
         x0 = batch["image"]
         if self.autoencoder_folder is not None:
-            x0 = latent.encode(self.autoencoder, x0, float(self.latent_scale))
+            x0 = self.latents(batch, float(self.latent_scale))
         noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
         t = self.schedule.draw_timesteps(x0.shape[0], generator, x0.device, self.hparams.max_train_timestep)
         xt, target = self.schedule.noised_and_target(x0, noise, t)
@@ -240,10 +243,20 @@ class DiffusionModule(SeededEMATraining):
             weight = valid if weight is None else weight * valid
         return weight
 
+    def latents(self, batch: dict, scale: float) -> torch.Tensor:
+        """The batch's images as scaled latents: encoded here, or cached by the data (``ManifestDataModule``'s
+        ``latents``), which must come from this model's autoencoder."""
+        if LATENT_KEY not in batch:
+            return latent.encode(self.autoencoder, batch["image"], scale)
+        if any(source != self.autoencoder_fingerprint for source in batch[LATENT_KEY]):
+            raise MeddiffError(f"the data's cached latents come from another autoencoder than model.autoencoder "
+                               f"({self.hparams.autoencoder}): give data.latents the same folder")
+        return batch["image"] * scale
+
     def on_train_batch_start(self, batch: dict, batch_idx: int) -> None:
         """A latent model's scale factor, once, from its first training batch (rank 0's, for every rank)."""
         if self.autoencoder_folder is not None and float(self.latent_scale) == 0.0:
-            factor = latent.scale_factor(latent.encode(self.autoencoder, batch["image"], 1.0))
+            factor = latent.scale_factor(self.latents(batch, 1.0))
             self.latent_scale.fill_(self.trainer.strategy.broadcast(factor) if self._trainer else factor)
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
