@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import numpy as np
 
+from meddiff.cli import dicom_output
+from meddiff.errors import MeddiffError
 from meddiff.files import full_suffix
 from meddiff.io import PICTURE_SUFFIXES, load_image, save_image
 
@@ -15,15 +18,32 @@ log = logging.getLogger(__name__)
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser("convert", help="convert between formats (DICOM, NIfTI, MHA/NRRD, PNG/JPEG)")
     p.add_argument("input", help="image file or DICOM folder")
-    p.add_argument("output", help="output file; the suffix chooses the format")
+    p.add_argument("output", help="output file (the suffix chooses the format), or with --format dcm a folder")
     p.add_argument("--series", help="series UID or number when a DICOM folder holds several")
     p.add_argument("--modality", help="set the modality (NIfTI and pictures carry none)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    dicom_output.add_options(p, send=False)
+    p.add_argument("--template", help="with --format dcm: the DICOM series (folder or file) the image derives from, "
+                                      "on its grid; the output is a new series of its study")
     p.set_defaults(func=run)
 
 
 def run(args) -> None:
+    if args.template and args.format != "dcm":
+        raise MeddiffError("--template is for DICOM output: add --format dcm")
+    if dicom_output.wants_dicom(args, args.output):
+        dicom_output.check(args, [Path(args.output)])
     image = load_image(args.input, series=args.series, modality=args.modality)
+    if dicom_output.wants_dicom(args, args.output):
+        source = args.template or args.input
+        if args.template and not dicom_output.is_dicom_input(args.template):
+            raise MeddiffError(f"--template {args.template} is not DICOM: give the source series' folder or file")
+        if args.template and image.modality is None:
+            image.modality = load_image(args.template).modality
+        out = dicom_output.write(image, Path(args.output), args, source, "convert",
+                                 f"converted by meddiff from {Path(args.input).name}")
+        print(f"wrote {out} ({' x '.join(map(str, image.array.shape))}, DICOM)")
+        return
     suffix = full_suffix(args.output)
     if suffix in PICTURE_SUFFIXES and not _plain_grid(image.affine):
         spacing = " x ".join(f"{s:g}" for s in image.spacing)

@@ -6,9 +6,11 @@ torch loads inside ``run``, so ``meddiff --help`` stays fast.
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 
+from meddiff.cli import dicom_output
 from meddiff.errors import MeddiffError
 from meddiff.files import check_writable
 from meddiff.io import load_image, save_image
@@ -19,7 +21,8 @@ DEFAULT_MODEL = "mri-denoise"
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser("denoise", help="denoise an MR image with a diffusion model (NIfTI/DICOM, 2D/3D/4D)")
     p.add_argument("-i", "--input", required=True, help="image file or DICOM folder")
-    p.add_argument("-o", "--output", required=True, help="output file (.nii.gz, .mha, ...)")
+    p.add_argument("-o", "--output", required=True,
+                   help="output file (.nii.gz, .mha, ...), or with --format dcm a folder for the DICOM series")
     p.add_argument("--model", default=DEFAULT_MODEL,
                    help=f"bundled model name or model folder (default: the bundled {DEFAULT_MODEL})")
     p.add_argument("--noise-sigma", default="auto",
@@ -35,6 +38,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--series", help="series UID or number when a DICOM folder holds several")
     p.add_argument("--device", default="cpu")
     p.add_argument("--overwrite", action="store_true")
+    dicom_output.add_options(p)
     p.set_defaults(func=run)
 
 
@@ -61,7 +65,11 @@ def run(args) -> None:
                            "— e.g. 1 removes the whole noise sigma, or leave it out")
     if args.steps < 1 or args.samples < 1:
         raise MeddiffError("--steps and --samples must be at least 1 — --steps 1 gives the posterior-mean estimate")
-    check_writable(args.output, args.overwrite)  # before minutes of work, not after
+    dicom = dicom_output.wants_dicom(args, args.output)
+    if dicom:  # before minutes of work, not after
+        dicom_output.check(args, [Path(args.output)])
+    else:
+        check_writable(args.output, args.overwrite)
     image = load_image(args.input, series=args.series)
     mask = None
     if args.mask:
@@ -73,5 +81,10 @@ def run(args) -> None:
     pipeline = load_pipeline(args.model, device=args.device)
     clean = pipeline.denoise(image, noise_sigma=sigma, steps=args.steps, samples=args.samples, strength=args.strength,
                              mask=mask, rician_correction=args.rician_correction)
-    out = save_image(clean, args.output, overwrite=args.overwrite)
+    if dicom:
+        description = (f"denoised by meddiff (model {pipeline.model.weights_sha256[:16]}, steps {args.steps}, "
+                       f"noise sigma {args.noise_sigma})")
+        out = dicom_output.write(clean, Path(args.output), args, args.input, "denoise", description)
+    else:
+        out = save_image(clean, args.output, overwrite=args.overwrite)
     print(f"wrote {out} ({' x '.join(map(str, clean.array.shape))})")

@@ -12,9 +12,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from meddiff.cli import dicom_output
 from meddiff.errors import MeddiffError
 from meddiff.files import check_writable, full_suffix
-from meddiff.io import DICOM_SUFFIXES, WRITE_SUFFIXES
+from meddiff.io import WRITE_SUFFIXES
 
 
 def add_parser(subparsers) -> None:
@@ -27,7 +28,8 @@ def add_parser(subparsers) -> None:
                    help="mask image: 1 (or any one positive value) where the image is filled, 0 where it is kept; "
                         "on another grid it is resampled by its geometry")
     p.add_argument("-o", "--output", required=True,
-                   help="output file (.nii.gz, .mha, .png, ... or .dcm, marked derived)")
+                   help="output file (.nii.gz, .mha, .png, ...), or with --format dcm (or a .dcm name) DICOM: "
+                        "for DICOM input a new series of its study")
     p.add_argument("--model",
                    help="model folder (meddiff export) or bundled model name: a mask-conditioned model fills in one "
                         "pass; any unconditional, class- or report-conditioned model runs RePaint "
@@ -51,6 +53,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--series", help="series UID or number when a DICOM folder holds several")
     p.add_argument("--device", default="cpu")
     p.add_argument("--overwrite", action="store_true")
+    dicom_output.add_options(p)
     p.set_defaults(func=run)
 
 
@@ -66,21 +69,21 @@ def output_paths(output: str, samples: int) -> list[Path]:
 
 def run(args) -> None:
     from meddiff.io import load_image, save_image
-    from meddiff.io.dicom_write import write_synthetic_dicom
     from meddiff.pipelines import load_pipeline
     from meddiff.pipelines.inpaint import default_model, mask_on_grid
 
+    dicom = dicom_output.wants_dicom(args, args.output)
     suffix = full_suffix(Path(args.output))
-    if suffix not in WRITE_SUFFIXES + DICOM_SUFFIXES[:1]:
+    if not dicom and suffix not in WRITE_SUFFIXES:
         raise MeddiffError(f"{args.output}: cannot write '{suffix}' "
-                           f"— meddiff inpaint writes {', '.join(WRITE_SUFFIXES)} and .dcm")
+                           f"— meddiff inpaint writes {', '.join(WRITE_SUFFIXES)}, or DICOM with --format dcm")
     if args.samples < 1:
         raise MeddiffError(f"--samples must be at least 1, not {args.samples}")
     outputs = output_paths(args.output, args.samples)
-    for out in outputs:  # before minutes of work, not after
-        if suffix == ".dcm" and out.exists() and not args.overwrite:
-            raise MeddiffError(f"{out} already exists — choose another output or pass --overwrite")
-        if suffix != ".dcm":
+    if dicom:  # before minutes of work, not after
+        dicom_output.check(args, outputs)
+    else:
+        for out in outputs:
             check_writable(out, args.overwrite)
     image = load_image(args.input, series=args.series, modality=args.modality)
     mask = load_image(args.mask)
@@ -96,10 +99,10 @@ def run(args) -> None:
     filled = pipeline.inpaint(image, fill, seed=args.seed, samples=args.samples, prompt=args.prompt,
                               batch_size=args.batch_size, **fields)
     for k, (result, out) in enumerate(zip(filled, outputs, strict=True)):
-        if suffix == ".dcm":
+        if dicom:
             description = (f"inpainted by meddiff ({method}, model {pipeline.model.weights_sha256[:16]}, "
                            f"seed {args.seed}, sample {k + 1}); outside the mask the source image")
-            write_synthetic_dicom(result, out, description, overwrite=args.overwrite)
+            dicom_output.write(result, out, args, args.input, "inpaint", description)
         else:
             save_image(result, out, overwrite=args.overwrite)
         print(f"wrote {out} ({' x '.join(map(str, result.array.shape))})")

@@ -65,6 +65,18 @@ def read_dicom(path: Path, series: str | int | None = None) -> Image:
     return _read_files([path], header)
 
 
+def source_slices(path: Path, series: str | int | None = None) -> list[tuple[Path, pydicom.Dataset]]:
+    """The files of a DICOM file or series with their headers, along the slice normal: what a derived series
+    (``meddiff.io.dicom_write``) refers to, one header per output slice (kept in memory only)."""
+    if not path.is_dir():
+        header = _read_header(path)
+        if header is None:
+            raise MeddiffError(f"{path} is not a DICOM image file")
+        return [(path, header)]
+    chosen = _choose_series(find_series(path), path, series)
+    return [(file, _read_header(file)) for file in chosen.files]
+
+
 def find_series(folder: Path) -> list[Series]:
     """All image series under ``folder`` (recursive), files sorted along the slice normal."""
     groups: dict[str, list[tuple[Path, pydicom.Dataset]]] = {}

@@ -1,18 +1,36 @@
-"""Write generated images as DICOM marked DERIVED and synthetic, with fresh UIDs and no patient.
+"""Write images as DICOM a PACS and the standard's validator (``dciodvfy``) accept.
 
-A 2D image becomes one file; a 3D image becomes a folder with one file per slice (a series).
-pydicom writes the files: SimpleITK's DICOM writer cannot mark them synthetic or set the SOP class.
+Two kinds of output, each a series written into a staging folder and renamed into place (never half-written):
+
+- **Synthetic** (``write_synthetic_dicom``): generated images, or images from a non-DICOM file. A new study with
+  no patient (de-identified as PS3.15 describes: ``PatientIdentityRemoved``, ``DeidentificationMethod`` and its
+  code), ``ImageType`` DERIVED\\SECONDARY, ``ImageComments`` saying synthetic, fresh UIDs (``SyntheticData``
+  (0008,001C) is left out: the validator at hand does not know it yet). CT and MR use their classic image
+  IODs with every Type 1 and 2 attribute present; other modalities become Secondary Capture (conversion type
+  SYN, synthetic image).
+- **Derived** (``write_derived_dicom``): the result of processing a real series (denoise, inpaint, convert with
+  a template). A new series in the source's study: each slice is the source slice's header (Patient, Study,
+  Frame of Reference, geometry and acquisition carried over; private tags dropped) with new Series and SOP
+  Instance UIDs, ``ImageType`` DERIVED\\SECONDARY, ``DerivationDescription``, ``DerivationCodeSequence`` and
+  ``SourceImageSequence`` naming the source slice. Stored values use the source's rescale, so physical units
+  (HU for CT) survive to the source's own precision.
+
+pydicom writes the files: highdicom builds the newer IODs (SEG, ``meddiff.io.dicom_seg``) but no classic CT or MR
+image objects, and SimpleITK's writer cannot set the modules these IODs require.
 """
 
 from __future__ import annotations
 
+import copy
 import datetime
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
-import pydicom
-from pydicom.dataset import FileDataset, FileMetaDataset
+from pydicom.dataset import Dataset, FileDataset, FileMetaDataset
+from pydicom.sr.codedict import codes
 from pydicom.uid import (
     CTImageStorage,
     ExplicitVRLittleEndian,
@@ -23,103 +41,247 @@ from pydicom.uid import (
 
 from meddiff import __version__
 from meddiff.errors import MeddiffError
-from meddiff.files import atomic_path
 from meddiff.image import Image
 from meddiff.io.itk import LPS_TO_RAS
 
 SOP_CLASSES = {"MR": MRImageStorage, "CT": CTImageStorage}
+DERIVATIONS = {"denoise": codes.DCM.Smoothing, "inpaint": codes.DCM.ImageProcessing,
+               "convert": codes.DCM.ImageProcessing, "generate": codes.DCM.ImageProcessing}
+# Pixel attributes the source's values no longer describe once its pixels are replaced.
+_STALE_PIXEL_KEYS = ("PixelData", "SmallestImagePixelValue", "LargestImagePixelValue", "SmallestPixelValueInSeries",
+                     "LargestPixelValueInSeries", "PixelPaddingValue", "PixelPaddingRangeLimit", "IconImageSequence",
+                     "LossyImageCompression", "LossyImageCompressionRatio", "LossyImageCompressionMethod")
 
 
-def write_synthetic_dicom(image: Image, path: str | Path, description: str, overwrite: bool = False) -> Path:
-    """``path`` is a ``.dcm`` file for 2D images, or a folder of ``slice_XXXX.dcm`` for 3D images."""
+def write_synthetic_dicom(image: Image, path: str | Path, description: str, overwrite: bool = False,
+                          task: str = "generate") -> Path:
+    """``path`` is a ``.dcm`` file for a 2D image, else a folder of ``slice_XXXX.dcm`` (one per slice)."""
     image.check_finite()
-    path = Path(path)
-    if image.array.ndim == 2:
-        with atomic_path(path, overwrite=overwrite) as tmp:
-            _slice_dataset(image, image.array, 0, _series_uids(), description).save_as(tmp, enforce_file_format=True)
-        return path
-    if image.array.ndim != 3:
+    if image.array.ndim not in (2, 3):
         raise MeddiffError(f"DICOM output takes 2D or 3D images, not shape {image.array.shape}")
-    if path.exists() and not overwrite:
-        raise MeddiffError(f"{path} already exists — choose another output or pass --overwrite")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp_dir = path.with_name(f".{path.name}.partial")
-    shutil.rmtree(tmp_dir, ignore_errors=True)
-    try:
-        tmp_dir.mkdir()
-        uids = _series_uids()
-        for k in range(image.array.shape[2]):
-            dataset = _slice_dataset(image, image.array[:, :, k], k, uids, description)
-            dataset.save_as(tmp_dir / f"slice_{k:04d}.dcm", enforce_file_format=True)
-        if path.is_dir():
-            shutil.rmtree(path)
-        elif path.exists():
-            path.unlink()
-        tmp_dir.rename(path)
-    finally:
-        shutil.rmtree(tmp_dir, ignore_errors=True)
+    uids = {"study": generate_uid(), "series": generate_uid(), "frame": generate_uid()}
+    planes = [image.array] if image.array.ndim == 2 else [image.array[:, :, k] for k in range(image.array.shape[2])]
+    low, high = float(image.array.min()), float(image.array.max())
+    datasets = [_synthetic_slice(image, plane, k, uids, description, task, low, high) for k, plane in enumerate(planes)]
+    return _write(datasets, Path(path), overwrite)
+
+
+def write_derived_dicom(image: Image, source: str | Path, out_dir: str | Path, description: str, task: str,
+                        series: str | int | None = None, overwrite: bool = False) -> Path:
+    """``image`` (on the grid of the DICOM ``source`` file or series) as a new series of the source's study:
+    one file per source slice in the folder ``out_dir`` (a single slice to a ``.dcm`` path: one file)."""
+    from meddiff.io.dicom import source_slices
+
+    image.check_finite()
+    slices = source_slices(Path(source), series)
+    planes = _planes_on_source_grid(image, slices, source)
+    series_uid, now = generate_uid(), _now()
+    number = 1000 + int(slices[0][1].get("SeriesNumber") or 0)
+    datasets = [_derived_slice(header, plane, series_uid, number, description, task, now)
+                for (_, header), plane in zip(slices, planes, strict=True)]
+    return _write(datasets, Path(out_dir), overwrite)
+
+
+def _write(datasets: list[FileDataset], path: Path, overwrite: bool) -> Path:
+    """One object to a ``.dcm`` path as a file; otherwise a folder of ``slice_XXXX.dcm``; written in a staging
+    path and renamed into place."""
+    with _staged(path, overwrite) as tmp:
+        if len(datasets) == 1 and path.suffix.lower() == ".dcm":
+            datasets[0].save_as(tmp, enforce_file_format=True)
+        else:
+            tmp.mkdir()
+            for k, dataset in enumerate(datasets):
+                dataset.save_as(tmp / f"slice_{k:04d}.dcm", enforce_file_format=True)
     return path
 
 
-def _series_uids() -> dict[str, str]:
-    return {"study": generate_uid(), "series": generate_uid(), "frame": generate_uid()}
+def _planes_on_source_grid(image: Image, slices: list[tuple[Path, Dataset]], source) -> list[np.ndarray]:
+    """The (rows, columns) plane of ``image`` at each source slice; refused unless it is the source's grid."""
+    array = image.array if image.array.ndim == 3 else image.array[:, :, None]
+    inverse = np.linalg.inv(image.affine)
+    planes = []
+    for path, header in slices:
+        if int(header.get("NumberOfFrames") or 1) > 1:
+            raise MeddiffError(f"{path} is a multi-frame (enhanced) object: derived DICOM is written for single-frame "
+                               "series only — write NIfTI (-o out.nii.gz), or convert the source first")
+        position = LPS_TO_RAS @ np.asarray([float(v) for v in header.ImagePositionPatient])
+        i, j, k = inverse[:3, :3] @ position + inverse[:3, 3]
+        index = round(k)
+        if abs(i) > 1e-2 or abs(j) > 1e-2 or abs(k - index) > 1e-2 or not 0 <= index < array.shape[2]:
+            raise MeddiffError(f"the result is not on the grid of {source}: DICOM output derives from the source "
+                               "series the image was read from")
+        plane = array[:, :, index].T
+        if plane.shape != (int(header.Rows), int(header.Columns)):
+            raise MeddiffError(f"the result's slices are {plane.shape}, the source's {header.Rows} x {header.Columns}")
+        planes.append(plane)
+    return planes
 
 
-def _slice_dataset(image: Image, plane: np.ndarray, k: int, uids: dict[str, str], description: str) -> FileDataset:
+def _derived_slice(header: Dataset, plane: np.ndarray, series_uid: str, number: int, description: str, task: str,
+                   now: datetime.datetime) -> FileDataset:
+    ds = copy.deepcopy(header)
+    ds.remove_private_tags()
+    for key in _STALE_PIXEL_KEYS:
+        if key in ds:
+            delattr(ds, key)
+    source = Dataset()
+    source.ReferencedSOPClassUID, source.ReferencedSOPInstanceUID = header.SOPClassUID, header.SOPInstanceUID
+    ds.SourceImageSequence = [source]
+    ds.SOPInstanceUID = generate_uid()
+    ds.SeriesInstanceUID, ds.SeriesNumber = series_uid, number
+    ds.SeriesDescription = f"{header.get('SeriesDescription', '')} meddiff {task}".strip()[:64]
+    ds.SeriesDate = ds.ContentDate = ds.InstanceCreationDate = now.strftime("%Y%m%d")
+    ds.SeriesTime = ds.ContentTime = ds.InstanceCreationTime = now.strftime("%H%M%S")
+    ds.ImageType = ["DERIVED", "SECONDARY", *list(header.get("ImageType", []))[2:]]
+    _mark_derivation(ds, description, task)
+    rescaled = "RescaleSlope" in header or header.SOPClassUID != MRImageStorage
+    slope, intercept = (float(header.get("RescaleSlope", 1)), float(header.get("RescaleIntercept", 0)))
+    _set_pixels(ds, plane, slope, intercept, rescaled, fixed_scale=True)
+    return _file_dataset(ds)
+
+
+def _synthetic_slice(image: Image, plane: np.ndarray, k: int, uids: dict[str, str], description: str, task: str,
+                     low: float, high: float) -> FileDataset:
     modality = (image.modality or "OT").upper()
     sop_class = SOP_CLASSES.get(modality, SecondaryCaptureImageStorage)
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = sop_class
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = FileDataset(None, {}, file_meta=meta, preamble=b"\0" * 128)
-    ds.SOPClassUID, ds.SOPInstanceUID = sop_class, meta.MediaStorageSOPInstanceUID
-    ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.FrameOfReferenceUID = uids["study"], uids["series"], uids["frame"]
-    today = datetime.date.today().strftime("%Y%m%d")
-    ds.ContentDate = ds.SeriesDate = ds.StudyDate = today
+    now = _now()
+    ds = Dataset()
+    ds.SpecificCharacterSet = "ISO_IR 100"
+    ds.SOPClassUID, ds.SOPInstanceUID = sop_class, generate_uid()
+    ds.InstanceCreationDate, ds.InstanceCreationTime = now.strftime("%Y%m%d"), now.strftime("%H%M%S")
+    # Patient: none. Type 2 attributes present and empty; de-identified as PS3.15 describes.
+    ds.PatientName, ds.PatientID = "Synthetic^meddiff", "SYNTHETIC"
+    ds.PatientBirthDate = ds.PatientSex = ""
+    ds.PatientIdentityRemoved = "YES"
+    ds.DeidentificationMethod = "meddiff synthetic image: no patient"
+    ds.DeidentificationMethodCodeSequence = [_code(codes.DCM.BasicApplicationConfidentialityProfile)]
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = uids["study"], uids["series"]
+    ds.StudyDate = ds.SeriesDate = ds.ContentDate = now.strftime("%Y%m%d")
+    ds.StudyTime = ds.SeriesTime = ds.ContentTime = now.strftime("%H%M%S")
+    ds.ReferringPhysicianName = ds.StudyID = ds.AccessionNumber = ""
+    ds.StudyDescription = "meddiff synthetic"
     ds.Modality = modality
-    ds.ImageType = ["DERIVED", "SECONDARY", "SYNTHETIC"]
-    ds.DerivationDescription = description[:1024]
-    ds.SeriesDescription = "meddiff synthetic"
+    ds.SeriesNumber, ds.InstanceNumber = 1, k + 1
+    ds.SeriesDescription = f"meddiff {task}"
+    ds.Laterality = ""
     ds.Manufacturer = "meddiff"
     ds.SoftwareVersions = __version__
-    ds.PatientName = "SYNTHETIC"
-    ds.PatientID = "SYNTHETIC"
-    ds.PatientIdentityRemoved = "YES"
+    ds.ImageComments = "synthetic image made by meddiff: no patient, no acquisition"
     ds.BurnedInAnnotation = "NO"
-    ds.SeriesNumber, ds.InstanceNumber = 1, k + 1
+    ds.ImageType = ["DERIVED", "SECONDARY", _image_type_3(image, modality)]
+    _mark_derivation(ds, description, task)
+    if sop_class == SecondaryCaptureImageStorage:
+        ds.ConversionType = "SYN"  # synthetic image
+        ds.PatientOrientation = ""
+        rescaled = False
+    else:
+        _geometry(ds, image, k, uids["frame"])
+        if modality == "CT":
+            ds.KVP = ds.AcquisitionNumber = ""
+        else:
+            ds.ScanningSequence, ds.SequenceVariant = "RM", "NONE"  # research mode: no acquisition at all
+            ds.ScanOptions = ds.RepetitionTime = ds.EchoTime = ds.EchoTrainLength = ""
+            ds.MRAcquisitionType = "2D" if image.array.ndim == 2 else "3D"
+        # CT keeps HU (the CT IOD rescales); MR stores its own units unless a narrow range needs a rescale
+        rescaled = modality == "CT" or high - low < 255
+    _set_pixels(ds, plane.T, 1.0, 0.0, rescaled, fixed_scale=modality == "CT", low=low, high=high)
+    return _file_dataset(ds)
+
+
+def _image_type_3(image: Image, modality: str) -> str:
+    """Value 3 of ``ImageType`` (required for CT and MR): AXIAL for CT slices across the body axis, else OTHER."""
+    normal = image.affine[:3, 2] / (np.linalg.norm(image.affine[:3, 2]) or 1.0)
+    return "AXIAL" if modality == "CT" and image.array.ndim == 3 and abs(normal[2]) > 0.9 else "OTHER"
+
+
+def _geometry(ds: Dataset, image: Image, k: int, frame_uid: str) -> None:
+    """Frame of reference, position and orientation (LPS, as DICOM has it) of slice ``k``."""
+    ds.FrameOfReferenceUID, ds.PositionReferenceIndicator = frame_uid, ""
+    ds.PatientPosition = ""
     lps = LPS_TO_RAS @ image.affine[:3, :3]
     spacing = np.linalg.norm(lps, axis=0)
     ds.ImageOrientationPatient = [f"{v:.6f}" for v in (*(lps[:, 0] / spacing[0]), *(lps[:, 1] / spacing[1]))]
     ds.ImagePositionPatient = [f"{v:.6f}" for v in LPS_TO_RAS @ (image.affine[:3, 3] + image.affine[:3, 2] * k)]
     ds.PixelSpacing = [f"{spacing[1]:.6f}", f"{spacing[0]:.6f}"]  # rows (j) then columns (i)
     ds.SliceThickness = f"{spacing[2]:.6f}"
-    _set_pixels(ds, plane.T, modality, float(image.array.min()), float(image.array.max()))
-    return ds
 
 
-def _set_pixels(ds: pydicom.Dataset, rows_cols: np.ndarray, modality: str, low: float, high: float) -> None:
-    """CT as int16 Hounsfield units; other modalities' whole numbers as they are (uint16 in 0..65535, else
-    int16 in -32768..32767: a scan read from DICOM is written back exactly), anything else as uint16 with a
-    rescale that keeps the range."""
-    whole = np.array_equal(rows_cols, np.round(rows_cols))
-    if modality == "CT" or (whole and low < 0 and -32768 <= low and high <= 32767):
-        stored = np.clip(np.round(rows_cols), -32768, 32767).astype(np.int16)
-        slope, intercept, signed = 1.0, 0.0, 1
-    elif whole and 0 <= low and high <= 65535:
-        stored = rows_cols.astype(np.uint16)
-        slope, intercept, signed = 1.0, 0.0, 0
-    else:
-        slope = (high - low) / 65535.0 or 1.0
-        intercept = low
-        stored = np.round((rows_cols - intercept) / slope).clip(0, 65535).astype(np.uint16)
-        signed = 0
+def _mark_derivation(ds: Dataset, description: str, task: str) -> None:
+    ds.DerivationDescription = description[:1024]
+    ds.DerivationCodeSequence = [_code(DERIVATIONS[task])]
+
+
+def _code(code) -> Dataset:
+    item = Dataset()
+    item.CodeValue, item.CodingSchemeDesignator, item.CodeMeaning = code.value, code.scheme_designator, code.meaning
+    return item
+
+
+def _set_pixels(ds: Dataset, rows_cols: np.ndarray, slope: float, intercept: float, rescaled: bool,
+                fixed_scale: bool, low: float | None = None, high: float | None = None) -> None:
+    """Stored values ``round((value - intercept) / slope)`` in 16 bits, unsigned when they allow it. Without
+    ``fixed_scale`` a range that does not fit (or, when ``rescaled``, any range) gets a slope and intercept
+    that spread it over the 16 bits; a fixed scale that does not fit is refused."""
+    low = float(rows_cols.min()) if low is None else low
+    high = float(rows_cols.max()) if high is None else high
+    if rescaled and not fixed_scale:
+        slope, intercept = ((high - low) / 65535.0 or 1.0), low
+    stored = np.round((rows_cols.astype(np.float64) - intercept) / slope)
+    q_low, q_high = (low - intercept) / slope, (high - intercept) / slope
+    if not (-32768 <= round(q_low) and round(q_high) <= 65535 and (round(q_low) >= 0 or round(q_high) <= 32767)):
+        if fixed_scale:
+            raise MeddiffError(f"values {low:g}..{high:g} do not fit 16 bits at rescale slope {slope:g}, "
+                               f"intercept {intercept:g}")
+        slope, intercept, rescaled = (high - low) / 65535.0 or 1.0, low, True
+        stored = np.round((rows_cols.astype(np.float64) - intercept) / slope)
+        q_low = 0
+    signed = round(q_low) < 0
+    stored = stored.clip(-32768 if signed else 0, 32767 if signed else 65535).astype(np.int16 if signed else np.uint16)
     ds.Rows, ds.Columns = stored.shape
     ds.SamplesPerPixel = 1
     ds.PhotometricInterpretation = "MONOCHROME2"
     ds.BitsAllocated = ds.BitsStored = 16
     ds.HighBit = 15
-    ds.PixelRepresentation = signed
-    ds.RescaleSlope = f"{slope:.10g}"
-    ds.RescaleIntercept = f"{intercept:.10g}"
+    ds.PixelRepresentation = int(signed)
+    for key in ("RescaleSlope", "RescaleIntercept", "RescaleType"):
+        if key in ds:
+            delattr(ds, key)
+    if rescaled:
+        ds.RescaleSlope, ds.RescaleIntercept = f"{slope:.10g}", f"{intercept:.10g}"
     ds.PixelData = stored.tobytes()
+
+
+def _file_dataset(ds: Dataset) -> FileDataset:
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = ds.SOPClassUID, ds.SOPInstanceUID
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    out = FileDataset(None, ds, file_meta=meta, preamble=b"\0" * 128)
+    return out
+
+
+def _now() -> datetime.datetime:
+    return datetime.datetime.now()
+
+
+@contextmanager
+def _staged(path: Path, overwrite: bool) -> Iterator[Path]:
+    """A hidden sibling to write into, renamed to ``path`` when complete; removed on any failure."""
+    if path.exists() and not overwrite:
+        raise MeddiffError(f"{path} already exists — choose another output or pass --overwrite")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.partial")
+    _remove(tmp)
+    try:
+        yield tmp
+        _remove(path)
+        tmp.rename(path)
+    finally:
+        _remove(tmp)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path)
+    elif path.exists():
+        path.unlink()
+

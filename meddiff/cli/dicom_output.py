@@ -1,0 +1,63 @@
+"""``--format dcm`` and ``--send`` for the verbs that write a processed scan (denoise, inpaint, convert).
+
+A DICOM input gives a derived series in the input's study (``write_derived_dicom``); any other input a new
+de-identified study (``write_synthetic_dicom``). The output is a folder of slices, or one file when ``-o`` ends in
+``.dcm`` and the result is a single slice.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from meddiff.errors import MeddiffError
+from meddiff.files import full_suffix
+
+
+def add_options(p, send: bool = True) -> None:
+    p.add_argument("--format", choices=["dcm"],
+                   help="dcm: write DICOM into the -o folder: a new series of the input's study for DICOM input, "
+                        "else a new de-identified study (default: the -o suffix decides)")
+    if send:
+        p.add_argument("--send", metavar="AET@HOST:PORT", help="send the DICOM output to a PACS with C-STORE")
+
+
+def wants_dicom(args, output: str) -> bool:
+    return args.format == "dcm" or full_suffix(output) == ".dcm"
+
+
+def check(args, outputs: list[Path]) -> None:
+    """Before any work: refuse an existing output, a malformed --send, --send without DICOM output."""
+    from meddiff.io.dicom_net import parse_destination
+
+    if getattr(args, "send", None):
+        if not wants_dicom(args, str(outputs[0])):
+            raise MeddiffError("--send sends DICOM: add --format dcm")
+        parse_destination(args.send)
+    for out in outputs:
+        if out.exists() and not args.overwrite:
+            raise MeddiffError(f"{out} already exists — choose another output or pass --overwrite")
+
+
+def is_dicom_input(path: str | Path) -> bool:
+    from meddiff.io import DICOM_SUFFIXES, READ_SUFFIXES
+    from meddiff.io.dicom import is_dicom_file
+
+    path = Path(path)
+    suffix = full_suffix(path)
+    return path.is_dir() or suffix in DICOM_SUFFIXES or (suffix not in READ_SUFFIXES and is_dicom_file(path))
+
+
+def write(result, out: Path, args, source: str | Path | None, task: str, description: str) -> Path:
+    """``result`` as DICOM at ``out`` (derived from ``source`` when it is DICOM), then sent where --send says."""
+    from meddiff.io.dicom_net import dicom_files, send
+    from meddiff.io.dicom_write import write_derived_dicom, write_synthetic_dicom
+
+    if source is not None and is_dicom_input(source):
+        write_derived_dicom(result, source, out, description, task, series=getattr(args, "series", None),
+                            overwrite=args.overwrite)
+    else:
+        write_synthetic_dicom(result, out, description, overwrite=args.overwrite, task=task)
+    if getattr(args, "send", None):
+        stored = send(dicom_files(out), args.send)
+        print(f"sent {stored} DICOM files to {args.send}")
+    return out
