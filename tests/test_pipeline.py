@@ -112,7 +112,8 @@ def test_generate_dicom_is_marked_synthetic(model_dir, tmp_path):
     assert all("DERIVED" in ds.ImageType and "SYNTHETIC" in ds.ImageType for ds in datasets)
     assert datasets[0].SOPInstanceUID != datasets[1].SOPInstanceUID
     assert datasets[0].SeriesInstanceUID != datasets[1].SeriesInstanceUID
-    assert str(datasets[0].PatientName) == "SYNTHETIC" and datasets[0].PatientIdentityRemoved == "YES"
+    assert datasets[0].PatientID == "SYNTHETIC" and datasets[0].PatientIdentityRemoved == "YES"
+    assert datasets[0].DeidentificationMethod and datasets[0].PatientBirthDate == ""
     image = load_image(files[0])
     assert image.modality == "CT" and image.spacing == pytest.approx((2.0, 2.0))
 

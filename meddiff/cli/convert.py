@@ -31,10 +31,9 @@ def add_parser(subparsers) -> None:
 def run(args) -> None:
     if args.template and args.format != "dcm":
         raise MeddiffError("--template is for DICOM output: add --format dcm")
-    if dicom_output.wants_dicom(args, args.output):
-        dicom_output.check(args, [Path(args.output)])
+    dicom = dicom_output.check(args, [Path(args.output)])
     image = load_image(args.input, series=args.series, modality=args.modality)
-    if dicom_output.wants_dicom(args, args.output):
+    if dicom:
         source = args.template or args.input
         if args.template and not dicom_output.is_dicom_input(args.template):
             raise MeddiffError(f"--template {args.template} is not DICOM: give the source series' folder or file")

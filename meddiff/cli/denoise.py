@@ -65,10 +65,8 @@ def run(args) -> None:
                            "— e.g. 1 removes the whole noise sigma, or leave it out")
     if args.steps < 1 or args.samples < 1:
         raise MeddiffError("--steps and --samples must be at least 1 — --steps 1 gives the posterior-mean estimate")
-    dicom = dicom_output.wants_dicom(args, args.output)
-    if dicom:  # before minutes of work, not after
-        dicom_output.check(args, [Path(args.output)])
-    else:
+    dicom = dicom_output.check(args, [Path(args.output)])  # before minutes of work, not after
+    if not dicom:
         check_writable(args.output, args.overwrite)
     image = load_image(args.input, series=args.series)
     mask = None

@@ -25,17 +25,20 @@ def wants_dicom(args, output: str) -> bool:
     return args.format == "dcm" or full_suffix(output) == ".dcm"
 
 
-def check(args, outputs: list[Path]) -> None:
-    """Before any work: refuse an existing output, a malformed --send, --send without DICOM output."""
+def check(args, outputs: list[Path]) -> bool:
+    """Before any work: refuse a malformed --send or one without DICOM output, and an existing DICOM output;
+    whether the output is DICOM (other outputs are the caller's to check)."""
     from meddiff.io.dicom_net import parse_destination
 
+    dicom = wants_dicom(args, str(outputs[0]))
     if getattr(args, "send", None):
-        if not wants_dicom(args, str(outputs[0])):
+        if not dicom:
             raise MeddiffError("--send sends DICOM: add --format dcm")
         parse_destination(args.send)
-    for out in outputs:
+    for out in outputs if dicom else []:
         if out.exists() and not args.overwrite:
             raise MeddiffError(f"{out} already exists — choose another output or pass --overwrite")
+    return dicom
 
 
 def is_dicom_input(path: str | Path) -> bool:

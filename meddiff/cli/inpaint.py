@@ -80,11 +80,9 @@ def run(args) -> None:
     if args.samples < 1:
         raise MeddiffError(f"--samples must be at least 1, not {args.samples}")
     outputs = output_paths(args.output, args.samples)
-    if dicom:  # before minutes of work, not after
-        dicom_output.check(args, outputs)
-    else:
-        for out in outputs:
-            check_writable(out, args.overwrite)
+    dicom_output.check(args, outputs)  # before minutes of work, not after
+    for out in outputs if not dicom else []:
+        check_writable(out, args.overwrite)
     image = load_image(args.input, series=args.series, modality=args.modality)
     mask = load_image(args.mask)
     fill = mask_on_grid(image, mask)  # a bad mask is refused before the model loads; resampled once

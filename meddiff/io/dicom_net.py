@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import re
 from pathlib import Path
 
@@ -32,6 +33,7 @@ def send(files: list[Path], destination: str) -> int:
 
     aet, host, port = parse_destination(destination)
     datasets = [pydicom.dcmread(file) for file in files]
+    logging.getLogger("pynetdicom").setLevel(logging.CRITICAL)  # failures become one MeddiffError line
     ae = AE(ae_title=CALLING_AE)
     for sop_class in sorted({str(ds.SOPClassUID) for ds in datasets}):
         ae.add_requested_context(sop_class, [str(ds.file_meta.TransferSyntaxUID) for ds in datasets][:1])

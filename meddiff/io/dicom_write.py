@@ -4,10 +4,10 @@ Two kinds of output, each a series written into a staging folder and renamed int
 
 - **Synthetic** (``write_synthetic_dicom``): generated images, or images from a non-DICOM file. A new study with
   no patient (de-identified as PS3.15 describes: ``PatientIdentityRemoved``, ``DeidentificationMethod`` and its
-  code), ``ImageType`` DERIVED\\SECONDARY, ``ImageComments`` saying synthetic, fresh UIDs (``SyntheticData``
-  (0008,001C) is left out: the validator at hand does not know it yet). CT and MR use their classic image
-  IODs with every Type 1 and 2 attribute present; other modalities become Secondary Capture (conversion type
-  SYN, synthetic image).
+  code), ``ImageType`` DERIVED\\SECONDARY\\(AXIAL|OTHER)\\SYNTHETIC, ``ImageComments`` saying synthetic, fresh
+  UIDs (``SyntheticData`` (0008,001C) is left out: the validator at hand does not know it yet). CT and MR use
+  their classic image IODs with every Type 1 and 2 attribute present; other modalities become Secondary Capture
+  (conversion type SYN, synthetic image).
 - **Derived** (``write_derived_dicom``): the result of processing a real series (denoise, inpaint, convert with
   a template). A new series in the source's study: each slice is the source slice's header (Patient, Study,
   Frame of Reference, geometry and acquisition carried over; private tags dropped) with new Series and SOP
@@ -136,7 +136,7 @@ def _derived_slice(header: Dataset, plane: np.ndarray, series_uid: str, number: 
     _mark_derivation(ds, description, task)
     rescaled = "RescaleSlope" in header or header.SOPClassUID != MRImageStorage
     slope, intercept = (float(header.get("RescaleSlope", 1)), float(header.get("RescaleIntercept", 0)))
-    _set_pixels(ds, plane, slope, intercept, rescaled, fixed_scale=True)
+    _set_pixels(ds, plane, slope, intercept, rescaled)
     return _file_dataset(ds)
 
 
@@ -168,7 +168,7 @@ def _synthetic_slice(image: Image, plane: np.ndarray, k: int, uids: dict[str, st
     ds.SoftwareVersions = __version__
     ds.ImageComments = "synthetic image made by meddiff: no patient, no acquisition"
     ds.BurnedInAnnotation = "NO"
-    ds.ImageType = ["DERIVED", "SECONDARY", _image_type_3(image, modality)]
+    ds.ImageType = ["DERIVED", "SECONDARY", _image_type_3(image, modality), "SYNTHETIC"]  # value 4: ours to use
     _mark_derivation(ds, description, task)
     if sop_class == SecondaryCaptureImageStorage:
         ds.ConversionType = "SYN"  # synthetic image
@@ -183,8 +183,9 @@ def _synthetic_slice(image: Image, plane: np.ndarray, k: int, uids: dict[str, st
             ds.ScanOptions = ds.RepetitionTime = ds.EchoTime = ds.EchoTrainLength = ""
             ds.MRAcquisitionType = "2D" if image.array.ndim == 2 else "3D"
         # CT keeps HU (the CT IOD rescales); MR stores its own units unless a narrow range needs a rescale
-        rescaled = modality == "CT" or high - low < 255
-    _set_pixels(ds, plane.T, 1.0, 0.0, rescaled, fixed_scale=modality == "CT", low=low, high=high)
+        rescaled = modality == "CT"
+    slope, intercept = (1.0, 0.0) if rescaled or high - low >= 255 else ((high - low) / 65535.0 or 1.0, low)
+    _set_pixels(ds, plane.T, slope, intercept, rescaled or slope != 1.0, low=low)
     return _file_dataset(ds)
 
 
@@ -218,24 +219,13 @@ def _code(code) -> Dataset:
 
 
 def _set_pixels(ds: Dataset, rows_cols: np.ndarray, slope: float, intercept: float, rescaled: bool,
-                fixed_scale: bool, low: float | None = None, high: float | None = None) -> None:
-    """Stored values ``round((value - intercept) / slope)`` in 16 bits, unsigned when they allow it. Without
-    ``fixed_scale`` a range that does not fit (or, when ``rescaled``, any range) gets a slope and intercept
-    that spread it over the 16 bits; a fixed scale that does not fit is refused."""
+                low: float | None = None) -> None:
+    """Stored values ``round((value - intercept) / slope)`` in 16 bits, unsigned unless some are negative; the
+    scale is kept (the source's, so every value it can represent comes back exactly) and values beyond the 16 bits
+    at that scale (for CT at intercept -1024: beyond -33792..31743 HU) are clipped."""
     low = float(rows_cols.min()) if low is None else low
-    high = float(rows_cols.max()) if high is None else high
-    if rescaled and not fixed_scale:
-        slope, intercept = ((high - low) / 65535.0 or 1.0), low
     stored = np.round((rows_cols.astype(np.float64) - intercept) / slope)
-    q_low, q_high = (low - intercept) / slope, (high - intercept) / slope
-    if not (-32768 <= round(q_low) and round(q_high) <= 65535 and (round(q_low) >= 0 or round(q_high) <= 32767)):
-        if fixed_scale:
-            raise MeddiffError(f"values {low:g}..{high:g} do not fit 16 bits at rescale slope {slope:g}, "
-                               f"intercept {intercept:g}")
-        slope, intercept, rescaled = (high - low) / 65535.0 or 1.0, low, True
-        stored = np.round((rows_cols.astype(np.float64) - intercept) / slope)
-        q_low = 0
-    signed = round(q_low) < 0
+    signed = round((low - intercept) / slope) < 0
     stored = stored.clip(-32768 if signed else 0, 32767 if signed else 65535).astype(np.int16 if signed else np.uint16)
     ds.Rows, ds.Columns = stored.shape
     ds.SamplesPerPixel = 1

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import gzip
 import io
+import shutil
 import zipfile
 from pathlib import Path
 
@@ -106,6 +107,7 @@ def test_no_identifier_in_any_output_or_message(identified, tiny_model, tmp_path
         ["manifest", "build", mr.parent, "-o", "real/manifest.jsonl", "--modality", "MR"],
         [*inpaint, "-o", "filled.nii.gz"],
         [*inpaint, "-o", "filled.dcm"],
+        ["denoise", "-i", mr, "-o", "denoised_dcm", "--format", "dcm"],
         ["generate", "--model", tiny_model, "-n", "6", "-o", "fake_nii", "--steps", "2", "--format", "nii.gz"],
         ["generate", "--model", tiny_model, "-n", "2", "-o", "fake_dcm", "--steps", "2", "--format", "dcm"],
         ["evaluate", "--real", "real/manifest.jsonl", "--fake", "fake_nii", "--features", "meddiff_mri",
@@ -117,8 +119,17 @@ def test_no_identifier_in_any_output_or_message(identified, tiny_model, tmp_path
         assert result.code == 0, f"{argv[:2]} failed: {result.err}"
         printed.append(result.out + result.err)
     for name in ("mr.nii.gz", "mr.mha", "mr.nrrd", "mr.png", "denoised.nii.gz", "filled.nii.gz", "filled.dcm",
-                 "real/manifest.jsonl", "fake_nii", "fake_dcm", "eval.json", "cache"):
+                 "denoised_dcm", "real/manifest.jsonl", "fake_nii", "fake_dcm", "eval.json", "cache"):
         assert (work / name).exists(), f"{name} was not written"
+    # DICOM derived from the patient's scan is a new series of that patient's study: its identifiers belong
+    # there and nowhere else (not in the messages, manifests or other outputs)
+    source = pydicom.dcmread(mr)
+    for derived in (work / "filled.dcm", work / "denoised_dcm" / "slice_0000.dcm"):
+        ds = pydicom.dcmread(derived)
+        assert (ds.PatientID, ds.StudyInstanceUID) == (source.PatientID, source.StudyInstanceUID)
+        assert ds.SeriesInstanceUID != source.SeriesInstanceUID and "DERIVED" in ds.ImageType
+    shutil.move(work / "filled.dcm", tmp_path / "filled.dcm")
+    shutil.move(work / "denoised_dcm", tmp_path / "denoised_dcm")
     assert not leaks(work, "\n".join(printed)), leaks(work, "\n".join(printed))
 
 

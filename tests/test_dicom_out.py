@@ -1,0 +1,216 @@
+"""DICOM out as a PACS expects: the standard's validator (dciodvfy) on every object type meddiff writes, derived
+series in the source's study, and a real PACS (Orthanc) round trip over DICOM networking."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+from pydicom.data import get_testdata_file
+from pydicom.dataset import Dataset
+
+from meddiff import Image
+from meddiff.cli.main import main
+from meddiff.io import load_image, save_image
+from meddiff.io.dicom_write import write_synthetic_dicom
+
+DCIODVFY = shutil.which("dciodvfy")
+ORTHANC = shutil.which("Orthanc") or shutil.which("Orthanc", path="/usr/sbin")
+needs_dciodvfy = pytest.mark.skipif(DCIODVFY is None, reason="dciodvfy is not installed (Debian package dicom3tools; "
+                                                                ".ci/run installs it)")
+
+
+def validator_errors(path: Path) -> list[str]:
+    """dciodvfy's Error lines for one file (warnings are advice, errors break the IOD)."""
+    result = subprocess.run([DCIODVFY, str(path)], capture_output=True, text=True, timeout=60)
+    return [line for line in (result.stdout + result.stderr).splitlines() if line.startswith("Error")]
+
+
+def ct_series(tmp_path: Path) -> Path:
+    """A classic CT series (20 slices of the chest CT's held-out slab, in HU), as meddiff writes it."""
+    from meddiff.data.samples import write_samples
+
+    write_samples(tmp_path / "samples", names=["chest_ct_test"])
+    image = load_image(tmp_path / "samples" / "chest_ct_test.nii.gz", modality="CT")
+    image = Image(image.array[::4, ::4], image.affine @ np.diag([4.0, 4.0, 1.0, 1.0]), "CT")
+    return write_synthetic_dicom(image, tmp_path / "ct_series", "test series")
+
+
+@needs_dciodvfy
+def test_every_object_meddiff_writes_passes_the_standards_validator(tmp_path):
+    """Synthetic CT, MR and Secondary Capture; derived MR (denoise of a real scan) and CT (convert on a template)."""
+    mr = load_image(get_testdata_file("MR_small.dcm"))
+    write_synthetic_dicom(Image(mr.array[:, :, None].repeat(3, 2), np.diag([1, 1, 2, 1.0]), "MR"),
+                          tmp_path / "synthetic_mr", "test")
+    write_synthetic_dicom(Image(mr.array / 1000, mr.affine, "MR"), tmp_path / "narrow_mr.dcm", "test")
+    write_synthetic_dicom(Image(mr.array, mr.affine, "CR"), tmp_path / "synthetic_cr.dcm", "test")
+    series = ct_series(tmp_path)
+    assert main(["denoise", "-i", get_testdata_file("MR_small.dcm"), "-o", str(tmp_path / "denoised"),
+                 "--format", "dcm"]) == 0
+    assert main(["convert", str(series), str(tmp_path / "ct.nii.gz")]) == 0
+    assert main(["convert", str(tmp_path / "ct.nii.gz"), str(tmp_path / "derived_ct"), "--format", "dcm",
+                 "--template", str(series)]) == 0
+    objects = [tmp_path / "synthetic_mr" / "slice_0001.dcm", tmp_path / "narrow_mr.dcm", tmp_path / "synthetic_cr.dcm",
+               series / "slice_0000.dcm", tmp_path / "denoised" / "slice_0000.dcm",
+               tmp_path / "derived_ct" / "slice_0007.dcm"]
+    assert {pydicom.dcmread(p).SOPClassUID.name for p in objects} == {
+        "MR Image Storage", "CT Image Storage", "Secondary Capture Image Storage"}
+    for path in objects:
+        assert validator_errors(path) == [], path
+
+
+def test_a_derived_series_is_a_new_series_of_the_source_study_on_its_slices(tmp_path):
+    series = ct_series(tmp_path)
+    assert main(["convert", str(series), str(tmp_path / "ct.nii.gz")]) == 0
+    edited = load_image(tmp_path / "ct.nii.gz")
+    edited.array = edited.array + 0.4  # rounds back to the source's whole HU
+    save_image(edited, tmp_path / "edited.nii.gz")
+    out = tmp_path / "derived"
+    assert main(["convert", str(tmp_path / "edited.nii.gz"), str(out), "--format", "dcm", "--template",
+                 str(series)]) == 0
+    sources = {ds.SOPInstanceUID: ds for ds in map(pydicom.dcmread, series.glob("*.dcm"))}
+    derived = [pydicom.dcmread(p) for p in sorted(out.glob("*.dcm"))]
+    assert len(derived) == len(sources) == 20
+    assert len({ds.SeriesInstanceUID for ds in derived}) == 1
+    for ds in derived:
+        source = sources[ds.SourceImageSequence[0].ReferencedSOPInstanceUID]
+        assert ds.StudyInstanceUID == source.StudyInstanceUID and ds.PatientID == source.PatientID
+        assert ds.SeriesInstanceUID != source.SeriesInstanceUID and ds.SOPInstanceUID != source.SOPInstanceUID
+        assert ds.ImageType[:2] == ["DERIVED", "SECONDARY"] and ds.DerivationCodeSequence[0].CodeValue
+        assert ds.ImagePositionPatient == source.ImagePositionPatient
+        assert ds.ImageOrientationPatient == source.ImageOrientationPatient and ds.PixelSpacing == source.PixelSpacing
+        hu = pydicom.pixels.apply_rescale(ds.pixel_array, ds)
+        assert np.array_equal(hu, pydicom.pixels.apply_rescale(source.pixel_array, source))
+    # not on the template's grid: refused before anything is written
+    edited.array = edited.array[:, :, 2:]
+    edited.affine = edited.affine @ np.array([[1, 0, 0, 0], [0, 1, 0, 0], [0, 0, 1, 2], [0, 0, 0, 1.0]])
+    save_image(edited, tmp_path / "cropped.nii.gz")
+    assert main(["convert", str(tmp_path / "cropped.nii.gz"), str(tmp_path / "bad"), "--format", "dcm", "--template",
+                 str(series)]) == 2
+    assert not (tmp_path / "bad").exists() and not list(tmp_path.glob(".bad*"))
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--format", "dcm", "--send", "ORTHANC@localhost"], "AET@HOST:PORT"),
+    (["--send", "ORTHANC@localhost:4242"], "add --format dcm"),
+    (["--format", "dcm", "--send", "NOBODY@127.0.0.1:1"], "cannot send"),
+])
+def test_send_is_checked_and_a_missing_pacs_is_one_line(argv, message, tmp_path, capsys):
+    out = tmp_path / ("out" if "--format" in argv else "out.nii.gz")
+    assert main(["denoise", "-i", get_testdata_file("MR_small.dcm"), "-o", str(out), *argv]) == 2
+    assert message in capsys.readouterr().err
+    # bad options are refused before any work; a PACS that does not answer leaves the written series in place
+    assert out.exists() == ("NOBODY" in argv[-1])
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def orthanc(tmp_path_factory):
+    """A local Orthanc PACS with a temporary storage folder: (AE title, host, DICOM port)."""
+    if ORTHANC is None:
+        pytest.skip("Orthanc is not installed (Debian package orthanc; .ci/run installs it)")
+    from pynetdicom import AE
+    from pynetdicom.sop_class import Verification
+
+    root = tmp_path_factory.mktemp("orthanc")
+    port = free_port()
+    config = {"Name": "meddiff-test", "StorageDirectory": str(root / "db"), "IndexDirectory": str(root / "db"),
+              "DicomAet": "ORTHANC", "DicomPort": port, "HttpPort": free_port(), "HttpServerEnabled": False,
+              "RemoteAccessAllowed": False, "AuthenticationEnabled": False, "DicomCheckCalledAet": False,
+              "DicomAlwaysAllowEcho": True, "DicomAlwaysAllowStore": True, "DicomAlwaysAllowFind": True,
+              "DicomAlwaysAllowGet": True, "DicomCheckModalityHost": False, "Plugins": []}
+    (root / "orthanc.json").write_text(json.dumps(config))
+    log = (root / "orthanc.log").open("w")
+    process = subprocess.Popen([ORTHANC, str(root / "orthanc.json")], stdout=log, stderr=subprocess.STDOUT)
+    ae = AE("MEDDIFF")
+    ae.add_requested_context(Verification)
+    for _ in range(100):
+        association = ae.associate("127.0.0.1", port, ae_title="ORTHANC")
+        if association.is_established:
+            association.release()
+            break
+        time.sleep(0.2)
+    else:
+        process.kill()
+        pytest.fail(f"Orthanc did not answer: {(root / 'orthanc.log').read_text()[-2000:]}")
+    yield "ORTHANC", "127.0.0.1", port
+    process.terminate()
+    process.wait(timeout=30)
+    log.close()
+
+
+def find_and_get(orthanc, study_uid: str) -> tuple[list[Dataset], list[Dataset]]:
+    """C-FIND the series of a study, then C-GET every image of it: (series found, images retrieved)."""
+    from pynetdicom import AE, build_role, evt
+    from pynetdicom.sop_class import (
+        MRImageStorage,
+        StudyRootQueryRetrieveInformationModelFind,
+        StudyRootQueryRetrieveInformationModelGet,
+    )
+
+    aet, host, port = orthanc
+    retrieved = []
+
+    def on_store(event):
+        dataset = event.dataset
+        dataset.file_meta = event.file_meta
+        retrieved.append(dataset)
+        return 0x0000
+
+    ae = AE("MEDDIFF")
+    ae.add_requested_context(StudyRootQueryRetrieveInformationModelFind)
+    ae.add_requested_context(StudyRootQueryRetrieveInformationModelGet)
+    ae.add_requested_context(MRImageStorage)
+    association = ae.associate(host, port, ae_title=aet, ext_neg=[build_role(MRImageStorage, scp_role=True)],
+                               evt_handlers=[(evt.EVT_C_STORE, on_store)])
+    assert association.is_established
+    query = Dataset()
+    query.QueryRetrieveLevel, query.StudyInstanceUID = "SERIES", study_uid
+    query.SeriesInstanceUID = query.SeriesDescription = query.SeriesNumber = query.Modality = ""
+    found = [identifier for status, identifier in
+             association.send_c_find(query, StudyRootQueryRetrieveInformationModelFind)
+             if status and status.Status in (0xFF00, 0xFF01)]
+    get = Dataset()
+    get.QueryRetrieveLevel, get.StudyInstanceUID = "STUDY", study_uid
+    statuses = [status.Status for status, _ in association.send_c_get(get, StudyRootQueryRetrieveInformationModelGet)
+                if status]
+    association.release()
+    assert statuses and statuses[-1] == 0x0000, statuses
+    return found, retrieved
+
+
+def test_a_denoised_series_goes_back_to_the_pacs_in_the_source_study(orthanc, tmp_path, capsys):
+    """Real MR in the PACS; `meddiff denoise --format dcm --send` stores the derived series; C-FIND finds it in the
+    same study, C-GET brings it back, and its pixels are meddiff's output in the image's units."""
+    from meddiff.io.dicom_net import send
+
+    source = Path(get_testdata_file("MR_small.dcm"))
+    assert send([source], "{}@{}:{}".format(*orthanc)) == 1
+    destination = "{}@{}:{}".format(*orthanc)
+    out = tmp_path / "denoised"
+    assert main(["denoise", "-i", str(source), "-o", str(out), "--format", "dcm", "--send", destination]) == 0
+    assert "sent 1 DICOM files" in capsys.readouterr().out
+    assert main(["denoise", "-i", str(source), "-o", str(tmp_path / "denoised.nii.gz")]) == 0
+
+    study = pydicom.dcmread(source).StudyInstanceUID
+    found, retrieved = find_and_get(orthanc, study)
+    written = pydicom.dcmread(out / "slice_0000.dcm")
+    assert {str(s.SeriesInstanceUID) for s in found} == {pydicom.dcmread(source).SeriesInstanceUID,
+                                                         written.SeriesInstanceUID}
+    (back,) = [ds for ds in retrieved if ds.SeriesInstanceUID == written.SeriesInstanceUID]
+    assert back.SOPInstanceUID == written.SOPInstanceUID and back.StudyInstanceUID == study
+    assert np.array_equal(back.pixel_array, written.pixel_array)
+    expected = load_image(tmp_path / "denoised.nii.gz").array  # the same denoising, written as NIfTI
+    assert np.abs(load_image(out).array - expected).max() <= 0.5  # stored to the source's whole units
