@@ -31,6 +31,7 @@ from meddiff.files import folder_lock, remove_temporaries
 from meddiff.image import Image
 from meddiff.io import SYNTHETIC_FORMATS as FORMATS
 from meddiff.io import save_image
+from meddiff.io.dicom_seg import write_seg
 from meddiff.io.dicom_write import write_synthetic_dicom
 from meddiff.model import DiffusionModel
 from meddiff.pipelines.controlnet import check_label_args
@@ -45,6 +46,11 @@ MAX_ITEMS = 1_000_000  # items are named sample_000000 .. sample_999999: a large
 def sample_name(index: int, fmt: str, ndim: int) -> str:
     """File (or, for a 3D DICOM series, folder) name of item ``index``."""
     return f"sample_{index:06d}" + ("" if fmt == "dcm" and ndim == 3 else f".{fmt}")
+
+
+def labels_name(index: int) -> str:
+    """The DICOM SEG of the label map item ``index`` follows (``--format dcm`` with ``--condition``)."""
+    return f"sample_{index:06d}_labels.dcm"
 
 
 def description(provenance: dict, index: int) -> str:
@@ -88,6 +94,9 @@ class ShardWriter(BasePredictionWriter):
                     write_synthetic_dicom(
                         image, self.out_dir / name, description(self.provenance, index), overwrite=True
                     )
+                    if getattr(pl_module, "labels", None) is not None:  # the label map it follows, as a SEG of it
+                        write_seg(pl_module.labels, self.out_dir / name, self.out_dir / labels_name(index),
+                                  names=pl_module.model.config.controlnet.structures, overwrite=True)
                 else:
                     save_image(image, self.out_dir / name, overwrite=True)
 

@@ -57,11 +57,16 @@ def test_every_object_meddiff_writes_passes_the_standards_validator(tmp_path):
     assert main(["convert", str(series), str(tmp_path / "ct.nii.gz")]) == 0
     assert main(["convert", str(tmp_path / "ct.nii.gz"), str(tmp_path / "derived_ct"), "--format", "dcm",
                  "--template", str(series)]) == 0
-    objects = [tmp_path / "synthetic_mr" / "slice_0001.dcm", tmp_path / "narrow_mr.dcm", tmp_path / "synthetic_cr.dcm",
+    ct = load_image(tmp_path / "ct.nii.gz")
+    save_image(Image((ct.array > 200).astype(np.uint8), ct.affine), tmp_path / "bone.nii.gz")
+    assert main(["convert", str(tmp_path / "bone.nii.gz"), str(tmp_path / "bone_seg.dcm"), "--format", "seg",
+                 "--template", str(series)]) == 0
+    objects = [tmp_path / "bone_seg.dcm", tmp_path / "synthetic_mr" / "slice_0001.dcm", tmp_path / "narrow_mr.dcm",
+               tmp_path / "synthetic_cr.dcm",
                series / "slice_0000.dcm", tmp_path / "denoised" / "slice_0000.dcm",
                tmp_path / "derived_ct" / "slice_0007.dcm"]
     assert {pydicom.dcmread(p).SOPClassUID.name for p in objects} == {
-        "MR Image Storage", "CT Image Storage", "Secondary Capture Image Storage"}
+        "MR Image Storage", "CT Image Storage", "Secondary Capture Image Storage", "Segmentation Storage"}
     for path in objects:
         assert validator_errors(path) == [], path
 
@@ -95,6 +100,21 @@ def test_a_derived_series_is_a_new_series_of_the_source_study_on_its_slices(tmp_
     assert main(["convert", str(tmp_path / "cropped.nii.gz"), str(tmp_path / "bad"), "--format", "dcm", "--template",
                  str(series)]) == 2
     assert not (tmp_path / "bad").exists() and not list(tmp_path.glob(".bad*"))
+
+
+def test_an_inpainting_mask_given_as_dicom_seg_selects_the_same_voxels(tmp_path):
+    from meddiff.pipelines.inpaint import mask_on_grid
+
+    series = ct_series(tmp_path)
+    image = load_image(series)
+    mask = np.zeros(image.array.shape, np.uint8)
+    mask[40:70, 50:90, 5:9] = 1
+    save_image(Image(mask, image.affine), tmp_path / "mask.nii.gz")
+    assert main(["convert", str(tmp_path / "mask.nii.gz"), str(tmp_path / "mask_seg.dcm"), "--format", "seg",
+                 "--template", str(series)]) == 0
+    seg = load_image(tmp_path / "mask_seg.dcm")
+    assert seg.modality == "SEG" and np.array_equal(mask_on_grid(image, seg), mask.astype(bool))
+    assert main(["convert", str(tmp_path / "mask.nii.gz"), str(tmp_path / "no_template.dcm"), "--format", "seg"]) == 2
 
 
 @pytest.mark.parametrize("argv, message", [

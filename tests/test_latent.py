@@ -343,6 +343,45 @@ def test_the_controlnet_recipe_trains_exports_and_follows_a_label_map_on_its_gri
     np.testing.assert_allclose(same.array, made.array, atol=1e-3)  # image 1 = base seed 1, however it is made
 
 
+def test_a_dicom_seg_label_map_gives_ct_series_with_their_seg(controlnet_run, tmp_path):
+    """`--condition` reads a DICOM SEG; `--format dcm` writes each sample as a CT series and the map it follows as a
+    SEG of that series, with the structure names; both pass the standard's validator."""
+    import shutil
+    import subprocess
+
+    import nibabel as nib
+
+    from meddiff import Image, load_image
+    from meddiff.io import save_image
+    from meddiff.io.dicom_write import write_synthetic_dicom
+
+    root = controlnet_run
+    labels, ct = (load_image(root / "ct" / f"chest_ct_train_lower{suffix}.nii.gz") for suffix in ("_labels", ""))
+    small = Image(labels.array[:, :, 10:12], labels.affine, None)
+    save_image(small, tmp_path / "labels.nii.gz")
+    write_synthetic_dicom(Image(ct.array[:, :, 10:12], ct.affine, "CT"), tmp_path / "series", "template")
+    assert main(["convert", str(tmp_path / "labels.nii.gz"), str(tmp_path / "labels_seg.dcm"), "--format", "seg",
+                 "--template", str(tmp_path / "series")]) == 0
+    out = tmp_path / "out"
+    assert main(["generate", "--model", str(root / "cn_export"), "--condition", str(tmp_path / "labels_seg.dcm"),
+                 "-n", "1", "--steps", "2", "--format", "dcm", "-o", str(out)]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["manifest.jsonl", "sample_000000", "sample_000000_labels.dcm"]
+
+    def canonical(image):
+        return nib.as_closest_canonical(nib.Nifti1Image(image.array, image.affine)).get_fdata()
+
+    for seg in (tmp_path / "labels_seg.dcm", out / "sample_000000_labels.dcm"):
+        assert np.array_equal(canonical(load_image(seg)), canonical(small))
+    import pydicom
+
+    names = {item.SegmentLabel for item in pydicom.dcmread(out / "sample_000000_labels.dcm").SegmentSequence}
+    assert {"liver", "aorta"} <= names
+    if shutil.which("dciodvfy"):
+        for path in (out / "sample_000000_labels.dcm", out / "sample_000000" / "slice_0000.dcm"):
+            report = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True)
+            assert "Error" not in report.stdout + report.stderr, path
+
+
 def test_label_maps_are_checked(controlnet_run, tmp_path):
     from meddiff import Image
 

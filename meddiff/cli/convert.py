@@ -11,6 +11,7 @@ from meddiff.cli import dicom_output
 from meddiff.errors import MeddiffError
 from meddiff.files import full_suffix
 from meddiff.io import PICTURE_SUFFIXES, load_image, save_image
+from meddiff.io.dicom_seg import write_seg
 
 log = logging.getLogger(__name__)
 
@@ -22,17 +23,23 @@ def add_parser(subparsers) -> None:
     p.add_argument("--series", help="series UID or number when a DICOM folder holds several")
     p.add_argument("--modality", help="set the modality (NIfTI and pictures carry none)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output")
-    dicom_output.add_options(p, send=False)
+    dicom_output.add_options(p, send=False, seg=True)
     p.add_argument("--template", help="with --format dcm: the DICOM series (folder or file) the image derives from, "
                                       "on its grid; the output is a new series of its study")
     p.set_defaults(func=run)
 
 
 def run(args) -> None:
-    if args.template and args.format != "dcm":
-        raise MeddiffError("--template is for DICOM output: add --format dcm")
+    if args.template and args.format is None:
+        raise MeddiffError("--template is for DICOM output: add --format dcm or --format seg")
+    if args.format == "seg" and not args.template:
+        raise MeddiffError("--format seg writes a mask or label map of a DICOM series: name it with --template")
     dicom = dicom_output.check(args, [Path(args.output)])
     image = load_image(args.input, series=args.series, modality=args.modality)
+    if args.format == "seg":
+        out = write_seg(image, args.template, args.output, overwrite=args.overwrite)
+        print(f"wrote {out} (DICOM SEG of {args.template})")
+        return
     if dicom:
         source = args.template or args.input
         if args.template and not dicom_output.is_dicom_input(args.template):

@@ -13,16 +13,18 @@ from meddiff.errors import MeddiffError
 from meddiff.files import full_suffix
 
 
-def add_options(p, send: bool = True) -> None:
-    p.add_argument("--format", choices=["dcm"],
+def add_options(p, send: bool = True, seg: bool = False) -> None:
+    p.add_argument("--format", choices=["dcm", "seg"] if seg else ["dcm"],
                    help="dcm: write DICOM into the -o folder: a new series of the input's study for DICOM input, "
-                        "else a new de-identified study (default: the -o suffix decides)")
+                        "else a new de-identified study" + ("; seg: a mask or label map as a DICOM SEG file "
+                                                            "of the --template series" if seg else "")
+                        + " (default: the -o suffix decides)")
     if send:
         p.add_argument("--send", metavar="AET@HOST:PORT", help="send the DICOM output to a PACS with C-STORE")
 
 
 def wants_dicom(args, output: str) -> bool:
-    return args.format == "dcm" or full_suffix(output) == ".dcm"
+    return args.format in ("dcm", "seg") or full_suffix(output) == ".dcm"
 
 
 def check(args, outputs: list[Path]) -> bool:

@@ -57,12 +57,15 @@ class Series:
 
 def read_dicom(path: Path, series: str | int | None = None) -> Image:
     """A single DICOM file, or the one series (or the chosen ``series``) found under a folder."""
+    from meddiff.io.dicom_seg import is_seg, read_seg
+
     if path.is_dir():
-        return _read_series(_choose_series(find_series(path), path, series))
+        chosen = _choose_series(find_series(path), path, series)
+        return read_seg(chosen.files[0]) if is_seg(chosen.header) else _read_series(chosen)
     header = _read_header(path)
     if header is None:
         raise MeddiffError(f"{path} is not a DICOM image file")
-    return _read_files([path], header)
+    return read_seg(path) if is_seg(header) else _read_files([path], header)
 
 
 def source_slices(path: Path, series: str | int | None = None) -> list[tuple[Path, pydicom.Dataset]]:
