@@ -56,7 +56,9 @@ def test_convert_dicom_folder_to_nifti_keeps_geometry(ct_series_dir, tmp_path, c
         (["info", "{tmp}/missing.nii.gz"], "does not exist"),
         (["info", "{tmp}/cut.dcm"], "cannot"),
         (["convert", "{tmp}/cut.dcm", "{tmp}/out.nii.gz"], "cannot"),
-        (["convert", str(PYDICOM_TEST_FILES / "CT_small.dcm"), "{tmp}/out.dcm"], "cannot write '.dcm'"),
+        (["convert", str(PYDICOM_TEST_FILES / "CT_small.dcm"), "{tmp}/out.nii.gz", "--template",
+          str(PYDICOM_TEST_FILES / "CT_small.dcm")], "--template is for DICOM output"),
+        (["convert", str(PYDICOM_TEST_FILES / "CT_small.dcm"), "{tmp}/out.dcm", "--format", "seg"], "--template"),
         (["manifest", "validate", "{tmp}/bad.jsonl"], "line 2: field 'modality'"),
     ],
 )

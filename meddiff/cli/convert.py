@@ -30,7 +30,7 @@ def add_parser(subparsers) -> None:
 
 
 def run(args) -> None:
-    if args.template and args.format is None:
+    if args.template and not dicom_output.wants_dicom(args, args.output):
         raise MeddiffError("--template is for DICOM output: add --format dcm or --format seg")
     if args.format == "seg" and not args.template:
         raise MeddiffError("--format seg writes a mask or label map of a DICOM series: name it with --template")
