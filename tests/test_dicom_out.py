@@ -43,6 +43,22 @@ def ct_series(tmp_path: Path) -> Path:
     return write_synthetic_dicom(image, tmp_path / "ct_series", "test series")
 
 
+def multiframe_ct(tmp_path: Path) -> Path:
+    """The classic CT series as one Legacy Converted Enhanced CT object (highdicom), the multi-frame kind."""
+    import highdicom as hd
+    from pydicom.uid import generate_uid
+
+    series = ct_series(tmp_path)
+    legacy = [pydicom.dcmread(p) for p in sorted(series.glob("*.dcm"))]
+    enhanced = hd.legacy.LegacyConvertedEnhancedCTImage(
+        legacy_datasets=legacy, series_instance_uid=generate_uid(), series_number=5, sop_instance_uid=generate_uid(),
+        instance_number=1)
+    enhanced.Laterality = ""  # two gaps of the converter's output, which the validator reports for the source itself
+    del enhanced.ReferencedSeriesSequence
+    enhanced.save_as(tmp_path / "enhanced_ct.dcm")
+    return tmp_path / "enhanced_ct.dcm"
+
+
 @needs_dciodvfy
 def test_every_object_meddiff_writes_passes_the_standards_validator(tmp_path):
     """Synthetic CT, MR and Secondary Capture; derived MR (denoise of a real scan) and CT (convert on a template)."""
@@ -100,6 +116,27 @@ def test_a_derived_series_is_a_new_series_of_the_source_study_on_its_slices(tmp_
     assert main(["convert", str(tmp_path / "cropped.nii.gz"), str(tmp_path / "bad"), "--format", "dcm", "--template",
                  str(series)]) == 2
     assert not (tmp_path / "bad").exists() and not list(tmp_path.glob(".bad*"))
+
+
+def test_a_multiframe_source_gives_a_multiframe_derived_object(tmp_path):
+    """One enhanced CT object in, one out: frames in the source's order, each frame's derivation recorded in its
+    functional group, HU exact; no validator errors."""
+    source = multiframe_ct(tmp_path)
+    assert main(["convert", str(source), str(tmp_path / "ct.nii.gz")]) == 0
+    out = tmp_path / "derived"
+    assert main(["convert", str(tmp_path / "ct.nii.gz"), str(out), "--format", "dcm", "--template", str(source)]) == 0
+    (path,) = out.glob("*.dcm")
+    ds, original = pydicom.dcmread(path), pydicom.dcmread(source)
+    assert ds.NumberOfFrames == original.NumberOfFrames == 20 and ds.StudyInstanceUID == original.StudyInstanceUID
+    assert ds.SOPInstanceUID != original.SOPInstanceUID and ds.ImageType[0] == "DERIVED"
+    for frame, group in enumerate(ds.PerFrameFunctionalGroupsSequence, start=1):
+        reference = group.DerivationImageSequence[0].SourceImageSequence[0]
+        assert (reference.ReferencedSOPInstanceUID, reference.ReferencedFrameNumber) == (original.SOPInstanceUID, frame)
+        assert (group.PlanePositionSequence[0].ImagePositionPatient
+                == original.PerFrameFunctionalGroupsSequence[frame - 1].PlanePositionSequence[0].ImagePositionPatient)
+    assert np.array_equal(load_image(out).array, load_image(source).array)
+    if DCIODVFY:
+        assert validator_errors(source) == [] and validator_errors(path) == []
 
 
 def test_an_inpainting_mask_given_as_dicom_seg_selects_the_same_voxels(tmp_path):

@@ -36,7 +36,7 @@ def write_seg(labels: Image, source: str | Path, out: str | Path, names: dict[in
     if not np.array_equal(values, np.round(values)) or values.min() < 0:
         raise MeddiffError("a SEG holds masks or label maps: whole numbers >= 0, not probabilities")
     slices = source_slices(Path(source))
-    planes = np.stack(_planes_on_source_grid(labels, slices, source)).astype(np.int64)
+    planes = np.concatenate([_planes_on_source_grid(labels, header, source) for _, header in slices]).astype(np.int64)
     present = [int(v) for v in np.unique(planes) if v > 0]
     if not present:
         raise MeddiffError("the mask or label map is empty: nothing to write as SEG")

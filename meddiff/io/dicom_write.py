@@ -68,17 +68,17 @@ def write_synthetic_dicom(image: Image, path: str | Path, description: str, over
 
 def write_derived_dicom(image: Image, source: str | Path, out_dir: str | Path, description: str, task: str,
                         series: str | int | None = None, overwrite: bool = False) -> Path:
-    """``image`` (on the grid of the DICOM ``source`` file or series) as a new series of the source's study:
-    one file per source slice in the folder ``out_dir`` (a single slice to a ``.dcm`` path: one file)."""
+    """``image`` (on the grid of the DICOM ``source`` file or series) as a new series of the source's study, shaped
+    as the source: one file per source file (single-frame slices, or a multi-frame object whose frames keep their
+    order) in the folder ``out_dir``; a single source file to a ``.dcm`` path gives one file."""
     from meddiff.io.dicom import source_slices
 
     image.check_finite()
     slices = source_slices(Path(source), series)
-    planes = _planes_on_source_grid(image, slices, source)
     series_uid, now = generate_uid(), _now()
     number = 1000 + int(slices[0][1].get("SeriesNumber") or 0)
-    datasets = [_derived_slice(header, plane, series_uid, number, description, task, now)
-                for (_, header), plane in zip(slices, planes, strict=True)]
+    datasets = [_derived_object(header, _planes_on_source_grid(image, header, source), series_uid, number,
+                                description, task, now) for _, header in slices]
     return _write(datasets, Path(out_dir), overwrite)
 
 
@@ -95,17 +95,31 @@ def _write(datasets: list[FileDataset], path: Path, overwrite: bool) -> Path:
     return path
 
 
-def _planes_on_source_grid(image: Image, slices: list[tuple[Path, Dataset]], source) -> list[np.ndarray]:
-    """The (rows, columns) plane of ``image`` at each source slice; refused unless it is the source's grid."""
+def frame_positions(header: Dataset) -> list[list[float]]:
+    """``ImagePositionPatient`` of each frame: the header's own, or per frame from an enhanced object's functional
+    groups (per-frame, else shared)."""
+    frames = int(header.get("NumberOfFrames") or 1)
+    if "PerFrameFunctionalGroupsSequence" not in header:
+        if frames > 1:
+            raise MeddiffError("a multi-frame object without functional groups has no per-frame positions: "
+                               "write NIfTI instead")
+        return [[float(v) for v in header.ImagePositionPatient]]
+    shared = header.get("SharedFunctionalGroupsSequence", [Dataset()])[0]
+    positions = []
+    for group in header.PerFrameFunctionalGroupsSequence:
+        plane = group.get("PlanePositionSequence") or shared.get("PlanePositionSequence")
+        positions.append([float(v) for v in plane[0].ImagePositionPatient])
+    return positions
+
+
+def _planes_on_source_grid(image: Image, header: Dataset, source) -> np.ndarray:
+    """The (frames, rows, columns) planes of ``image`` at the source object's frames; refused unless ``image`` is
+    on the source's grid."""
     array = image.array if image.array.ndim == 3 else image.array[:, :, None]
     inverse = np.linalg.inv(image.affine)
     planes = []
-    for path, header in slices:
-        if int(header.get("NumberOfFrames") or 1) > 1:
-            raise MeddiffError(f"{path} is a multi-frame (enhanced) object: derived DICOM is written for single-frame "
-                               "series only — write NIfTI (-o out.nii.gz), or convert the source first")
-        position = LPS_TO_RAS @ np.asarray([float(v) for v in header.ImagePositionPatient])
-        i, j, k = inverse[:3, :3] @ position + inverse[:3, 3]
+    for position in frame_positions(header):
+        i, j, k = inverse[:3, :3] @ (LPS_TO_RAS @ np.asarray(position)) + inverse[:3, 3]
         index = round(k)
         if abs(i) > 1e-2 or abs(j) > 1e-2 or abs(k - index) > 1e-2 or not 0 <= index < array.shape[2]:
             raise MeddiffError(f"the result is not on the grid of {source}: DICOM output derives from the source "
@@ -114,30 +128,71 @@ def _planes_on_source_grid(image: Image, slices: list[tuple[Path, Dataset]], sou
         if plane.shape != (int(header.Rows), int(header.Columns)):
             raise MeddiffError(f"the result's slices are {plane.shape}, the source's {header.Rows} x {header.Columns}")
         planes.append(plane)
-    return planes
+    return np.stack(planes)
 
 
-def _derived_slice(header: Dataset, plane: np.ndarray, series_uid: str, number: int, description: str, task: str,
-                   now: datetime.datetime) -> FileDataset:
+def _derived_object(header: Dataset, planes: np.ndarray, series_uid: str, number: int, description: str, task: str,
+                    now: datetime.datetime) -> FileDataset:
+    """A copy of the source object's header with the derived pixels, new UIDs and the derivation recorded: at the
+    top level for a single-frame object, in each frame's Derivation Image functional group for a multi-frame one
+    (where the enhanced IODs keep it)."""
     ds = copy.deepcopy(header)
     ds.remove_private_tags()
     for key in _STALE_PIXEL_KEYS:
         if key in ds:
             delattr(ds, key)
-    source = Dataset()
-    source.ReferencedSOPClassUID, source.ReferencedSOPInstanceUID = header.SOPClassUID, header.SOPInstanceUID
-    ds.SourceImageSequence = [source]
     ds.SOPInstanceUID = generate_uid()
     ds.SeriesInstanceUID, ds.SeriesNumber = series_uid, number
     ds.SeriesDescription = f"{header.get('SeriesDescription', '')} meddiff {task}".strip()[:64]
     ds.SeriesDate = ds.ContentDate = ds.InstanceCreationDate = now.strftime("%Y%m%d")
     ds.SeriesTime = ds.ContentTime = ds.InstanceCreationTime = now.strftime("%H%M%S")
-    ds.ImageType = ["DERIVED", "SECONDARY", *list(header.get("ImageType", []))[2:]]
-    _mark_derivation(ds, description, task)
-    rescaled = "RescaleSlope" in header or header.SOPClassUID != MRImageStorage
-    slope, intercept = (float(header.get("RescaleSlope", 1)), float(header.get("RescaleIntercept", 0)))
-    _set_pixels(ds, plane, slope, intercept, rescaled)
+    if "PerFrameFunctionalGroupsSequence" in ds:
+        # enhanced IODs: value 2 of Image and Frame Type is enumerated (the source's stays), value 1 says DERIVED
+        ds.ImageType = ["DERIVED", *list(header.ImageType)[1:]]
+        shared = ds.get("SharedFunctionalGroupsSequence", [Dataset()])[0]
+        for frame, group in enumerate(ds.PerFrameFunctionalGroupsSequence, start=1):
+            group.DerivationImageSequence = [_derivation(header, description, task, frame)]
+            for holder in (group, shared):
+                for key in ("CTImageFrameTypeSequence", "MRImageFrameTypeSequence"):
+                    for item in holder.get(key, []):
+                        item.FrameType = ["DERIVED", *list(item.FrameType)[1:]]
+        ds.SourceImageEvidenceSequence = [_evidence(header)]
+        transform = (ds.PerFrameFunctionalGroupsSequence[0].get("PixelValueTransformationSequence")
+                     or shared.get("PixelValueTransformationSequence") or [header])[0]
+        scale, written = transform, False  # the functional groups keep the rescale
+    else:
+        ds.ImageType = ["DERIVED", "SECONDARY", *list(header.get("ImageType", []))[2:]]
+        derivation = _derivation(header, description, task)
+        ds.DerivationDescription, ds.DerivationCodeSequence = (derivation.DerivationDescription,
+                                                               derivation.DerivationCodeSequence)
+        ds.SourceImageSequence = derivation.SourceImageSequence
+        scale, written = header, "RescaleSlope" in header or header.SOPClassUID != MRImageStorage
+    slope, intercept = float(scale.get("RescaleSlope", 1)), float(scale.get("RescaleIntercept", 0))
+    _set_pixels(ds, planes if len(planes) > 1 else planes[0], slope, intercept, written)
     return _file_dataset(ds)
+
+
+def _evidence(header: Dataset) -> Dataset:
+    """A hierarchical reference (study, series, instance) to the source object."""
+    instance, series, study = Dataset(), Dataset(), Dataset()
+    instance.ReferencedSOPClassUID, instance.ReferencedSOPInstanceUID = header.SOPClassUID, header.SOPInstanceUID
+    series.SeriesInstanceUID, series.ReferencedSOPSequence = header.SeriesInstanceUID, [instance]
+    study.StudyInstanceUID, study.ReferencedSeriesSequence = header.StudyInstanceUID, [series]
+    return study
+
+
+def _derivation(header: Dataset, description: str, task: str, frame: int | None = None) -> Dataset:
+    """A Derivation Image item: what was done and the source image (and frame) it was done to."""
+    source = Dataset()
+    source.ReferencedSOPClassUID, source.ReferencedSOPInstanceUID = header.SOPClassUID, header.SOPInstanceUID
+    if frame is not None:
+        source.ReferencedFrameNumber = frame
+        source.PurposeOfReferenceCodeSequence = [_code(codes.DCM.SourceImageForImageProcessingOperation)]
+    item = Dataset()
+    item.DerivationDescription = description[:1024]
+    item.DerivationCodeSequence = [_code(DERIVATIONS[task])]
+    item.SourceImageSequence = [source]
+    return item
 
 
 def _synthetic_slice(image: Image, plane: np.ndarray, k: int, uids: dict[str, str], description: str, task: str,
@@ -227,7 +282,7 @@ def _set_pixels(ds: Dataset, rows_cols: np.ndarray, slope: float, intercept: flo
     stored = np.round((rows_cols.astype(np.float64) - intercept) / slope)
     signed = round((low - intercept) / slope) < 0
     stored = stored.clip(-32768 if signed else 0, 32767 if signed else 65535).astype(np.int16 if signed else np.uint16)
-    ds.Rows, ds.Columns = stored.shape
+    ds.Rows, ds.Columns = stored.shape[-2:]
     ds.SamplesPerPixel = 1
     ds.PhotometricInterpretation = "MONOCHROME2"
     ds.BitsAllocated = ds.BitsStored = 16
