@@ -9,11 +9,11 @@ Two kinds of output, each a series written into a staging folder and renamed int
   their classic image IODs with every Type 1 and 2 attribute present; other modalities become Secondary Capture
   (conversion type SYN, synthetic image).
 - **Derived** (``write_derived_dicom``): the result of processing a real series (denoise, inpaint, convert with
-  a template). A new series in the source's study: each slice is the source slice's header (Patient, Study,
-  Frame of Reference, geometry and acquisition carried over; private tags dropped) with new Series and SOP
-  Instance UIDs, ``ImageType`` DERIVED\\SECONDARY, ``DerivationDescription``, ``DerivationCodeSequence`` and
-  ``SourceImageSequence`` naming the source slice. Stored values use the source's rescale, so physical units
-  (HU for CT) survive to the source's own precision.
+  a template). A new series in the source's study, shaped as the source (one file per single-frame slice, or one
+  multi-frame object): each is the source's header (Patient, Study, Frame of Reference, geometry and acquisition
+  carried over; private tags dropped) with new Series and SOP Instance UIDs, ``ImageType`` DERIVED, the
+  derivation (description, code, source image and frame) where the IOD keeps it, and the source's rescale, so
+  physical units (HU for CT) survive to the source's own precision.
 
 pydicom writes the files: highdicom builds the newer IODs (SEG, ``meddiff.io.dicom_seg``) but no classic CT or MR
 image objects, and SimpleITK's writer cannot set the modules these IODs require.
