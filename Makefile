@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.meddiff-installed
 DEMO_OUT ?= demo_out
 
-.PHONY: demo test install clean
+.PHONY: demo docs test install clean
 
 install: $(STAMP)
 
@@ -28,6 +28,10 @@ test: $(STAMP)
 
 demo: $(STAMP)
 	$(PY) -m meddiff.demo --out $(DEMO_OUT)
+
+# the demo's panels, summary and table that README.md shows, regenerated into docs/
+docs: $(STAMP)
+	$(PY) -m meddiff.demo --out $(DEMO_OUT) --docs docs
 
 clean:
 	rm -rf $(VENV) $(DEMO_OUT)

@@ -42,3 +42,34 @@ def save_grid(
     with atomic_path(path, overwrite=overwrite) as tmp:
         PILImage.fromarray(canvas).save(tmp, format="PNG")
     return Path(path)
+
+
+def save_panel(
+    tiles: Sequence[tuple[np.ndarray, str, tuple[float, float] | None]],
+    path: str | os.PathLike,
+    title: str,
+    columns: int = 3,
+    overwrite: bool = True,
+) -> Path:
+    """A labelled figure: ``title`` on top, then 2D arrays (each with its caption under it and its own window,
+    None for its 1st..99th percentile) in rows of ``columns``. Captions carry the numbers a reader needs."""
+    from PIL import ImageDraw, ImageFont
+
+    font = ImageFont.load_default(size=15)
+    shown = [to_uint8(np.asarray(array).T, *(window or (None, None))) for array, _, window in tiles]
+    side = 256  # every tile at one size, so that slices of different grids line up
+    shown = [np.asarray(PILImage.fromarray(t).resize((side, round(side * t.shape[0] / t.shape[1])))) for t in shown]
+    height, caption_h, title_h, gap = max(t.shape[0] for t in shown), 40, 34, 6
+    columns = min(columns, len(shown))
+    rows = -(-len(shown) // columns)
+    canvas = PILImage.new("L", (columns * (side + gap) + gap, title_h + rows * (height + caption_h)), color=255)
+    draw = ImageDraw.Draw(canvas)
+    draw.text((gap, 8), title, fill=0, font=font)
+    for n, (tile, (_, caption, _)) in enumerate(zip(shown, tiles, strict=True)):
+        r, c = divmod(n, columns)
+        x, y = gap + c * (side + gap), title_h + r * (height + caption_h)
+        canvas.paste(PILImage.fromarray(tile), (x, y))
+        draw.multiline_text((x, y + tile.shape[0] + 3), caption, fill=0, font=font, spacing=2)
+    with atomic_path(path, overwrite=overwrite) as tmp:
+        canvas.save(tmp, format="PNG")
+    return Path(path)
