@@ -8,6 +8,8 @@ folder to ``OUT/model`` and ``OUT/train.json``.
 
     python -m bench.inpaint_data --modality MR --out runs/gen_data
     python -m bench.train_generator --data runs/gen_data/inpaint_mr.npz --out runs/mri_t1_2d --train-seconds 2100
+    python -m bench.train_generator --data runs/gen_data/inpaint_mr.npz --out runs/mri_t1_2d_more \
+        --train-seconds 1800 --init runs/mri_t1_2d/model
 """
 
 from __future__ import annotations
@@ -47,6 +49,7 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--train-seconds", type=float, default=600)
     parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--init", help="a model folder of this recipe to continue from (its EMA weights)")
     args = parser.parse_args()
     arrays = coarser(dict(np.load(args.data)), 2)
     pl.seed_everything(0)
@@ -54,6 +57,12 @@ def main() -> None:
         spatial_dims=2, channels=(32, 64, 64), attention_levels=(False, False, False), num_res_blocks=1,
         num_head_channels=32, prediction="v", beta_schedule="cosine", lr=3e-4, ema_decay=0.995,
         image_shape=arrays["images"].shape[1:], image_spacing=(2.0, 2.0), modality="MR", intensity_range=MR_RANGE)
+    if args.init:
+        from meddiff.model import load_model
+
+        weights = {k: v.float() for k, v in load_model(args.init).unet.state_dict().items()}
+        module.unet.load_state_dict(weights)
+        module.ema.module.load_state_dict(weights)
     loader = DataLoader(Slices(arrays["images"]), batch_size=args.batch_size, shuffle=True, drop_last=True)
     accelerator = "gpu" if args.device.startswith("cuda") else "cpu"
     trainer = pl.Trainer(accelerator=accelerator, devices=1, max_time={"seconds": args.train_seconds}, max_epochs=-1,
