@@ -95,7 +95,7 @@ def inpaint(out: Path, samples: Path) -> dict:
         else:
             results["mr_psnr_db"] = float(10 * np.log10(window[1] ** 2 / np.mean(error**2)))
             number = f"PSNR in the region {results['mr_psnr_db']:.1f} dB"
-        model = f"{name}-inpaint"
+        model = {"ct": "ct-inpaint", "mr": "mri-inpaint"}[name]
         tiles += [(np.where(mask, window[0], image.array), f"{name.upper()}: region removed\n{int(mask.sum())} voxels",
                    window), (filled, f"filled by {model}\n{number}", window), (image.array, "real (held out)", window)]
     save_panel(tiles, out / "inpaint_panel.png", "Inpainting a lesion-shaped region of held-out CT and MRI slices")
