@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import tempfile
 import time
 from pathlib import Path
 
@@ -63,21 +62,13 @@ def threshold_segmentation(hu: np.ndarray, vessels: np.ndarray) -> tuple[np.ndar
 
 
 def frd(real: np.ndarray, fakes: list[np.ndarray], spacing) -> float:
-    from meddiff import Image
-    from meddiff.io import save_image
-    from meddiff.metrics.evaluate import frechet_radiomics_distance
+    """FRD between the real slab's axial slices and every generated slab's."""
+    from meddiff.metrics.evaluate import frechet_radiomics_distance_of_slices
 
-    with tempfile.TemporaryDirectory() as tmp:
-        def slices(volume: np.ndarray, tag: str) -> list[Path]:
-            paths = []
-            for k in range(volume.shape[2]):
-                path = Path(tmp) / f"{tag}_{k:02d}.nii.gz"
-                save_image(Image(volume[:, :, k], np.diag([*spacing[:2], 1.0, 1.0]), "CT"), path)
-                paths.append(path)
-            return paths
+    def slices(volume: np.ndarray) -> list[np.ndarray]:
+        return [volume[:, :, k] for k in range(volume.shape[2])]
 
-        fake_paths = [p for i, fake in enumerate(fakes) for p in slices(fake, f"fake{i}")]
-        return frechet_radiomics_distance(slices(real, "real"), fake_paths)
+    return frechet_radiomics_distance_of_slices(slices(real), [s for fake in fakes for s in slices(fake)], spacing)
 
 
 def panel(labels: np.ndarray, fake: np.ndarray, real: np.ndarray, path: Path) -> None:

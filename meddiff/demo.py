@@ -17,9 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import tempfile
 import time
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +30,7 @@ from meddiff.files import atomic_path
 from meddiff.image import Image
 from meddiff.io import load_image, save_image
 from meddiff.metrics import foreground_mask, psnr, ssim
+from meddiff.metrics.evaluate import frechet_radiomics_distance_of_slices
 from meddiff.viz import save_panel
 
 NOISE_PERCENT = 5.0
@@ -74,8 +73,7 @@ def lesion(image: np.ndarray, body: np.ndarray, seed: int) -> np.ndarray:
     return draw.draw(image, body) & body
 
 
-def inpaint(out: Path, samples: Path) -> dict:
-    volume = load_image(samples / "chest_ct_test.nii.gz", modality="CT")
+def inpaint(out: Path, volume: Image) -> dict:
     k = 8
     ct = Image(volume.array[:, :, k], volume.affine @ _shift(k), "CT")
     mr = dipy_t1_slice()
@@ -103,9 +101,7 @@ def inpaint(out: Path, samples: Path) -> dict:
             **results}
 
 
-def generate(out: Path, samples: Path) -> dict:
-    volume = load_image(samples / "chest_ct_test.nii.gz", modality="CT")
-    labels = load_image(samples / "chest_ct_test_labels.nii.gz")
+def generate(out: Path, volume: Image, labels: Image) -> dict:
     picked = list(CT_SLICES)
     condition = Image(labels.array[:, :, picked], labels.affine @ _shift(picked[0]))
     save_image(condition, out / "ct_labels.nii.gz", overwrite=True)
@@ -129,10 +125,10 @@ def generate(out: Path, samples: Path) -> dict:
     mri_seconds = time.perf_counter() - start
     mri = [load_image(out / "generated_mri" / f"sample_{i:06d}.nii.gz").array for i in range(MRI_SAMPLES)]
     inside = real > -1500  # the scanner's field of view (outside: -2048 padding in the real CT)
-    ct_frd = _frd([np.where(inside, array, -1000.0)[:, :, k] for array in (real,) for k in range(len(picked))],
-                  [np.where(inside, array, -1000.0)[:, :, k] for array in (fake,) for k in range(len(picked))],
-                  volume.spacing[:2])
-    mri_frd = _frd(held_out_mri(), mri, (2.0, 2.0))
+    real_fov, fake_fov = (np.where(inside, array, -1000.0) for array in (real, fake))
+    ct_frd = frechet_radiomics_distance_of_slices([real_fov[:, :, k] for k in range(len(picked))],
+                                                  [fake_fov[:, :, k] for k in range(len(picked))], volume.spacing)
+    mri_frd = frechet_radiomics_distance_of_slices(held_out_mri(), mri, (2.0, 2.0))
     tiles = []
     for k in (8, 16):
         tiles += [(condition.array[:, :, k], f"held-out label map\nslice {picked[k]}", (0.0, 118.0)),
@@ -168,19 +164,6 @@ def held_out_mri(count: int | None = 16) -> list[np.ndarray]:
             .mean(axis=(1, 3)) for s in slices]
 
 
-def _frd(real: list[np.ndarray], fake: list[np.ndarray], spacing) -> float:
-    from meddiff.metrics.evaluate import frechet_radiomics_distance
-
-    affine = np.diag([*spacing, 1.0, 1.0])
-    with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)  # frd-score's covariance of a few slices
-        paths = {}
-        for tag, arrays in (("real", real), ("fake", fake)):
-            paths[tag] = [save_image(Image(a, affine), Path(tmp) / f"{tag}_{i:02d}.nii.gz") for i, a in
-                          enumerate(arrays)]
-        return frechet_radiomics_distance(paths["real"], paths["fake"])
-
-
 def _shift(k: int) -> np.ndarray:
     """The affine step to voxel slice ``k``."""
     shift = np.eye(4)
@@ -197,9 +180,11 @@ def main(argv: list[str] | None = None) -> None:
     out.mkdir(parents=True, exist_ok=True)
     samples = out / "held_out"
     write_samples(samples, names=["chest_ct_test"], overwrite=True)
+    volume = load_image(samples / "chest_ct_test.nii.gz", modality="CT")
+    labels = load_image(samples / "chest_ct_test_labels.nii.gz")
     summary, seconds = {}, {}
-    for name, use in (("denoise", lambda: denoise(out)), ("inpaint", lambda: inpaint(out, samples)),
-                      ("generate", lambda: generate(out, samples))):
+    for name, use in (("denoise", lambda: denoise(out)), ("inpaint", lambda: inpaint(out, volume)),
+                      ("generate", lambda: generate(out, volume, labels))):
         start = time.perf_counter()
         summary[name] = use()
         seconds[name] = round(time.perf_counter() - start, 1)

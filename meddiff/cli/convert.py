@@ -10,7 +10,7 @@ import numpy as np
 from meddiff.cli import dicom_output
 from meddiff.errors import MeddiffError
 from meddiff.files import full_suffix
-from meddiff.io import PICTURE_SUFFIXES, load_image, save_image
+from meddiff.io import PICTURE_SUFFIXES, is_dicom_path, load_image, save_image
 from meddiff.io.dicom_seg import write_seg
 
 log = logging.getLogger(__name__)
@@ -34,6 +34,8 @@ def run(args) -> None:
         raise MeddiffError("--template is for DICOM output: add --format dcm or --format seg")
     if args.format == "seg" and not args.template:
         raise MeddiffError("--format seg writes a mask or label map of a DICOM series: name it with --template")
+    if args.template and not is_dicom_path(args.template):
+        raise MeddiffError(f"--template {args.template} is not DICOM: give the source series' folder or file")
     dicom = dicom_output.check(args, [Path(args.output)])
     image = load_image(args.input, series=args.series, modality=args.modality)
     if args.format == "seg":
@@ -41,12 +43,7 @@ def run(args) -> None:
         print(f"wrote {out} (DICOM SEG of {args.template})")
         return
     if dicom:
-        source = args.template or args.input
-        if args.template and not dicom_output.is_dicom_input(args.template):
-            raise MeddiffError(f"--template {args.template} is not DICOM: give the source series' folder or file")
-        if args.template and image.modality is None:
-            image.modality = load_image(args.template).modality
-        out = dicom_output.write(image, Path(args.output), args, source, "convert",
+        out = dicom_output.write(image, Path(args.output), args, args.template or args.input, "convert",
                                  f"converted by meddiff from {Path(args.input).name}")
         print(f"wrote {out} ({' x '.join(map(str, image.array.shape))}, DICOM)")
         return

@@ -43,21 +43,13 @@ def check(args, outputs: list[Path]) -> bool:
     return dicom
 
 
-def is_dicom_input(path: str | Path) -> bool:
-    from meddiff.io import DICOM_SUFFIXES, READ_SUFFIXES
-    from meddiff.io.dicom import is_dicom_file
-
-    path = Path(path)
-    suffix = full_suffix(path)
-    return path.is_dir() or suffix in DICOM_SUFFIXES or (suffix not in READ_SUFFIXES and is_dicom_file(path))
-
-
-def write(result, out: Path, args, source: str | Path | None, task: str, description: str) -> Path:
+def write(result, out: Path, args, source: str | Path, task: str, description: str) -> Path:
     """``result`` as DICOM at ``out`` (derived from ``source`` when it is DICOM), then sent where --send says."""
+    from meddiff.io import is_dicom_path
     from meddiff.io.dicom_net import dicom_files, send
     from meddiff.io.dicom_write import write_derived_dicom, write_synthetic_dicom
 
-    if source is not None and is_dicom_input(source):
+    if is_dicom_path(source):
         write_derived_dicom(result, source, out, description, task, series=getattr(args, "series", None),
                             overwrite=args.overwrite)
     else:

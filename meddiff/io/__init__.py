@@ -24,6 +24,14 @@ SYNTHETIC_FORMATS = ("nii.gz", "png", "dcm")  # what `meddiff generate --format`
 __all__ = ["READ_SUFFIXES", "WRITE_SUFFIXES", "load_image", "save_image"]
 
 
+def is_dicom_path(path: str | os.PathLike) -> bool:
+    """Whether ``load_image`` reads ``path`` as DICOM: a folder (a series), a DICOM suffix, or a file of no
+    known suffix that holds DICOM."""
+    path = Path(path)
+    suffix = full_suffix(path)
+    return path.is_dir() or suffix in DICOM_SUFFIXES or (suffix not in READ_SUFFIXES and is_dicom_file(path))
+
+
 def load_image(path: str | os.PathLike, series: str | int | None = None, modality: str | None = None) -> Image:
     """Read NIfTI, DICOM (file, or a folder holding a series), MHA/NRRD or PNG/JPEG into an ``Image``.
 
@@ -38,7 +46,7 @@ def load_image(path: str | os.PathLike, series: str | int | None = None, modalit
         raise MeddiffError(f"{path} is empty (0 bytes) — copy or export it again")
     try:
         with readers_quiet():
-            if path.is_dir() or suffix in DICOM_SUFFIXES or (suffix not in READ_SUFFIXES and is_dicom_file(path)):
+            if is_dicom_path(path):
                 image = read_dicom(path, series=series)
             elif suffix in NIFTI_SUFFIXES:
                 image = read_nifti(path)

@@ -14,6 +14,7 @@ import numpy as np
 
 from meddiff import __version__
 from meddiff.errors import MeddiffError
+from meddiff.files import atomic_path
 from meddiff.image import Image
 from meddiff.io.itk import LPS_TO_RAS
 
@@ -25,18 +26,17 @@ def write_seg(labels: Image, source: str | Path, out: str | Path, names: dict[in
               overwrite: bool = False) -> Path:
     """The integer label map ``labels`` (on the grid of the DICOM ``source`` series) as one SEG file ``out``."""
     import highdicom as hd
-    import pydicom
     from pydicom.sr.codedict import codes
     from pydicom.uid import generate_uid
 
     from meddiff.io.dicom import source_slices
-    from meddiff.io.dicom_write import _planes_on_source_grid, _staged
+    from meddiff.io.dicom_write import planes_on_source_grid
 
     values = labels.array
     if not np.array_equal(values, np.round(values)) or values.min() < 0:
         raise MeddiffError("a SEG holds masks or label maps: whole numbers >= 0, not probabilities")
     slices = source_slices(Path(source))
-    planes = np.concatenate([_planes_on_source_grid(labels, header, source) for _, header in slices]).astype(np.int64)
+    planes = np.concatenate([planes_on_source_grid(labels, header, source) for _, header in slices]).astype(np.int64)
     present = [int(v) for v in np.unique(planes) if v > 0]
     if not present:
         raise MeddiffError("the mask or label map is empty: nothing to write as SEG")
@@ -52,14 +52,14 @@ def write_seg(labels: Image, source: str | Path, out: str | Path, names: dict[in
             tracking_uid=generate_uid(), tracking_id=f"{_TRACKING}{value}")
         for number, value in enumerate(present, start=1)
     ]
-    sources = [pydicom.dcmread(path) for path, _ in slices]
+    sources = [header for _, header in slices]  # highdicom takes the references and geometry from the headers
     seg = hd.seg.Segmentation(
         source_images=sources, pixel_array=segment_of[planes], segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
         segment_descriptions=descriptions, series_instance_uid=generate_uid(),
         series_number=2000 + int(sources[0].get("SeriesNumber") or 0), sop_instance_uid=generate_uid(),
         instance_number=1, manufacturer="meddiff", manufacturer_model_name="meddiff", software_versions=__version__,
         device_serial_number="none", series_description="meddiff labels", omit_empty_frames=False)
-    with _staged(Path(out), overwrite) as tmp:
+    with atomic_path(out, overwrite) as tmp:
         seg.save_as(tmp)
     return Path(out)
 

@@ -41,6 +41,7 @@ from pydicom.uid import (
 
 from meddiff import __version__
 from meddiff.errors import MeddiffError
+from meddiff.files import atomic_path
 from meddiff.image import Image
 from meddiff.io.itk import LPS_TO_RAS
 
@@ -77,21 +78,21 @@ def write_derived_dicom(image: Image, source: str | Path, out_dir: str | Path, d
     slices = source_slices(Path(source), series)
     series_uid, now = generate_uid(), _now()
     number = 1000 + int(slices[0][1].get("SeriesNumber") or 0)
-    datasets = [_derived_object(header, _planes_on_source_grid(image, header, source), series_uid, number,
+    datasets = [_derived_object(header, planes_on_source_grid(image, header, source), series_uid, number,
                                 description, task, now) for _, header in slices]
     return _write(datasets, Path(out_dir), overwrite)
 
 
 def _write(datasets: list[FileDataset], path: Path, overwrite: bool) -> Path:
-    """One object to a ``.dcm`` path as a file; otherwise a folder of ``slice_XXXX.dcm``; written in a staging
-    path and renamed into place."""
-    with _staged(path, overwrite) as tmp:
-        if len(datasets) == 1 and path.suffix.lower() == ".dcm":
+    """One object to a ``.dcm`` path as a file (``atomic_path``); otherwise a folder of ``slice_XXXX.dcm``, written
+    in a staging folder and renamed into place."""
+    if len(datasets) == 1 and path.suffix.lower() == ".dcm":
+        with atomic_path(path, overwrite) as tmp:
             datasets[0].save_as(tmp, enforce_file_format=True)
-        else:
-            tmp.mkdir()
-            for k, dataset in enumerate(datasets):
-                dataset.save_as(tmp / f"slice_{k:04d}.dcm", enforce_file_format=True)
+        return path
+    with _staged_folder(path, overwrite) as tmp:
+        for k, dataset in enumerate(datasets):
+            dataset.save_as(tmp / f"slice_{k:04d}.dcm", enforce_file_format=True)
     return path
 
 
@@ -112,7 +113,7 @@ def frame_positions(header: Dataset) -> list[list[float]]:
     return positions
 
 
-def _planes_on_source_grid(image: Image, header: Dataset, source) -> np.ndarray:
+def planes_on_source_grid(image: Image, header: Dataset, source) -> np.ndarray:
     """The (frames, rows, columns) planes of ``image`` at the source object's frames; refused unless ``image`` is
     on the source's grid."""
     array = image.array if image.array.ndim == 3 else image.array[:, :, None]
@@ -162,10 +163,7 @@ def _derived_object(header: Dataset, planes: np.ndarray, series_uid: str, number
         scale, written = transform, False  # the functional groups keep the rescale
     else:
         ds.ImageType = ["DERIVED", "SECONDARY", *list(header.get("ImageType", []))[2:]]
-        derivation = _derivation(header, description, task)
-        ds.DerivationDescription, ds.DerivationCodeSequence = (derivation.DerivationDescription,
-                                                               derivation.DerivationCodeSequence)
-        ds.SourceImageSequence = derivation.SourceImageSequence
+        ds.update(_derivation(header, description, task))  # description, code and source image, at the top level
         scale, written = header, "RescaleSlope" in header or header.SOPClassUID != MRImageStorage
     slope, intercept = float(scale.get("RescaleSlope", 1)), float(scale.get("RescaleIntercept", 0))
     _set_pixels(ds, planes if len(planes) > 1 else planes[0], slope, intercept, written)
@@ -300,8 +298,7 @@ def _file_dataset(ds: Dataset) -> FileDataset:
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = ds.SOPClassUID, ds.SOPInstanceUID
     meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    out = FileDataset(None, ds, file_meta=meta, preamble=b"\0" * 128)
-    return out
+    return FileDataset(None, ds, file_meta=meta, preamble=b"\0" * 128)
 
 
 def _now() -> datetime.datetime:
@@ -309,14 +306,17 @@ def _now() -> datetime.datetime:
 
 
 @contextmanager
-def _staged(path: Path, overwrite: bool) -> Iterator[Path]:
-    """A hidden sibling to write into, renamed to ``path`` when complete; removed on any failure."""
+def _staged_folder(path: Path, overwrite: bool) -> Iterator[Path]:
+    """A hidden sibling folder to write a series into, renamed to ``path`` when complete; removed on any failure.
+    Unlike ``meddiff.data.staging.staged_folder`` (which keeps an existing folder's other files), an overwritten
+    series folder is replaced whole: stale slices of an earlier series must not stay beside the new one."""
     if path.exists() and not overwrite:
         raise MeddiffError(f"{path} already exists — choose another output or pass --overwrite")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.partial")
     _remove(tmp)
     try:
+        tmp.mkdir()
         yield tmp
         _remove(path)
         tmp.rename(path)

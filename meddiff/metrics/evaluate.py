@@ -258,6 +258,25 @@ def frechet_radiomics_distance(real: list[Path], fake: list[Path]) -> float:
     return float(value)
 
 
+def frechet_radiomics_distance_of_slices(real: Sequence[np.ndarray], fake: Sequence[np.ndarray],
+                                         spacing: Sequence[float]) -> float:
+    """FRD of two sets of 2D arrays of ``spacing`` mm pixels: written as NIfTI slices to a temporary folder for
+    ``frechet_radiomics_distance`` (frd-score reads files). Few slices make its covariance rank-deficient: numpy's
+    warnings about that are silenced, the number is rough."""
+    import tempfile
+    import warnings
+
+    from meddiff.image import Image
+    from meddiff.io import save_image
+
+    affine = np.diag([*spacing[:2], 1.0, 1.0])
+    with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        paths = {tag: [save_image(Image(a, affine), Path(tmp) / f"{tag}_{i:04d}.nii.gz") for i, a in enumerate(arrays)]
+                 for tag, arrays in (("real", real), ("fake", fake))}
+        return frechet_radiomics_distance(paths["real"], paths["fake"])
+
+
 def _counts(features: list[dict[str, np.ndarray]]) -> dict[str, list[int]]:
     """Feature rows per image and view (volumes give several slices per plane)."""
     return {view: [len(f[view]) for f in features] for view in features[0]}
