@@ -131,22 +131,20 @@ def test_evaluate_compares_generated_slices_with_real_volumes_through_a_plane(sa
     assert list(results["views"]) == ["2d"] and results["views"]["2d"]["fid"] > 0
 
 
-def test_frd_rises_with_corruption(tmp_path, mni_t1):
-    """FRD (radiomics through frd-score): held-out real slices closer than noisy ones, rising with the noise."""
-    from meddiff.metrics.evaluate import frechet_radiomics_distance
+def test_frd_rises_with_corruption(mni_t1):
+    """FRD (radiomics through frd-score) of slice arrays: held-out real slices closer than noisy ones, rising
+    with the noise."""
+    from meddiff.metrics.evaluate import frechet_radiomics_distance_of_slices
 
     volume = load_image(mni_t1).array[::3, ::3, 50:140:3]  # slices with brain in them
     rng = np.random.default_rng(0)
     peak = float(volume.max())
-    folders = {}
+    sets = {}
     for name, index, level in (("real", 0, 0.0), ("held_out", 1, 0.0), ("noisy", 1, 0.05), ("noisier", 1, 0.15)):
-        folder = tmp_path / name
-        folder.mkdir()
-        for k in range(index, volume.shape[2], 2):
-            noisy = np.abs(volume[:, :, k] + level * peak * rng.standard_normal(volume.shape[:2]))
-            save_image(Image(noisy.astype(np.float32), np.eye(4), "MR"), folder / f"s{k:03d}.nii.gz")
-        folders[name] = sorted(folder.iterdir())
-    scores = [frechet_radiomics_distance(folders["real"], folders[name]) for name in ("held_out", "noisy", "noisier")]
+        sets[name] = [np.abs(volume[:, :, k] + level * peak * rng.standard_normal(volume.shape[:2])).astype(np.float32)
+                      for k in range(index, volume.shape[2], 2)]
+    scores = [frechet_radiomics_distance_of_slices(sets["real"], sets[name], (1.0, 1.0))
+              for name in ("held_out", "noisy", "noisier")]
     assert scores == sorted(scores) and scores[0] < scores[1]
 
 
