@@ -74,6 +74,11 @@ class Image:
         """Anatomical direction of each voxel axis, e.g. ``RAS`` or ``LPS`` (nibabel axcodes)."""
         return "".join(nib.aff2axcodes(self.affine))[: self.spatial_ndim]
 
+    @property
+    def grid(self) -> str:
+        """The voxel grid in words, for messages that compare two: shape, spacing, origin and orientation."""
+        return grid_words(self.array.shape[: self.spatial_ndim], self.affine)
+
     def check_finite(self) -> Image:
         """Raise a clear error for empty arrays or NaN/inf values; return self for chaining."""
         if self.array.size == 0:
@@ -82,3 +87,12 @@ class Image:
             bad = int((~np.isfinite(self.array)).sum())
             raise MeddiffError(f"image has {bad} NaN or infinite voxels — fix or mask them first")
         return self
+
+
+def grid_words(shape: tuple[int, ...], affine: np.ndarray) -> str:
+    """``256 x 256 voxels of 0.9 x 0.9 mm, origin (-120, -120, 0) mm, RAS``: a grid named so two can be told apart."""
+    spacing = np.linalg.norm(affine[:3, :3], axis=0)[: len(shape)]
+    origin = ", ".join(f"{v:.4g}" for v in affine[:3, 3])
+    axes = "".join(nib.aff2axcodes(affine))[: len(shape)]
+    return (f"{' x '.join(map(str, shape))} voxels of {' x '.join(f'{v:.4g}' for v in spacing)} mm, "
+            f"origin ({origin}) mm, {axes}")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -111,6 +113,10 @@ def test_bad_images_are_refused():
 def test_cli_denoises_a_dicom_series_to_nifti(ct_series_dir, tmp_path):
     model = pipeline_for(2).save_pretrained(tmp_path / "model")
     out = tmp_path / "clean.nii.gz"
+    assert main(["denoise", "-i", str(ct_series_dir), "-o", str(out), "--model", str(model)]) == 2  # an MR model
+    config = json.loads((model / "config.json").read_text())
+    config["image"]["modality"] = "CT"
+    (model / "config.json").write_text(json.dumps(config))
     assert main(
         ["denoise", "-i", str(ct_series_dir), "-o", str(out), "--model", str(model), "--noise-sigma", "20"]
     ) == 0
@@ -215,7 +221,9 @@ def test_cli_uses_the_bundled_model_by_default_and_checks_the_mask_grid(tmp_path
     source, result = load_image(tmp_path / "noisy.nii.gz"), load_image(out)
     np.testing.assert_array_equal(result.array[24:], source.array[24:])
     assert np.abs(result.array[8:24, 10:38] - 100).mean() < np.abs(source.array[8:24, 10:38] - 100).mean()
-    save_image(Image(mask, np.diag([2.0, 2.0, 1.0, 1.0]), "MR"), tmp_path / "other_grid.nii.gz")
+    elsewhere = np.diag([0.9, 0.9, 1.0, 1.0])
+    elsewhere[0, 3] = 1000.0  # a mask of another scan: its geometry places it 1 m away
+    save_image(Image(mask, elsewhere, "MR"), tmp_path / "other_grid.nii.gz")
     bad = tmp_path / "bad.nii.gz"
     assert main(["denoise", "-i", str(tmp_path / "noisy.nii.gz"), "-o", str(bad),
                  "--mask", str(tmp_path / "other_grid.nii.gz")]) == 2

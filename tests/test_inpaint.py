@@ -186,7 +186,7 @@ def test_a_mask_on_another_grid_is_resampled_by_geometry():
         (lambda m: m * 0 + 1, "covers the whole image"),
         (lambda m: m * 0.5 + (m > 0) * np.linspace(0, 1, m.shape[1]), "not binary"),
         (lambda m: m * 3 - (m == 0), "not binary"),
-        (lambda m: m[:10], "mask has shape"),
+        (lambda m: m[:10], "is not the image's"),
     ],
 )
 def test_bad_masks_are_refused(values, message):
@@ -234,7 +234,10 @@ def test_cli_on_a_real_ct_dicom_writes_derived_dicom_and_keeps_the_rest(tmp_path
     )
     result = load_image(out)
     fill = mask.reshape(result.array.shape).astype(bool)
-    assert np.array_equal(result.array[~fill], image.array.reshape(result.array.shape)[~fill])
+    # exact at the source's rescale; this random network fills beyond its 16 bits (about -50000..58000 HU), so the
+    # writer widens the rescale rather than clip the fill, and the rest comes back within half a stored step
+    step = float(written.RescaleSlope)
+    assert np.abs(result.array[~fill] - image.array.reshape(result.array.shape)[~fill]).max() <= step / 2
     assert main(args) == 2  # exists: not replaced without --overwrite
 
 

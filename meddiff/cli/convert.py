@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 from pathlib import Path
 
 import numpy as np
@@ -10,7 +11,9 @@ import numpy as np
 from meddiff.cli import dicom_output
 from meddiff.errors import MeddiffError
 from meddiff.files import full_suffix
+from meddiff.image import Image
 from meddiff.io import PICTURE_SUFFIXES, is_dicom_path, load_image, save_image
+from meddiff.io.dicom import identity
 from meddiff.io.dicom_seg import write_seg
 
 log = logging.getLogger(__name__)
@@ -23,7 +26,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("--series", help="series UID or number when a DICOM folder holds several")
     p.add_argument("--modality", help="set the modality (NIfTI and pictures carry none)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output")
-    dicom_output.add_options(p, send=False, seg=True)
+    dicom_output.add_options(p, send=False, seg=True, pairs="the --template")
+    p.add_argument("--threshold", type=float,
+                   help="with --format seg: a probability map becomes the mask of voxels above this value")
     p.add_argument("--template", help="with --format dcm: the DICOM series (folder or file) the image derives from, "
                                       "on its grid; the output is a new series of its study")
     p.set_defaults(func=run)
@@ -36,24 +41,48 @@ def run(args) -> None:
         raise MeddiffError("--format seg writes a mask or label map of a DICOM series: name it with --template")
     if args.template and not is_dicom_path(args.template):
         raise MeddiffError(f"--template {args.template} is not DICOM: give the source series' folder or file")
-    dicom = dicom_output.check(args, [Path(args.output)])
-    image = load_image(args.input, series=args.series, modality=args.modality)
-    if args.format == "seg":
-        out = write_seg(image, args.template, args.output, overwrite=args.overwrite)
-        print(f"wrote {out} (DICOM SEG of {args.template})")
-        return
-    if dicom:
-        out = dicom_output.write(image, Path(args.output), args, args.template or args.input, "convert",
-                                 f"converted by meddiff from {Path(args.input).name}")
-        print(f"wrote {out} ({' x '.join(map(str, image.array.shape))}, DICOM)")
-        return
-    suffix = full_suffix(args.output)
-    if suffix in PICTURE_SUFFIXES and not _plain_grid(image.affine):
-        spacing = " x ".join(f"{s:g}" for s in image.spacing)
-        log.warning("%s keeps no geometry: the %s mm spacing, orientation and position are dropped — write .nii.gz, "
-                    ".mha or .nrrd to keep them", suffix, spacing)
-    out = save_image(image, args.output, overwrite=args.overwrite)
+    if args.threshold is not None and args.format != "seg":
+        raise MeddiffError("--threshold turns a probability map into a SEG mask: use it with --format seg")
+    sources = {"the input": args.input, "the template": args.template}
+    with dicom_output.guarded(args, [Path(args.output)], sources) as dicom:
+        differ = dicom_output.check_subject(args.input, args.template, "the template", args, args.series)
+        image = load_image(args.input, series=args.series, modality=args.modality)
+        if args.format == "seg":
+            out = write_seg(_mask_values(image, args.threshold), args.template, args.output, overwrite=args.overwrite)
+            print(f"wrote {out} (DICOM SEG of {args.template})")
+            return
+        if dicom:
+            if args.template:
+                dicom_output.check_modalities(image.modality, identity(Path(args.template))["Modality"],
+                                              f"the template {args.template}")
+            dicom_output.check_dicom_shape(Path(args.output), image.array.shape, args.template or args.input)
+            description = dicom_output.provenance(f"converted by meddiff from {Path(args.input).name}", differ)
+            out = dicom_output.write(image, Path(args.output), args, args.template or args.input, "convert",
+                                     description)
+            print(f"wrote {out} ({' x '.join(map(str, image.array.shape))}, DICOM)")
+            return
+        suffix = full_suffix(args.output)
+        if suffix in PICTURE_SUFFIXES and not _plain_grid(image.affine):
+            spacing = " x ".join(f"{s:g}" for s in image.spacing)
+            log.warning("%s keeps no geometry: the %s mm spacing, orientation and position are dropped — write "
+                        ".nii.gz, .mha or .nrrd to keep them", suffix, spacing)
+        out = save_image(image, args.output, overwrite=args.overwrite)
     print(f"wrote {out} ({' x '.join(map(str, image.array.shape))}, {image.orientation})")
+
+
+def _mask_values(image: Image, threshold: float | None) -> Image:
+    """The label map a SEG holds: whole numbers as given; a fractional (probability) map only through
+    ``--threshold`` (voxels above it are 1), never silently rounded."""
+    values = image.array
+    if threshold is None:
+        if not np.array_equal(values, np.round(values)):
+            low, high = float(values.min()), float(values.max())
+            raise MeddiffError(f"the input holds fractional values ({low:.3g}..{high:.3g}): a SEG holds masks or "
+                               "label maps — pass --threshold T to keep voxels above T")
+        return image
+    if not math.isfinite(threshold):
+        raise MeddiffError(f"--threshold must be a finite number, not {threshold}")
+    return Image((values > threshold).astype(np.float32), image.affine, image.modality)
 
 
 def _plain_grid(affine: np.ndarray) -> bool:

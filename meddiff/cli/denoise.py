@@ -12,10 +12,12 @@ import numpy as np
 
 from meddiff.cli import dicom_output
 from meddiff.errors import MeddiffError
-from meddiff.files import check_writable
+from meddiff.image import Image
 from meddiff.io import load_image, save_image
 
 DEFAULT_MODEL = "mri-denoise"
+MAX_STRENGTH = 2.0  # beyond twice the noise sigma the estimate removes anatomy, not noise (documented in --help)
+MAX_STEPS, MAX_SAMPLES = 1000, 64
 
 
 def add_parser(subparsers) -> None:
@@ -27,14 +29,17 @@ def add_parser(subparsers) -> None:
                    help=f"bundled model name or model folder (default: the bundled {DEFAULT_MODEL})")
     p.add_argument("--noise-sigma", default="auto",
                    help="'auto' (estimated from the image) or the noise sigma in image units")
-    p.add_argument("--strength", type=float, help="remove strength x sigma (default: the model's calibrated value)")
+    p.add_argument("--strength", type=float,
+                   help=f"remove strength x sigma, in (0, {MAX_STRENGTH:g}] (default: the model's calibrated value)")
     p.add_argument("--steps", type=int, default=1,
-                   help="1: posterior-mean estimate (best PSNR); more: reverse-process sampling")
-    p.add_argument("--samples", type=int, default=1, help="with --steps > 1: average this many samples")
+                   help=f"1: posterior-mean estimate (best PSNR); more (up to {MAX_STEPS}): reverse-process sampling")
+    p.add_argument("--samples", type=int, default=1,
+                   help=f"with --steps > 1: average this many samples (1 to {MAX_SAMPLES})")
     p.add_argument("--no-rician-correction", dest="rician_correction", action="store_false",
                    help="keep the Rician noise floor (about 1.25 x sigma in air and dark tissue) "
                         "that is removed by default from non-negative MR")
-    p.add_argument("--mask", help="mask image on the same grid: only voxels inside it are denoised")
+    p.add_argument("--mask", help="binary mask image (NIfTI, DICOM SEG, ...): only voxels inside it are denoised; "
+                                  "on another grid it is resampled by its geometry")
     p.add_argument("--series", help="series UID or number when a DICOM folder holds several")
     p.add_argument("--device", default="cpu")
     p.add_argument("--overwrite", action="store_true")
@@ -58,31 +63,36 @@ def noise_sigma(text: str) -> float | None:
 
 def run(args) -> None:
     from meddiff.pipelines import load_pipeline
+    from meddiff.pipelines.inpaint import mask_on_grid
 
     sigma = noise_sigma(args.noise_sigma)
-    if args.strength is not None and not (math.isfinite(args.strength) and args.strength > 0):
-        raise MeddiffError(f"--strength must be a positive number, not {args.strength} "
-                           "— e.g. 1 removes the whole noise sigma, or leave it out")
+    if args.strength is not None and not (math.isfinite(args.strength) and 0 < args.strength <= MAX_STRENGTH):
+        raise MeddiffError(f"--strength must be a number in (0, {MAX_STRENGTH:g}], not {args.strength} "
+                           "— 1 removes the whole estimated noise sigma; or leave it out for the model's own value")
     if args.steps < 1 or args.samples < 1:
         raise MeddiffError("--steps and --samples must be at least 1 — --steps 1 gives the posterior-mean estimate")
-    dicom = dicom_output.check(args, [Path(args.output)])  # before minutes of work, not after
-    if not dicom:
-        check_writable(args.output, args.overwrite)
-    image = load_image(args.input, series=args.series)
-    mask = None
-    if args.mask:
-        mask_image = load_image(args.mask)
-        mask = mask_image.array > 0
-        if mask.shape[:3] != image.array.shape[:3] or not np.allclose(mask_image.affine, image.affine, atol=1e-3):
-            raise MeddiffError(f"the mask {args.mask} is not on the image's voxel grid "
-                               f"(shape {mask.shape} vs {image.array.shape})")
-    pipeline = load_pipeline(args.model, device=args.device)
-    clean = pipeline.denoise(image, noise_sigma=sigma, steps=args.steps, samples=args.samples, strength=args.strength,
-                             mask=mask, rician_correction=args.rician_correction)
-    if dicom:
-        description = (f"denoised by meddiff (model {pipeline.model.weights_sha256[:16]}, steps {args.steps}, "
-                       f"noise sigma {args.noise_sigma})")
-        out = dicom_output.write(clean, Path(args.output), args, args.input, "denoise", description)
-    else:
-        out = save_image(clean, args.output, overwrite=args.overwrite)
+    if args.steps > MAX_STEPS or args.samples > MAX_SAMPLES:
+        raise MeddiffError(f"--steps is at most {MAX_STEPS} and --samples at most {MAX_SAMPLES}, not {args.steps} "
+                           f"and {args.samples} — more adds time without a better estimate")
+    sources = {"the input": args.input, "the mask": args.mask}
+    with dicom_output.guarded(args, [Path(args.output)], sources) as dicom:  # before minutes of work, not after
+        image = load_image(args.input, series=args.series)
+        if dicom:
+            dicom_output.check_dicom_shape(Path(args.output), image.array.shape, args.input)
+        mask, differ = None, dicom_output.check_subject(args.input, args.mask, "the mask", args, args.series)
+        if args.mask:
+            mask = mask_on_grid(Image(image.array[..., 0] if image.array.ndim == 4 else image.array, image.affine,
+                                      image.modality), load_image(args.mask), verb="denoise")
+            if image.array.ndim == 4:
+                mask = np.broadcast_to(mask[..., None], image.array.shape)
+        pipeline = load_pipeline(args.model, device=args.device)
+        clean = pipeline.denoise(image, noise_sigma=sigma, steps=args.steps, samples=args.samples,
+                                 strength=args.strength, mask=mask, rician_correction=args.rician_correction)
+        if dicom:
+            description = dicom_output.provenance(
+                f"denoised by meddiff (model {pipeline.model.weights_sha256[:16]}, steps {args.steps}, "
+                f"noise sigma {args.noise_sigma})", differ)
+            out = dicom_output.write(clean, Path(args.output), args, args.input, "denoise", description)
+        else:
+            out = save_image(clean, args.output, overwrite=args.overwrite)
     print(f"wrote {out} ({' x '.join(map(str, clean.array.shape))})")

@@ -10,12 +10,15 @@ are checked before sampling starts; outputs are written whole or not at all.
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 from meddiff.cli import dicom_output
 from meddiff.errors import MeddiffError
-from meddiff.files import check_writable, full_suffix
+from meddiff.files import full_suffix
 from meddiff.io import WRITE_SUFFIXES
+
+MAX_SAMPLES = 100  # fills per run: each is a full sampling of the region; more is a loop over --seed
 
 
 def add_parser(subparsers) -> None:
@@ -35,7 +38,8 @@ def add_parser(subparsers) -> None:
                         "pass; any unconditional, class- or report-conditioned model runs RePaint "
                         "(default: mri-inpaint for MR, ct-inpaint for CT)")
     p.add_argument("--modality", type=str.upper, choices=["CT", "MR"],  # pipelines.inpaint.DEFAULT_MODELS' keys
-                   help="the image's modality where the file has none (NIfTI), to pick the default model")
+                   help="the image's modality where the file has none (NIfTI), to pick the default model; "
+                        "refused when it contradicts the file's own (a DICOM header)")
     p.add_argument("--steps", type=int,
                    help="sampling steps (default: the model's inpaint_steps for a mask-conditioned model, else 50)")
     p.add_argument("--resample", type=int, default=5,
@@ -43,7 +47,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--jump", type=int, default=10, help="length of RePaint's jumps back, in steps")
     p.add_argument("--scheduler", default="ddpm", help="ddpm (RePaint's own) or ddim")
     p.add_argument("--samples", type=int, default=1,
-                   help="fills to make; OUT gets _1, _2, ... before its suffix when more than 1")
+                   help=f"fills to make, 1 to {MAX_SAMPLES}; OUT gets _1, _2, ... before its suffix when more than 1")
     p.add_argument("--seed", type=int, default=0, help="sample k of slice s (of S slices) uses seed + k * S + s")
     p.add_argument("--prompt", help="report text (report-conditioned models)")
     p.add_argument("--guidance-scale", type=float, default=1.0, help="classifier-free guidance with --prompt")
@@ -69,6 +73,7 @@ def output_paths(output: str, samples: int) -> list[Path]:
 
 def run(args) -> None:
     from meddiff.io import load_image, save_image
+    from meddiff.outputs import check_free_space
     from meddiff.pipelines import load_pipeline
     from meddiff.pipelines.inpaint import default_model, mask_on_grid
 
@@ -77,30 +82,39 @@ def run(args) -> None:
     if not dicom and suffix not in WRITE_SUFFIXES:
         raise MeddiffError(f"{args.output}: cannot write '{suffix}' "
                            f"— meddiff inpaint writes {', '.join(WRITE_SUFFIXES)}, or DICOM with --format dcm")
-    if args.samples < 1:
-        raise MeddiffError(f"--samples must be at least 1, not {args.samples}")
+    if not 1 <= args.samples <= MAX_SAMPLES:
+        raise MeddiffError(f"--samples must be 1 to {MAX_SAMPLES}, not {args.samples} — run again with another --seed "
+                           "for more")
     outputs = output_paths(args.output, args.samples)
-    dicom_output.check(args, outputs)  # before minutes of work, not after
-    for out in outputs if not dicom else []:
-        check_writable(out, args.overwrite)
-    image = load_image(args.input, series=args.series, modality=args.modality)
-    mask = load_image(args.mask)
-    fill = mask_on_grid(image, mask)  # a bad mask is refused before the model loads; resampled once
-    model = args.model or default_model(image.modality)
-    pipeline = load_pipeline(model, device=args.device)
-    fields = {"scheduler": args.scheduler, "resample": args.resample, "jump": args.jump,
-              "class_label": args.class_label, "guidance_scale": args.guidance_scale,
-              "negative_prompt": args.negative_prompt}
-    if args.steps is not None:  # else the model's own default (DiffusionPipeline.inpaint)
-        fields["steps"] = args.steps
-    method = "mask-conditioned" if pipeline.config.task == "inpaint" else "RePaint"
-    filled = pipeline.inpaint(image, fill, seed=args.seed, samples=args.samples, prompt=args.prompt,
-                              batch_size=args.batch_size, **fields)
-    for k, (result, out) in enumerate(zip(filled, outputs, strict=True)):
-        if dicom:
-            description = (f"inpainted by meddiff ({method}, model {pipeline.model.weights_sha256[:16]}, "
-                           f"seed {args.seed}, sample {k + 1}); outside the mask the source image")
-            dicom_output.write(result, out, args, args.input, "inpaint", description)
-        else:
-            save_image(result, out, overwrite=args.overwrite)
-        print(f"wrote {out} ({' x '.join(map(str, result.array.shape))})")
+    sources = {"the input": args.input, "the mask": args.mask}
+    with dicom_output.guarded(args, outputs, sources):  # before minutes of work, not after; the outputs locked
+        image = load_image(args.input, series=args.series, modality=args.modality)
+        differ = dicom_output.check_subject(args.input, args.mask, "the mask", args, args.series)
+        for out in outputs if dicom else []:
+            dicom_output.check_dicom_shape(out, image.array.shape, args.input)
+        if args.samples > 1:
+            needed = image.array.nbytes * args.samples  # an uncompressed float32 upper bound per fill
+            check_free_space(Path(args.output).parent, needed, f"{args.samples} fills")
+            print(f"{args.samples} fills of {' x '.join(map(str, image.array.shape))}: up to "
+                  f"{needed / 1e6:,.1f} MB", file=sys.stderr)
+        mask = load_image(args.mask)
+        fill = mask_on_grid(image, mask)  # a bad mask is refused before the model loads; resampled once
+        model = args.model or default_model(image.modality)
+        pipeline = load_pipeline(model, device=args.device)
+        fields = {"scheduler": args.scheduler, "resample": args.resample, "jump": args.jump,
+                  "class_label": args.class_label, "guidance_scale": args.guidance_scale,
+                  "negative_prompt": args.negative_prompt}
+        if args.steps is not None:  # else the model's own default (DiffusionPipeline.inpaint)
+            fields["steps"] = args.steps
+        method = "mask-conditioned" if pipeline.config.task == "inpaint" else "RePaint"
+        filled = pipeline.inpaint(image, fill, seed=args.seed, samples=args.samples, prompt=args.prompt,
+                                  batch_size=args.batch_size, **fields)
+        for k, (result, out) in enumerate(zip(filled, outputs, strict=True)):
+            if dicom:
+                description = dicom_output.provenance(
+                    f"inpainted by meddiff ({method}, model {pipeline.model.weights_sha256[:16]}, seed {args.seed}, "
+                    f"sample {k + 1}); outside the mask the source image", differ)
+                dicom_output.write(result, out, args, args.input, "inpaint", description)
+            else:
+                save_image(result, out, overwrite=args.overwrite)
+            print(f"wrote {out} ({' x '.join(map(str, result.array.shape))})")

@@ -33,13 +33,20 @@ def staged_folder(out_dir: str | os.PathLike, overwrite: bool = False,
     mount point) and the complete set is moved into it file by file, the ``last`` names (the
     manifest) last, so nothing in it changes until every file is written; its other files are kept.
     """
+    from meddiff.outputs import output_lock
+
     shown, out_dir = out_dir, Path(out_dir).resolve()  # resolved: '-o .' has a name and a parent to stage beside
+    made = [a for a in out_dir.parents if not a.exists()]  # folders this call creates, removed again on failure
+    with output_lock(out_dir):  # one writer per set: a second run is refused at once
+        yield from _staged(shown, out_dir, overwrite, last, made)
+
+
+def _staged(shown, out_dir: Path, overwrite: bool, last: tuple[str, ...], made: list[Path]) -> Iterator[Path]:
     remove_stale(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise MeddiffError(f"{shown} is a file — give a folder for the set")
     if _non_empty(out_dir) and not overwrite:
         raise MeddiffError(f"{shown} already exists and is not empty — choose a new folder or pass --overwrite")
-    made = [a for a in out_dir.parents if not a.exists()]  # folders this call creates, removed again on failure
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     stage = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.staging-{_owner()}-", dir=out_dir.parent))
     committed = False

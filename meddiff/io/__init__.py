@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 
 from meddiff.errors import MeddiffError
-from meddiff.files import atomic_path, full_suffix
+from meddiff.files import full_suffix
 from meddiff.image import Image
 from meddiff.io.dicom import is_dicom_file, read_dicom
 from meddiff.io.guard import readers_quiet
@@ -20,6 +20,9 @@ DICOM_SUFFIXES = (".dcm", ".dicom", ".ima")
 READ_SUFFIXES = NIFTI_SUFFIXES + ITK_SUFFIXES + PICTURE_SUFFIXES + DICOM_SUFFIXES
 WRITE_SUFFIXES = NIFTI_SUFFIXES + ITK_SUFFIXES + PICTURE_SUFFIXES
 SYNTHETIC_FORMATS = ("nii.gz", "png", "dcm")  # what `meddiff generate --format` writes (dcm: marked synthetic)
+
+# DICOM's defined terms for (0008,0060) that meddiff's images come in (PS3.3 C.7.3.1.1.1)
+MODALITIES = ("CT", "MR", "CR", "DX", "RG", "XA", "MG", "PT", "NM", "US", "OT", "SEG")
 
 __all__ = ["READ_SUFFIXES", "WRITE_SUFFIXES", "load_image", "save_image"]
 
@@ -56,12 +59,22 @@ def load_image(path: str | os.PathLike, series: str | int | None = None, modalit
                 raise MeddiffError(f"{path}: unsupported format '{suffix}' — meddiff reads {', '.join(READ_SUFFIXES)} "
                                    "and DICOM folders")
             if modality is not None:
-                image.modality = modality
+                image.modality = checked_modality(modality, image.modality, path)
             return image.check_finite()
     except MeddiffError as exc:  # every reading error names the file, whichever layer raised it
         if str(path) in str(exc):
             raise
         raise MeddiffError(f"{path}: {exc}") from None
+
+
+def checked_modality(given: str, own: str | None, path: Path) -> str:
+    """The modality a user names for a file: a DICOM defined term, and not one that contradicts the file's header."""
+    given = given.upper()
+    if given not in MODALITIES:
+        raise MeddiffError(f"modality {given!r} is not one meddiff knows — use one of {', '.join(MODALITIES)}")
+    if own and own.upper() not in ("OT", given):
+        raise MeddiffError(f"{path} is {own} by its own header, not {given} — leave --modality out for this file")
+    return given
 
 
 def save_image(image: Image, path: str | os.PathLike, overwrite: bool = False) -> Path:
@@ -73,7 +86,9 @@ def save_image(image: Image, path: str | os.PathLike, overwrite: bool = False) -
     image.check_finite()
     if suffix in PICTURE_SUFFIXES:
         picture_plane(image.array, path)  # refuse a volume before any file is created
-    with atomic_path(path, overwrite=overwrite) as tmp:
+    from meddiff.outputs import locked_atomic_path
+
+    with locked_atomic_path(path, overwrite=overwrite) as tmp:
         if suffix in NIFTI_SUFFIXES:
             write_nifti(image, tmp)
         else:

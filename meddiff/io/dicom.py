@@ -80,6 +80,22 @@ def source_slices(path: Path, series: str | int | None = None) -> list[tuple[Pat
     return [(file, _read_header(file)) for file in chosen.files]
 
 
+# What ties an image to one patient, study and coordinate frame: two objects that differ in any cannot be combined.
+IDENTITY_KEYS = ("PatientID", "StudyInstanceUID", "FrameOfReferenceUID")
+
+
+def identity(path: Path, series: str | int | None = None) -> dict[str, str]:
+    """The identity (``IDENTITY_KEYS``) and Modality of a DICOM file or series, from its first header (kept in
+    memory only: these values are compared, never written anywhere)."""
+    if path.is_dir():
+        header = _choose_series(find_series(path), path, series).header
+    else:
+        header = _read_header(path)
+        if header is None:
+            raise MeddiffError(f"{path} is not a DICOM image file")
+    return {key: str(header.get(key, "") or "") for key in (*IDENTITY_KEYS, "Modality")}
+
+
 def find_series(folder: Path) -> list[Series]:
     """All image series under ``folder`` (recursive), files sorted along the slice normal."""
     groups: dict[str, list[tuple[Path, pydicom.Dataset]]] = {}
@@ -117,7 +133,10 @@ def _choose_series(found: list[Series], folder: Path, series: str | int | None) 
         if len(found) == 1:
             return found[0]
         listing = "; ".join(s.summary() for s in found)
-        raise MeddiffError(f"{folder} holds {len(found)} series — choose one with series=UID or number: {listing}")
+        numbers = [s.number for s in found]
+        how = "its UID (their numbers repeat)" if len(set(numbers)) < len(numbers) else "its number or UID"
+        raise MeddiffError(f"{folder} holds {len(found)} series — choose one with --series and {how} "
+                           f"(series= from Python): {listing}")
     chosen = [s for s in found if s.uid == str(series) or (s.number is not None and str(s.number) == str(series))]
     if len(chosen) != 1:
         listing = "; ".join(s.summary() for s in found)

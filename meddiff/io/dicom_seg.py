@@ -14,7 +14,6 @@ import numpy as np
 
 from meddiff import __version__
 from meddiff.errors import MeddiffError
-from meddiff.files import atomic_path
 from meddiff.image import Image
 from meddiff.io.itk import LPS_TO_RAS
 
@@ -59,7 +58,9 @@ def write_seg(labels: Image, source: str | Path, out: str | Path, names: dict[in
         series_number=2000 + int(sources[0].get("SeriesNumber") or 0), sop_instance_uid=generate_uid(),
         instance_number=1, manufacturer="meddiff", manufacturer_model_name="meddiff", software_versions=__version__,
         device_serial_number="none", series_description="meddiff labels", omit_empty_frames=False)
-    with atomic_path(out, overwrite) as tmp:
+    from meddiff.outputs import locked_atomic_path
+
+    with locked_atomic_path(out, overwrite) as tmp:
         seg.save_as(tmp)
     return Path(out)
 

@@ -23,9 +23,8 @@ from __future__ import annotations
 
 import copy
 import datetime
-import shutil
-from collections.abc import Iterator
-from contextlib import contextmanager
+import logging
+import math
 from pathlib import Path
 
 import numpy as np
@@ -41,9 +40,10 @@ from pydicom.uid import (
 
 from meddiff import __version__
 from meddiff.errors import MeddiffError
-from meddiff.files import atomic_path
 from meddiff.image import Image
 from meddiff.io.itk import LPS_TO_RAS
+
+log = logging.getLogger(__name__)
 
 SOP_CLASSES = {"MR": MRImageStorage, "CT": CTImageStorage}
 DERIVATIONS = {"denoise": codes.DCM.Smoothing, "inpaint": codes.DCM.ImageProcessing,
@@ -62,16 +62,18 @@ def write_synthetic_dicom(image: Image, path: str | Path, description: str, over
         raise MeddiffError(f"DICOM output takes 2D or 3D images, not shape {image.array.shape}")
     uids = {"study": generate_uid(), "series": generate_uid(), "frame": generate_uid()}
     planes = [image.array] if image.array.ndim == 2 else [image.array[:, :, k] for k in range(image.array.shape[2])]
-    low, high = float(image.array.min()), float(image.array.max())
-    datasets = [_synthetic_slice(image, plane, k, uids, description, task, low, high) for k, plane in enumerate(planes)]
+    scale = storage_scale(image.array, 1.0, 0.0, True, "a 16-bit DICOM image")  # one scale for the whole series
+    datasets = [_synthetic_slice(image, plane, k, uids, description, task, float(image.array.min()), scale)
+                for k, plane in enumerate(planes)]
     return _write(datasets, Path(path), overwrite)
 
 
 def write_derived_dicom(image: Image, source: str | Path, out_dir: str | Path, description: str, task: str,
-                        series: str | int | None = None, overwrite: bool = False) -> Path:
+                        series: str | int | None = None, overwrite: bool = False, deidentify: bool = False) -> Path:
     """``image`` (on the grid of the DICOM ``source`` file or series) as a new series of the source's study, shaped
     as the source: one file per source file (single-frame slices, or a multi-frame object whose frames keep their
-    order) in the folder ``out_dir``; a single source file to a ``.dcm`` path gives one file."""
+    order) in the folder ``out_dir``; a single source file to a ``.dcm`` path gives one file. With ``deidentify``
+    the series leaves the patient's study for research export (``deidentified``)."""
     from meddiff.io.dicom import source_slices
 
     image.check_finite()
@@ -79,21 +81,57 @@ def write_derived_dicom(image: Image, source: str | Path, out_dir: str | Path, d
     series_uid, now = generate_uid(), _now()
     number = 1000 + int(slices[0][1].get("SeriesNumber") or 0)
     datasets = [_derived_object(header, planes_on_source_grid(image, header, source), series_uid, number,
-                                description, task, now) for _, header in slices]
-    return _write(datasets, Path(out_dir), overwrite)
+                                description, task, now, image.array) for _, header in slices]
+    return _write(deidentified(datasets, task) if deidentify else datasets, Path(out_dir), overwrite)
+
+
+# Free-text and history attributes PS3.15's basic profile removes (action X) that dicognito leaves as they are.
+_DEIDENTIFY_REMOVE = ("StudyDescription", "ImageComments", "AdditionalPatientHistory", "PatientComments",
+                      "RequestAttributesSequence", "PerformedProcedureStepDescription", "AdmittingDiagnosesDescription",
+                      "PatientAge", "PatientSize", "PatientWeight", "Occupation", "ProtocolName",
+                      "ReferencedStudySequence", "ReferencedPatientSequence",
+                      "ReferencedPerformedProcedureStepSequence")
+
+
+def deidentified(datasets: list[FileDataset], task: str) -> list[FileDataset]:
+    """The series under PS3.15's Basic Application Level Confidentiality Profile, for research export.
+
+    dicognito (a maintained implementation of the profile) replaces names, IDs, addresses and equipment, every
+    UID (consistently across the series, so the series stays one series and its references stay internal) and
+    shifts dates; the free-text attributes it keeps are removed here; birth date and sex are emptied (Type 2);
+    ``PatientIdentityRemoved`` YES with the profile's code (113100) says what was done.
+    """
+    from dicognito.anonymizer import Anonymizer
+
+    anonymizer = Anonymizer()  # one per series: the same source UID maps to the same new UID in every file
+    for ds in datasets:
+        anonymizer.anonymize(ds)
+        for key in _DEIDENTIFY_REMOVE:
+            if key in ds:
+                delattr(ds, key)
+        ds.PatientBirthDate = ds.PatientSex = ""
+        ds.SeriesDescription = f"meddiff {task}"
+        ds.PatientIdentityRemoved = "YES"
+        ds.DeidentificationMethodCodeSequence = [_code(codes.DCM.BasicApplicationConfidentialityProfile)]
+    return datasets
 
 
 def _write(datasets: list[FileDataset], path: Path, overwrite: bool) -> Path:
-    """One object to a ``.dcm`` path as a file (``atomic_path``); otherwise a folder of ``slice_XXXX.dcm``, written
-    in a staging folder and renamed into place."""
-    if len(datasets) == 1 and path.suffix.lower() == ".dcm":
-        with atomic_path(path, overwrite) as tmp:
+    """One object to a ``.dcm`` path as a file; otherwise a folder of ``slice_XXXX.dcm`` (``meddiff.outputs``: under
+    the output's lock, staged under a unique name, only meddiff's own earlier series replaced, checked after)."""
+    from meddiff.outputs import commit_series, locked_atomic_path, staged_series
+
+    if path.suffix.lower() == ".dcm":
+        if len(datasets) > 1:
+            raise MeddiffError(f"{path}: a series of {len(datasets)} slices is written as a folder of files — give "
+                               "-o a folder name without .dcm")
+        with locked_atomic_path(path, overwrite) as tmp:
             datasets[0].save_as(tmp, enforce_file_format=True)
         return path
-    with _staged_folder(path, overwrite) as tmp:
+    with staged_series(path, overwrite) as stage:
         for k, dataset in enumerate(datasets):
-            dataset.save_as(tmp / f"slice_{k:04d}.dcm", enforce_file_format=True)
-    return path
+            dataset.save_as(stage / f"slice_{k:04d}.dcm", enforce_file_format=True)
+        return commit_series(stage, path, str(datasets[0].SeriesInstanceUID), overwrite)
 
 
 def frame_positions(header: Dataset) -> list[list[float]]:
@@ -123,8 +161,11 @@ def planes_on_source_grid(image: Image, header: Dataset, source) -> np.ndarray:
         i, j, k = inverse[:3, :3] @ (LPS_TO_RAS @ np.asarray(position)) + inverse[:3, 3]
         index = round(k)
         if abs(i) > 1e-2 or abs(j) > 1e-2 or abs(k - index) > 1e-2 or not 0 <= index < array.shape[2]:
-            raise MeddiffError(f"the result is not on the grid of {source}: DICOM output derives from the source "
-                               "series the image was read from")
+            spacing = " x ".join(f"{float(v):.4g}" for v in header.get("PixelSpacing") or []) or "unknown"
+            where = ", ".join(f"{v:.4g}" for v in LPS_TO_RAS @ np.asarray(position))
+            raise MeddiffError(f"the result ({image.grid}) is not on the grid of {source} (a {header.Rows} x "
+                               f"{header.Columns} slice of {spacing} mm at ({where}) mm RAS): DICOM output derives "
+                               "from the source series the image was read from, or from a --template on its grid")
         plane = array[:, :, index].T
         if plane.shape != (int(header.Rows), int(header.Columns)):
             raise MeddiffError(f"the result's slices are {plane.shape}, the source's {header.Rows} x {header.Columns}")
@@ -133,7 +174,7 @@ def planes_on_source_grid(image: Image, header: Dataset, source) -> np.ndarray:
 
 
 def _derived_object(header: Dataset, planes: np.ndarray, series_uid: str, number: int, description: str, task: str,
-                    now: datetime.datetime) -> FileDataset:
+                    now: datetime.datetime, values: np.ndarray) -> FileDataset:
     """A copy of the source object's header with the derived pixels, new UIDs and the derivation recorded: at the
     top level for a single-frame object, in each frame's Derivation Image functional group for a multi-frame one
     (where the enhanced IODs keep it)."""
@@ -158,15 +199,23 @@ def _derived_object(header: Dataset, planes: np.ndarray, series_uid: str, number
                     for item in holder.get(key, []):
                         item.FrameType = ["DERIVED", *list(item.FrameType)[1:]]
         ds.SourceImageEvidenceSequence = [_evidence(header)]
-        transform = (ds.PerFrameFunctionalGroupsSequence[0].get("PixelValueTransformationSequence")
-                     or shared.get("PixelValueTransformationSequence") or [header])[0]
-        scale, written = transform, False  # the functional groups keep the rescale
+        # the functional groups keep the rescale: every item of it is set to the one chosen
+        transforms = [item for holder in (*ds.PerFrameFunctionalGroupsSequence, shared)
+                      for item in holder.get("PixelValueTransformationSequence", [])]
+        scale, written, can_rescale = (transforms or [header])[0], False, bool(transforms)
     else:
         ds.ImageType = ["DERIVED", "SECONDARY", *list(header.get("ImageType", []))[2:]]
         ds.update(_derivation(header, description, task))  # description, code and source image, at the top level
-        scale, written = header, "RescaleSlope" in header or header.SOPClassUID != MRImageStorage
-    slope, intercept = float(scale.get("RescaleSlope", 1)), float(scale.get("RescaleIntercept", 0))
-    _set_pixels(ds, planes if len(planes) > 1 else planes[0], slope, intercept, written)
+        scale, transforms, can_rescale = header, [], True
+        written = "RescaleSlope" in header or header.SOPClassUID != MRImageStorage
+    source_scale = float(scale.get("RescaleSlope", 1)), float(scale.get("RescaleIntercept", 0))
+    # chosen on the whole result, so every object of a series with one source rescale gets the same one (readers
+    # take a series' pixel type from its first file)
+    slope, intercept = storage_scale(values, *source_scale, can_rescale, f"the source {header.SOPInstanceUID}")
+    for item in transforms:
+        item.RescaleSlope, item.RescaleIntercept = f"{slope:.10g}", f"{intercept:.10g}"
+    _set_pixels(ds, planes if len(planes) > 1 else planes[0], slope, intercept,
+                written or (not transforms and (slope, intercept) != source_scale), low=float(values.min()))
     return _file_dataset(ds)
 
 
@@ -194,7 +243,7 @@ def _derivation(header: Dataset, description: str, task: str, frame: int | None 
 
 
 def _synthetic_slice(image: Image, plane: np.ndarray, k: int, uids: dict[str, str], description: str, task: str,
-                     low: float, high: float) -> FileDataset:
+                     low: float, scale: tuple[float, float]) -> FileDataset:
     modality = (image.modality or "OT").upper()
     sop_class = SOP_CLASSES.get(modality, SecondaryCaptureImageStorage)
     now = _now()
@@ -237,8 +286,8 @@ def _synthetic_slice(image: Image, plane: np.ndarray, k: int, uids: dict[str, st
             ds.MRAcquisitionType = "2D" if image.array.ndim == 2 else "3D"
         # CT keeps HU (the CT IOD rescales); MR stores its own units unless a narrow range needs a rescale
         rescaled = modality == "CT"
-    slope, intercept = (1.0, 0.0) if rescaled or high - low >= 255 else ((high - low) / 65535.0 or 1.0, low)
-    _set_pixels(ds, plane.T, slope, intercept, rescaled or slope != 1.0, low=low)
+    slope, intercept = scale
+    _set_pixels(ds, plane.T, slope, intercept, rescaled or (slope, intercept) != (1.0, 0.0), low=low)
     return _file_dataset(ds)
 
 
@@ -271,11 +320,40 @@ def _code(code) -> Dataset:
     return item
 
 
+def storage_scale(values: np.ndarray, slope: float, intercept: float, can_rescale: bool,
+                  where: str) -> tuple[float, float]:
+    """The rescale (slope, intercept) that represents ``values`` in 16 stored bits.
+
+    The given one (the source's, so every value it can represent comes back exactly) when the values fit it and it
+    resolves them; a coarser multiple of it when they span more than 16 bits at that scale (said in a warning); a
+    finer one when they span fewer than 255 steps and fall between them (a 0-1 probability map at slope 1). Without
+    ``can_rescale`` (storage that keeps no rescale) either case is refused: no value is ever clipped or flattened.
+    """
+    values = values.astype(np.float64)
+    low, high = float(values.min()), float(values.max())
+    lo, hi = (low - intercept) / slope, (high - intercept) / slope
+    fits = (round(lo) >= -32768 and round(hi) <= 32767) or (round(lo) >= 0 and round(hi) <= 65535)
+    steps = (values - intercept) / slope
+    coarse = hi - lo < 255 and not np.allclose(steps, np.round(steps), atol=1e-3)
+    if fits and not coarse:
+        return slope, intercept
+    if not can_rescale:
+        problem = "do not fit its 16 bits" if not fits else "fall between its whole stored steps"
+        raise MeddiffError(f"values {low:.6g}..{high:.6g} {problem} at the rescale of {where} (slope {slope:g}, "
+                           f"intercept {intercept:g}), which keeps no other — write NIfTI instead")
+    if not fits:
+        k = math.ceil((hi - math.floor(lo)) / 65535)
+        new = slope * k, intercept + math.floor(lo) * slope
+        log.warning("values %.6g..%.6g do not fit 16 bits at the rescale of %s: stored at slope %g (not %g), "
+                    "a precision of %g", low, high, where, new[0], slope, new[0])
+        return new
+    return ((high - low) / 65535.0 or slope), low
+
+
 def _set_pixels(ds: Dataset, rows_cols: np.ndarray, slope: float, intercept: float, rescaled: bool,
                 low: float | None = None) -> None:
-    """Stored values ``round((value - intercept) / slope)`` in 16 bits, unsigned unless some are negative; the
-    scale is kept (the source's, so every value it can represent comes back exactly) and values beyond the 16 bits
-    at that scale (for CT at intercept -1024: beyond -33792..31743 HU) are clipped."""
+    """Stored values ``round((value - intercept) / slope)`` in 16 bits, unsigned unless some are negative, at a
+    scale ``storage_scale`` chose (so none is clipped); the rescale attributes written when ``rescaled``."""
     low = float(rows_cols.min()) if low is None else low
     stored = np.round((rows_cols.astype(np.float64) - intercept) / slope)
     signed = round((low - intercept) / slope) < 0
@@ -303,30 +381,3 @@ def _file_dataset(ds: Dataset) -> FileDataset:
 
 def _now() -> datetime.datetime:
     return datetime.datetime.now()
-
-
-@contextmanager
-def _staged_folder(path: Path, overwrite: bool) -> Iterator[Path]:
-    """A hidden sibling folder to write a series into, renamed to ``path`` when complete; removed on any failure.
-    Unlike ``meddiff.data.staging.staged_folder`` (which keeps an existing folder's other files), an overwritten
-    series folder is replaced whole: stale slices of an earlier series must not stay beside the new one."""
-    if path.exists() and not overwrite:
-        raise MeddiffError(f"{path} already exists — choose another output or pass --overwrite")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.partial")
-    _remove(tmp)
-    try:
-        tmp.mkdir()
-        yield tmp
-        _remove(path)
-        tmp.rename(path)
-    finally:
-        _remove(tmp)
-
-
-def _remove(path: Path) -> None:
-    if path.is_dir():
-        shutil.rmtree(path)
-    elif path.exists():
-        path.unlink()
-

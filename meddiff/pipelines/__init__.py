@@ -17,6 +17,7 @@ from meddiff.image import Image
 from meddiff.model import DiffusionModel, ModelConfig, load_model
 from meddiff.pipelines import controlnet, denoise, generate, inpaint
 from meddiff.pipelines.spec import SamplingSpec, spec_from
+from meddiff.pipelines.volumes import check_modality
 
 __all__ = ["DiffusionPipeline", "SamplingSpec", "load_pipeline"]
 
@@ -77,12 +78,14 @@ class DiffusionPipeline:
 
     def denoise(self, image: Image, **options) -> Image:
         """A denoised copy of a magnitude MR image (``denoise.denoise``)."""
+        check_modality(image, self.config, "denoising")
         return denoise.denoise(self.model, image, **options)
 
     def inpaint(self, image: Image, mask: Image | np.ndarray, spec: inpaint.InpaintSpec | None = None, seed: int = 0,
                 samples: int = 1, prompt: str | None = None, batch_size: int = 8, progress: bool = True,
                 **fields) -> list[Image]:
         """``samples`` fills of the masked region, the rest of the image kept exactly (``inpaint.inpaint``)."""
+        check_modality(image, self.config, "inpainting")
         if spec is None and "steps" not in fields and self.config.inpaint_steps:
             fields["steps"] = self.config.inpaint_steps  # the model's own default
         spec = spec or spec_from(inpaint.InpaintSpec, **fields)

@@ -23,7 +23,7 @@ from meddiff.diffusion.repaint import SAMPLERS, RePaint
 from meddiff.diffusion.sampling import concatenated, sample_loop
 from meddiff.diffusion.tiling import pad_to, tiled_function
 from meddiff.errors import MeddiffError
-from meddiff.image import Image
+from meddiff.image import Image, grid_words
 from meddiff.model import DiffusionModel
 from meddiff.pipelines.generate import check_conditioning, check_counts, initial_noise, model_function
 from meddiff.pipelines.spec import SamplingSpec
@@ -64,14 +64,15 @@ def default_model(modality: str | None) -> str:
     return DEFAULT_MODELS[modality.upper()]
 
 
-def mask_on_grid(image: Image, mask: Image | np.ndarray) -> np.ndarray:
-    """The mask as booleans of the image's spatial shape (true: fill), or one clear line why it cannot be.
+def mask_on_grid(image: Image, mask: Image | np.ndarray, verb: str = "inpaint") -> np.ndarray:
+    """The mask as booleans of the image's spatial shape (true: fill, or denoise), or one clear line why it cannot be.
 
     A mask ``Image`` on another voxel grid is resampled onto the image's by their geometry (nearest voxel);
     a plain array must have the image's shape. A mask holds one value for "keep" (0) and one for "fill"
-    (1, 255, ...): a label map or a probability map is refused, as is a mask that selects nothing or
-    everything, or one that does not overlap the image.
+    (1, 255, ...): a label map or a probability map is refused, as is a mask that selects nothing, one that does
+    not overlap the image, and for inpainting one that selects everything.
     """
+    acted = "filled" if verb == "inpaint" else "denoised"
     spatial = image.array.shape
     if len(spatial) == 4:
         raise MeddiffError(f"inpaint takes a 2D image or a 3D volume, not a 4D series {spatial} "
@@ -91,21 +92,22 @@ def mask_on_grid(image: Image, mask: Image | np.ndarray) -> np.ndarray:
     ):
         shown = ", ".join(f"{v:g}" for v in levels[:4]) + (", ..." if len(levels) > 4 else "")
         raise MeddiffError(f"the mask is not binary (values {shown}): "
-                           "give 0 where the image is kept and 1 (or 255) where it is filled "
+                           f"give 0 where the image is kept and 1 (or 255) where it is {acted} "
                            "— threshold a probability map or pick one label of a label map first")
     fill = values > 0
     same_grid = affine is None or np.allclose(affine, image.affine, atol=1e-3)
     if fill.shape != spatial and same_grid:
-        raise MeddiffError(f"the mask has shape {fill.shape}, the image {spatial} — give a mask of the image's shape "
-                           "(or a NIfTI/DICOM mask whose geometry places it on the image)")
+        mask_grid = grid_words(fill.shape, affine) if affine is not None else f"shape {fill.shape}"
+        raise MeddiffError(f"the mask's grid ({mask_grid}) is not the image's ({image.grid}) — give a mask of the "
+                           "image's shape (or a NIfTI/DICOM mask whose geometry places it on the image)")
     if not same_grid and fill.any():
         fill = _resample_nearest(fill, affine, spatial, image.affine)
         if not fill.any():
-            raise MeddiffError("the mask does not overlap the image (their geometries place it elsewhere) "
-                               "— give a mask drawn on this image")
+            raise MeddiffError(f"the mask ({grid_words(values.shape, affine)}) does not overlap the image "
+                               f"({image.grid}): their geometries place it elsewhere — give a mask drawn on this image")
     if not fill.any():
-        raise MeddiffError("the mask is empty: it marks nothing to fill (give 1 where the image is to be filled)")
-    if fill.all():
+        raise MeddiffError(f"the mask is empty: it marks nothing to {verb} (give 1 where the image is to be {acted})")
+    if fill.all() and verb == "inpaint":
         raise MeddiffError("the mask covers the whole image: nothing is left to keep "
                            "— to make new images use meddiff generate")
     return fill

@@ -8,6 +8,7 @@ import numpy as np
 import torch
 
 from meddiff.data.transforms import CT_MODALITIES, NormalizeIntensityd
+from meddiff.errors import MeddiffError
 from meddiff.image import Image
 from meddiff.model import ModelConfig
 
@@ -24,6 +25,22 @@ def slice_axis(image: Image) -> int | None:
         return singletons[0]
     spacing = image.spacing
     return max(range(3), key=lambda a: (round(spacing[a], 3), -shape[a]))
+
+
+# Modalities whose images share units and appearance: a model of one family must not see another's images.
+MODALITY_FAMILIES = {"CT": "CT", "MR": "MR", "CR": "X-ray", "DX": "X-ray", "DR": "X-ray", "RG": "X-ray",
+                     "XR": "X-ray", "PT": "PET", "US": "ultrasound", "MG": "mammography"}
+
+
+def check_modality(image: Image, config: ModelConfig, task: str) -> None:
+    """Refuse an image whose modality contradicts the model's (CT in HU through an MR model, an MR slice through a
+    CT model): its values would be read in the wrong units. Images or models naming none pass."""
+    theirs = MODALITY_FAMILIES.get((image.modality or "").upper())
+    ours = MODALITY_FAMILIES.get((config.image.modality or "").upper())
+    if theirs and ours and theirs != ours:
+        raise MeddiffError(f"the image is {image.modality} but this {task} model was trained on "
+                           f"{config.image.modality} images — choose a {image.modality} model with --model "
+                           "(a NIfTI's modality comes from --modality where the verb has it)")
 
 
 def intensity_window(config: ModelConfig, array) -> tuple[float, float]:

@@ -52,7 +52,8 @@ CASES = {
     "all-ones mask": (["--mask", "full.nii.gz"], "covers the whole image"),
     "probability map": (["--mask", "soft.nii.gz"], "not binary"),
     "label map": (["--mask", "labels.nii.gz"], "not binary"),
-    "mask of another shape": (["--mask", "small.nii.gz"], "mask has shape"),
+    "mask of another shape": (["--mask", "small.nii.gz"],
+                              "(16 x 16 voxels of 2 x 2 mm, origin (0, 0, 0) mm, RA) is not the image's (32 x 32"),
     "mask elsewhere": (["--mask", "elsewhere.nii.gz"], "does not overlap"),
     "multistep scheduler": (["--scheduler", "dpm++2m"], "multistep"),
     "unknown scheduler": (["--scheduler", "magic"], "unknown scheduler"),
@@ -65,7 +66,9 @@ CASES = {
     "guidance without a text encoder": (["--guidance-scale", "3"], "no text encoder"),
     "class label without classes": (["--class-label", "1"], "no classes"),
     "unwritable suffix": (["-o", "out.xyz"], "cannot write"),
-    "output exists": (["-o", "img.nii.gz"], "already exists"),
+    "output exists": (["-o", "series.nii.gz"], "already exists"),
+    "output is the input": (["-o", "img.nii.gz"], "is the input"),
+    "output is the mask": (["-o", "good.nii.gz"], "is the mask"),
     "no such model": (["--model", "no-such-model"], "no model"),
 }
 
