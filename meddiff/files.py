@@ -59,7 +59,8 @@ def check_writable(path: str | os.PathLike, overwrite: bool) -> Path:
     """Refuse to replace an existing output unless asked; create the parent folder."""
     path = Path(path)
     if path.exists() and not overwrite:
-        raise MeddiffError(f"{path} already exists — choose another output or pass --overwrite")
+        raise MeddiffError(f"{path} already exists — choose another output or pass --overwrite "
+                           "(overwrite=True from Python)")
     if path.is_dir():
         raise MeddiffError(f"{path} is a folder — give a file name")
     path.parent.mkdir(parents=True, exist_ok=True)

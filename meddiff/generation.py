@@ -223,6 +223,9 @@ def generate_to_folder(
     from lightning.pytorch.utilities import rank_zero_only
 
     # 1. every check that needs no folder, so a refused run leaves nothing behind
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise MeddiffError(f"{out_dir} is a file — give -o a folder (new, or one of an earlier run to finish)")
     if fmt not in FORMATS:
         raise MeddiffError(f"--format must be one of {', '.join(FORMATS)}, not {fmt!r}")
     check_counts({"-n": n, "--batch-size": batch_size, "--seed": seed})
@@ -250,10 +253,12 @@ def generate_to_folder(
         "model": model_id, "weights_sha256": model.weights_sha256, **spec.model_dump(), "seed": seed, "format": fmt,
         **(condition or {}),
     }
-    trainer = _trainer(accelerator, devices, ShardWriter(Path(out_dir), fmt, provenance))
+    trainer = _trainer(accelerator, devices, ShardWriter(out_dir, fmt, provenance))
+    if trainer.world_size > n:  # Lightning's distributed sampler cannot give every process an item
+        raise MeddiffError(f"-n {n} is fewer images than the {trainer.world_size} processes of --devices {devices} "
+                           "— ask for at least one image per device, or fewer devices")
 
     # 2. the folder: created, locked (by the launching process; ranks it starts share its lock), checked, cleaned
-    out_dir = Path(out_dir)
     created = [p for p in [out_dir, *out_dir.parents] if not p.exists()]
     leader = rank_zero_only.rank == 0
     try:

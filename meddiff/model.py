@@ -321,7 +321,8 @@ class DiffusionModel:
 
         directory = Path(directory)
         if directory.exists() and any(directory.iterdir()) and not overwrite:
-            raise MeddiffError(f"{directory} is not empty — choose another folder or pass --overwrite")
+            raise MeddiffError(f"{directory} is not empty — choose another folder or pass --overwrite "
+                               "(overwrite=True from Python)")
         directory.mkdir(parents=True, exist_ok=True)
         for name, network in self.networks.items():
             state = {k: v.detach().cpu().contiguous() for k, v in network.state_dict().items()}
@@ -406,7 +407,8 @@ def save_autoencoder(config: AutoencoderFolder, network: torch.nn.Module, direct
 
     directory = Path(directory)
     if directory.exists() and any(directory.iterdir()) and not overwrite:
-        raise MeddiffError(f"{directory} is not empty — choose another folder or pass --overwrite")
+        raise MeddiffError(f"{directory} is not empty — choose another folder or pass --overwrite "
+                           "(overwrite=True from Python)")
     directory.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in network.state_dict().items()}
     with atomic_path(directory / "autoencoder.safetensors", overwrite=True) as tmp:

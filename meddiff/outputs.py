@@ -156,7 +156,8 @@ def check_series_output(out: str | os.PathLike, overwrite: bool) -> Path:
         raise MeddiffError(f"{out} is a file — a DICOM series is written as a folder: give a folder name")
     if out.is_dir() and any(out.iterdir()):
         if not overwrite:
-            raise MeddiffError(f"{out} already exists — choose another output or pass --overwrite")
+            raise MeddiffError(f"{out} already exists — choose another output or pass --overwrite "
+                               "(overwrite=True from Python)")
         foreign = foreign_entries(out)
         if foreign:
             shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")

@@ -10,8 +10,9 @@ with those names allow-listed; legacy files (torch < 1.6, which that unpickler c
 unpickler that resolves only an explicit allow-list (``_restricted_pickle``).
 
 ``check_fit`` compares a state dict with a network before loading it and says what differs in one line
-(counts of missing, unexpected and reshaped tensors, and the first of each) instead of torch's
-one-line-per-tensor ``RuntimeError``.
+(counts of missing, unexpected and reshaped tensors, and the first few of each) instead of torch's
+one-line-per-kind ``RuntimeError``, whose first line names no tensor; ``load_error_line`` turns that
+``RuntimeError``, where a load was not checked first, into the same one line.
 """
 
 from __future__ import annotations
@@ -170,18 +171,52 @@ def check_fit(network, state: Mapping, source: str, remedy: str) -> None:
     given = {k: tuple(getattr(v, "shape", ())) for k, v in state.items()}
     missing = [k for k in expected if k not in given]
     unexpected = [k for k in given if k not in expected]
-    reshaped = [k for k in expected if k in given and given[k] != expected[k]]
-    if not (missing or unexpected or reshaped):
-        return
+    reshaped = [(k, given[k], expected[k]) for k in expected if k in given and given[k] != expected[k]]
+    if missing or unexpected or reshaped:
+        raise MeddiffError(f"{source}: {mismatch(missing, unexpected, reshaped)} — {remedy}")
+
+
+SHOWN = 3  # names of each kind a mismatch line shows
+
+
+def mismatch(missing: list[str], unexpected: list[str], reshaped: list[tuple[str, tuple, tuple]]) -> str:
+    """``2 tensors missing, 1 of another shape, 3 unexpected (first: missing a, b; c is [1] in the file, [2] in
+    the network; unexpected x, y, z)``: counts, then the first few names of each kind."""
+
+    def first(names: list[str]) -> str:
+        return ", ".join(names[:SHOWN]) + (", ..." if len(names) > SHOWN else "")
+
     parts, firsts = [], []
     if missing:
         parts.append(f"{len(missing)} tensor{'s' * (len(missing) != 1)} missing")
-        firsts.append(f"missing {missing[0]}")
+        firsts.append(f"missing {first(missing)}")
     if reshaped:
         parts.append(f"{len(reshaped)} of another shape")
-        k = reshaped[0]
-        firsts.append(f"{k} is {list(given[k])} in the file, {list(expected[k])} in the network")
+        shown = [f"{k} is {list(old)} in the file, {list(new)} in the network" for k, old, new in reshaped[:SHOWN - 1]]
+        firsts.append(", ".join(shown) + (", ..." if len(reshaped) > SHOWN - 1 else ""))
     if unexpected:
         parts.append(f"{len(unexpected)} unexpected")
-        firsts.append(f"unexpected {unexpected[0]}")
-    raise MeddiffError(f"{source}: {', '.join(parts)} (first: {'; '.join(firsts)}) — {remedy}")
+        firsts.append(f"unexpected {first(unexpected)}")
+    return f"{', '.join(parts)} (first: {'; '.join(firsts)})"
+
+
+def load_error_line(exc: BaseException) -> str | None:
+    """torch's ``Error(s) in loading state_dict for X:`` (a line per kind of difference, every key named) as one
+    line, or None for any other error. A safety net for loads that ``check_fit`` did not see first."""
+    text = str(exc)
+    head = re.match(r"Error\(s\) in loading state_dict for ([\w.]+)", text)
+    if not head:
+        return None
+
+    def keys(kind: str) -> list[str]:
+        found = re.search(rf"{kind} key\(s\) in state_dict: (.*?)\.\s*$", text, re.MULTILINE)
+        return re.findall(r'"([^"]+)"', found.group(1)) if found else []
+
+    reshaped = [(k, tuple(int(d) for d in re.findall(r"\d+", old)), tuple(int(d) for d in re.findall(r"\d+", new)))
+                for k, old, new in re.findall(r"size mismatch for (\S+): copying a param with shape torch\.Size\("
+                                              r"\[([^\]]*)\]\) from checkpoint, the shape in current model is "
+                                              r"torch\.Size\(\[([^\]]*)\]\)", text)]
+    missing, unexpected = keys("Missing"), keys("Unexpected")
+    if not (missing or unexpected or reshaped):
+        return f"the weights do not fit {head.group(1)}: {first_line(text.split(':', 1)[1])}"
+    return f"the weights do not fit {head.group(1)}: {mismatch(missing, unexpected, reshaped)}"

@@ -4,24 +4,31 @@ Model and data are chosen by ``class_path`` in the YAML, so every field can be o
 command line. Weights & Biases runs are offline unless the user has logged in; checkpoints are
 resumed with ``weights_only=True`` (no arbitrary unpickling).
 
-Check first, then create: the config files, the checkpoint to resume and the data (manifest, image
-files, finite voxels) are checked before the Trainer starts its loggers, so a bad input ends in one
-``error:`` line with no run folder, wandb run or saved config left behind.
+Check first, then create: the config files, the trainer's limits (``check_trainer``), the checkpoint to
+resume (and that its weights fit the model) and the data (manifest, image files, finite voxels) are checked
+before the Trainer starts its loggers, so a bad input ends in one ``error:`` line with no run folder, wandb
+run or saved config left behind, and without Lightning's banner (``HeldLogs``: its log lines are shown
+once the checks have passed). A config value jsonargparse refuses is one line naming its key
+(``config_error_line``). Ctrl-C or SIGTERM ends with exit 130 and a line saying how to resume.
 """
 
 from __future__ import annotations
 
+import logging
+import math
 import netrc
 import os
 import re
 import shlex
+import signal
+import threading
 import warnings
 import zipfile
 from pathlib import Path
 
 import yaml
 
-from meddiff.errors import MeddiffError
+from meddiff.errors import MeddiffError, first_line
 
 CKPT_KEYWORDS = ("last", "best", "hpc", "registry")  # Lightning resolves these itself
 
@@ -29,7 +36,11 @@ CKPT_KEYWORDS = ("last", "best", "hpc", "registry")  # Lightning resolves these 
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser("fit", help="train a model from a LightningCLI YAML config (meddiff fit --help)",
                               add_help=False)
-    p.set_defaults(func=run, passthrough=True)
+    # what Ctrl-C or SIGTERM leaves (meddiff.cli.main.run prints it after "interrupted — "); refined once training
+    # started (interrupted_hint)
+    p.set_defaults(func=run, passthrough=True,
+                   resume_hint="run the same command again (with --ckpt_path last it resumes from the last "
+                               "checkpoint saved, if any)")
 
 
 def wandb_logged_in() -> bool:
@@ -73,11 +84,12 @@ def check_config_files(files: list[Path]) -> None:
                                "not a mapping of trainer/model/data — fix the file")
 
 
-def check_checkpoint(path: str | os.PathLike) -> None:
+def check_checkpoint(path: str | os.PathLike) -> dict:
     """A checkpoint to resume from exists and loads with ``weights_only=True`` (tensors and plain values only).
 
     A file holding any other object is refused before Lightning (or LightningCLI, which reads its
     hyperparameters) opens it; zip checkpoints are memory-mapped, so the check does not read the weights.
+    Returns the checkpoint (its tensors memory-mapped).
     """
     import pickle
 
@@ -96,9 +108,10 @@ def check_checkpoint(path: str | os.PathLike) -> None:
                   else f"{type(exc).__name__}")
         raise MeddiffError(f"refusing checkpoint {path}: {reason} (read with torch.load weights_only) "
                            "— resume only from a .ckpt that meddiff fit wrote") from None
-    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
+    if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("state_dict"), dict):
         raise MeddiffError(f"{path} is not a Lightning checkpoint (no state_dict) "
                            "— resume only from a .ckpt that meddiff fit wrote")
+    return checkpoint
 
 
 def make_manifest_hint(manifest: Path, configs: list[Path]) -> str:
@@ -159,8 +172,10 @@ def check_data(datamodule, configs: list[Path]) -> None:
     datamodule.setup("fit")
 
 
-def check_resume(trainer, ckpt_path: str | None) -> None:
-    """The checkpoint ``fit`` will resume from (``last`` resolved as Lightning does) is safe to read."""
+def check_resume(trainer, ckpt_path: str | None, model=None) -> None:
+    """The checkpoint ``fit`` will resume from (``last`` resolved as Lightning does) is safe to read, and its
+    weights fit ``model`` (when the model loads strictly, as meddiff's modules do): otherwise one line naming
+    the tensors that differ, not torch's ``Error(s) in loading state_dict`` after the run folder exists."""
     if ckpt_path is None or str(ckpt_path) in CKPT_KEYWORDS[1:] or str(ckpt_path).startswith("registry:"):
         return
     if ckpt_path == "last":
@@ -176,13 +191,191 @@ def check_resume(trainer, ckpt_path: str | None) -> None:
             return
         if ckpt_path is None:
             return
-    check_checkpoint(ckpt_path)
+    checkpoint = check_checkpoint(ckpt_path)
+    if model is not None and getattr(model, "strict_loading", True):
+        from meddiff.weights import check_fit
+
+        check_fit(model, checkpoint["state_dict"], f"checkpoint {ckpt_path} does not fit this config's model",
+                  "resume with the config the checkpoint was trained with, or leave out --ckpt_path to start anew")
+
+
+def _whole(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _share(value) -> bool:
+    """A whole number of batches (0 or more) or a fraction 0.0 .. 1.0 of them."""
+    return (_whole(value) and value >= 0) or (isinstance(value, float) and 0.0 <= value <= 1.0)
+
+
+# trainer key: (accepted?, what it must be). Lightning refuses some of these only once the run folder, loggers and
+# wandb run exist (max_steps -5), some never (log_every_n_steps 0 divides by zero mid-run).
+TRAINER_LIMITS = {
+    "max_steps": (lambda v: _whole(v) and (v == -1 or v >= 1), "-1 (no limit) or a whole number, 1 or more"),
+    "max_epochs": (lambda v: v is None or _whole(v) and (v == -1 or v >= 1),
+                   "-1 (no limit), a whole number 1 or more, or null"),
+    "min_steps": (lambda v: v is None or _whole(v) and v >= 0, "a whole number, 0 or more, or null"),
+    "min_epochs": (lambda v: v is None or _whole(v) and v >= 0, "a whole number, 0 or more, or null"),
+    "check_val_every_n_epoch": (lambda v: v is None or _whole(v) and v >= 1, "a whole number, 1 or more, or null"),
+    "log_every_n_steps": (lambda v: v is None or _whole(v) and v >= 1, "a whole number, 1 or more, or null"),
+    "accumulate_grad_batches": (lambda v: _whole(v) and v >= 1, "a whole number, 1 or more"),
+    "num_sanity_val_steps": (lambda v: v is None or _whole(v) and v >= -1, "-1 (all), 0 or more, or null"),
+    "num_nodes": (lambda v: _whole(v) and v >= 1, "a whole number, 1 or more"),
+    "overfit_batches": (_share, "a number of batches (0 or more) or a fraction from 0.0 to 1.0"),
+    **{f"limit_{stage}_batches": (lambda v: v is None or _share(v),
+                                  "a number of batches (0 or more), a fraction from 0.0 to 1.0, or null")
+       for stage in ("train", "val", "test", "predict")},
+    "val_check_interval": (lambda v: v is None or (_whole(v) and v >= 1) or (isinstance(v, float) and 0.0 < v <= 1.0)
+                           or not isinstance(v, (int, float)),  # a time (str, dict, timedelta): Lightning's to check
+                           "a number of batches (1 or more), a fraction above 0.0 up to 1.0, a time, or null"),
+    "gradient_clip_val": (lambda v: v is None or (isinstance(v, (int, float)) and not isinstance(v, bool)
+                                                  and math.isfinite(v) and v >= 0), "a number, 0 or more, or null"),
+}
+
+# Lightning's defaults of the keys that have no null (a trainer section jsonargparse did not fill)
+TRAINER_DEFAULTS = {"max_steps": -1, "accumulate_grad_batches": 1, "num_nodes": 1, "overfit_batches": 0.0}
+
+
+def check_trainer(trainer) -> None:
+    """The trainer's step, epoch and batch limits (``TRAINER_LIMITS``), from the config or the command line, before
+    any logger, run folder or wandb run exists."""
+    get = trainer.get if hasattr(trainer, "get") else (lambda key, default=None: default)
+    for key, (accepted, what) in TRAINER_LIMITS.items():
+        value = get(key, TRAINER_DEFAULTS.get(key))
+        if not accepted(value):
+            raise MeddiffError(f"trainer.{key} must be {what}, not {value!r} "
+                               f"— fix it in the config or with --trainer.{key}=VALUE")
+
+
+KEY = re.compile(r'Parser key "([^"]+)":?')
+CLASS_PROBLEM = re.compile(r"Problem with given class_path '([^']+)':?")
+UNION = "Does not validate against any of the Union subtypes"
+
+
+def config_error_line(text: str) -> str:
+    """jsonargparse's refusal of a config value as one line: the full key (``model.init_args.lr``), what was given
+    and what is accepted, then what to do. Its own text puts the key on one line and the reason, nested under the
+    union of types and the ``class_path`` tried, on the lines below it."""
+    lines = [line.strip().lstrip("- ").strip() for line in text.splitlines() if line.strip()]
+    keys: list[str] = []
+    cls = pending = None  # the class_path tried; ``pending``: tried, but no key of its own named yet
+    for i, line in enumerate(lines):
+        key = KEY.fullmatch(line)
+        if key:
+            keys.append(("init_args." if pending else "") + key.group(1))
+            pending = None
+            continue
+        if not keys:
+            break  # not a key's refusal (an unknown argument, a missing file, ...)
+        problem = CLASS_PROBLEM.fullmatch(line)
+        if problem:
+            cls = pending = problem.group(1)
+            continue
+        rest = lines[i:]
+        if pending is None and any(CLASS_PROBLEM.fullmatch(x) for x in rest):
+            continue  # the class's own argument is what failed: follow it
+        if pending is None and any(x.startswith(UNION) for x in rest):
+            expected = [_type_name(m.group(1)) for m in (re.fullmatch(r"Expected an? ([^:]+)", x) for x in rest)
+                        if m and not m.group(1).startswith("path")]
+            given = next((x.split(":", 1)[1].strip() for x in rest if x.startswith("Given value:")), "?")
+            return _config_line(keys, f"{given!r} is not accepted (expected {' or '.join(expected) or 'another'})")
+        option = re.fullmatch(r"Option '([^']+)' is not accepted", line)
+        if option:
+            return _config_line([*keys, f"init_args.{option.group(1)}"], f"{cls} has no such argument")
+        required = re.match(r'Key "([^"]+)" is required|the following arguments are required: ([\w.]+)', line)
+        if required:
+            name = required.group(1) or required.group(2)
+            return _config_line([*keys, f"init_args.{name}" if pending else name], "required, and not given")
+        got = re.fullmatch(r"Expected an? (.+?)\. Got value: (.*)", line)
+        if got:
+            return _config_line(keys, f"{got.group(2)!r} is not accepted (expected {_type_name(got.group(1))})")
+        if pending:
+            return _config_line([*keys, "class_path"], f"cannot use {pending}: {line}")
+        return _config_line(keys, line)
+    return " ".join(lines[:2]) + " — see 'meddiff fit --help'"
+
+
+def _type_name(text: str) -> str:
+    """``<class 'int'>`` -> ``int``; ``typing.Literal['a', 'b']`` -> ``one of 'a', 'b'``; NoneType -> null."""
+    text = re.sub(r"<class '(?:[\w.]+\.)?(\w+)'>", r"\1", text).replace("NoneType", "null")
+    return re.sub(r"typing\.Literal\[(.*)\]", r"one of \1", text)
+
+
+def _config_line(keys: list[str], what: str) -> str:
+    key = ".".join(keys)
+    return f"config key {key}: {what} — fix it in the config or with --{key}=VALUE (see 'meddiff fit --help')"
+
+
+class HeldLogs:
+    """Lightning's log lines (its GPU/TPU banner, seeding, tips), held back while the run is checked: shown
+    when ``release`` says the checks passed, dropped when ``close`` comes first, so a refused run prints its
+    error line alone. Every top logger of Lightning is given one holding handler and stops propagating; records
+    keep their logger, so released ones go where they would have gone."""
+
+    NAMES = ("lightning", "lightning.pytorch", "lightning.fabric", "lightning_fabric", "pytorch_lightning")
+
+    def __init__(self):
+        self.records: list[logging.LogRecord] = []
+        self.holder = logging.Handler()
+        self.holder.emit = self.records.append
+        self.saved = {}
+        for name in self.NAMES:
+            logger = logging.getLogger(name)
+            self.saved[name] = (logger.handlers[:], logger.propagate)
+            logger.handlers[:] = [self.holder]
+            logger.propagate = False
+
+    def close(self) -> None:
+        """Put every logger back as it was (held records not released are dropped)."""
+        for name, (handlers, propagate) in self.saved.items():
+            logger = logging.getLogger(name)
+            logger.handlers[:] = handlers
+            logger.propagate = propagate
+        self.saved = {}
+
+    def release(self) -> None:
+        """Put the loggers back and show what was held."""
+        self.close()
+        records, self.records[:] = self.records[:], []
+        for record in records:
+            logging.getLogger(record.name).handle(record)
+
+
+def finish_wandb(exit_code: int) -> None:
+    """End this process's wandb run, if one started (wandb prints where its data is as it finishes)."""
+    import sys
+
+    wandb = sys.modules.get("wandb")
+    if wandb is not None and getattr(wandb, "run", None) is not None:
+        try:
+            wandb.finish(exit_code=exit_code)
+        except Exception:  # noqa: BLE001 - the run's data is on disk already; at exit wandb tries again
+            pass
+
+
+def interrupted_hint(trainer, cli_args: list[str]) -> str:
+    """What a user does after Ctrl-C or SIGTERM stopped training: resume from the last checkpoint, if one was
+    written (``ModelCheckpoint(save_last=True)``, which ``--ckpt_path last`` finds), else start over."""
+    callbacks = getattr(trainer, "checkpoint_callbacks", [])
+    last = next((cb.last_model_path for cb in callbacks if getattr(cb, "last_model_path", "")
+                 and Path(cb.last_model_path).is_file()), None)
+    resuming = "--ckpt_path=last" in cli_args or ("--ckpt_path", "last") in zip(cli_args, cli_args[1:], strict=False)
+    if last:
+        how = "run the same command again" if resuming else "run the same command with --ckpt_path last"
+        return f"the last checkpoint is {last}: {how} to resume from it"
+    saved = next((cb.best_model_path for cb in callbacks if getattr(cb, "best_model_path", "")
+                  and Path(cb.best_model_path).is_file()), None)
+    if saved:
+        return f"a checkpoint was saved ({saved}): run the same command with --ckpt_path {saved} to resume from it"
+    return "no checkpoint was saved yet: run the same command again to start over"
 
 
 def run(args) -> None:
     import lightning.pytorch as pl
     from jsonargparse import ArgumentError
     from lightning.pytorch.cli import LightningCLI
+
+    from meddiff.cli.bounds import check_seed
 
     cli_args = ["fit", *args.extra]
     configs = config_files(cli_args)
@@ -193,10 +386,16 @@ def run(args) -> None:
                            "— drop --weights_only")
     if not weights_only:
         cli_args.append("--weights_only=true")
+    held = HeldLogs() if not getattr(args, "debug", False) else None
+    started: dict = {}
 
     class MeddiffCLI(LightningCLI):
         def parse_arguments(self, parser, args) -> None:
             super().parse_arguments(parser, args)
+            check_trainer(self.config.get("fit", {}).get("trainer"))
+            seed = self.config.get("fit", {}).get("seed_everything")
+            if _whole(seed):  # true/false: Lightning picks one / seeds nothing
+                check_seed(seed, "--seed_everything")
             ckpt_path = self.config.get("fit", {}).get("ckpt_path")
             if (ckpt_path is not None and str(ckpt_path) not in CKPT_KEYWORDS
                     and not str(ckpt_path).startswith("registry:")):
@@ -205,13 +404,27 @@ def run(args) -> None:
         def before_instantiate_classes(self) -> None:
             check_model_folders(self.config["fit"], configs)  # before the model loads them
 
+        def instantiate_trainer(self, **kwargs):
+            from lightning.fabric.utilities.exceptions import MisconfigurationException
+
+            try:
+                return super().instantiate_trainer(**kwargs)
+            except (MisconfigurationException, ValueError, TypeError) as exc:  # Lightning's refusal of a setting
+                raise MeddiffError(f"the trainer settings do not work: {first_line(exc)} "
+                                   "— fix them in the config or with --trainer.KEY=VALUE") from None
+
         def before_fit(self) -> None:
             check_data(self.datamodule, configs)
-            check_resume(self.trainer, self.config["fit"].get("ckpt_path"))
+            check_resume(self.trainer, self.config["fit"].get("ckpt_path"), self.model)
+            started["trainer"] = self.trainer
+            if held is not None:
+                held.release()  # checked: the run starts, with Lightning's usual lines
 
     if not wandb_logged_in():
         os.environ.setdefault("WANDB_MODE", "offline")
     warnings.filterwarnings("ignore", message=".*LightningCLI's args parameter is intended.*")
+    main_thread = threading.current_thread() is threading.main_thread()
+    sigint = signal.getsignal(signal.SIGINT) if main_thread else None
     try:
         MeddiffCLI(
             pl.LightningModule,
@@ -230,5 +443,17 @@ def run(args) -> None:
             },
         )
     except ArgumentError as exc:
-        message = " ".join(line.strip() for line in str(exc).splitlines()[:2] if line.strip())
-        raise MeddiffError(f"{message} — see 'meddiff fit --help'") from None
+        raise MeddiffError(config_error_line(str(exc))) from None
+    except SystemExit:
+        # Lightning turns Ctrl-C (and SIGTERM, which meddiff.cli.main makes one) into sys.exit(1) after its cleanup
+        trainer = started.get("trainer")
+        if trainer is not None and trainer.interrupted:
+            args.resume_hint = interrupted_hint(trainer, cli_args)
+            finish_wandb(exit_code=130)  # its "wandb sync ..." lines now, not after the error line at exit
+            raise KeyboardInterrupt from None
+        raise
+    finally:
+        if held is not None:
+            held.close()
+        if sigint is not None:  # Lightning ignores SIGINT from its cleanup on: put the handler back
+            signal.signal(signal.SIGINT, sigint)

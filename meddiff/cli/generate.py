@@ -12,6 +12,7 @@ import re
 import warnings
 from pathlib import Path
 
+from meddiff.cli.bounds import SEED_MAX, check_output_folder, check_seed
 from meddiff.errors import MeddiffError
 from meddiff.io import SYNTHETIC_FORMATS
 
@@ -24,7 +25,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--scheduler", help="ddpm, ddim, dpm++2m, euler, unipc, pndm; rflow for a rectified-flow model "
                    "(default: ddim, or rflow)")
-    p.add_argument("--seed", type=int, default=0, help="image i uses seed + i")
+    p.add_argument("--seed", type=int, default=0, help=f"0 .. {SEED_MAX}; image i uses seed + i")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--format", choices=SYNTHETIC_FORMATS, default="nii.gz")
     p.add_argument("--condition", metavar="LABELS", help="an integer label map (NIfTI, MHA, NRRD, ...) the images "
@@ -39,7 +40,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--accelerator", default="auto", help="cpu, gpu, auto")
     p.add_argument("--devices", default="1", help="number of devices, a comma-separated list of device ids, or auto; "
                    "more than one runs one process per device (DDP), each writing a shard")
-    p.set_defaults(func=run)
+    # what Ctrl-C or SIGTERM leaves (meddiff.cli.main.run prints it after "interrupted — ")
+    p.set_defaults(func=run, resume_hint="the finished images are kept; run the same command again to finish")
 
 
 def run(args) -> None:
@@ -52,6 +54,8 @@ def run(args) -> None:
     if not re.fullmatch(r"auto|-1|[1-9][0-9]{0,3}|[0-9]{1,4}(,[0-9]{1,4})*,?", args.devices):
         raise MeddiffError("--devices takes a number of devices, a comma-separated list of device ids or auto, "
                            f"not {args.devices!r}")
+    check_seed(args.seed)
+    check_output_folder(args.output, what="the images and their manifest")
     if not getattr(args, "debug", False):  # Lightning's banner and its own Ctrl-C text are not this verb's output
         for name in ("lightning.pytorch", "lightning.fabric"):
             logging.getLogger(name).setLevel(logging.WARNING)

@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 from meddiff.cli import dicom_output
+from meddiff.cli.bounds import SEED_MAX, check_seed
 from meddiff.errors import MeddiffError
 from meddiff.files import full_suffix
 from meddiff.io import WRITE_SUFFIXES
@@ -48,7 +49,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--scheduler", default="ddpm", help="ddpm (RePaint's own) or ddim")
     p.add_argument("--samples", type=int, default=1,
                    help=f"fills to make, 1 to {MAX_SAMPLES}; OUT gets _1, _2, ... before its suffix when more than 1")
-    p.add_argument("--seed", type=int, default=0, help="sample k of slice s (of S slices) uses seed + k * S + s")
+    p.add_argument("--seed", type=int, default=0,
+                   help=f"sample k of slice s (of S slices) uses seed + k * S + s; 0 .. {SEED_MAX}")
     p.add_argument("--prompt", help="report text (report-conditioned models)")
     p.add_argument("--guidance-scale", type=float, default=1.0, help="classifier-free guidance with --prompt")
     p.add_argument("--negative-prompt", default="", help="report to steer away from (default: the empty report)")
@@ -58,7 +60,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--overwrite", action="store_true")
     dicom_output.add_options(p)
-    p.set_defaults(func=run)
+    p.set_defaults(func=run, resume_hint="fills are written only once all are made: none was written, unless the "
+                                         "interrupt came while they were saved (see which -o files exist)")
 
 
 def output_paths(output: str, samples: int) -> list[Path]:
@@ -82,6 +85,7 @@ def run(args) -> None:
     if not dicom and suffix not in WRITE_SUFFIXES:
         raise MeddiffError(f"{args.output}: cannot write '{suffix}' "
                            f"— meddiff inpaint writes {', '.join(WRITE_SUFFIXES)}, or DICOM with --format dcm")
+    check_seed(args.seed)
     if not 1 <= args.samples <= MAX_SAMPLES:
         raise MeddiffError(f"--samples must be 1 to {MAX_SAMPLES}, not {args.samples} — run again with another --seed "
                            "for more")

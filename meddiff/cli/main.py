@@ -75,7 +75,14 @@ def interrupt(signum, frame):
 
 
 def run(args) -> int:
-    """Run the chosen verb; every failure becomes one ``error:`` line (see the module docstring)."""
+    """Run the chosen verb; every failure becomes one ``error:`` line (see the module docstring).
+
+    Ctrl-C or SIGTERM: exit 130 and one line saying what the verb left, ``args.resume_hint`` (set by a verb that
+    keeps finished work: generate, fit), else that nothing was written (every other verb writes to temporaries
+    renamed when complete).
+    """
+    import errno
+
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING, format="%(levelname)s: %(message)s")
     try:
         args.func(args)
@@ -85,22 +92,38 @@ def run(args) -> int:
         print(f"error: {first_line(str(exc))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("error: interrupted — run the same command again to finish", file=sys.stderr)
+        hint = getattr(args, "resume_hint", None) or "nothing was written; run the command again"
+        if args.command == "export" and not getattr(args, "resume_hint", None):
+            # save_pretrained writes the folder's files one by one: an interrupted export may leave some of them
+            hint = f"{args.output} may hold part of the model; run the command again with --overwrite"
+        print(f"error: interrupted — {hint}", file=sys.stderr)
         return 130
     except OSError as exc:  # the file system said no (full disk, permissions, a folder where a file should be)
         if args.debug:
             raise
-        where = f" {exc.filename}" if exc.filename else ""
-        print(f"error: cannot use{where}: {exc.strerror or first_line(str(exc))} "
-              "— check the path, its permissions and free space", file=sys.stderr)
+        # a full disk fails a write(), which names no file: the verb's output is the one being written
+        target = exc.filename or getattr(args, "output", None) or getattr(args, "json_out", None)
+        where = f" {target}" if target else ""
+        if exc.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
+            print(f"error: cannot write{where}: {exc.strerror or first_line(str(exc))} "
+                  "— free space on that disk (or choose an output on another one) and run the command again",
+                  file=sys.stderr)
+        else:
+            print(f"error: cannot use{where}: {exc.strerror or first_line(str(exc))} "
+                  "— check the path, its permissions and free space", file=sys.stderr)
         return 2
     except Exception as exc:  # noqa: BLE001 - the one place that turns surprises into one line
         if args.debug:
             raise
+        from meddiff.weights import load_error_line
+
         cause = user_error_cause(exc)
+        mismatch = load_error_line(exc) if isinstance(exc, RuntimeError) else None
         message = (
             str(cause)
             if cause
+            else f"{mismatch} — use weights saved from the same model configuration"
+            if mismatch
             else f"internal error ({type(exc).__name__}: {exc}) — rerun with --debug and report the traceback"
         )
         print(f"error: {first_line(message)}", file=sys.stderr)

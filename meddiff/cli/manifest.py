@@ -5,10 +5,14 @@ from __future__ import annotations
 from collections import Counter
 from pathlib import Path
 
+from meddiff.cli.bounds import SEED_HELP, SEED_MAX, check_output_folder, check_range, check_seed
 from meddiff.data.build import build_records
 from meddiff.data.manifest import Manifest, write_manifest
 from meddiff.data.samples import SAMPLES, write_samples
 from meddiff.errors import MeddiffError
+
+MAX_PER_SLAB = 1000  # meddiff.data.drr.MAX_PER_SLAB (not imported here: scipy loads slowly)
+MAX_PER_SPLIT = 100_000  # findings images per split (file names hold 5 digits)
 
 
 def add_parser(subparsers) -> None:
@@ -23,7 +27,7 @@ def add_parser(subparsers) -> None:
     b.add_argument("--val-fraction", type=float, default=0.1)
     b.add_argument("--test-fraction", type=float, default=0.1)
     b.add_argument("--salt", help="secret salt of the patient hash (default: random each run)")
-    b.add_argument("--seed", type=int, default=0, help="seed of --split-by random")
+    b.add_argument("--seed", type=int, default=0, help=f"seed of --split-by random, 0 .. {SEED_MAX}")
     b.add_argument("--modality", help="modality of non-DICOM files (MR, CT, CR, DX, ...)")
     b.add_argument("--subject-pattern", metavar="REGEX",
                    help="regex whose first group is the subject, for non-DICOM files")
@@ -51,8 +55,9 @@ def add_parser(subparsers) -> None:
     d = sub.add_parser("drr", help="write an offline radiograph set: DRRs of the chest CT's training slabs at "
                                    "varied poses and exposures")
     d.add_argument("-o", "--output", required=True, metavar="DIR")
-    d.add_argument("--per-slab", type=int, default=8, help="radiographs per training slab")
-    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--per-slab", type=int, default=8,
+                   help=f"radiographs per training slab (2 slabs), 1 .. {MAX_PER_SLAB} (default: %(default)s)")
+    d.add_argument("--seed", type=int, default=0, help=SEED_HELP)
     d.add_argument("--overwrite", action="store_true")
     d.set_defaults(func=run_drr)
 
@@ -60,15 +65,17 @@ def add_parser(subparsers) -> None:
                        help="write the 'findings' set: MRI slices with simulated lesions, "
                             "reports and held-out combinations")
     f.add_argument("-o", "--output", required=True, metavar="DIR")
-    f.add_argument("--train", type=int, default=400)
-    f.add_argument("--val", type=int, default=40)
-    f.add_argument("--test", type=int, default=80, help="includes the held-out attribute combinations")
-    f.add_argument("--seed", type=int, default=0)
+    f.add_argument("--train", type=int, default=400, help=f"training images, 0 .. {MAX_PER_SPLIT}")
+    f.add_argument("--val", type=int, default=40, help=f"validation images, 0 .. {MAX_PER_SPLIT}")
+    f.add_argument("--test", type=int, default=80,
+                   help=f"test images, 0 .. {MAX_PER_SPLIT}; includes the held-out attribute combinations")
+    f.add_argument("--seed", type=int, default=0, help=SEED_HELP)
     f.add_argument("--overwrite", action="store_true")
     f.set_defaults(func=run_findings)
 
 
 def run_build(args) -> None:
+    check_seed(args.seed)
     out = Path(args.output)
     if out.is_dir():
         raise MeddiffError(f"{out} is a folder — give the manifest's file name (.jsonl)")
@@ -106,7 +113,12 @@ def run_findings(args) -> None:
     from meddiff.data.findings import write_findings_dataset
 
     if min(args.train, args.val, args.test) < 0:
-        raise MeddiffError("--train, --val and --test must not be negative")
+        raise MeddiffError("--train, --val and --test must not be negative — give 0 or more images per split")
+    for flag, count in (("--train", args.train), ("--val", args.val), ("--test", args.test)):
+        check_range(count, flag, 0, MAX_PER_SPLIT,
+                    f"give {flag} at most {MAX_PER_SPLIT} (a larger set: several -o folders with other --seed)")
+    check_seed(args.seed)
+    check_output_folder(args.output, what="the findings set")
     path = write_findings_dataset(args.output, {"train": args.train, "val": args.val, "test": args.test},
                                   seed=args.seed, overwrite=args.overwrite)
     print(f"wrote {path}: {_split_counts(Manifest.read(path).records)}")
@@ -115,13 +127,16 @@ def run_findings(args) -> None:
 def run_drr(args) -> None:
     from meddiff.data.drr import write_drr_set
 
-    if args.per_slab < 1:
-        raise MeddiffError(f"--per-slab must be at least 1, not {args.per_slab}")
-    path = write_drr_set(args.output, args.per_slab, args.seed, overwrite=args.overwrite)
+    check_range(args.per_slab, "--per-slab", 1, MAX_PER_SLAB,
+                f"give --per-slab from 1 to {MAX_PER_SLAB} (more: several -o folders with other --seed)")
+    check_seed(args.seed)
+    check_output_folder(args.output, what="the radiographs")
+    path = write_drr_set(args.output, args.per_slab, args.seed, overwrite=args.overwrite, progress=True)
     print(f"wrote {path}")
 
 
 def run_samples(args) -> None:
+    check_output_folder(args.output, what="the sample set")
     path = write_samples(args.output, names=args.only, overwrite=args.overwrite)
     print(f"wrote {path}: {_split_counts(Manifest.read(path).records)}")
 

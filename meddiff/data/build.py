@@ -23,7 +23,7 @@ import SimpleITK as sitk
 from meddiff.data.manifest import Record
 from meddiff.errors import MeddiffError
 from meddiff.files import full_suffix, stem
-from meddiff.io import ITK_SUFFIXES, NIFTI_SUFFIXES, PICTURE_SUFFIXES
+from meddiff.io import ITK_SUFFIXES, MODALITIES, NIFTI_SUFFIXES, PICTURE_SUFFIXES
 from meddiff.io.dicom import find_series
 
 FILE_SUFFIXES = NIFTI_SUFFIXES + ITK_SUFFIXES + PICTURE_SUFFIXES
@@ -53,12 +53,16 @@ def build_records(
     folder = Path(folder).resolve()
     if not folder.is_dir():
         raise MeddiffError(f"{folder} is not a folder")
+    if modality is not None and modality.upper() not in MODALITIES:
+        raise MeddiffError(f"--modality {modality!r} is not a modality meddiff knows — use one of "
+                           f"{', '.join(MODALITIES)}")
     if split_by not in ("patient", "random"):
         raise MeddiffError(f"--split-by must be 'patient' or 'random', not {split_by!r}")
-    if not 0 <= val_fraction + test_fraction < 1:
-        raise MeddiffError("val and test fractions must be >= 0 and sum to less than 1")
+    if not (0 <= val_fraction and 0 <= test_fraction and val_fraction + test_fraction < 1):
+        raise MeddiffError(f"val and test fractions must be >= 0 and sum to less than 1, not {val_fraction} and "
+                           f"{test_fraction} — give --val-fraction and --test-fraction such as 0.1")
     salt = salt if salt is not None else secrets.token_hex(16)
-    pattern = re.compile(subject_pattern) if subject_pattern else None
+    pattern = _subject_regex(subject_pattern) if subject_pattern else None
     reports = _read_reports(reports_csv) if reports_csv else {}
     source = source or folder.name
     found = []  # (record fields, subject key, report keys)
@@ -91,7 +95,7 @@ def build_records(
             if modality is None:
                 raise MeddiffError(f"cannot tell the modality of {path} — pass --modality MR|CT|CR|DX")
             _check_complete(path, folder)
-            found.append((dict(image=path, modality=modality, spacing=_header_spacing(path)),
+            found.append((dict(image=path, modality=modality.upper(), spacing=_header_spacing(path)),
                           _subject_from_path(rel, pattern), rel))
     if not found:
         raise MeddiffError(f"no images found under {folder}")
@@ -187,6 +191,15 @@ def _dicom_pixel_sizes(path: Path) -> tuple[int, int]:
     if element.value_tell is None:  # read in full (small): its length is what the file held
         return expected, len(element.value)
     return expected, min(element.length, path.stat().st_size - element.value_tell)
+
+
+def _subject_regex(text: str) -> re.Pattern:
+    """``--subject-pattern`` compiled, or one line saying what is wrong with it (before the folder is scanned)."""
+    try:
+        return re.compile(text)
+    except (re.error, OverflowError, RecursionError) as exc:  # re raises the last two for absurd repeats / nesting
+        raise MeddiffError(f"--subject-pattern {text!r} is not a valid regular expression ({exc}) — fix it, e.g. "
+                           r"'sub-(\w+)' (its first group is the subject)") from None
 
 
 def _subject_from_path(rel: Path, pattern: re.Pattern | None) -> str:

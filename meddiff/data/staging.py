@@ -46,7 +46,8 @@ def _staged(shown, out_dir: Path, overwrite: bool, last: tuple[str, ...], made: 
     if out_dir.exists() and not out_dir.is_dir():
         raise MeddiffError(f"{shown} is a file — give a folder for the set")
     if _non_empty(out_dir) and not overwrite:
-        raise MeddiffError(f"{shown} already exists and is not empty — choose a new folder or pass --overwrite")
+        raise MeddiffError(f"{shown} already exists and is not empty — choose a new folder or pass --overwrite "
+                           "(overwrite=True from Python)")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     stage = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.staging-{_owner()}-", dir=out_dir.parent))
     committed = False
@@ -58,7 +59,7 @@ def _staged(shown, out_dir: Path, overwrite: bool, last: tuple[str, ...], made: 
         else:
             if _non_empty(out_dir) and not overwrite:
                 raise MeddiffError(f"{shown} was filled by something else while the set was written "
-                                   "— choose a new folder or pass --overwrite")
+                                   "— choose a new folder or pass --overwrite (overwrite=True from Python)")
             for entry in sorted(stage.iterdir(), key=lambda e: e.name in last):  # renames only: no writing left to fail
                 os.replace(entry, out_dir / entry.name)
         committed = True

@@ -30,7 +30,8 @@ class GenerationModule(pl.LightningModule):
         if not indices:
             return []
         if self.labels is not None:
-            return [(i, generate_from_labels(self.model, self.labels, self.spec, 1, self.seed + i, progress=False)[0],
+            # a label map's slices are sampled in batches for minutes: their own bar, not only the item count
+            return [(i, generate_from_labels(self.model, self.labels, self.spec, 1, self.seed + i, progress=True)[0],
                      None) for i in indices]
         prompts = None if self.prompts is None else [self.prompts[i] for i in indices]
         x = sample(self.model, self.spec, [self.seed + i for i in indices], prompts)
