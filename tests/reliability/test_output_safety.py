@@ -262,3 +262,13 @@ def test_unbounded_options_are_refused_before_work(workdir):
     for argv, fragment in cases:
         assert_clean_error(run_meddiff(*argv), fragment)
     before.assert_unchanged()
+
+
+def test_a_modality_outside_dicoms_terms_never_reaches_a_manifest(workdir):
+    save_image(Image(np.zeros((8, 8), np.float32), np.eye(4)), workdir / "scans" / "a.nii.gz")
+    before = Snapshot(workdir)
+    assert_clean_error(run_meddiff("manifest", "build", workdir / "scans", "-o", workdir / "m.jsonl",
+                                   "--modality", "XX"), "'XX'", "MR")
+    before.assert_unchanged()
+    assert run_meddiff("manifest", "build", workdir / "scans", "-o", workdir / "m.jsonl", "--modality", "mr").code == 0
+    assert '"modality":"MR"' in (workdir / "m.jsonl").read_text().replace(" ", "")
