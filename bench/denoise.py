@@ -14,21 +14,20 @@ dilated by 3 pixels) and in dark tissue (the darkest 10 % of the foreground). Wr
 ``denoise_floor.json`` (also three ``sqrt(max(D^2 - k sigma^2, 0))`` corrections of the same output),
 ``denoise_floor.md`` and ``denoise_floor_panel.png``.
 
-    python bench/denoise.py --out bench/results [--model mri-denoise] [--levels 1 3 5 7 9] [--threads 2]
-    python bench/denoise.py --out bench/results --floor --levels 3 5 9 --threads 1
+    python -m bench.denoise --out bench/results [--model mri-denoise] [--levels 1 3 5 7 9] [--threads 2]
+    python -m bench.denoise --out bench/results --floor --levels 3 5 9 --threads 1
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
 from scipy import ndimage
 
+from bench import harness
 from meddiff import Image
 from meddiff.data.samples import dipy_t1_slice, pydicom_data_image
 from meddiff.data.synthetic import rician_noise
@@ -68,18 +67,21 @@ def skimage_nlmeans(noisy: np.ndarray, sigma: float) -> np.ndarray:
     return denoise_nl_means(noisy, h=0.8 * sigma, sigma=sigma, fast_mode=True, patch_size=5, patch_distance=6)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", default="bench/results")
+def options() -> argparse.ArgumentParser:
+    parser = harness.parser(__doc__, out="bench/results", out_help="the folder of the JSON record, table and panel "
+                            "(default: %(default)s)")
     parser.add_argument("--model", default="mri-denoise")
     parser.add_argument("--levels", type=float, nargs="+", default=[1, 3, 5, 7, 9])
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     parser.add_argument("--floor", action="store_true", help="the Rician noise floor benchmark (see above) instead")
-    args = parser.parse_args()
+    return parser
+
+
+def run(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)
     pipeline = load_pipeline(args.model)
     if args.floor:
-        return floor_benchmark(pipeline, args.levels, Path(args.out), args.model)
+        return floor_benchmark(pipeline, args.levels, Path(args.out), args.model, args)
     methods = {
         "BM3D": bm3d_denoise,
         "dipy nlmeans": dipy_nlmeans,
@@ -94,9 +96,10 @@ def main() -> None:
             sigma = level / 100 * peak
             noisy = rician_noise(clean, sigma, np.random.default_rng(int(level)))
             results = {"noisy": (noisy, 0.0)}
-            for method, run in methods.items():
-                start = time.perf_counter()
-                results[method] = (np.asarray(run(noisy, sigma), dtype=np.float32), time.perf_counter() - start)
+            for method, denoise in methods.items():
+                with harness.stopwatch() as lap:
+                    estimate = np.asarray(denoise(noisy, sigma), dtype=np.float32)
+                results[method] = (estimate, lap.seconds)
             for method, (estimate, seconds) in results.items():
                 rows.append({"image": name, "noise_percent": level, "method": method,
                              "psnr": psnr(clean, estimate, peak, mask), "ssim": ssim(clean, estimate, peak, mask),
@@ -107,7 +110,7 @@ def main() -> None:
                 panel = [noisy, results["BM3D"][0], results["meddiff"][0], clean]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "denoise.json").write_text(json.dumps({"model": args.model, "rows": rows}, indent=2) + "\n")
+    harness.write_result("denoise", args, {"model": args.model, "rows": rows}, out / "denoise.json")
     (out / "denoise.md").write_text(table(rows))
     if panel:
         save_grid(panel, out / "denoise_panel.png", columns=4, window=(0.0, float(panel[-1].max())))
@@ -135,7 +138,7 @@ def floor_regions(clean: np.ndarray) -> dict[str, np.ndarray]:
             "dark tissue": foreground & (clean <= np.percentile(clean[foreground], 10))}
 
 
-def floor_benchmark(pipeline, levels: list[float], out: Path, model: str) -> None:
+def floor_benchmark(pipeline, levels: list[float], out: Path, model: str, args: argparse.Namespace) -> None:
     """meddiff without / with the Rician bias correction: PSNR, and bias / RMSE where the floor shows."""
     images = {k: v for k, v in held_out().items() if not k.startswith("emri")}
     rows, panel = [], []
@@ -148,9 +151,9 @@ def floor_benchmark(pipeline, levels: list[float], out: Path, model: str) -> Non
             image = Image(noisy, np.eye(4), "MR")
             results = {"noisy": noisy}
             for method, correct in (("meddiff, floor kept", False), ("meddiff, floor removed", True)):
-                start = time.perf_counter()
-                results[method] = pipeline.denoise(image, rician_correction=correct).array
-                print(f"{name:32s} {level:3.0f}% {method:24s} {time.perf_counter() - start:6.2f} s", flush=True)
+                with harness.stopwatch() as lap:
+                    results[method] = pipeline.denoise(image, rician_correction=correct).array
+                print(f"{name:32s} {level:3.0f}% {method:24s} {lap.seconds:6.2f} s", flush=True)
             # the alternatives the shipped inverse of the Rician mean was chosen against, on the same network output
             kept, estimated = results["meddiff, floor kept"], estimate_noise_sigma(noisy)
             for k, label in ((1.0, "1"), (np.pi / 2, "pi/2"), (2.0, "2")):
@@ -169,7 +172,7 @@ def floor_benchmark(pipeline, levels: list[float], out: Path, model: str) -> Non
             if name.startswith("t1_coronal") and level == max(levels):
                 panel = [results["noisy"], results["meddiff, floor kept"], results["meddiff, floor removed"], clean]
     out.mkdir(parents=True, exist_ok=True)
-    (out / "denoise_floor.json").write_text(json.dumps({"model": model, "rows": rows}, indent=2) + "\n")
+    harness.write_result("denoise_floor", args, {"model": model, "rows": rows}, out / "denoise_floor.json")
     (out / "denoise_floor.md").write_text(floor_table([r for r in rows if not r["method"].startswith("sqrt")]))
     if panel:
         # top row: the full window; bottom row: 0-15 % of the maximum, where the floor shows as grey
@@ -191,4 +194,4 @@ def floor_table(rows: list[dict]) -> str:
 
 
 if __name__ == "__main__":
-    main()
+    harness.main(run, options)

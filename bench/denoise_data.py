@@ -5,6 +5,8 @@ Slices of the offline training MRI (nilearn MNI152 T1 along all three axes, ever
 volume normalised with meddiff's MR normalisation to [-1, 1], plus a pool of 128x128 dead-leaves
 images (uint8). Never the held-out ``t1_coronal_slice`` and never pydicom data. Writes
 ``denoise_slices.npz`` and ``dead_leaves.npy`` into ``--out``.
+
+    python -m bench.denoise_data --out .gpu
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import numpy as np
 import torch
 from dipy.data import get_fnames
 
+from bench import harness
 from meddiff.data.samples import nilearn_file
 from meddiff.data.synthetic import dead_leaves
 from meddiff.data.transforms import NormalizeIntensityd, to_model_range
@@ -43,11 +46,13 @@ def leaves(seed: int) -> np.ndarray:
     return np.round(dead_leaves((128, 128), np.random.default_rng(seed)) * 255).astype(np.uint8)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--out", default=".gpu")
+def options() -> argparse.ArgumentParser:
+    parser = harness.parser(__doc__, out=".gpu", out_help="the folder the arrays go to (default: %(default)s)")
     parser.add_argument("--dead-leaves", type=int, default=2000)
-    args = parser.parse_args()
+    return parser
+
+
+def run(args: argparse.Namespace) -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     planes = slices(normalised(nilearn_file("mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz")), (0, 1, 2), 2)
@@ -61,4 +66,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    harness.main(run, options)

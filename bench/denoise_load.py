@@ -18,19 +18,18 @@ held-out ``t1_coronal_slice`` (256x256) resized to the case's size (linear), wit
 Also the foreground PSNR of old and new on the T1 slice and the pydicom-data shoulder MR at 5 %
 Rician noise (seed 0, as ``make demo``). Writes ``denoise_load.json`` and ``denoise_load.md``.
 
-    OMP_NUM_THREADS=1 python bench/denoise_load.py --out bench/results
+    OMP_NUM_THREADS=1 python -m bench.denoise_load --out bench/results
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
 import subprocess
-import sys
-import time
 from pathlib import Path
+
+from bench import harness
 
 CASES = [
     ("new", "256x256"), ("old", "256x256"),
@@ -95,10 +94,9 @@ def child(mode: str, size: str) -> None:
     pipeline = load_pipeline_for(mode)
     batch = 16 if mode == "old" else 8
     image = noisy_input(tuple(int(n) for n in size.split("x")))
-    start, cpu = time.perf_counter(), time.process_time()
-    out = pipeline.denoise(image, noise_sigma=None, batch_size=batch, progress=False)
-    seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
-    print(json.dumps({"seconds": seconds, "cpu_seconds": cpu, "shape": list(out.array.shape)}))
+    with harness.stopwatch() as lap:
+        out = pipeline.denoise(image, noise_sigma=None, batch_size=batch, progress=False)
+    print(json.dumps({"seconds": lap.seconds, "cpu_seconds": lap.cpu_seconds, "shape": list(out.array.shape)}))
 
 
 def psnr_of(mode: str) -> dict:
@@ -124,9 +122,8 @@ def psnr_of(mode: str) -> dict:
 
 
 def measure(mode: str, size: str) -> dict:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
-    proc = subprocess.run(["/usr/bin/time", "-v", sys.executable, __file__, "--child", mode, size],
-                          check=False, capture_output=True, text=True, env=env)
+    proc = subprocess.run(["/usr/bin/time", "-v", *harness.module_command("denoise_load", "--child", mode, size)],
+                          check=False, capture_output=True, text=True, env=harness.module_env(OMP_NUM_THREADS="1"))
     rss = re.search(r"Maximum resident set size \(kbytes\): (\d+)", proc.stderr)
     user = re.search(r"User time \(seconds\): ([\d.]+)", proc.stderr)
     row = {"mode": mode, "size": size, "exit": proc.returncode,
@@ -164,12 +161,15 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", default="bench/results")
+def options() -> argparse.ArgumentParser:
+    parser = harness.parser(__doc__, out="bench/results",
+                            out_help="the folder of the JSON record and the table (default: %(default)s)")
     parser.add_argument("--cases", nargs="+", help="MODE:SIZE, e.g. new:512x512 both:psnr (default: all, plus PSNR)")
     parser.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    return parser
+
+
+def run(args: argparse.Namespace) -> None:
     if args.child:
         return child(*args.child)
     cases = [tuple(c.split(":")) for c in args.cases] if args.cases else [("both", "psnr"), *CASES]
@@ -179,10 +179,10 @@ def main() -> None:
         print(json.dumps(rows[-1]), flush=True)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "denoise_load.json").write_text(json.dumps({"omp_num_threads": 1, "rows": rows}, indent=2) + "\n")
+    harness.write_result("denoise_load", args, {"omp_num_threads": 1, "rows": rows}, out / "denoise_load.json")
     (out / "denoise_load.md").write_text(table(rows))
     print(table(rows))
 
 
 if __name__ == "__main__":
-    main()
+    harness.main(run, options)

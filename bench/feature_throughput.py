@@ -3,21 +3,20 @@
 Throughput does not depend on the weight values, so networks whose pretrained weights cannot be
 downloaded here run with random weights written in their release format.
 
-    python bench/feature_throughput.py [--repeats 3] [--only biomedclip,inception_v3]
+    python -m bench.feature_throughput [--repeats 3] [--only biomedclip,inception_v3]
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from bench import harness
 from meddiff import Image
 from meddiff.metrics.features import _RADIMAGENET_CHILDREN, load_extractor, medicalnet_resnet
 
@@ -85,11 +84,13 @@ def write_random_biomedclip(folder: Path) -> None:
                folder / "open_clip_pytorch_model.bin")
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--repeats", type=int, default=3)
+def options() -> argparse.ArgumentParser:
+    parser = harness.parser(__doc__, out=harness.results_file("feature_throughput"), repeats=3)
     parser.add_argument("--only", help="comma-separated extractor names (default: all)")
-    args = parser.parse_args()
+    return parser
+
+
+def run(args: argparse.Namespace) -> None:
     only = set(args.only.split(",")) if args.only else None
     rng = np.random.default_rng(0)
     slice_ = Image(rng.random((256, 256), dtype=np.float32), np.eye(4), "MR")
@@ -120,13 +121,18 @@ def main() -> None:
         times: dict[int, list[float]] = {i: [] for i in range(len(cases))}
         for _ in range(args.repeats):  # alternating, so that load from other processes falls on every case alike
             for i, (name, image, _) in enumerate(cases):
-                start = time.perf_counter()
-                extractors[name].features(image)
-                times[i].append(time.perf_counter() - start)
+                with harness.stopwatch(times[i]):
+                    extractors[name].features(image)
+        rows = []
         for i, (name, _, what) in enumerate(cases):
-            median = statistics.median(times[i])
+            timing = harness.summary(times[i])
+            median = timing["median"]
+            rows.append({"extractor": name, "input": what, **{f"{k}_s": v for k, v in timing.items()},
+                         "per_s": 1 / median})
             print(f"| {name} | {what} | {median:.3f} s | {1 / median:.2f} per s |", flush=True)
+    harness.write_result("feature_throughput", args, {"torch_threads": torch.get_num_threads(),
+                                                      "repeats": args.repeats, "rows": rows}, args.out)
 
 
 if __name__ == "__main__":
-    main()
+    harness.main(run, options)

@@ -15,7 +15,7 @@ and one prompt reports a normal study. Reported per gamma:
 The detector is checked first on the real test split, through the same normalisation and padding
 the model trains with, so its accuracy bounds what the generated-image numbers can show.
 
-    python bench/findings.py --model runs/findings_bench/model --clip runs/findings_bench/clip \\
+    python -m bench.findings --model runs/findings_bench/model --clip runs/findings_bench/clip \\
         --data runs/findings_bench/data --out bench/results
 """
 
@@ -24,12 +24,12 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from bench import harness
 from meddiff.data.datamodule import ManifestDataModule
 from meddiff.data.findings import ATTRIBUTES, HELD_OUT, Finding, detect, report
 from meddiff.data.manifest import Manifest
@@ -198,18 +198,21 @@ def plot_grid(grid: dict[str, torch.Tensor], prompts: list[str], gamma: float, p
     plt.close(fig)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def options() -> argparse.ArgumentParser:
+    parser = harness.parser(__doc__, out=harness.REQUIRED,
+                            out_help="the folder of the JSON record (findings.json) and the plots")
     parser.add_argument("--model", required=True)
     parser.add_argument("--clip", required=True)
     parser.add_argument("--data", required=True, type=Path)
-    parser.add_argument("--out", required=True, type=Path)
     parser.add_argument("--gammas", type=float, nargs="+", default=[0, 1, 2, 4, 7])
     parser.add_argument("--samples", type=int, default=6)
     parser.add_argument("--steps", type=int, default=15)
     parser.add_argument("--scheduler", default="dpm++2m")
     parser.add_argument("--batch", type=int, default=64)
-    args = parser.parse_args()
+    return parser
+
+
+def run(args: argparse.Namespace) -> None:
     torch.manual_seed(0)
     pipeline, clip = load_pipeline(args.model), ClipEncoder(args.clip)
     reference = real_reference(args.data, clip)
@@ -217,16 +220,16 @@ def main() -> None:
     sets = prompt_findings()
     results, grids = [], {}
     for gamma in args.gammas:
-        start = time.perf_counter()
-        result, grids[gamma] = run_gamma(pipeline, clip, sets, gamma, args.samples, args.steps, args.scheduler,
-                                         args.batch)
-        result["seconds"] = round(time.perf_counter() - start, 1)
+        with harness.stopwatch() as lap:
+            result, grids[gamma] = run_gamma(pipeline, clip, sets, gamma, args.samples, args.steps, args.scheduler,
+                                             args.batch)
+        result["seconds"] = round(lap.seconds, 1)
         results.append(result)
         print(json.dumps(result))
     args.out.mkdir(parents=True, exist_ok=True)
     summary = {"reference": reference, "samples_per_prompt": args.samples, "steps": args.steps,
                "scheduler": args.scheduler, "prompts": {name: len(v) for name, v in sets.items()}, "results": results}
-    (args.out / "findings.json").write_text(json.dumps(summary, indent=2) + "\n")
+    harness.write_result("findings", args, summary, args.out / "findings.json")
     plot_curves(results, reference, args.out / "findings_gamma.png")
     best = max(results, key=lambda r: r["sets"]["2-attribute"])["gamma"]
     texts, shown, offset = list(grids[best]), [], 0
@@ -246,4 +249,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    harness.main(run, options)

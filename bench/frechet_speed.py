@@ -1,20 +1,19 @@
 """Time ``meddiff.metrics.frechet_distance`` against the scipy ``sqrtm`` path (pytorch-fid), MONAI's
 FIDMetric and torchmetrics' FID on the same 2048-dimensional features (alternating, medians).
 
-    python bench/frechet_speed.py [--n 5000] [--dim 2048] [--repeats 5]
+    python -m bench.frechet_speed [--n 5000] [--dim 2048] [--repeats 5]
 """
 
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import numpy as np
 import torch
 from monai.metrics import FIDMetric
 from scipy import linalg
 
+from bench import harness
 from meddiff.metrics import frechet_distance
 
 
@@ -41,12 +40,14 @@ def torchmetrics_fid(a: np.ndarray, b: np.ndarray) -> float:
     return float(metric.compute())
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
+def options() -> argparse.ArgumentParser:
+    parser = harness.parser(__doc__, out=harness.results_file("frechet_speed"), repeats=5)
     parser.add_argument("--n", type=int, default=5000)
     parser.add_argument("--dim", type=int, default=2048)
-    parser.add_argument("--repeats", type=int, default=5)
-    args = parser.parse_args()
+    return parser
+
+
+def run(args: argparse.Namespace) -> None:
     rng = np.random.default_rng(0)
     mix = rng.standard_normal((args.dim, args.dim)) / np.sqrt(args.dim)  # correlated features, like a network's
     a = np.maximum(rng.standard_normal((args.n, args.dim)) @ mix, 0)
@@ -60,17 +61,22 @@ def main() -> None:
     times = {name: [] for name in methods}
     values = {}
     for _ in range(args.repeats):
-        for name, run in methods.items():
-            start = time.perf_counter()
-            values[name] = run()
-            times[name].append(time.perf_counter() - start)
-    base = statistics.median(times["meddiff.frechet_distance"])
+        for name, distance in methods.items():
+            with harness.stopwatch(times[name]):
+                values[name] = distance()
+    timings = {name: harness.summary(runs) for name, runs in times.items()}
+    base = timings["meddiff.frechet_distance"]["median"]
     print(f"{args.n} x {args.dim} features per set, {args.repeats} alternating repeats, "
           f"torch threads {torch.get_num_threads()}")
     for name in methods:
-        median = statistics.median(times[name])
+        median = timings[name]["median"]
         print(f"| {name} | {median:.2f} s | {median / base:.2f} | {values[name]:.6f} |")
+    results = {name: {**{f"{k}_s": v for k, v in timings[name].items()},
+                      "ratio_to_meddiff": timings[name]["median"] / base, "distance": values[name]} for name in methods}
+    harness.write_result("frechet_speed", args, {"n": args.n, "dim": args.dim, "repeats": args.repeats,
+                                                 "torch_threads": torch.get_num_threads(), "methods": results},
+                         args.out)
 
 
 if __name__ == "__main__":
-    main()
+    harness.main(run, options)

@@ -16,14 +16,14 @@ network's estimate of the posterior mean, which PSNR and MSE reward), one draw a
 draws. Time per 256x256 slice for each.
 Writes ``inpaint.json`` and the panels ``inpaint_mr.png`` and ``inpaint_ct.png`` (rows: mask sizes;
 columns: input with the mask outlined, each method, truth).
+
+    OMP_NUM_THREADS=2 python -m bench.inpaint --masks-per-size 3 --mean-of 4
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
-import time
 from pathlib import Path
 
 import cv2
@@ -33,6 +33,7 @@ from scipy import ndimage
 from skimage.restoration import inpaint_biharmonic
 from torchmetrics.functional.image import structural_similarity_index_measure
 
+from bench import harness
 from bench.inpaint_data import halved_hu
 from meddiff import Image
 from meddiff.data.masks import RandInpaintMaskd, foreground
@@ -127,17 +128,18 @@ def run_methods(image: Image, mask: np.ndarray, window, pipeline, repaint, mean_
     """Each method's fill and seconds for one image and mask."""
     out = {}
     for name in ("biharmonic", "telea", "navier-stokes"):
-        start = time.perf_counter()
-        out[name] = (classical(name, image.array, mask, window), time.perf_counter() - start)
+        with harness.stopwatch() as lap:
+            fill = classical(name, image.array, mask, window)
+        out[name] = (fill, lap.seconds)
     if repaint is not None:
-        start = time.perf_counter()
-        out["RePaint"] = (repaint.inpaint(image, mask, seed=seed, progress=False)[0].array, time.perf_counter() - start)
+        with harness.stopwatch() as lap:
+            fill = repaint.inpaint(image, mask, seed=seed, progress=False)[0].array
+        out["RePaint"] = (fill, lap.seconds)
     if pipeline is not None:
-        start = time.perf_counter()
-        fills = pipeline.inpaint(image, mask, seed=seed, samples=mean_of, progress=False)
-        seconds = time.perf_counter() - start
-        out["model"] = (fills[0].array, seconds / mean_of)
-        out[f"model, mean of {mean_of}"] = (np.mean([f.array for f in fills], axis=0), seconds)
+        with harness.stopwatch() as lap:
+            fills = pipeline.inpaint(image, mask, seed=seed, samples=mean_of, progress=False)
+        out["model"] = (fills[0].array, lap.seconds / mean_of)
+        out[f"model, mean of {mean_of}"] = (np.mean([f.array for f in fills], axis=0), lap.seconds)
     return out
 
 
@@ -177,16 +179,19 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def options() -> argparse.ArgumentParser:
+    parser = harness.parser(__doc__, out="bench/results", out_help="the folder of the JSON record (inpaint.json) "
+                            "and the panels (default: %(default)s)")
     parser.add_argument("--mr-model", default="mri-inpaint")
     parser.add_argument("--ct-model", default="ct-inpaint")
     parser.add_argument("--repaint", help="an unconditional MRI model folder for RePaint (MR only)")
     parser.add_argument("--masks-per-size", type=int, default=3)
     parser.add_argument("--mean-of", type=int, default=4)
     parser.add_argument("--modalities", nargs="+", default=["MR", "CT"])
-    parser.add_argument("--out", default="bench/results")
-    args = parser.parse_args()
+    return parser
+
+
+def run(args: argparse.Namespace) -> None:
     torch.manual_seed(0)
     out = Path(args.out)
     rows = []
@@ -207,9 +212,9 @@ def main() -> None:
             cases += [(image, kind, mask) for kind, mask in masks]
         rows += evaluate(cases, (-1000.0, 1000.0), True, load_pipeline(args.ct_model), None, args.mean_of,
                          out / "inpaint_ct.png")
-    (out / "inpaint.json").write_text(json.dumps({"rows": rows}, indent=1) + "\n")
+    harness.write_result("inpaint", args, {"rows": rows}, out / "inpaint.json")
     print(table(rows))
 
 
 if __name__ == "__main__":
-    main()
+    harness.main(run, options)

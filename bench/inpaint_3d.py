@@ -6,6 +6,8 @@ measures cost, not quality. The volume is nilearn's MNI152 T1 (1 mm, 197x233x189
 resamples the region around the sphere (its bounding box widened by half a tile on every side) to 2 mm and
 runs the network on overlapping 64^3 tiles at every step. Reports the seconds per step, the tiles per step,
 and the peak resident memory of the process (the model, the volume, and the sampling state), in JSON.
+
+    OMP_NUM_THREADS=2 python -m bench.inpaint_3d --steps 5
 """
 
 from __future__ import annotations
@@ -13,17 +15,17 @@ from __future__ import annotations
 import argparse
 import json
 import resource
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
 import yaml
 
+from bench import harness
 from meddiff.data.samples import nilearn_mni152
 from meddiff.training import DiffusionModule
 
-CONFIG = Path(__file__).resolve().parents[1] / "configs" / "mri_inpaint_3d.yaml"
+CONFIG = harness.ROOT / "configs" / "mri_inpaint_3d.yaml"
 
 
 class TileCounter(torch.nn.Module):
@@ -36,12 +38,15 @@ class TileCounter(torch.nn.Module):
         return self.unet(x, **kwargs)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
+def options() -> argparse.ArgumentParser:
+    parser = harness.parser(__doc__, out="bench/results",
+                            out_help="the folder of the JSON record (inpaint_3d.json) (default: %(default)s)")
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--radius-mm", type=float, default=15.0)
-    parser.add_argument("--out", default="bench/results")
-    args = parser.parse_args()
+    return parser
+
+
+def run(args: argparse.Namespace) -> None:
     torch.manual_seed(0)
     module = DiffusionModule(**yaml.safe_load(CONFIG.read_text())["model"]["init_args"])
     for p in module.unet.parameters():  # random, not zero, output layer: the cost is that of a trained net
@@ -54,9 +59,9 @@ def main() -> None:
     spacing = np.array(volume.spacing)
     sphere = sum(((g - c) * s) ** 2 for g, c, s in zip(grid, centre, spacing, strict=True)) <= args.radius_mm**2
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    start = time.perf_counter()
-    filled = pipeline.inpaint(volume, sphere, steps=args.steps, scheduler="ddim", progress=False)[0]
-    seconds = time.perf_counter() - start
+    with harness.stopwatch() as lap:
+        filled = pipeline.inpaint(volume, sphere, steps=args.steps, scheduler="ddim", progress=False)[0]
+    seconds = lap.seconds
     assert np.array_equal(filled.array[~sphere], volume.array[~sphere])
     record = {
         "volume": list(volume.array.shape), "spacing_mm": [round(float(s), 3) for s in spacing],
@@ -68,9 +73,9 @@ def main() -> None:
     }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "inpaint_3d.json").write_text(json.dumps(record, indent=2) + "\n")
+    harness.write_result("inpaint_3d", args, record, out / "inpaint_3d.json")
     print(json.dumps(record))
 
 
 if __name__ == "__main__":
-    main()
+    harness.main(run, options)

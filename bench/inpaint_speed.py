@@ -5,34 +5,37 @@ make it a 128x128 image sampled on tiles of the model's 96x112 training shape (4
 "raw" times the same number of network calls on the same tile batches and nothing else. Runs alternate;
 medians reported. ``--model``: a model folder (default: a fresh 4M-parameter benchmark UNet, which times
 the same arithmetic as a trained one).
+
+    python -m bench.inpaint_speed --model OUT/model --repeats 1
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import time
 
 import numpy as np
 import torch
-from sampling_speed import benchmark_pipeline
 
+from bench import harness
+from bench.sampling_speed import benchmark_pipeline
 from meddiff.data.samples import dipy_t1_slice
 from meddiff.diffusion.repaint import RePaint
 from meddiff.diffusion.tiling import tile_geometry
 from meddiff.pipelines import DiffusionPipeline
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
+def options() -> argparse.ArgumentParser:
+    parser = harness.parser(__doc__, out=harness.results_file("inpaint_speed"), repeats=3)
     parser.add_argument("--model", help="model folder (default: a fresh benchmark-sized UNet)")
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--resample", type=int, default=5)
     parser.add_argument("--jump", type=int, default=10)
-    parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--batch-size", type=int, default=8)
-    args = parser.parse_args()
+    return parser
+
+
+def run(args: argparse.Namespace) -> None:
     pipeline = DiffusionPipeline.from_pretrained(args.model) if args.model else benchmark_pipeline("cpu")
     image = dipy_t1_slice()
     mask = np.zeros(image.array.shape, bool)
@@ -45,22 +48,21 @@ def main() -> None:
     batches = [min(args.batch_size, tiles - start) for start in range(0, tiles, args.batch_size)]
     times = {"inpaint": [], "raw": []}
     for _ in range(args.repeats):
-        t0 = time.perf_counter()
-        pipeline.inpaint(image, mask, steps=args.steps, resample=args.resample, jump=args.jump, progress=False,
-                         batch_size=args.batch_size)
-        times["inpaint"].append(time.perf_counter() - t0)
-        t0 = time.perf_counter()
-        with torch.inference_mode():
+        with harness.stopwatch(times["inpaint"]):
+            pipeline.inpaint(image, mask, steps=args.steps, resample=args.resample, jump=args.jump, progress=False,
+                             batch_size=args.batch_size)
+        with harness.stopwatch(times["raw"]), torch.inference_mode():
             for _ in range(calls):
                 for size in batches:
                     pipeline.unet(torch.randn(size, 1, *tile), timesteps=torch.full((size,), 500))
-        times["raw"].append(time.perf_counter() - t0)
-    medians = {name: statistics.median(values) for name, values in times.items()}
-    print(json.dumps({"steps": args.steps, "resample": args.resample, "jump": args.jump, "network_steps": calls,
-                      "tiles_per_step": tiles, "tile": tile, **{f"{k}_s": v for k, v in times.items()},
-                      **{f"{k}_median_s": v for k, v in medians.items()},
-                      "ratio_to_raw_median": medians["inpaint"] / medians["raw"]}, indent=2))
+    medians = {name: harness.summary(values)["median"] for name, values in times.items()}
+    result = {"steps": args.steps, "resample": args.resample, "jump": args.jump, "network_steps": calls,
+              "tiles_per_step": tiles, "tile": tile, **{f"{k}_s": v for k, v in times.items()},
+              **{f"{k}_median_s": v for k, v in medians.items()},
+              "ratio_to_raw_median": medians["inpaint"] / medians["raw"]}
+    print(json.dumps(result, indent=2))
+    harness.write_result("inpaint_speed", args, result, args.out)
 
 
 if __name__ == "__main__":
-    main()
+    harness.main(run, options)

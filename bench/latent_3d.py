@@ -6,7 +6,7 @@ latents of a 3D AutoencoderKL (channels 32/64/64: 4x down-sampling per side, so 
 including the frozen encoder's pass, and one decoding per sample. Random weights (cost only), batch 1. Each
 (space, size) runs in its own process, so its peak resident memory (ru_maxrss) is its own.
 
-    OMP_NUM_THREADS=2 PYTHONPATH=. python bench/latent_3d.py --repeats 3 --out bench/results/latent_3d.json
+    OMP_NUM_THREADS=2 python -m bench.latent_3d --repeats 3 --out bench/results/latent_3d.json
 """
 
 from __future__ import annotations
@@ -14,12 +14,11 @@ from __future__ import annotations
 import argparse
 import json
 import resource
-import statistics
 import subprocess
-import sys
-import time
 
 import torch
+
+from bench import harness
 
 UNET = {"spatial_dims": 3, "channels": [32, 64, 64], "attention_levels": [False, False, False],
         "num_res_blocks": 1, "norm_num_groups": 32}
@@ -55,13 +54,7 @@ def measure(space: str, size: int, repeats: int) -> dict:
             latent.decode(autoencoder, torch.randn(1, 4, side, side, side), 1.0)
 
     def timed(function) -> float:
-        function()  # warm-up
-        runs = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            function()
-            runs.append(time.perf_counter() - start)
-        return statistics.median(runs)
+        return harness.timed(function, repeats, warmup=1)["median"]  # one warm-up call, then the median
 
     result = {"space": space, "size": size, "grid": side, "train_step_s": timed(train_step),
               "sample_step_s": timed(sample_step), "decode_s": timed(decode) if latent_space else 0.0}
@@ -69,21 +62,22 @@ def measure(space: str, size: int, repeats: int) -> dict:
     return result
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def options() -> argparse.ArgumentParser:
+    parser = harness.parser(__doc__, out=None, repeats=3)
     parser.add_argument("--sizes", type=int, nargs="+", default=[64, 128])
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--out")
     parser.add_argument("--one", nargs=2, metavar=("SPACE", "SIZE"), help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    return parser
+
+
+def run(args: argparse.Namespace) -> None:
     if args.one:
         print(json.dumps(measure(args.one[0], int(args.one[1]), args.repeats)))
         return
     rows = []
     for size in args.sizes:
         for space in ("pixel", "latent"):
-            out = subprocess.run([sys.executable, __file__, "--one", space, str(size), "--repeats", str(args.repeats)],
-                                 check=True, capture_output=True, text=True).stdout
+            command = harness.module_command("latent_3d", "--one", space, str(size), "--repeats", str(args.repeats))
+            out = subprocess.run(command, check=True, capture_output=True, text=True, env=harness.module_env()).stdout
             rows.append(json.loads(out.strip().splitlines()[-1]))
             print(json.dumps(rows[-1]))
     ratios = []
@@ -95,9 +89,8 @@ def main() -> None:
     result = {"rows": rows, "ratios": ratios, "threads": torch.get_num_threads(), "repeats": args.repeats}
     print(json.dumps(ratios, indent=1))
     if args.out:
-        with open(args.out, "w") as fh:
-            fh.write(json.dumps(result, indent=1) + "\n")
+        harness.write_result("latent_3d", args, result, args.out)
 
 
 if __name__ == "__main__":
-    main()
+    harness.main(run, options)

@@ -2,6 +2,8 @@
 
 Prepared with meddiff's own transforms; writes ``slices.npy`` (float16, N x 1 x 96 x 112) and
 ``intensity.json`` (the MR window that [-1, 1] maps back to).
+
+    python -m bench.mni_slices --out .gpu
 """
 
 from __future__ import annotations
@@ -13,16 +15,18 @@ from pathlib import Path
 import numpy as np
 from monai.transforms import Compose, ResizeWithPadOrCropd, Spacingd
 
+from bench import harness
 from meddiff.data.samples import nilearn_file
 from meddiff.data.transforms import LoadImaged, NormalizeIntensityd, SliceVolumed
 
 SHAPE = (96, 112)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--out", default=".gpu")
-    args = parser.parse_args()
+def options() -> argparse.ArgumentParser:
+    return harness.parser(__doc__, out=".gpu", out_help="the folder the slices go to (default: %(default)s)")
+
+
+def run(args: argparse.Namespace) -> None:
     norm = NormalizeIntensityd("image")
     prep = Compose([LoadImaged("image"), norm, Spacingd("image", pixdim=(2.0, 2.0, 1.0))])
     data = prep({"image": str(nilearn_file("mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz")), "modality": "MR"})
@@ -38,4 +42,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    harness.main(run, options)

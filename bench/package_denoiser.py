@@ -3,13 +3,13 @@
 The strength (the fraction of the estimated noise sigma the model is asked to remove) is chosen from
 ``--strengths`` by the mean foreground PSNR over ``--levels`` % Rician noise (seeds 100 + level) on
 dipy's ``t1_coronal_slice``, the validation image; the independent test images of
-``bench/denoise.py`` play no part. With ``--out``, writes the weights in float16 (half the size;
+``python -m bench.denoise`` play no part. With ``--out``, writes the weights in float16 (half the size;
 the UNet computes in float32 after loading) and ``config.json`` with ``denoise_strength`` and
 ``denoise_tile`` (``--tile``: the side of the tiles denoising runs on; 128 beat the 96 px training
 crops by 0.3 dB on the validation image, see BENCHMARKS.md, "Denoising load"). Appends
-the sweep to ``--log`` (JSON lines).
+the sweep to ``--log`` (JSON lines, one record each in the harness's layout).
 
-    python bench/package_denoiser.py runs/denoiser/model --out meddiff/models/mri-denoise --overwrite
+    python -m bench.package_denoiser runs/denoiser/model --out meddiff/models/mri-denoise --overwrite
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import json
 import numpy as np
 import torch
 
+from bench import harness
 from meddiff import Image
 from meddiff.data.samples import dipy_t1_slice
 from meddiff.data.synthetic import rician_noise
@@ -41,16 +42,18 @@ def sweep(model: str, strengths: list[float], levels: list[float], tile: int) ->
     return table
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("model", help="model folder written by bench/train_denoiser.py or meddiff export")
-    parser.add_argument("--out", help="write the packaged model here")
+def options() -> argparse.ArgumentParser:
+    parser = harness.parser(__doc__, out=None, out_help="write the packaged model here")
+    parser.add_argument("model", help="model folder written by python -m bench.train_denoiser or meddiff export")
     parser.add_argument("--overwrite", action="store_true")
     parser.add_argument("--strengths", type=float, nargs="+", default=[0.5, 0.6, 0.7, 0.8, 1.0])
     parser.add_argument("--levels", type=float, nargs="+", default=[1, 3, 5, 7, 9])
     parser.add_argument("--tile", type=int, default=128, help="side of the tiles denoising runs on")
     parser.add_argument("--log", default="bench/results/denoise_strength.jsonl")
-    args = parser.parse_args()
+    return parser
+
+
+def run(args: argparse.Namespace) -> None:
     torch.set_num_threads(2)
     table = sweep(args.model, args.strengths, args.levels, args.tile)
     means = {s: float(np.mean(v)) for s, v in table.items()}
@@ -60,7 +63,7 @@ def main() -> None:
     print(f"chosen strength {best} (validation mean PSNR {means[best]:.2f} dB)")
     record = {"model": args.model, "levels": args.levels, "psnr": {str(s): v for s, v in table.items()}, "chosen": best}
     with open(args.log, "a") as fh:
-        fh.write(json.dumps(record) + "\n")
+        fh.write(json.dumps(harness.record("package_denoiser", args, record)) + "\n")
     if args.out:
         model = load_model(args.model)
         model.unet.half()  # half the package's size; loading casts the weights back to float32
@@ -70,4 +73,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    harness.main(run, options)

@@ -1,13 +1,15 @@
 """Run the reliability corpus and print RELIABILITY.md's results table: cases, passed, failed per area.
 
-    python bench/reliability.py            # the corpus as `make test` runs it (short fuzz budget)
-    MEDDIFF_FUZZ_EXAMPLES=2000 python bench/reliability.py   # with a long fuzz budget
+    python -m bench.reliability            # the corpus as `make test` runs it (short fuzz budget)
+    MEDDIFF_FUZZ_EXAMPLES=2000 python -m bench.reliability   # with a long fuzz budget
 
-An area is one test file of tests/reliability/; its module docstring's first sentence says what it covers.
+An area is one test file of tests/reliability/; its module docstring's first sentence says what it covers. The
+counts also go to the JSON record (``--out``); the exit status is 1 when a case failed.
 """
 
 from __future__ import annotations
 
+import argparse
 import ast
 import subprocess
 import sys
@@ -16,10 +18,17 @@ import xml.etree.ElementTree as ET
 from collections import Counter
 from pathlib import Path
 
-CORPUS = Path(__file__).resolve().parents[1] / "tests" / "reliability"
+from bench import harness
+
+CORPUS = harness.ROOT / "tests" / "reliability"
+OUTCOMES = ("passed", "failed", "skipped")
 
 
-def main() -> int:
+def options() -> argparse.ArgumentParser:
+    return harness.parser(__doc__, out=harness.results_file("reliability"))
+
+
+def run(args: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         report = Path(tmp) / "report.xml"
         subprocess.run([sys.executable, "-m", "pytest", "-q", "-n", "2", str(CORPUS), f"--junitxml={report}"],
@@ -34,16 +43,20 @@ def main() -> int:
     print("| area (tests/reliability/) | what it covers | cases | clean | failed | skipped |")
     print("|---|---|---|---|---|---|")
     total = Counter()
+    areas = {}
     for area in sorted(counts):
         doc = ast.get_docstring(ast.parse((CORPUS / f"{area}.py").read_text())) or ""
         c = counts[area]
         total.update(c)
         summary = " ".join(doc.split("\n\n")[0].split()).split(". ")[0].rstrip(".")  # the docstring's first sentence
         print(f"| `{area}.py` | {summary} | {sum(c.values())} | {c['passed']} | {c['failed']} | {c['skipped']} |")
+        areas[area] = {"covers": summary, "cases": sum(c.values()), **{outcome: c[outcome] for outcome in OUTCOMES}}
     print(f"| **all** | | **{sum(total.values())}** | **{total['passed']}** | **{total['failed']}** | "
           f"**{total['skipped']}** |")
+    everything = {"cases": sum(total.values()), **{outcome: total[outcome] for outcome in OUTCOMES}}
+    harness.write_result("reliability", args, {"areas": areas, "all": everything}, args.out)
     return 1 if total["failed"] else 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    harness.main(run, options)

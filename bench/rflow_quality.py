@@ -1,29 +1,29 @@
 """Rectified flow against a DDPM-family model with DPM-Solver++: sample quality against the number of steps.
 
-Trains the same UNet twice on the sampler benchmark's MNI slices (``bench/mni_slices.py``; ``--downsample 2``
+Trains the same UNet twice on the sampler benchmark's MNI slices (``python -m bench.mni_slices``; ``--downsample 2``
 averages 2x2 pixels, 4 mm, so that CPU training converges in minutes), with the same
 seed, batches and number of steps: once as a v-prediction DDPM (cosine betas) sampled with DPM-Solver++ 2M,
 once as rectified flow (logit-normal timesteps) sampled with MONAI's ``RFlowScheduler`` (Euler). Then samples
 both at each step count with the same seeds and scores them against the real slices with the sampler
 benchmark's distances (``sampler_quality.swd`` and ``fd_pca``; lower is better).
 
-    python bench/rflow_quality.py --data runs/mni --out runs/rflow_quality --downsample 2 --steps 3000
+    python -m bench.rflow_quality --data runs/mni --out runs/rflow_quality --downsample 2 --steps 3000
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import time
 from pathlib import Path
 
 import lightning.pytorch as pl
 import numpy as np
 import torch
-from sampler_quality import fd_pca, swd
 from torch.utils.data import DataLoader, TensorDataset
-from train_mni_gpu import flip_collate
 
+from bench import harness
+from bench.sampler_quality import fd_pca, swd
+from bench.train_mni_gpu import flip_collate
 from meddiff.training import DiffusionModule
 
 MODELS = {  # name: (DiffusionModule schedule options, sampler)
@@ -46,20 +46,23 @@ def train(name: str, slices: torch.Tensor, window: dict, spacing: float, steps: 
                         collate_fn=flip_collate, generator=torch.Generator().manual_seed(0))
     trainer = pl.Trainer(accelerator="cpu", max_steps=steps, max_epochs=-1, logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False, gradient_clip_val=1.0)
-    start = time.perf_counter()
-    trainer.fit(module, loader)
-    return module, time.perf_counter() - start
+    with harness.stopwatch() as lap:
+        trainer.fit(module, loader)
+    return module, lap.seconds
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def options() -> argparse.ArgumentParser:
+    parser = harness.parser(__doc__, out=harness.REQUIRED,
+                            out_help="the folder of the two models and the JSON record (rflow_quality.json)")
     parser.add_argument("--data", default="runs/mni")
-    parser.add_argument("--out", required=True)
     parser.add_argument("--steps", type=int, default=3000, help="training steps, the same for both models")
     parser.add_argument("--downsample", type=int, default=1, help="average this many pixels per side")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--n-samples", type=int, default=128)
-    args = parser.parse_args()
+    return parser
+
+
+def run(args: argparse.Namespace) -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     slices = torch.from_numpy(np.load(Path(args.data) / "slices.npy").astype(np.float32))
@@ -75,15 +78,14 @@ def main() -> None:
         pipeline = module.pipeline(ema=True)
         pipeline.save_pretrained(out / name, overwrite=True)
         for steps in STEP_COUNTS:
-            t0 = time.perf_counter()
-            fake = pipeline.sample(range(args.n_samples), steps=steps, scheduler=sampler)[:, 0].float().numpy()
-            seconds = time.perf_counter() - t0
+            with harness.stopwatch() as lap:
+                fake = pipeline.sample(range(args.n_samples), steps=steps, scheduler=sampler)[:, 0].float().numpy()
             rows.append({"model": name, "sampler": sampler, "steps": steps, "swd": swd(real, fake),
-                         "fd_pca": fd_pca(real, fake), "sample_seconds": seconds, "train_seconds": train_seconds})
+                         "fd_pca": fd_pca(real, fake), "sample_seconds": lap.seconds, "train_seconds": train_seconds})
             print(json.dumps(rows[-1]), flush=True)
     summary = {"train_steps": args.steps, "downsample": args.downsample, "batch_size": args.batch_size,
                "n_samples": args.n_samples, "rows": rows}
-    (out / "rflow_quality.json").write_text(json.dumps(summary, indent=2))
+    harness.write_result("rflow_quality", args, summary, out / "rflow_quality.json")
     print("| steps | DPM-Solver++ 2M SWD | rectified flow SWD | ratio | DPM-Solver++ 2M FD-PCA | "
           "rectified flow FD-PCA | ratio |")
     print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
@@ -94,4 +96,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    harness.main(run, options)

@@ -1,24 +1,27 @@
 """Benchmark (b): sample quality against the number of network evaluations, on the MNI slice model.
 
-Reads the samples written by ``bench/train_mni_gpu.py`` and the real slices of ``bench/mni_slices.py``
+Reads the samples written by ``python -m bench.train_mni_gpu`` and the real slices of ``bench.mni_slices``
 and reports two distribution distances to the real slices (lower is better):
 
 - SWD: sliced Wasserstein distance between 7x7 Laplacian-pyramid patches (Karras et al. 2018,
   "Progressive Growing of GANs"), averaged over pyramid levels, x 1e3. Written by hand here: no
   maintained package computes it; the evaluation issue brings medical feature spaces.
 - FD-PCA: Frechet distance between Gaussian fits of 32-dim PCA features (PCA fitted on the real slices).
+
+    python -m bench.sampler_quality --samples OUT --out bench/results/mni_sampler_quality.json
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from scipy import linalg
+
+from bench import harness
 
 
 def laplacian_pyramid(x: torch.Tensor, levels: int) -> list[torch.Tensor]:
@@ -76,15 +79,17 @@ def fd_pca(real: np.ndarray, fake: np.ndarray, dims: int = 32) -> float:
     return float(((mu1 - mu2) ** 2).sum() + np.trace(s1 + s2 - 2 * covmean))
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
+def options() -> argparse.ArgumentParser:
+    parser = harness.parser(__doc__, out=None, out_aliases=("--json",), out_help="write the table as JSON here")
     parser.add_argument("--samples", required=True, help="folder with samples_*.npz and timings.json")
     parser.add_argument("--real", default=".gpu/slices.npy")
-    parser.add_argument("--json", help="write the table as JSON here")
-    args = parser.parse_args()
+    return parser
+
+
+def run(args: argparse.Namespace) -> None:
     real = np.load(args.real).astype(np.float32)[:, 0]
     real = np.concatenate([real, real[:, ::-1]])  # the model was trained with left-right flips
-    timings = json.loads((Path(args.samples) / "timings.json").read_text())["sampling"]
+    timings = harness.read_result(Path(args.samples) / "timings.json")["sampling"]
     rows = []
     for key, seconds in timings.items():
         name, steps = key.rsplit("-", 1)
@@ -99,9 +104,9 @@ def main() -> None:
     for r in rows:
         print(f"| {r['sampler']} | {r['steps']} | {r['swd']:.2f} | {r['swd'] / reference['swd']:.2f} | "
               f"{r['fd_pca']:.2f} | {r['fd_pca'] / reference['fd_pca']:.2f} | {r['seconds']:.1f} s |")
-    if args.json:
-        Path(args.json).write_text(json.dumps(rows, indent=2))
+    if args.out:
+        harness.write_result("sampler_quality", args, rows, args.out)
 
 
 if __name__ == "__main__":
-    main()
+    harness.main(run, options)

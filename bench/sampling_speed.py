@@ -7,17 +7,18 @@ loop pays. Runs alternate so all three see the same machine load; medians report
 is also timed alone, around a network that costs one multiply (``loop_overhead_ms_per_step``). ``--model`` is a
 model folder (default: a freshly initialised 4M-parameter 96x112 UNet, which times the same arithmetic
 as a trained one).
+
+    python -m bench.sampling_speed --batch 1 --steps 10 --repeats 15
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import time
 
 import torch
 
+from bench import harness
 from meddiff.pipelines import DiffusionPipeline
 from meddiff.training import DiffusionModule
 
@@ -42,30 +43,18 @@ def time_against_monai(pipeline: DiffusionPipeline, device: str, batch: int, ste
     shape = (batch, 1, *pipeline.config.image.shape)
     timesteps = [torch.full((batch,), int(t), device=device) for t in monai_scheduler.timesteps]
 
-    def sync():
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
-
+    sync = harness.device_sync(device)
     times = {"meddiff": [], "monai": [], "raw": []}
     for _ in range(repeats):
-        sync()
-        t0 = time.perf_counter()
-        pipeline.sample(range(batch), steps=steps, scheduler="ddim")
-        sync()
-        times["meddiff"].append(time.perf_counter() - t0)
+        with harness.stopwatch(times["meddiff"], sync):
+            pipeline.sample(range(batch), steps=steps, scheduler="ddim")
         noise = torch.randn(shape, device=device)
-        t0 = time.perf_counter()
-        with torch.inference_mode():
+        with harness.stopwatch(times["monai"], sync), torch.inference_mode():
             inferer.sample(input_noise=noise, diffusion_model=pipeline.unet, scheduler=monai_scheduler, verbose=False)
-        sync()
-        times["monai"].append(time.perf_counter() - t0)
-        t0 = time.perf_counter()
-        with torch.inference_mode():
+        with harness.stopwatch(times["raw"], sync), torch.inference_mode():
             for t in timesteps:
                 pipeline.unet(noise, timesteps=t)
-        sync()
-        times["raw"].append(time.perf_counter() - t0)
-    medians = {name: statistics.median(values) for name, values in times.items()}
+    medians = {name: harness.summary(values)["median"] for name, values in times.items()}
     return {
         "batch": batch,
         "steps": steps,
@@ -93,10 +82,10 @@ def loop_overhead_ms_per_step(pipeline: DiffusionPipeline, batch: int, steps: in
     pipeline.unet = FreeNetwork().to(network.device if hasattr(network, "device") else "cpu")
     try:
         pipeline.sample(range(batch), steps=steps)
-        start = time.perf_counter()
-        for _ in range(repeats):
-            pipeline.sample(range(batch), steps=steps)
-        return (time.perf_counter() - start) / repeats / steps * 1000
+        with harness.stopwatch() as lap:
+            for _ in range(repeats):
+                pipeline.sample(range(batch), steps=steps)
+        return lap.seconds / repeats / steps * 1000
     finally:
         pipeline.unet = network
 
@@ -111,14 +100,15 @@ def benchmark_pipeline(device: str) -> DiffusionPipeline:
     return pipeline
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
+def options() -> argparse.ArgumentParser:
+    parser = harness.parser(__doc__, out=harness.results_file("sampling_speed"), device="cpu", repeats=5)
     parser.add_argument("--model", help="model folder (default: a fresh benchmark-sized UNet)")
-    parser.add_argument("--device", default="cpu")
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--repeats", type=int, default=5)
-    args = parser.parse_args()
+    return parser
+
+
+def run(args: argparse.Namespace) -> None:
     if args.model:
         pipeline = DiffusionPipeline.from_pretrained(args.model, args.device)
     else:
@@ -128,7 +118,8 @@ def main() -> None:
     result["loop_overhead_ms_per_step"] = loop_overhead_ms_per_step(pipeline, args.batch, args.steps)
     result["network_ms_per_step"] = result["raw_median_s"] / args.steps * 1000
     print(json.dumps(result, indent=2))
+    harness.write_result("sampling_speed", args, result, args.out)
 
 
 if __name__ == "__main__":
-    main()
+    harness.main(run, options)

@@ -2,10 +2,13 @@
 
 The model, optimiser, noise range and augmentation come from the config (the same recipe
 ``meddiff fit --config configs/mri_denoise_2d.yaml`` runs on the manifest); only the data loading
-differs: slices and the dead-leaves pool come from ``bench/denoise_data.py``'s arrays, so a GPU
+differs: slices and the dead-leaves pool come from ``python -m bench.denoise_data``'s arrays, so a GPU
 machine without MRI packages can run it. ``--dead-leaves P`` (the ablation) replaces a fraction P of
 the patches by crops of the dead-leaves pool (what ``RandDeadLeavesd`` does online). Writes the EMA
 model to ``--out`` and ``train_log.json`` beside it.
+
+    python -m bench.denoise_data --out .gpu
+    python -m bench.train_denoiser --data .gpu --out runs/denoiser/model --device cuda
 """
 
 from __future__ import annotations
@@ -13,7 +16,6 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
-import time
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -24,6 +26,7 @@ from monai.data import DataLoader
 from safetensors.torch import load_file
 from torch.utils.data import Dataset
 
+from bench import harness
 from meddiff.training import DiffusionModule
 
 
@@ -64,18 +67,20 @@ class PatchDataset(Dataset):
         return {"image": torch.as_tensor(data["image"]).float()}
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
+def options() -> argparse.ArgumentParser:
+    parser = harness.parser(__doc__, out=harness.REQUIRED,
+                            out_help="the model folder (with train_log.json, the JSON record)", device="cuda")
     parser.add_argument("--config", default="configs/mri_denoise_2d.yaml")
     parser.add_argument("--data", default=".gpu")
-    parser.add_argument("--out", required=True)
     parser.add_argument("--train-seconds", type=float, default=360)
     parser.add_argument("--batch-size", type=int, default=None, help="default: the config's slices per step")
     parser.add_argument("--workers", type=int, default=8)
-    parser.add_argument("--device", default="cuda")
     parser.add_argument("--init", help="start from this model folder's weights (continue a run)")
     parser.add_argument("--dead-leaves", type=float, default=0.0, help="ablation: fraction of dead-leaves patches")
-    args = parser.parse_args()
+    return parser
+
+
+def run(args: argparse.Namespace) -> None:
     config = yaml.safe_load(Path(args.config).read_text())
     data_args = config["data"]["init_args"]
     augment, leaves_prob = [instantiate(spec) for spec in data_args.get("augment", [])], args.dead_leaves
@@ -102,18 +107,18 @@ def main() -> None:
         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
         gradient_clip_val=config["trainer"].get("gradient_clip_val"),
     )
-    start = time.perf_counter()
-    trainer.fit(module, loader)
-    seconds = time.perf_counter() - start
+    with harness.stopwatch() as lap:
+        trainer.fit(module, loader)
+    seconds = lap.seconds
     loss = float(trainer.callback_metrics.get("train/loss", float("nan")))
     module.pipeline(ema=True).save_pretrained(args.out, overwrite=True)
     log = {"steps": trainer.global_step, "batch_size": batch_size, "train_seconds": round(seconds, 1),
            "last_loss": loss, "mri_slices": len(planes), "dead_leaves_images": len(leaves),
            "dead_leaves_prob": leaves_prob,
            "device": torch.cuda.get_device_name() if gpu else "cpu", "config": args.config, "init": args.init}
-    (Path(args.out) / "train_log.json").write_text(json.dumps(log, indent=2) + "\n")
+    harness.write_result("train_denoiser", args, log, Path(args.out) / "train_log.json")
     print(json.dumps(log), flush=True)
 
 
 if __name__ == "__main__":
-    main()
+    harness.main(run, options)

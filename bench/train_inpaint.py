@@ -1,4 +1,4 @@
-"""Train a bundled 2D mask-conditioned inpainting model from the arrays of ``bench/inpaint_data.py``.
+"""Train a bundled 2D mask-conditioned inpainting model from the arrays of ``bench.inpaint_data``.
 
 The network sees [noisy slice, slice with a random region cut out, mask] (``RandInpaintMaskd``: blobs, boxes,
 brush strokes and, for CT, whole labelled structures, 1-30 % of the foreground) on random crops at a coarser
@@ -6,6 +6,9 @@ voxel size (``--crop``, ``--downsample``; MRI also flipped and turned by 90 degr
 region to fill 10x the rest and never sees a CT's padding outside the field of view. The recipe is that of
 ``configs/mri_inpaint_2d.yaml`` and ``configs/ct_inpaint_2d.yaml``. Writes the EMA model folder to
 ``OUT/model`` and ``OUT/train.json`` (steps, time, last loss). Runs anywhere: ``--device cuda`` on a GPU.
+
+    python -m bench.inpaint_data --modality MR --out .gpu
+    python -m bench.train_inpaint --data .gpu/inpaint_mr.npz --out runs/mri_inpaint --train-seconds 2100
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from bench import harness
 from bench.inpaint_data import CT_WINDOW
 from meddiff.data.masks import CONDITION_KEY, SHAPES, RandInpaintMaskd
 from meddiff.training import DiffusionModule
@@ -87,21 +91,23 @@ def coarser(arrays: dict[str, np.ndarray], factor: int) -> dict[str, np.ndarray]
     return out
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
+def options() -> argparse.ArgumentParser:
+    parser = harness.parser(__doc__, out=harness.REQUIRED, out_help="the folder of the model and train.json (the "
+                            "JSON record)", device="cpu", seed=0)
     parser.add_argument("--data", required=True, help="inpaint_mr.npz or inpaint_ct.npz")
-    parser.add_argument("--out", required=True)
-    parser.add_argument("--device", default="cpu")
     parser.add_argument("--train-seconds", type=float, default=600)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--workers", type=int, default=0)
     parser.add_argument("--crop", type=int, default=64, help="training crop, in voxels of the model's size")
     parser.add_argument("--downsample", type=int, default=2, help="the model's voxel size over the arrays'")
-    args = parser.parse_args()
+    return parser
+
+
+def run(args: argparse.Namespace) -> None:
     arrays = coarser(dict(np.load(args.data)), args.downsample)
     ct = "labels" in arrays
     spacing = tuple(args.downsample * s for s in ((1.4, 1.4) if ct else (1.0, 1.0)))
-    pl.seed_everything(0)
+    pl.seed_everything(args.seed)
     torch.set_flush_denormal(True)  # tiny activations late in training are subnormal floats, slow on CPUs
     module = DiffusionModule(
         spatial_dims=2, channels=(16, 32, 64, 64), attention_levels=(False,) * 4, num_res_blocks=1,
@@ -111,25 +117,25 @@ def main() -> None:
         intensity_range=CT_WINDOW if ct else MR_RANGE, concat_channels=2, concat_key=CONDITION_KEY, task="inpaint",
         outside_mask_weight=0.1, valid_key="valid" if ct else None,
     )
-    loader = DataLoader(Crops(arrays, args.crop, seed=0), batch_size=args.batch_size, num_workers=args.workers,
+    loader = DataLoader(Crops(arrays, args.crop, seed=args.seed), batch_size=args.batch_size, num_workers=args.workers,
                         worker_init_fn=lambda worker: torch.utils.data.get_worker_info().dataset.masks.set_random_state(
-                            worker + 1))
+                            args.seed + worker + 1))
     gpu = args.device.startswith("cuda")
     trainer = pl.Trainer(accelerator="gpu" if gpu else "cpu", devices=1, precision="bf16-mixed" if gpu else "32-true",
                          max_time={"seconds": args.train_seconds}, max_epochs=1, logger=False,
                          enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                          gradient_clip_val=1.0, callbacks=[Progress()])
-    start = time.perf_counter()
-    trainer.fit(module, loader)
+    with harness.stopwatch() as lap:
+        trainer.fit(module, loader)
     record = {"data": Path(args.data).name, "train_steps": trainer.global_step,
-              "train_seconds": round(time.perf_counter() - start, 1),
+              "train_seconds": round(lap.seconds, 1),
               "last_loss": float(trainer.callback_metrics.get("train/loss", float("nan"))),
               "batch_size": args.batch_size, "crop": args.crop, "spacing_mm": spacing, "device": args.device}
     out = Path(args.out)
     module.diffusion_model(ema=True).save_pretrained(out / "model", overwrite=True)
-    (out / "train.json").write_text(json.dumps(record, indent=2) + "\n")
+    harness.write_result("train_inpaint", args, record, out / "train.json")
     print(json.dumps(record))
 
 
 if __name__ == "__main__":
-    main()
+    harness.main(run, options)

@@ -277,6 +277,40 @@ class DiffusionModel:
             self._text_encoder = load_text_encoder(spec.spec, max_length=spec.max_length)
         return self._text_encoder
 
+    def conditioned_unet(self, items: int, labels: torch.Tensor | None = None,
+                         guided: bool = False) -> torch.nn.Module:
+        """The UNet with the conditioning bound that it takes besides class labels, a report and concatenated
+        channels (``meddiff.nets.conditioned``): a MAISI UNet's body region and spacing (one row per item) and, for
+        a model with a ControlNet, the integer label maps ``labels`` (1 or ``items``, 1, *spatial) as its
+        condition. ``guided``: rows for the doubled batch of classifier-free guidance."""
+        from meddiff.diffusion.guidance import doubled
+        from meddiff.nets.conditioned import ControlledUNet, UNetWithInputs
+        from meddiff.nets.controlnet import label_bits
+
+        rows = doubled if guided else (lambda value: value)
+        network, inputs = self.unet, self._unet_inputs(items)
+        if inputs:
+            network = UNetWithInputs(network, {name: rows(value) for name, value in inputs.items()})
+        if labels is not None:
+            controlnet = self.config.controlnet
+            control = label_bits(labels.to(self.device), controlnet.conditioning_channels)
+            network = ControlledUNet(network, self.controlnet, rows(control), controlnet.conditioning_scale)
+        return network
+
+    def _unet_inputs(self, items: int) -> dict[str, torch.Tensor]:
+        """A MAISI UNet's further inputs, one row per item: the body region (one-hot, top and bottom) and the voxel
+        spacing in mm, each times 100 as MAISI feeds them; {} for any other UNet."""
+        config, device = self.config, self.device
+        inputs = {}
+        if config.unet.include_region_inputs:
+            for name, value in (("top_region_index_tensor", config.region.top),
+                                ("bottom_region_index_tensor", config.region.bottom)):
+                inputs[name] = torch.tensor([value], dtype=torch.float32, device=device).expand(items, -1) * 1e2
+        if config.unet.include_spacing_input:
+            spacing = torch.tensor([config.image.spacing], dtype=torch.float32, device=device)
+            inputs["spacing_tensor"] = spacing.expand(items, -1) * 1e2
+        return inputs
+
     def to(self, device: str | torch.device) -> DiffusionModel:
         for network in self.networks.values():
             network.to(device).eval()

@@ -401,6 +401,23 @@ def test_label_maps_are_checked(controlnet_run, tmp_path):
     assert not (tmp_path / "o").exists()
 
 
+def test_the_memory_check_of_a_label_map_counts_the_batch_that_runs(controlnet_run, monkeypatch):
+    """20 slices in batches of 8 are 8 images per network call, not the 2 seeds that name the run's first and last."""
+    import meddiff.pipelines.generate as generate
+    from meddiff import Image
+
+    pipeline = DiffusionPipeline(load_model(controlnet_run / "cn_export"))
+    labels = Image(np.zeros((32, 32, 20), np.float32), np.eye(4))
+    from meddiff.pipelines.controlnet import plan
+
+    shape = plan(pipeline.model, labels).padded  # a slice on the model's grid
+    one_image = int(np.prod(shape)) * pipeline.config.autoencoder.channels[0] * 4  # its first level, float32
+    monkeypatch.setattr(generate, "physical_memory", lambda: 4 * one_image)
+    with pytest.raises(MeddiffError, match="a batch of 8 images"):
+        pipeline.generate(1, labels=labels, batch_size=8, steps=1, progress=False)
+    assert len(pipeline.generate(1, labels=labels, batch_size=2, steps=1, progress=False)) == 1
+
+
 def test_drrs_of_the_training_slabs_make_a_radiograph_set_that_trains(tmp_path):
     """meddiff manifest drr: Beer-Lambert projections of the chest CT's training slabs only, a radiograph's
     contrast (bone and soft tissue above lung, lung above air), and the DRR smoke config trains on them."""

@@ -22,7 +22,7 @@ def test_forward_process_and_velocity_equal_diffusers(beta_schedule):
     assert objective.target(x0, noise, abar, "eps") is noise and objective.target(x0, noise, abar, "x0") is x0
 
 
-@pytest.mark.parametrize("kind", objective.KINDS)
+@pytest.mark.parametrize("kind", objective.PREDICTIONS)
 def test_predicted_x0_inverts_each_target(kind):
     scheduler = NoiseSchedule().training_scheduler()
     generator = torch.Generator().manual_seed(1)

@@ -14,10 +14,9 @@ from meddiff.cli import dicom_output
 from meddiff.errors import MeddiffError
 from meddiff.image import Image
 from meddiff.io import load_image, save_image
+from meddiff.pipelines.spec import DenoiseSpec
 
 DEFAULT_MODEL = "mri-denoise"
-MAX_STRENGTH = 2.0  # beyond twice the noise sigma the estimate removes anatomy, not noise (documented in --help)
-MAX_STEPS, MAX_SAMPLES = 1000, 64
 
 
 def add_parser(subparsers) -> None:
@@ -30,11 +29,14 @@ def add_parser(subparsers) -> None:
     p.add_argument("--noise-sigma", default="auto",
                    help="'auto' (estimated from the image) or the noise sigma in image units")
     p.add_argument("--strength", type=float,
-                   help=f"remove strength x sigma, in (0, {MAX_STRENGTH:g}] (default: the model's calibrated value)")
+                   help=f"remove strength x sigma, in (0, {DenoiseSpec.MAX_STRENGTH:g}] "
+                        "(default: the model's calibrated value)")
     p.add_argument("--steps", type=int, default=1,
-                   help=f"1: posterior-mean estimate (best PSNR); more (up to {MAX_STEPS}): reverse-process sampling")
+                   help=f"1: posterior-mean estimate (best PSNR); more (up to {DenoiseSpec.MAX_STEPS}): "
+                        "reverse-process sampling")
     p.add_argument("--samples", type=int, default=1,
-                   help=f"with --steps > 1: average this many samples (1 to {MAX_SAMPLES})")
+                   help=f"with --steps > 1: average this many samples (1 to {DenoiseSpec.MAX_SAMPLES})")
+    p.add_argument("--seed", type=int, default=0, help="with --steps > 1: sample k uses seed + k; 0 .. 2**32 - 1")
     p.add_argument("--no-rician-correction", dest="rician_correction", action="store_false",
                    help="keep the Rician noise floor (about 1.25 x sigma in air and dark tissue) "
                         "that is removed by default from non-negative MR")
@@ -64,16 +66,10 @@ def noise_sigma(text: str) -> float | None:
 def run(args) -> None:
     from meddiff.pipelines import load_pipeline
     from meddiff.pipelines.inpaint import mask_on_grid
+    from meddiff.pipelines.spec import spec_from
 
-    sigma = noise_sigma(args.noise_sigma)
-    if args.strength is not None and not (math.isfinite(args.strength) and 0 < args.strength <= MAX_STRENGTH):
-        raise MeddiffError(f"--strength must be a number in (0, {MAX_STRENGTH:g}], not {args.strength} "
-                           "— 1 removes the whole estimated noise sigma; or leave it out for the model's own value")
-    if args.steps < 1 or args.samples < 1:
-        raise MeddiffError("--steps and --samples must be at least 1 — --steps 1 gives the posterior-mean estimate")
-    if args.steps > MAX_STEPS or args.samples > MAX_SAMPLES:
-        raise MeddiffError(f"--steps is at most {MAX_STEPS} and --samples at most {MAX_SAMPLES}, not {args.steps} "
-                           f"and {args.samples} — more adds time without a better estimate")
+    spec = spec_from(DenoiseSpec, steps=args.steps, samples=args.samples, strength=args.strength, seed=args.seed,
+                     noise_sigma=noise_sigma(args.noise_sigma), rician_correction=args.rician_correction)
     sources = {"the input": args.input, "the mask": args.mask}
     with dicom_output.guarded(args, [Path(args.output)], sources) as dicom:  # before minutes of work, not after
         image = load_image(args.input, series=args.series)
@@ -86,12 +82,11 @@ def run(args) -> None:
             if image.array.ndim == 4:
                 mask = np.broadcast_to(mask[..., None], image.array.shape)
         pipeline = load_pipeline(args.model, device=args.device)
-        clean = pipeline.denoise(image, noise_sigma=sigma, steps=args.steps, samples=args.samples,
-                                 strength=args.strength, mask=mask, rician_correction=args.rician_correction)
+        spec = spec.checked(pipeline.config)  # the model's own strength and tile filled in
+        clean = pipeline.denoise(image, spec, mask=mask)
         if dicom:
             description = dicom_output.provenance(
-                f"denoised by meddiff (model {pipeline.model.weights_sha256[:16]}, steps {args.steps}, "
-                f"noise sigma {args.noise_sigma})", differ)
+                f"denoised by meddiff (model {pipeline.model.weights_sha256[:16]}; {spec.description()})", differ)
             out = dicom_output.write(clean, Path(args.output), args, args.input, "denoise", description)
         else:
             out = save_image(clean, args.output, overwrite=args.overwrite)

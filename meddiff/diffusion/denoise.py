@@ -44,5 +44,6 @@ def denoise_tensor(unet: torch.nn.Module, schedule: NoiseSchedule, y: torch.Tens
     for k in range(samples):
         sampler = DDPMScheduler(**schedule.diffusers_config(), clip_sample=False)
         sampler.set_timesteps(timesteps=sorted({int(v) for v in np.linspace(t, 0, steps).round()}, reverse=True))
-        total += sample_loop(model, scale * y, sampler, generator=torch.Generator(y.device).manual_seed(seed + k))
+        total += sample_loop(model, scale * y, sampler, generator=torch.Generator(y.device).manual_seed(seed + k),
+                             from_noise=False)
     return total / samples

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-KINDS = ("eps", "v", "x0")  # the DDPM family; rectified flow: the flow_* functions
+PREDICTIONS = ("eps", "v", "x0")  # the DDPM family; rectified flow: the flow_* functions
 
 
 def _per_item(abar: torch.Tensor | float, like: torch.Tensor) -> torch.Tensor:

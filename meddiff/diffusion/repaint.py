@@ -17,7 +17,7 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from meddiff.diffusion.objective import noised, renoised
 
-SAMPLERS = ("ddpm", "ddim")  # the samplers whose step depends on its timestep alone
+RESAMPLABLE = ("ddpm", "ddim")  # the samplers whose step depends on its timestep alone
 
 
 def repaint_plan(steps: int, jump: int, resample: int) -> list[int]:

@@ -9,7 +9,7 @@ from the image to the noise and is sampled with MONAI's ``RFlowScheduler`` (Eule
 from __future__ import annotations
 
 import functools
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from types import SimpleNamespace
 
 import torch
@@ -41,7 +41,7 @@ SAMPLERS = {
 }
 # Samplers that cannot use a model predicting x0 directly.
 NO_X0 = {"pndm"}
-KINDS = ("ddpm", "rflow")
+SCHEDULE_KINDS = ("ddpm", "rflow")
 RFLOW_SAMPLER = "rflow"
 RFLOW_TIMESTEP_SAMPLING = ("uniform", "logit-normal")
 
@@ -61,8 +61,8 @@ class NoiseSchedule:
     beta_end: float = 0.02
 
     def __post_init__(self) -> None:
-        if self.kind not in KINDS:
-            raise MeddiffError(f"schedule kind must be one of {list(KINDS)}, not {self.kind!r}")
+        if self.kind not in SCHEDULE_KINDS:
+            raise MeddiffError(f"schedule kind must be one of {list(SCHEDULE_KINDS)}, not {self.kind!r}")
         if self.kind == "rflow" and self.prediction != "v":
             raise MeddiffError("a rectified-flow schedule predicts the velocity: prediction must be v")
         if self.timestep_sampling not in RFLOW_TIMESTEP_SAMPLING or (
@@ -73,9 +73,6 @@ class NoiseSchedule:
             raise MeddiffError(f"beta_schedule must be one of {list(BETA_SCHEDULES)}, not {self.beta_schedule!r}")
         if self.prediction not in PREDICTION_TYPES:
             raise MeddiffError(f"prediction must be one of {list(PREDICTION_TYPES)}, not {self.prediction!r}")
-
-    def as_dict(self) -> dict:
-        return asdict(self)
 
     @property
     def default_sampler(self) -> str:

@@ -386,11 +386,6 @@ EXTRACTORS: dict[str, Callable[..., Extractor]] = {
 }
 
 
-def register_extractor(name: str, loader: Callable[..., Extractor]) -> None:
-    """Add an extractor (a callable taking ``weights`` and returning an ``Extractor``) under ``name``."""
-    EXTRACTORS[name] = loader
-
-
 def load_extractor(name: str, weights: str | os.PathLike | None = None) -> Extractor:
     if name not in EXTRACTORS:
         raise MeddiffError(f"unknown feature extractor {name!r} — available: {', '.join(sorted(EXTRACTORS))}")

@@ -16,10 +16,10 @@ import torch
 from meddiff.image import Image
 from meddiff.model import DiffusionModel, ModelConfig, load_model
 from meddiff.pipelines import controlnet, denoise, generate, inpaint
-from meddiff.pipelines.spec import SamplingSpec, spec_from
+from meddiff.pipelines.spec import DenoiseSpec, SamplingSpec, spec_from
 from meddiff.pipelines.volumes import check_modality
 
-__all__ = ["DiffusionPipeline", "SamplingSpec", "load_pipeline"]
+__all__ = ["DenoiseSpec", "DiffusionPipeline", "SamplingSpec", "load_pipeline"]
 
 
 class DiffusionPipeline:
@@ -76,10 +76,12 @@ class DiffusionPipeline:
     def to_image(self, x: torch.Tensor) -> Image:
         return generate.to_image(self.model, x)
 
-    def denoise(self, image: Image, **options) -> Image:
-        """A denoised copy of a magnitude MR image (``denoise.denoise``)."""
+    def denoise(self, image: Image, spec: DenoiseSpec | None = None, mask: np.ndarray | None = None,
+                batch_size: int = 8, progress: bool = True, **fields) -> Image:
+        """A denoised copy of a magnitude MR image (``denoise.denoise``). Options are a ``DenoiseSpec``
+        (``spec=``) or its fields as keywords: ``pipeline.denoise(image, noise_sigma=5.0, steps=4)``."""
         check_modality(image, self.config, "denoising")
-        return denoise.denoise(self.model, image, **options)
+        return denoise.denoise(self.model, image, spec or spec_from(DenoiseSpec, **fields), mask, batch_size, progress)
 
     def inpaint(self, image: Image, mask: Image | np.ndarray, spec: inpaint.InpaintSpec | None = None, seed: int = 0,
                 samples: int = 1, prompt: str | None = None, batch_size: int = 8, progress: bool = True,

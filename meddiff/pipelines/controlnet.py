@@ -82,7 +82,7 @@ def check_label_args(model: DiffusionModel, labels: Image, spec: SamplingSpec, s
     ready = plan(model, labels)
     slices = len(ready.maps)
     return check_sample_args(model, spec, [seeds[0] * slices, seeds[-1] * slices + slices - 1], None, ready.padded,
-                             batch_size, labels=ready.maps[:1]), ready
+                             batch_size, labels=ready.maps[:1], items=len(seeds) * slices), ready
 
 
 @torch.inference_mode()

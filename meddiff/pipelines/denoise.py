@@ -3,8 +3,6 @@ tiles, the Rician floor removed, geometry, units and metadata of the input kept.
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import torch
 from tqdm.auto import tqdm
@@ -17,6 +15,7 @@ from meddiff.diffusion.tiling import tile_geometry, tiled
 from meddiff.errors import MeddiffError
 from meddiff.image import Image
 from meddiff.model import DiffusionModel
+from meddiff.pipelines.spec import DenoiseSpec
 from meddiff.pipelines.volumes import slice_axis
 
 # a slice side below this has too few voxels for a noise estimate or a UNet's levels
@@ -24,18 +23,17 @@ MIN_DENOISE_SIDE = 8
 
 
 @torch.inference_mode()
-def denoise(model: DiffusionModel, image: Image, noise_sigma: float | None = None, steps: int = 1, samples: int = 1,
-            seed: int = 0, batch_size: int = 8, strength: float | None = None, mask: np.ndarray | None = None,
-            rician_correction: bool = True, progress: bool = True) -> Image:
-    """Denoise a magnitude MR ``image``; geometry, units and metadata of the input are kept.
+def denoise(model: DiffusionModel, image: Image, spec: DenoiseSpec | None = None, mask: np.ndarray | None = None,
+            batch_size: int = 8, progress: bool = True) -> Image:
+    """Denoise a magnitude MR ``image`` as ``spec`` says; geometry, units and metadata of the input are kept.
 
-    ``noise_sigma`` (image units) is estimated from the image when None. The model is asked to
-    remove ``strength * noise_sigma``: a prior learnt from a few brains over-smooths the texture
-    of other scans, and a strength below 1 (the model's ``denoise_strength``, chosen on held-out
-    validation data) undoes that. ``mask`` (the image's shape): only voxels inside it change.
+    The noise sigma (image units) is estimated from the image unless the spec gives it. The model is asked to
+    remove ``strength * noise_sigma``: a prior learnt from a few brains over-smooths the texture of other scans,
+    and a strength below 1 (the model's ``denoise_strength``, chosen on held-out validation data) undoes that.
+    ``mask`` (the image's shape): only voxels inside it change.
 
-    The network only ever sees tiles of the model's ``denoise_tile`` (default: its training
-    shape), ``batch_size`` tiles per call, overlapping by a quarter and blended with Gaussian
+    The network only ever sees tiles of the spec's ``tile`` (default: the model's ``denoise_tile``, else its
+    training shape), ``batch_size`` tiles per call, overlapping by a quarter and blended with Gaussian
     weights (MONAI sliding-window inference): memory stays flat in the image size and time grows
     with the number of pixels, whatever the image. A 2D model runs slice by slice across a
     singleton axis (a 2D image stored as a volume) or else the thickest voxel axis; a 3D model
@@ -49,24 +47,17 @@ def denoise(model: DiffusionModel, image: Image, noise_sigma: float | None = Non
     if model.schedule.kind != "ddpm":
         raise MeddiffError(f"denoising matches the scan's noise to a DDPM timestep; this is a {model.schedule.kind} "
                            "model — use a DDPM-family model such as mri-denoise")
+    spec = (spec or DenoiseSpec()).checked(model.config)
     image.check_finite()
     if np.ptp(image.array) == 0:
         raise MeddiffError("the image is constant (for example all zero): there is nothing to denoise")
     if mask is not None and np.shape(mask) not in (image.array.shape, image.array.shape[:3]):
         raise MeddiffError(f"the mask has shape {np.shape(mask)}, the image {image.array.shape}")
-    if noise_sigma is not None and not (math.isfinite(noise_sigma) and noise_sigma > 0):
-        raise MeddiffError(f"the noise sigma must be a positive number in image units, not {noise_sigma} — "
-                           "give the noise level or let it be estimated")
-    strength = model.config.denoise_strength if strength is None else float(strength)
-    if not (math.isfinite(strength) and strength > 0):
-        raise MeddiffError(f"strength must be a positive number, not {strength} — e.g. 1 removes the whole noise sigma")
-    if steps < 1 or samples < 1:
-        raise MeddiffError("--steps and --samples must be at least 1")
     if image.array.ndim == 4:
         volumes = [
-            denoise(model, Image(image.array[..., v], image.affine, image.modality), noise_sigma, steps, samples, seed,
-                    batch_size, strength, None if mask is None else (mask if np.ndim(mask) == 3 else mask[..., v]),
-                    rician_correction=rician_correction, progress=progress).array
+            denoise(model, Image(image.array[..., v], image.affine, image.modality), spec,
+                    None if mask is None else (mask if np.ndim(mask) == 3 else mask[..., v]), batch_size,
+                    progress).array
             for v in range(image.array.shape[3])
         ]
         return Image(np.stack(volumes, axis=-1), image.affine, image.modality, dict(image.meta))
@@ -75,19 +66,19 @@ def denoise(model: DiffusionModel, image: Image, noise_sigma: float | None = Non
     if min(plane) < MIN_DENOISE_SIDE:
         raise MeddiffError(f"the image is too small to denoise: {' x '.join(map(str, image.array.shape))} voxels "
                            f"(each side of a slice needs at least {MIN_DENOISE_SIDE})")
-    sigma = estimate_sigma(image.array) if noise_sigma is None else float(noise_sigma)
+    sigma = estimate_sigma(image.array) if spec.noise_sigma is None else float(spec.noise_sigma)
     if not sigma > 0:
         raise MeddiffError("no noise found in the image (estimated sigma 0): nothing to denoise, or give --noise-sigma")
     low, high = NormalizeIntensityd("image").intensity_range(torch.from_numpy(image.array), "MR")
     # to_model_range in place on one float32 copy: a long volume is not copied once per operator
     y = torch.tensor(image.array, dtype=torch.float32, device=model.device).sub_(low).mul_(2.0 / (high - low)).sub_(1.0)
-    sigma_n = 2.0 * strength * sigma / (high - low)
+    sigma_n = 2.0 * spec.strength * sigma / (high - low)
 
     def run(x: torch.Tensor) -> torch.Tensor:
-        return denoise_tensor(model.unet, model.schedule, x, sigma_n, steps, samples, seed,
+        return denoise_tensor(model.unet, model.schedule, x, sigma_n, spec.steps, spec.samples, spec.seed,
                               model.config.max_train_timestep)
 
-    tiles = Tiles(model, batch_size, progress)
+    tiles = Tiles(model, spec.tile, batch_size, progress)
     if model.config.unet.spatial_dims == 3:
         if y.ndim != 3:
             raise MeddiffError(f"this 3D model denoises volumes; the image has shape {tuple(y.shape)}")
@@ -98,7 +89,7 @@ def denoise(model: DiffusionModel, image: Image, noise_sigma: float | None = Non
         out = torch.movedim(tiles.planes(torch.movedim(y, axis, 0), run), 0, axis)
     del y
     array = out.float().cpu().add_(1.0).mul_((high - low) / 2.0).add_(low).numpy()  # from_model_range, in place
-    array = correct_rician_bias(array, sigma, image, rician_correction)
+    array = correct_rician_bias(array, sigma, image, spec.rician_correction)
     if mask is not None:
         array = np.where(np.asarray(mask, dtype=bool), array, image.array).astype(np.float32)
     return Image(array, image.affine, image.modality, dict(image.meta))
@@ -116,10 +107,10 @@ def estimate_sigma(array: np.ndarray, max_slices: int = 32) -> float:
 
 
 class Tiles:
-    """Denoising on tiles of the model's ``denoise_tile`` (else its training shape), with one progress bar."""
+    """Denoising on tiles of the spec's ``tile``, with one progress bar."""
 
-    def __init__(self, model: DiffusionModel, batch_size: int, progress: bool):
-        self.tile = model.config.denoise_tile or model.config.image.shape
+    def __init__(self, model: DiffusionModel, tile: tuple[int, ...], batch_size: int, progress: bool):
+        self.tile = list(tile)
         self.multiple = model.config.unet.size_multiple
         self.batch_size, self.progress = batch_size, progress
 

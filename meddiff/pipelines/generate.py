@@ -16,13 +16,12 @@ from tqdm.auto import tqdm
 
 from meddiff.data.transforms import from_model_range
 from meddiff.diffusion import latent
-from meddiff.diffusion.guidance import classifier_free_guidance
+from meddiff.diffusion.guidance import classifier_free_guidance, doubled
 from meddiff.diffusion.sampling import ModelFunction, sample_loop, unet_function
 from meddiff.errors import MeddiffError
 from meddiff.image import Image
 from meddiff.io.guard import physical_memory
 from meddiff.model import DiffusionModel
-from meddiff.nets import label_bits
 from meddiff.pipelines.spec import SamplingSpec
 
 MAX_SEED = 2**64 - 1  # torch.Generator.manual_seed takes 0 .. 2**64 - 1 (negative values wrap around: refused)
@@ -39,10 +38,12 @@ def check_counts(counts: dict[str, int]) -> None:
 def check_sample_args(model: DiffusionModel, spec: SamplingSpec, seeds: Sequence[int],
                       prompts: Sequence[str] | None = None,
                       shape: Sequence[int] | None = None, batch_size: int | None = None,
-                      condition: torch.Tensor | None = None, labels: torch.Tensor | None = None) -> SamplingSpec:
+                      condition: torch.Tensor | None = None, labels: torch.Tensor | None = None,
+                      items: int | None = None) -> SamplingSpec:
     """The spec checked for this model (``SamplingSpec.checked``), or one clear line for any argument
     ``sample`` cannot use, before any work is done. ``generate`` and ``meddiff generate`` call it once for
-    the whole run (``batch_size``: the largest batch), so nothing bad is found half-way."""
+    the whole run (``batch_size``: the largest batch; ``items``: how many are sampled in all, when ``seeds`` holds
+    only the first and last of the run's seeds), so nothing bad is found half-way."""
     spec = check_conditioning(model, spec, seeds, prompts)
     extra = model.config.unet.concat_channels
     if extra and condition is None:
@@ -66,7 +67,8 @@ def check_sample_args(model: DiffusionModel, spec: SamplingSpec, seeds: Sequence
         if labels.min() < 0 or largest >= 2 ** controlnet.conditioning_channels:
             raise MeddiffError(f"label values must be 0 to {2 ** controlnet.conditioning_channels - 1} for this "
                                f"model, not {int(labels.min())} to {largest}")
-    batch = min(batch_size or len(seeds), len(seeds)) * (2 if spec.guided else 1)
+    items = items or len(seeds)
+    batch = min(batch_size or items, items) * (2 if spec.guided else 1)
     check_shape(model, shape, batch)
     if condition is not None:
         expected = (len(seeds), extra, *(shape or model.config.image.shape))
@@ -118,48 +120,25 @@ def check_shape(model: DiffusionModel, shape: Sequence[int] | None, batch: int) 
 
 
 def model_function(model: DiffusionModel, spec: SamplingSpec, items: int, prompts: Sequence[str] | None = None,
-                   condition: torch.Tensor | None = None, control: torch.Tensor | None = None) -> ModelFunction:
-    """The UNet with this sample's conditioning bound and, for ``spec.guided``, classifier-free guidance.
+                   condition: torch.Tensor | None = None, labels: torch.Tensor | None = None) -> ModelFunction:
+    """The model's network with this sample's conditioning bound and, for ``spec.guided``, classifier-free guidance.
 
     ``prompts``: one per item, or one for all items; ``guidance_scale`` 0 is the unconditional model alone.
-    ``control``: a ControlNet model's condition (encoded label maps), one per item or one for all.
+    ``labels``: a label-map model's maps, one per item or one for all (bound into the network by the model).
     """
     device = model.device
-    labels = None if spec.class_label is None else torch.full((items,), spec.class_label, device=device)
-    controlnet = {"inputs": unet_inputs(model, items)}
-    if control is not None:
-        controlnet.update(controlnet=model.controlnet, control_scale=model.config.controlnet.conditioning_scale)
+    classes = None if spec.class_label is None else torch.full((items,), spec.class_label, device=device)
     if model.config.text_encoder is None:
-        return unet_function(model.unet, labels, None, condition, control=control, **controlnet)
+        return unet_function(model.conditioned_unet(items, labels), classes, None, condition)
     if spec.guidance_scale == 0.0:  # uncond + 0 * (cond - uncond): the unconditional half alone
         prompts = [spec.negative_prompt] * len(prompts)
     context = model.text_encoder.context(list(prompts)).to(device)
     if not spec.guided:
-        return unet_function(model.unet, labels, context, condition, control=control, **controlnet)
+        return unet_function(model.conditioned_unet(items, labels), classes, context, condition)
     negative = model.text_encoder.context([spec.negative_prompt] * len(prompts)).to(device)
-
-    def twice(rows: torch.Tensor | None) -> torch.Tensor | None:
-        return None if rows is None else torch.cat([rows, rows])
-
-    controlnet["inputs"] = {name: twice(value) for name, value in controlnet["inputs"].items()}
-    both = unet_function(model.unet, twice(labels), torch.cat([negative, context]), twice(condition),
-                         control=twice(control), **controlnet)
+    both = unet_function(model.conditioned_unet(items, labels, guided=True), doubled(classes),
+                         torch.cat([negative, context]), doubled(condition))
     return classifier_free_guidance(both, spec.guidance_scale)
-
-
-def unet_inputs(model: DiffusionModel, items: int) -> dict[str, torch.Tensor]:
-    """A MAISI UNet's further inputs, one row per item: the body region (one-hot, top and bottom) and the voxel
-    spacing in mm, each times 100 as MAISI feeds them; {} for any other UNet."""
-    config, device = model.config, model.device
-    inputs = {}
-    if config.unet.include_region_inputs:
-        for name, value in (("top_region_index_tensor", config.region.top),
-                            ("bottom_region_index_tensor", config.region.bottom)):
-            inputs[name] = torch.tensor([value], dtype=torch.float32, device=device).expand(items, -1) * 1e2
-    if config.unet.include_spacing_input:
-        spacing = torch.tensor([config.image.spacing], dtype=torch.float32, device=device)
-        inputs["spacing_tensor"] = spacing.expand(items, -1) * 1e2
-    return inputs
 
 
 def initial_noise(model: DiffusionModel, seeds: Sequence[int],
@@ -182,10 +161,8 @@ def sample(model: DiffusionModel, spec: SamplingSpec, seeds: Sequence[int], prom
     sampler.set_timesteps(spec.steps)  # timesteps stay on the CPU: indexing schedule tables never syncs a GPU
     x, generators = initial_noise(model, seeds, model.config.sample_shape(shape))
     condition = None if condition is None else condition.to(model.device)
-    control = None if labels is None else label_bits(labels.to(model.device),
-                                                     model.config.controlnet.conditioning_channels)
-    x = sample_loop(model_function(model, spec, len(seeds), prompts, condition, control),
-                    x * sampler.init_noise_sigma, sampler, generator=generators)
+    x = sample_loop(model_function(model, spec, len(seeds), prompts, condition, labels), x, sampler,
+                    generator=generators)
     autoencoder = model.config.autoencoder
     if autoencoder is None:
         return x

@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from meddiff.data.masks import inpaint_condition
 from meddiff.data.transforms import from_model_range, to_model_range
-from meddiff.diffusion.repaint import SAMPLERS, RePaint
+from meddiff.diffusion.repaint import RESAMPLABLE, RePaint
 from meddiff.diffusion.sampling import concatenated, sample_loop
 from meddiff.diffusion.tiling import pad_to, tiled_function
 from meddiff.errors import MeddiffError
@@ -45,9 +45,9 @@ class InpaintSpec(SamplingSpec):
         spec = super().checked(config)
         if config.task == "inpaint":
             return spec
-        if self.scheduler not in SAMPLERS:
+        if self.scheduler not in RESAMPLABLE:
             raise MeddiffError(f"RePaint steps back in time, which multistep samplers cannot: use --scheduler "
-                               f"{' or '.join(SAMPLERS)}, not {self.scheduler}")
+                               f"{' or '.join(RESAMPLABLE)}, not {self.scheduler}")
         if self.resample < 1 or self.jump < 1:
             raise MeddiffError(f"--resample and --jump must be at least 1, not {self.resample} and {self.jump}")
         return spec
@@ -230,10 +230,10 @@ def _fill(model: DiffusionModel, spec: InpaintSpec, known: torch.Tensor, keep: t
         return x
 
     if condition is not None:
-        x = sample_loop(function, noise * sampler.init_noise_sigma, sampler, generator=generators, hooks=[progress])
+        x = sample_loop(function, noise, sampler, generator=generators, hooks=[progress])
     else:
         repaint = RePaint(x0, kept, sampler, spec.jump, spec.resample, generators)
-        x = sample_loop(function, noise * sampler.init_noise_sigma, sampler, repaint.timesteps, generators,
+        x = sample_loop(function, noise, sampler, repaint.timesteps, generators,
                         [repaint, progress])
     x = x[(slice(None), slice(None), *[slice(0, n) for n in resized])].float().cpu()
     if resized != spatial:

@@ -4,8 +4,9 @@ item's provenance, and back out of a folder's records to decide whether a rerun 
 from __future__ import annotations
 
 import math
+from typing import ClassVar
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, model_validator
 
 from meddiff.errors import MeddiffError
 from meddiff.model import ModelConfig
@@ -74,3 +75,67 @@ def spec_from(cls: type[SamplingSpec] = SamplingSpec, **fields) -> SamplingSpec:
     except ValidationError as exc:
         error = exc.errors()[0]
         raise MeddiffError(f"{'.'.join(map(str, error['loc']))}: {error['msg']}") from None
+
+
+class DenoiseSpec(BaseModel):
+    """How to denoise, as one frozen object: it travels from the CLI to the loop, into the DICOM description of a
+    derived series, and is checked once (``checked``).
+
+    ``noise_sigma`` (image units; None: estimated from the image) times ``strength`` (None: the model's calibrated
+    ``denoise_strength``) is the noise the model removes; ``steps`` 1 is the posterior-mean estimate, more runs the
+    reverse process and averages ``samples`` runs from ``seed``; ``rician_correction`` removes magnitude MR's noise
+    floor; ``tile`` (None: the model's ``denoise_tile``, else its training shape) is what the network sees at once.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    steps: int = 1
+    samples: int = 1
+    strength: float | None = None
+    seed: int = 0
+    noise_sigma: float | None = None
+    rician_correction: bool = True
+    tile: tuple[int, ...] | None = None
+
+    MAX_STRENGTH: ClassVar[float] = 2.0  # beyond twice the noise sigma the estimate removes anatomy, not noise
+    MAX_STEPS: ClassVar[int] = 1000
+    MAX_SAMPLES: ClassVar[int] = 64  # more adds time, not a better estimate
+
+    @model_validator(mode="after")
+    def _in_range(self) -> DenoiseSpec:
+        """Every range that does not depend on the model, checked as the spec is made (before any work)."""
+        if not 1 <= self.steps <= self.MAX_STEPS or not 1 <= self.samples <= self.MAX_SAMPLES:
+            raise MeddiffError(f"--steps must be 1 to {self.MAX_STEPS} and --samples 1 to {self.MAX_SAMPLES}, not "
+                               f"{self.steps} and {self.samples} — --steps 1 gives the posterior-mean estimate")
+        if self.noise_sigma is not None and not (math.isfinite(self.noise_sigma) and self.noise_sigma > 0):
+            raise MeddiffError(f"the noise sigma must be a positive number in image units, not {self.noise_sigma} "
+                               "— give the noise level's standard deviation, or let it be estimated")
+        if self.strength is not None:
+            _check_strength(self.strength)
+        if not 0 <= self.seed < 2**32:
+            raise MeddiffError(f"--seed must be a whole number from 0 to {2**32 - 1}, not {self.seed}")
+        return self
+
+    def checked(self, config: ModelConfig) -> DenoiseSpec:
+        """This spec with the model's defaults filled in (its strength and tile), or one clear line when they do
+        not fit."""
+        strength = config.denoise_strength if self.strength is None else self.strength
+        _check_strength(strength)
+        tile = self.tile or config.denoise_tile or config.image.shape
+        if len(tile) != config.unet.spatial_dims or any(side < 1 or side % config.unet.size_multiple for side in tile):
+            raise MeddiffError(f"the tile {list(tile)} does not fit this {config.unet.spatial_dims}D model: give "
+                               f"{config.unet.spatial_dims} sizes, each a multiple of {config.unet.size_multiple}")
+        return self.model_copy(update={"strength": float(strength), "tile": tuple(int(side) for side in tile)})
+
+    def description(self) -> str:
+        """The settings in words, for a derived series' DerivationDescription."""
+        sigma = "estimated" if self.noise_sigma is None else f"{self.noise_sigma:g}"
+        return (f"steps {self.steps}, samples {self.samples}, seed {self.seed}, noise sigma {sigma}, strength "
+                f"{self.strength if self.strength is not None else 'the model default'}, Rician correction "
+                f"{'on' if self.rician_correction else 'off'}")
+
+
+def _check_strength(strength: float) -> None:
+    if not (math.isfinite(strength) and 0 < strength <= DenoiseSpec.MAX_STRENGTH):
+        raise MeddiffError(f"--strength must be a number in (0, {DenoiseSpec.MAX_STRENGTH:g}], not {strength} — 1 "
+                           "removes the whole noise sigma; or leave it out for the model's own value")
