@@ -105,7 +105,15 @@ def remove_temporaries(folder: str | os.PathLike) -> list[Path]:
 
 @contextlib.contextmanager
 def folder_lock(folder: str | os.PathLike, what: str) -> Iterator[Path]:
-    """Hold ``folder``'s lock for the block, or refuse at once if another process holds it.
+    """Hold ``folder``'s lock for the block, or refuse at once if another process holds it."""
+    path = Path(folder) / LOCK_NAME
+    with exclusive(path, f"{folder} is in use by another {what} — wait for it to finish, or choose another folder"):
+        yield path
+
+
+@contextlib.contextmanager
+def exclusive(lock_file: Path, refusal: str) -> Iterator[None]:
+    """Hold the lock on ``lock_file`` for the block, or raise ``refusal`` at once if another process holds it.
 
     ``filelock`` keeps its lock file on release (waiters share its inode). This helper removes the
     file at the end of the block, while still holding the lock, so no hidden file stays behind;
@@ -115,21 +123,19 @@ def folder_lock(folder: str | os.PathLike, what: str) -> Iterator[Path]:
     """
     from filelock import FileLock, Timeout
 
-    path = Path(folder) / LOCK_NAME
     held: list[os.stat_result] = []
-    lock = FileLock(path, timeout=0, on_acquired=lambda fd: held.append(os.fstat(fd)))
+    lock = FileLock(lock_file, timeout=0, on_acquired=lambda fd: held.append(os.fstat(fd)))
     try:
         lock.acquire()
     except Timeout:
-        raise MeddiffError(f"{folder} is in use by another {what} — wait for it to finish, "
-                           "or choose another folder") from None
+        raise MeddiffError(refusal) from None
     try:
-        yield path
+        yield
     finally:
         try:
             with contextlib.suppress(OSError):
-                if held and os.path.samestat(os.lstat(path), held[-1]):
-                    path.unlink()
+                if held and os.path.samestat(os.lstat(lock_file), held[-1]):
+                    lock_file.unlink()
         finally:
             lock.release()
 

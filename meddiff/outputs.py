@@ -28,7 +28,7 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 from meddiff.errors import MeddiffError
-from meddiff.files import TEMP_MARK, UMASK, atomic_path, is_temporary
+from meddiff.files import TEMP_MARK, UMASK, atomic_path, exclusive, is_temporary
 
 SERIES_RECORD = ".meddiff-series.json"  # in every series folder meddiff writes: its files and SeriesInstanceUID
 LOCK_SUFFIX = ".meddiff-lock"  # beside an output: .NAME.meddiff-lock
@@ -86,8 +86,6 @@ def output_lock(output: str | os.PathLike) -> Iterator[None]:
     holder leaves the file but not the lock (the kernel drops flock locks with the process). Folders made to hold
     the lock are removed again when they are still empty at the end.
     """
-    from filelock import FileLock, Timeout
-
     path = _real(output)
     lock_file = path.parent / f".{path.name}{LOCK_SUFFIX}"
     key = str(lock_file)
@@ -100,27 +98,18 @@ def output_lock(output: str | os.PathLike) -> Iterator[None]:
         return
     made = [folder for folder in path.parents if not folder.exists()]  # removed again if still empty at the end
     path.parent.mkdir(parents=True, exist_ok=True)
-    held: list[os.stat_result] = []
-    lock = FileLock(lock_file, timeout=0, on_acquired=lambda fd: held.append(os.fstat(fd)))
     try:
-        lock.acquire()
-    except Timeout:
-        raise MeddiffError(f"{output} is being written by another meddiff run — wait for it to finish, "
-                           "or choose another output") from None
-    _HELD[key] = 1
-    try:
-        yield
+        with exclusive(lock_file, f"{output} is being written by another meddiff run — wait for it to finish, "
+                                  "or choose another output"):
+            _HELD[key] = 1
+            try:
+                yield
+            finally:
+                del _HELD[key]
     finally:
-        del _HELD[key]
-        try:
-            with contextlib.suppress(OSError):  # removed while still held, as files.folder_lock does
-                if held and os.path.samestat(os.lstat(lock_file), held[-1]):
-                    lock_file.unlink()
-        finally:
-            lock.release()
-            for folder in made:  # innermost first: a refused or failed run leaves no new empty folders
-                with contextlib.suppress(OSError):
-                    folder.rmdir()
+        for folder in made:  # innermost first: a refused or failed run leaves no new empty folders
+            with contextlib.suppress(OSError):
+                folder.rmdir()
 
 
 def _record(folder: Path) -> dict:

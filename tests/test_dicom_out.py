@@ -3,11 +3,9 @@ series in the source's study, and a real PACS (Orthanc) round trip over DICOM ne
 
 from __future__ import annotations
 
-import json
 import shutil
 import socket
 import subprocess
-import time
 from pathlib import Path
 
 import numpy as np
@@ -171,41 +169,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def orthanc(tmp_path_factory):
-    """A local Orthanc PACS with a temporary storage folder: (AE title, host, DICOM port)."""
-    if ORTHANC is None:
-        pytest.skip("Orthanc is not installed (Debian package orthanc; .ci/run installs it)")
-    from pynetdicom import AE
-    from pynetdicom.sop_class import Verification
-
-    root = tmp_path_factory.mktemp("orthanc")
-    port = free_port()
-    config = {"Name": "meddiff-test", "StorageDirectory": str(root / "db"), "IndexDirectory": str(root / "db"),
-              "DicomAet": "ORTHANC", "DicomPort": port, "HttpPort": free_port(), "HttpServerEnabled": False,
-              "RemoteAccessAllowed": False, "AuthenticationEnabled": False, "DicomCheckCalledAet": False,
-              "DicomAlwaysAllowEcho": True, "DicomAlwaysAllowStore": True, "DicomAlwaysAllowFind": True,
-              "DicomAlwaysAllowGet": True, "DicomCheckModalityHost": False, "Plugins": []}
-    (root / "orthanc.json").write_text(json.dumps(config))
-    log = (root / "orthanc.log").open("w")
-    process = subprocess.Popen([ORTHANC, str(root / "orthanc.json")], stdout=log, stderr=subprocess.STDOUT)
-    ae = AE("MEDDIFF")
-    ae.add_requested_context(Verification)
-    for _ in range(100):
-        association = ae.associate("127.0.0.1", port, ae_title="ORTHANC")
-        if association.is_established:
-            association.release()
-            break
-        time.sleep(0.2)
-    else:
-        process.kill()
-        pytest.fail(f"Orthanc did not answer: {(root / 'orthanc.log').read_text()[-2000:]}")
-    yield "ORTHANC", "127.0.0.1", port
-    process.terminate()
-    process.wait(timeout=30)
-    log.close()
 
 
 def find_and_get(orthanc, study_uid: str) -> tuple[list[Dataset], list[Dataset]]:

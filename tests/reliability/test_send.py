@@ -9,10 +9,8 @@ binary is installed, a real local PACS (found again with C-FIND).
 
 from __future__ import annotations
 
-import json
 import shutil
 import socket
-import subprocess
 import threading
 import time
 from pathlib import Path
@@ -235,41 +233,6 @@ def test_bad_folders_and_files_are_refused_by_name(series, tmp_path, no_network)
     nifti.write_bytes(b"\x1f\x8b not DICOM either")
     assert_clean_error(run_meddiff("send", nifti, destination), f"{nifti} is not DICOM")
     before.assert_unchanged(allowed=("scan.nii.gz",))
-
-
-@pytest.fixture(scope="module")
-def orthanc(tmp_path_factory):
-    """A local Orthanc PACS with a temporary storage folder: (AE title, host, DICOM port)."""
-    if ORTHANC is None:
-        pytest.skip("Orthanc is not installed (Debian package orthanc; .ci/run installs it)")
-    from pynetdicom import AE
-    from pynetdicom.sop_class import Verification
-
-    root = tmp_path_factory.mktemp("orthanc")
-    port = free_port()
-    config = {"Name": "meddiff-send", "StorageDirectory": str(root / "db"), "IndexDirectory": str(root / "db"),
-              "DicomAet": "ORTHANC", "DicomPort": port, "HttpPort": free_port(), "HttpServerEnabled": False,
-              "RemoteAccessAllowed": False, "AuthenticationEnabled": False, "DicomCheckCalledAet": False,
-              "DicomAlwaysAllowEcho": True, "DicomAlwaysAllowStore": True, "DicomAlwaysAllowFind": True,
-              "DicomCheckModalityHost": False, "Plugins": []}
-    (root / "orthanc.json").write_text(json.dumps(config))
-    log = (root / "orthanc.log").open("w")
-    process = subprocess.Popen([ORTHANC, str(root / "orthanc.json")], stdout=log, stderr=subprocess.STDOUT)
-    ae = AE("MEDDIFF")
-    ae.add_requested_context(Verification)
-    for _ in range(100):
-        association = ae.associate("127.0.0.1", port, ae_title="ORTHANC")
-        if association.is_established:
-            association.release()
-            break
-        time.sleep(0.2)
-    else:
-        process.kill()
-        pytest.fail(f"Orthanc did not answer: {(root / 'orthanc.log').read_text()[-2000:]}")
-    yield "ORTHANC", "127.0.0.1", port
-    process.terminate()
-    process.wait(timeout=30)
-    log.close()
 
 
 def find_instances(orthanc, study_uid: str) -> set[str]:
