@@ -76,7 +76,7 @@ def test_sampling_equals_the_diffusers_pipeline_loop(scheduler, prediction):
     pipe = tiny_pipeline(prediction)
     seeds = [3, 7]
     ours = pipe.sample(seeds, steps=8, scheduler=scheduler)
-    reference = DDPMPipeline(unet=DiffusersInterface(pipe.unet), scheduler=pipe.schedule.sampler(scheduler))
+    reference = DDPMPipeline(unet=DiffusersInterface(pipe.unet), scheduler=pipe.schedule.scheduler(scheduler))
     reference.set_progress_bar_config(disable=True)
     outputs = []  # diffusers' loop ends in (x / 2 + 0.5).clamp(0, 1): record each step's x before that
     step = reference.scheduler.step
@@ -110,7 +110,7 @@ def test_sampling_equals_monai_diffusion_inferer(scheduler, monai_scheduler, pre
     monai = monai_scheduler(num_train_timesteps=train_steps, schedule="linear_beta", clip_sample=False,
                             prediction_type=MONAI_PREDICTION[prediction])
     monai.set_timesteps(steps)
-    sampler = pipe.schedule.sampler(scheduler)
+    sampler = pipe.schedule.scheduler(scheduler)
     sampler.set_timesteps(steps)
     # MONAI's DDIM spaces timesteps by linspace, diffusers' by "leading": use ours
     monai.timesteps = sampler.timesteps.clone()
@@ -124,7 +124,7 @@ def test_sampling_equals_monai_diffusion_inferer(scheduler, monai_scheduler, pre
 
 # diffusers' schedulers as diffusers configures them (defaults: 1000 timesteps, linear betas 1e-4 .. 0.02), built
 # here rather than by meddiff's table so that the table's translation is tested too
-DIFFUSERS_SAMPLERS = {
+DIFFUSERS_SCHEDULERS = {
     "euler": (EulerDiscreteScheduler, {}),
     "unipc": (UniPCMultistepScheduler, {}),
     "pndm": (PNDMScheduler, {"skip_prk_steps": True}),  # PLMS alone, as Stable Diffusion configures it
@@ -157,7 +157,7 @@ def test_sampling_equals_the_diffusers_documented_loop(scheduler, prediction):
     pipe = tiny_pipeline(prediction)
     seeds, steps = [3, 7], 8
     ours = generate.sample(pipe.model, SamplingSpec(scheduler=scheduler, steps=steps), seeds)
-    cls, extra = DIFFUSERS_SAMPLERS[scheduler]
+    cls, extra = DIFFUSERS_SCHEDULERS[scheduler]
     reference = cls(prediction_type=MONAI_PREDICTION[prediction], **extra)
     noise, generators = generate.initial_noise(pipe.model, seeds, (SIZE, SIZE))
     with torch.inference_mode():

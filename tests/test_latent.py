@@ -70,7 +70,7 @@ def test_schedule_kind_decides_the_samplers():
     with pytest.raises(MeddiffError, match="rectified flow: sample it with --scheduler rflow"):
         DiffusionPipeline(model).sample([0], steps=2, scheduler="ddim")
     with pytest.raises(MeddiffError, match="rflow samples rectified-flow models only"):
-        NoiseSchedule().check_sampler("rflow")
+        NoiseSchedule().check_scheduler("rflow")
     with pytest.raises(MeddiffError, match="prediction must be v"):
         NoiseSchedule(kind="rflow")
     with pytest.raises(MeddiffError, match="rflow model"):

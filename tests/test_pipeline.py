@@ -14,7 +14,7 @@ import torch
 from meddiff import MeddiffError, load_image
 from meddiff.cli.main import main
 from meddiff.data.manifest import Manifest
-from meddiff.diffusion.schedulers import SAMPLERS, NoiseSchedule
+from meddiff.diffusion.schedulers import SCHEDULERS, NoiseSchedule
 from meddiff.pipelines import DiffusionPipeline, load_pipeline
 from meddiff.training import DiffusionModule
 
@@ -45,7 +45,8 @@ MODEL_KINDS = [(2, "v", "cosine"), (3, "eps", "linear"), (2, "x0", "scaled_linea
 
 @pytest.mark.parametrize(
     ("spatial_dims", "prediction", "schedule", "scheduler"),
-    [(*kind, s) for kind in MODEL_KINDS for s in SAMPLERS if not (kind[1] == "x0" and s == "pndm")],  # see the x0 test
+    # pndm takes no x0 model: see the x0 test
+    [(*kind, s) for kind in MODEL_KINDS for s in SCHEDULERS if not (kind[1] == "x0" and s == "pndm")],
 )
 def test_every_scheduler_gives_finite_output(spatial_dims, prediction, schedule, scheduler):
     pipeline = tiny_pipeline(spatial_dims, prediction=prediction, beta_schedule=schedule)
@@ -79,7 +80,7 @@ def test_bad_model_folders_and_names(tmp_path):
     with pytest.raises(MeddiffError, match="not a meddiff model folder"):
         load_pipeline(tmp_path)
     with pytest.raises(MeddiffError, match="unknown scheduler"):
-        NoiseSchedule().sampler("magic")
+        NoiseSchedule().scheduler("magic")
     with pytest.raises(MeddiffError, match="prediction"):
         NoiseSchedule(prediction="noise")
 

@@ -1,6 +1,6 @@
-"""Noise schedules and samplers by name: diffusers' scheduler zoo and MONAI's rectified flow.
+"""Noise schedules and schedulers by name: diffusers' scheduler zoo and MONAI's rectified flow.
 
-Training and every sampler share one ``NoiseSchedule``. Its ``kind`` "ddpm" (timesteps, beta schedule,
+Training and every scheduler share one ``NoiseSchedule``. Its ``kind`` "ddpm" (timesteps, beta schedule,
 prediction type) is sampled with DDPM, DDIM, DPM-Solver++, Euler, UniPC or PNDM; its ``kind`` "rflow"
 (rectified flow, Liu et al. 2023, as MAISI v2 uses it) trains a velocity ``x0 - noise`` on the straight line
 from the image to the noise and is sampled with MONAI's ``RFlowScheduler`` (Euler steps along that line).
@@ -31,7 +31,7 @@ PREDICTION_TYPES = {"eps": "epsilon", "v": "v_prediction", "x0": "sample"}
 
 # diffusers' default timestep spacings. "trailing" (start sampling at the last training timestep)
 # was measured worse for DDIM-50 on the benchmark model (BENCHMARKS.md), so it is not forced here.
-SAMPLERS = {
+SCHEDULERS = {
     "ddpm": (DDPMScheduler, {}),
     "ddim": (DDIMScheduler, {}),
     "dpm++2m": (DPMSolverMultistepScheduler, {"algorithm_type": "dpmsolver++", "solver_order": 2}),
@@ -42,7 +42,7 @@ SAMPLERS = {
 # Samplers that cannot use a model predicting x0 directly.
 NO_X0 = {"pndm"}
 SCHEDULE_KINDS = ("ddpm", "rflow")
-RFLOW_SAMPLER = "rflow"
+RFLOW_SCHEDULER = "rflow"
 RFLOW_TIMESTEP_SAMPLING = ("uniform", "logit-normal")
 
 
@@ -75,8 +75,8 @@ class NoiseSchedule:
             raise MeddiffError(f"prediction must be one of {list(PREDICTION_TYPES)}, not {self.prediction!r}")
 
     @property
-    def default_sampler(self) -> str:
-        return RFLOW_SAMPLER if self.kind == "rflow" else "ddim"
+    def default_scheduler(self) -> str:
+        return RFLOW_SCHEDULER if self.kind == "rflow" else "ddim"
 
     def draw_timesteps(self, n: int, generator: torch.Generator, device: torch.device | str,
                        below: int | None = None) -> torch.Tensor:
@@ -113,29 +113,29 @@ class NoiseSchedule:
         """The DDPM schedule whose ``alphas_cumprod`` the training loss (``diffusion.objective``) and denoising use."""
         return DDPMScheduler(**self.diffusers_config(), clip_sample=False)
 
-    def sampler(self, name: str) -> SchedulerMixin | RectifiedFlowSampler:
-        """A fresh sampler by name (see ``SAMPLERS``) matching this schedule."""
-        self.check_sampler(name)
+    def scheduler(self, name: str) -> SchedulerMixin | RectifiedFlowScheduler:
+        """A fresh scheduler by name (``SCHEDULERS``; ``--scheduler`` on the command line) for this schedule."""
+        self.check_scheduler(name)
         if self.kind == "rflow":
-            return RectifiedFlowSampler(self.num_train_timesteps)
-        cls, extra = SAMPLERS[name]
+            return RectifiedFlowScheduler(self.num_train_timesteps)
+        cls, extra = SCHEDULERS[name]
         config = self.diffusers_config()
         if cls in (DDPMScheduler, DDIMScheduler):
             config["clip_sample"] = False  # medical intensities may exceed [-1, 1] after normalisation
         return cls(**config, **extra)
 
-    def check_sampler(self, name: str) -> None:
-        """Refuse an unknown sampler name, or one this schedule's prediction type cannot use."""
+    def check_scheduler(self, name: str) -> None:
+        """Refuse an unknown scheduler name, or one this schedule's prediction type cannot use."""
         if self.kind == "rflow":
-            if name != RFLOW_SAMPLER:
+            if name != RFLOW_SCHEDULER:
                 raise MeddiffError(f"this model was trained with rectified flow: sample it with --scheduler "
-                                   f"{RFLOW_SAMPLER}, not {name!r}")
+                                   f"{RFLOW_SCHEDULER}, not {name!r}")
             return
-        if name == RFLOW_SAMPLER:
+        if name == RFLOW_SCHEDULER:
             raise MeddiffError("scheduler rflow samples rectified-flow models only; this one is a DDPM-family model "
-                               f"— choose one of {', '.join(SAMPLERS)}")
-        if name not in SAMPLERS:
-            raise MeddiffError(f"unknown scheduler {name!r} — choose one of {', '.join(SAMPLERS)}")
+                               f"— choose one of {', '.join(SCHEDULERS)}")
+        if name not in SCHEDULERS:
+            raise MeddiffError(f"unknown scheduler {name!r} — choose one of {', '.join(SCHEDULERS)}")
         if self.prediction == "x0" and name in NO_X0:
             raise MeddiffError(f"scheduler {name!r} does not support x0-prediction models "
                                "— choose ddim, dpm++2m or another")
@@ -146,7 +146,7 @@ def _alphas_cumprod(schedule: NoiseSchedule) -> torch.Tensor:
     return schedule.training_scheduler().alphas_cumprod
 
 
-class RectifiedFlowSampler:
+class RectifiedFlowScheduler:
     """MONAI's ``RFlowScheduler`` behind the interface ``sample_loop`` drives (diffusers': ``set_timesteps``,
     ``timesteps``, ``scale_model_input``, ``step(...).prev_sample``), so one loop samples both families.
     The adapter is ours because MONAI's ``step`` needs the next timestep and returns a tuple."""

@@ -157,7 +157,7 @@ def sample(model: DiffusionModel, spec: SamplingSpec, seeds: Sequence[int], prom
     decodes them. ``condition``: the concatenated input channels of a concat-conditioned model, in model units;
     ``labels``: a ControlNet model's integer label maps (1 or len(seeds), 1, *shape) on the sample's grid."""
     spec = check_sample_args(model, spec, seeds, prompts, shape, condition=condition, labels=labels)
-    sampler = model.schedule.sampler(spec.scheduler)
+    sampler = model.schedule.scheduler(spec.scheduler)
     sampler.set_timesteps(spec.steps)  # timesteps stay on the CPU: indexing schedule tables never syncs a GPU
     x, generators = initial_noise(model, seeds, model.config.sample_shape(shape))
     condition = None if condition is None else condition.to(model.device)

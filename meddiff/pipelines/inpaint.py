@@ -219,7 +219,7 @@ def _fill(model: DiffusionModel, spec: InpaintSpec, known: torch.Tensor, keep: t
         function = tiled_function(function, config.image.shape, multiple, batch_size)
     if condition is not None:  # outside the tiles, so each tile carries its part of the condition
         function = concatenated(function, condition)
-    sampler = model.schedule.sampler(spec.scheduler)
+    sampler = model.schedule.scheduler(spec.scheduler)
     if condition is not None:  # the first step at the last timestep, pure noise: few steps start where training
         sampler.register_to_config(timestep_spacing="trailing")  # did (Lin et al. 2024); 1 step: the x0 estimate
     sampler.set_timesteps(spec.steps)

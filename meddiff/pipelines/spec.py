@@ -37,8 +37,8 @@ class SamplingSpec(BaseModel):
         if isinstance(self.steps, bool) or not 1 <= self.steps <= train_steps:
             raise MeddiffError(f"--steps must be a whole number from 1 to {train_steps} "
                                f"(the model's training timesteps), not {self.steps}")
-        spec = self if self.scheduler else self.model_copy(update={"scheduler": config.schedule.default_sampler})
-        config.schedule.check_sampler(spec.scheduler)  # unknown names and unsupported combinations fail here
+        spec = self if self.scheduler else self.model_copy(update={"scheduler": config.schedule.default_scheduler})
+        config.schedule.check_scheduler(spec.scheduler)  # unknown names and unsupported combinations fail here
         classes = config.unet.num_class_embeds
         if classes and spec.class_label is None:
             raise MeddiffError(f"this model is class-conditioned: give a class label from 0 to {classes - 1} "
