@@ -19,7 +19,8 @@ from meddiff.io import SYNTHETIC_FORMATS
 
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser("generate", help="generate synthetic images and a manifest (resumable)")
-    p.add_argument("--model", required=True, help="model folder (meddiff export output)")
+    p.add_argument("--model", required=True,
+                   help="bundled model name (mri-t1-2d, ct-chest-2d, ...) or model folder (meddiff export output)")
     p.add_argument("-n", type=int, help="number of images (default with --prompts: one per prompt)")
     p.add_argument("-o", "--output", required=True, metavar="OUTDIR")
     p.add_argument("--steps", type=int, default=50)
