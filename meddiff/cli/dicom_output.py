@@ -143,6 +143,10 @@ def write(result, out: Path, args, source: str | Path, task: str, description: s
     if getattr(args, "send", None):
         from meddiff.io.dicom_net import send_written
 
-        stored = send_written(out, args.send, args.timeout)
+        try:
+            stored = send_written(out, args.send, args.timeout)
+        except KeyboardInterrupt:  # the output is complete: say how to send it without computing it again
+            args.resume_hint = f"{out} is complete; send it with 'meddiff send {out} {args.send}'"
+            raise
         print(f"sent {stored} DICOM files to {args.send}")
     return out

@@ -271,3 +271,17 @@ def test_a_written_series_is_sent_again_to_a_pacs(orthanc, tmp_path):
         assert result.out.strip() == f"sent {len(files)} DICOM files to {destination}"
         assert written <= find_instances(orthanc, study)
     before.assert_unchanged()
+
+
+def test_ctrl_c_while_sending_names_the_complete_output_and_the_send_command(workdir, monkeypatch):
+    import meddiff.io.dicom_net as dicom_net
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(dicom_net, "send_written", interrupted)
+    out = workdir / "denoised"
+    result = run_meddiff("denoise", "-i", get_testdata_file("MR_small.dcm"), "-o", out, "--format", "dcm",
+                         "--send", "ORTHANC@127.0.0.1:4242")
+    assert_clean_error(result, f"{out} is complete", f"meddiff send {out} ORTHANC@127.0.0.1:4242", code=130)
+    assert len(list(out.glob("*.dcm"))) == 1
