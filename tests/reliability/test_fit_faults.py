@@ -63,7 +63,7 @@ def fit_config(manifest: Path | str, loggers: bool = True, root: str = "runs/t",
          "init_args": {"dirpath": f"{root}/checkpoints", "every_n_train_steps": 2, "save_last": True}}
     ]
     config["trainer"].update(trainer)
-    config["model"]["init_args"].update(image_shape=[16, 16], image_spacing=[1.0, 1.0])
+    config["model"]["init_args"]["image"].update(shape=[16, 16], spacing=[1.0, 1.0])
     config["data"]["init_args"].update(manifest=str(manifest), spacing=None, patch_size=[16, 16], slices_per_volume=2,
                                        batch_size=1)
     return config
@@ -234,7 +234,7 @@ def test_sample_grid_of_a_report_conditioned_model_uses_fixed_prompts(prompts, b
     manifest = write_volumes(tmp_path / "data", n=2, split="val", reports=val_reports, shape=(16, 16, 4))
     data = ManifestDataModule(str(manifest), spatial_dims=2, slices_per_volume=1, batch_size=2)
     torch.manual_seed(0)
-    module = DiffusionModule(spatial_dims=2, image_shape=(16, 16), text_encoder=f"hf:{bert_dir}", **TINY_UNET)
+    module = DiffusionModule.from_flat(spatial_dims=2, image_shape=(16, 16), text_encoder=f"hf:{bert_dir}", **TINY_UNET)
     grid = SampleGrid(every_n_steps=2, n=3, steps=2, **({"prompts": prompts} if prompts else {}))
     trainer = pl.Trainer(max_steps=2, accelerator="cpu", logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0, callbacks=[grid],
