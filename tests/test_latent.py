@@ -170,7 +170,7 @@ def test_an_autoencoder_folder_is_not_a_generator_and_a_mismatched_one_is_refuse
         DiffusionModule.from_flat(spatial_dims=2, autoencoder=str(latent_run / "autoencoder"), image_shape=[33, 33])
     with pytest.raises(MeddiffError, match="generates only"):
         DiffusionModule.from_flat(autoencoder=str(latent_run / "autoencoder"), task="inpaint", concat_channels=2,
-                        concat_key="inpaint_condition")
+                                  concat_key="inpaint_condition")
     config = smoke_config("ct_latent_2d.yaml", tmp_path, latent_run / "ct" / "manifest.jsonl")
     assert main(["fit", "--config", str(config), "--model.init_args.autoencoder", str(tmp_path / "none")]) == 2
 

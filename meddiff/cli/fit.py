@@ -430,6 +430,28 @@ def run(args) -> None:
                     and not str(ckpt_path).startswith("registry:")):
                 check_checkpoint(ckpt_path)  # before LightningCLI reads the checkpoint's hyperparameters
 
+        def _parse_ckpt_path(self) -> None:
+            """Lightning's own (a checkpoint to resume updates the model's config with its hyperparameters), with
+            the flat hyperparameters of an older meddiff's checkpoint nested first (``meddiff.training.migrate``)."""
+            import torch
+
+            from meddiff.training.migrate import nested_arguments
+
+            subcommand = self.config.get("subcommand")
+            ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
+            if not ckpt_path or not Path(ckpt_path).is_file():
+                return
+            hparams = torch.load(ckpt_path, weights_only=True, map_location="cpu").get("hyper_parameters", {})
+            hparams.pop("_instantiator", None)
+            if not hparams:
+                return
+            kind = MODULE_KINDS.get(str(hparams.get("_class_path", "")).rsplit(".", 1)[-1])
+            if kind is not None:
+                hparams = nested_arguments(hparams, kind)
+            if "_class_path" in hparams:
+                hparams = {"class_path": hparams.pop("_class_path"), "dict_kwargs": hparams}
+            self.config = self.parser.parse_object({subcommand: {"model": hparams}}, self.config)
+
         def before_instantiate_classes(self) -> None:
             check_model_folders(self.config["fit"], configs)  # before the model loads them
 

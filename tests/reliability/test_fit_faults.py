@@ -316,3 +316,22 @@ def test_killed_fit_then_resume_gives_the_weights_of_an_uninterrupted_run(every,
     state_a, state_b = a["optimizer_states"][0]["state"], b["optimizer_states"][0]["state"]
     for key in state_a:
         assert torch.equal(state_a[key]["exp_avg_sq"], state_b[key]["exp_avg_sq"]), key
+
+
+def test_resume_from_a_checkpoint_of_an_older_meddiff_with_flat_hyperparameters(tmp_path, monkeypatch):
+    """A checkpoint written before the arguments were nested holds flat hyperparameters: ``--ckpt_path`` migrates
+    them (``meddiff.training.migrate``) and training continues."""
+    from meddiff.training.migrate import FLAT_KEYS
+
+    monkeypatch.chdir(tmp_path)
+    manifest = write_volumes(tmp_path / "data")
+    write_config(tmp_path / "c.yaml", fit_config(manifest, loggers=False, max_steps=2))
+    assert run_meddiff("fit", "--config", "c.yaml", cwd=tmp_path).code == 0
+    checkpoint = torch.load(tmp_path / "runs" / "t" / "checkpoints" / "last.ckpt", weights_only=True)
+    nested = checkpoint["hyper_parameters"]
+    flat = {k: v for k, v in nested.items() if k not in ("unet", "schedule", "image", "conditioning")}
+    flat.update({old: nested[group][field] for old, (group, field) in FLAT_KEYS["diffusion"].items()})
+    torch.save({**checkpoint, "hyper_parameters": flat}, tmp_path / "old.ckpt")
+    result = run_meddiff("fit", "--config", "c.yaml", "--trainer.max_steps=3", "--ckpt_path", "old.ckpt", cwd=tmp_path)
+    assert result.code == 0, result.err[-2000:]
+    assert torch.load(tmp_path / "runs" / "t" / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 3
