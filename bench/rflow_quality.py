@@ -36,7 +36,7 @@ STEP_COUNTS = (5, 10, 20, 30, 50)
 def train(name: str, slices: torch.Tensor, window: dict, spacing: float, steps: int,
           batch_size: int) -> tuple[DiffusionModule, float]:
     pl.seed_everything(0)
-    module = DiffusionModule(
+    module = DiffusionModule.from_flat(
         spatial_dims=2, channels=(32, 64, 64), attention_levels=(False, False, False), num_res_blocks=1,
         num_head_channels=32, lr=2e-4, ema_decay=0.995, image_shape=tuple(slices.shape[2:]),
         image_spacing=(spacing, spacing), modality="MR", intensity_range=(window["low"], window["high"]),

@@ -93,8 +93,9 @@ def loop_overhead_ms_per_step(pipeline: DiffusionPipeline, batch: int, steps: in
 def benchmark_pipeline(device: str) -> DiffusionPipeline:
     """The benchmark-sized UNet (4M parameters, 96x112), freshly initialised."""
     torch.manual_seed(0)
-    module = DiffusionModule(channels=(32, 64, 128), attention_levels=(False, False, True), num_res_blocks=2,
-                             prediction="v", beta_schedule="cosine", image_shape=(96, 112), image_spacing=(2.0, 2.0))
+    module = DiffusionModule.from_flat(
+        channels=(32, 64, 128), attention_levels=(False, False, True), num_res_blocks=2,
+        prediction="v", beta_schedule="cosine", image_shape=(96, 112), image_spacing=(2.0, 2.0))
     pipeline = module.pipeline(ema=False)
     pipeline.unet.to(device).eval()
     return pipeline

@@ -55,7 +55,7 @@ def options() -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> None:
     arrays = coarser(dict(np.load(args.data)), 2)
     pl.seed_everything(args.seed)
-    module = DiffusionModule(
+    module = DiffusionModule.from_flat(
         spatial_dims=2, channels=(32, 64, 64), attention_levels=(False, False, False), num_res_blocks=1,
         num_head_channels=32, prediction="v", beta_schedule="cosine", lr=3e-4, ema_decay=0.995,
         image_shape=arrays["images"].shape[1:], image_spacing=(2.0, 2.0), modality="MR", intensity_range=MR_RANGE)

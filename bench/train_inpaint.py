@@ -109,7 +109,7 @@ def run(args: argparse.Namespace) -> None:
     spacing = tuple(args.downsample * s for s in ((1.4, 1.4) if ct else (1.0, 1.0)))
     pl.seed_everything(args.seed)
     torch.set_flush_denormal(True)  # tiny activations late in training are subnormal floats, slow on CPUs
-    module = DiffusionModule(
+    module = DiffusionModule.from_flat(
         spatial_dims=2, channels=(16, 32, 64, 64), attention_levels=(False,) * 4, num_res_blocks=1,
         norm_num_groups=8, num_head_channels=16,
         prediction="v", beta_schedule="cosine", lr=3e-4, ema_decay=0.995, image_shape=(args.crop, args.crop),

@@ -57,7 +57,7 @@ def run(args: argparse.Namespace) -> None:
     slices = torch.from_numpy(np.load(Path(args.data) / "slices.npy").astype(np.float32))
     window = json.loads((Path(args.data) / "intensity.json").read_text())
     pl.seed_everything(args.seed)
-    module = DiffusionModule(
+    module = DiffusionModule.from_flat(
         spatial_dims=2, channels=(32, 64, 128), attention_levels=(False, False, True), num_res_blocks=2,
         num_head_channels=32, prediction=args.prediction, beta_schedule=args.beta_schedule, lr=2e-4,
         ema_decay=args.ema_decay, image_shape=tuple(slices.shape[2:]), image_spacing=(2.0, 2.0), modality="MR",

@@ -44,7 +44,7 @@ class StepTimer(pl.Callback):
 
 def lightning_steps(batches: list[dict], steps: int) -> list[float]:
     torch.manual_seed(0)
-    module = DiffusionModule(**UNET, image_shape=tuple(batches[0]["image"].shape[2:]), lr=1e-4)
+    module = DiffusionModule.from_flat(**UNET, image_shape=tuple(batches[0]["image"].shape[2:]), lr=1e-4)
     timer = StepTimer()
     trainer = pl.Trainer(accelerator="cpu", max_steps=steps, logger=False, enable_checkpointing=False,
                          enable_progress_bar=False,

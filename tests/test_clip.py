@@ -70,8 +70,9 @@ def test_clip_trains_on_findings_and_its_text_tower_conditions_diffusion(tmp_pat
     )
     with pytest.raises(MeddiffError, match="does not fit clip.json"):
         ClipEncoder(mismatched)
-    diffusion = DiffusionModule(spatial_dims=2, channels=(16, 32), attention_levels=(False, True), num_head_channels=16,
-                                norm_num_groups=16, image_shape=(72, 72), text_encoder=str(tmp_path / "clip"))
+    diffusion = DiffusionModule.from_flat(
+        spatial_dims=2, channels=(16, 32), attention_levels=(False, True), num_head_channels=16,
+        norm_num_groups=16, image_shape=(72, 72), text_encoder=str(tmp_path / "clip"))
     batch = {"image": torch.rand(2, 1, 72, 72) * 2 - 1, "report": reports}
     assert np.isfinite(float(diffusion.loss(batch, torch.Generator().manual_seed(0))))
     assert diffusion.model_config().unet.cross_attention_dim == 32
@@ -90,7 +91,8 @@ def test_report_conditioned_chain_from_the_cli(tmp_path):
                  f"--model.init_args.export_dir={clip}", "--trainer.max_steps=2", "--trainer.val_check_interval=1",
                  "--data.init_args.batch_size=8", "--data.init_args.num_workers=0",
                  f"--trainer.default_root_dir={tmp_path / 'cliprun'}"]) == 0
-    assert main(["fit", "--config", "configs/smoke/report_2d.yaml", *common, f"--model.init_args.text_encoder={clip}",
+    assert main(["fit", "--config", "configs/smoke/report_2d.yaml", *common,
+                 f"--model.init_args.conditioning.text_encoder={clip}",
                  "--trainer.max_steps=2", f"--trainer.default_root_dir={run}",
                  f"--trainer.callbacks.init_args.dirpath={run / 'ckpt'}"]) == 0
     assert main(["export", str(run / "ckpt" / "last.ckpt"), str(tmp_path / "model")]) == 0

@@ -42,8 +42,9 @@ MONAI_PREDICTION = {"eps": "epsilon", "v": "v_prediction", "x0": "sample"}
 
 def tiny_pipeline(prediction: str = "eps", num_train_timesteps: int = 1000, **kwargs) -> DiffusionPipeline:
     torch.manual_seed(0)
-    module = DiffusionModule(image_shape=(SIZE, SIZE), prediction=prediction, num_train_timesteps=num_train_timesteps,
-                             **TINY, **kwargs)
+    module = DiffusionModule.from_flat(
+        image_shape=(SIZE, SIZE), prediction=prediction, num_train_timesteps=num_train_timesteps,
+        **TINY, **kwargs)
     for p in module.unet.parameters():  # MONAI zero-initialises the output layer: make the net non-trivial
         torch.nn.init.normal_(p, std=0.02)
     return module.pipeline(ema=False)

@@ -34,7 +34,8 @@ class Oracle(torch.nn.Module):
 def pipeline_for(spatial_dims: int, oracle: bool = False, shape=None) -> DiffusionPipeline:
     torch.manual_seed(0)
     shape = shape or (16,) * spatial_dims
-    module = DiffusionModule(spatial_dims=spatial_dims, image_shape=shape, prediction="x0" if oracle else "v", **TINY)
+    module = DiffusionModule.from_flat(
+        spatial_dims=spatial_dims, image_shape=shape, prediction="x0" if oracle else "v", **TINY)
     pipeline = module.pipeline(ema=False)
     if oracle:
         pipeline.unet = Oracle(pipeline.schedule.training_scheduler().alphas_cumprod)
@@ -154,7 +155,7 @@ def test_strength_scales_the_matched_noise_and_mask_limits_the_change():
 
 
 def test_denoising_prior_refuses_to_generate_and_noise_beyond_its_range():
-    module = DiffusionModule(
+    module = DiffusionModule.from_flat(
         spatial_dims=2, image_shape=(16, 16), prediction="v", beta_schedule="cosine", max_train_timestep=100, **TINY
     )
     pipeline = module.pipeline(ema=False)
@@ -168,7 +169,7 @@ def test_denoising_prior_refuses_to_generate_and_noise_beyond_its_range():
         pipeline.denoise(image, noise_sigma=30.0)
     assert pipeline.denoise(image, noise_sigma=3.0).array.shape == (32, 32)
     with pytest.raises(MeddiffError, match="max_train_timestep"):
-        DiffusionModule(spatial_dims=2, image_shape=(16, 16), max_train_timestep=0, **TINY)
+        DiffusionModule.from_flat(spatial_dims=2, image_shape=(16, 16), max_train_timestep=0, **TINY)
 
 
 def test_bundled_model_improves_held_out_real_mri(tmp_path):
@@ -233,6 +234,6 @@ def test_cli_uses_the_bundled_model_by_default_and_checks_the_mask_grid(tmp_path
 def test_sample_grid_refuses_a_denoising_prior_before_training():
     from meddiff.training.callbacks import SampleGrid
 
-    module = DiffusionModule(spatial_dims=2, image_shape=(16, 16), max_train_timestep=100, **TINY)
+    module = DiffusionModule.from_flat(spatial_dims=2, image_shape=(16, 16), max_train_timestep=100, **TINY)
     with pytest.raises(MeddiffError, match="cannot do"):
         SampleGrid().on_fit_start(None, module)

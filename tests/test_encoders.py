@@ -68,8 +68,9 @@ def report_module(bert_dir, **kwargs):
     from meddiff.training import DiffusionModule
 
     torch.manual_seed(0)
-    return DiffusionModule(spatial_dims=2, channels=(16, 32), attention_levels=(False, True), num_head_channels=16,
-                           norm_num_groups=16, image_shape=(16, 16), text_encoder=f"hf:{bert_dir}", **kwargs)
+    return DiffusionModule.from_flat(
+        spatial_dims=2, channels=(16, 32), attention_levels=(False, True), num_head_channels=16,
+        norm_num_groups=16, image_shape=(16, 16), text_encoder=f"hf:{bert_dir}", **kwargs)
 
 
 def test_report_conditioned_loss_uses_the_report_and_drops_it_to_the_empty_report(bert_dir):

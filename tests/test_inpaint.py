@@ -22,8 +22,8 @@ FAST = dict(steps=6, resample=2, jump=2, progress=False)
 
 def tiny_pipeline(spatial_dims: int = 2, size: int = 16, spacing: float = 2.0, **kwargs) -> DiffusionPipeline:
     torch.manual_seed(0)
-    module = DiffusionModule(spatial_dims=spatial_dims, image_shape=(size,) * spatial_dims,
-                             image_spacing=(spacing,) * spatial_dims, **{**TINY, **kwargs})
+    module = DiffusionModule.from_flat(spatial_dims=spatial_dims, image_shape=(size,) * spatial_dims,
+                                       image_spacing=(spacing,) * spatial_dims, **{**TINY, **kwargs})
     for p in module.unet.parameters():  # MONAI zero-initialises the output layer: make the net non-trivial
         torch.nn.init.normal_(p, std=0.05)
     return module.pipeline(ema=False)

@@ -55,11 +55,11 @@ def test_bad_mask_settings_are_refused():
     with pytest.raises(MeddiffError, match="area"):
         RandInpaintMaskd(area=(0.5, 0.1))
     with pytest.raises(MeddiffError, match="concat_channels 2"):
-        DiffusionModule(image_shape=(16, 16), concat_channels=1, concat_key="x", task="inpaint", **TINY)
+        DiffusionModule.from_flat(image_shape=(16, 16), concat_channels=1, concat_key="x", task="inpaint", **TINY)
 
 
 def test_the_loss_of_an_inpainting_model_uses_the_condition():
-    module = DiffusionModule(image_shape=(32, 32), **INPAINT, **TINY)
+    module = DiffusionModule.from_flat(image_shape=(32, 32), **INPAINT, **TINY)
     for p in module.unet.parameters():
         torch.nn.init.normal_(p, std=0.05)
     image = torch.rand(2, 1, 32, 32) * 2 - 1
@@ -85,7 +85,8 @@ class ConditionOracle(torch.nn.Module):
 
 
 def test_a_mask_conditioned_model_fills_in_one_plain_pass_with_its_condition():
-    module = DiffusionModule(image_shape=(64, 64), image_spacing=(1.0, 1.0), prediction="x0", **INPAINT, **TINY)
+    module = DiffusionModule.from_flat(
+        image_shape=(64, 64), image_spacing=(1.0, 1.0), prediction="x0", **INPAINT, **TINY)
     pipeline = module.pipeline(ema=False)
     assert pipeline.config.task == "inpaint"
     rng = np.random.default_rng(0)
@@ -148,7 +149,8 @@ def test_field_of_view_padding_is_invalid_and_the_body_includes_the_lungs():
 
 
 def test_the_loss_weighs_the_region_to_fill_and_never_counts_invalid_voxels():
-    module = DiffusionModule(image_shape=(16, 16), outside_mask_weight=0.1, valid_key="valid", **INPAINT, **TINY)
+    module = DiffusionModule.from_flat(
+        image_shape=(16, 16), outside_mask_weight=0.1, valid_key="valid", **INPAINT, **TINY)
     image = torch.zeros(1, 1, 16, 16)
     mask = torch.zeros(1, 1, 16, 16)
     mask[..., :8, :] = 1
@@ -158,4 +160,4 @@ def test_the_loss_weighs_the_region_to_fill_and_never_counts_invalid_voxels():
     expected = torch.where(mask.bool(), 1.0, 0.1) * valid
     torch.testing.assert_close(module.loss_weight(batch), expected)
     with pytest.raises(MeddiffError, match="outside_mask_weight"):
-        DiffusionModule(image_shape=(16, 16), outside_mask_weight=0.1, **TINY)
+        DiffusionModule.from_flat(image_shape=(16, 16), outside_mask_weight=0.1, **TINY)

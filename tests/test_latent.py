@@ -167,10 +167,10 @@ def test_an_autoencoder_folder_is_not_a_generator_and_a_mismatched_one_is_refuse
     with pytest.raises(MeddiffError, match="holds an autoencoder only"):
         load_model(latent_run / "autoencoder")
     with pytest.raises(MeddiffError, match="does not fit it"):
-        DiffusionModule(spatial_dims=2, autoencoder=str(latent_run / "autoencoder"), image_shape=[33, 33])
+        DiffusionModule.from_flat(spatial_dims=2, autoencoder=str(latent_run / "autoencoder"), image_shape=[33, 33])
     with pytest.raises(MeddiffError, match="generates only"):
-        DiffusionModule(autoencoder=str(latent_run / "autoencoder"), task="inpaint", concat_channels=2,
-                        concat_key="inpaint_condition")
+        DiffusionModule.from_flat(autoencoder=str(latent_run / "autoencoder"), task="inpaint", concat_channels=2,
+                                  concat_key="inpaint_condition")
     config = smoke_config("ct_latent_2d.yaml", tmp_path, latent_run / "ct" / "manifest.jsonl")
     assert main(["fit", "--config", str(config), "--model.init_args.autoencoder", str(tmp_path / "none")]) == 2
 
@@ -197,9 +197,10 @@ def test_cached_latents_are_the_encoded_slices_and_spare_the_encoder(latent_run)
     torch.testing.assert_close(cached["image"], latent.encode(autoencoder, padded, 1.0), atol=1e-5, rtol=1e-4)
     assert cached["image"].shape[1] == 4 and "latent" not in images
 
-    module = DiffusionModule(spatial_dims=2, autoencoder=str(latent_run / "autoencoder"), image_shape=[32, 32],
-                             channels=[16, 32], attention_levels=[False, False], num_head_channels=16,
-                             norm_num_groups=16, schedule="rflow", prediction="v")
+    module = DiffusionModule.from_flat(
+        spatial_dims=2, autoencoder=str(latent_run / "autoencoder"), image_shape=[32, 32],
+        channels=[16, 32], attention_levels=[False, False], num_head_channels=16,
+        norm_num_groups=16, schedule="rflow", prediction="v")
     module.autoencoder.encode = None  # cached latents must not need it
     module.latent_scale.fill_(2.0)
     torch.testing.assert_close(module.latents(cached, 2.0), cached["image"] * 2.0)
@@ -264,7 +265,7 @@ def test_latent_configs_parse_and_build_on_their_first_stage(name, first_stage, 
     AutoencoderModule(**stage_one).save_pretrained(tmp_path / "autoencoder")
     module = DiffusionModule(**{**args, "autoencoder": str(tmp_path / "autoencoder")})
     assert module.model_config().sample_shape() == [side // module.autoencoder_folder.autoencoder.downsample
-                                                    for side in args["image_shape"]]
+                                                    for side in args["image"]["shape"]]
 
 
 def test_label_bits_encode_each_label_in_binary():
@@ -512,8 +513,9 @@ def test_the_autoencoders_perceptual_term_reads_radimagenet_from_its_local_relea
     from meddiff.training import AutoencoderModule
 
     write_radimagenet_weights(tmp_path / "RadImageNet-ResNet50.pt")
-    module = AutoencoderModule(channels=[16, 16], norm_num_groups=16, image_shape=[64, 64], perceptual_weight=0.1,
-                               perceptual_weights=str(tmp_path / "RadImageNet-ResNet50.pt"))
+    module = AutoencoderModule.from_flat(
+        channels=[16, 16], norm_num_groups=16, image_shape=[64, 64], perceptual_weight=0.1,
+        perceptual_weights=str(tmp_path / "RadImageNet-ResNet50.pt"))
     x = torch.rand(2, 1, 64, 64) * 2 - 1
     assert float(module.perceptual(x, x)) == 0.0
     y = (x + 0.3 * torch.randn_like(x)).requires_grad_()
@@ -524,4 +526,4 @@ def test_the_autoencoders_perceptual_term_reads_radimagenet_from_its_local_relea
     volume = torch.rand(1, 1, 32, 32, 4) * 2 - 1
     assert float(module.perceptual(volume, volume.flip(2))) > 0  # a 3D autoencoder: on its axial slices
     with pytest.raises(MeddiffError):
-        AutoencoderModule(perceptual_weight=0.1, perceptual_weights=str(tmp_path / "missing.pt"))
+        AutoencoderModule.from_flat(perceptual_weight=0.1, perceptual_weights=str(tmp_path / "missing.pt"))

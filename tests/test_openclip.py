@@ -257,9 +257,10 @@ def test_report_conditioned_module_takes_an_open_clip_text_encoder(local_dir, mo
 
     clean_offline_env(monkeypatch)
     torch.manual_seed(0)
-    module = DiffusionModule(spatial_dims=2, channels=(16, 32), attention_levels=(False, True), num_head_channels=16,
-                             norm_num_groups=16, image_shape=(16, 16), text_encoder=f"local-dir:{local_dir}",
-                             condition_dropout=0.0)
+    module = DiffusionModule.from_flat(
+        spatial_dims=2, channels=(16, 32), attention_levels=(False, True), num_head_channels=16,
+        norm_num_groups=16, image_shape=(16, 16), text_encoder=f"local-dir:{local_dir}",
+        condition_dropout=0.0)
     assert module.model_config().unet.cross_attention_dim == 32
     for p in module.unet.parameters():
         torch.nn.init.normal_(p, std=0.05)

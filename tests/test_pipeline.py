@@ -25,7 +25,7 @@ TINY = dict(channels=(16, 32), attention_levels=(False, True), num_head_channels
 def tiny_pipeline(spatial_dims=2, **kwargs) -> DiffusionPipeline:
     torch.manual_seed(0)
     shape = (16,) * spatial_dims
-    module = DiffusionModule(
+    module = DiffusionModule.from_flat(
         spatial_dims=spatial_dims, image_shape=shape, image_spacing=(2.0,) * spatial_dims, **{**TINY, **kwargs}
     )
     for p in module.unet.parameters():  # MONAI zero-initialises the output layer: make the net non-trivial

@@ -101,7 +101,7 @@ def test_resume_continues_exactly(single_slice_manifest, tmp_path):
                 "dirpath": str(cfg.parent / "run" / "checkpoints"), "every_n_train_steps": 3, "save_last": True
             },
         }]
-        config["model"]["init_args"]["image_shape"] = [32, 32]
+        config["model"]["init_args"]["image"]["shape"] = [32, 32]
         cfg.write_text(yaml.safe_dump(config))
     run_fit(straight)
     run_fit(resumed)
@@ -210,10 +210,11 @@ def test_every_config_parses_and_builds_its_model(name, capsys):
     assert "class_path: meddiff.training.DiffusionModule" in capsys.readouterr().out
     config = yaml.safe_load((CONFIGS / name).read_text())
     model_args, data_args = config["model"]["init_args"], config["data"]["init_args"]
-    if str(model_args.get("text_encoder", "")).startswith("hf-hub:"):  # BiomedCLIP's files are not here
-        model_args = {k: v for k, v in model_args.items() if k != "text_encoder"}
+    conditioning = model_args.get("conditioning", {})
+    if str(conditioning.get("text_encoder", "")).startswith("hf-hub:"):  # BiomedCLIP's files are not here
+        model_args = {**model_args, "conditioning": {k: v for k, v in conditioning.items() if k != "text_encoder"}}
     for part, args in (("model", model_args), ("data", {k: v for k, v in data_args.items() if k != "augment"})):
         module_name, class_name = config[part]["class_path"].rsplit(".", 1)
         getattr(importlib.import_module(module_name), class_name)(**args)
-    assert model_args["spatial_dims"] == data_args["spatial_dims"]
-    assert list(model_args["image_shape"]) == list(data_args["patch_size"])
+    assert model_args["unet"]["spatial_dims"] == data_args["spatial_dims"]
+    assert list(model_args["image"]["shape"]) == list(data_args["patch_size"])

@@ -26,8 +26,10 @@ def add_parser(subparsers) -> None:
 
 def module_from_checkpoint(path: str | Path):
     """Rebuild the training module (``DiffusionModule``, or the ``AutoencoderModule`` its checkpoint names) from a
-    checkpoint, read with torch's weights-only unpickler (nothing in it runs)."""
+    checkpoint, read with torch's weights-only unpickler (nothing in it runs). The flat hyperparameters of older
+    checkpoints go through ``meddiff.training.migrate.nested_arguments``."""
     from meddiff.training import AutoencoderModule, ControlNetModule, DiffusionModule
+    from meddiff.training.migrate import nested_arguments
     from meddiff.weights import check_fit, torch_load
 
     checkpoint = torch_load(path, "checkpoint")
@@ -40,9 +42,10 @@ def module_from_checkpoint(path: str | Path):
                            "— give a .ckpt that meddiff fit wrote")
     hparams = {k: v for k, v in checkpoint.get("hyper_parameters", {}).items() if not str(k).startswith("_")}
     kinds = {"autoencoder": AutoencoderModule, "controlnet": ControlNetModule}
-    cls = kinds.get(checkpoint.get("meddiff_module"), DiffusionModule)
+    kind = checkpoint.get("meddiff_module") if checkpoint.get("meddiff_module") in kinds else "diffusion"
+    cls = kinds.get(kind, DiffusionModule)
     try:
-        module = cls(**hparams)
+        module = cls(**nested_arguments(hparams, kind))  # checkpoints of older meddiff hold flat arguments
     except (TypeError, ValueError, KeyError, RuntimeError, AssertionError) as exc:
         raise MeddiffError(f"{path} is not a {cls.__name__} checkpoint: {first_line(exc)} "
                            "— give a .ckpt that meddiff fit wrote") from None

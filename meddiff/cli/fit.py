@@ -82,6 +82,27 @@ def check_config_files(files: list[Path]) -> None:
         if config is not None and not isinstance(config, dict):
             raise MeddiffError(f"config file {path} holds a {type(config).__name__}, "
                                "not a mapping of trainer/model/data — fix the file")
+        check_flat_arguments(path, (config or {}).get("model"))
+
+
+MODULE_KINDS = {"DiffusionModule": "diffusion", "AutoencoderModule": "autoencoder"}
+
+
+def check_flat_arguments(path: Path, model) -> None:
+    """An old flat argument of ``DiffusionModule``/``AutoencoderModule`` (``channels``, ``image_shape``, ...) is
+    refused with one line naming its nested key (``meddiff.training.migrate``)."""
+    from meddiff.training.migrate import FLAT_KEYS, is_flat, moved_key
+
+    if not isinstance(model, dict) or not isinstance(model.get("init_args"), dict):
+        return
+    kind = MODULE_KINDS.get(str(model.get("class_path", "")).rsplit(".", 1)[-1])
+    arguments = model["init_args"]
+    if kind is None or not is_flat(arguments, kind):
+        return
+    old = [key for key in arguments if key in FLAT_KEYS[kind] and is_flat({key: arguments[key]}, kind)]
+    raise MeddiffError(f"config file {path}: model.init_args.{old[0]} is now model.init_args.{moved_key(old[0], kind)}"
+                       f" ({len(old)} flat key{'s' if len(old) > 1 else ''} of an older meddiff: "
+                       f"{', '.join(old)}) — nest them as in configs/ (meddiff.training.migrate.nested_arguments)")
 
 
 def check_checkpoint(path: str | os.PathLike) -> dict:
@@ -144,7 +165,8 @@ def check_model_folders(config, configs: list[Path]) -> None:
     names that config."""
     get = config.get if hasattr(config, "get") else (lambda key: None)
     for key, what, remedy in (
-            ("text_encoder", "text encoder", "give an exported meddiff CLIP folder, hf:NAME_OR_PATH or local-dir:PATH"),
+            ("conditioning.text_encoder", "text encoder",
+             "give an exported meddiff CLIP folder, hf:NAME_OR_PATH or local-dir:PATH"),
             ("autoencoder", "autoencoder", "give a folder an AutoencoderModule wrote (export_dir or meddiff export)"),
             ("base", "base model", "give a model folder (meddiff export or a DiffusionModule's export_dir)")):
         spec = get(f"model.init_args.{key}")
@@ -281,6 +303,13 @@ def config_error_line(text: str) -> str:
             return _config_line(keys, f"{given!r} is not accepted (expected {' or '.join(expected) or 'another'})")
         option = re.fullmatch(r"Option '([^']+)' is not accepted", line)
         if option:
+            from meddiff.training.migrate import moved_key
+
+            kind = MODULE_KINDS.get(str(cls).rsplit(".", 1)[-1])
+            moved = moved_key(option.group(1), kind) if kind else None
+            if moved:
+                return _config_line([*keys, f"init_args.{moved}"], f"{option.group(1)} of an older meddiff is now "
+                                    f"{moved}: give it there")
             return _config_line([*keys, f"init_args.{option.group(1)}"], f"{cls} has no such argument")
         required = re.match(r'Key "([^"]+)" is required|the following arguments are required: ([\w.]+)', line)
         if required:
@@ -400,6 +429,28 @@ def run(args) -> None:
             if (ckpt_path is not None and str(ckpt_path) not in CKPT_KEYWORDS
                     and not str(ckpt_path).startswith("registry:")):
                 check_checkpoint(ckpt_path)  # before LightningCLI reads the checkpoint's hyperparameters
+
+        def _parse_ckpt_path(self) -> None:
+            """Lightning's own (a checkpoint to resume updates the model's config with its hyperparameters), with
+            the flat hyperparameters of an older meddiff's checkpoint nested first (``meddiff.training.migrate``)."""
+            import torch
+
+            from meddiff.training.migrate import nested_arguments
+
+            subcommand = self.config.get("subcommand")
+            ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
+            if not ckpt_path or not Path(ckpt_path).is_file():
+                return
+            hparams = torch.load(ckpt_path, weights_only=True, map_location="cpu").get("hyper_parameters", {})
+            hparams.pop("_instantiator", None)
+            if not hparams:
+                return
+            kind = MODULE_KINDS.get(str(hparams.get("_class_path", "")).rsplit(".", 1)[-1])
+            if kind is not None:
+                hparams = nested_arguments(hparams, kind)
+            if "_class_path" in hparams:
+                hparams = {"class_path": hparams.pop("_class_path"), "dict_kwargs": hparams}
+            self.config = self.parser.parse_object({subcommand: {"model": hparams}}, self.config)
 
         def before_instantiate_classes(self) -> None:
             check_model_folders(self.config["fit"], configs)  # before the model loads them

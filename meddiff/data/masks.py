@@ -4,7 +4,7 @@ A mask-conditioned inpainting model (the BraTS "local synthesis" task) learns fr
 random region cut out: its input is [noisy image, masked image, mask]. ``RandInpaintMaskd`` draws the region
 (lesion-like blobs: elastically deformed ellipsoids; boxes; brush strokes; and, given a label map, the shape of
 one anatomical structure) at 1-30 % of the foreground and writes ``inpaint_condition`` = [image with the
-region set to 0, mask] for ``DiffusionModule(concat_key=...)``.
+region set to 0, mask] for ``DiffusionModule(conditioning=Conditioning(concat_key=...))``.
 Shapes are drawn by hand (numpy) and deformed with MONAI's elastic transforms: MONAI's random-erasing
 transforms (``RandCoarseDropoutd``) cut boxes only and do not report what they cut.
 """

@@ -14,34 +14,35 @@ writes ``export_dir`` (``meddiff.model.save_autoencoder``), the folder a ``Diffu
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
 from monai.losses import PatchAdversarialLoss
 
 from meddiff.errors import MeddiffError
-from meddiff.model import AutoencoderConfig, AutoencoderFolder, save_autoencoder
+from meddiff.model import AutoencoderConfig, AutoencoderFolder, ImageConfig, save_autoencoder
 from meddiff.nets import build_discriminator
+from meddiff.training.migrate import nested_arguments
+from meddiff.training.module import plain_hyperparameters, typed
 
 KIND = "autoencoder"  # what ``meddiff export`` reads from a checkpoint to rebuild this module
 
 
+DEFAULT_AUTOENCODER = AutoencoderConfig()
+DEFAULT_IMAGE = ImageConfig(shape=[64, 64], modality="CT")
+
+
 class AutoencoderModule(pl.LightningModule):
-    """Trains ``build_autoencoder(...)``; every argument is a plain value, so the YAML holds the whole recipe.
-    ``image_shape``, ``image_spacing``, ``modality`` and ``intensity_range`` describe what the latent model
-    trained on this autoencoder will generate."""
+    """Trains ``autoencoder`` (an ``AutoencoderConfig``; no ``attention_levels`` means none at every level,
+    ``scale_factor`` is the latent model's to compute); the typed arguments and the training-only ones hold the
+    whole recipe in the YAML (``model.init_args.autoencoder.channels``, ...). ``image`` (``ImageConfig``)
+    describes what the latent model trained on this autoencoder will generate. Older flat arguments map onto
+    these with ``meddiff.training.migrate.nested_arguments`` (``AutoencoderModule.from_flat``)."""
 
     def __init__(
         self,
-        spatial_dims: int = 2,
-        channels: Sequence[int] = (32, 64, 64),
-        latent_channels: int = 4,
-        num_res_blocks: int = 1,
-        attention_levels: Sequence[bool] | None = None,
-        norm_num_groups: int = 32,
-        with_nonlocal_attn: bool = False,
+        autoencoder: AutoencoderConfig = DEFAULT_AUTOENCODER,
+        image: ImageConfig = DEFAULT_IMAGE,
         kl_weight: float = 1e-6,
         adversarial_weight: float = 0.01,
         adversarial_start: int = 0,
@@ -51,28 +52,23 @@ class AutoencoderModule(pl.LightningModule):
         discriminator_layers: int = 3,
         lr: float = 1e-4,
         discriminator_lr: float = 5e-4,
-        decode_tile: Sequence[int] | None = None,
-        image_shape: Sequence[int] = (64, 64),
-        image_spacing: Sequence[float] | None = None,
-        modality: str = "CT",
-        intensity_range: Sequence[float] = (-1.0, 1.0),
         export_dir: str | None = None,
         seed: int = 0,
     ):
         super().__init__()
-        if len(image_shape) != spatial_dims:
-            raise MeddiffError(f"image_shape {list(image_shape)} must have {spatial_dims} entries")
+        config, image = typed(AutoencoderConfig, autoencoder, "autoencoder"), typed(ImageConfig, image, "image")
+        if not any(config.attention_levels) and len(config.attention_levels) != len(config.channels):  # none: per level
+            config = config.model_copy(update={"attention_levels": [False] * len(config.channels)})
+        if len(image.shape) != config.spatial_dims:
+            raise MeddiffError(f"image.shape {list(image.shape)} must have {config.spatial_dims} entries")
         if kl_weight < 0 or adversarial_weight < 0 or adversarial_start < 0 or perceptual_weight < 0:
             raise MeddiffError("kl_weight, adversarial_weight, adversarial_start and perceptual_weight must be >= 0")
         self.save_hyperparameters()
+        plain_hyperparameters(self, autoencoder=config, image=image)
         self.automatic_optimization = False
-        self.config = AutoencoderConfig(
-            spatial_dims=spatial_dims, channels=list(channels), latent_channels=latent_channels,
-            num_res_blocks=num_res_blocks, norm_num_groups=norm_num_groups, with_nonlocal_attn=with_nonlocal_attn,
-            attention_levels=list(attention_levels) if attention_levels is not None else [False] * len(channels),
-            decode_tile=None if decode_tile is None else list(decode_tile))
+        self.config, self.image = config, image
         self.autoencoder = self.config.build()
-        self.discriminator = build_discriminator(spatial_dims, discriminator_channels, discriminator_layers)
+        self.discriminator = build_discriminator(config.spatial_dims, discriminator_channels, discriminator_layers)
         self.register_buffer("batches_seen", torch.zeros((), dtype=torch.long))
         self.adversarial_loss = PatchAdversarialLoss(criterion="least_squares")  # no parameters, no state
         self.perceptual_network = None
@@ -96,11 +92,14 @@ class AutoencoderModule(pl.LightningModule):
 
         return (features(recon) - features(x)).pow(2).sum(dim=1).mean()
 
+    @classmethod
+    def from_flat(cls, **flat) -> AutoencoderModule:
+        """The module from the flat arguments of older configs and checkpoints (``channels=...,
+        image_shape=...``), through ``meddiff.training.migrate.nested_arguments``."""
+        return cls(**nested_arguments(flat, KIND))
+
     def folder_config(self) -> AutoencoderFolder:
-        hp = self.hparams
-        return AutoencoderFolder(autoencoder=self.config, image={
-            "shape": list(hp.image_shape), "spacing": None if hp.image_spacing is None else list(hp.image_spacing),
-            "modality": hp.modality, "intensity_range": tuple(hp.intensity_range)})
+        return AutoencoderFolder(autoencoder=self.config, image=self.image)
 
     def reconstruct(self, x: torch.Tensor, generator: torch.Generator | None = None):
         """The reconstruction of ``x`` from a posterior sample (the mean without ``generator``), mean and sigma."""
@@ -153,7 +152,7 @@ class AutoencoderModule(pl.LightningModule):
         x = batch["image"]
         with torch.no_grad():
             recon, _, _ = self.reconstruct(x)
-        low, high = self.hparams.intensity_range
+        low, high = self.image.intensity_range
         error = (recon.float() - x.float()).abs() * (high - low) / 2  # model units -> physical units
         self.log("val/l1", F.l1_loss(recon.float(), x.float()), prog_bar=True, sync_dist=True, batch_size=x.shape[0])
         self.log("val/mae", error.mean(), sync_dist=True, batch_size=x.shape[0])

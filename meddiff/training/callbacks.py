@@ -46,7 +46,8 @@ class SampleGrid(pl.Callback):
         if getattr(module.hparams, "max_train_timestep", None):
             raise MeddiffError("SampleGrid samples from pure noise, which a model with max_train_timestep "
                                "(a denoising prior) cannot do: remove the callback")
-        if getattr(module.hparams, "concat_channels", 0):
+        unet = module.unet_config() if hasattr(module, "unet_config") else None
+        if unet is not None and unet.concat_channels:
             raise MeddiffError("SampleGrid samples from pure noise, which a model with a concatenated condition "
                                "(concat_key) cannot do: remove the callback")
         if getattr(module, "text_encoder", None) is not None:
@@ -60,7 +61,7 @@ class SampleGrid(pl.Callback):
 
     def groups(self, module: pl.LightningModule) -> list[tuple[SamplingSpec, list[int], list[str] | None]]:
         """(spec, seeds, prompts) per class (items cycle through the classes), or one group for all items."""
-        classes = module.hparams.get("num_class_embeds") or 0
+        classes = (module.unet_config().num_class_embeds if hasattr(module, "unet_config") else None) or 0
         guidance = self.guidance_scale if self.grid_prompts is not None else None
         groups = []
         for label in range(classes) if classes else [None]:

@@ -2,20 +2,22 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import copy
+from dataclasses import asdict, dataclass, is_dataclass
 
 import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
+from pydantic import ValidationError
 from torch.optim.swa_utils import AveragedModel
 
 from meddiff.data.latents import LATENT_KEY, fingerprint
 from meddiff.diffusion import latent
 from meddiff.diffusion.schedulers import NoiseSchedule
-from meddiff.errors import MeddiffError
-from meddiff.model import DiffusionModel, ModelConfig, load_autoencoder
-from meddiff.nets import build_unet
+from meddiff.errors import MeddiffError, first_line
+from meddiff.model import DiffusionModel, ImageConfig, ModelConfig, UNetConfig, load_autoencoder
 from meddiff.pipelines import DiffusionPipeline
+from meddiff.training.migrate import nested_arguments
 
 KIND = "diffusion"  # what ``meddiff export`` reads from a checkpoint to rebuild this module
 
@@ -42,21 +44,73 @@ class SeededEMATraining(pl.LightningModule):
         self.ema.update_parameters(getattr(self, self.trained))
 
 
-class DiffusionModule(SeededEMATraining):
-    """Trains ``build_unet(...)`` to predict eps, v or x0 from noised images (Ho et al. 2020).
+@dataclass(frozen=True)
+class Conditioning:
+    """What conditions the UNet besides the noised image, by batch key: ``class_key`` names a batch entry of
+    integer labels (with ``unet.num_class_embeds``); ``concat_key`` a batch entry concatenated to the input
+    channels (with ``unet.concat_channels``); ``text_encoder`` (a ``load_text_encoder`` spec) encodes
+    ``batch[report_key]`` for cross-attention, each report replaced by the empty one with probability
+    ``condition_dropout`` so the network also learns the unconditional model classifier-free guidance needs."""
 
-    Every argument is a plain value so a LightningCLI YAML (and the checkpoint) holds the whole
-    recipe. ``class_key`` names a batch entry of integer labels (class conditioning); ``concat_key``
-    names a batch entry concatenated to the input channels (``task`` "inpaint": the masked image and the mask,
-    so ``meddiff inpaint`` fills with the model itself instead of RePaint). Noise and timesteps of each step come
-    from a generator seeded by (``seed``, step, batch, rank), so after a resume the noise is what an
-    uninterrupted run would draw; ``ManifestDataModule`` replays data order and random crops, so a
-    run resumed with ``--ckpt_path last`` ends with the weights of an uninterrupted one. ``image_shape``,
-    ``image_spacing``, ``modality`` and ``intensity_range`` travel into the exported pipeline so
-    generated images come back in physical units. ``text_encoder``
-    (``load_text_encoder`` spec) conditions the UNet on ``batch[report_key]`` through cross-attention;
-    with probability ``condition_dropout`` a report is replaced by the empty report, so the same
-    network also learns the unconditional model that classifier-free guidance needs. ``max_train_timestep`` limits
+    class_key: str = "label"
+    concat_key: str | None = None
+    text_encoder: str | None = None
+    report_key: str = "report"
+    condition_dropout: float = 0.1
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.condition_dropout < 1.0:
+            raise MeddiffError(f"condition_dropout must be in [0, 1), got {self.condition_dropout}")
+
+
+def typed(cls, value, name: str):
+    """``value`` as a ``cls`` (a pydantic model of ``meddiff.model`` or a dataclass): given so, or as the plain
+    dict a checkpoint's hyperparameters or a YAML hold."""
+    if isinstance(value, cls):
+        return value
+    if not isinstance(value, dict):
+        raise MeddiffError(f"{name} must be a {cls.__name__} or a mapping of its fields, not {value!r}")
+    try:
+        return cls(**value) if is_dataclass(cls) else cls.model_validate(value)
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        where = ".".join(str(part) for part in error["loc"])
+        raise MeddiffError(f"{name}.{where}: {first_line(error['msg'])}") from None
+    except TypeError as exc:
+        raise MeddiffError(f"{name}: {first_line(exc)}") from None
+
+
+def plain_hyperparameters(module: pl.LightningModule, **values) -> None:
+    """Store the typed arguments ``values`` as plain values in ``module``'s hyperparameters, so checkpoints hold
+    tensors and plain values only (``weights_only`` loads them) and ``meddiff export`` rebuilds from them."""
+    plain = {name: asdict(value) if is_dataclass(value) else value.model_dump(mode="json")
+             for name, value in values.items()}
+    module._hparams.update(plain)
+    module._hparams_initial.update(copy.deepcopy(plain))
+
+
+DEFAULT_UNET = UNetConfig()
+DEFAULT_SCHEDULE = NoiseSchedule()
+DEFAULT_IMAGE = ImageConfig(shape=[64, 64], modality="MR")
+DEFAULT_CONDITIONING = Conditioning()
+
+
+class DiffusionModule(SeededEMATraining):
+    """Trains ``unet`` (a ``UNetConfig``) to predict eps, v or x0 from noised images (Ho et al. 2020) under
+    ``schedule`` (a ``NoiseSchedule``: kind "ddpm" or "rflow", rectified flow; beta schedule, start and end,
+    prediction). The arguments are the typed descriptions of ``meddiff.model`` plus the training-only ones, so a
+    LightningCLI YAML (``model.init_args.unet.channels``, ``model.init_args.schedule.beta_end``, ...) and the
+    checkpoint hold the whole recipe; the flat arguments of older configs and checkpoints map onto them with
+    ``meddiff.training.migrate.nested_arguments`` (``DiffusionModule.from_flat``). The UNet's ``in_channels``,
+    ``out_channels`` and ``cross_attention_dim`` follow from the autoencoder and the text encoder.
+
+    ``conditioning`` (``Conditioning``) names the batch entries of class labels, concatenated channels (``task``
+    "inpaint": the masked image and the mask, so ``meddiff inpaint`` fills with the model itself instead of
+    RePaint) and reports. Noise and timesteps of each step come from a generator seeded by (``seed``, step,
+    batch, rank), so after a resume the noise is what an uninterrupted run would draw; ``ManifestDataModule``
+    replays data order and random crops, so a run resumed with ``--ckpt_path last`` ends with the weights of an
+    uninterrupted one. ``image`` (``ImageConfig``: shape, spacing, modality, intensity_range) travels into the
+    exported pipeline so generated images come back in physical units. ``max_train_timestep`` limits
     training to the low-noise timesteps ``[0, max)``: a denoising prior (``meddiff denoise`` only
     starts from the noise level of a scan) spends its whole capacity there but cannot generate.
     An inpainting model's loss weighs voxels outside the mask (the last condition channel) by
@@ -66,89 +120,81 @@ class DiffusionModule(SeededEMATraining):
     ``AutoencoderModule``'s ``export_dir``, or a latent model folder) makes a latent model: the frozen encoder
     maps each batch to latents (posterior mean x the scale factor computed from the first batch), or the data
     brings them cached (``ManifestDataModule``'s ``latents``, the same folder), and the UNet learns those; the
-    exported folder holds both networks and ``meddiff generate`` decodes. ``schedule``
-    "rflow" trains rectified flow (``meddiff.diffusion.schedulers``) instead of a DDPM-family schedule.
+    exported folder holds both networks and ``meddiff generate`` decodes.
     ``export_dir``: where the model folder (EMA weights, as ``meddiff export`` writes it) goes when training ends.
     """
 
     def __init__(
         self,
-        spatial_dims: int = 2,
-        channels: Sequence[int] = (32, 64, 64),
-        attention_levels: Sequence[bool] = (False, False, True),
-        num_res_blocks: int = 1,
-        num_head_channels: int = 32,
-        norm_num_groups: int = 32,
-        num_class_embeds: int | None = None,
-        class_key: str = "label",
-        concat_channels: int = 0,
-        concat_key: str | None = None,
+        unet: UNetConfig = DEFAULT_UNET,
+        schedule: NoiseSchedule = DEFAULT_SCHEDULE,
+        image: ImageConfig = DEFAULT_IMAGE,
+        conditioning: Conditioning = DEFAULT_CONDITIONING,
         task: str = "generate",
         outside_mask_weight: float = 1.0,
         valid_key: str | None = None,
-        autoencoder: str | None = None,
-        text_encoder: str | None = None,
-        report_key: str = "report",
-        condition_dropout: float = 0.1,
-        num_train_timesteps: int = 1000,
-        beta_schedule: str = "linear",
-        prediction: str = "eps",
-        schedule: str = "ddpm",
-        timestep_sampling: str = "uniform",
         max_train_timestep: int | None = None,
+        autoencoder: str | None = None,
         lr: float = 1e-4,
         weight_decay: float = 0.0,
         ema_decay: float = 0.999,
-        image_shape: Sequence[int] = (64, 64),
-        image_spacing: Sequence[float] | None = None,
-        modality: str = "MR",
-        intensity_range: Sequence[float] = (-1.0, 1.0),
         export_dir: str | None = None,
         seed: int = 0,
     ):
         super().__init__()
-        if (concat_channels > 0) != (concat_key is not None):
-            raise MeddiffError("concat_channels and concat_key go together: set both or neither")
+        unet, image = typed(UNetConfig, unet, "unet"), typed(ImageConfig, image, "image")
+        schedule = typed(NoiseSchedule, schedule, "schedule")
+        conditioning = typed(Conditioning, conditioning, "conditioning")
+        if (unet.concat_channels > 0) != (conditioning.concat_key is not None):
+            raise MeddiffError("unet.concat_channels and conditioning.concat_key go together: set both or neither")
         if task not in ("generate", "inpaint"):
             raise MeddiffError(f"task must be generate or inpaint, not {task!r}")
-        if task == "inpaint" and concat_channels != 2:
-            raise MeddiffError("task inpaint takes concat_channels 2 (the masked image and the mask: "
-                               "concat_key inpaint_condition, made by meddiff.data.masks.RandInpaintMaskd)")
+        if task == "inpaint" and unet.concat_channels != 2:
+            raise MeddiffError("task inpaint takes unet.concat_channels 2 (the masked image and the mask: "
+                               "conditioning.concat_key inpaint_condition, made by "
+                               "meddiff.data.masks.RandInpaintMaskd)")
         if not 0.0 <= outside_mask_weight <= 1.0 or (outside_mask_weight != 1.0 and task != "inpaint"):
             raise MeddiffError(f"outside_mask_weight must be in [0, 1] and needs task inpaint, "
                                f"not {outside_mask_weight}")
-        if len(image_shape) != spatial_dims:
-            raise MeddiffError(f"image_shape {list(image_shape)} must have {spatial_dims} entries")
-        if max_train_timestep is not None and not 0 < max_train_timestep <= num_train_timesteps:
-            raise MeddiffError(f"max_train_timestep {max_train_timestep} must be in 1..{num_train_timesteps}")
-        if not 0.0 <= condition_dropout < 1.0:
-            raise MeddiffError(f"condition_dropout must be in [0, 1), got {condition_dropout}")
+        if len(image.shape) != unet.spatial_dims:
+            raise MeddiffError(f"image.shape {list(image.shape)} must have {unet.spatial_dims} entries")
+        if max_train_timestep is not None and not 0 < max_train_timestep <= schedule.num_train_timesteps:
+            raise MeddiffError(f"max_train_timestep {max_train_timestep} must be in "
+                               f"1..{schedule.num_train_timesteps}")
         self.save_hyperparameters()
+        plain_hyperparameters(self, unet=unet, schedule=schedule, image=image, conditioning=conditioning)
+        self.unet_spec, self.image, self.conditioning = unet, image, conditioning
         self.text_encoder = None
-        if text_encoder is not None:
+        if conditioning.text_encoder is not None:
             from meddiff.encoders import load_text_encoder
 
             # frozen and kept out of the module tree: checkpoints hold the UNet, not a copy of the text model
-            object.__setattr__(self, "text_encoder", load_text_encoder(text_encoder))
+            object.__setattr__(self, "text_encoder", load_text_encoder(conditioning.text_encoder))
         self.autoencoder_folder = None
         if autoencoder is not None:
             self._attach_autoencoder(autoencoder)
-        self.unet = build_unet(**self.unet_config())
-        self.schedule = NoiseSchedule(num_train_timesteps, beta_schedule, prediction, schedule, timestep_sampling)
+        self.unet = self.unet_config().build()
+        self.schedule = schedule
         self.ema = AveragedModel(self.unet, multi_avg_fn=ema_with_warmup(ema_decay), use_buffers=True)
         self.ema.requires_grad_(False)  # updated by averaging, never by gradients (and ignored by DDP)
+
+    @classmethod
+    def from_flat(cls, **flat) -> DiffusionModule:
+        """The module from the flat arguments of older configs and checkpoints (``channels=...,
+        image_shape=..., beta_schedule=...``), through ``meddiff.training.migrate.nested_arguments``."""
+        return cls(**nested_arguments(flat, KIND))
 
     def _attach_autoencoder(self, directory: str) -> None:
         """The frozen first stage of a latent model, from its folder; the UNet then works on its latents."""
         hp = self.hparams
-        if hp.task != "generate" or hp.concat_key or hp.valid_key or hp.max_train_timestep:
-            raise MeddiffError("a latent model (autoencoder) generates only: no task inpaint, concat_key, valid_key "
-                               "or max_train_timestep")
+        if hp.task != "generate" or self.conditioning.concat_key or hp.valid_key or hp.max_train_timestep:
+            raise MeddiffError("a latent model (autoencoder) generates only: no task inpaint, conditioning.concat_key,"
+                               " valid_key or max_train_timestep")
         folder, network = load_autoencoder(directory)
-        if folder.autoencoder.spatial_dims != hp.spatial_dims or any(
-                side % folder.autoencoder.downsample for side in hp.image_shape):
+        if folder.autoencoder.spatial_dims != self.unet_spec.spatial_dims or any(
+                side % folder.autoencoder.downsample for side in self.image.shape):
             raise MeddiffError(f"the autoencoder in {directory} is {folder.autoencoder.spatial_dims}D and halves "
-                               f"{len(folder.autoencoder.channels) - 1} times; image_shape {list(hp.image_shape)} "
+                               f"{len(folder.autoencoder.channels) - 1} times; image.shape {list(self.image.shape)} "
                                "does not fit it")
         self.autoencoder_folder = folder
         self.autoencoder = network.requires_grad_(False)
@@ -160,36 +206,26 @@ class DiffusionModule(SeededEMATraining):
     def latent_channels(self) -> int:
         return 1 if self.autoencoder_folder is None else self.autoencoder_folder.autoencoder.latent_channels
 
-    def unet_config(self) -> dict:
-        hp = self.hparams
-        return {
-            "spatial_dims": hp.spatial_dims,
-            "channels": list(hp.channels),
-            "attention_levels": list(hp.attention_levels),
-            "num_res_blocks": hp.num_res_blocks,
-            "num_head_channels": hp.num_head_channels,
-            "norm_num_groups": hp.norm_num_groups,
-            "num_class_embeds": hp.num_class_embeds,
-            "concat_channels": hp.concat_channels,
+    def unet_config(self) -> UNetConfig:
+        """``unet`` with the channels the autoencoder's latents and the text encoder's width make."""
+        return self.unet_spec.model_copy(update={
             "in_channels": self.latent_channels,
             "out_channels": self.latent_channels,
             "cross_attention_dim": self.text_encoder.dim if self.text_encoder is not None else None,
-        }
+        })
 
     def model_config(self) -> ModelConfig:
         """The description of the model this module trains, as ``meddiff export`` saves it."""
         hp = self.hparams
-        limited = hp.max_train_timestep is not None and hp.max_train_timestep < hp.num_train_timesteps
+        limited = hp.max_train_timestep is not None and hp.max_train_timestep < self.schedule.num_train_timesteps
         return ModelConfig(
             unet=self.unet_config(),
             schedule=self.schedule,
-            image={"shape": list(hp.image_shape),
-                   "spacing": None if hp.image_spacing is None else list(hp.image_spacing),
-                   "modality": hp.modality, "intensity_range": tuple(hp.intensity_range)},
+            image=self.image,
             text_encoder=(
                 None
                 if self.text_encoder is None
-                else {"spec": hp.text_encoder, "max_length": self.text_encoder.max_length}
+                else {"spec": self.conditioning.text_encoder, "max_length": self.text_encoder.max_length}
             ),
             max_train_timestep=hp.max_train_timestep if limited else None,
             task=hp.task,
@@ -215,13 +251,14 @@ class DiffusionModule(SeededEMATraining):
         noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
         t = self.schedule.draw_timesteps(x0.shape[0], generator, x0.device, self.hparams.max_train_timestep)
         xt, target = self.schedule.noised_and_target(x0, noise, t)
-        if self.hparams.concat_key:
-            xt = torch.cat([xt, batch[self.hparams.concat_key]], dim=1)
-        labels = batch[self.hparams.class_key].long() if self.hparams.num_class_embeds else None
+        conditioning = self.conditioning
+        if conditioning.concat_key:
+            xt = torch.cat([xt, batch[conditioning.concat_key]], dim=1)
+        labels = batch[conditioning.class_key].long() if self.unet_spec.num_class_embeds else None
         context = None
         if self.text_encoder is not None:
-            reports = list(batch[self.hparams.report_key])
-            dropped = torch.rand(len(reports), generator=generator, device=x0.device) < self.hparams.condition_dropout
+            reports = list(batch[conditioning.report_key])
+            dropped = torch.rand(len(reports), generator=generator, device=x0.device) < conditioning.condition_dropout
             reports = ["" if drop else report for report, drop in zip(reports, dropped.tolist(), strict=True)]
             context = self.text_encoder.context(reports).to(x0.device, x0.dtype)
         prediction = (unet or self.unet)(xt, timesteps=t, class_labels=labels, context=context)
@@ -236,7 +273,7 @@ class DiffusionModule(SeededEMATraining):
         hp = self.hparams
         weight = None
         if hp.task == "inpaint" and hp.outside_mask_weight != 1.0:
-            mask = batch[hp.concat_key][:, -1:].float()
+            mask = batch[self.conditioning.concat_key][:, -1:].float()
             weight = mask + hp.outside_mask_weight * (1 - mask)
         if hp.valid_key is not None:
             valid = batch[hp.valid_key].float()

@@ -104,7 +104,7 @@ def tiny_model_dir(folder: Path, spatial_dims: int = 2, **kwargs) -> Path:
 
     torch.manual_seed(0)
     shape = (16,) * spatial_dims
-    module = DiffusionModule(
+    module = DiffusionModule.from_flat(
         spatial_dims=spatial_dims, image_shape=shape, image_spacing=(2.0,) * spatial_dims, **{**TINY_UNET, **kwargs}
     )
     for p in module.unet.parameters():  # MONAI zero-initialises the output layer: make the net non-trivial

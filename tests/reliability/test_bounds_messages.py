@@ -218,7 +218,7 @@ def small_fit_config(work: Path, callbacks: list | None = None, **trainer) -> Pa
     config = yaml.safe_load(SMOKE.read_text())
     config["trainer"].update(default_root_dir="runs/t", enable_progress_bar=False, val_check_interval=None,
                              check_val_every_n_epoch=1000, logger=False, callbacks=callbacks or [], **trainer)
-    config["model"]["init_args"].update(image_shape=[16, 16], image_spacing=[1.0, 1.0])
+    config["model"]["init_args"]["image"].update(shape=[16, 16], spacing=[1.0, 1.0])
     config["data"]["init_args"].update(manifest=str(data / "manifest.jsonl"), spacing=None, patch_size=[16, 16],
                                        slices_per_volume=2, batch_size=1, modalities=None)
     path = work / "c.yaml"
@@ -285,9 +285,9 @@ def test_a_config_value_jsonargparse_refuses_names_its_key(setting, fragments, w
 
 
 def test_a_config_file_value_names_its_key(workdir):
-    (workdir / "bad.yaml").write_text("model:\n  init_args:\n    image_shape: [a, b]\n")
+    (workdir / "bad.yaml").write_text("model:\n  init_args:\n    image:\n      shape: [a, b]\n")
     result = run_meddiff("fit", "--config", SMOKE, "--config", "bad.yaml")
-    assert_clean_error(result, "config key model.init_args.image_shape", "'a'")
+    assert_clean_error(result, "config key model.init_args.image.shape", "'a'")
 
 
 def test_a_checkpoint_that_does_not_fit_the_model_names_the_tensors(workdir):

@@ -63,7 +63,7 @@ def fit_config(manifest: Path | str, loggers: bool = True, root: str = "runs/t",
          "init_args": {"dirpath": f"{root}/checkpoints", "every_n_train_steps": 2, "save_last": True}}
     ]
     config["trainer"].update(trainer)
-    config["model"]["init_args"].update(image_shape=[16, 16], image_spacing=[1.0, 1.0])
+    config["model"]["init_args"]["image"].update(shape=[16, 16], spacing=[1.0, 1.0])
     config["data"]["init_args"].update(manifest=str(manifest), spacing=None, patch_size=[16, 16], slices_per_volume=2,
                                        batch_size=1)
     return config
@@ -234,7 +234,7 @@ def test_sample_grid_of_a_report_conditioned_model_uses_fixed_prompts(prompts, b
     manifest = write_volumes(tmp_path / "data", n=2, split="val", reports=val_reports, shape=(16, 16, 4))
     data = ManifestDataModule(str(manifest), spatial_dims=2, slices_per_volume=1, batch_size=2)
     torch.manual_seed(0)
-    module = DiffusionModule(spatial_dims=2, image_shape=(16, 16), text_encoder=f"hf:{bert_dir}", **TINY_UNET)
+    module = DiffusionModule.from_flat(spatial_dims=2, image_shape=(16, 16), text_encoder=f"hf:{bert_dir}", **TINY_UNET)
     grid = SampleGrid(every_n_steps=2, n=3, steps=2, **({"prompts": prompts} if prompts else {}))
     trainer = pl.Trainer(max_steps=2, accelerator="cpu", logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0, callbacks=[grid],
@@ -316,3 +316,22 @@ def test_killed_fit_then_resume_gives_the_weights_of_an_uninterrupted_run(every,
     state_a, state_b = a["optimizer_states"][0]["state"], b["optimizer_states"][0]["state"]
     for key in state_a:
         assert torch.equal(state_a[key]["exp_avg_sq"], state_b[key]["exp_avg_sq"]), key
+
+
+def test_resume_from_a_checkpoint_of_an_older_meddiff_with_flat_hyperparameters(tmp_path, monkeypatch):
+    """A checkpoint written before the arguments were nested holds flat hyperparameters: ``--ckpt_path`` migrates
+    them (``meddiff.training.migrate``) and training continues."""
+    from meddiff.training.migrate import FLAT_KEYS
+
+    monkeypatch.chdir(tmp_path)
+    manifest = write_volumes(tmp_path / "data")
+    write_config(tmp_path / "c.yaml", fit_config(manifest, loggers=False, max_steps=2))
+    assert run_meddiff("fit", "--config", "c.yaml", cwd=tmp_path).code == 0
+    checkpoint = torch.load(tmp_path / "runs" / "t" / "checkpoints" / "last.ckpt", weights_only=True)
+    nested = checkpoint["hyper_parameters"]
+    flat = {k: v for k, v in nested.items() if k not in ("unet", "schedule", "image", "conditioning")}
+    flat.update({old: nested[group][field] for old, (group, field) in FLAT_KEYS["diffusion"].items()})
+    torch.save({**checkpoint, "hyper_parameters": flat}, tmp_path / "old.ckpt")
+    result = run_meddiff("fit", "--config", "c.yaml", "--trainer.max_steps=3", "--ckpt_path", "old.ckpt", cwd=tmp_path)
+    assert result.code == 0, result.err[-2000:]
+    assert torch.load(tmp_path / "runs" / "t" / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 3

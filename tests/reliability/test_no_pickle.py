@@ -13,6 +13,7 @@ and nothing in the working folder changes.
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import pickle
@@ -396,12 +397,12 @@ def checkpoint(tmp_path_factory):
     """A DiffusionModule checkpoint as Lightning writes one: hyper_parameters and state_dict."""
     from meddiff.training import DiffusionModule
 
-    module = DiffusionModule(spatial_dims=2, image_shape=(16, 16), **TINY_UNET)
+    module = DiffusionModule.from_flat(spatial_dims=2, image_shape=(16, 16), **TINY_UNET)
     return {"hyper_parameters": dict(module.hparams), "state_dict": module.state_dict(), "epoch": 0, "global_step": 1}
 
 
 def _ckpt_channels(ckpt):
-    ckpt["hyper_parameters"]["channels"] = (32, 64)
+    ckpt["hyper_parameters"]["unet"]["channels"] = [32, 64]
 
 
 def _ckpt_missing(ckpt):
@@ -415,7 +416,7 @@ EXPORT_MISFITS = {"channels in hyper_parameters": (_ckpt_channels, "of another s
 @pytest.mark.parametrize("misfit", list(EXPORT_MISFITS))
 def test_export_of_a_checkpoint_that_does_not_fit_is_one_line(misfit, checkpoint, workdir):
     alter, fragment = EXPORT_MISFITS[misfit]
-    ckpt = {**checkpoint, "hyper_parameters": dict(checkpoint["hyper_parameters"]),
+    ckpt = {**checkpoint, "hyper_parameters": copy.deepcopy(checkpoint["hyper_parameters"]),
             "state_dict": dict(checkpoint["state_dict"])}
     alter(ckpt)
     torch.save(ckpt, workdir / "last.ckpt")
