@@ -297,6 +297,28 @@ class DiffusionModel:
             network = ControlledUNet(network, self.controlnet, rows(control), controlnet.conditioning_scale)
         return network
 
+    def check_labels(self, labels: torch.Tensor | None, shape: list[int] | tuple[int, ...], items: int) -> None:
+        """One clear line unless ``labels`` is what this model's label conditioning takes: integer maps
+        (1 or ``items``, 1, *shape) of values its ControlNet encodes, given exactly when it has one."""
+        controlnet = self.config.controlnet
+        if controlnet is not None and labels is None:
+            raise MeddiffError("this model is conditioned on a label map: give one "
+                               "(meddiff generate --condition labels.nii.gz)")
+        if controlnet is None and labels is not None:
+            raise MeddiffError("this model takes no label map — leave out --condition, or use a model with a "
+                               "ControlNet")
+        if labels is None:
+            return
+        expected = [*shape]
+        if labels.ndim != len(expected) + 2 or list(labels.shape[2:]) != expected or labels.shape[1] != 1 or \
+                labels.shape[0] not in (1, items):
+            raise MeddiffError(f"the label maps have shape {tuple(labels.shape)}; this sample needs "
+                               f"(1 or {items}, 1, {', '.join(map(str, expected))})")
+        largest = int(labels.max()) if labels.numel() else 0
+        if labels.min() < 0 or largest >= 2 ** controlnet.conditioning_channels:
+            raise MeddiffError(f"label values must be 0 to {2 ** controlnet.conditioning_channels - 1} for this "
+                               f"model, not {int(labels.min())} to {largest}")
+
     def _unet_inputs(self, items: int) -> dict[str, torch.Tensor]:
         """A MAISI UNet's further inputs, one row per item: the body region (one-hot, top and bottom) and the voxel
         spacing in mm, each times 100 as MAISI feeds them; {} for any other UNet."""

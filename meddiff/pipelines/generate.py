@@ -51,22 +51,7 @@ def check_sample_args(model: DiffusionModel, spec: SamplingSpec, seeds: Sequence
                            "give it (sample(..., condition=...)) or use the task pipeline made for it")
     if not extra and condition is not None:
         raise MeddiffError("this model takes no condition image — leave it out")
-    controlnet = model.config.controlnet
-    if controlnet is not None and labels is None:
-        raise MeddiffError("this model is conditioned on a label map: give one "
-                           "(meddiff generate --condition labels.nii.gz)")
-    if controlnet is None and labels is not None:
-        raise MeddiffError("this model takes no label map — leave out --condition, or use a model with a ControlNet")
-    if labels is not None:
-        expected = [*(shape or model.config.image.shape)]
-        if labels.ndim != len(expected) + 2 or list(labels.shape[2:]) != expected or labels.shape[1] != 1 or \
-                labels.shape[0] not in (1, len(seeds)):
-            raise MeddiffError(f"the label maps have shape {tuple(labels.shape)}; this sample needs "
-                               f"(1 or {len(seeds)}, 1, {', '.join(map(str, expected))})")
-        largest = int(labels.max()) if labels.numel() else 0
-        if labels.min() < 0 or largest >= 2 ** controlnet.conditioning_channels:
-            raise MeddiffError(f"label values must be 0 to {2 ** controlnet.conditioning_channels - 1} for this "
-                               f"model, not {int(labels.min())} to {largest}")
+    model.check_labels(labels, shape or model.config.image.shape, len(seeds))
     items = items or len(seeds)
     batch = min(batch_size or items, items) * (2 if spec.guided else 1)
     check_shape(model, shape, batch)
@@ -155,7 +140,7 @@ def sample(model: DiffusionModel, spec: SamplingSpec, seeds: Sequence[int], prom
            labels: torch.Tensor | None = None) -> torch.Tensor:
     """Denoise from pure noise: (len(seeds), C, *shape) in model units; a latent model samples latents and
     decodes them. ``condition``: the concatenated input channels of a concat-conditioned model, in model units;
-    ``labels``: a ControlNet model's integer label maps (1 or len(seeds), 1, *shape) on the sample's grid."""
+    ``labels``: a label-map model's integer maps (1 or len(seeds), 1, *shape) on the sample's grid."""
     spec = check_sample_args(model, spec, seeds, prompts, shape, condition=condition, labels=labels)
     sampler = model.schedule.scheduler(spec.scheduler)
     sampler.set_timesteps(spec.steps)  # timesteps stay on the CPU: indexing schedule tables never syncs a GPU
