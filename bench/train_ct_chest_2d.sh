@@ -8,4 +8,4 @@ meddiff manifest samples -o demo_out/samples --overwrite
 meddiff fit --config configs/ct_autoencoder_2d.yaml --trainer.accelerator=cpu --trainer.max_time=00:00:46:00
 meddiff fit --config configs/ct_latent_2d.yaml --trainer.accelerator=cpu --trainer.max_time=00:00:25:00
 meddiff fit --config configs/ct_controlnet_2d.yaml --trainer.accelerator=cpu --trainer.max_time=00:00:25:00
-python -m bench.package_model runs/ct_controlnet_2d/model --out meddiff/models/ct-chest-2d --overwrite
+python -m meddiff.cli.main export runs/ct_controlnet_2d/model meddiff/models/ct-chest-2d --dtype float16 --overwrite

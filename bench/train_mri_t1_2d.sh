@@ -7,4 +7,4 @@ python -m bench.inpaint_data --modality MR --out runs/gen_data
 python -m bench.train_generator --data runs/gen_data/inpaint_mr.npz --out runs/mri_t1_2d --train-seconds 2100
 python -m bench.train_generator --data runs/gen_data/inpaint_mr.npz --out runs/mri_t1_2d_more --train-seconds 1800 \
     --init runs/mri_t1_2d/model
-python -m bench.package_model runs/mri_t1_2d_more/model --out meddiff/models/mri-t1-2d --overwrite
+python -m meddiff.cli.main export runs/mri_t1_2d_more/model meddiff/models/mri-t1-2d --dtype float16 --overwrite

@@ -11,15 +11,20 @@ from pathlib import Path
 
 from meddiff.errors import MeddiffError, first_line
 
+DTYPES = {"float32", "float16", "bfloat16"}  # torch dtypes by name; torch loads inside run
+
 
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser(
         "export", help="turn a training checkpoint into a model folder (config.json + safetensors)"
     )
-    p.add_argument("checkpoint", metavar="CKPT", help="a checkpoint meddiff fit wrote, or a MAISI bundle folder "
-                   "(configs/inference.json and models/*.pt)")
+    p.add_argument("checkpoint", metavar="CKPT", help="a checkpoint meddiff fit wrote, a meddiff model folder (to "
+                   "store it again, e.g. in float16), or a MAISI bundle folder (configs/inference.json, models/*.pt)")
     p.add_argument("output", metavar="DIR")
     p.add_argument("--no-ema", action="store_true", help="export the raw weights instead of the EMA weights")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="float32",
+                   help="the stored weights' type: float16 halves the folder (the networks compute in float32 "
+                        "after loading; how the bundled models are shipped)")
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=run)
 
@@ -57,17 +62,31 @@ def module_from_checkpoint(path: str | Path):
 
 
 def run(args) -> None:
+    import torch
+
     from meddiff.maisi import is_maisi_bundle, load_maisi_bundle
+    from meddiff.model import CONFIG_NAME, load_model
+    from meddiff.outputs import check_not_source
     from meddiff.training import AutoencoderModule
 
+    check_not_source(args.output, {"the input": args.checkpoint})
+    dtype = getattr(torch, args.dtype)
     if is_maisi_bundle(args.checkpoint):
-        out = load_maisi_bundle(args.checkpoint).save_pretrained(args.output, overwrite=args.overwrite)
-        print(f"wrote {out} (MAISI bundle {args.checkpoint}: autoencoder, diffusion UNet and ControlNet)")
-        return
-    module = module_from_checkpoint(args.checkpoint)
-    if isinstance(module, AutoencoderModule):
-        out = module.save_pretrained(args.output, overwrite=args.overwrite)
-        print(f"wrote {out} (an autoencoder: train a latent model on it with DiffusionModule autoencoder: {out})")
-        return
-    out = module.diffusion_model(ema=not args.no_ema).save_pretrained(args.output, overwrite=args.overwrite)
-    print(f"wrote {out} ({'EMA' if not args.no_ema else 'raw'} weights)")
+        model = load_maisi_bundle(args.checkpoint)
+        what = f"MAISI bundle {args.checkpoint}: autoencoder, diffusion UNet and ControlNet"
+    elif (Path(args.checkpoint) / CONFIG_NAME).is_file():
+        model, what = load_model(args.checkpoint), f"the model folder {args.checkpoint}"
+    else:
+        module = module_from_checkpoint(args.checkpoint)
+        if isinstance(module, AutoencoderModule):
+            if dtype != torch.float32:
+                raise MeddiffError("--dtype applies to diffusion model folders; an autoencoder stage is exported "
+                                   "in float32 — export the latent model trained on it in float16")
+            out = module.save_pretrained(args.output, overwrite=args.overwrite)
+            print(f"wrote {out} (an autoencoder: train a latent model on it with DiffusionModule autoencoder: {out})")
+            return
+        model, what = module.diffusion_model(ema=not args.no_ema), f"{'EMA' if not args.no_ema else 'raw'} weights"
+    for network in model.networks.values():
+        network.to(dtype)
+    out = model.save_pretrained(args.output, overwrite=args.overwrite)
+    print(f"wrote {out} ({what}, {args.dtype})")

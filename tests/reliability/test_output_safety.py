@@ -272,3 +272,22 @@ def test_a_modality_outside_dicoms_terms_never_reaches_a_manifest(workdir):
     before.assert_unchanged()
     assert run_meddiff("manifest", "build", workdir / "scans", "-o", workdir / "m.jsonl", "--modality", "mr").code == 0
     assert '"modality":"MR"' in (workdir / "m.jsonl").read_text().replace(" ", "")
+
+
+def test_export_stores_a_model_folder_in_float16_and_never_over_its_input(tiny_model, workdir):
+    import torch
+    from safetensors.torch import load_file
+
+    from meddiff.pipelines import load_pipeline
+
+    half = workdir / "half"
+    assert run_meddiff("export", tiny_model, half, "--dtype", "float16").code == 0
+    weights = load_file(str(half / "unet.safetensors"))
+    assert {t.dtype for t in weights.values()} == {torch.float16}
+    assert (half / "unet.safetensors").stat().st_size < 0.6 * (tiny_model / "unet.safetensors").stat().st_size
+    a = load_pipeline(tiny_model).generate(1, steps=2, progress=False)[0].array
+    b = load_pipeline(half).generate(1, steps=2, progress=False)[0].array
+    assert np.abs(a - b).max() < 1e-2 * (np.abs(a).max() + 1)  # float16 weights, float32 compute
+    before = Snapshot(workdir)
+    assert_clean_error(run_meddiff("export", half, half, "--dtype", "float16", "--overwrite"), "is the input")
+    before.assert_unchanged()
