@@ -112,8 +112,9 @@ def output_lock(output: str | os.PathLike) -> Iterator[None]:
                 folder.rmdir()
 
 
-def _record(folder: Path) -> dict:
-    path = folder / SERIES_RECORD
+def series_record(folder: str | os.PathLike) -> dict:
+    """The series record of a folder meddiff wrote (``files``, ``series_uid``); ``{"files": []}`` otherwise."""
+    path = Path(folder) / SERIES_RECORD
     if not path.is_file():
         return {"files": []}
     try:
@@ -129,7 +130,7 @@ def foreign_entries(folder: Path) -> list[str]:
     """Names in ``folder`` that meddiff did not write there: not in its series record, not its own temporaries."""
     if not folder.is_dir():
         return []
-    own = set(_record(folder)["files"]) | {SERIES_RECORD}
+    own = set(series_record(folder)["files"]) | {SERIES_RECORD}
 
     def ours(entry: Path) -> bool:
         return is_temporary(entry) or (entry.name in own and entry.is_file() and not entry.is_symlink())
@@ -157,7 +158,7 @@ def check_series_output(out: str | os.PathLike, overwrite: bool) -> Path:
 
 @contextlib.contextmanager
 def staged_series(out: str | os.PathLike, overwrite: bool) -> Iterator[Path]:
-    """Yield a fresh hidden staging folder for a series; on success its files become ``out``'s (see ``commit``).
+    """Yield a fresh hidden staging folder for a series; on success its files become ``out``'s (``commit_series``).
 
     Under ``out``'s lock: staging folders a killed run left for this output are removed first, and each run
     stages under its own unique name (``.NAME.meddiff-tmp-XXXXXXXX.partial``).
@@ -165,7 +166,6 @@ def staged_series(out: str | os.PathLike, overwrite: bool) -> Iterator[Path]:
     out = Path(out)
     with output_lock(out):
         check_series_output(out, overwrite)
-        out.parent.mkdir(parents=True, exist_ok=True)
         for stale in out.parent.glob(f".{glob.escape(out.name)}{TEMP_MARK}*"):  # ours alone: we hold the lock
             if stale.is_dir() and not stale.is_symlink():
                 shutil.rmtree(stale, ignore_errors=True)
@@ -192,7 +192,7 @@ def commit_series(stage: Path, out: Path, series_uid: str, overwrite: bool) -> P
         os.replace(stage, out)
     else:
         check_series_output(out, overwrite)
-        old = [name for name in _record(out)["files"] if (out / name).exists()]
+        old = [name for name in series_record(out)["files"] if (out / name).exists()]
         _write_record(out, {**record, "files": sorted(set(old) | set(files))})
         for name in files:
             os.replace(stage / name, out / name)
@@ -224,11 +224,6 @@ def verify_series(out: Path, series_uid: str, files: list[str]) -> None:
                                "something else wrote into the folder: check it and write again")
 
 
-def series_record(folder: str | os.PathLike) -> dict:
-    """The series record of a folder meddiff wrote (``files``, ``series_uid``); ``{"files": []}`` otherwise."""
-    return _record(Path(folder))
-
-
 @contextlib.contextmanager
 def locked_atomic_path(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
     """``atomic_path`` under the output's lock: two runs never interleave on one file output."""
@@ -236,11 +231,21 @@ def locked_atomic_path(path: str | os.PathLike, overwrite: bool = False) -> Iter
         yield tmp
 
 
-def check_free_space(folder: str | os.PathLike, needed: int, what: str) -> None:
-    """Refuse, before any work, ``what`` (``needed`` bytes) when the file system of ``folder`` has less free."""
+def check_free_space(folder: str | os.PathLike, needed: int, what: str, fewer: str) -> None:
+    """Refuse, before any work, ``what`` (plural: "200 radiographs"; ``needed`` bytes) when the disk that will hold
+    ``folder`` (its nearest existing folder) has less free; ``fewer`` says how to ask for less."""
     folder = Path(folder)
-    existing = next((p for p in (folder, *folder.parents) if p.exists()), Path("."))
-    free = shutil.disk_usage(existing).free
+    where = next((p for p in (folder, *folder.parents) if p.exists()), Path("."))
+    free = shutil.disk_usage(where).free
     if needed > free:
-        raise MeddiffError(f"{what} needs about {needed / 1e6:,.0f} MB but {existing} has {free / 1e6:,.0f} MB free "
-                           "— free space, or write fewer or smaller outputs")
+        raise MeddiffError(f"{what} need about {size(needed)}, but {where} has {size(free)} free "
+                           f"— free space there, choose another -o, or {fewer}")
+
+
+def size(n: float) -> str:
+    """``n`` bytes as a person reads them: 1.2 MB, 340 kB, 2.0 GB (decimal units, as ``df -H``)."""
+    for unit in ("bytes", "kB", "MB", "GB"):
+        if n < 1000:
+            return f"{n:.0f} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} TB"

@@ -45,17 +45,18 @@ def run(args) -> None:
         raise MeddiffError("--threshold turns a probability map into a SEG mask: use it with --format seg")
     sources = {"the input": args.input, "the template": args.template}
     with dicom_output.guarded(args, [Path(args.output)], sources) as dicom:
-        differ = dicom_output.check_subject(args.input, args.template, "the template", args, args.series)
+        template = identity(Path(args.template)) if args.template else None  # read once for both checks
+        differ = dicom_output.check_subject(args.input, args.template, "the template", args, args.series, template)
         image = load_image(args.input, series=args.series, modality=args.modality)
         if args.format == "seg":
             out = write_seg(_mask_values(image, args.threshold), args.template, args.output, overwrite=args.overwrite)
             print(f"wrote {out} (DICOM SEG of {args.template})")
             return
         if dicom:
-            if args.template:
-                dicom_output.check_modalities(image.modality, identity(Path(args.template))["Modality"],
-                                              f"the template {args.template}")
-            dicom_output.check_dicom_shape(Path(args.output), image.array.shape, args.template or args.input)
+            if template:
+                dicom_output.check_modalities(image.modality, template["Modality"], f"the template {args.template}")
+            dicom_output.check_dicom_shape(Path(args.output), image.array.shape, args.template or args.input,
+                                           args.series)
             description = dicom_output.provenance(f"converted by meddiff from {Path(args.input).name}", differ)
             out = dicom_output.write(image, Path(args.output), args, args.template or args.input, "convert",
                                      description)

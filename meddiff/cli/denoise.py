@@ -74,7 +74,7 @@ def run(args) -> None:
     with dicom_output.guarded(args, [Path(args.output)], sources) as dicom:  # before minutes of work, not after
         image = load_image(args.input, series=args.series)
         if dicom:
-            dicom_output.check_dicom_shape(Path(args.output), image.array.shape, args.input)
+            dicom_output.check_dicom_shape(Path(args.output), image.array.shape, args.input, args.series)
         mask, differ = None, dicom_output.check_subject(args.input, args.mask, "the mask", args, args.series)
         if args.mask:
             mask = mask_on_grid(Image(image.array[..., 0] if image.array.ndim == 4 else image.array, image.affine,

@@ -78,16 +78,17 @@ def guarded(args, outputs: list[Path], sources: Mapping[str, str | None]) -> Ite
 
 
 def check_subject(image_path: str | Path, other_path: str | Path | None, other_role: str, args,
-                  series: str | int | None = None) -> list[str]:
+                  series: str | int | None = None, theirs: dict[str, str] | None = None) -> list[str]:
     """Refuse to combine two DICOM objects (input and template, image and mask) of different patients, studies or
     frames of reference, naming both values, unless ``--allow-other-patient``; what differs (recorded in the
-    output's provenance). Non-DICOM files carry no identity and pass."""
+    output's provenance). Non-DICOM files carry no identity and pass. ``theirs``: the other object's identity when
+    the caller has read it already."""
     from meddiff.io import is_dicom_path
     from meddiff.io.dicom import IDENTITY_KEYS, identity
 
     if not other_path or not is_dicom_path(image_path) or not is_dicom_path(other_path):
         return []
-    ours, theirs = identity(Path(image_path), series), identity(Path(other_path))
+    ours, theirs = identity(Path(image_path), series), theirs or identity(Path(other_path))
     differ = [key for key in IDENTITY_KEYS if ours[key] != theirs[key]]
     if differ and not args.allow_other_patient:
         shown = "; ".join(f"{key} {ours[key]!r} vs {theirs[key]!r}" for key in differ)
@@ -107,15 +108,17 @@ def check_modalities(modality: str | None, other: str | None, what: str) -> None
                            f"{other} — use a {modality} template, or convert without one")
 
 
-def check_dicom_shape(out: Path, array_shape: tuple[int, ...], source: str | Path | None) -> None:
-    """A ``.dcm`` output holds one object: refuse, before any work, a series that would need a folder."""
+def check_dicom_shape(out: Path, array_shape: tuple[int, ...], source: str | Path | None,
+                      series: str | int | None = None) -> None:
+    """A ``.dcm`` output holds one object: refuse, before any work, a series that would need a folder (a DICOM
+    ``source``: one object per file of its ``series``, as ``write`` derives them)."""
     from meddiff.io import is_dicom_path
     from meddiff.io.dicom import source_slices
 
     if full_suffix(out) != ".dcm":
         return
     if source is not None and is_dicom_path(source):
-        count = len(source_slices(Path(source)))
+        count = len(source_slices(Path(source), series))
     else:
         count = array_shape[2] if len(array_shape) == 3 else 1
     if count > 1:

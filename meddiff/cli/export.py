@@ -26,7 +26,9 @@ def add_parser(subparsers) -> None:
                    help="the stored weights' type: float16 halves the folder (the networks compute in float32 "
                         "after loading; how the bundled models are shipped)")
     p.add_argument("--overwrite", action="store_true")
-    p.set_defaults(func=run)
+    # save_pretrained writes the folder's files one by one: an interrupted export may leave some of them
+    p.set_defaults(func=run, resume_hint="the output folder may hold part of the model; run the command again "
+                                         "with --overwrite")
 
 
 def module_from_checkpoint(path: str | Path):

@@ -91,7 +91,7 @@ MODULE_KINDS = {"DiffusionModule": "diffusion", "AutoencoderModule": "autoencode
 def check_flat_arguments(path: Path, model) -> None:
     """An old flat argument of ``DiffusionModule``/``AutoencoderModule`` (``channels``, ``image_shape``, ...) is
     refused with one line naming its nested key (``meddiff.training.migrate``)."""
-    from meddiff.training.migrate import FLAT_KEYS, is_flat, moved_key
+    from meddiff.training.migrate import is_flat, moved_key
 
     if not isinstance(model, dict) or not isinstance(model.get("init_args"), dict):
         return
@@ -99,7 +99,7 @@ def check_flat_arguments(path: Path, model) -> None:
     arguments = model["init_args"]
     if kind is None or not is_flat(arguments, kind):
         return
-    old = [key for key in arguments if key in FLAT_KEYS[kind] and is_flat({key: arguments[key]}, kind)]
+    old = [key for key, value in arguments.items() if is_flat({key: value}, kind)]
     raise MeddiffError(f"config file {path}: model.init_args.{old[0]} is now model.init_args.{moved_key(old[0], kind)}"
                        f" ({len(old)} flat key{'s' if len(old) > 1 else ''} of an older meddiff: "
                        f"{', '.join(old)}) — nest them as in configs/ (meddiff.training.migrate.nested_arguments)")
@@ -194,10 +194,11 @@ def check_data(datamodule, configs: list[Path]) -> None:
     datamodule.setup("fit")
 
 
-def check_resume(trainer, ckpt_path: str | None, model=None) -> None:
+def check_resume(trainer, ckpt_path: str | None, model=None, read: dict | None = None) -> None:
     """The checkpoint ``fit`` will resume from (``last`` resolved as Lightning does) is safe to read, and its
     weights fit ``model`` (when the model loads strictly, as meddiff's modules do): otherwise one line naming
-    the tensors that differ, not torch's ``Error(s) in loading state_dict`` after the run folder exists."""
+    the tensors that differ, not torch's ``Error(s) in loading state_dict`` after the run folder exists.
+    ``read``: checkpoints already read and checked, by path (not read again)."""
     if ckpt_path is None or str(ckpt_path) in CKPT_KEYWORDS[1:] or str(ckpt_path).startswith("registry:"):
         return
     if ckpt_path == "last":
@@ -213,7 +214,7 @@ def check_resume(trainer, ckpt_path: str | None, model=None) -> None:
             return
         if ckpt_path is None:
             return
-    checkpoint = check_checkpoint(ckpt_path)
+    checkpoint = (read or {}).get(str(ckpt_path)) or check_checkpoint(ckpt_path)
     if model is not None and getattr(model, "strict_loading", True):
         from meddiff.weights import check_fit
 
@@ -417,6 +418,7 @@ def run(args) -> None:
         cli_args.append("--weights_only=true")
     held = HeldLogs() if not getattr(args, "debug", False) else None
     started: dict = {}
+    read: dict[str, dict] = {}  # the checkpoint to resume from, read once (memory-mapped) and checked
 
     class MeddiffCLI(LightningCLI):
         def parse_arguments(self, parser, args) -> None:
@@ -428,20 +430,19 @@ def run(args) -> None:
             ckpt_path = self.config.get("fit", {}).get("ckpt_path")
             if (ckpt_path is not None and str(ckpt_path) not in CKPT_KEYWORDS
                     and not str(ckpt_path).startswith("registry:")):
-                check_checkpoint(ckpt_path)  # before LightningCLI reads the checkpoint's hyperparameters
+                read[str(ckpt_path)] = check_checkpoint(ckpt_path)  # before LightningCLI reads its hyperparameters
 
         def _parse_ckpt_path(self) -> None:
-            """Lightning's own (a checkpoint to resume updates the model's config with its hyperparameters), with
-            the flat hyperparameters of an older meddiff's checkpoint nested first (``meddiff.training.migrate``)."""
-            import torch
-
+            """Lightning's own (a checkpoint to resume updates the model's config with its hyperparameters), on the
+            checkpoint ``parse_arguments`` read, with the flat hyperparameters of an older meddiff's checkpoint
+            nested first (``meddiff.training.migrate``)."""
             from meddiff.training.migrate import nested_arguments
 
             subcommand = self.config.get("subcommand")
             ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
-            if not ckpt_path or not Path(ckpt_path).is_file():
+            if str(ckpt_path) not in read:
                 return
-            hparams = torch.load(ckpt_path, weights_only=True, map_location="cpu").get("hyper_parameters", {})
+            hparams = dict(read[str(ckpt_path)].get("hyper_parameters", {}))
             hparams.pop("_instantiator", None)
             if not hparams:
                 return
@@ -466,7 +467,7 @@ def run(args) -> None:
 
         def before_fit(self) -> None:
             check_data(self.datamodule, configs)
-            check_resume(self.trainer, self.config["fit"].get("ckpt_path"), self.model)
+            check_resume(self.trainer, self.config["fit"].get("ckpt_path"), self.model, read)
             started["trainer"] = self.trainer
             if held is not None:
                 held.release()  # checked: the run starts, with Lightning's usual lines

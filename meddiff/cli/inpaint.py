@@ -76,7 +76,7 @@ def output_paths(output: str, samples: int) -> list[Path]:
 
 def run(args) -> None:
     from meddiff.io import load_image, save_image
-    from meddiff.outputs import check_free_space
+    from meddiff.outputs import check_free_space, size
     from meddiff.pipelines import load_pipeline
     from meddiff.pipelines.inpaint import default_model, mask_on_grid
 
@@ -95,12 +95,12 @@ def run(args) -> None:
         image = load_image(args.input, series=args.series, modality=args.modality)
         differ = dicom_output.check_subject(args.input, args.mask, "the mask", args, args.series)
         for out in outputs if dicom else []:
-            dicom_output.check_dicom_shape(out, image.array.shape, args.input)
+            dicom_output.check_dicom_shape(out, image.array.shape, args.input, args.series)
         if args.samples > 1:
             needed = image.array.nbytes * args.samples  # an uncompressed float32 upper bound per fill
-            check_free_space(Path(args.output).parent, needed, f"{args.samples} fills")
-            print(f"{args.samples} fills of {' x '.join(map(str, image.array.shape))}: up to "
-                  f"{needed / 1e6:,.1f} MB", file=sys.stderr)
+            check_free_space(Path(args.output).parent, needed, f"{args.samples} fills", "ask for fewer (--samples)")
+            print(f"{args.samples} fills of {' x '.join(map(str, image.array.shape))}: up to {size(needed)}",
+                  file=sys.stderr)
         mask = load_image(args.mask)
         fill = mask_on_grid(image, mask)  # a bad mask is refused before the model loads; resampled once
         model = args.model or default_model(image.modality)

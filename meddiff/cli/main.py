@@ -78,8 +78,8 @@ def run(args) -> int:
     """Run the chosen verb; every failure becomes one ``error:`` line (see the module docstring).
 
     Ctrl-C or SIGTERM: exit 130 and one line saying what the verb left, ``args.resume_hint`` (set by a verb that
-    keeps finished work: generate, fit), else that nothing was written (every other verb writes to temporaries
-    renamed when complete).
+    can leave something: generate, fit, export, inpaint, a --send), else that nothing was written (every other verb
+    writes to temporaries renamed when complete).
     """
     import errno
 
@@ -93,9 +93,6 @@ def run(args) -> int:
         return 2
     except KeyboardInterrupt:
         hint = getattr(args, "resume_hint", None) or "nothing was written; run the command again"
-        if args.command == "export" and not getattr(args, "resume_hint", None):
-            # save_pretrained writes the folder's files one by one: an interrupted export may leave some of them
-            hint = f"{args.output} may hold part of the model; run the command again with --overwrite"
         print(f"error: interrupted — {hint}", file=sys.stderr)
         return 130
     except OSError as exc:  # the file system said no (full disk, permissions, a folder where a file should be)

@@ -13,7 +13,6 @@ Rendered only from the chest CT's training slabs: the held-out slab never reache
 from __future__ import annotations
 
 import os
-import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +26,7 @@ from meddiff.data.staging import staged_folder
 from meddiff.errors import MeddiffError
 from meddiff.image import Image
 from meddiff.io import save_image
+from meddiff.outputs import check_free_space, size
 
 MU_WATER = 0.02  # 1/mm, water at an effective energy of about 60 keV
 FIELD_OF_VIEW_PADDING = -1500.0  # below any tissue: the scanner's padding outside its field of view (-2048) is air
@@ -83,25 +83,6 @@ def plan(per_slab: int) -> tuple[int, int]:
     return files, files * BYTES_PER_FILE
 
 
-def check_disk(out_dir: Path, needed: int, what: str) -> None:
-    """Refuse when the disk that will hold ``out_dir`` (its nearest existing folder) has less than ``needed`` bytes
-    free."""
-    where = next(p for p in [out_dir.parent, *out_dir.parent.parents] if p.exists())
-    free = shutil.disk_usage(where).free
-    if needed > free:
-        raise MeddiffError(f"{what} need about {size(needed)}, but {where} has {size(free)} free "
-                           "— free space there, choose another -o, or ask for fewer (--per-slab)")
-
-
-def size(n: float) -> str:
-    """``n`` bytes as a person reads them: 1.2 MB, 340 kB, 2.0 GB (decimal units, as ``df -H``)."""
-    for unit in ("bytes", "kB", "MB", "GB", "TB"):
-        if n < 1000 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
-        n /= 1000
-    raise AssertionError("unreachable")
-
-
 def write_drr_set(out_dir: str | os.PathLike, per_slab: int = 8, seed: int = 0, overwrite: bool = False,
                   progress: bool = False) -> Path:
     """``per_slab`` radiographs (1 .. ``MAX_PER_SLAB``) from each training slab of the chest CT, with a manifest
@@ -116,7 +97,7 @@ def write_drr_set(out_dir: str | os.PathLike, per_slab: int = 8, seed: int = 0, 
         raise MeddiffError(f"per_slab must be a whole number from 1 to {MAX_PER_SLAB}, not {per_slab!r}")
     out_dir = Path(out_dir)
     files, needed = plan(per_slab)
-    check_disk(out_dir.resolve(), needed, f"{files} radiographs")
+    check_free_space(out_dir.resolve().parent, needed, f"{files} radiographs", "ask for fewer (--per-slab)")
     with staged_folder(out_dir, overwrite=overwrite) as stage:  # its own refusals come before the line below
         if progress:
             print(f"writing {files} radiographs ({per_slab} per slab, {len(training_slabs())} slabs) to {out_dir}, "

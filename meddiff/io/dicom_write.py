@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import copy
 import datetime
+import functools
 import logging
 import math
 from pathlib import Path
@@ -80,8 +81,16 @@ def write_derived_dicom(image: Image, source: str | Path, out_dir: str | Path, d
     slices = source_slices(Path(source), series)
     series_uid, now = generate_uid(), _now()
     number = 1000 + int(slices[0][1].get("SeriesNumber") or 0)
+
+    @functools.cache
+    def scale_for(slope: float, intercept: float, can_rescale: bool) -> tuple[float, float]:
+        # chosen on the whole result, once per source rescale, so every object of a series with one source rescale
+        # gets the same one (readers take a series' pixel type from its first file)
+        return storage_scale(image.array, slope, intercept, can_rescale, f"the source {source}")
+
+    low = float(image.array.min())
     datasets = [_derived_object(header, planes_on_source_grid(image, header, source), series_uid, number,
-                                description, task, now, image.array) for _, header in slices]
+                                description, task, now, scale_for, low) for _, header in slices]
     return _write(deidentified(datasets, task) if deidentify else datasets, Path(out_dir), overwrite)
 
 
@@ -174,10 +183,11 @@ def planes_on_source_grid(image: Image, header: Dataset, source) -> np.ndarray:
 
 
 def _derived_object(header: Dataset, planes: np.ndarray, series_uid: str, number: int, description: str, task: str,
-                    now: datetime.datetime, values: np.ndarray) -> FileDataset:
+                    now: datetime.datetime, scale_for, low: float) -> FileDataset:
     """A copy of the source object's header with the derived pixels, new UIDs and the derivation recorded: at the
     top level for a single-frame object, in each frame's Derivation Image functional group for a multi-frame one
-    (where the enhanced IODs keep it)."""
+    (where the enhanced IODs keep it). ``scale_for(slope, intercept, can_rescale)``: the stored rescale for the
+    source's; ``low``: the result's least value (one pixel representation for the whole series)."""
     ds = copy.deepcopy(header)
     ds.remove_private_tags()
     for key in _STALE_PIXEL_KEYS:
@@ -209,13 +219,11 @@ def _derived_object(header: Dataset, planes: np.ndarray, series_uid: str, number
         scale, transforms, can_rescale = header, [], True
         written = "RescaleSlope" in header or header.SOPClassUID != MRImageStorage
     source_scale = float(scale.get("RescaleSlope", 1)), float(scale.get("RescaleIntercept", 0))
-    # chosen on the whole result, so every object of a series with one source rescale gets the same one (readers
-    # take a series' pixel type from its first file)
-    slope, intercept = storage_scale(values, *source_scale, can_rescale, f"the source {header.SOPInstanceUID}")
+    slope, intercept = scale_for(*source_scale, can_rescale)
     for item in transforms:
         item.RescaleSlope, item.RescaleIntercept = f"{slope:.10g}", f"{intercept:.10g}"
     _set_pixels(ds, planes if len(planes) > 1 else planes[0], slope, intercept,
-                written or (not transforms and (slope, intercept) != source_scale), low=float(values.min()))
+                written or (not transforms and (slope, intercept) != source_scale), low=low)
     return _file_dataset(ds)
 
 
@@ -329,12 +337,14 @@ def storage_scale(values: np.ndarray, slope: float, intercept: float, can_rescal
     finer one when they span fewer than 255 steps and fall between them (a 0-1 probability map at slope 1). Without
     ``can_rescale`` (storage that keeps no rescale) either case is refused: no value is ever clipped or flattened.
     """
-    values = values.astype(np.float64)
     low, high = float(values.min()), float(values.max())
     lo, hi = (low - intercept) / slope, (high - intercept) / slope
     fits = (round(lo) >= -32768 and round(hi) <= 32767) or (round(lo) >= 0 and round(hi) <= 65535)
-    steps = (values - intercept) / slope
-    coarse = hi - lo < 255 and not np.allclose(steps, np.round(steps), atol=1e-3)
+    if hi - lo < 255:  # a narrow range: does the rescale resolve the values (in float64: a copy only here)
+        steps = (values.astype(np.float64) - intercept) / slope
+        coarse = not np.allclose(steps, np.round(steps), atol=1e-3)
+    else:
+        coarse = False
     if fits and not coarse:
         return slope, intercept
     if not can_rescale:

@@ -44,10 +44,14 @@ OLD_DEFAULTS = {
 }
 
 
+def _old(key: str, value, kind: str) -> bool:
+    """Whether ``key: value`` is an old flat argument (the old ``schedule`` only as a string, not the new group)."""
+    return key in FLAT_KEYS[kind] and not (key == "schedule" and isinstance(value, dict))
+
+
 def is_flat(arguments: dict, kind: str = "diffusion") -> bool:
-    """True if ``arguments`` hold any old flat key (the old ``schedule`` only as a string)."""
-    return any(key in FLAT_KEYS[kind] and not (key == "schedule" and isinstance(value, dict))
-               for key, value in arguments.items())
+    """True if ``arguments`` hold any old flat key."""
+    return any(_old(key, value, kind) for key, value in arguments.items())
 
 
 def nested_arguments(flat: dict, kind: str = "diffusion") -> dict:
@@ -57,14 +61,10 @@ def nested_arguments(flat: dict, kind: str = "diffusion") -> dict:
     if kind not in FLAT_KEYS:
         return dict(flat)
     mapping = FLAT_KEYS[kind]
-
-    def old(key, value) -> bool:
-        return key in mapping and not (key == "schedule" and isinstance(value, dict))
-
     nested = {key: dict(value) if isinstance(value, dict) else value
-              for key, value in flat.items() if not old(key, value)}
+              for key, value in flat.items() if not _old(key, value, kind)}
     for key, value in flat.items():
-        if old(key, value):
+        if _old(key, value, kind):
             group, field = mapping[key]
             if value is None and (group, field) == ("autoencoder", "attention_levels"):
                 value = [False] * len(flat.get("channels", DEFAULT_AUTOENCODER_CHANNELS))  # the old default

@@ -171,6 +171,17 @@ def test_an_interrupted_verb_that_keeps_nothing_says_so(workdir, monkeypatch):
     before.assert_unchanged()  # true: the set was staged in a hidden folder, now gone
 
 
+def test_an_interrupted_export_says_its_folder_may_be_partial(tiny_model, workdir, monkeypatch):
+    from meddiff.model import DiffusionModel
+
+    def ctrl_c(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(DiffusionModel, "save_pretrained", ctrl_c)
+    result = run_meddiff("export", tiny_model, workdir / "out", "--dtype", "float16")
+    assert_clean_error(result, "interrupted — the output folder may hold part of the model", "--overwrite", code=130)
+
+
 def test_an_interrupted_generate_says_its_finished_images_are_kept(tiny_model, workdir, monkeypatch):
     import os
 

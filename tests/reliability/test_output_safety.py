@@ -291,3 +291,14 @@ def test_export_stores_a_model_folder_in_float16_and_never_over_its_input(tiny_m
     before = Snapshot(workdir)
     assert_clean_error(run_meddiff("export", half, half, "--dtype", "float16", "--overwrite"), "is the input")
     before.assert_unchanged()
+
+
+def test_a_dcm_output_counts_the_objects_of_the_chosen_series(workdir):
+    folder = workdir / "study"
+    series(folder / "three", "MR")  # a 3-slice series, and a one-slice one beside it
+    write_synthetic_dicom(Image(np.ones((16, 16), np.float32) * 7, np.eye(4), "MR"), folder / "one.dcm", "one")
+    one = str(pydicom.dcmread(folder / "one.dcm").SeriesInstanceUID)
+    assert run_meddiff("convert", folder, workdir / "one_out.dcm", "--series", one, "--format", "dcm").code == 0
+    three = str(pydicom.dcmread(next((folder / "three").glob("*.dcm"))).SeriesInstanceUID)
+    assert_clean_error(run_meddiff("convert", folder, workdir / "three_out.dcm", "--series", three,
+                                   "--format", "dcm"), "series of 3")
