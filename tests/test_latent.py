@@ -285,7 +285,8 @@ def controlnet_run(latent_run):
     config = smoke_config("ct_controlnet_2d.yaml", root / "cn", root / "ct" / "manifest.jsonl", max_steps=3)
     settings = yaml.safe_load(config.read_text())
     settings["model"]["init_args"].update(base=str(root / "model"), export_dir=str(root / "cn_model"),
-                                          structures=str(root / "ct" / "chest_ct_structures.json"))
+                                          structures=str(root / "ct" / "chest_ct_structures.json"),
+                                          structure_hu=str(root / "ct" / "chest_ct_structure_hu.json"))
     config.write_text(yaml.safe_dump(settings))
     assert main(["fit", "--config", str(config)]) == 0
     assert main(["export", str(root / "cn" / "run" / "checkpoints" / "last.ckpt"), str(root / "cn_export")]) == 0
@@ -318,7 +319,9 @@ def test_the_controlnet_recipe_trains_exports_and_follows_a_label_map_on_its_gri
         assert sorted(p.name for p in (root / folder).iterdir()) == [
             "autoencoder.safetensors", "config.json", "controlnet.safetensors", "unet.safetensors"]
     model = load_model(root / "cn_export")
-    assert model.config.controlnet.structures[5] == "liver" and model.config.controlnet.conditioning_channels == 7
+    controlnet = model.config.controlnet
+    assert controlnet.structures[5] == "liver" and controlnet.conditioning_channels == 8  # 7 digits, the HU rendering
+    assert controlnet.structure_hu[0] < 0 < controlnet.structure_hu[5] and controlnet.structure_hu[10] < -700
     base = load_model(root / "model")
     for name, tensor in base.unet.state_dict().items():  # the base stayed frozen
         torch.testing.assert_close(model.unet.state_dict()[name], tensor)
@@ -461,9 +464,11 @@ def test_controlnet_configs_parse_and_build_on_their_base(name, stages, tmp_path
     DiffusionModule(**{**second, "autoencoder": str(tmp_path / "autoencoder")}).diffusion_model().save_pretrained(
         tmp_path / "base")
     (tmp_path / "structures.json").write_text(json.dumps({"1": "spleen", "118": "costal_cartilages"}))
+    (tmp_path / "hu.json").write_text(json.dumps({"0": -54.0, "1": 175.0, "118": 93.0}))
     module = ControlNetModule(**{**args, "base": str(tmp_path / "base"),
-                                 "structures": str(tmp_path / "structures.json")})
-    assert module.control_config.conditioning_channels == 7
+                                 "structures": str(tmp_path / "structures.json"),
+                                 "structure_hu": str(tmp_path / "hu.json")})
+    assert module.control_config.conditioning_channels == 8 and module.control_config.label_channels == 7
     assert 2 ** (len(module.control_config.conditioning_embedding_channels) - 1) == (
         module.base_config.autoencoder.downsample)
 

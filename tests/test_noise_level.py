@@ -34,6 +34,33 @@ def test_estimate_within_15_percent_of_true_sigma(clean_images, percent):
         assert abs(estimate / sigma - 1) <= 0.15, (name, estimate / sigma)
 
 
+def test_background_and_tissue_agree_within_their_spread():
+    """Half air, half flat tissue: the two estimates measure the one sigma, and ``spread`` is the relative
+    standard error of their ratio over noise draws (Monte Carlo constants of ``noise_level``)."""
+    from meddiff.diffusion.noise_level import estimate_noise
+
+    rng = np.random.default_rng(0)
+    clean = np.zeros((64, 64))
+    clean[:, 32:] = 20.0
+    estimates = [estimate_noise(rician(clean, 1.0, rng)) for _ in range(60)]
+    ratios = np.log([e.background / e.tissue for e in estimates])
+    spread = np.mean([e.spread for e in estimates])
+    assert abs(ratios.mean()) < 0.03 and 0.6 < ratios.std() / spread < 1.5, (ratios.mean(), ratios.std(), spread)
+
+
+def test_dark_tissue_without_air_is_not_taken_for_a_clean_background():
+    """A real 64x64 MR crop with no air (pydicom's MR_small) at 9 % noise: the background fit takes dark tissue
+    for background (1.5x the noise), the bright tissue's sigma does not follow it."""
+    from pydicom.data import get_testdata_file
+
+    from meddiff.diffusion.noise_level import estimate_noise
+
+    clean = load_image(get_testdata_file("MR_small.dcm")).array.squeeze().astype(np.float64)
+    sigma = 0.09 * clean.max()
+    estimate = estimate_noise(rician(clean, sigma, np.random.default_rng(9)))
+    assert estimate.background > 1.3 * sigma and abs(estimate.tissue / sigma - 1) < 0.15
+
+
 def test_bad_input_is_refused():
     with pytest.raises(MeddiffError, match="NaN"):
         estimate_noise_sigma(np.array([[1.0, np.nan], [0.0, 1.0]]))

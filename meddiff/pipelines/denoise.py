@@ -1,5 +1,5 @@
 """Denoising a magnitude MR image with a diffusion prior: noise-level matching (``diffusion.denoise``) on
-tiles, the Rician floor removed, geometry, units and metadata of the input kept."""
+tiles, the Rician floor removed where the image shows it, geometry, units and metadata of the input kept."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ from tqdm.auto import tqdm
 
 from meddiff.data.transforms import NormalizeIntensityd
 from meddiff.diffusion.denoise import denoise_tensor
-from meddiff.diffusion.noise_level import estimate_noise_sigma
-from meddiff.diffusion.rician import correct_rician_bias
+from meddiff.diffusion.noise_level import NoiseEstimate, estimate_noise
+from meddiff.diffusion.rician import correct_rician_bias, floor_sigma
 from meddiff.diffusion.tiling import tile_geometry, tiled
 from meddiff.errors import MeddiffError
 from meddiff.image import Image
@@ -39,7 +39,8 @@ def denoise(model: DiffusionModel, image: Image, spec: DenoiseSpec | None = None
     singleton axis (a 2D image stored as a volume) or else the thickest voxel axis; a 3D model
     tiles the volume. 4D images are denoised volume by volume. ``progress``: a progress bar
     (tiles) when denoising takes more than a moment. ``rician_correction``: remove the Rician noise
-    floor of magnitude MR from the result (``meddiff.diffusion.rician``).
+    floor of magnitude MR from the result (``meddiff.diffusion.rician``): with the given sigma, or with an
+    estimated one only where the image's background and bright tissue agree on it (``floor_sigma``).
     """
     if model.config.autoencoder is not None:
         raise MeddiffError("this is a latent model: it generates images but cannot denoise them — use a pixel-space "
@@ -66,7 +67,8 @@ def denoise(model: DiffusionModel, image: Image, spec: DenoiseSpec | None = None
     if min(plane) < MIN_DENOISE_SIDE:
         raise MeddiffError(f"the image is too small to denoise: {' x '.join(map(str, image.array.shape))} voxels "
                            f"(each side of a slice needs at least {MIN_DENOISE_SIDE})")
-    sigma = estimate_sigma(image.array) if spec.noise_sigma is None else float(spec.noise_sigma)
+    noise = estimate_sigma(image.array) if spec.noise_sigma is None else None
+    sigma = float(spec.noise_sigma) if noise is None else noise.sigma
     if not sigma > 0:
         raise MeddiffError("no noise found in the image (estimated sigma 0): nothing to denoise, or give --noise-sigma")
     low, high = NormalizeIntensityd("image").intensity_range(torch.from_numpy(image.array), "MR")
@@ -89,21 +91,21 @@ def denoise(model: DiffusionModel, image: Image, spec: DenoiseSpec | None = None
         out = torch.movedim(tiles.planes(torch.movedim(y, axis, 0), run), 0, axis)
     del y
     array = out.float().cpu().add_(1.0).mul_((high - low) / 2.0).add_(low).numpy()  # from_model_range, in place
-    array = correct_rician_bias(array, sigma, image, spec.rician_correction)
+    array = correct_rician_bias(array, sigma if noise is None else floor_sigma(noise), image, spec.rician_correction)
     if mask is not None:
         array = np.where(np.asarray(mask, dtype=bool), array, image.array).astype(np.float32)
     return Image(array, image.affine, image.modality, dict(image.meta))
 
 
-def estimate_sigma(array: np.ndarray, max_slices: int = 32) -> float:
-    """The noise sigma of ``array`` from at most ``max_slices`` evenly spaced slices along its last
+def estimate_sigma(array: np.ndarray, max_slices: int = 32) -> NoiseEstimate:
+    """The noise of ``array`` from at most ``max_slices`` evenly spaced slices along its last
     axis (the estimator's own planes): the noise of a scan is the same in all of them, and the
     estimator works in float64 with filtered copies, gigabytes for a 512x512x300 volume.
     A 2D image stored as a volume (x, y, 1) is estimated as the 2D image it is."""
     array = np.squeeze(array)
     if array.ndim == 3 and array.shape[2] > max_slices:
         array = array[..., np.linspace(0, array.shape[2] - 1, max_slices).round().astype(int)]
-    return estimate_noise_sigma(array)
+    return estimate_noise(array)
 
 
 class Tiles:

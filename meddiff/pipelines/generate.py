@@ -14,7 +14,7 @@ import torch
 from diffusers.utils.torch_utils import randn_tensor
 from tqdm.auto import tqdm
 
-from meddiff.data.transforms import from_model_range
+from meddiff.data.transforms import CT_MODALITIES, from_model_range
 from meddiff.diffusion import latent
 from meddiff.diffusion.guidance import classifier_free_guidance, doubled
 from meddiff.diffusion.sampling import ModelFunction, sample_loop, unet_function
@@ -24,6 +24,7 @@ from meddiff.io.guard import physical_memory
 from meddiff.model import DiffusionModel
 from meddiff.pipelines.spec import SamplingSpec
 
+CT_RANGE = (-1024.0, 3071.0)  # HU a CT scanner stores (12 bits): air to dense bone and metal
 MAX_SEED = 2**64 - 1  # torch.Generator.manual_seed takes 0 .. 2**64 - 1 (negative values wrap around: refused)
 
 
@@ -154,11 +155,22 @@ def sample(model: DiffusionModel, spec: SamplingSpec, seeds: Sequence[int], prom
     return latent.decode(model.autoencoder, x, autoencoder.scale_factor, autoencoder.decode_tile)
 
 
+def physical(model: DiffusionModel, x: np.ndarray) -> np.ndarray:
+    """Generated values in model units -> physical units: where every generated image leaves model units. A CT is
+    clipped to what a scanner stores, -1024 to 3071 HU (``CT_RANGE``): the network's output is not bounded, and
+    values below air or above dense bone are no tissue (a model that saw the -2048 padding outside a scanner's
+    field of view learnt to write it) and would skew any HU statistic of a synthetic set."""
+    info = model.config.image
+    array = from_model_range(x, *info.intensity_range)
+    if (info.modality or "").upper() in CT_MODALITIES:
+        array = np.clip(array, *CT_RANGE)
+    return array
+
+
 def to_image(model: DiffusionModel, x: torch.Tensor) -> Image:
     """One sample (C, *spatial) in model units -> an ``Image`` in physical units and training spacing."""
     info = model.config.image
-    low, high = info.intensity_range
-    array = from_model_range(x[0].float().cpu().numpy(), low, high)
+    array = physical(model, x[0].float().cpu().numpy())
     spacing = list(info.spacing or [1.0] * array.ndim)
     return Image(array=array, affine=np.diag([*spacing[: array.ndim], *[1.0] * (4 - array.ndim)]),
                  modality=info.modality)

@@ -8,6 +8,8 @@ and geometry. A 2D model runs on the slices the mask touches (across ``volumes.s
 the region around the mask (its bounding box widened by half the model's training extent on every side: a
 tile centred on the region sees as much context as in training; a small region of a large volume costs a few
 tiles, not the volume); an image larger than the model's training shape is sampled on tiles at every step.
+A model with ``inpaint_prefill`` fills the region classically on the input's own grid first, sees that fill as
+its condition and samples only the residual, which is added back to the fill.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import torch
 from scipy import ndimage
 from tqdm.auto import tqdm
 
-from meddiff.data.masks import inpaint_condition
+from meddiff.data.masks import inpaint_condition, prefilled
 from meddiff.data.transforms import from_model_range, to_model_range
 from meddiff.diffusion.repaint import RESAMPLABLE, RePaint
 from meddiff.diffusion.sampling import concatenated, sample_loop
@@ -194,7 +196,10 @@ def _context_box(fill: np.ndarray, spacing, config) -> tuple[slice, ...]:
 def _fill(model: DiffusionModel, spec: InpaintSpec, known: torch.Tensor, keep: torch.Tensor, seeds: list[int],
           prompts: list[str] | None, spacing, batch_size: int, on_step) -> torch.Tensor:
     """Fill a batch of items (N, *spatial) in model units; returns them filled, on their own grid. A
-    mask-conditioned model sees [masked image, mask] at every step; any other model runs RePaint."""
+    mask-conditioned model sees [masked image, mask] at every step; any other model runs RePaint. With
+    ``inpaint_prefill`` the condition is [prefill, mask], the prefill made here at full resolution (the same
+    ``prefilled`` training used) and resized to the model's grid, and the result is prefill + the sampled residual
+    (resized back): a network that predicts no residual returns the classical fill."""
     config = model.config
     spatial = tuple(known.shape[1:])
     factors = [1.0] * len(spatial)
@@ -202,7 +207,8 @@ def _fill(model: DiffusionModel, spec: InpaintSpec, known: torch.Tensor, keep: t
         factors = [s / m for s, m in zip(spacing, config.image.spacing, strict=True)]
         factors = [1.0 if abs(f - 1.0) <= SPACING_TOLERANCE else f for f in factors]
     resized = tuple(max(1, round(n * f)) for n, f in zip(spatial, factors, strict=True))
-    x0 = known[:, None].float()
+    fill_in = prefilled(known.float(), ~keep) if config.inpaint_prefill else None  # on the input's own grid
+    x0 = (known if fill_in is None else fill_in)[:, None].float()
     hold = keep[:, None].float()
     if resized != spatial:  # to the model's voxel size: what it learnt anatomy at
         mode = "bilinear" if len(spatial) == 2 else "trilinear"
@@ -214,7 +220,9 @@ def _fill(model: DiffusionModel, spec: InpaintSpec, known: torch.Tensor, keep: t
     device = model.device
     x0, kept = x0.to(device), (hold >= 1.0).to(device)  # a voxel partly to fill is filled
     function = model_function(model, spec, 1, prompts)  # a mask-conditioned model gets its condition below
-    condition = inpaint_condition(x0, (~kept).to(x0.dtype), channel_dim=1) if config.task == "inpaint" else None
+    condition, region = None, (~kept).to(x0.dtype)
+    if config.task == "inpaint":  # the input with its region set to 0, or the prefill (already filled) as it is
+        condition = inpaint_condition(x0, region, channel_dim=1) if fill_in is None else torch.cat([x0, region], 1)
     if any(p > t for p, t in zip(padded, config.image.shape, strict=True)):
         function = tiled_function(function, config.image.shape, multiple, batch_size)
     if condition is not None:  # outside the tiles, so each tile carries its part of the condition
@@ -239,4 +247,4 @@ def _fill(model: DiffusionModel, spec: InpaintSpec, known: torch.Tensor, keep: t
     if resized != spatial:
         x = torch.nn.functional.interpolate(x, size=spatial, mode="bilinear" if len(spatial) == 2 else "trilinear",
                                             align_corners=False)
-    return x[:, 0]
+    return x[:, 0] if fill_in is None else fill_in + x[:, 0]

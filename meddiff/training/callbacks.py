@@ -1,7 +1,10 @@
-"""Training callbacks: sample grids of the EMA model, written as PNG and sent to the loggers."""
+"""Training callbacks: sample grids of the EMA model, written as PNG and sent to the loggers; the record of a run
+(steps, wall time, device) that a model card is written from."""
 
 from __future__ import annotations
 
+import json
+import time
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -97,3 +100,34 @@ class SampleGrid(pl.Callback):
         for logger in trainer.loggers:
             if isinstance(logger, WandbLogger):
                 logger.log_image(key="samples", images=[str(path)], step=step)
+
+
+class RunRecord(pl.Callback):
+    """Writes ``path`` (JSON) when training ends: optimizer steps, wall seconds, device, precision, items per
+    step, the last training loss and whether a step or time limit stopped it, so what made a model is
+    recorded by the run itself (``make models`` writes the model card from it)."""
+
+    def __init__(self, path: str):
+        self.path = Path(path)
+        self.started = 0.0
+
+    def on_train_start(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
+        self.started = time.perf_counter()
+
+    def on_train_end(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
+        if trainer.global_rank != 0:
+            return
+        loss = trainer.callback_metrics.get("train/loss")
+        device = module.device
+        record = {
+            "steps": trainer.global_step,
+            "seconds": round(time.perf_counter() - self.started, 1),
+            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else device.type,
+            "devices": trainer.world_size,
+            "precision": str(trainer.precision),
+            "batch_size": getattr(trainer.train_dataloader, "batch_size", None),
+            "last_loss": None if loss is None else round(float(loss), 5),
+            "stopped_by": "steps" if trainer.max_steps > 0 and trainer.global_step >= trainer.max_steps else "time",
+        }
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.path.write_text(json.dumps(record, indent=1) + "\n")

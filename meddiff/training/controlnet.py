@@ -4,10 +4,13 @@ ControlNet on organ label maps).
 The base model folder (pixel or latent, DDPM family or rectified flow) stays as it is; the ControlNet starts as
 a copy of the base UNet's encoder (MONAI ``copy_model_state``) with zero-initialised output convolutions, so
 training starts from the base model's own samples. Each batch's integer label map (``labels_key``, the
-manifest record's ``mask``) enters as the binary digits of its labels (``meddiff.nets.label_bits``); the loss
-is the base model's own objective. ``structures`` (a JSON file ``{label: name}``, e.g. the sample set's
-``chest_ct_structures.json``) names the labels in the exported model. At the end of training the module writes
-``export_dir`` (the base model plus the ControlNet's EMA weights), which ``meddiff generate --condition`` uses.
+manifest record's ``mask``) enters as the binary digits of its labels (``meddiff.nets.label_bits``) and, given
+``structure_hu`` (a JSON file ``{label: HU}``, e.g. the sample set's ``chest_ct_structure_hu.json``: each structure's
+median HU over the training CT), as one more channel, the map rendered in HU (``meddiff.data.structure_hu``), built
+by ``ControlNetConfig.condition`` as generation builds it; the loss is the base model's own objective.
+``structures`` (a JSON file ``{label: name}``, e.g. the sample set's ``chest_ct_structures.json``) names the labels
+in the exported model. At the end of training the module writes ``export_dir`` (the base model plus the
+ControlNet's EMA weights and both tables), which ``meddiff generate --condition`` uses.
 """
 
 from __future__ import annotations
@@ -23,7 +26,6 @@ from torch.optim.swa_utils import AveragedModel
 from meddiff.diffusion import latent
 from meddiff.errors import MeddiffError, first_line
 from meddiff.model import ControlNetConfig, DiffusionModel, ModelConfig, load_model
-from meddiff.nets import label_bits
 from meddiff.nets.controlnet import bits_needed
 from meddiff.training.module import SeededEMATraining, ema_with_warmup
 
@@ -45,10 +47,27 @@ def read_structures(path: str | None) -> dict[int, str]:
     return structures
 
 
+def read_structure_hu(path: str | None) -> dict[int, float]:
+    """``{label: HU}`` from a JSON file (label keys as strings or numbers; 0: unlabelled body), or {} without one."""
+    if path is None:
+        return {}
+    try:
+        raw = json.loads(Path(path).read_text())
+        table = {int(label): float(hu) for label, hu in raw.items()}
+    except (OSError, ValueError, TypeError, AttributeError) as exc:
+        raise MeddiffError(f"cannot read the structure HU table in {path}: {exc} — give a JSON object "
+                           '{"0": -54.0, "1": 175.0, ...} (meddiff manifest samples writes chest_ct_structure_hu.json)'
+                           ) from None
+    if 0 not in table or min(table) < 0:
+        raise MeddiffError(f"{path}: the structure HU table needs label 0 (unlabelled body) and labels >= 0")
+    return table
+
+
 class ControlNetModule(SeededEMATraining):
     """Trains a ControlNet for the model in ``base``. ``conditioning_channels``: binary digits per label (default:
-    enough for the largest named structure, else 8); ``conditioning_embedding_channels``: the condition's
-    embedding (default: 16 channels, doubling once per halving the model needs: a latent model's down-sampling)."""
+    enough for the largest named structure, else 8; the HU rendering of ``structure_hu`` adds one channel);
+    ``conditioning_embedding_channels``: the condition's embedding (default: 16 channels, doubling once per halving
+    the model needs: a latent model's down-sampling)."""
 
     trained = "controlnet"
 
@@ -56,6 +75,7 @@ class ControlNetModule(SeededEMATraining):
         self,
         base: str,
         structures: str | None = None,
+        structure_hu: str | None = None,
         labels_key: str = "mask",
         conditioning_channels: int | None = None,
         conditioning_embedding_channels: Sequence[int] | None = None,
@@ -67,16 +87,17 @@ class ControlNetModule(SeededEMATraining):
     ):
         super().__init__()
         self.save_hyperparameters()
-        names = read_structures(structures)
+        names, table = read_structures(structures), read_structure_hu(structure_hu)
         model = load_model(base)
         downsample = model.config.autoencoder.downsample if model.config.autoencoder else 1
         if model.config.controlnet is not None or model.config.task != "generate" or model.config.text_encoder:
             raise MeddiffError(f"the base model in {base} must be an unconditional generator (no ControlNet, "
                                "inpainting task or text encoder)")
         embedding = list(conditioning_embedding_channels or [16 * 2**i for i in range(downsample.bit_length())])
+        bits = conditioning_channels or (bits_needed(max(names)) if names else 8)
         self.control_config = ControlNetConfig(
-            conditioning_channels=conditioning_channels or (bits_needed(max(names)) if names else 8),
-            conditioning_embedding_channels=embedding, conditioning_scale=conditioning_scale, structures=names)
+            conditioning_channels=bits + (1 if table else 0), conditioning_embedding_channels=embedding,
+            conditioning_scale=conditioning_scale, structures=names, structure_hu=table)
         try:  # validated: the embedding must bring the label map to the grid the UNet runs on
             self.base_config = ModelConfig.model_validate({**model.config.model_dump(mode="json"),
                                                            "controlnet": self.control_config.model_dump(mode="json")})
@@ -105,7 +126,7 @@ class ControlNetModule(SeededEMATraining):
         if labels is None:
             raise MeddiffError(f"the batch holds no {self.hparams.labels_key!r}: give records with a label map "
                                "(the manifest's mask)")
-        control = label_bits(labels.round(), self.control_config.conditioning_channels)
+        control = self.control_config.condition(labels.round(), self.base_config.image.intensity_range)
         if self.autoencoder is not None:
             x0 = latent.encode(self.autoencoder, x0, self.base_config.autoencoder.scale_factor)
         noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)

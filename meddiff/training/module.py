@@ -12,6 +12,7 @@ from pydantic import ValidationError
 from torch.optim.swa_utils import AveragedModel
 
 from meddiff.data.latents import LATENT_KEY, fingerprint
+from meddiff.data.masks import PREFILLS, inpaint_condition
 from meddiff.diffusion import latent
 from meddiff.diffusion.schedulers import NoiseSchedule
 from meddiff.errors import MeddiffError, first_line
@@ -50,17 +51,40 @@ class Conditioning:
     integer labels (with ``unet.num_class_embeds``); ``concat_key`` a batch entry concatenated to the input
     channels (with ``unet.concat_channels``); ``text_encoder`` (a ``load_text_encoder`` spec) encodes
     ``batch[report_key]`` for cross-attention, each report replaced by the empty one with probability
-    ``condition_dropout`` so the network also learns the unconditional model classifier-free guidance needs."""
+    ``condition_dropout`` so the network also learns the unconditional model classifier-free guidance needs.
+    ``prefill`` "biharmonic" (a 2D inpainting model): the condition holds the region filled by biharmonic
+    inpainting (``RandInpaintMaskd(prefill="biharmonic")`` makes it) and the model learns the residual image -
+    prefill, so it starts where the classical fill ends; saved as the model's ``inpaint_prefill``."""
 
     class_key: str = "label"
     concat_key: str | None = None
     text_encoder: str | None = None
     report_key: str = "report"
     condition_dropout: float = 0.1
+    prefill: str | None = None
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.condition_dropout < 1.0:
             raise MeddiffError(f"condition_dropout must be in [0, 1), got {self.condition_dropout}")
+        if self.prefill is not None and self.prefill not in PREFILLS:
+            raise MeddiffError(f"conditioning.prefill must be one of {list(PREFILLS)} or null, not {self.prefill!r}")
+
+
+@dataclass(frozen=True)
+class Inference:
+    """What the exported model does by default, so the recipe that trains a bundled model also sets how it is
+    used: ``denoise_strength`` (the fraction of a scan's estimated noise ``meddiff denoise`` removes),
+    ``denoise_tile`` (the tiles denoising runs on), ``inpaint_steps`` (a mask-conditioned model's steps; 1 is
+    the network's estimate of the posterior mean from pure noise)."""
+
+    denoise_strength: float = 1.0
+    denoise_tile: list[int] | None = None
+    inpaint_steps: int | None = None
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.denoise_strength <= 2.0 or (self.inpaint_steps is not None and self.inpaint_steps < 1):
+            raise MeddiffError(f"inference: denoise_strength must be in (0, 2] and inpaint_steps at least 1, not "
+                               f"{self.denoise_strength} and {self.inpaint_steps}")
 
 
 def typed(cls, value, name: str):
@@ -93,6 +117,7 @@ DEFAULT_UNET = UNetConfig()
 DEFAULT_SCHEDULE = NoiseSchedule()
 DEFAULT_IMAGE = ImageConfig(shape=[64, 64], modality="MR")
 DEFAULT_CONDITIONING = Conditioning()
+DEFAULT_INFERENCE = Inference()
 
 
 class DiffusionModule(SeededEMATraining):
@@ -115,12 +140,15 @@ class DiffusionModule(SeededEMATraining):
     starts from the noise level of a scan) spends its whole capacity there but cannot generate.
     An inpainting model's loss weighs voxels outside the mask (the last condition channel) by
     ``outside_mask_weight``: the region to fill is what it must learn, outside it the input is kept anyway.
+    With ``conditioning.prefill`` it learns x0 = image - prefill (the condition's first channel), the residual.
     ``valid_key`` names a batch entry that is 0 where the image holds no data (a CT's padding outside the
     scanner's field of view): those voxels never enter the loss. ``autoencoder`` (a first-stage folder,
     ``AutoencoderModule``'s ``export_dir``, or a latent model folder) makes a latent model: the frozen encoder
     maps each batch to latents (posterior mean x the scale factor computed from the first batch), or the data
     brings them cached (``ManifestDataModule``'s ``latents``, the same folder), and the UNet learns those; the
     exported folder holds both networks and ``meddiff generate`` decodes.
+    ``inference`` (``Inference``) is how the exported model is used by default (denoising strength and tiles,
+    inpainting steps).
     ``export_dir``: where the model folder (EMA weights, as ``meddiff export`` writes it) goes when training ends.
     """
 
@@ -131,6 +159,7 @@ class DiffusionModule(SeededEMATraining):
         image: ImageConfig = DEFAULT_IMAGE,
         conditioning: Conditioning = DEFAULT_CONDITIONING,
         task: str = "generate",
+        inference: Inference = DEFAULT_INFERENCE,
         outside_mask_weight: float = 1.0,
         valid_key: str | None = None,
         max_train_timestep: int | None = None,
@@ -145,6 +174,7 @@ class DiffusionModule(SeededEMATraining):
         unet, image = typed(UNetConfig, unet, "unet"), typed(ImageConfig, image, "image")
         schedule = typed(NoiseSchedule, schedule, "schedule")
         conditioning = typed(Conditioning, conditioning, "conditioning")
+        inference = typed(Inference, inference, "inference")
         if (unet.concat_channels > 0) != (conditioning.concat_key is not None):
             raise MeddiffError("unet.concat_channels and conditioning.concat_key go together: set both or neither")
         if task not in ("generate", "inpaint"):
@@ -153,6 +183,8 @@ class DiffusionModule(SeededEMATraining):
             raise MeddiffError("task inpaint takes unet.concat_channels 2 (the masked image and the mask: "
                                "conditioning.concat_key inpaint_condition, made by "
                                "meddiff.data.masks.RandInpaintMaskd)")
+        if conditioning.prefill is not None and (task != "inpaint" or unet.spatial_dims != 2):
+            raise MeddiffError("conditioning.prefill is for 2D inpainting models (task inpaint, unet.spatial_dims 2)")
         if not 0.0 <= outside_mask_weight <= 1.0 or (outside_mask_weight != 1.0 and task != "inpaint"):
             raise MeddiffError(f"outside_mask_weight must be in [0, 1] and needs task inpaint, "
                                f"not {outside_mask_weight}")
@@ -162,8 +194,9 @@ class DiffusionModule(SeededEMATraining):
             raise MeddiffError(f"max_train_timestep {max_train_timestep} must be in "
                                f"1..{schedule.num_train_timesteps}")
         self.save_hyperparameters()
-        plain_hyperparameters(self, unet=unet, schedule=schedule, image=image, conditioning=conditioning)
-        self.unet_spec, self.image, self.conditioning = unet, image, conditioning
+        plain_hyperparameters(self, unet=unet, schedule=schedule, image=image, conditioning=conditioning,
+                              inference=inference)
+        self.unet_spec, self.image, self.conditioning, self.inference = unet, image, conditioning, inference
         self.text_encoder = None
         if conditioning.text_encoder is not None:
             from meddiff.encoders import load_text_encoder
@@ -177,6 +210,7 @@ class DiffusionModule(SeededEMATraining):
         self.schedule = schedule
         self.ema = AveragedModel(self.unet, multi_avg_fn=ema_with_warmup(ema_decay), use_buffers=True)
         self.ema.requires_grad_(False)  # updated by averaging, never by gradients (and ignored by DDP)
+        self.condition_checked = False  # an inpainting model checks the data's condition on its first batch
 
     @classmethod
     def from_flat(cls, **flat) -> DiffusionModule:
@@ -229,6 +263,8 @@ class DiffusionModule(SeededEMATraining):
             ),
             max_train_timestep=hp.max_train_timestep if limited else None,
             task=hp.task,
+            **asdict(self.inference),
+            inpaint_prefill=self.conditioning.prefill,
             autoencoder=None if self.autoencoder_folder is None else self.autoencoder_folder.autoencoder.model_copy(
                 update={"scale_factor": float(self.latent_scale)}),
         )
@@ -248,6 +284,8 @@ class DiffusionModule(SeededEMATraining):
         x0 = batch["image"]
         if self.autoencoder_folder is not None:
             x0 = self.latents(batch, float(self.latent_scale))
+        if self.conditioning.prefill is not None:  # the residual: what the classical fill (channel 0) misses
+            x0 = x0 - batch[self.conditioning.concat_key][:, :1].to(x0.dtype)
         noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
         t = self.schedule.draw_timesteps(x0.shape[0], generator, x0.device, self.hparams.max_train_timestep)
         xt, target = self.schedule.noised_and_target(x0, noise, t)
@@ -291,10 +329,26 @@ class DiffusionModule(SeededEMATraining):
         return batch["image"] * scale
 
     def on_train_batch_start(self, batch: dict, batch_idx: int) -> None:
-        """A latent model's scale factor, once, from its first training batch (rank 0's, for every rank)."""
+        """A latent model's scale factor, once, from its first training batch (rank 0's, for every rank); an
+        inpainting model's check of the data's condition, once, on its first training batch."""
+        if self.hparams.task == "inpaint" and not self.condition_checked:
+            self.check_condition(batch)
+            self.condition_checked = True
         if self.autoencoder_folder is not None and float(self.latent_scale) == 0.0:
             factor = latent.scale_factor(self.latents(batch, 1.0))
             self.latent_scale.fill_(self.trainer.strategy.broadcast(factor) if self._trainer else factor)
+
+    def check_condition(self, batch: dict) -> None:
+        """That the data builds the condition this model takes (``conditioning.prefill``: the data's
+        ``RandInpaintMaskd`` must have the same ``prefill``), recomputed for the batch's first item: a mismatch
+        would train a network ``meddiff inpaint`` then feeds another condition."""
+        key, prefill = self.conditioning.concat_key, self.conditioning.prefill
+        condition = batch[key][:1].float()
+        expected = inpaint_condition(batch["image"][:1].float(), condition[:, 1:], channel_dim=1, prefill=prefill)
+        if not torch.allclose(condition, expected, atol=1e-4):
+            raise MeddiffError(f"the data's {key} is not the condition this model takes (conditioning.prefill "
+                               f"{prefill or 'null'}): give the data's meddiff.data.masks.RandInpaintMaskd prefill: "
+                               f"{prefill or 'null'}")
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         size = batch["image"].shape[0]

@@ -1,8 +1,9 @@
-"""The Rician noise floor of magnitude MR is removed from denoised images.
+"""The Rician noise floor of magnitude MR is removed from denoised images where the image shows it.
 
 A denoiser trained for Gaussian noise returns the Rician mean ``E[M | A]``: about ``sigma * sqrt(pi/2)``
 where the truth is 0. ``meddiff.diffusion.rician`` inverts that mean (checked here against scipy's
-Rician distribution) and ``DiffusionPipeline.denoise`` applies it to magnitude MR by default.
+Rician distribution) and ``DiffusionPipeline.denoise`` applies it to magnitude MR by default, where the
+background's and bright tissue's sigma agree (``floor_sigma``).
 """
 
 from __future__ import annotations
@@ -12,7 +13,8 @@ import pytest
 from scipy import stats
 
 from meddiff import Image
-from meddiff.diffusion.rician import correct_rician_bias, rician_amplitude
+from meddiff.diffusion.noise_level import NoiseEstimate
+from meddiff.diffusion.rician import BREAK_EVEN, correct_rician_bias, floor_sigma, rician_amplitude
 
 FLOOR = np.sqrt(np.pi / 2)  # the Rayleigh mean / sigma: what the background shows without the correction
 
@@ -53,8 +55,31 @@ def test_only_magnitude_mr_is_corrected():
     for source in (Image(array, np.eye(4), "CT"), Image(array - 1, np.eye(4), "MR")):
         assert correct_rician_bias(array, 1.0, source) is array
     assert correct_rician_bias(array, 1.0, Image(array, np.eye(4), "MR"), enabled=False) is array
+    assert correct_rician_bias(array, None, Image(array, np.eye(4), "MR")) is array  # no reliable floor: kept
     with pytest.raises(ValueError, match="sigma"):
         rician_amplitude(array, 0.0)
+
+
+def test_break_even_over_estimate_of_sigma():
+    """Corrected with up to BREAK_EVEN x the noise, the exact Rician mean of any amplitude ends no further from
+    it than without the correction; a little more, and amplitudes around 0.7 sigma are set to 0."""
+    assert BREAK_EVEN == pytest.approx(1.119, abs=1e-3)
+    nu = np.linspace(0.0, 30.0, 30001)
+    mean = stats.rice.mean(nu)
+    for factor in (0.5, 1.0, 1.05, BREAK_EVEN - 1e-3):
+        assert np.all(np.abs(rician_amplitude(mean, factor) - nu) <= mean - nu + 1e-3), factor
+    assert np.any(np.abs(rician_amplitude(mean, BREAK_EVEN + 0.02) - nu) > mean - nu + 0.05)
+
+
+def test_floor_only_where_background_and_tissue_agree():
+    assert floor_sigma(NoiseEstimate(2.0)) is None  # no background: nothing shows the floor
+    assert floor_sigma(NoiseEstimate(2.0, 2.0)) is None  # no bright tissue to confirm it
+    assert floor_sigma(NoiseEstimate(2.0, 2.0, 1.9, 0.01)) == 1.9  # agreement: the smaller
+    assert floor_sigma(NoiseEstimate(2.0, 2.0, 3.0, 0.01)) == 2.0  # texture raises the tissue's: safe
+    assert floor_sigma(NoiseEstimate(3.0, 3.0, 2.0, 0.01)) is None  # dark tissue taken for background
+    # within BREAK_EVEN, but not at 95 % confidence when few voxels measured it
+    assert floor_sigma(NoiseEstimate(2.1, 2.1, 2.0, 0.01)) == 2.0
+    assert floor_sigma(NoiseEstimate(2.1, 2.1, 2.0, 0.05)) is None
 
 
 @pytest.fixture(scope="module")

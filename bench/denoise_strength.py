@@ -1,15 +1,14 @@
-"""Choose a trained denoiser's strength on the validation image and package it as a bundled model.
+"""Sweep a trained denoiser's strength on the validation image: how ``inference.denoise_strength`` of
+``configs/mri_denoise_2d.yaml`` was chosen.
 
 The strength (the fraction of the estimated noise sigma the model is asked to remove) is chosen from
 ``--strengths`` by the mean foreground PSNR over ``--levels`` % Rician noise (seeds 100 + level) on
 dipy's ``t1_coronal_slice``, the validation image; the independent test images of
-``python -m bench.denoise`` play no part. With ``--out``, writes the weights in float16 (half the size;
-the UNet computes in float32 after loading) and ``config.json`` with ``denoise_strength`` and
-``denoise_tile`` (``--tile``: the side of the tiles denoising runs on; 128 beat the 96 px training
-crops by 0.3 dB on the validation image, see BENCHMARKS.md, "Denoising load"). Appends
-the sweep to ``--log`` (JSON lines, one record each in the harness's layout).
+``python -m bench.denoise`` play no part. ``--tile``: the side of the tiles denoising runs on (128 beat the
+96 px training crops by 0.3 dB on the validation image, see BENCHMARKS.md, "Denoising load"). Appends the
+sweep to ``--log`` (JSON lines, one record each in the harness's layout).
 
-    python -m bench.package_denoiser runs/denoiser/model --out meddiff/models/mri-denoise --overwrite
+    python -m bench.denoise_strength runs/models/mri-denoise/model
 """
 
 from __future__ import annotations
@@ -25,7 +24,6 @@ from meddiff import Image
 from meddiff.data.samples import dipy_t1_slice
 from meddiff.data.synthetic import rician_noise
 from meddiff.metrics import foreground_mask, psnr
-from meddiff.model import load_model
 from meddiff.pipelines import load_pipeline
 
 
@@ -43,9 +41,8 @@ def sweep(model: str, strengths: list[float], levels: list[float], tile: int) ->
 
 
 def options() -> argparse.ArgumentParser:
-    parser = harness.parser(__doc__, out=None, out_help="write the packaged model here")
-    parser.add_argument("model", help="model folder written by python -m bench.train_denoiser or meddiff export")
-    parser.add_argument("--overwrite", action="store_true")
+    parser = harness.parser(__doc__, out=None)
+    parser.add_argument("model", help="a denoising model folder (meddiff export, make models)")
     parser.add_argument("--strengths", type=float, nargs="+", default=[0.5, 0.6, 0.7, 0.8, 1.0])
     parser.add_argument("--levels", type=float, nargs="+", default=[1, 3, 5, 7, 9])
     parser.add_argument("--tile", type=int, default=128, help="side of the tiles denoising runs on")
@@ -63,13 +60,7 @@ def run(args: argparse.Namespace) -> None:
     print(f"chosen strength {best} (validation mean PSNR {means[best]:.2f} dB)")
     record = {"model": args.model, "levels": args.levels, "psnr": {str(s): v for s, v in table.items()}, "chosen": best}
     with open(args.log, "a") as fh:
-        fh.write(json.dumps(harness.record("package_denoiser", args, record)) + "\n")
-    if args.out:
-        model = load_model(args.model)
-        model.unet.half()  # half the package's size; loading casts the weights back to float32
-        model.config.denoise_strength = best
-        model.config.denoise_tile = [args.tile, args.tile]
-        print(f"wrote {model.save_pretrained(args.out, overwrite=args.overwrite)}")
+        fh.write(json.dumps(harness.record("denoise_strength", args, record)) + "\n")
 
 
 if __name__ == "__main__":
