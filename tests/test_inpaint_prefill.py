@@ -197,3 +197,16 @@ def test_the_bundled_recipes_train_on_the_residual_of_the_biharmonic_fill(name):
     config = yaml.safe_load((Path(__file__).parents[1] / "configs" / name).read_text())
     module = DiffusionModule(**config["model"]["init_args"])
     assert module.model_config().inpaint_prefill == "biharmonic"
+
+
+def test_a_ct_fill_never_goes_below_air():
+    """A fill next to the scanner's -2048 HU padding (what biharmonic continues) is clipped to the physical range,
+    as generated CT is; outside the mask the input, padding included, is kept."""
+    module = prefill_module(size=16, modality="CT", intensity_range=(-1000.0, 1000.0))
+    zero_output(module)
+    truth = np.full((32, 32), 40.0, np.float32)
+    truth[:, :12] = -2048.0  # outside the field of view
+    fill = region(truth.shape, np.s_[8:24, 8:20])
+    result = module.pipeline(ema=False).inpaint(Image(truth, np.eye(4), "CT"), fill, steps=1, progress=False)[0].array
+    assert result[fill].min() == -1024.0 and result[fill].max() <= 3071.0
+    assert np.array_equal(result[~fill], truth[~fill])

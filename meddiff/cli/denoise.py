@@ -1,11 +1,15 @@
-"""``meddiff denoise -i IN -o OUT [--model NAME|DIR]``: noise-level-matched denoising; geometry and units kept.
+"""``meddiff denoise -i IN -o OUT [--model NAME|DIR] [--report]``: noise-level-matched denoising; geometry and units
+kept; with ``--report`` a no-reference quality report beside the output (``OUT.report.json``).
 
 torch loads inside ``run``, so ``meddiff --help`` stays fast.
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
 import math
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import numpy as np
@@ -43,10 +47,45 @@ def add_parser(subparsers) -> None:
     p.add_argument("--mask", help="binary mask image (NIfTI, DICOM SEG, ...): only voxels inside it are denoised; "
                                   "on another grid it is resampled by its geometry")
     p.add_argument("--series", help="series UID or number when a DICOM folder holds several")
+    p.add_argument("--report", action="store_true",
+                   help="also write OUTPUT.report.json beside the output: the noise before and after and whether the "
+                        "residual (input - output) looks like noise, judged without a clean image (heuristics)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--overwrite", action="store_true")
     dicom_output.add_options(p)
     p.set_defaults(func=run)
+
+
+def report_path(output: Path) -> Path:
+    """Where ``--report`` writes: beside the output (a file or a series folder), named after it in full."""
+    return output.with_name(f"{output.name}.report.json")
+
+
+@contextlib.contextmanager
+def reserved(path: Path, sources: Mapping[str, str | None], overwrite: bool) -> Iterator[None]:
+    """Check the report's path before any work, as ``guarded`` checks the output's (never an input, never replaced
+    without ``--overwrite``), and hold its lock until the report is written."""
+    from meddiff.files import check_writable
+    from meddiff.outputs import check_not_source, output_lock
+
+    check_not_source(path, sources)
+    with output_lock(path):
+        check_writable(path, overwrite)
+        yield
+
+
+def write_report(path: Path, out: Path, report: dict, model: str, spec: DenoiseSpec, overwrite: bool) -> None:
+    """The report as JSON at ``path``, with what ties it to ``out``: its name and SHA-256, the model and the spec."""
+    from meddiff import __version__
+    from meddiff.files import file_sha256
+    from meddiff.outputs import locked_atomic_path
+
+    document = {"output": out.name, "output_sha256": file_sha256(out), "model": model,
+                "spec": spec.model_dump(mode="json"), "meddiff": __version__,
+                "limits": "heuristics for a first look, not validated acceptance criteria "
+                          "(meddiff.diffusion.quality.LIMITS)", **report}
+    with locked_atomic_path(path, overwrite) as tmp:
+        tmp.write_text(json.dumps(document, indent=1) + "\n")
 
 
 def noise_sigma(text: str) -> float | None:
@@ -64,6 +103,7 @@ def noise_sigma(text: str) -> float | None:
 
 
 def run(args) -> None:
+    from meddiff.diffusion.quality import summary
     from meddiff.pipelines import load_pipeline
     from meddiff.pipelines.inpaint import mask_on_grid
     from meddiff.pipelines.spec import spec_from
@@ -71,7 +111,9 @@ def run(args) -> None:
     spec = spec_from(DenoiseSpec, steps=args.steps, samples=args.samples, strength=args.strength, seed=args.seed,
                      noise_sigma=noise_sigma(args.noise_sigma), rician_correction=args.rician_correction)
     sources = {"the input": args.input, "the mask": args.mask}
-    with dicom_output.guarded(args, [Path(args.output)], sources) as dicom:  # before minutes of work, not after
+    reporting = report_path(Path(args.output)) if args.report else None
+    with (dicom_output.guarded(args, [Path(args.output)], sources) as dicom,  # before minutes of work, not after
+          reserved(reporting, sources, args.overwrite) if reporting else contextlib.nullcontext()):
         image = load_image(args.input, series=args.series)
         if dicom:
             dicom_output.check_dicom_shape(Path(args.output), image.array.shape, args.input, args.series)
@@ -84,10 +126,16 @@ def run(args) -> None:
         pipeline = load_pipeline(args.model, device=args.device)
         spec = spec.checked(pipeline.config)  # the model's own strength and tile filled in
         clean = pipeline.denoise(image, spec, mask=mask)
-        if dicom:
+        report = pipeline.denoise_report(image, clean, spec, mask) if reporting else None
+        if dicom:  # of the report only its summary: a DerivationDescription holds 1024 characters
+            settings = spec.description() + (f"; report beside the series: {summary(report)}" if report else "")
             description = dicom_output.provenance(
-                f"denoised by meddiff (model {pipeline.model.weights_sha256[:16]}; {spec.description()})", differ)
+                f"denoised by meddiff (model {pipeline.model.weights_sha256[:16]}; {settings})", differ)
             out = dicom_output.write(clean, Path(args.output), args, args.input, "denoise", description)
         else:
             out = save_image(clean, args.output, overwrite=args.overwrite)
+        if reporting:  # after the output: the report names its SHA-256
+            write_report(reporting, out, report, pipeline.model.weights_sha256, spec, args.overwrite)
     print(f"wrote {out} ({' x '.join(map(str, clean.array.shape))})")
+    if reporting:
+        print(f"wrote {reporting} ({summary(report)})")

@@ -13,4 +13,6 @@
 - ``noise_level``: the noise level of a magnitude MR image, estimated from the image itself, and the timestep
   whose noise matches it.
 - ``rician``: Rician bias correction of a denoised magnitude MR image.
+- ``quality``: no-reference checks of a denoised image (noise before and after; whether the residual looks like
+  noise).
 """

@@ -121,6 +121,21 @@ def estimate_noise(array: np.ndarray, min_background: float = 0.05) -> NoiseEsti
     return NoiseEstimate(sigma, sigma, tissue[0], spread)
 
 
+def scan_slices(array: np.ndarray, max_slices: int = 32) -> np.ndarray:
+    """At most ``max_slices`` evenly spaced slices along the last axis of a scan (the estimator's own planes):
+    the noise of a scan is the same in all of them, and the estimators work in float64 with filtered copies,
+    gigabytes for a 512x512x300 volume. A 2D image stored as a volume (x, y, 1) is returned as the 2D image it is."""
+    array = np.squeeze(array)
+    if array.ndim == 3 and array.shape[2] > max_slices:
+        array = array[..., np.linspace(0, array.shape[2] - 1, max_slices).round().astype(int)]
+    return array
+
+
+def estimate_scan_noise(array: np.ndarray, max_slices: int = 32) -> NoiseEstimate:
+    """``estimate_noise`` of a scan's ``scan_slices``."""
+    return estimate_noise(scan_slices(array, max_slices))
+
+
 def estimate_noise_sigma(array: np.ndarray, min_background: float = 0.05) -> float:
     """Noise sigma in the image's own units (Rician-aware): ``estimate_noise(array).sigma``."""
     return estimate_noise(array, min_background).sigma

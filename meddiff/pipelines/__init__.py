@@ -83,6 +83,12 @@ class DiffusionPipeline:
         check_modality(image, self.config, "denoising")
         return denoise.denoise(self.model, image, spec or spec_from(DenoiseSpec, **fields), mask, batch_size, progress)
 
+    def denoise_report(self, image: Image, denoised: Image, spec: DenoiseSpec | None = None,
+                       mask: np.ndarray | None = None, **fields) -> dict:
+        """How ``denoised = pipeline.denoise(image, spec, mask)`` went, judged without a clean image: noise before
+        and after, and whether the residual looks like noise (``denoise.report``); the same options."""
+        return denoise.report(self.model, image, denoised, spec or spec_from(DenoiseSpec, **fields), mask)
+
     def inpaint(self, image: Image, mask: Image | np.ndarray, spec: inpaint.InpaintSpec | None = None, seed: int = 0,
                 samples: int = 1, prompt: str | None = None, batch_size: int = 8, progress: bool = True,
                 **fields) -> list[Image]:

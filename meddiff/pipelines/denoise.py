@@ -9,7 +9,8 @@ from tqdm.auto import tqdm
 
 from meddiff.data.transforms import NormalizeIntensityd
 from meddiff.diffusion.denoise import denoise_tensor
-from meddiff.diffusion.noise_level import NoiseEstimate, estimate_noise
+from meddiff.diffusion.noise_level import estimate_scan_noise
+from meddiff.diffusion.quality import denoise_report
 from meddiff.diffusion.rician import correct_rician_bias, floor_sigma
 from meddiff.diffusion.tiling import tile_geometry, tiled
 from meddiff.errors import MeddiffError
@@ -67,7 +68,7 @@ def denoise(model: DiffusionModel, image: Image, spec: DenoiseSpec | None = None
     if min(plane) < MIN_DENOISE_SIDE:
         raise MeddiffError(f"the image is too small to denoise: {' x '.join(map(str, image.array.shape))} voxels "
                            f"(each side of a slice needs at least {MIN_DENOISE_SIDE})")
-    noise = estimate_sigma(image.array) if spec.noise_sigma is None else None
+    noise = estimate_scan_noise(image.array) if spec.noise_sigma is None else None
     sigma = float(spec.noise_sigma) if noise is None else noise.sigma
     if not sigma > 0:
         raise MeddiffError("no noise found in the image (estimated sigma 0): nothing to denoise, or give --noise-sigma")
@@ -97,15 +98,14 @@ def denoise(model: DiffusionModel, image: Image, spec: DenoiseSpec | None = None
     return Image(array, image.affine, image.modality, dict(image.meta))
 
 
-def estimate_sigma(array: np.ndarray, max_slices: int = 32) -> NoiseEstimate:
-    """The noise of ``array`` from at most ``max_slices`` evenly spaced slices along its last
-    axis (the estimator's own planes): the noise of a scan is the same in all of them, and the
-    estimator works in float64 with filtered copies, gigabytes for a 512x512x300 volume.
-    A 2D image stored as a volume (x, y, 1) is estimated as the 2D image it is."""
-    array = np.squeeze(array)
-    if array.ndim == 3 and array.shape[2] > max_slices:
-        array = array[..., np.linspace(0, array.shape[2] - 1, max_slices).round().astype(int)]
-    return estimate_noise(array)
+def report(model: DiffusionModel, image: Image, denoised: Image, spec: DenoiseSpec | None = None,
+           mask: np.ndarray | None = None) -> dict:
+    """The no-reference quality report (``diffusion.quality.denoise_report``) of ``denoised``, which
+    ``denoise(model, image, spec, mask)`` returned: with the spec's noise sigma and strength (the model's own
+    filled in), in the planes a 2D model denoised."""
+    spec = (spec or DenoiseSpec()).checked(model.config)
+    volume = image if image.array.ndim < 4 else Image(image.array[..., 0], image.affine, image.modality)
+    return denoise_report(image.array, denoised.array, spec.noise_sigma, spec.strength, slice_axis(volume), mask)
 
 
 class Tiles:

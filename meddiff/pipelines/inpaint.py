@@ -20,14 +20,14 @@ from scipy import ndimage
 from tqdm.auto import tqdm
 
 from meddiff.data.masks import inpaint_condition, prefilled
-from meddiff.data.transforms import from_model_range, to_model_range
+from meddiff.data.transforms import CT_MODALITIES, from_model_range, to_model_range
 from meddiff.diffusion.repaint import RESAMPLABLE, RePaint
 from meddiff.diffusion.sampling import concatenated, sample_loop
 from meddiff.diffusion.tiling import pad_to, tiled_function
 from meddiff.errors import MeddiffError
 from meddiff.image import Image, grid_words
 from meddiff.model import DiffusionModel
-from meddiff.pipelines.generate import check_conditioning, check_counts, initial_noise, model_function
+from meddiff.pipelines.generate import CT_RANGE, check_conditioning, check_counts, initial_noise, model_function
 from meddiff.pipelines.spec import SamplingSpec
 from meddiff.pipelines.volumes import intensity_window, slice_axis
 
@@ -150,6 +150,7 @@ def inpaint(model: DiffusionModel, image: Image, mask: Image | np.ndarray, spec:
     spec = check_conditioning(model, spec, [seed], prompts)
     low, high = intensity_window(config, image.array)
     whole_numbers = np.array_equal(image.array, np.round(image.array))
+    ct = (image.modality or config.image.modality or "").upper() in CT_MODALITIES
     # a 3D model works on the region around the mask; the rest of the volume is the input as it is
     box = _context_box(fill, image.spacing, config) if dims == 3 else (slice(None),) * fill.ndim
     # a stack of items along a leading axis: the slices across ``axis`` for a 2D model, else the one image
@@ -172,6 +173,8 @@ def inpaint(model: DiffusionModel, image: Image, mask: Image | np.ndarray, spec:
                 made = _fill(model, spec, known, torch.from_numpy(~fills[chunk]), seeds, prompts, spacing,
                              batch_size, bar.update)
                 physical = from_model_range(made.numpy(), low, high)
+                if ct:  # a fill holds tissue a scanner can store, never below air (as generate.physical)
+                    physical = np.clip(physical, *CT_RANGE)
                 if whole_numbers:  # a scan stored as integers (DICOM) gets integers, so it is stored exactly again
                     physical = np.round(physical)
                 result[chunk] = np.where(fills[chunk], physical, source[chunk])  # outside the mask: the input itself
