@@ -214,6 +214,11 @@ def card(name: str, recipe: Recipe, records: list[dict], new: dict, shipped: dic
               "|---|---|" + ("---|" if shipped else "")]
     for key, value in new.items():
         lines.append(f"| {key} | {value} |" + (f" {shipped.get(key, '-')} |" if shipped else ""))
+    classical = [(key.removeprefix("best_classical_psnr_"), new[key.removeprefix("best_classical_")] - value)
+                 for key, value in new.items() if key.startswith("best_classical_")]
+    if classical:
+        lines += ["", "Against the best classical fill on the same masks (dB): "
+                  + ", ".join(f"{size} {gap:+.2f}" for size, gap in classical) + "."]
     lines += ["", f"Install decision on `{recipe.headline}` ({'higher' if recipe.higher_is_better else 'lower'} is "
               "better): `make models-install`.", "",
               "Reproduce: `make models MODELS=" + name + "` (add `DEVICE=cuda` on a GPU, `MINUTES=N` for a budget)."]
