@@ -21,6 +21,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -95,7 +96,8 @@ def denoise_benchmark(model: str, folder: Path) -> dict:
 def generator_benchmark(model: str, folder: Path) -> dict:
     from bench.bundled_generators import mri
 
-    result = mri(folder, 64, model=model)
+    with tempfile.TemporaryDirectory(dir=folder) as slices:  # the slices meddiff evaluate reads, then gone
+        result = mri(Path(slices), 64, model=model)
     keys = ("fid", "precision", "recall", "density", "coverage", "memorization_median_ratio")
     return {**{key: round(result["mean"][key], 3) for key in keys}, "frd": round(result["frd"], 2),
             "seconds": result["seconds"]}
@@ -181,6 +183,7 @@ def train(name: str, recipe: Recipe, out: Path, args: argparse.Namespace) -> tup
     exports: dict[str, Path] = {}
     records = []
     samples = None
+    out.mkdir(parents=True, exist_ok=True)
     if any(stage.needs_samples for stage in recipe.stages):
         samples = out.parent / "samples"
         if not (samples / "manifest.jsonl").exists():

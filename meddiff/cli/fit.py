@@ -481,7 +481,7 @@ def run(args) -> None:
     import torch
 
     # subnormal floats (tiny activations and gradients late in training) are many times slower on CPUs; as zeros
-    # they change no result that float32 resolves
+    # they change no result that float32 resolves. A processor-wide state: set back when the fit ends
     torch.set_flush_denormal(True)
     warnings.filterwarnings("ignore", message=".*LightningCLI's args parameter is intended.*")
     main_thread = threading.current_thread() is threading.main_thread()
@@ -514,6 +514,7 @@ def run(args) -> None:
             raise KeyboardInterrupt from None
         raise
     finally:
+        torch.set_flush_denormal(False)
         if held is not None:
             held.close()
         if sigint is not None:  # Lightning ignores SIGINT from its cleanup on: put the handler back
