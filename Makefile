@@ -46,9 +46,9 @@ OUT ?= runs/models
 models: $(STAMP)
 	$(PY) -m bench.models --models $(MODELS) --device $(DEVICE) --out $(OUT) $(if $(MINUTES),--minutes $(MINUTES))
 
-# Copy OUT's models into meddiff/models, each only if its benchmark is not worse than the shipped one's
+# Copy the listed models of OUT (MODELS) into meddiff/models, each only if its benchmark is not worse than the shipped one's
 models-install: $(STAMP)
-	$(PY) -m bench.models --install --out $(OUT)
+	$(PY) -m bench.models --install --models $(MODELS) --out $(OUT)
 
 clean:
 	rm -rf $(VENV) $(DEMO_OUT)

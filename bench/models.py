@@ -204,16 +204,18 @@ def train(name: str, recipe: Recipe, out: Path, args: argparse.Namespace) -> tup
 
 
 def card(name: str, recipe: Recipe, records: list[dict], new: dict, shipped: dict | None, device: str) -> str:
-    """The model card, from the recipes' own descriptions (their header comments) and the run's records."""
+    """The model card, from the recipes' own descriptions (their header comments) and the run's records: data,
+    training, metrics and limits, as every bundled model's card has them."""
     lines = [f"# Model card: `{name}`", "", "Written by `make models` from the run that made these weights.", ""]
     for stage, record in zip(recipe.stages, records, strict=True):
         header = [line[2:] for line in Path(stage.config).read_text().splitlines() if line.startswith("# ")]
-        lines += [f"## Recipe: `{stage.config}`", "", *header, "",
-                  f"- **Run**: {record['steps']} steps in {record['seconds']:.0f} s on {record['device']} "
+        lines += [f"## Recipe: `{stage.config}`", "", "**Data** and method (the recipe's own description):", "",
+                  *header, "",
+                  f"**Training**: {record['steps']} steps in {record['seconds']:.0f} s on {record['device']} "
                   f"({record['precision']}, batch {record['batch_size']}, stopped by its {record['stopped_by']} "
                   f"limit), last training loss {record['last_loss']}; EMA weights, exported in float16.", ""]
-    lines += ["## Benchmark", "", f"{recipe.benchmark_text} (`python -m bench.models`, on {device}).", "",
-              "| metric | this model |" + (" shipped before |" if shipped else ""),
+    lines += ["## Benchmark", "", f"**Metrics**: {recipe.benchmark_text} (`python -m bench.models`, on {device}).",
+              "", "| metric | this model |" + (" shipped before |" if shipped else ""),
               "|---|---|" + ("---|" if shipped else "")]
     for key, value in new.items():
         lines.append(f"| {key} | {value} |" + (f" {shipped.get(key, '-')} |" if shipped else ""))
@@ -222,8 +224,13 @@ def card(name: str, recipe: Recipe, records: list[dict], new: dict, shipped: dic
     if classical:
         lines += ["", "Against the best classical fill on the same masks (dB): "
                   + ", ".join(f"{size} {gap:+.2f}" for size, gap in classical) + "."]
+    seconds = sum(record["seconds"] for record in records)
     lines += ["", f"Install decision on `{recipe.headline}` ({'higher' if recipe.higher_is_better else 'lower'} is "
               "better): `make models-install`.", "",
+              f"**Limits**: trained for {seconds / 60:.0f} minutes on {device} from the small offline sources above, "
+              "and measured only by the benchmark above, on held-out data of the same sources; a research model, "
+              "not validated for any clinical use. BENCHMARKS.md (\"Bundled model recipes\") states the goals each "
+              "benchmark has and the gaps left.", "",
               "Reproduce: `make models MODELS=" + name + "` (add `DEVICE=cuda` on a GPU, `MINUTES=N` for a budget)."]
     return "\n".join(lines) + "\n"
 
@@ -252,7 +259,10 @@ def build(args: argparse.Namespace) -> None:
                 records = [json.loads((folder / stage.name / "run.json").read_text()) | {"config": stage.config}
                            for stage in recipe.stages]
             new = recipe.benchmark(str(model), folder)
-            shipped = recipe.benchmark(str(MODELS_DIR / name), folder / "shipped") if args.compare else None
+            shipped = None
+            if args.compare:
+                (folder / "shipped").mkdir(exist_ok=True)  # the shipped model's panels
+                shipped = recipe.benchmark(str(MODELS_DIR / name), folder / "shipped")
         except RuntimeError as exc:
             print(f"{name}: {exc}", flush=True)
             summary[name] = {"error": str(exc)}
@@ -271,10 +281,12 @@ def build(args: argparse.Namespace) -> None:
 
 
 def install(args: argparse.Namespace) -> None:
-    """Copy each model of ``OUT`` whose benchmark is not worse than the shipped one's into meddiff/models."""
+    """Copy each listed model of ``OUT`` whose benchmark is not worse than the shipped one's into meddiff/models."""
     out = Path(args.out)
     summary = json.loads((out / "summary.json").read_text())
     for name, entry in summary.items():
+        if name not in args.models:
+            continue
         if "new" not in entry:
             print(f"{name}: not installed — its run failed: {entry.get('error')}")
             continue

@@ -61,15 +61,16 @@ def test_the_table_is_each_labels_median_inside_the_field_of_view_and_label_0_in
 
 def test_an_old_controlnet_config_without_a_table_keeps_its_channels():
     old = json.loads((BUNDLED_MODELS / "ct-chest-2d" / "config.json").read_text())["controlnet"]
-    assert "structure_hu" not in old
+    old.pop("structure_hu")  # as models made before the table were written
+    old["conditioning_channels"] = 7
     config = ControlNetConfig.model_validate(old)
     assert config.structure_hu == {} and config.label_channels == config.conditioning_channels == 7
     labels = torch.tensor([0, 1, 5, 118]).view(1, 1, 2, 2)
     control = config.condition(labels, WINDOW)
     assert control.shape == (1, 7, 2, 2) and set(control.unique().tolist()) == {0.0, 1.0}  # binary digits only
-    model = load_model("ct-chest-2d")
-    assert model.config.controlnet.structure_hu == {}
-    assert model.controlnet.controlnet_cond_embedding.conv_in.conv.in_channels == 7
+    model = load_model("ct-chest-2d")  # the bundled model: binary digits and the HU rendering
+    assert model.config.controlnet.structure_hu[0] == pytest.approx(-54.0)
+    assert model.controlnet.controlnet_cond_embedding.conv_in.conv.in_channels == 8
     with_table = ControlNetConfig(conditioning_channels=8, structure_hu=TABLE)
     assert with_table.label_channels == 7 and with_table.condition(labels, WINDOW).shape == (1, 8, 2, 2)
     with pytest.raises(ValueError, match="label 0"):

@@ -129,7 +129,9 @@ def test_install_copies_only_models_that_are_not_worse(tmp_path, monkeypatch, ca
     summary["failed"] = {"error": "meddiff fit failed"}
     (tmp_path / "out" / "summary.json").write_text(json.dumps(summary))
     monkeypatch.setattr(runner, "MODELS_DIR", shipped)
-    runner.install(argparse.Namespace(out=str(tmp_path / "out")))
+    runner.install(argparse.Namespace(out=str(tmp_path / "out"), models=["worse"]))
+    assert (shipped / "worse" / "config.json").read_text() == "old" and "better" not in capsys.readouterr().out
+    runner.install(argparse.Namespace(out=str(tmp_path / "out"), models=["better", "worse", "failed"]))
     assert (shipped / "better" / "config.json").read_text() == "new"
     assert (shipped / "worse" / "config.json").read_text() == "old"
     assert sorted(p.name for p in shipped.iterdir()) == ["better", "worse"]  # nothing staged is left behind

@@ -7,6 +7,7 @@ torch loads inside ``run``, so ``meddiff --help`` stays fast.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 from collections.abc import Iterator, Mapping
@@ -50,6 +51,10 @@ def add_parser(subparsers) -> None:
     p.add_argument("--report", action="store_true",
                    help="also write OUTPUT.report.json beside the output: the noise before and after and whether the "
                         "residual (input - output) looks like noise, judged without a clean image (heuristics)")
+    p.add_argument("--adapt", nargs="?", type=int, const=DenoiseSpec.ADAPT_STEPS, metavar="STEPS",
+                   help=f"first adapt the model to this scan: STEPS (default {DenoiseSpec.ADAPT_STEPS}) of "
+                        "self-supervised fine-tuning on the scan's own noise (Recorrupted-to-Recorrupted), kept only "
+                        "where it lowers the loss on held-out planes; about a minute on a CPU")
     p.add_argument("--device", default="cpu")
     p.add_argument("--overwrite", action="store_true")
     dicom_output.add_options(p)
@@ -74,14 +79,16 @@ def reserved(path: Path, sources: Mapping[str, str | None], overwrite: bool) -> 
         yield
 
 
-def write_report(path: Path, out: Path, report: dict, model: str, spec: DenoiseSpec, overwrite: bool) -> None:
-    """The report as JSON at ``path``, with what ties it to ``out``: its name and SHA-256, the model and the spec."""
+def write_report(path: Path, out: Path, report: dict, model: str, spec: DenoiseSpec, overwrite: bool,
+                 adaptation: dict | None = None) -> None:
+    """The report as JSON at ``path``, with what ties it to ``out``: its name and SHA-256, the model, the spec and
+    what adapting the model to the scan did (``--adapt``)."""
     from meddiff import __version__
     from meddiff.files import file_sha256
     from meddiff.outputs import locked_atomic_path
 
     document = {"output": out.name, "output_sha256": file_sha256(out), "model": model,
-                "spec": spec.model_dump(mode="json"), "meddiff": __version__,
+                "spec": spec.model_dump(mode="json"), "adaptation": adaptation, "meddiff": __version__,
                 "limits": "heuristics for a first look, not validated acceptance criteria "
                           "(meddiff.diffusion.quality.LIMITS)", **report}
     with locked_atomic_path(path, overwrite) as tmp:
@@ -106,8 +113,10 @@ def run(args) -> None:
     from meddiff.diffusion.quality import summary
     from meddiff.pipelines import load_pipeline
     from meddiff.pipelines.inpaint import mask_on_grid
-    from meddiff.pipelines.spec import spec_from
+    from meddiff.pipelines.spec import check_adapt_steps, spec_from
 
+    if args.adapt is not None:
+        check_adapt_steps(args.adapt)
     spec = spec_from(DenoiseSpec, steps=args.steps, samples=args.samples, strength=args.strength, seed=args.seed,
                      noise_sigma=noise_sigma(args.noise_sigma), rician_correction=args.rician_correction)
     sources = {"the input": args.input, "the mask": args.mask}
@@ -125,17 +134,23 @@ def run(args) -> None:
                 mask = np.broadcast_to(mask[..., None], image.array.shape)
         pipeline = load_pipeline(args.model, device=args.device)
         spec = spec.checked(pipeline.config)  # the model's own strength and tile filled in
+        adaptation = None
+        if args.adapt is not None:
+            pipeline, adaptation = pipeline.adapt(image, spec, args.adapt)
+            print(adaptation.describe())
         clean = pipeline.denoise(image, spec, mask=mask)
         report = pipeline.denoise_report(image, clean, spec, mask) if reporting else None
         if dicom:  # of the report only its summary: a DerivationDescription holds 1024 characters
-            settings = spec.description() + (f"; report beside the series: {summary(report)}" if report else "")
+            settings = (spec.description() + (f"; {adaptation.describe()}" if adaptation else "")
+                        + (f"; report beside the series: {summary(report)}" if report else ""))
             description = dicom_output.provenance(
                 f"denoised by meddiff (model {pipeline.model.weights_sha256[:16]}; {settings})", differ)
             out = dicom_output.write(clean, Path(args.output), args, args.input, "denoise", description)
         else:
             out = save_image(clean, args.output, overwrite=args.overwrite)
         if reporting:  # after the output: the report names its SHA-256
-            write_report(reporting, out, report, pipeline.model.weights_sha256, spec, args.overwrite)
+            write_report(reporting, out, report, pipeline.model.weights_sha256, spec, args.overwrite,
+                         dataclasses.asdict(adaptation) if adaptation else None)
     print(f"wrote {out} ({' x '.join(map(str, clean.array.shape))})")
     if reporting:
         print(f"wrote {reporting} ({summary(report)})")

@@ -19,6 +19,15 @@ from meddiff.diffusion.schedulers import NoiseSchedule
 from meddiff.errors import MeddiffError
 
 
+def matched_x0(unet: torch.nn.Module, schedule: NoiseSchedule, y: torch.Tensor, sigma: float) -> torch.Tensor:
+    """The posterior-mean estimate of ``x0`` from ``y`` with noise ``sigma``: one network evaluation at the matching
+    timestep (differentiable: per-scan adaptation trains through it)."""
+    abar = schedule.training_scheduler().alphas_cumprod
+    t = timestep_for_sigma(sigma, abar.numpy())
+    xt = float(abar[t]) ** 0.5 * y
+    return predicted_x0(unet_function(unet)(xt, torch.tensor(t)), xt, float(abar[t]), schedule.prediction)
+
+
 @torch.inference_mode()
 def denoise_tensor(unet: torch.nn.Module, schedule: NoiseSchedule, y: torch.Tensor, sigma: float,
                    steps: int = 1, samples: int = 1, seed: int = 0,
@@ -35,11 +44,9 @@ def denoise_tensor(unet: torch.nn.Module, schedule: NoiseSchedule, y: torch.Tens
         limit = float(((1 - abar[max_timestep - 1]) / abar[max_timestep - 1]) ** 0.5)
         raise MeddiffError(f"the noise to remove (sigma {sigma / 2:.1%} of the intensity range, after --strength) "
                            f"is beyond what this model learnt (up to {limit / 2:.1%})")
-    scale = float(abar[t]) ** 0.5
-    model = unet_function(unet)
     if steps == 1:
-        xt = scale * y
-        return predicted_x0(model(xt, torch.tensor(t)), xt, float(abar[t]), schedule.prediction)
+        return matched_x0(unet, schedule, y, sigma)
+    scale, model = float(abar[t]) ** 0.5, unet_function(unet)
     total = torch.zeros_like(y)
     for k in range(samples):
         sampler = DDPMScheduler(**schedule.diffusers_config(), clip_sample=False)

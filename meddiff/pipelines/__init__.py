@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from meddiff.diffusion.adapt import Adaptation
 from meddiff.image import Image
 from meddiff.model import DiffusionModel, ModelConfig, load_model
 from meddiff.pipelines import controlnet, denoise, generate, inpaint
@@ -82,6 +83,15 @@ class DiffusionPipeline:
         (``spec=``) or its fields as keywords: ``pipeline.denoise(image, noise_sigma=5.0, steps=4)``."""
         check_modality(image, self.config, "denoising")
         return denoise.denoise(self.model, image, spec or spec_from(DenoiseSpec, **fields), mask, batch_size, progress)
+
+    def adapt(self, image: Image, spec: DenoiseSpec | None = None, steps: int = DenoiseSpec.ADAPT_STEPS,
+              **fields) -> tuple[DiffusionPipeline, Adaptation]:
+        """A pipeline whose denoising prior is adapted to ``image`` (``denoise.adapt``: self-supervised, from the scan's
+        own noise; kept only where it lowers a held-out loss), and what adapting did. Then
+        ``adapted.denoise(image, spec)``. Options as ``denoise`` takes them."""
+        check_modality(image, self.config, "denoising")
+        model, adaptation = denoise.adapt(self.model, image, spec or spec_from(DenoiseSpec, **fields), steps)
+        return DiffusionPipeline(model), adaptation
 
     def denoise_report(self, image: Image, denoised: Image, spec: DenoiseSpec | None = None,
                        mask: np.ndarray | None = None, **fields) -> dict:

@@ -100,6 +100,8 @@ class DenoiseSpec(BaseModel):
     MAX_STRENGTH: ClassVar[float] = 2.0  # beyond twice the noise sigma the estimate removes anatomy, not noise
     MAX_STEPS: ClassVar[int] = 1000
     MAX_SAMPLES: ClassVar[int] = 64  # more adds time, not a better estimate
+    ADAPT_STEPS: ClassVar[int] = 40  # per-scan adaptation (--adapt): the held-out loss levels off within this
+    MAX_ADAPT_STEPS: ClassVar[int] = 1000
 
     @model_validator(mode="after")
     def _in_range(self) -> DenoiseSpec:
@@ -139,3 +141,9 @@ def _check_strength(strength: float) -> None:
     if not (math.isfinite(strength) and 0 < strength <= DenoiseSpec.MAX_STRENGTH):
         raise MeddiffError(f"--strength must be a number in (0, {DenoiseSpec.MAX_STRENGTH:g}], not {strength} — 1 "
                            "removes the whole noise sigma; or leave it out for the model's own value")
+
+
+def check_adapt_steps(steps: int) -> None:
+    """One line unless ``steps`` is a whole number of adaptation steps in range (``--adapt STEPS``)."""
+    if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= DenoiseSpec.MAX_ADAPT_STEPS:
+        raise MeddiffError(f"--adapt takes 1 to {DenoiseSpec.MAX_ADAPT_STEPS} steps, not {steps}")
