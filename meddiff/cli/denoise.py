@@ -45,6 +45,10 @@ def add_parser(subparsers) -> None:
     p.add_argument("--no-rician-correction", dest="rician_correction", action="store_false",
                    help="keep the Rician noise floor (about 1.25 x sigma in air and dark tissue) that is "
                         "removed by default from non-negative MR where its background and tissue agree on sigma")
+    p.add_argument("--coils", type=int, default=1,
+                   help="receive coils combined by root-sum-of-squares into the magnitude image: its noise is "
+                        "noncentral chi with 2N degrees of freedom, and the noise estimate and the floor removal "
+                        "follow it (default 1: Rician)")
     p.add_argument("--mask", help="binary mask image (NIfTI, DICOM SEG, ...): only voxels inside it are denoised; "
                                   "on another grid it is resampled by its geometry")
     p.add_argument("--series", help="series UID or number when a DICOM folder holds several")
@@ -118,7 +122,8 @@ def run(args) -> None:
     if args.adapt is not None:
         check_adapt_steps(args.adapt)
     spec = spec_from(DenoiseSpec, steps=args.steps, samples=args.samples, strength=args.strength, seed=args.seed,
-                     noise_sigma=noise_sigma(args.noise_sigma), rician_correction=args.rician_correction)
+                     noise_sigma=noise_sigma(args.noise_sigma), rician_correction=args.rician_correction,
+                     coils=args.coils)
     sources = {"the input": args.input, "the mask": args.mask}
     reporting = report_path(Path(args.output)) if args.report else None
     with (dicom_output.guarded(args, [Path(args.output)], sources) as dicom,  # before minutes of work, not after

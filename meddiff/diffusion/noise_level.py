@@ -18,7 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-from scipy import ndimage
+from scipy import ndimage, special, stats
 
 from meddiff.errors import MeddiffError
 
@@ -30,6 +30,7 @@ _SOBEL = np.outer([1.0, 2.0, 1.0], [-1.0, 0.0, 1.0])
 # draws of 64x64 and 128x128 images: 0.65-0.74 for the truncated Rayleigh fit; 1.65-1.84 for the MAD of the
 # high-pass band, whose neighbouring responses are correlated)
 _BACKGROUND_SE, _TISSUE_SE = 0.7, 1.8
+_BACKGROUND_QUANTILE = 1.0 - np.exp(-2.5**2 / 2.0)  # a Rayleigh background truncated at 2.5 sigma
 
 
 @dataclass(frozen=True)
@@ -59,40 +60,51 @@ def highpass_sigma(array: np.ndarray) -> float:
     return float(np.median(np.abs(np.concatenate([r.ravel() for r in responses]))) * _MAD_TO_STD / 6.0)
 
 
-def background_sigma(array: np.ndarray, start: float, iterations: int = 20) -> tuple[float, float]:
-    """Rayleigh sigma of the background and the fraction of voxels used, by fixed-point iteration.
+def background_mean(coils: int = 1) -> float:
+    """Mean of pure magnitude noise in sigma: sqrt(pi / 2) for one coil, chi's with 2 ``coils`` degrees of freedom
+    otherwise (2.74 for four)."""
+    return float(np.sqrt(2.0) * np.exp(special.gammaln(coils + 0.5) - special.gammaln(coils)))
 
-    Voxels whose 3x3 local mean is below ``c * sigma`` are background candidates; for a Rayleigh
-    variable truncated at ``T = c * sigma`` the second moment is
-    ``2 sigma^2 (1 - a exp(-a) / (1 - exp(-a)))`` with ``a = T^2 / (2 sigma^2)``.
+
+def background_sigma(array: np.ndarray, start: float, iterations: int = 20, coils: int = 1) -> tuple[float, float]:
+    """The background's noise sigma and the fraction of voxels used, by fixed-point iteration.
+
+    The background of a magnitude image is Rayleigh (one coil) or chi with 2 ``coils`` degrees of freedom (the
+    root-sum-of-squares of ``coils``): ``(M / sigma)^2`` is chi-squared with 2N degrees of freedom. Background
+    candidates: voxels whose 3x3 local mean is below 1.44 times the background's mean (1.8 sigma for one coil)
+    and whose value is below ``T = c sigma`` (c at the same quantile for every N: 2.5 for one coil). Their second
+    moment is ``2 N sigma^2 P(N + 1, a) / P(N, a)`` with ``a = T^2 / (2 sigma^2)`` and P the regularised lower
+    incomplete gamma function (for one coil ``2 sigma^2 (1 - a exp(-a) / (1 - exp(-a)))``).
     """
     local_mean = ndimage.uniform_filter(array, size=3, mode="reflect")
+    c = float(np.sqrt(stats.chi2.ppf(_BACKGROUND_QUANTILE, 2 * coils)))
+    mean = background_mean(coils)
+    a = c * c / 2.0
+    second_moment = 2.0 * coils * special.gammainc(coils + 1, a) / special.gammainc(coils, a)
     sigma, used = start, 0.0
-    c = 2.5
     for _ in range(iterations):
-        threshold = c * sigma
         # the local mean of Rayleigh(sigma) noise is about 1.25 sigma; tissue is far brighter
-        candidates = array[(local_mean < 1.8 * sigma) & (array < threshold)]
+        candidates = array[(local_mean < 1.8 / background_mean(1) * mean * sigma) & (array < c * sigma)]
         used = candidates.size / array.size
         if candidates.size < 100:
             return float("nan"), used
-        a = c * c / 2.0
-        correction = 1.0 - a * np.exp(-a) / (1.0 - np.exp(-a))
-        new = float(np.sqrt(np.mean(candidates.astype(np.float64) ** 2) / (2.0 * correction)))
+        new = float(np.sqrt(np.mean(candidates.astype(np.float64) ** 2) / second_moment))
         if abs(new - sigma) < 1e-4 * max(sigma, 1e-12):
             return new, used
         sigma = new
     return sigma, used
 
 
-def tissue_sigma(array: np.ndarray, sigma: float, min_voxels: int = 100) -> tuple[float, int] | None:
+def tissue_sigma(array: np.ndarray, sigma: float, min_voxels: int = 100, coils: int = 1) -> tuple[float, int] | None:
     """Gaussian-noise sigma of bright tissue and the voxels used: the MAD rule on the high-pass band where the
     whole 3x3 neighbourhood has a local mean of at least 3 ``sigma`` (from an SNR of 3 on, Rician noise is
-    nearly Gaussian: Gudbjartsson and Patz 1995), leaving out the tenth with the strongest gradient (edges and
-    texture, as Tai and Yang 2008 do). None when fewer than ``min_voxels`` voxels qualify."""
+    nearly Gaussian: Gudbjartsson and Patz 1995; as far above the higher floor of ``coils`` > 1), leaving out the
+    tenth with the strongest gradient (edges and texture, as Tai and Yang 2008 do). None when fewer than
+    ``min_voxels`` voxels qualify."""
     local_mean = ndimage.uniform_filter(array, size=3, mode="reflect")
     structure = np.ones((3, 3) + (1,) * (array.ndim - 2), bool)
-    bright = ndimage.binary_erosion(local_mean >= 3.0 * sigma, structure=structure, border_value=0)
+    above_floor = 3.0 + background_mean(coils) - background_mean(1)  # 3 sigma for one coil, as far above the floor
+    bright = ndimage.binary_erosion(local_mean >= above_floor * sigma, structure=structure, border_value=0)
     if bright.sum() < min_voxels:
         return None
     gradient = np.hypot(_planar(_SOBEL, array), _planar(_SOBEL.T, array))[bright]
@@ -101,8 +113,9 @@ def tissue_sigma(array: np.ndarray, sigma: float, min_voxels: int = 100) -> tupl
     return float(np.median(response) * _MAD_TO_STD / 6.0), response.size
 
 
-def estimate_noise(array: np.ndarray, min_background: float = 0.05) -> NoiseEstimate:
-    """Noise of the image in its own units (Rician-aware); see the module docstring."""
+def estimate_noise(array: np.ndarray, min_background: float = 0.05, coils: int = 1) -> NoiseEstimate:
+    """Noise of the image in its own units (Rician-aware; noncentral chi for ``coils`` > 1); see the module
+    docstring."""
     array = np.asarray(array, dtype=np.float64)
     if array.size == 0 or not np.isfinite(array).all():
         raise MeddiffError("noise estimation needs a non-empty image without NaN")
@@ -111,10 +124,10 @@ def estimate_noise(array: np.ndarray, min_background: float = 0.05) -> NoiseEsti
     if array.min() < 0:
         return NoiseEstimate(highpass_sigma(array))  # not a magnitude image: no Rayleigh background
     start = highpass_sigma(array)
-    sigma, used = background_sigma(array, start)
+    sigma, used = background_sigma(array, start, coils=coils)
     if not (np.isfinite(sigma) and used >= min_background):
         return NoiseEstimate(start)
-    tissue = tissue_sigma(array, sigma)
+    tissue = tissue_sigma(array, sigma, coils=coils)
     if tissue is None:
         return NoiseEstimate(sigma, sigma)
     spread = float(np.hypot(_BACKGROUND_SE / np.sqrt(used * array.size), _TISSUE_SE / np.sqrt(tissue[1])))
@@ -131,9 +144,9 @@ def scan_slices(array: np.ndarray, max_slices: int = 32) -> np.ndarray:
     return array
 
 
-def estimate_scan_noise(array: np.ndarray, max_slices: int = 32) -> NoiseEstimate:
+def estimate_scan_noise(array: np.ndarray, max_slices: int = 32, coils: int = 1) -> NoiseEstimate:
     """``estimate_noise`` of a scan's ``scan_slices``."""
-    return estimate_noise(scan_slices(array, max_slices))
+    return estimate_noise(scan_slices(array, max_slices), coils=coils)
 
 
 def estimate_noise_sigma(array: np.ndarray, min_background: float = 0.05) -> float:

@@ -40,10 +40,12 @@ LIMITS = {"whiteness": 0.1, "structure": 0.1, "residual": 1.1, "noise": 0.9}
 
 
 def denoise_report(noisy: np.ndarray, denoised: np.ndarray, noise_sigma: float | None = None,
-                   strength: float | None = None, axis: int | None = None, mask: np.ndarray | None = None) -> dict:
+                   strength: float | None = None, axis: int | None = None, mask: np.ndarray | None = None,
+                   coils: int = 1) -> dict:
     """The no-reference report of one denoising, as a JSON-ready dict (see the module docstring).
 
-    ``noise_sigma``: the sigma the method used (None: it estimated it as ``estimate_scan_noise`` does);
+    ``noise_sigma``: the sigma the method used (None: it estimated it as ``estimate_scan_noise`` does, for
+    ``coils`` receive coils);
     ``strength``: the fraction of it the method removed; ``axis``: a volume's slice axis (default the last): its
     planes hold the in-plane axes of the whiteness check and give the per-slice lists; ``mask``: the voxels that
     were denoised. A 4D image gives ``{"volumes": [...]}``, one report per volume, as the method denoises it.
@@ -54,11 +56,11 @@ def denoise_report(noisy: np.ndarray, denoised: np.ndarray, noise_sigma: float |
     if noisy.ndim == 4:
         volumes = range(noisy.shape[3])
         masks = [mask if mask is None or np.ndim(mask) == 3 else mask[..., v] for v in volumes]
-        return {"volumes": [denoise_report(noisy[..., v], denoised[..., v], noise_sigma, strength, axis, masks[v])
-                            for v in volumes]}
+        return {"volumes": [denoise_report(noisy[..., v], denoised[..., v], noise_sigma, strength, axis, masks[v],
+                                           coils) for v in volumes]}
     if noisy.ndim not in (2, 3):
         raise MeddiffError(f"a denoising report needs a 2D, 3D or 4D image, not shape {noisy.shape}")
-    sigma = estimate_scan_noise(noisy).sigma if noise_sigma is None else float(noise_sigma)
+    sigma = estimate_scan_noise(noisy, coils=coils).sigma if noise_sigma is None else float(noise_sigma)
     noise = noise_before_after(noisy, denoised, sigma)
     stats = ResidualStatistics(noisy, denoised, noisy.ndim - 1 if axis is None and noisy.ndim == 3 else axis, mask)
     std, mean = stats.residual()

@@ -42,8 +42,9 @@ def denoise(model: DiffusionModel, image: Image, spec: DenoiseSpec | None = None
     singleton axis (a 2D image stored as a volume) or else the thickest voxel axis; a 3D model
     tiles the volume. 4D images are denoised volume by volume. ``progress``: a progress bar
     (tiles) when denoising takes more than a moment. ``rician_correction``: remove the Rician noise
-    floor of magnitude MR from the result (``meddiff.diffusion.rician``): with the given sigma, or with an
-    estimated one only where the image's background and bright tissue agree on it (``floor_sigma``).
+    floor of magnitude MR from the result (``meddiff.diffusion.rician``; noncentral chi for the spec's ``coils``):
+    with the given sigma, or with an estimated one only where the image's background and bright tissue agree on it
+    (``floor_sigma``).
     """
     check_denoiser(model)
     spec = (spec or DenoiseSpec()).checked(model.config)
@@ -65,7 +66,7 @@ def denoise(model: DiffusionModel, image: Image, spec: DenoiseSpec | None = None
     if min(plane) < MIN_DENOISE_SIDE:
         raise MeddiffError(f"the image is too small to denoise: {' x '.join(map(str, image.array.shape))} voxels "
                            f"(each side of a slice needs at least {MIN_DENOISE_SIDE})")
-    noise = estimate_scan_noise(image.array) if spec.noise_sigma is None else None
+    noise = estimate_scan_noise(image.array, coils=spec.coils) if spec.noise_sigma is None else None
     sigma = float(spec.noise_sigma) if noise is None else noise.sigma
     if not sigma > 0:
         raise MeddiffError("no noise found in the image (estimated sigma 0): nothing to denoise, or give --noise-sigma")
@@ -87,7 +88,8 @@ def denoise(model: DiffusionModel, image: Image, spec: DenoiseSpec | None = None
         out = torch.movedim(tiles.planes(torch.movedim(y, axis, 0), run), 0, axis)
     del y
     array = out.float().cpu().add_(1.0).mul_((high - low) / 2.0).add_(low).numpy()  # from_model_range, in place
-    array = correct_rician_bias(array, sigma if noise is None else floor_sigma(noise), image, spec.rician_correction)
+    array = correct_rician_bias(array, sigma if noise is None else floor_sigma(noise, spec.coils), image,
+                                spec.rician_correction, spec.coils)
     if mask is not None:
         array = np.where(np.asarray(mask, dtype=bool), array, image.array).astype(np.float32)
     return Image(array, image.affine, image.modality, dict(image.meta))
@@ -127,7 +129,7 @@ def adapt(model: DiffusionModel, image: Image, spec: DenoiseSpec | None = None,
     volume.check_finite()
     if np.ptp(volume.array) == 0:
         raise MeddiffError("the image is constant (for example all zero): there is nothing to denoise")
-    sigma = float(spec.noise_sigma) if spec.noise_sigma is not None else adaptation_sigma(volume.array)
+    sigma = float(spec.noise_sigma) if spec.noise_sigma is not None else adaptation_sigma(volume.array, spec.coils)
     if not sigma > 0:
         raise MeddiffError("no noise found in the image (estimated sigma 0): nothing to denoise, or give --noise-sigma")
     planes = volume.array[None] if volume.array.ndim == 2 else np.moveaxis(volume.array, slice_axis(volume), 0)
@@ -141,12 +143,12 @@ def adapt(model: DiffusionModel, image: Image, spec: DenoiseSpec | None = None,
     return adapted, adaptation
 
 
-def adaptation_sigma(array: np.ndarray) -> float:
+def adaptation_sigma(array: np.ndarray, coils: int = 1) -> float:
     """The noise to recorrupt with: the Gaussian sigma of bright tissue where the scan has it. R2R's pairs are
     unbiased only at the true sigma, and its loss counts the bright voxels this sigma is measured on; the
     background's Rayleigh sigma takes dark tissue for air in a crop (measured 1.3-1.7 times the added noise on a
     shoulder crop, where adapting with it lost 1-4 dB and with the tissue's gained 0.3-0.4 dB)."""
-    noise = estimate_scan_noise(array)
+    noise = estimate_scan_noise(array, coils=coils)
     return noise.sigma if noise.tissue is None else noise.tissue
 
 
@@ -157,7 +159,8 @@ def report(model: DiffusionModel, image: Image, denoised: Image, spec: DenoiseSp
     filled in), in the planes a 2D model denoised."""
     spec = (spec or DenoiseSpec()).checked(model.config)
     volume = image if image.array.ndim < 4 else Image(image.array[..., 0], image.affine, image.modality)
-    return denoise_report(image.array, denoised.array, spec.noise_sigma, spec.strength, slice_axis(volume), mask)
+    return denoise_report(image.array, denoised.array, spec.noise_sigma, spec.strength, slice_axis(volume), mask,
+                          spec.coils)
 
 
 class Tiles:

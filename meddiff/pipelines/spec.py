@@ -84,7 +84,8 @@ class DenoiseSpec(BaseModel):
     ``noise_sigma`` (image units; None: estimated from the image) times ``strength`` (None: the model's calibrated
     ``denoise_strength``) is the noise the model removes; ``steps`` 1 is the posterior-mean estimate, more runs the
     reverse process and averages ``samples`` runs from ``seed``; ``rician_correction`` removes magnitude MR's noise
-    floor; ``tile`` (None: the model's ``denoise_tile``, else its training shape) is what the network sees at once.
+    floor, Rician for one coil, noncentral chi for ``coils`` root-sum-of-squares channels; ``tile`` (None: the
+    model's ``denoise_tile``, else its training shape) is what the network sees at once.
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -95,11 +96,13 @@ class DenoiseSpec(BaseModel):
     seed: int = 0
     noise_sigma: float | None = None
     rician_correction: bool = True
+    coils: int = 1
     tile: tuple[int, ...] | None = None
 
     MAX_STRENGTH: ClassVar[float] = 2.0  # beyond twice the noise sigma the estimate removes anatomy, not noise
     MAX_STEPS: ClassVar[int] = 1000
     MAX_SAMPLES: ClassVar[int] = 64  # more adds time, not a better estimate
+    MAX_COILS: ClassVar[int] = 128  # receive channels of a root-sum-of-squares magnitude image
     ADAPT_STEPS: ClassVar[int] = 40  # per-scan adaptation (--adapt): the held-out loss levels off within this
     MAX_ADAPT_STEPS: ClassVar[int] = 1000
 
@@ -114,6 +117,9 @@ class DenoiseSpec(BaseModel):
                                "— give the noise level's standard deviation, or let it be estimated")
         if self.strength is not None:
             _check_strength(self.strength)
+        if not 1 <= self.coils <= self.MAX_COILS:
+            raise MeddiffError(f"--coils must be a whole number from 1 to {self.MAX_COILS} (the receive channels "
+                               f"combined by root-sum-of-squares; 1: Rician), not {self.coils}")
         if not 0 <= self.seed < 2**32:
             raise MeddiffError(f"--seed must be a whole number from 0 to {2**32 - 1}, not {self.seed}")
         return self
@@ -134,7 +140,7 @@ class DenoiseSpec(BaseModel):
         sigma = "estimated" if self.noise_sigma is None else f"{self.noise_sigma:g}"
         return (f"steps {self.steps}, samples {self.samples}, seed {self.seed}, noise sigma {sigma}, strength "
                 f"{self.strength if self.strength is not None else 'the model default'}, Rician correction "
-                f"{'on' if self.rician_correction else 'off'}")
+                f"{'on' if self.rician_correction else 'off'}" + (f", {self.coils} coils" if self.coils > 1 else ""))
 
 
 def _check_strength(strength: float) -> None:
