@@ -14,7 +14,11 @@ dilated by 3 pixels) and in dark tissue (the darkest 10 % of the foreground). Wr
 ``denoise_floor.json`` (also three ``sqrt(max(D^2 - k sigma^2, 0))`` corrections of the same output),
 ``denoise_floor.md`` and ``denoise_floor_panel.png``.
 
-    python -m bench.denoise --out bench/results [--model mri-denoise] [--levels 1 3 5 7 9] [--threads 2]
+``--adapt STEPS`` adds a column: meddiff after ``pipeline.adapt`` (``meddiff denoise --adapt``), denoising at the
+sigma it adapted at where the adaptation was kept; the table then names the column and the records keep each
+adaptation's line.
+
+    python -m bench.denoise --out bench/results [--model mri-denoise] [--levels 1 3 5 7 9] [--threads 2] [--adapt 40]
     python -m bench.denoise --out bench/results --floor --levels 3 5 9 --threads 1
 """
 
@@ -74,6 +78,8 @@ def options() -> argparse.ArgumentParser:
     parser.add_argument("--levels", type=float, nargs="+", default=[1, 3, 5, 7, 9])
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     parser.add_argument("--floor", action="store_true", help="the Rician noise floor benchmark (see above) instead")
+    parser.add_argument("--adapt", type=int, metavar="STEPS", help="add meddiff after per-scan adaptation")
+    parser.add_argument("--name", default="denoise", help="the records' file names (default: %(default)s)")
     return parser
 
 
@@ -88,6 +94,15 @@ def run(args: argparse.Namespace) -> None:
         "skimage nlmeans": skimage_nlmeans,
         "meddiff": lambda y, s: pipeline.denoise(Image(y, np.eye(4), "MR")).array,
     }
+    adaptations = []
+    if args.adapt:
+        def adapted(y: np.ndarray, _sigma: float) -> np.ndarray:
+            image = Image(y, np.eye(4), "MR")
+            tuned, adaptation = pipeline.adapt(image, steps=args.adapt)
+            adaptations.append(adaptation.describe())
+            return tuned.denoise(image, noise_sigma=adaptation.sigma if adaptation.kept else None).array
+
+        methods["meddiff --adapt"] = adapted
     rows, panel = [], []
     for name, clean in held_out().items():
         clean = clean.astype(np.float32)
@@ -110,9 +125,10 @@ def run(args: argparse.Namespace) -> None:
                 panel = [noisy, results["BM3D"][0], results["meddiff"][0], clean]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    harness.write_result("denoise", args, {"model": args.model, "rows": rows}, out / "denoise.json")
-    (out / "denoise.md").write_text(table(rows))
-    if panel:
+    harness.write_result(args.name, args, {"model": args.model, "rows": rows, "adaptations": adaptations},
+                         out / f"{args.name}.json")
+    (out / f"{args.name}.md").write_text(table(rows))
+    if panel and args.name == "denoise":
         save_grid(panel, out / "denoise_panel.png", columns=4, window=(0.0, float(panel[-1].max())))
     print(table(rows))
 
@@ -120,14 +136,17 @@ def run(args: argparse.Namespace) -> None:
 def table(rows: list[dict]) -> str:
     """PSNR / SSIM per image and noise level, one column per method, plus meddiff minus the best baseline."""
     methods = list(dict.fromkeys(r["method"] for r in rows))
-    lines = ["| image | noise | " + " | ".join(methods) + " | meddiff - best baseline (dB) |",
-             "|" + "---|" * (len(methods) + 3)]
+    ours = [m for m in methods if m.startswith("meddiff")]
+    lines = ["| image | noise | " + " | ".join(methods) + " | "
+             + " | ".join(f"{m} - best baseline (dB)" for m in ours) + " |",
+             "|" + "---|" * (len(methods) + 2 + len(ours))]
     for image in dict.fromkeys(r["image"] for r in rows):
         for level in dict.fromkeys(r["noise_percent"] for r in rows):
             cell = {r["method"]: r for r in rows if r["image"] == image and r["noise_percent"] == level}
             best = max(cell[m]["psnr"] for m in ("BM3D", "dipy nlmeans", "skimage nlmeans"))
             values = " | ".join(f"{cell[m]['psnr']:.2f} / {cell[m]['ssim']:.3f}" for m in methods)
-            lines.append(f"| {image} | {level:.0f} % | {values} | {cell['meddiff']['psnr'] - best:+.2f} |")
+            gaps = " | ".join(f"{cell[m]['psnr'] - best:+.2f}" for m in ours)
+            lines.append(f"| {image} | {level:.0f} % | {values} | {gaps} |")
     return "\n".join(lines) + "\n"
 
 

@@ -45,6 +45,10 @@ def add_parser(subparsers) -> None:
     p.add_argument("--no-rician-correction", dest="rician_correction", action="store_false",
                    help="keep the Rician noise floor (about 1.25 x sigma in air and dark tissue) that is "
                         "removed by default from non-negative MR where its background and tissue agree on sigma")
+    p.add_argument("--noise-map", metavar="estimate|FILE",
+                   help="noise that varies across the image (parallel imaging, surface coils): 'estimate' a map from "
+                        "the image, or a map of the noise sigma per voxel on the image's grid (NIfTI, ...); each tile "
+                        "is matched to its own noise")
     p.add_argument("--coils", type=int, default=1,
                    help="receive coils combined by root-sum-of-squares into the magnitude image: its noise is "
                         "noncentral chi with 2N degrees of freedom, and the noise estimate and the floor removal "
@@ -123,8 +127,9 @@ def run(args) -> None:
         check_adapt_steps(args.adapt)
     spec = spec_from(DenoiseSpec, steps=args.steps, samples=args.samples, strength=args.strength, seed=args.seed,
                      noise_sigma=noise_sigma(args.noise_sigma), rician_correction=args.rician_correction,
-                     coils=args.coils)
-    sources = {"the input": args.input, "the mask": args.mask}
+                     coils=args.coils, local_noise=args.noise_map == "estimate")
+    given_map = args.noise_map if args.noise_map not in (None, "estimate") else None
+    sources = {"the input": args.input, "the mask": args.mask, "the noise map": given_map}
     reporting = report_path(Path(args.output)) if args.report else None
     with (dicom_output.guarded(args, [Path(args.output)], sources) as dicom,  # before minutes of work, not after
           reserved(reporting, sources, args.overwrite) if reporting else contextlib.nullcontext()):
@@ -137,16 +142,20 @@ def run(args) -> None:
                                       image.modality), load_image(args.mask), verb="denoise")
             if image.array.ndim == 4:
                 mask = np.broadcast_to(mask[..., None], image.array.shape)
+        noise_map = None if given_map is None else load_image(given_map).array
         pipeline = load_pipeline(args.model, device=args.device)
         spec = spec.checked(pipeline.config)  # the model's own strength and tile filled in
         adaptation = None
         if args.adapt is not None:
             pipeline, adaptation = pipeline.adapt(image, spec, args.adapt)
             print(adaptation.describe())
-        clean = pipeline.denoise(image, spec, mask=mask)
+            if adaptation.kept and spec.noise_sigma is None and not spec.local_noise and noise_map is None:
+                spec = spec.model_copy(update={"noise_sigma": adaptation.sigma})  # the noise it adapted at
+        clean = pipeline.denoise(image, spec, mask=mask, noise_map=noise_map)
         report = pipeline.denoise_report(image, clean, spec, mask) if reporting else None
         if dicom:  # of the report only its summary: a DerivationDescription holds 1024 characters
-            settings = (spec.description() + (f"; {adaptation.describe()}" if adaptation else "")
+            settings = (spec.description() + (f"; noise map given ({Path(given_map).name})" if given_map else "")
+                        + (f"; {adaptation.describe()}" if adaptation else "")
                         + (f"; report beside the series: {summary(report)}" if report else ""))
             description = dicom_output.provenance(
                 f"denoised by meddiff (model {pipeline.model.weights_sha256[:16]}; {settings})", differ)

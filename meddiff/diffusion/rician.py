@@ -72,24 +72,27 @@ def break_even(coils: int = 1) -> float:
 BREAK_EVEN = break_even(1)
 
 
-def rician_amplitude(mean: np.ndarray, sigma: float, coils: int = 1) -> np.ndarray:
+def rician_amplitude(mean: np.ndarray, sigma: float | np.ndarray, coils: int = 1) -> np.ndarray:
     """The amplitude ``A >= 0`` whose magnitude mean (noise ``sigma`` per channel, ``coils`` channels: Rician for one)
-    is ``mean``; float32. Means at or below the noise floor (``sigma * sqrt(pi / 2)`` for one coil; negative values
-    too) give 0."""
-    if not (np.isfinite(sigma) and sigma > 0):
-        raise ValueError(f"sigma must be positive and finite, got {sigma}")
+    is ``mean``; float32. ``sigma``: one value, or one per voxel (a noise map of ``mean``'s shape). Means at or below
+    the noise floor (``sigma * sqrt(pi / 2)`` for one coil; negative values too) give 0."""
+    sigma = np.asarray(sigma, dtype=np.float64)
+    if not (np.isfinite(sigma).all() and (sigma > 0).all()):
+        raise ValueError(f"sigma must be positive and finite, got {sigma if sigma.ndim == 0 else 'a map that is not'}")
     floor, step, nu_of_u, x_max = _inverse_table(int(coils))
     mean = np.asarray(mean)
     out = np.empty(mean.shape, np.float32)
     flat_in, flat_out = mean.reshape(-1), out.reshape(-1)
+    flat_sigma = np.broadcast_to(sigma, mean.shape).reshape(-1)
     for start in range(0, flat_in.size, _CHUNK):
-        x = flat_in[start : start + _CHUNK].astype(np.float64) / sigma
+        scale = flat_sigma[start : start + _CHUNK]
+        x = flat_in[start : start + _CHUNK].astype(np.float64) / scale
         position = np.sqrt(np.clip(x, floor, x_max) - floor) / step
         index = np.minimum(position.astype(np.intp), nu_of_u.size - 2)
         nu = nu_of_u[index] + (position - index) * (nu_of_u[index + 1] - nu_of_u[index])
         high = x > x_max  # E[M] = sqrt(A^2 + (2N - 1) sigma^2) to within 1e-4 sigma there
         nu[high] = np.sqrt(x[high] ** 2 - (2 * coils - 1))
-        flat_out[start : start + _CHUNK] = nu * sigma
+        flat_out[start : start + _CHUNK] = nu * scale
     return out
 
 
@@ -112,13 +115,13 @@ def floor_sigma(noise: NoiseEstimate, coils: int = 1) -> float | None:
     return min(noise.background, noise.tissue)
 
 
-def correct_rician_bias(denoised: np.ndarray, sigma: float | None, source, enabled: bool = True,
+def correct_rician_bias(denoised: np.ndarray, sigma: float | np.ndarray | None, source, enabled: bool = True,
                         coils: int = 1) -> np.ndarray:
     """``denoised`` with the Rician floor removed when ``source`` (the noisy ``Image``) is magnitude MR.
 
-    Magnitude MR: modality MR or unknown, and no negative value. ``sigma`` is the noise in image
-    units (given, or ``floor_sigma`` of the estimate; None: the floor is kept), not scaled by the denoising
-    strength: the floor is a property of the data, whatever fraction of the noise the network was asked to remove.
+    Magnitude MR: modality MR or unknown, and no negative value. ``sigma`` is the noise in image units (given, or
+    ``floor_sigma`` of the estimate, or a noise map; None: the floor is kept), not scaled by the denoising strength:
+    the floor is a property of the data, whatever fraction of the noise the network was asked to remove.
     """
     if sigma is None or not enabled or source.modality not in (None, "MR") or float(source.array.min()) < 0:
         return denoised

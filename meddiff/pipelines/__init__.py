@@ -78,17 +78,20 @@ class DiffusionPipeline:
         return generate.to_image(self.model, x)
 
     def denoise(self, image: Image, spec: DenoiseSpec | None = None, mask: np.ndarray | None = None,
-                batch_size: int = 8, progress: bool = True, **fields) -> Image:
+                batch_size: int = 8, progress: bool = True, noise_map: np.ndarray | None = None, **fields) -> Image:
         """A denoised copy of a magnitude MR image (``denoise.denoise``). Options are a ``DenoiseSpec``
-        (``spec=``) or its fields as keywords: ``pipeline.denoise(image, noise_sigma=5.0, steps=4)``."""
+        (``spec=``) or its fields as keywords: ``pipeline.denoise(image, noise_sigma=5.0, steps=4)``;
+        ``noise_map``: the noise sigma per voxel where it varies across the image (or ``local_noise=True``)."""
         check_modality(image, self.config, "denoising")
-        return denoise.denoise(self.model, image, spec or spec_from(DenoiseSpec, **fields), mask, batch_size, progress)
+        return denoise.denoise(self.model, image, spec or spec_from(DenoiseSpec, **fields), mask, batch_size, progress,
+                               noise_map)
 
     def adapt(self, image: Image, spec: DenoiseSpec | None = None, steps: int = DenoiseSpec.ADAPT_STEPS,
               **fields) -> tuple[DiffusionPipeline, Adaptation]:
         """A pipeline whose denoising prior is adapted to ``image`` (``denoise.adapt``: self-supervised, from the scan's
-        own noise; kept only where it lowers a held-out loss), and what adapting did. Then
-        ``adapted.denoise(image, spec)``. Options as ``denoise`` takes them."""
+        own noise; kept only where it lowers a held-out loss), and what adapting did. Then, where it was kept,
+        ``adapted.denoise(image, noise_sigma=adaptation.sigma)``: the sigma it adapted at (the scan's tissue sigma,
+        unless given). Options as ``denoise`` takes them."""
         check_modality(image, self.config, "denoising")
         model, adaptation = denoise.adapt(self.model, image, spec or spec_from(DenoiseSpec, **fields), steps)
         return DiffusionPipeline(model), adaptation

@@ -3,6 +3,8 @@ tiles, the Rician floor removed where the image shows it, geometry, units and me
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import torch
 from scipy import ndimage
@@ -12,6 +14,7 @@ from meddiff.data.transforms import NormalizeIntensityd
 from meddiff.diffusion.adapt import BRIGHT, Adaptation, adapt_unet
 from meddiff.diffusion.denoise import denoise_tensor
 from meddiff.diffusion.noise_level import estimate_scan_noise
+from meddiff.diffusion.noise_map import check_noise_map, estimate_noise_map
 from meddiff.diffusion.quality import denoise_report
 from meddiff.diffusion.rician import correct_rician_bias, floor_sigma
 from meddiff.diffusion.tiling import tile_geometry, tiled
@@ -27,7 +30,7 @@ MIN_DENOISE_SIDE = 8
 
 @torch.inference_mode()
 def denoise(model: DiffusionModel, image: Image, spec: DenoiseSpec | None = None, mask: np.ndarray | None = None,
-            batch_size: int = 8, progress: bool = True) -> Image:
+            batch_size: int = 8, progress: bool = True, noise_map: np.ndarray | None = None) -> Image:
     """Denoise a magnitude MR ``image`` as ``spec`` says; geometry, units and metadata of the input are kept.
 
     The noise sigma (image units) is estimated from the image unless the spec gives it. The model is asked to
@@ -45,6 +48,11 @@ def denoise(model: DiffusionModel, image: Image, spec: DenoiseSpec | None = None
     floor of magnitude MR from the result (``meddiff.diffusion.rician``; noncentral chi for the spec's ``coils``):
     with the given sigma, or with an estimated one only where the image's background and bright tissue agree on it
     (``floor_sigma``).
+
+    Noise that varies across the image: ``noise_map`` (the noise sigma per voxel, image units, the image's shape or
+    one volume's for 4D) or the spec's ``local_noise`` (a map estimated from the image:
+    ``diffusion.noise_map``). Each tile is then matched to its own noise, the mean of the map over the tile, and the
+    floor is removed with the map.
     """
     check_denoiser(model)
     spec = (spec or DenoiseSpec()).checked(model.config)
@@ -57,7 +65,7 @@ def denoise(model: DiffusionModel, image: Image, spec: DenoiseSpec | None = None
         volumes = [
             denoise(model, Image(image.array[..., v], image.affine, image.modality), spec,
                     None if mask is None else (mask if np.ndim(mask) == 3 else mask[..., v]), batch_size,
-                    progress).array
+                    progress, None if noise_map is None or np.ndim(noise_map) == 3 else noise_map[..., v]).array
             for v in range(image.array.shape[3])
         ]
         return Image(np.stack(volumes, axis=-1), image.affine, image.modality, dict(image.meta))
@@ -70,29 +78,51 @@ def denoise(model: DiffusionModel, image: Image, spec: DenoiseSpec | None = None
     sigma = float(spec.noise_sigma) if noise is None else noise.sigma
     if not sigma > 0:
         raise MeddiffError("no noise found in the image (estimated sigma 0): nothing to denoise, or give --noise-sigma")
+    local = local_noise(image, spec, noise_map)
     y, low, high = model_units(image.array, model.device)
     sigma_n = 2.0 * spec.strength * sigma / (high - low)
+    sigma_map = (None if local is None
+                 else torch.tensor(local, device=model.device).mul_(2.0 * spec.strength / (high - low)))
 
     def run(x: torch.Tensor) -> torch.Tensor:
-        return denoise_tensor(model.unet, model.schedule, x, sigma_n, spec.steps, spec.samples, spec.seed,
-                              model.config.max_train_timestep)
+        # with a noise map the tiles carry it as a second channel: each tile is matched to its own mean noise
+        tile_sigma = sigma_n if x.shape[1] == 1 else x[:, 1:].flatten(1).mean(1)
+        return denoise_tensor(model.unet, model.schedule, x[:, :1], tile_sigma, spec.steps, spec.samples,
+                              spec.seed, model.config.max_train_timestep)
 
     tiles = Tiles(model, spec.tile, batch_size, progress)
     if model.config.unet.spatial_dims == 3:
         if y.ndim != 3:
             raise MeddiffError(f"this 3D model denoises volumes; the image has shape {tuple(y.shape)}")
-        out = tiles.volume(y, run)
+        out = tiles.volume(y, run, sigma_map)
     elif y.ndim == 2:
-        out = tiles.planes(y[None], run)[0]
+        out = tiles.planes(y[None], run, None if sigma_map is None else sigma_map[None])[0]
     else:
-        out = torch.movedim(tiles.planes(torch.movedim(y, axis, 0), run), 0, axis)
-    del y
+        out = torch.movedim(tiles.planes(torch.movedim(y, axis, 0), run,
+                                         None if sigma_map is None else torch.movedim(sigma_map, axis, 0)), 0, axis)
+    del y, sigma_map
     array = out.float().cpu().add_(1.0).mul_((high - low) / 2.0).add_(low).numpy()  # from_model_range, in place
-    array = correct_rician_bias(array, sigma if noise is None else floor_sigma(noise, spec.coils), image,
-                                spec.rician_correction, spec.coils)
+    floor = sigma if noise is None else floor_sigma(noise, spec.coils)
+    if local is not None and (noise_map is not None or floor is not None):  # a given map is trusted as a given sigma
+        floor = local
+    array = correct_rician_bias(array, floor, image, spec.rician_correction, spec.coils)
     if mask is not None:
         array = np.where(np.asarray(mask, dtype=bool), array, image.array).astype(np.float32)
     return Image(array, image.affine, image.modality, dict(image.meta))
+
+
+def local_noise(image: Image, spec: DenoiseSpec, noise_map: np.ndarray | None) -> np.ndarray | None:
+    """The noise map to denoise ``image`` with: the given one (checked), one estimated (the spec's ``local_noise``),
+    or None for one sigma."""
+    if noise_map is None and not spec.local_noise:
+        return None
+    if spec.steps > 1:
+        raise MeddiffError("a noise map works with --steps 1 (the posterior-mean estimate): leave out --steps")
+    if noise_map is not None:
+        if spec.noise_sigma is not None:
+            raise MeddiffError("give --noise-sigma or --noise-map, not both")
+        return check_noise_map(noise_map, image.array.shape)
+    return estimate_noise_map(image.array, spec.coils)
 
 
 def check_denoiser(model: DiffusionModel) -> None:
@@ -118,8 +148,8 @@ def adapt(model: DiffusionModel, image: Image, spec: DenoiseSpec | None = None,
     """``model`` with its UNet adapted to ``image`` by ``steps`` of Recorrupted-to-Recorrupted fine-tuning
     (``diffusion.adapt``), or ``model`` itself when that does not lower the loss on held-out planes or tiles of the
     scan at the spec's strength; and what adapting did. The noise the network is adapted at: the spec's sigma, else
-    the scan's tissue sigma (``adaptation_sigma``). A 4D image adapts on its first volume. Then
-    ``denoise(adapted, image, spec)``."""
+    the scan's tissue sigma (``adaptation_sigma``). A 4D image adapts on its first volume. Then, where it was kept,
+    ``denoise(adapted, image, spec with noise_sigma=adaptation.sigma)``: the network was adapted at that noise."""
     check_denoiser(model)
     spec = (spec or DenoiseSpec()).checked(model.config)
     if model.config.unet.spatial_dims != 2:
@@ -140,7 +170,7 @@ def adapt(model: DiffusionModel, image: Image, spec: DenoiseSpec | None = None,
                                   model.config.unet.size_multiple, spec.seed)
     adapted = DiffusionModel(model.config, {**model.networks, "unet": unet})
     adapted.weights_sha256 = model.weights_sha256
-    return adapted, adaptation
+    return adapted, dataclasses.replace(adaptation, sigma=sigma)
 
 
 def adaptation_sigma(array: np.ndarray, coils: int = 1) -> float:
@@ -174,14 +204,16 @@ class Tiles:
     def count(self, spatial) -> int:
         return tile_geometry(spatial, self.tile, self.multiple)[2]
 
-    def volume(self, y: torch.Tensor, run) -> torch.Tensor:
-        """A 3D model over one (D, H, W) volume."""
+    def volume(self, y: torch.Tensor, run, sigma_map: torch.Tensor | None = None) -> torch.Tensor:
+        """A 3D model over one (D, H, W) volume (with a noise map of its shape: a second channel)."""
+        x = y[None, None] if sigma_map is None else torch.stack([y, sigma_map])[None]
         with tqdm(total=self.count(y.shape), desc="denoise", unit="tile", delay=2.0, disable=not self.progress) as bar:
-            return tiled(run, y[None, None], self.tile, self.multiple, self.batch_size, bar.update)[0, 0]
+            return tiled(run, x, self.tile, self.multiple, self.batch_size, bar.update)[0, 0]
 
-    def planes(self, planes: torch.Tensor, run) -> torch.Tensor:
-        """A 2D model over (N, H, W) planes; as many planes per call as ``batch_size`` tiles hold,
-        written into one output tensor, so memory does not grow with the number of planes."""
+    def planes(self, planes: torch.Tensor, run, sigma_map: torch.Tensor | None = None) -> torch.Tensor:
+        """A 2D model over (N, H, W) planes (with a noise map of their shape: a second channel); as many planes per
+        call as ``batch_size`` tiles hold, written into one output tensor, so memory does not grow with the number
+        of planes."""
         count = self.count(planes.shape[1:])
         per_call = max(1, self.batch_size // count)
         out = torch.empty(planes.shape, dtype=torch.float32, device=planes.device)
@@ -189,6 +221,7 @@ class Tiles:
                   disable=not self.progress) as bar:
             for start in range(0, planes.shape[0], per_call):
                 stop = min(start + per_call, planes.shape[0])
-                out[start:stop] = tiled(run, planes[start:stop, None], self.tile, self.multiple, self.batch_size,
-                                        bar.update)[:, 0]
+                x = (planes[start:stop, None] if sigma_map is None
+                     else torch.stack([planes[start:stop], sigma_map[start:stop]], dim=1))
+                out[start:stop] = tiled(run, x, self.tile, self.multiple, self.batch_size, bar.update)[:, 0]
         return out

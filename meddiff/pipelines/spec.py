@@ -84,8 +84,9 @@ class DenoiseSpec(BaseModel):
     ``noise_sigma`` (image units; None: estimated from the image) times ``strength`` (None: the model's calibrated
     ``denoise_strength``) is the noise the model removes; ``steps`` 1 is the posterior-mean estimate, more runs the
     reverse process and averages ``samples`` runs from ``seed``; ``rician_correction`` removes magnitude MR's noise
-    floor, Rician for one coil, noncentral chi for ``coils`` root-sum-of-squares channels; ``tile`` (None: the
-    model's ``denoise_tile``, else its training shape) is what the network sees at once.
+    floor, Rician for one coil, noncentral chi for ``coils`` root-sum-of-squares channels; ``local_noise`` estimates
+    a map of noise that varies across the image and matches each tile to its own (``diffusion.noise_map``);
+    ``tile`` (None: the model's ``denoise_tile``, else its training shape) is what the network sees at once.
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -97,6 +98,7 @@ class DenoiseSpec(BaseModel):
     noise_sigma: float | None = None
     rician_correction: bool = True
     coils: int = 1
+    local_noise: bool = False
     tile: tuple[int, ...] | None = None
 
     MAX_STRENGTH: ClassVar[float] = 2.0  # beyond twice the noise sigma the estimate removes anatomy, not noise
@@ -140,7 +142,8 @@ class DenoiseSpec(BaseModel):
         sigma = "estimated" if self.noise_sigma is None else f"{self.noise_sigma:g}"
         return (f"steps {self.steps}, samples {self.samples}, seed {self.seed}, noise sigma {sigma}, strength "
                 f"{self.strength if self.strength is not None else 'the model default'}, Rician correction "
-                f"{'on' if self.rician_correction else 'off'}" + (f", {self.coils} coils" if self.coils > 1 else ""))
+                f"{'on' if self.rician_correction else 'off'}" + (f", {self.coils} coils" if self.coils > 1 else "")
+                + (", noise map estimated" if self.local_noise else ""))
 
 
 def _check_strength(strength: float) -> None:
