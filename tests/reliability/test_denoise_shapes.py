@@ -111,6 +111,13 @@ BAD_ARGUMENTS = {
     "--strength inf": (["--strength", "inf"], "--strength"),
     "--steps 0": (["--steps", "0"], "--steps"),
     "--samples -2": (["--samples", "-2"], "--samples"),
+    "--coils 0": (["--coils", "0"], "--coils"),
+    "--coils 500": (["--coils", "500"], "--coils"),
+    "--adapt 0": (["--adapt", "0"], "--adapt"),
+    "--adapt 5000": (["--adapt", "5000"], "--adapt"),
+    "--noise-map missing file": (["--noise-map", "missing.nii.gz"], "missing.nii.gz"),
+    "--noise-map with --steps 3": (["--noise-map", "estimate", "--steps", "3"], "--steps 1"),
+    "--noise-map with --noise-sigma": (["--noise-map", "in.nii.gz", "--noise-sigma", "2"], "not both"),
 }
 
 
