@@ -49,6 +49,9 @@ def add_parser(subparsers) -> None:
                    help="noise that varies across the image (parallel imaging, surface coils): 'estimate' a map from "
                         "the image, or a map of the noise sigma per voxel on the image's grid (NIfTI, ...); each tile "
                         "is matched to its own noise")
+    p.add_argument("--across-volumes", action="store_true",
+                   help="a 4D series (diffusion-weighted, fMRI, multi-echo): predict each volume from the others "
+                        "first (their noise is independent), then denoise that prediction in space")
     p.add_argument("--coils", type=int, default=1,
                    help="receive coils combined by root-sum-of-squares into the magnitude image: its noise is "
                         "noncentral chi with 2N degrees of freedom, and the noise estimate and the floor removal "
@@ -127,7 +130,7 @@ def run(args) -> None:
         check_adapt_steps(args.adapt)
     spec = spec_from(DenoiseSpec, steps=args.steps, samples=args.samples, strength=args.strength, seed=args.seed,
                      noise_sigma=noise_sigma(args.noise_sigma), rician_correction=args.rician_correction,
-                     coils=args.coils, local_noise=args.noise_map == "estimate")
+                     coils=args.coils, local_noise=args.noise_map == "estimate", across_volumes=args.across_volumes)
     given_map = args.noise_map if args.noise_map not in (None, "estimate") else None
     sources = {"the input": args.input, "the mask": args.mask, "the noise map": given_map}
     reporting = report_path(Path(args.output)) if args.report else None

@@ -11,6 +11,7 @@ from scipy import ndimage
 from tqdm.auto import tqdm
 
 from meddiff.data.transforms import NormalizeIntensityd
+from meddiff.diffusion.across_volumes import predict_from_other_volumes
 from meddiff.diffusion.adapt import BRIGHT, Adaptation, adapt_unet
 from meddiff.diffusion.denoise import denoise_tensor
 from meddiff.diffusion.noise_level import estimate_scan_noise
@@ -52,7 +53,8 @@ def denoise(model: DiffusionModel, image: Image, spec: DenoiseSpec | None = None
     Noise that varies across the image: ``noise_map`` (the noise sigma per voxel, image units, the image's shape or
     one volume's for 4D) or the spec's ``local_noise`` (a map estimated from the image:
     ``diffusion.noise_map``). Each tile is then matched to its own noise, the mean of the map over the tile, and the
-    floor is removed with the map.
+    floor is removed with the map. A 4D series with the spec's ``across_volumes``: each volume is predicted from the
+    others first (``denoise_across_volumes``).
     """
     check_denoiser(model)
     spec = (spec or DenoiseSpec()).checked(model.config)
@@ -61,6 +63,8 @@ def denoise(model: DiffusionModel, image: Image, spec: DenoiseSpec | None = None
         raise MeddiffError("the image is constant (for example all zero): there is nothing to denoise")
     if mask is not None and np.shape(mask) not in (image.array.shape, image.array.shape[:3]):
         raise MeddiffError(f"the mask has shape {np.shape(mask)}, the image {image.array.shape}")
+    if spec.across_volumes:
+        return denoise_across_volumes(model, image, spec, mask, batch_size, progress, noise_map)
     if image.array.ndim == 4:
         volumes = [
             denoise(model, Image(image.array[..., v], image.affine, image.modality), spec,
@@ -109,6 +113,31 @@ def denoise(model: DiffusionModel, image: Image, spec: DenoiseSpec | None = None
     if mask is not None:
         array = np.where(np.asarray(mask, dtype=bool), array, image.array).astype(np.float32)
     return Image(array, image.affine, image.modality, dict(image.meta))
+
+
+def denoise_across_volumes(model: DiffusionModel, image: Image, spec: DenoiseSpec, mask: np.ndarray | None,
+                           batch_size: int, progress: bool, noise_map: np.ndarray | None) -> Image:
+    """A 4D series denoised volume by volume with the other volumes as context (``diffusion.across_volumes``):
+    each volume's prediction from the others, whose noise is the volume's sigma times the weights' norm, is
+    denoised at that noise; the floor is removed with the volume's own sigma, as ``denoise`` removes it."""
+    if noise_map is not None or spec.local_noise:
+        raise MeddiffError("--across-volumes takes one noise sigma per volume: leave out --noise-map")
+    prediction, gain = predict_from_other_volumes(image.array, spec.seed)
+    inner = spec.model_copy(update={"across_volumes": False, "rician_correction": False})
+    volumes = []
+    for v in range(image.array.shape[3]):
+        volume = Image(image.array[..., v], image.affine, image.modality)
+        noise = estimate_scan_noise(volume.array, coils=spec.coils) if spec.noise_sigma is None else None
+        sigma = float(spec.noise_sigma) if noise is None else noise.sigma
+        out = denoise(model, Image(prediction[..., v], image.affine, image.modality),
+                      inner.model_copy(update={"noise_sigma": max(sigma * float(gain[v]), 1e-12)}), None,
+                      batch_size, progress).array
+        floor = sigma if noise is None else floor_sigma(noise, spec.coils)
+        out = correct_rician_bias(out, floor, volume, spec.rician_correction, spec.coils)
+        if mask is not None:
+            out = np.where(np.asarray(mask if np.ndim(mask) == 3 else mask[..., v], dtype=bool), out, volume.array)
+        volumes.append(np.asarray(out, dtype=np.float32))
+    return Image(np.stack(volumes, axis=-1), image.affine, image.modality, dict(image.meta))
 
 
 def local_noise(image: Image, spec: DenoiseSpec, noise_map: np.ndarray | None) -> np.ndarray | None:

@@ -86,7 +86,8 @@ class DenoiseSpec(BaseModel):
     reverse process and averages ``samples`` runs from ``seed``; ``rician_correction`` removes magnitude MR's noise
     floor, Rician for one coil, noncentral chi for ``coils`` root-sum-of-squares channels; ``local_noise`` estimates
     a map of noise that varies across the image and matches each tile to its own (``diffusion.noise_map``);
-    ``tile`` (None: the model's ``denoise_tile``, else its training shape) is what the network sees at once.
+    ``across_volumes`` denoises a 4D series with its other volumes as context; ``tile`` (None: the model's
+    ``denoise_tile``, else its training shape) is what the network sees at once.
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -99,6 +100,7 @@ class DenoiseSpec(BaseModel):
     rician_correction: bool = True
     coils: int = 1
     local_noise: bool = False
+    across_volumes: bool = False
     tile: tuple[int, ...] | None = None
 
     MAX_STRENGTH: ClassVar[float] = 2.0  # beyond twice the noise sigma the estimate removes anatomy, not noise
@@ -143,7 +145,8 @@ class DenoiseSpec(BaseModel):
         return (f"steps {self.steps}, samples {self.samples}, seed {self.seed}, noise sigma {sigma}, strength "
                 f"{self.strength if self.strength is not None else 'the model default'}, Rician correction "
                 f"{'on' if self.rician_correction else 'off'}" + (f", {self.coils} coils" if self.coils > 1 else "")
-                + (", noise map estimated" if self.local_noise else ""))
+                + (", noise map estimated" if self.local_noise else "")
+                + (", across volumes" if self.across_volumes else ""))
 
 
 def _check_strength(strength: float) -> None:
