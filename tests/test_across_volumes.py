@@ -25,12 +25,16 @@ def test_each_volume_is_predicted_from_the_others_with_the_noise_its_weights_car
     """Six contrasts of one anatomy: the prediction's error is the others' noise through the weights (sigma times
     their norm, about 1 / sqrt(5) for five equal others), far below the volume's own noise."""
     clean, noisy = series(sigma=5.0)
-    prediction, gain = predict_from_other_volumes(noisy)
+    prediction, gain, residual = predict_from_other_volumes(noisy)
     assert prediction.shape == noisy.shape and prediction.dtype == np.float32 and gain.shape == (6,)
     for v in range(6):
         error = float((prediction[..., v] - clean[..., v]).std())
         assert error == pytest.approx(5.0 * gain[v], rel=0.15)
         assert error < 0.6 * 5.0
+        assert residual[v] == pytest.approx(5.0 * np.hypot(1.0, gain[v]), rel=0.1)  # explained: noise alone
+    unexplained = noisy.copy()
+    unexplained[..., 0] = np.flip(unexplained[..., 0], axis=0) ** 2 / 100.0  # another contrast and place
+    assert predict_from_other_volumes(unexplained)[2][0] > 2.0 * 5.0
     with pytest.raises(MeddiffError, match="at least 3 volumes"):
         predict_from_other_volumes(noisy[..., :2])
     with pytest.raises(MeddiffError, match="4D series"):

@@ -27,6 +27,7 @@ from meddiff.pipelines.volumes import slice_axis
 
 # a slice side below this has too few voxels for a noise estimate or a UNet's levels
 MIN_DENOISE_SIDE = 8
+EXPLAINED = 1.1  # --across-volumes: a fit residual within this of the noise alone means the others explain a volume
 
 
 @torch.inference_mode()
@@ -119,19 +120,24 @@ def denoise_across_volumes(model: DiffusionModel, image: Image, spec: DenoiseSpe
                            batch_size: int, progress: bool, noise_map: np.ndarray | None) -> Image:
     """A 4D series denoised volume by volume with the other volumes as context (``diffusion.across_volumes``):
     each volume's prediction from the others, whose noise is the volume's sigma times the weights' norm, is
-    denoised at that noise; the floor is removed with the volume's own sigma, as ``denoise`` removes it."""
+    denoised at that noise; a volume whose fit leaves more than ``EXPLAINED`` times the noise it should is denoised
+    alone. The floor is removed with the volume's own sigma, as ``denoise`` removes it."""
     if noise_map is not None or spec.local_noise:
         raise MeddiffError("--across-volumes takes one noise sigma per volume: leave out --noise-map")
-    prediction, gain = predict_from_other_volumes(image.array, spec.seed)
+    prediction, gain, residual = predict_from_other_volumes(image.array, spec.seed)
     inner = spec.model_copy(update={"across_volumes": False, "rician_correction": False})
     volumes = []
     for v in range(image.array.shape[3]):
         volume = Image(image.array[..., v], image.affine, image.modality)
         noise = estimate_scan_noise(volume.array, coils=spec.coils) if spec.noise_sigma is None else None
         sigma = float(spec.noise_sigma) if noise is None else noise.sigma
-        out = denoise(model, Image(prediction[..., v], image.affine, image.modality),
-                      inner.model_copy(update={"noise_sigma": max(sigma * float(gain[v]), 1e-12)}), None,
-                      batch_size, progress).array
+        if residual[v] <= EXPLAINED * sigma * np.hypot(1.0, gain[v]):  # the others explain its signal
+            out = denoise(model, Image(prediction[..., v], image.affine, image.modality),
+                          inner.model_copy(update={"noise_sigma": max(sigma * float(gain[v]), 1e-12)}), None,
+                          batch_size, progress).array
+        else:  # not predictable from the others: the volume alone, as without --across-volumes
+            out = denoise(model, volume, inner.model_copy(update={"noise_sigma": sigma}), None, batch_size,
+                          progress).array
         floor = sigma if noise is None else floor_sigma(noise, spec.coils)
         out = correct_rician_bias(out, floor, volume, spec.rician_correction, spec.coils)
         if mask is not None:
