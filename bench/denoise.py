@@ -37,7 +37,8 @@ from meddiff.data.samples import dipy_t1_slice, pydicom_data_image
 from meddiff.data.synthetic import rician_noise
 from meddiff.diffusion.noise_level import estimate_noise_sigma
 from meddiff.metrics import foreground_mask, psnr, ssim
-from meddiff.pipelines import load_pipeline
+from meddiff.pipelines import DenoiseSpec, load_pipeline
+from meddiff.pipelines.denoise import spec_after
 from meddiff.viz import save_grid
 
 
@@ -100,7 +101,7 @@ def run(args: argparse.Namespace) -> None:
             image = Image(y, np.eye(4), "MR")
             tuned, adaptation = pipeline.adapt(image, steps=args.adapt)
             adaptations.append(adaptation.describe())
-            return tuned.denoise(image, noise_sigma=adaptation.sigma if adaptation.kept else None).array
+            return tuned.denoise(image, spec_after(adaptation, DenoiseSpec())).array
 
         methods["meddiff --adapt"] = adapted
     rows, panel = [], []

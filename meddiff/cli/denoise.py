@@ -123,6 +123,7 @@ def noise_sigma(text: str) -> float | None:
 def run(args) -> None:
     from meddiff.diffusion.quality import summary
     from meddiff.pipelines import load_pipeline
+    from meddiff.pipelines.denoise import spec_after
     from meddiff.pipelines.inpaint import mask_on_grid
     from meddiff.pipelines.spec import check_adapt_steps, spec_from
 
@@ -152,8 +153,7 @@ def run(args) -> None:
         if args.adapt is not None:
             pipeline, adaptation = pipeline.adapt(image, spec, args.adapt)
             print(adaptation.describe())
-            if adaptation.kept and spec.noise_sigma is None and not spec.local_noise and noise_map is None:
-                spec = spec.model_copy(update={"noise_sigma": adaptation.sigma})  # the noise it adapted at
+            spec = spec_after(adaptation, spec, noise_map)  # at the noise it adapted at
         clean = pipeline.denoise(image, spec, mask=mask, noise_map=noise_map)
         report = pipeline.denoise_report(image, clean, spec, mask) if reporting else None
         if dicom:  # of the report only its summary: a DerivationDescription holds 1024 characters

@@ -26,7 +26,7 @@ def matched_x0(unet: torch.nn.Module, schedule: NoiseSchedule, y: torch.Tensor,
     through it)."""
     abar = schedule.training_scheduler().alphas_cumprod
     sigmas = torch.as_tensor(sigma, dtype=torch.float64).reshape(-1).tolist()
-    if len(sigmas) == 1:
+    if len(sigmas) == 1:  # in Python floats, as before noise maps: the pinned full-loop values stay bit for bit
         t = timestep_for_sigma(sigmas[0], abar.numpy())
         xt = float(abar[t]) ** 0.5 * y
         return predicted_x0(unet_function(unet)(xt, torch.tensor(t)), xt, float(abar[t]), schedule.prediction)
@@ -48,11 +48,11 @@ def denoise_tensor(unet: torch.nn.Module, schedule: NoiseSchedule, y: torch.Tens
     if steps < 1 or samples < 1:
         raise MeddiffError("--steps and --samples must be at least 1")
     abar = schedule.training_scheduler().alphas_cumprod
-    t = timestep_for_sigma(float(torch.as_tensor(sigma).max()), abar.numpy())
+    largest = float(torch.as_tensor(sigma).max())
+    t = timestep_for_sigma(largest, abar.numpy())
     if max_timestep is not None and t >= max_timestep:
         limit = float(((1 - abar[max_timestep - 1]) / abar[max_timestep - 1]) ** 0.5)
-        raise MeddiffError(f"the noise to remove (sigma {float(torch.as_tensor(sigma).max()) / 2:.1%} of the "
-                           "intensity range, after --strength) "
+        raise MeddiffError(f"the noise to remove (sigma {largest / 2:.1%} of the intensity range, after --strength) "
                            f"is beyond what this model learnt (up to {limit / 2:.1%})")
     if steps == 1:
         return matched_x0(unet, schedule, y, sigma)

@@ -81,10 +81,11 @@ def background_sigma(array: np.ndarray, start: float, iterations: int = 20, coil
     mean = background_mean(coils)
     a = c * c / 2.0
     second_moment = 2.0 * coils * special.gammainc(coils + 1, a) / special.gammainc(coils, a)
+    # the local mean of Rayleigh(sigma) noise is about 1.25 sigma; tissue is far brighter
+    local_limit = 1.8 / background_mean(1) * mean
     sigma, used = start, 0.0
     for _ in range(iterations):
-        # the local mean of Rayleigh(sigma) noise is about 1.25 sigma; tissue is far brighter
-        candidates = array[(local_mean < 1.8 / background_mean(1) * mean * sigma) & (array < c * sigma)]
+        candidates = array[(local_mean < local_limit * sigma) & (array < c * sigma)]
         used = candidates.size / array.size
         if candidates.size < 100:
             return float("nan"), used

@@ -18,7 +18,14 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage
 
-from meddiff.diffusion.noise_level import _KERNEL_2D, _SOBEL, _planar, background_mean, estimate_scan_noise
+from meddiff.diffusion.noise_level import (
+    _KERNEL_2D,
+    _SOBEL,
+    NoiseEstimate,
+    _planar,
+    background_mean,
+    estimate_scan_noise,
+)
 from meddiff.errors import MeddiffError
 
 WINDOW = 12.0  # voxels: the Gaussian's sigma; a g-factor map varies over centimetres, 3x across an image
@@ -26,13 +33,16 @@ _MEAN_ABS_TO_STD = np.sqrt(np.pi / 2.0) / 6.0  # Immerkaer: std 6 sigma; |N(0, s
 _MIN_WEIGHT = 1e-3  # below this share of bright voxels in the window, the scan's sigma stands
 
 
-def estimate_noise_map(array: np.ndarray, coils: int = 1, window: float = WINDOW) -> np.ndarray:
+def estimate_noise_map(array: np.ndarray, coils: int = 1, window: float = WINDOW,
+                       scan: NoiseEstimate | None = None) -> np.ndarray:
     """The noise sigma at every voxel of a 2D or 3D magnitude image (planes: the first two axes, as the scan
-    estimators take them), float32, the image's shape and units."""
+    estimators take them), float32, the image's shape and units. ``scan``: the image's ``estimate_scan_noise``
+    where the caller has it already."""
     array = np.asarray(array, dtype=np.float64)
     if array.ndim not in (2, 3) or not np.isfinite(array).all():
         raise MeddiffError(f"a noise map needs a finite 2D or 3D image, not shape {array.shape}")
-    scan = estimate_scan_noise(array, coils=coils)
+    if scan is None:
+        scan = estimate_scan_noise(array, coils=coils)
     sigma = scan.tissue if scan.tissue is not None else scan.sigma
     local_mean = ndimage.uniform_filter(array, size=(3, 3) + (1,) * (array.ndim - 2), mode="reflect")
     bright = local_mean >= (3.0 + background_mean(coils) - background_mean(1)) * sigma

@@ -91,7 +91,7 @@ class DiffusionPipeline:
         """A pipeline whose denoising prior is adapted to ``image`` (``denoise.adapt``: self-supervised, from the scan's
         own noise; kept only where it lowers a held-out loss), and what adapting did. Then, where it was kept,
         ``adapted.denoise(image, noise_sigma=adaptation.sigma)``: the sigma it adapted at (the scan's tissue sigma,
-        unless given). Options as ``denoise`` takes them."""
+        unless given; ``denoise.spec_after`` applies that rule to a spec). Options as ``denoise`` takes them."""
         check_modality(image, self.config, "denoising")
         model, adaptation = denoise.adapt(self.model, image, spec or spec_from(DenoiseSpec, **fields), steps)
         return DiffusionPipeline(model), adaptation

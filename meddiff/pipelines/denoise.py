@@ -14,7 +14,7 @@ from meddiff.data.transforms import NormalizeIntensityd
 from meddiff.diffusion.across_volumes import predict_from_other_volumes
 from meddiff.diffusion.adapt import BRIGHT, Adaptation, adapt_unet
 from meddiff.diffusion.denoise import denoise_tensor
-from meddiff.diffusion.noise_level import estimate_scan_noise
+from meddiff.diffusion.noise_level import NoiseEstimate, estimate_scan_noise
 from meddiff.diffusion.noise_map import check_noise_map, estimate_noise_map
 from meddiff.diffusion.quality import denoise_report
 from meddiff.diffusion.rician import correct_rician_bias, floor_sigma
@@ -59,9 +59,7 @@ def denoise(model: DiffusionModel, image: Image, spec: DenoiseSpec | None = None
     """
     check_denoiser(model)
     spec = (spec or DenoiseSpec()).checked(model.config)
-    image.check_finite()
-    if np.ptp(image.array) == 0:
-        raise MeddiffError("the image is constant (for example all zero): there is nothing to denoise")
+    check_image(image)
     if mask is not None and np.shape(mask) not in (image.array.shape, image.array.shape[:3]):
         raise MeddiffError(f"the mask has shape {np.shape(mask)}, the image {image.array.shape}")
     if spec.across_volumes:
@@ -80,10 +78,8 @@ def denoise(model: DiffusionModel, image: Image, spec: DenoiseSpec | None = None
         raise MeddiffError(f"the image is too small to denoise: {' x '.join(map(str, image.array.shape))} voxels "
                            f"(each side of a slice needs at least {MIN_DENOISE_SIDE})")
     noise = estimate_scan_noise(image.array, coils=spec.coils) if spec.noise_sigma is None else None
-    sigma = float(spec.noise_sigma) if noise is None else noise.sigma
-    if not sigma > 0:
-        raise MeddiffError("no noise found in the image (estimated sigma 0): nothing to denoise, or give --noise-sigma")
-    local = local_noise(image, spec, noise_map)
+    sigma = check_sigma(float(spec.noise_sigma) if noise is None else noise.sigma)
+    local = local_noise(image, spec, noise_map, noise)
     y, low, high = model_units(image.array, model.device)
     sigma_n = 2.0 * spec.strength * sigma / (high - low)
     sigma_map = (None if local is None
@@ -146,9 +142,10 @@ def denoise_across_volumes(model: DiffusionModel, image: Image, spec: DenoiseSpe
     return Image(np.stack(volumes, axis=-1), image.affine, image.modality, dict(image.meta))
 
 
-def local_noise(image: Image, spec: DenoiseSpec, noise_map: np.ndarray | None) -> np.ndarray | None:
-    """The noise map to denoise ``image`` with: the given one (checked), one estimated (the spec's ``local_noise``),
-    or None for one sigma."""
+def local_noise(image: Image, spec: DenoiseSpec, noise_map: np.ndarray | None,
+                scan: NoiseEstimate | None = None) -> np.ndarray | None:
+    """The noise map to denoise ``image`` with: the given one (checked), one estimated (the spec's ``local_noise``;
+    from ``scan``, the image's own noise estimate, where the caller has it), or None for one sigma."""
     if noise_map is None and not spec.local_noise:
         return None
     if spec.steps > 1:
@@ -157,7 +154,21 @@ def local_noise(image: Image, spec: DenoiseSpec, noise_map: np.ndarray | None) -
         if spec.noise_sigma is not None:
             raise MeddiffError("give --noise-sigma or --noise-map, not both")
         return check_noise_map(noise_map, image.array.shape)
-    return estimate_noise_map(image.array, spec.coils)
+    return estimate_noise_map(image.array, spec.coils, scan=scan)
+
+
+def check_image(image: Image) -> None:
+    """One line when ``image`` cannot be denoised: NaN or infinite values, or no contrast at all."""
+    image.check_finite()
+    if np.ptp(image.array) == 0:
+        raise MeddiffError("the image is constant (for example all zero): there is nothing to denoise")
+
+
+def check_sigma(sigma: float) -> float:
+    """``sigma``, or one line when there is no noise to remove."""
+    if not sigma > 0:
+        raise MeddiffError("no noise found in the image (estimated sigma 0): nothing to denoise, or give --noise-sigma")
+    return sigma
 
 
 def check_denoiser(model: DiffusionModel) -> None:
@@ -191,12 +202,9 @@ def adapt(model: DiffusionModel, image: Image, spec: DenoiseSpec | None = None,
         raise MeddiffError("--adapt works with 2D denoising models (a 3D model would train on 3D patches: not built)")
     check_adapt_steps(steps)
     volume = Image(image.array[..., 0] if image.array.ndim == 4 else image.array, image.affine, image.modality)
-    volume.check_finite()
-    if np.ptp(volume.array) == 0:
-        raise MeddiffError("the image is constant (for example all zero): there is nothing to denoise")
-    sigma = float(spec.noise_sigma) if spec.noise_sigma is not None else adaptation_sigma(volume.array, spec.coils)
-    if not sigma > 0:
-        raise MeddiffError("no noise found in the image (estimated sigma 0): nothing to denoise, or give --noise-sigma")
+    check_image(volume)
+    sigma = check_sigma(float(spec.noise_sigma) if spec.noise_sigma is not None
+                        else adaptation_sigma(volume.array, spec.coils))
     planes = volume.array[None] if volume.array.ndim == 2 else np.moveaxis(volume.array, slice_axis(volume), 0)
     bright = ndimage.uniform_filter(planes, size=(1, 3, 3), mode="reflect") >= BRIGHT * sigma
     y, low, high = model_units(np.ascontiguousarray(planes), model.device)
@@ -206,6 +214,14 @@ def adapt(model: DiffusionModel, image: Image, spec: DenoiseSpec | None = None,
     adapted = DiffusionModel(model.config, {**model.networks, "unet": unet})
     adapted.weights_sha256 = model.weights_sha256
     return adapted, dataclasses.replace(adaptation, sigma=sigma)
+
+
+def spec_after(adaptation: Adaptation, spec: DenoiseSpec, noise_map: np.ndarray | None = None) -> DenoiseSpec:
+    """The spec to denoise with after ``adapt``: at the sigma the network adapted at, where the adaptation was kept
+    and ``spec`` would have estimated one sigma for the whole image (a given sigma or a noise map stays)."""
+    if not adaptation.kept or spec.noise_sigma is not None or spec.local_noise or noise_map is not None:
+        return spec
+    return spec.model_copy(update={"noise_sigma": adaptation.sigma})
 
 
 def adaptation_sigma(array: np.ndarray, coils: int = 1) -> float:
