@@ -67,3 +67,17 @@ def test_coils_are_checked_and_go_through_the_cli(tmp_path):
     assert main(["denoise", "-i", str(tmp_path / "noisy.nii.gz"), "-o", str(tmp_path / "bad.nii.gz"),
                  "--coils", "0"]) == 2
     assert not (tmp_path / "bad.nii.gz").exists()
+
+
+def test_adaptation_counts_only_tissue_above_the_floor_of_its_coils():
+    """Pure four-coil noise: its mean (2.74 sigma) often passes the one-coil threshold of 3 sigma, never the
+    four-coil one, so adapting with --coils 4 finds no tissue to train on."""
+    from test_denoise import pipeline_for
+
+    from meddiff.diffusion.noise_level import bright_threshold
+
+    assert bright_threshold(1) == pytest.approx(3.0) and bright_threshold(4) > 4.4
+    pipeline = pipeline_for(2, shape=(16, 16))
+    noise = Image(root_sum_of_squares(np.zeros((48, 48)), 1.0, 4, np.random.default_rng(2)), np.eye(4), "MR")
+    assert not pipeline.adapt(noise, steps=2, noise_sigma=1.0)[1].skipped
+    assert pipeline.adapt(noise, steps=2, noise_sigma=1.0, coils=4)[1].skipped

@@ -9,7 +9,8 @@ its matching timestep), unlike blind-spot masking (Noise2Self), which changed wh
 help (BENCHMARKS.md).
 
 Magnitude MR noise is Gaussian only where the signal stands a few sigma above the floor (Gudbjartsson and Patz
-1995): the loss counts voxels whose local mean is at least ``BRIGHT`` sigma. Held out: every fifth plane of a
+1995): the loss counts voxels whose local mean is at least 3 sigma (``noise_level.bright_threshold``, higher for
+several coils). Held out: every fifth plane of a
 volume, every fourth tile of a single plane; training never sees their voxels, so the network cannot lower the
 held-out loss by memorising the scan's noise. Early stopping keeps the best step on the held-out loss at the
 strength the denoising will use, and the adapted network is kept only when that loss is below the prior's. The
@@ -33,7 +34,6 @@ from meddiff.diffusion.denoise import matched_x0
 from meddiff.diffusion.schedulers import NoiseSchedule
 
 ALPHA = 0.5  # the recorruption ratio of the R2R paper's experiments: the input's noise is 1.118 sigma
-BRIGHT = 3.0  # local mean in sigma from which magnitude noise is nearly Gaussian
 LEARNING_RATE = 1e-5  # chosen on the validation slice; 2e-4 broke the prior within 60 steps
 BATCH = 8
 HELD_OUT_TILES = 24  # at most: the check runs every CHECK_EVERY steps and must stay cheap
@@ -121,7 +121,7 @@ def adapt_unet(unet: torch.nn.Module, schedule: NoiseSchedule, planes: torch.Ten
         training, held_out = split_tiles(planes, bright.to(planes.dtype), tile_side(planes, multiple))
         if not len(training) or not len(held_out):
             return unet, Adaptation(0, 0, None, None, False, time.perf_counter() - started,
-                                    f"too little tissue {BRIGHT:g} sigma above the noise to adapt on")
+                                    "too little tissue well above the noise floor to adapt on")
         before = held_out_loss(unet, schedule, held_out, sigma, strength)
         best = (before, 0, None)
         tuned = copy.deepcopy(unet).train()

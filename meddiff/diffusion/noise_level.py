@@ -66,6 +66,12 @@ def background_mean(coils: int = 1) -> float:
     return float(np.sqrt(2.0) * np.exp(special.gammaln(coils + 0.5) - special.gammaln(coils)))
 
 
+def bright_threshold(coils: int = 1) -> float:
+    """The local mean, in sigma, from which magnitude noise is nearly Gaussian: 3 for one coil (an SNR of 3:
+    Gudbjartsson and Patz 1995), as far above the higher floor of more coils."""
+    return 3.0 + background_mean(coils) - background_mean(1)
+
+
 def background_sigma(array: np.ndarray, start: float, iterations: int = 20, coils: int = 1) -> tuple[float, float]:
     """The background's noise sigma and the fraction of voxels used, by fixed-point iteration.
 
@@ -104,8 +110,7 @@ def tissue_sigma(array: np.ndarray, sigma: float, min_voxels: int = 100, coils: 
     ``min_voxels`` voxels qualify."""
     local_mean = ndimage.uniform_filter(array, size=3, mode="reflect")
     structure = np.ones((3, 3) + (1,) * (array.ndim - 2), bool)
-    above_floor = 3.0 + background_mean(coils) - background_mean(1)  # 3 sigma for one coil, as far above the floor
-    bright = ndimage.binary_erosion(local_mean >= above_floor * sigma, structure=structure, border_value=0)
+    bright = ndimage.binary_erosion(local_mean >= bright_threshold(coils) * sigma, structure=structure, border_value=0)
     if bright.sum() < min_voxels:
         return None
     gradient = np.hypot(_planar(_SOBEL, array), _planar(_SOBEL.T, array))[bright]

@@ -23,7 +23,7 @@ from meddiff.diffusion.noise_level import (
     _SOBEL,
     NoiseEstimate,
     _planar,
-    background_mean,
+    bright_threshold,
     estimate_scan_noise,
 )
 from meddiff.errors import MeddiffError
@@ -45,7 +45,7 @@ def estimate_noise_map(array: np.ndarray, coils: int = 1, window: float = WINDOW
         scan = estimate_scan_noise(array, coils=coils)
     sigma = scan.tissue if scan.tissue is not None else scan.sigma
     local_mean = ndimage.uniform_filter(array, size=(3, 3) + (1,) * (array.ndim - 2), mode="reflect")
-    bright = local_mean >= (3.0 + background_mean(coils) - background_mean(1)) * sigma
+    bright = local_mean >= bright_threshold(coils) * sigma
     gradient = np.hypot(_planar(_SOBEL, array), _planar(_SOBEL.T, array))
     if bright.any():
         bright &= gradient <= np.quantile(gradient[bright], 0.9)

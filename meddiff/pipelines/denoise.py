@@ -12,9 +12,9 @@ from tqdm.auto import tqdm
 
 from meddiff.data.transforms import NormalizeIntensityd
 from meddiff.diffusion.across_volumes import predict_from_other_volumes
-from meddiff.diffusion.adapt import BRIGHT, Adaptation, adapt_unet
+from meddiff.diffusion.adapt import Adaptation, adapt_unet
 from meddiff.diffusion.denoise import denoise_tensor
-from meddiff.diffusion.noise_level import NoiseEstimate, estimate_scan_noise
+from meddiff.diffusion.noise_level import NoiseEstimate, bright_threshold, estimate_scan_noise
 from meddiff.diffusion.noise_map import check_noise_map, estimate_noise_map
 from meddiff.diffusion.quality import denoise_report
 from meddiff.diffusion.rician import correct_rician_bias, floor_sigma
@@ -206,7 +206,7 @@ def adapt(model: DiffusionModel, image: Image, spec: DenoiseSpec | None = None,
     sigma = check_sigma(float(spec.noise_sigma) if spec.noise_sigma is not None
                         else adaptation_sigma(volume.array, spec.coils))
     planes = volume.array[None] if volume.array.ndim == 2 else np.moveaxis(volume.array, slice_axis(volume), 0)
-    bright = ndimage.uniform_filter(planes, size=(1, 3, 3), mode="reflect") >= BRIGHT * sigma
+    bright = ndimage.uniform_filter(planes, size=(1, 3, 3), mode="reflect") >= bright_threshold(spec.coils) * sigma
     y, low, high = model_units(np.ascontiguousarray(planes), model.device)
     unet, adaptation = adapt_unet(model.unet, model.schedule, y, 2.0 * sigma / (high - low),
                                   torch.from_numpy(bright).to(model.device), spec.strength, steps,
