@@ -85,3 +85,25 @@ def test_ssim_and_ms_ssim_match_scikit_image_and_refuse_what_they_cannot_measure
 def test_rand_dead_leaves_accepts_numpy_images():
     out = RandDeadLeavesd("image", prob=1.0).set_random_state(0)({"image": np.zeros((1, 16, 16), np.float32)})["image"]
     assert isinstance(out, np.ndarray) and out.dtype == np.float32 and out.shape == (1, 16, 16) and out.max() > -1
+
+
+def test_tissue_contrast_keeps_air_dark_and_can_invert_the_tissue_order():
+    """A T1-like ramp (dark fluid, bright white matter) comes back with another order of brightness for some
+    seeds, air (-1) stays -1, values stay in [-1, 1], and the same seed gives the same curve."""
+    from meddiff.data.contrast import RandTissueContrastd
+
+    ramp = torch.linspace(-1.0, 1.0, 64).reshape(1, 8, 8)
+    fluid, white = (ramp > -0.5) & (ramp < -0.3), ramp > 0.8
+    inverted = 0
+    for seed in range(20):
+        transform = RandTissueContrastd(["image"], prob=1.0)
+        transform.set_random_state(seed)
+        out = transform({"image": ramp})["image"]
+        assert out[0, 0, 0] == -1.0 and out.min() >= -1.0 and out.max() <= 1.0 + 1e-6
+        inverted += bool(out[fluid].mean() > out[white].mean())
+        again = RandTissueContrastd(["image"], prob=1.0)
+        again.set_random_state(seed)
+        assert torch.equal(again({"image": ramp})["image"], out)
+    assert 0 < inverted < 20
+    untouched = RandTissueContrastd(["image"], prob=0.0)({"image": ramp})["image"]
+    assert torch.equal(untouched, ramp)

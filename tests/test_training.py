@@ -225,3 +225,29 @@ def test_every_config_parses_and_builds_its_model(name, capsys):
         return
     assert model_args["unet"]["spatial_dims"] == data_args["spatial_dims"]
     assert list(model_args["image"]["shape"]) == list(data_args["patch_size"])
+
+
+def test_init_from_starts_the_unet_and_its_ema_from_a_trained_model(tmp_path):
+    """Fine-tuning: ``init_from`` loads a model folder's UNet into the module and its EMA; a UNet of another
+    shape is refused in one line that names the difference."""
+    from meddiff import MeddiffError
+    from meddiff.training import DiffusionModule
+
+    small = {"channels": [16, 32], "attention_levels": [False, False], "num_head_channels": 16,
+             "norm_num_groups": 8}
+    trained = DiffusionModule(unet=small, image={"shape": [16, 16]})
+    with torch.no_grad():
+        for p in trained.unet.parameters():
+            p.add_(torch.randn_like(p))
+    trained.ema.module.load_state_dict(trained.unet.state_dict())
+    trained.diffusion_model().save_pretrained(tmp_path / "start")
+    tuned = DiffusionModule(unet=small, image={"shape": [16, 16]}, init_from=str(tmp_path / "start"))
+    fresh = DiffusionModule(unet=small, image={"shape": [16, 16]})
+    for name, value in trained.unet.state_dict().items():
+        assert torch.equal(tuned.unet.state_dict()[name], value)
+        assert torch.equal(tuned.ema.module.state_dict()[name], value)
+    assert not torch.equal(fresh.unet.state_dict()["conv_in.conv.weight"],
+                           trained.unet.state_dict()["conv_in.conv.weight"])
+    with pytest.raises(MeddiffError, match=r"init_from .*channels \[16, 32\] vs \[16, 16\]"):
+        DiffusionModule(unet={**small, "channels": [16, 16]}, image={"shape": [16, 16]},
+                        init_from=str(tmp_path / "start"))

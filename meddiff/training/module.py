@@ -150,6 +150,8 @@ class DiffusionModule(SeededEMATraining):
     ``inference`` (``Inference``) is how the exported model is used by default (denoising strength and tiles,
     inpainting steps).
     ``export_dir``: where the model folder (EMA weights, as ``meddiff export`` writes it) goes when training ends.
+    ``init_from`` (a model folder or a bundled model's name) starts the UNet and its EMA from that model's weights:
+    fine-tuning. Its UNet must be the one this config builds; a checkpoint resumed with ``--ckpt_path`` wins.
     """
 
     def __init__(
@@ -168,6 +170,7 @@ class DiffusionModule(SeededEMATraining):
         weight_decay: float = 0.0,
         ema_decay: float = 0.999,
         export_dir: str | None = None,
+        init_from: str | None = None,
         seed: int = 0,
     ):
         super().__init__()
@@ -207,6 +210,8 @@ class DiffusionModule(SeededEMATraining):
         if autoencoder is not None:
             self._attach_autoencoder(autoencoder)
         self.unet = self.unet_config().build()
+        if init_from is not None:
+            self._start_from(init_from)
         self.schedule = schedule
         self.ema = AveragedModel(self.unet, multi_avg_fn=ema_with_warmup(ema_decay), use_buffers=True)
         self.ema.requires_grad_(False)  # updated by averaging, never by gradients (and ignored by DDP)
@@ -235,6 +240,17 @@ class DiffusionModule(SeededEMATraining):
         self.autoencoder_fingerprint = fingerprint(network)
         # 1 / std of the training latents, from the first training batch (0: not yet known); kept in checkpoints
         self.register_buffer("latent_scale", torch.zeros(()))
+
+    def _start_from(self, name_or_dir: str) -> None:
+        """The UNet's weights from a trained model whose UNet is the one this config builds."""
+        from meddiff.model import load_model
+
+        start = load_model(name_or_dir)
+        if start.config.unet != self.unet_config():
+            ours, theirs = self.unet_config().model_dump(), start.config.unet.model_dump()
+            differ = ", ".join(f"{k} {theirs[k]} vs {ours[k]}" for k in ours if ours[k] != theirs[k])
+            raise MeddiffError(f"init_from {name_or_dir}: its UNet is not the one this config builds ({differ})")
+        self.unet.load_state_dict({k: v.float() for k, v in start.unet.state_dict().items()})
 
     @property
     def latent_channels(self) -> int:
