@@ -41,7 +41,7 @@ class UNetConfig(BaseModel):
     out_channels: int = 1
     channels: list[int] = [32, 64, 64]
     attention_levels: list[bool] = [False, False, True]
-    num_res_blocks: int = 1
+    num_res_blocks: int | list[int] = 1
     num_head_channels: int | list[int] = 32
     norm_num_groups: int = 32
     num_class_embeds: int | None = None
@@ -50,6 +50,13 @@ class UNetConfig(BaseModel):
     family: Literal["monai", "maisi"] = "monai"  # maisi: MONAI's DiffusionModelUNetMaisi (released MAISI weights)
     include_region_inputs: bool = False  # maisi: the top and bottom body region (RegionConfig)
     include_spacing_input: bool = False  # maisi: the voxel spacing
+    # MONAI's further DiffusionModelUNet arguments, at MONAI's defaults; published bundles set some of them
+    norm_eps: float = 1e-6
+    resblock_updown: bool = False
+    transformer_num_layers: int = 1
+    upcast_attention: bool = False
+    include_fc: bool = True
+    use_combined_linear: bool = False
 
     @property
     def size_multiple(self) -> int:
@@ -79,6 +86,10 @@ class AutoencoderConfig(BaseModel):
     norm_num_groups: int = 32
     with_nonlocal_attn: bool = False
     family: Literal["monai", "maisi"] = "monai"  # maisi: MONAI's AutoencoderKlMaisi (released MAISI weights)
+    # MONAI's further AutoencoderKL arguments, at MONAI's defaults; published bundles set some of them
+    norm_eps: float = 1e-6
+    include_fc: bool = True
+    use_combined_linear: bool = False
     maisi_options: dict[str, int | bool] = {}  # AutoencoderKlMaisi's memory options (num_splits, norm_float16, ...)
     scale_factor: float = 1.0
     decode_tile: list[int] | None = None

@@ -11,7 +11,7 @@ import torch
 
 from meddiff.cli.main import main
 from meddiff.errors import MeddiffError
-from meddiff.maisi import load_maisi_bundle
+from meddiff.hub.maisi import load_maisi_bundle
 from meddiff.model import load_model
 from meddiff.pipelines import DiffusionPipeline
 
@@ -99,7 +99,7 @@ def bundle(tmp_path_factory):
 def test_a_maisi_bundle_exports_to_a_meddiff_folder(bundle, tmp_path):
     out = tmp_path / "maisi"
     assert main(["export", str(bundle), str(out)]) == 0
-    assert sorted(p.name for p in out.iterdir()) == ["autoencoder.safetensors", "config.json",
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", "autoencoder.safetensors", "config.json",
                                                      "controlnet.safetensors", "unet.safetensors"]
     config = load_model(out).config
     assert config.unet.family == "maisi" and config.autoencoder.scale_factor == pytest.approx(1.7)

@@ -1,6 +1,6 @@
 """``meddiff export CKPT DIR``: a Lightning checkpoint -> a model folder (a diffusion model's EMA weights, a base
-model with its ControlNet, or an autoencoder's first-stage folder); a MAISI bundle folder -> a meddiff model
-folder with MAISI's released networks (``meddiff.maisi``).
+model with its ControlNet, or an autoencoder's first-stage folder); a MONAI bundle folder (MAISI's or another
+model-zoo generator) -> a meddiff model folder, as ``meddiff import`` writes it.
 
 torch and Lightning load inside the functions, so ``meddiff --help`` stays fast.
 """
@@ -19,7 +19,7 @@ def add_parser(subparsers) -> None:
         "export", help="turn a training checkpoint into a model folder (config.json + safetensors)"
     )
     p.add_argument("checkpoint", metavar="CKPT", help="a checkpoint meddiff fit wrote, a meddiff model folder (to "
-                   "store it again, e.g. in float16), or a MAISI bundle folder (configs/inference.json, models/*.pt)")
+                   "store it again, e.g. in float16), or a MONAI bundle folder (as meddiff import)")
     p.add_argument("output", metavar="DIR")
     p.add_argument("--no-ema", action="store_true", help="export the raw weights instead of the EMA weights")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="float32",
@@ -66,17 +66,20 @@ def module_from_checkpoint(path: str | Path):
 def run(args) -> None:
     import torch
 
-    from meddiff.maisi import is_maisi_bundle, load_maisi_bundle
+    from meddiff.hub.bundle import bundle_config_path
+    from meddiff.hub.imported import read_published
     from meddiff.model import CONFIG_NAME, load_model
     from meddiff.outputs import check_not_source
     from meddiff.training import AutoencoderModule
 
     check_not_source(args.output, {"the input": args.checkpoint})
     dtype = getattr(torch, args.dtype)
-    if is_maisi_bundle(args.checkpoint):
-        model = load_maisi_bundle(args.checkpoint)
-        what = f"MAISI bundle {args.checkpoint}: autoencoder, diffusion UNet and ControlNet"
-    elif (Path(args.checkpoint) / CONFIG_NAME).is_file():
+    if Path(args.checkpoint).is_dir() and bundle_config_path(args.checkpoint) is not None:  # meddiff import
+        imported = read_published(args.checkpoint)
+        out = imported.save(args.output, overwrite=args.overwrite, dtype=dtype)
+        print(f"wrote {out} ({imported.kind} {imported.name}, {args.dtype}; licence: {imported.licence})")
+        return
+    if (Path(args.checkpoint) / CONFIG_NAME).is_file():
         model, what = load_model(args.checkpoint), f"the model folder {args.checkpoint}"
     else:
         module = module_from_checkpoint(args.checkpoint)

@@ -59,6 +59,10 @@ class NoiseSchedule:
     timestep_sampling: str = "uniform"
     beta_start: float = 0.0001  # diffusers' defaults; MAISI v1: 0.0015 .. 0.0195, scaled_linear
     beta_end: float = 0.02
+    clip_sample: bool = False  # DDPM/DDIM clip their x0 estimate to [-1, 1] (as MONAI's schedulers do by default)
+    # where the sampling steps fall (diffusers' leading | linspace | trailing); None: each sampler's own default.
+    # MONAI's DDIMScheduler (1.6) spaces them as linspace: imported MONAI bundles sample as they do.
+    timestep_spacing: str | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in SCHEDULE_KINDS:
@@ -71,6 +75,8 @@ class NoiseSchedule:
                                f"not {self.timestep_sampling!r}")
         if self.beta_schedule not in BETA_SCHEDULES:
             raise MeddiffError(f"beta_schedule must be one of {list(BETA_SCHEDULES)}, not {self.beta_schedule!r}")
+        if self.timestep_spacing not in (None, "leading", "linspace", "trailing"):
+            raise MeddiffError(f"timestep_spacing must be leading, linspace or trailing, not {self.timestep_spacing!r}")
         if self.prediction not in PREDICTION_TYPES:
             raise MeddiffError(f"prediction must be one of {list(PREDICTION_TYPES)}, not {self.prediction!r}")
 
@@ -121,7 +127,10 @@ class NoiseSchedule:
         cls, extra = SCHEDULERS[name]
         config = self.diffusers_config()
         if cls in (DDPMScheduler, DDIMScheduler):
-            config["clip_sample"] = False  # medical intensities may exceed [-1, 1] after normalisation
+            # off unless the model says so: medical intensities may exceed [-1, 1] after normalisation
+            config["clip_sample"] = self.clip_sample
+        if self.timestep_spacing is not None:
+            config["timestep_spacing"] = self.timestep_spacing
         return cls(**config, **extra)
 
     def check_scheduler(self, name: str) -> None:

@@ -25,9 +25,12 @@ def build_autoencoder(
     with_nonlocal_attn: bool = False,
     family: str = "monai",
     maisi_options: dict | None = None,
+    **options,
 ) -> AutoencoderKL:
     """A KL-regularised autoencoder. ``with_nonlocal_attn``: the attention block in the middle of encoder and
-    decoder (MONAI's default; off by default here because its tokens x tokens cost grows with the volume)."""
+    decoder (MONAI's default; off by default here because its tokens x tokens cost grows with the volume).
+    ``options``: MONAI's further arguments (``norm_eps``, ``include_fc``, ``use_combined_linear``), which published
+    bundles set; MAISI's class keeps its own defaults."""
     if spatial_dims not in (2, 3):
         raise MeddiffError(f"spatial_dims must be 2 or 3, not {spatial_dims}")
     if len(channels) != len(attention_levels):
@@ -56,6 +59,7 @@ def build_autoencoder(
         with_encoder_nonlocal_attn=with_nonlocal_attn,
         with_decoder_nonlocal_attn=with_nonlocal_attn,
         use_flash_attention=True,
+        **options,
     )
 
 

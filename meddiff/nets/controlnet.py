@@ -13,6 +13,10 @@ from collections.abc import Sequence
 import torch
 from monai.networks.nets import ControlNet
 
+# UNetConfig's further MONAI arguments that a ControlNet copies from its UNet
+MONAI_OPTIONS = ("norm_eps", "resblock_updown", "transformer_num_layers", "upcast_attention", "include_fc",
+                 "use_combined_linear")
+
 
 def build_controlnet(unet: dict, conditioning_channels: int = 8,
                      conditioning_embedding_channels: Sequence[int] = (16,)) -> ControlNet:
@@ -42,6 +46,7 @@ def build_controlnet(unet: dict, conditioning_channels: int = 8,
         conditioning_embedding_in_channels=conditioning_channels,
         conditioning_embedding_num_channels=tuple(conditioning_embedding_channels),
         use_flash_attention=True,
+        **{name: unet[name] for name in MONAI_OPTIONS if name in unet},
     )
 
 

@@ -25,12 +25,15 @@ def build_unet(
     family: str = "monai",
     include_region_inputs: bool = False,
     include_spacing_input: bool = False,
+    **options,
 ) -> DiffusionModelUNet:
     """The denoiser backbone.
 
     ``num_class_embeds`` enables class conditioning (labels 0..n-1), ``cross_attention_dim`` enables a
     cross-attention context (e.g. report embeddings), and ``concat_channels`` adds input channels for
-    concatenated conditions such as a mask or a noisy image. Attention runs through torch's
+    concatenated conditions such as a mask or a noisy image. ``options`` are MONAI's further arguments
+    (``norm_eps``, ``resblock_updown``, ``transformer_num_layers``, ``upcast_attention``, ``include_fc``,
+    ``use_combined_linear``: ``UNetConfig``), which published bundles set. Attention runs through torch's
     ``scaled_dot_product_attention`` (MONAI's ``use_flash_attention``): the same weights, but no
     tokens x tokens matrix in memory, so a full-size slice does not need gigabytes for attention.
     """
@@ -67,4 +70,5 @@ def build_unet(
         with_conditioning=cross_attention_dim is not None,
         cross_attention_dim=cross_attention_dim,
         use_flash_attention=True,
+        **options,
     )

@@ -19,6 +19,7 @@ import re
 from pathlib import Path
 
 from meddiff.errors import MeddiffError, first_line
+from meddiff.hub.imported import Imported
 from meddiff.model import DiffusionModel, ModelConfig
 
 INFERENCE = Path("configs") / "inference.json"
@@ -29,7 +30,12 @@ BETA_SCHEDULES = {"linear_beta": "linear", "scaled_linear_beta": "scaled_linear"
 
 
 def is_maisi_bundle(path: str | Path) -> bool:
-    return (Path(path) / INFERENCE).is_file()
+    """A bundle whose inference config builds MAISI's networks."""
+    config = Path(path) / INFERENCE
+    try:
+        return config.is_file() and "generation.maisi.networks" in config.read_text(errors="replace")
+    except OSError:
+        return False
 
 
 def _resolve(value, config: dict):
@@ -146,3 +152,19 @@ def load_maisi_bundle(bundle: str | Path) -> DiffusionModel:
         except RuntimeError as exc:
             raise MeddiffError(f"the MAISI {name} weights do not fit {bundle / INFERENCE}: {first_line(exc)}") from None
     return model.to("cpu")
+
+
+def imported(bundle: str | Path) -> Imported:
+    """``load_maisi_bundle`` with its source, licence and published sampling, for ``meddiff import``."""
+    from meddiff.hub.bundle import licence, metadata
+
+    bundle = Path(bundle)
+    model = load_maisi_bundle(bundle)
+    meta = metadata(bundle)
+    config = json.loads((bundle / INFERENCE).read_text())
+    rflow = model.config.schedule.kind == "rflow"
+    steps = config.get("num_inference_steps")
+    steps = steps if isinstance(steps, int) else (30 if rflow else 1000)
+    return Imported(model, "MAISI bundle", bundle, str(meta.get("name", bundle.name)), str(meta.get("version", "")),
+                    licence(bundle, meta), {"scheduler": "rflow" if rflow else "ddpm", "steps": steps},
+                    ["Generate from a label map: meddiff generate --condition labels.nii.gz."])

@@ -1,0 +1,94 @@
+"""A published model read into meddiff: the model, where it came from, and its card; written as one model folder.
+
+The folder is staged beside its destination and renamed into place only when complete, so a refused or interrupted
+import leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from meddiff.errors import MeddiffError
+from meddiff.model import DiffusionModel
+
+CARD_NAME = "README.md"
+
+
+@dataclass
+class Imported:
+    """``model`` with its weights; ``sampling``: how its publisher samples it (``scheduler``, ``steps``, and for a
+    text-conditioned model ``guidance_scale``); ``notes``: where meddiff's use differs from the publisher's."""
+
+    model: DiffusionModel
+    kind: str
+    source: Path
+    name: str
+    version: str
+    licence: str
+    sampling: dict
+    notes: list[str] = field(default_factory=list)
+
+    def card(self, folder: str) -> str:
+        config = self.model.config
+        networks = ", ".join(f"{name} ({sum(p.numel() for p in net.parameters()) / 1e6:.1f} M parameters)"
+                             for name, net in self.model.networks.items())
+        image = config.image
+        generate = (f"meddiff generate --model {folder} -o samples -n 4 --scheduler {self.sampling['scheduler']} "
+                    f"--steps {self.sampling['steps']}")
+        if "guidance_scale" in self.sampling:
+            generate += f" --guidance-scale {self.sampling['guidance_scale']:g} --prompt TEXT"
+        lines = [
+            f"# Model card: `{self.name}`{f' {self.version}' if self.version else ''} (imported)",
+            "",
+            f"Imported by `meddiff import` from the {self.kind} `{self.source.name}`; the networks and weights are its "
+            "publisher's, unchanged (stored as safetensors).",
+            "",
+            f"- **Licence**: {self.licence} — the publisher's terms apply to these weights; read them before use.",
+            f"- **Networks**: {networks}.",
+            f"- **Image**: {' x '.join(map(str, image.shape))}"
+            f"{f' at {image.spacing} mm' if image.spacing else ''}, modality {image.modality or 'not stated'}; values "
+            "are what the network makes (the publisher's intensity scale).",
+            f"- **Sample as published**: `{generate}`.",
+            *[f"- **Note**: {note}" for note in self.notes],
+            "",
+        ]
+        return "\n".join(lines)
+
+    def save(self, out: str | os.PathLike, overwrite: bool = False, dtype=None) -> Path:
+        """The model folder (config.json, one safetensors per network, the card) at ``out``, written whole."""
+        out = Path(out)
+        if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
+            raise MeddiffError(f"{out} exists — choose another folder or pass --overwrite")
+        if dtype is not None:
+            for network in self.model.networks.values():
+                network.to(dtype)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        stage = out.parent / f".{out.name}.importing-{os.getpid()}"
+        shutil.rmtree(stage, ignore_errors=True)
+        try:
+            self.model.save_pretrained(stage)
+            (stage / CARD_NAME).write_text(self.card(out.name))
+            if out.exists():
+                shutil.rmtree(out) if out.is_dir() else out.unlink()
+            stage.rename(out)
+        finally:
+            shutil.rmtree(stage, ignore_errors=True)
+        return out
+
+
+def read_published(source: str | os.PathLike) -> Imported:
+    """A MAISI bundle, a MONAI model-zoo bundle or a diffusers pipeline folder, by what the folder holds."""
+    from meddiff.hub import bundle, maisi
+
+    source = Path(source)
+    if not source.is_dir():
+        raise MeddiffError(f"{source} is not a folder — give a MONAI bundle folder (configs/inference.json, models/)")
+    if maisi.is_maisi_bundle(source):
+        return maisi.imported(source)
+    if bundle.bundle_config_path(source) is not None:
+        return bundle.load_bundle(source)
+    raise MeddiffError(f"{source} is not a MONAI bundle folder (configs/inference.json) — give the bundle's folder as "
+                       "downloaded")

@@ -1,0 +1,257 @@
+"""MONAI model-zoo generative bundles: randomly initialised networks saved in each bundle's own file, key and config
+layout (channels shrunk where the config allows it) import into a meddiff folder and generate what the bundle's own
+sampling loop, re-implemented here from its published scripts, makes from the same noise."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from monai.networks.nets import AutoencoderKL, DiffusionModelUNet
+from monai.networks.schedulers import DDIMScheduler, DDPMScheduler
+
+from meddiff.errors import MeddiffError
+from meddiff.hub.bundle import load_bundle
+from meddiff.hub.imported import read_published
+from meddiff.pipelines import DiffusionPipeline
+
+# configs/inference.yaml of mednist_ddpm (MIT licence), image_dim shrunk from 64
+MEDNIST = {
+    "imports": ["$import torch", "$from datetime import datetime", "$from pathlib import Path"],
+    "bundle_root": ".", "model_dir": "$@bundle_root + '/models'", "ckpt_path": "$@model_dir + '/model.pt'",
+    "image_dim": 8, "device": "$torch.device('cpu')",
+    "network_def": {"_target_": "monai.networks.nets.DiffusionModelUNet", "spatial_dims": 2, "in_channels": 1,
+                    "out_channels": 1, "channels": [8, 16, 16], "attention_levels": [False, True, True],
+                    "num_res_blocks": 1, "num_head_channels": 16, "norm_num_groups": 8},
+    "network": "$@network_def.to(@device)",
+    "load_state": "$@network.load_state_dict(torch.load(@ckpt_path, weights_only = True))",
+    "scheduler": {"_target_": "monai.networks.schedulers.DDPMScheduler", "num_train_timesteps": 1000},
+    "inferer": {"_target_": "monai.inferers.DiffusionInferer", "scheduler": "@scheduler"},
+    "noise": "$torch.rand(1,1,@image_dim,@image_dim)",
+    "sample": "$lambda x: @inferer.sample(input_noise=x, diffusion_model=@network, scheduler=@scheduler)",
+}
+MEDNIST_META = {"version": "1.0.1", "name": "MedNIST DDPM", "monai_version": "1.4.0",
+                "intended_use": "This is suitable for research purposes only."}
+
+# configs/inference.json of brats_mri_axial_slices_generative_diffusion (Apache-2.0), channels shrunk
+BRATS_2D = {
+    "imports": ["$import torch", "$from datetime import datetime", "$from pathlib import Path"],
+    "bundle_root": ".", "model_dir": "$@bundle_root + '/models'", "output_dir": "$@bundle_root + '/output'",
+    "device": "$torch.device('cpu')", "output_postfix": "$datetime.now().strftime('sample_%Y%m%d_%H%M%S')",
+    "channel": 0, "spatial_dims": 2, "image_channels": 1, "latent_channels": 1,
+    "latent_shape": ["@latent_channels", 8, 8],
+    "autoencoder_def": {
+        "_target_": "monai.networks.nets.autoencoderkl.AutoencoderKL", "spatial_dims": "@spatial_dims",
+        "in_channels": "@image_channels", "out_channels": "@image_channels", "latent_channels": "@latent_channels",
+        "channels": [8, 16, 16], "num_res_blocks": 2, "norm_num_groups": 8, "norm_eps": 1e-06,
+        "attention_levels": [False, False, False], "with_encoder_nonlocal_attn": True,
+        "with_decoder_nonlocal_attn": True, "include_fc": False},
+    "load_autoencoder_path": "$@bundle_root + '/models/model_autoencoder.pt'",
+    "load_autoencoder": "$@autoencoder_def.load_old_state_dict(torch.load(@load_autoencoder_path))",
+    "autoencoder": "$@autoencoder_def.to(@device)",
+    "network_def": {
+        "_target_": "monai.networks.nets.diffusion_model_unet.DiffusionModelUNet", "spatial_dims": "@spatial_dims",
+        "in_channels": "@latent_channels", "out_channels": "@latent_channels", "channels": [8, 16, 16, 32],
+        "attention_levels": [False, True, True, True], "num_head_channels": [0, 8, 8, 8], "num_res_blocks": 2,
+        "norm_num_groups": 8, "include_fc": False, "use_combined_linear": False},
+    "load_diffusion_path": "$@model_dir + '/model.pt'",
+    "load_diffusion": "$@network_def.load_old_state_dict(torch.load(@load_diffusion_path))",
+    "diffusion": "$@network_def.to(@device)",
+    "noise_scheduler": {
+        "_target_": "monai.networks.schedulers.ddim.DDIMScheduler", "_requires_": ["@load_diffusion",
+                                                                                  "@load_autoencoder"],
+        "num_train_timesteps": 1000, "beta_start": 0.0015, "beta_end": 0.0195, "schedule": "scaled_linear_beta",
+        "clip_sample": False},
+    "noise": "$torch.randn([1]+@latent_shape).to(@device)",
+    "set_timesteps": "$@noise_scheduler.set_timesteps(num_inference_steps=50)",
+    "inferer": {"_target_": "scripts.ldm_sampler.LDMSampler", "_requires_": "@set_timesteps"},
+    "sample": "$@inferer.sampling_fn(@noise, @autoencoder, @diffusion, @noise_scheduler)",
+}
+BRATS_2D_META = {"version": "1.1.2", "name": "BraTS MRI axial slices latent diffusion generation",
+                 "monai_version": "1.4.0", "image_classes": "Flair brain MRI axial slices with 1x1 mm voxel size"}
+
+# configs/inference.json of brats_mri_generative_diffusion (3D), channels and latent shrunk
+BRATS_3D = {
+    **{k: v for k, v in BRATS_2D.items() if k not in ("latent_shape", "autoencoder_def", "network_def")},
+    "spatial_dims": 3, "latent_channels": 8, "latent_shape": ["@latent_channels", 4, 4, 4],
+    "autoencoder_def": {**BRATS_2D["autoencoder_def"], "with_encoder_nonlocal_attn": False,
+                        "with_decoder_nonlocal_attn": False},
+    "network_def": {**BRATS_2D["network_def"], "channels": [16, 16, 32], "attention_levels": [False, True, True],
+                    "num_head_channels": [0, 8, 8]},
+    "saver": {"_target_": "SaveImage", "output_dir": "@output_dir", "output_postfix": "@output_postfix"},
+}
+BRATS_3D_META = {"version": "1.1.2", "name": "BraTS MRI image latent diffusion generation",
+                 "image_classes": "Flair brain MRI with 1.1x1.1x1.1 mm voxel size"}
+
+APACHE = "Apache License\nVersion 2.0, January 2004\n"
+
+
+def arguments(config: dict, key: str) -> dict:
+    """A definition's arguments with its @references filled in (what MONAI's ConfigParser gives)."""
+    return {k: config[v[1:]] if isinstance(v, str) and v.startswith("@") else v
+            for k, v in config[key].items() if not k.startswith("_")}
+
+
+def write_bundle(root, config: dict, meta: dict, licence: str, weights: dict, config_name="inference.json"):
+    (root / "configs").mkdir(parents=True)
+    (root / "models").mkdir()
+    text = json.dumps(config, indent=1)
+    if config_name.endswith(".yaml"):
+        import yaml
+
+        text = yaml.safe_dump(config)
+    (root / "configs" / config_name).write_text(text)
+    (root / "configs" / "metadata.json").write_text(json.dumps(meta))
+    (root / "LICENSE").write_text(licence)
+    for name, state in weights.items():
+        torch.save(state, root / "models" / name)
+    return root
+
+
+def seeded(network: torch.nn.Module, seed: int) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    with torch.no_grad():  # MONAI zero-initialises output convolutions: random weights everywhere make them matter
+        for parameter in network.parameters():
+            parameter.normal_(0, 0.05) if parameter.ndim > 1 else parameter.uniform_(-0.05, 0.05)
+    return network.eval()
+
+
+@pytest.fixture(scope="module")
+def mednist(tmp_path_factory):
+    unet = seeded(DiffusionModelUNet(**arguments(MEDNIST, "network_def")), 1)
+    root = write_bundle(tmp_path_factory.mktemp("mednist_ddpm"), MEDNIST, MEDNIST_META, "MIT License\n",
+                        {"model.pt": unet.state_dict()}, "inference.yaml")
+    return root, unet
+
+
+@pytest.fixture(scope="module", params=["2d", "3d"])
+def brats(request, tmp_path_factory):
+    config, meta = (BRATS_2D, BRATS_2D_META) if request.param == "2d" else (BRATS_3D, BRATS_3D_META)
+    autoencoder = seeded(AutoencoderKL(**arguments(config, "autoencoder_def")), 2)
+    unet = seeded(DiffusionModelUNet(**arguments(config, "network_def")), 3)
+    root = write_bundle(tmp_path_factory.mktemp(f"brats_{request.param}"), config, meta, APACHE,
+                        {"model_autoencoder.pt": autoencoder.state_dict(), "model.pt": unet.state_dict()})
+    return root, autoencoder, unet, config
+
+
+def test_mednist_ddpm_generates_what_monais_inferer_loop_makes(mednist):
+    """mednist_ddpm samples with MONAI's DiffusionInferer: DDPM over all 1,000 steps, the model called with the
+    timestep, then scheduler.step (clip_sample True, MONAI's default); here from the same seeded noise."""
+    root, unet = mednist
+    imported = load_bundle(root)
+    config = imported.model.config
+    assert config.schedule.clip_sample and config.schedule.beta_schedule == "linear"
+    assert config.image.shape == [8, 8] and imported.sampling == {"scheduler": "ddpm", "steps": 1000}
+    assert imported.licence == "MIT License" and "torch.rand" in imported.notes[0]
+    ours = DiffusionPipeline(imported.model).sample([7], scheduler="ddpm", steps=1000)
+    generator = torch.Generator().manual_seed(7)
+    image = torch.randn((1, 1, 8, 8), generator=generator)
+    scheduler = DDPMScheduler(num_train_timesteps=1000)
+    with torch.no_grad():
+        for t in scheduler.timesteps:
+            out = unet(image, timesteps=torch.Tensor((t,)), context=None)
+            image, _ = scheduler.step(out, t, image, generator=generator)
+    torch.testing.assert_close(ours, image, atol=1e-3, rtol=0)  # float rounding over 1,000 steps
+
+
+def test_brats_latent_bundles_generate_what_their_ldm_sampler_makes(brats):
+    """The BraTS bundles' scripts/ldm_sampler.py: DDIM (MONAI's) over 50 steps from noise of latent_shape, the UNet
+    called with a long timestep, then the autoencoder's decode_stage_2_outputs without a scale factor."""
+    root, autoencoder, unet, settings = brats
+    imported = load_bundle(root)
+    config = imported.model.config
+    latent = settings["latent_shape"][1:]
+    assert config.image.shape == [side * 4 for side in latent] and config.autoencoder.scale_factor == 1.0
+    assert config.image.modality == "MR" and config.image.spacing == ([1.0, 1.0] if len(latent) == 2 else [1.1] * 3)
+    assert imported.sampling == {"scheduler": "ddim", "steps": 50} and imported.licence == "Apache License"
+    ours = DiffusionPipeline(imported.model).sample([3], scheduler="ddim", steps=50)
+    scheduler = DDIMScheduler(**arguments(settings, "noise_scheduler"))
+    scheduler.set_timesteps(num_inference_steps=50)
+    image = torch.randn([1, settings["latent_channels"], *latent], generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        for t in scheduler.timesteps:
+            out = unet(image, timesteps=torch.Tensor((t,)).long(), context=None)
+            image, _ = scheduler.step(out, t, image)
+        sample = autoencoder.decode_stage_2_outputs(image)
+    torch.testing.assert_close(ours, sample, atol=1e-4, rtol=1e-4)
+
+
+def test_import_writes_a_model_folder_with_its_card_that_generate_samples(brats, tmp_path, capsys):
+    """``meddiff import`` (and its alias ``export BUNDLE``) writes config.json, one safetensors per network and a
+    card naming the source and its licence; ``meddiff generate`` then samples it as the bundle does."""
+    import nibabel as nib
+    from safetensors.torch import load_file
+
+    from meddiff.cli.main import main
+
+    root, _, _, settings = brats
+    out = tmp_path / "brats"
+    assert main(["import", str(root), str(out)]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", "autoencoder.safetensors", "config.json",
+                                                     "unet.safetensors"]
+    card = (out / "README.md").read_text()
+    assert "Apache License" in card and root.name in card and "--scheduler ddim --steps 50" in card
+    assert main(["export", str(root), str(tmp_path / "alias")]) == 0
+    alias, first = load_file(tmp_path / "alias" / "unet.safetensors"), load_file(out / "unet.safetensors")
+    assert alias.keys() == first.keys() and all(torch.equal(alias[k], first[k]) for k in first)
+    samples = tmp_path / "samples"
+    assert main(["generate", "--model", str(out), "-o", str(samples), "-n", "1", "--scheduler", "ddim",
+                 "--steps", "3"]) == 0
+    made = nib.load(next(samples.glob("*.nii.gz")))
+    expected = [side * 4 for side in settings["latent_shape"][1:]]
+    assert list(made.shape[: len(expected)]) == expected
+    assert main(["import", str(root), str(out)]) == 2  # an existing folder is kept without --overwrite
+    assert "pass --overwrite" in capsys.readouterr().err
+
+
+class Payload:
+    """Code a pickle would run on loading."""
+
+    def __reduce__(self):
+        return (print, ("the payload ran",))
+
+
+REFUSALS = {
+    "truncated checkpoint": (lambda root: (root / "models" / "model.pt").write_bytes(
+        (root / "models" / "model.pt").read_bytes()[:500]), "cannot read the bundle checkpoint"),
+    "missing component": (lambda root: (root / "models" / "model_autoencoder.pt").unlink(),
+                          "model_autoencoder.pt is missing"),
+    "shapes that do not fit": (lambda root: torch.save(
+        {k: torch.zeros(3) for k in torch.load(root / "models" / "model.pt")}, root / "models" / "model.pt"),
+        "does not fit the bundle's config"),
+    "pickle payload": (lambda root: torch.save({"weights": torch.zeros(2), "payload": Payload()},
+                                               root / "models" / "model.pt"), "never unpickles"),
+    "code in a value": (lambda root: edit(root, "network_def", "channels", "$[8, 16] + list(range(3))"),
+                        "is code"),
+    "unknown network class": (lambda root: edit(root, "network_def", "_target_", "scripts.nets.MyUNet"),
+                              "scripts.nets.MyUNet, which meddiff does not know"),
+}
+
+
+def edit(root, entry: str, key: str, value) -> None:
+    path = root / "configs" / "inference.json"
+    config = json.loads(path.read_text())
+    config[entry][key] = value
+    path.write_text(json.dumps(config))
+
+
+@pytest.mark.parametrize("case", list(REFUSALS))
+def test_a_broken_bundle_is_refused_in_one_line_and_nothing_is_written(case, tmp_path, capsys):
+    import shutil
+
+    from meddiff.cli.main import main
+
+    autoencoder = seeded(AutoencoderKL(**arguments(BRATS_2D, "autoencoder_def")), 2)
+    unet = seeded(DiffusionModelUNet(**arguments(BRATS_2D, "network_def")), 3)
+    root = write_bundle(tmp_path / "bundle", BRATS_2D, BRATS_2D_META, APACHE,
+                        {"model_autoencoder.pt": autoencoder.state_dict(), "model.pt": unet.state_dict()})
+    breaks, message = REFUSALS[case]
+    breaks(root)
+    assert main(["import", str(root), str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error:") and message in err and len(err.splitlines()) == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bundle"]
+    shutil.rmtree(root)
+    with pytest.raises(MeddiffError, match="not a folder"):
+        read_published(root)
