@@ -47,6 +47,7 @@ class UNetConfig(BaseModel):
     num_class_embeds: int | None = None
     cross_attention_dim: int | None = None
     concat_channels: int = 0
+    scalar_channels: int = 0  # input channels holding the model's scalar conditions (ScalarConditioning.as_channels)
     family: Literal["monai", "maisi"] = "monai"  # maisi: MONAI's DiffusionModelUNetMaisi (released MAISI weights)
     include_region_inputs: bool = False  # maisi: the top and bottom body region (RegionConfig)
     include_spacing_input: bool = False  # maisi: the voxel spacing
@@ -163,6 +164,46 @@ class RegionConfig(BaseModel):
     bottom: list[int] = [0, 1, 0, 0]
 
 
+class ScalarConditioning(BaseModel):
+    """Named scalar conditions (a brain generator's sex, age, ventricular and brain volume), in this order, each in
+    its ``[low, high]`` range, with the value used when none is given. The network takes them as its cross-attention
+    context (G, 1, n) (``as_context``) and as n constant channels after its input's (``as_channels``), as the
+    model-zoo brain bundle does (``meddiff.nets.conditioned.UNetWithScalars``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    names: list[str]
+    ranges: list[tuple[float, float]]
+    defaults: list[float]
+    as_context: bool = True
+    as_channels: bool = False
+
+    @model_validator(mode="after")
+    def _lengths(self) -> ScalarConditioning:
+        if not self.names or not len(self.names) == len(self.ranges) == len(self.defaults) or \
+                len(set(self.names)) != len(self.names):
+            raise ValueError("scalar conditions need distinct names, one range and one default each")
+        if not (self.as_context or self.as_channels):
+            raise ValueError("scalar conditions enter the network as context, as channels or both")
+        return self
+
+    def values(self, given: dict[str, float] | None) -> list[float]:
+        """The values in the model's order: ``given`` by name, the defaults for the rest; one clear line for an
+        unknown name or a value outside its range."""
+        given = dict(given or {})
+        unknown = sorted(set(given) - set(self.names))
+        if unknown:
+            raise MeddiffError(f"this model has no condition {', '.join(unknown)}: its conditions are "
+                               f"{', '.join(self.names)}")
+        values = []
+        for name, (low, high), default in zip(self.names, self.ranges, self.defaults, strict=True):
+            value = float(given.get(name, default))
+            if not low <= value <= high:
+                raise MeddiffError(f"condition {name}={value:g} is outside its range {low:g} to {high:g}")
+            values.append(value)
+        return values
+
+
 class ImageConfig(BaseModel):
     """What the network's [-1, 1] means: sample ``shape`` and ``spacing`` (mm), ``modality``, and the
     ``intensity_range`` that [-1, 1] maps back to (HU for CT, normalised units for MR)."""
@@ -205,6 +246,7 @@ class ModelConfig(BaseModel):
     autoencoder: AutoencoderConfig | None = None
     controlnet: ControlNetConfig | None = None
     region: RegionConfig | None = None
+    scalars: ScalarConditioning | None = None
     task: Literal["generate", "inpaint"] = "generate"
     max_train_timestep: int | None = None
     denoise_strength: float = 1.0
@@ -243,6 +285,13 @@ class ModelConfig(BaseModel):
             if any(side % autoencoder.downsample for side in self.image.shape):
                 raise ValueError(f"image.shape {self.image.shape} is not a multiple of the autoencoder's "
                                  f"down-sampling {autoencoder.downsample}")
+        channels = len(self.scalars.names) if self.scalars is not None and self.scalars.as_channels else 0
+        if self.unet.scalar_channels != channels:
+            raise ValueError(f"unet.scalar_channels {self.unet.scalar_channels} must be {channels}: one per scalar "
+                             "condition taken as a channel")
+        if self.scalars is not None and self.scalars.as_context and \
+                self.unet.cross_attention_dim != len(self.scalars.names):
+            raise ValueError(f"scalar conditions as context need unet.cross_attention_dim {len(self.scalars.names)}")
         if self.unet.include_region_inputs and self.region is None:
             raise ValueError("a unet with body-region inputs needs region (top and bottom)")
         if self.unet.include_spacing_input and not self.image.spacing:
@@ -324,17 +373,21 @@ class DiffusionModel:
         return self._text_encoder
 
     def conditioned_unet(self, items: int, labels: torch.Tensor | None = None,
-                         guided: bool = False) -> torch.nn.Module:
+                         guided: bool = False, scalars: torch.Tensor | None = None) -> torch.nn.Module:
         """The UNet with the conditioning bound that it takes besides class labels, a report and concatenated
         channels (``meddiff.nets.conditioned``): a MAISI UNet's body region and spacing (one row per item) and, for
         a model with a ControlNet, the integer label maps ``labels`` (1 or ``items``, 1, *spatial) as its
-        condition (``ControlNetConfig.condition``, as training builds it). ``guided``: rows for the doubled batch of
-        classifier-free guidance."""
+        condition (``ControlNetConfig.condition``, as training builds it); ``scalars`` (G, n): the values of a model's
+        scalar conditions (``ScalarConditioning``). ``guided``: rows for the doubled batch of classifier-free
+        guidance."""
         from meddiff.diffusion.guidance import doubled
-        from meddiff.nets.conditioned import ControlledUNet, UNetWithInputs
+        from meddiff.nets.conditioned import ControlledUNet, UNetWithInputs, UNetWithScalars
 
         rows = doubled if guided else (lambda value: value)
         network, inputs = self.unet, self._unet_inputs(items)
+        if scalars is not None:
+            spec = self.config.scalars
+            network = UNetWithScalars(network, rows(scalars.to(self.device)), spec.as_context, spec.as_channels)
         if inputs:
             network = UNetWithInputs(network, {name: rows(value) for name, value in inputs.items()})
         if labels is not None:

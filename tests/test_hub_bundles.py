@@ -255,3 +255,119 @@ def test_a_broken_bundle_is_refused_in_one_line_and_nothing_is_written(case, tmp
     shutil.rmtree(root)
     with pytest.raises(MeddiffError, match="not a folder"):
         read_published(root)
+
+
+# configs/inference.json of brain_image_synthesis_latent_diffusion_model (UK Biobank; Apache-2.0), networks shrunk
+BRAIN = {
+    "imports": ["$import torch", "$from datetime import datetime", "$from pathlib import Path"],
+    "bundle_root": ".", "model_dir": "$@bundle_root + '/models'", "output_dir": "$@bundle_root + '/output'",
+    "device": "$torch.device('cpu')", "out_file": "$datetime.now().strftime('sample_%H%M%S_%d%m%Y')",
+    "load_old": 1, "gender": 0.0, "age": 0.1, "ventricular_vol": 0.2, "brain_vol": 0.4,
+    "conditioning": "$torch.tensor([[@gender, @age, @ventricular_vol, @brain_vol]]).to(@device).unsqueeze(1)",
+    "autoencoder_def": {
+        "_target_": "monai.networks.nets.AutoencoderKL", "spatial_dims": 3, "in_channels": 1, "out_channels": 1,
+        "latent_channels": 3, "channels": [8, 8, 8, 8], "num_res_blocks": 2, "norm_num_groups": 8, "norm_eps": 1e-06,
+        "attention_levels": [False, False, False, False], "with_encoder_nonlocal_attn": False,
+        "with_decoder_nonlocal_attn": False},
+    "network_def": {
+        "_target_": "monai.networks.nets.DiffusionModelUNet", "spatial_dims": 3, "in_channels": 7, "out_channels": 3,
+        "channels": [16, 32, 32], "num_res_blocks": 2, "attention_levels": [False, True, True], "norm_num_groups": 8,
+        "norm_eps": 1e-06, "resblock_updown": True, "num_head_channels": [0, 32, 32], "with_conditioning": True,
+        "transformer_num_layers": 1, "cross_attention_dim": 4, "upcast_attention": True,
+        "use_flash_attention": False},
+    "load_autoencoder_func": "$@autoencoder_def.load_old_state_dict if bool(@load_old) else "
+                             "@autoencoder_def.load_state_dict",
+    "load_autoencoder": "$@load_autoencoder_func(torch.load(@model_dir + '/autoencoder.pt'))",
+    "autoencoder": "$@autoencoder_def.to(@device)",
+    "load_diffusion_func": "$@network_def.load_old_state_dict if bool(@load_old) else @network_def.load_state_dict",
+    "load_diffusion": "$@load_diffusion_func(torch.load(@model_dir + '/model.pt'))",
+    "diffusion": "$@network_def.to(@device)",
+    "scheduler": {"_target_": "monai.networks.schedulers.DDIMScheduler", "_requires_": ["@load_diffusion",
+                                                                                      "@load_autoencoder"],
+                  "beta_start": 0.0015, "beta_end": 0.0205, "num_train_timesteps": 1000,
+                  "schedule": "scaled_linear_beta", "clip_sample": False},
+    "noise": "$torch.randn((1, 3, 4, 4, 4)).to(@device)",
+    "set_timesteps": "$@scheduler.set_timesteps(num_inference_steps=50)",
+    "sampler": {"_target_": "scripts.sampler.Sampler", "_requires_": "@set_timesteps"},
+    "sample": "$@sampler.sampling_fn(@noise, @autoencoder, @diffusion, @scheduler, @conditioning)",
+    "saver": {"_target_": "SaveImage", "_requires_": "@create_output_dir", "output_dir": "@output_dir",
+              "output_postfix": "@out_file"},
+}
+BRAIN_META = {"version": "1.0.0", "name": "Brain Imaging Generation with Latent Diffusion Models",
+              "image_classes": "T1w head MRI with 1x1x1 mm voxel size",
+              "network_data_format": {"inputs": {"image": {
+                  "type": "tabular", "format": "conditioning", "num_channels": 4, "value_range": [0, 1],
+                  "channel_def": {"0": "Gender", "1": "Age", "2": "Ventricular volume", "3": "Brain volume"}}}}}
+
+
+def old_layout(state: dict) -> dict:
+    """A MONAI state dict in the older GenerativeModels key layout, which MONAI's load_old_state_dict converts."""
+    old = {}
+    for key, value in state.items():
+        if "transformer_blocks" in key and ".out_proj." in key:
+            key = key.replace(".out_proj.", ".to_out.0.")
+        elif ".attn.to_" in key:
+            key = key.replace(".attn.to_", ".to_")
+        elif ".attn.out_proj." in key:
+            key = key.replace(".attn.out_proj.", ".proj_attn.")
+        old[key.replace("postconv", "conv")] = value
+    return old
+
+
+@pytest.fixture(scope="module")
+def brain(tmp_path_factory):
+    autoencoder = seeded(AutoencoderKL(**arguments(BRAIN, "autoencoder_def")), 4)
+    unet = seeded(DiffusionModelUNet(**arguments(BRAIN, "network_def")), 5)
+    weights = {"autoencoder.pt": old_layout(autoencoder.state_dict()), "model.pt": old_layout(unet.state_dict())}
+    assert set(weights["model.pt"]) != set(unet.state_dict())  # the conversion is exercised
+    root = write_bundle(tmp_path_factory.mktemp("brain_image_synthesis_latent_diffusion_model"), BRAIN, BRAIN_META,
+                        APACHE, weights)
+    return root, autoencoder, unet
+
+
+def test_the_brain_bundle_generates_what_its_sampler_makes_for_given_conditions(brain):
+    """scripts/sampler.py of the brain bundle: the four conditions both as channels after the latent and as the
+    cross-attention context (1, 1, 4), DDIM over 50 steps, decoded without a scale factor; checkpoints in the
+    GenerativeModels layout (load_old 1). meddiff checks names and ranges and records every value it used."""
+    root, autoencoder, unet = brain
+    imported = load_bundle(root)
+    config = imported.model.config
+    assert config.scalars.names == ["gender", "age", "ventricular_vol", "brain_vol"]
+    assert config.scalars.defaults == [0.0, 0.1, 0.2, 0.4] and config.scalars.ranges == [(0.0, 1.0)] * 4
+    assert config.image.shape == [32, 32, 32] and config.unet.upcast_attention and config.unet.resblock_updown
+    values = {"gender": 1.0, "age": 0.7, "brain_vol": 0.3}
+    pipeline = DiffusionPipeline(imported.model)
+    ours = pipeline.sample([11], scheduler="ddim", steps=50, condition_values=values)
+    conditioning = torch.tensor([[1.0, 0.7, 0.2, 0.3]]).unsqueeze(1)
+    scheduler = DDIMScheduler(**arguments(BRAIN, "scheduler"))
+    scheduler.set_timesteps(num_inference_steps=50)
+    image = torch.randn((1, 3, 4, 4, 4), generator=torch.Generator().manual_seed(11))
+    cond_concat = conditioning.squeeze(1)[..., None, None, None].expand(1, 4, 4, 4, 4)
+    with torch.no_grad():
+        for t in scheduler.timesteps:
+            out = unet(torch.cat((image, cond_concat), dim=1), timesteps=torch.Tensor((t,)).long(),
+                       context=conditioning)
+            image, _ = scheduler.step(out, t, image)
+        sample = autoencoder.decode_stage_2_outputs(image)
+    torch.testing.assert_close(ours, sample, atol=1e-4, rtol=1e-4)
+    with pytest.raises(MeddiffError, match="age=1.5 is outside its range 0 to 1"):
+        pipeline.sample([11], steps=2, condition_values={"age": 1.5})
+    with pytest.raises(MeddiffError, match="no condition sex: its conditions are gender, age"):
+        pipeline.sample([11], steps=2, condition_values={"sex": 1.0})
+
+
+def test_generate_takes_condition_values_and_records_them(brain, tmp_path, capsys):
+    from meddiff.cli.main import main
+
+    root, *_ = brain
+    out = tmp_path / "brain"
+    assert main(["import", str(root), str(out)]) == 0
+    samples = tmp_path / "samples"
+    assert main(["generate", "--model", str(out), "-o", str(samples), "-n", "1", "--steps", "2",
+                 "--condition-values", "gender=1, age=0.25"]) == 0
+    record = json.loads((samples / "manifest.jsonl").read_text().splitlines()[0])
+    assert json.dumps(record).count('"condition_values": {"gender": 1.0, "age": 0.25, "ventricular_vol": 0.2, '
+                                    '"brain_vol": 0.4}') == 1
+    assert main(["generate", "--model", str(out), "-o", str(tmp_path / "bad"), "-n", "1",
+                 "--condition-values", "age"]) == 2
+    assert "NAME=VALUE" in capsys.readouterr().err and not (tmp_path / "bad").exists()

@@ -32,6 +32,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("--condition", metavar="LABELS", help="an integer label map (NIfTI, MHA, NRRD, ...) the images "
                    "follow, on its grid (models with a ControlNet)")
     p.add_argument("--class-label", type=int, help="class for class-conditioned models")
+    p.add_argument("--condition-values", metavar="NAME=VALUE,...", type=condition_values,
+                   help="scalar conditions by name, e.g. gender=1,age=0.6 (models with scalar conditions: the "
+                        "model's card and config.json name them with their ranges and defaults)")
     prompt = p.add_mutually_exclusive_group()
     prompt.add_argument("--prompt", help="report text for every image (report-conditioned models)")
     prompt.add_argument("--prompts", metavar="FILE.jsonl", help='one {"prompt": "..."} per line, one image each')
@@ -43,6 +46,22 @@ def add_parser(subparsers) -> None:
                    "more than one runs one process per device (DDP), each writing a shard")
     # what Ctrl-C or SIGTERM leaves (meddiff.cli.main.run prints it after "interrupted — ")
     p.set_defaults(func=run, resume_hint="the finished images are kept; run the same command again to finish")
+
+
+def condition_values(text: str) -> dict[str, float]:
+    """``gender=1,age=0.6`` -> {"gender": 1.0, "age": 0.6}; argparse turns a ValueError into one error line."""
+    values = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        name, sep, value = part.partition("=")
+        if not sep or not name.strip() or name.strip() in values:
+            raise ValueError(f"{part!r} is not NAME=VALUE (each name once)")
+        values[name.strip()] = float(value)
+    if not values:
+        raise ValueError("no NAME=VALUE given")
+    return values
+
+
+condition_values.__name__ = "NAME=VALUE list"  # what argparse names in its error line
 
 
 def run(args) -> None:
@@ -68,7 +87,8 @@ def run(args) -> None:
     if args.prompt is not None:
         prompts = [args.prompt] * n
     spec = SamplingSpec(scheduler=args.scheduler, steps=args.steps, class_label=args.class_label,
-                        guidance_scale=args.guidance_scale, negative_prompt=args.negative_prompt)
+                        guidance_scale=args.guidance_scale, negative_prompt=args.negative_prompt,
+                        condition_values=args.condition_values)
     model = load_model(args.model)
     labels, condition = None, None
     if args.condition is not None:

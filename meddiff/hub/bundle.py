@@ -167,7 +167,7 @@ def noise_shape(config: BundleConfig) -> list[int]:
     if "latent_shape" in config.config:
         return [int(v) for v in config.resolve(config.config["latent_shape"], "latent_shape")]
     text = str(config.config.get("noise", ""))
-    match = re.fullmatch(r"\$\s*torch\.randn?\((.*)\)\s*(?:\.to\([^()]*\))?\s*", text)
+    match = re.fullmatch(r"\$\s*torch\.randn?\((.*?)\)\s*(?:\.to\([^()]*\))?\s*", text)
     if match is None:
         raise MeddiffError(f"{config.path} states no latent_shape and no noise = torch.randn(shape) "
                            "— meddiff cannot tell the sample's shape")
@@ -197,10 +197,12 @@ def schedule(arguments: dict, path: Path) -> dict:
         raise MeddiffError(f"{path}: the scheduler's {first_line(exc)} is not one meddiff knows") from None
 
 
-def unet_config(arguments: dict, concat_channels: int = 0) -> dict:
-    """``UNetConfig`` fields from MONAI's (or GenerativeModels') ``DiffusionModelUNet`` arguments."""
+def unet_config(arguments: dict, scalars: dict | None = None) -> dict:
+    """``UNetConfig`` fields from MONAI's (or GenerativeModels') ``DiffusionModelUNet`` arguments; ``scalars``: the
+    model's scalar conditions (``scalar_conditioning``), whose channels are part of the UNet's input."""
     channels = arguments.get("channels", arguments.get("num_channels", [32, 64, 64, 64]))
-    config = {"spatial_dims": arguments["spatial_dims"], "in_channels": arguments["in_channels"] - concat_channels,
+    scalar_channels = len(scalars["names"]) if scalars and scalars["as_channels"] else 0
+    config = {"spatial_dims": arguments["spatial_dims"], "in_channels": arguments["in_channels"] - scalar_channels,
               "out_channels": arguments["out_channels"], "channels": list(channels),
               "attention_levels": list(arguments.get("attention_levels", [False, False, True, True])),
               "num_res_blocks": arguments.get("num_res_blocks", 2),
@@ -209,12 +211,39 @@ def unet_config(arguments: dict, concat_channels: int = 0) -> dict:
               "num_class_embeds": arguments.get("num_class_embeds"),
               "cross_attention_dim": arguments.get("cross_attention_dim") if arguments.get("with_conditioning")
               else None,
-              "concat_channels": concat_channels}
+              "scalar_channels": scalar_channels}
     for name in ("norm_eps", "resblock_updown", "transformer_num_layers", "upcast_attention", "include_fc",
                  "use_combined_linear"):
         if name in arguments:
             config[name] = arguments[name]
     return config
+
+
+def scalar_conditioning(config: BundleConfig, meta: dict, unet: dict) -> dict | None:
+    """The bundle's scalar conditions (``ScalarConditioning`` fields), from a ``conditioning`` entry that builds
+    ``torch.tensor([[@a, @b, ...]])``: the referenced names in order, their values as defaults, the range its
+    metadata gives a tabular input; as context when the UNet's cross-attention width is their number, as channels
+    when its input has that many channels more than its output. None without such an entry."""
+    text = str(config.config.get("conditioning", ""))
+    match = re.search(r"torch\.tensor\(\s*\[\s*\[([^\]]*)\]\s*\]", text)
+    if match is None:
+        return None
+    names = re.findall(r"@(\w+)", match.group(1))
+    if not names or len(names) != len(match.group(1).split(",")):
+        raise MeddiffError(f"{config.path}: conditioning {text[:60]!r} is not a list of @references")
+    inputs = meta.get("network_data_format", {}).get("inputs", {})
+    ranges = [v.get("value_range") for v in inputs.values() if isinstance(v, dict) and v.get("type") == "tabular"]
+    if len(ranges) != 1 or not isinstance(ranges[0], list) or len(ranges[0]) != 2:
+        raise MeddiffError(f"{config.path.parent / 'metadata.json'} states no value_range of a tabular input: "
+                           "meddiff cannot tell the conditions' ranges")
+    as_context = bool(unet.get("with_conditioning")) and unet.get("cross_attention_dim") == len(names)
+    as_channels = unet["in_channels"] - unet["out_channels"] == len(names)
+    if not (as_context or as_channels):
+        raise MeddiffError(f"{config.path}: the UNet takes the {len(names)} conditions neither as context "
+                           "(cross_attention_dim) nor as input channels")
+    return {"names": names, "ranges": [[float(ranges[0][0]), float(ranges[0][1])]] * len(names),
+            "defaults": [float(config.resolve("@" + name, name)) for name in names],
+            "as_context": as_context, "as_channels": as_channels}
 
 
 def autoencoder_config(arguments: dict, scale_factor: float) -> dict:
@@ -334,10 +363,12 @@ def load_bundle(bundle: str | Path) -> Imported:
     found = config.definitions()
     unet_args, scheduler_args = found["unet"][1], found["scheduler"][1]
     latent = "autoencoder" in found
-    if unet_args.get("with_conditioning") or unet_args.get("num_class_embeds"):
-        raise MeddiffError(f"{path}: the UNet is conditioned (cross-attention or classes), which meddiff does not "
-                           "read from bundles yet")
     meta = metadata(bundle)
+    scalars = scalar_conditioning(config, meta, unet_args)
+    if scalars is None and (unet_args.get("with_conditioning") or unet_args.get("num_class_embeds") or
+                            unet_args["in_channels"] != unet_args["out_channels"]):
+        raise MeddiffError(f"{path}: the UNet is conditioned in a way meddiff does not read from bundles (it reads "
+                           "scalar conditions given as torch.tensor([[@a, @b, ...]]))")
     defaults = sampler_defaults(bundle)
     shape = noise_shape(config)
     image = described_image(meta)
@@ -347,7 +378,8 @@ def load_bundle(bundle: str | Path) -> Imported:
     spacing = image["spacing"] if image["spacing"] and len(image["spacing"]) == len(spatial) else None
     try:
         model_config = ModelConfig(
-            unet=unet_config(unet_args), schedule=schedule(scheduler_args, path), autoencoder=autoencoder,
+            unet=unet_config(unet_args, scalars), schedule=schedule(scheduler_args, path), autoencoder=autoencoder,
+            scalars=scalars,
             image={"shape": spatial, "spacing": spacing, "modality": image["modality"], "intensity_range": (-1.0, 1.0)})
     except (ValueError, TypeError, KeyError) as exc:
         raise MeddiffError(f"{path} does not describe a model meddiff can rebuild: {first_line(exc)}") from None

@@ -38,6 +38,10 @@ class Imported:
         image = config.image
         generate = (f"meddiff generate --model {folder} -o samples -n 4 --scheduler {self.sampling['scheduler']} "
                     f"--steps {self.sampling['steps']}")
+        scalars = config.scalars
+        if scalars is not None:
+            generate += " --condition-values " + ",".join(f"{n}={v:g}" for n, v in zip(scalars.names, scalars.defaults,
+                                                                                        strict=True))
         if "guidance_scale" in self.sampling:
             generate += f" --guidance-scale {self.sampling['guidance_scale']:g} --prompt TEXT"
         lines = [
@@ -52,6 +56,10 @@ class Imported:
             f"{f' at {image.spacing} mm' if image.spacing else ''}, modality {image.modality or 'not stated'}; values "
             "are what the network makes (the publisher's intensity scale).",
             f"- **Sample as published**: `{generate}`.",
+            *(["- **Conditions** (`--condition-values`, in this order): "
+               + "; ".join(f"`{n}` in {lo:g}..{hi:g} (default {d:g})" for n, (lo, hi), d in
+                           zip(scalars.names, scalars.ranges, scalars.defaults, strict=True))
+               + "; meanings and normalisation as the publisher's documentation states them."] if scalars else []),
             *[f"- **Note**: {note}" for note in self.notes],
             "",
         ]

@@ -48,3 +48,22 @@ class ControlledUNet(nn.Module):
         down, middle = self.controlnet(x, timesteps, control, self.scale, context=context, class_labels=class_labels)
         return self.unet(x, timesteps=timesteps, context=context, class_labels=class_labels,
                          down_block_additional_residuals=down, mid_block_additional_residual=middle, **kwargs)
+
+
+class UNetWithScalars(nn.Module):
+    """A UNet conditioned on bound scalar values (G, n): as its cross-attention context (G, 1, n) and, with
+    ``as_channels``, as n constant channels appended to its input (the model-zoo brain generator takes both)."""
+
+    def __init__(self, unet: nn.Module, values: torch.Tensor, as_context: bool = True, as_channels: bool = False):
+        super().__init__()
+        self.unet, self.values, self.as_context, self.as_channels = unet, values, as_context, as_channels
+
+    def forward(self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor | None = None,
+                class_labels: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
+        values = repeat_rows(self.values, x.shape[0]).to(x.dtype)
+        if self.as_channels:
+            planes = values.reshape(*values.shape, *[1] * (x.ndim - 2)).expand(-1, -1, *x.shape[2:])
+            x = torch.cat([x, planes], dim=1)
+        if self.as_context:
+            context = values[:, None, :]
+        return self.unet(x, timesteps=timesteps, context=context, class_labels=class_labels, **kwargs)

@@ -22,6 +22,7 @@ def build_unet(
     num_class_embeds: int | None = None,
     cross_attention_dim: int | None = None,
     concat_channels: int = 0,
+    scalar_channels: int = 0,
     family: str = "monai",
     include_region_inputs: bool = False,
     include_spacing_input: bool = False,
@@ -31,7 +32,8 @@ def build_unet(
 
     ``num_class_embeds`` enables class conditioning (labels 0..n-1), ``cross_attention_dim`` enables a
     cross-attention context (e.g. report embeddings), and ``concat_channels`` adds input channels for
-    concatenated conditions such as a mask or a noisy image. ``options`` are MONAI's further arguments
+    concatenated conditions such as a mask or a noisy image, ``scalar_channels`` those of scalar conditions
+    (``meddiff.nets.conditioned.UNetWithScalars``). ``options`` are MONAI's further arguments
     (``norm_eps``, ``resblock_updown``, ``transformer_num_layers``, ``upcast_attention``, ``include_fc``,
     ``use_combined_linear``: ``UNetConfig``), which published bundles set. Attention runs through torch's
     ``scaled_dot_product_attention`` (MONAI's ``use_flash_attention``): the same weights, but no
@@ -59,7 +61,7 @@ def build_unet(
             use_flash_attention=torch.cuda.is_available())  # MAISI's class refuses it without a GPU; same weights
     return DiffusionModelUNet(
         spatial_dims=spatial_dims,
-        in_channels=in_channels + concat_channels,
+        in_channels=in_channels + concat_channels + scalar_channels,
         out_channels=out_channels,
         channels=tuple(channels),
         attention_levels=tuple(attention_levels),

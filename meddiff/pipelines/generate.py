@@ -114,15 +114,16 @@ def model_function(model: DiffusionModel, spec: SamplingSpec, items: int, prompt
     """
     device = model.device
     classes = None if spec.class_label is None else torch.full((items,), spec.class_label, device=device)
+    scalars = None if not spec.condition_values else torch.tensor([list(spec.condition_values.values())])
     if model.config.text_encoder is None:
-        return unet_function(model.conditioned_unet(items, labels), classes, None, condition)
+        return unet_function(model.conditioned_unet(items, labels, scalars=scalars), classes, None, condition)
     if spec.guidance_scale == 0.0:  # uncond + 0 * (cond - uncond): the unconditional half alone
         prompts = [spec.negative_prompt] * len(prompts)
     context = model.text_encoder.context(list(prompts)).to(device)
     if not spec.guided:
-        return unet_function(model.conditioned_unet(items, labels), classes, context, condition)
+        return unet_function(model.conditioned_unet(items, labels, scalars=scalars), classes, context, condition)
     negative = model.text_encoder.context([spec.negative_prompt] * len(prompts)).to(device)
-    both = unet_function(model.conditioned_unet(items, labels, guided=True), doubled(classes),
+    both = unet_function(model.conditioned_unet(items, labels, guided=True, scalars=scalars), doubled(classes),
                          torch.cat([negative, context]), doubled(condition))
     return classifier_free_guidance(both, spec.guidance_scale)
 

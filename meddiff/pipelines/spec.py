@@ -23,6 +23,7 @@ class SamplingSpec(BaseModel):
     class_label: int | None = None
     guidance_scale: float | None = 1.0
     negative_prompt: str | None = ""
+    condition_values: dict[str, float] | None = None  # scalar conditions by name (ModelConfig.scalars)
 
     def checked(self, config: ModelConfig) -> SamplingSpec:
         """This spec for a model of ``config``, or one clear line saying what the model cannot do with it.
@@ -48,6 +49,11 @@ class SamplingSpec(BaseModel):
         if spec.class_label is not None and not 0 <= spec.class_label < classes:
             raise MeddiffError(f"class label {spec.class_label} is out of range: "
                                f"this model has classes 0 to {classes - 1}")
+        if config.scalars is not None:  # every value, defaults filled in, so the provenance says what was used
+            values = config.scalars.values(spec.condition_values)
+            spec = spec.model_copy(update={"condition_values": dict(zip(config.scalars.names, values, strict=True))})
+        elif spec.condition_values:
+            raise MeddiffError("this model takes no condition values — leave out --condition-values")
         if config.text_encoder is None:
             if spec.guidance_scale not in (None, 1.0) or spec.negative_prompt:
                 given = "--guidance-scale" if spec.guidance_scale not in (None, 1.0) else "--negative-prompt"
