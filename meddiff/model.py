@@ -217,12 +217,15 @@ class ImageConfig(BaseModel):
 
 
 class TextEncoderConfig(BaseModel):
-    """The report encoder of a report-conditioned model: a ``meddiff.encoders.load_text_encoder`` spec."""
+    """The report encoder of a report-conditioned model: a ``meddiff.encoders.load_text_encoder`` spec
+    (``component:text_encoder``: the folder's own ``text_encoder/`` and ``tokenizer/``); ``padded``: prompts are
+    encoded as Stable Diffusion encodes them (the whole padded sequence, no mask)."""
 
     model_config = ConfigDict(extra="forbid")
 
     spec: str
     max_length: int | None = None
+    padded: bool = False
 
 
 class ModelConfig(BaseModel):
@@ -336,6 +339,7 @@ class DiffusionModel:
         }
         self._text_encoder = text_encoder
         self.weights_sha256 = ""
+        self.folder: Path | None = None  # where the model was loaded from (its text_encoder/ component)
 
     @property
     def unet(self) -> torch.nn.Module:
@@ -369,7 +373,8 @@ class DiffusionModel:
             from meddiff.encoders import load_text_encoder
 
             spec = self.config.text_encoder
-            self._text_encoder = load_text_encoder(spec.spec, max_length=spec.max_length)
+            self._text_encoder = load_text_encoder(spec.spec, max_length=spec.max_length, padded=spec.padded,
+                                                   folder=self.folder)
         return self._text_encoder
 
     def conditioned_unet(self, items: int, labels: torch.Tensor | None = None,
@@ -464,6 +469,7 @@ class DiffusionModel:
         except (MeddiffError, ValueError, TypeError, RuntimeError) as exc:
             raise MeddiffError(f"cannot load the model in {directory}: {CONFIG_NAME} describes no buildable network "
                                f"({first_line(exc)}) — {remedy}") from None
+        model.folder = directory
         hashes = {name: _load_weights(network, directory, name) for name, network in model.networks.items()}
         model.weights_sha256 = next(iter(hashes.values())) if len(hashes) == 1 else hashlib.sha256(
             "".join(f"{name} {digest}\n" for name, digest in sorted(hashes.items())).encode()).hexdigest()

@@ -371,3 +371,110 @@ def test_generate_takes_condition_values_and_records_them(brain, tmp_path, capsy
     assert main(["generate", "--model", str(out), "-o", str(tmp_path / "bad"), "-n", "1",
                  "--condition-values", "age"]) == 2
     assert "NAME=VALUE" in capsys.readouterr().err and not (tmp_path / "bad").exists()
+
+
+def write_clip_text_model(folder, width: int = 32):
+    """A tiny CLIP text model and tokenizer in Stable Diffusion's layout (``text_encoder/``, ``tokenizer/`` with
+    vocab.json and merges.txt written here, since none can be downloaded)."""
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    letters = "abcdefghijklmnopqrstuvwxyz"
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for token in [*letters, *[c + "</w>" for c in letters], "ef", "ef</w>", "pl", "ur"]:
+        vocab.setdefault(token, len(vocab))
+    (folder / "tokenizer").mkdir(parents=True)
+    (folder / "tokenizer" / "vocab.json").write_text(json.dumps(vocab))
+    (folder / "tokenizer" / "merges.txt").write_text("#version: 0.2\ne f\ne f</w>\np l\nu r\n")
+    tokenizer = CLIPTokenizer(str(folder / "tokenizer" / "vocab.json"), str(folder / "tokenizer" / "merges.txt"),
+                              model_max_length=16, pad_token="<|endoftext|>")
+    tokenizer.save_pretrained(folder / "tokenizer")
+    torch.manual_seed(6)
+    model = CLIPTextModel(CLIPTextConfig(vocab_size=len(vocab), hidden_size=width, intermediate_size=2 * width,
+                                         num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=16,
+                                         bos_token_id=0, eos_token_id=1, pad_token_id=1)).eval()
+    model.save_pretrained(folder / "text_encoder")
+    return tokenizer, model
+
+
+# configs/inference.json of cxr_image_synthesis_latent_diffusion_model (MIMIC-CXR; Apache-2.0), networks shrunk;
+# scripts/sampler.py's sampling_fn signature (guidance_scale=7.0, scale_factor=0.3) is written beside it
+CXR = {
+    "imports": ["$import torch", "$from datetime import datetime", "$from pathlib import Path",
+                "$from transformers import CLIPTextModel", "$from transformers import CLIPTokenizer"],
+    "bundle_root": ".", "model_dir": "$@bundle_root + '/models'", "device": "$torch.device('cpu')",
+    "load_old": 1, "prompt": "Big right-sided pleural effusion", "prompt_list": "$['', @prompt]",
+    "guidance_scale": 7.0,
+    "tokenizer": "$CLIPTokenizer.from_pretrained(\"stabilityai/stable-diffusion-2-1-base\", subfolder=\"tokenizer\")",
+    "text_encoder": "$CLIPTextModel.from_pretrained(\"stabilityai/stable-diffusion-2-1-base\", "
+                    "subfolder=\"text_encoder\")",
+    "tokenized_prompt": "$@tokenizer(@prompt_list, padding=\"max_length\", max_length=@tokenizer.model_max_length, "
+                        "truncation=True,return_tensors=\"pt\")",
+    "prompt_embeds": "$@text_encoder(@tokenized_prompt.input_ids.squeeze(1))[0].to(@device)",
+    "autoencoder_def": {
+        "_target_": "monai.networks.nets.AutoencoderKL", "spatial_dims": 2, "in_channels": 1, "out_channels": 1,
+        "latent_channels": 3, "channels": [8, 8, 8, 8], "num_res_blocks": 2, "norm_num_groups": 8, "norm_eps": 1e-06,
+        "attention_levels": [False, False, False, False], "with_encoder_nonlocal_attn": False,
+        "with_decoder_nonlocal_attn": False},
+    "load_autoencoder": "$@autoencoder_def.load_old_state_dict(torch.load(@model_dir + '/autoencoder.pt'))",
+    "network_def": {
+        "_target_": "monai.networks.nets.DiffusionModelUNet", "spatial_dims": 2, "in_channels": 3, "out_channels": 3,
+        "channels": [16, 32, 32], "num_res_blocks": 2, "attention_levels": [False, True, True], "norm_num_groups": 8,
+        "norm_eps": 1e-06, "resblock_updown": False, "num_head_channels": [0, 32, 32], "with_conditioning": True,
+        "transformer_num_layers": 1, "cross_attention_dim": 32, "upcast_attention": True,
+        "use_flash_attention": False},
+    "load_diffusion": "$@network_def.load_old_state_dict(torch.load(@model_dir + '/model.pt'))",
+    "scheduler": {"_target_": "monai.networks.schedulers.DDIMScheduler", "_requires_": ["@load_diffusion",
+                                                                                      "@load_autoencoder"],
+                  "beta_start": 0.0015, "beta_end": 0.0205, "num_train_timesteps": 1000,
+                  "schedule": "scaled_linear_beta", "prediction_type": "v_prediction", "clip_sample": False},
+    "noise": "$torch.randn((1, 3, 8, 8)).to(@device)",
+    "set_timesteps": "$@scheduler.set_timesteps(num_inference_steps=50)",
+    "sampler": {"_target_": "scripts.sampler.Sampler", "_requires_": "@set_timesteps"},
+    "sample": "$@sampler.sampling_fn(@noise, @autoencoder, @diffusion, @scheduler, @prompt_embeds)",
+}
+CXR_META = {"version": "1.0.2", "name": "Chest X-ray Latent Diffusion Synthesis",
+            "image_classes": "Radiography (X-ray) with 512 x 512 pixels"}
+CXR_SAMPLER = '''class Sampler:
+    @torch.no_grad()
+    def sampling_fn(self, input_noise, autoencoder_model, diffusion_model, scheduler, prompt_embeds,
+                    guidance_scale: float = 7.0, scale_factor: float = 0.3):
+        ...
+'''
+
+
+def test_the_cxr_bundle_generates_what_its_guided_sampler_makes_for_a_prompt(tmp_path):
+    """scripts/sampler.py of the CXR bundle: prompts ['', prompt] encoded by the CLIP text model padded to its
+    length, v-prediction DDIM over 50 steps with guidance 7 (uncond + 7 (cond - uncond)), decoded from latents / 0.3;
+    the scale factor and guidance come from the sampler's signature, the text encoder from --text-encoder."""
+    from meddiff.cli.main import main
+
+    tokenizer, text_model = write_clip_text_model(tmp_path / "sd21")
+    autoencoder = seeded(AutoencoderKL(**arguments(CXR, "autoencoder_def")), 7)
+    unet = seeded(DiffusionModelUNet(**arguments(CXR, "network_def")), 8)
+    root = write_bundle(tmp_path / "cxr_image_synthesis_latent_diffusion_model", CXR, CXR_META, APACHE,
+                        {"autoencoder.pt": old_layout(autoencoder.state_dict()),
+                         "model.pt": old_layout(unet.state_dict())})
+    (root / "scripts").mkdir()
+    (root / "scripts" / "sampler.py").write_text(CXR_SAMPLER)
+    assert main(["import", str(root), str(tmp_path / "refused")]) == 2  # the text encoder is not in the bundle
+    out = tmp_path / "cxr"
+    assert main(["import", str(root), str(out), "--text-encoder", str(tmp_path / "sd21")]) == 0
+    assert {"text_encoder", "tokenizer", "README.md"} <= {p.name for p in out.iterdir()}
+    assert "--guidance-scale 7 --prompt TEXT" in (out / "README.md").read_text()
+    pipeline = DiffusionPipeline.from_pretrained(out)
+    assert pipeline.model.config.autoencoder.scale_factor == pytest.approx(0.3)
+    prompt = "pleural effusion"
+    ours = pipeline.sample([2], prompts=[prompt], scheduler="ddim", steps=50, guidance_scale=7.0)
+    ids = tokenizer(["", prompt], padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                    return_tensors="pt").input_ids
+    scheduler = DDIMScheduler(**arguments(CXR, "scheduler"))
+    scheduler.set_timesteps(num_inference_steps=50)
+    noise = torch.randn((1, 3, 8, 8), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        prompt_embeds = text_model(ids.squeeze(1))[0]
+        for t in scheduler.timesteps:
+            out_u, out_c = unet(torch.cat([noise] * 2), timesteps=torch.Tensor((t,)).long(),
+                                context=prompt_embeds).chunk(2)
+            noise, _ = scheduler.step(out_u + 7.0 * (out_c - out_u), t, noise)
+        sample = autoencoder.decode_stage_2_outputs(noise / 0.3)
+    torch.testing.assert_close(ours, sample, atol=1e-4, rtol=1e-4)

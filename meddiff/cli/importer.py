@@ -12,6 +12,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("source", metavar="SOURCE", help="a MONAI bundle folder as downloaded (configs/inference.json, "
                                                     "models/*.pt)")
     p.add_argument("output", metavar="OUT", help="the meddiff model folder to write")
+    p.add_argument("--text-encoder", metavar="FOLDER", help="for a bundle that encodes prompts with a Hugging Face "
+                   "CLIP text model (the CXR generator): a folder with that model's text_encoder/ and tokenizer/")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="the stored weights' type")
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=run)
@@ -24,7 +26,7 @@ def run(args) -> None:
     from meddiff.outputs import check_not_source
 
     check_not_source(args.output, {"the source": args.source})
-    imported = read_published(args.source)
+    imported = read_published(args.source, text_encoder=args.text_encoder)
     out = imported.save(args.output, overwrite=args.overwrite, dtype=getattr(torch, args.dtype))
     print(f"wrote {out} ({imported.kind} {imported.name}; sample as published: --scheduler "
           f"{imported.sampling['scheduler']} --steps {imported.sampling['steps']}; licence: {imported.licence})")

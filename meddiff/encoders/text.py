@@ -34,11 +34,16 @@ class TextEncoding:
 
 
 class HFTextEncoder(torch.nn.Module):
-    """A frozen transformers text model with its tokenizer; long reports are truncated with a warning."""
+    """A frozen transformers text model with its tokenizer; long reports are truncated with a warning.
 
-    def __init__(self, spec: str, tokenizer, model, max_length: int | None = None):
+    ``padded``: prompts are encoded as Stable Diffusion (and MONAI's CXR generator) encode them: padded to
+    ``max_length`` and run without an attention mask, the context being every position's state, padding included.
+    """
+
+    def __init__(self, spec: str, tokenizer, model, max_length: int | None = None, padded: bool = False):
         super().__init__()
         self.spec, self.tokenizer, self.model = spec, tokenizer, model.eval().requires_grad_(False)
+        self.padded = padded
         limit = getattr(model.config, "max_position_embeddings", None) or 512
         self.max_length = min(max_length or tokenizer.model_max_length, limit)
         self.dim = model.config.hidden_size
@@ -64,8 +69,18 @@ class HFTextEncoder(torch.nn.Module):
     def context(self, reports: list[str]) -> torch.Tensor:
         """Cross-attention context: token states zero-padded to ``max_length``, so a report's
         conditioning never depends on the other reports in its batch (the UNet's attention has no mask)."""
+        if self.padded:
+            return self._padded_states(reports)
         encoding = self.encode(reports)
         return torch.nn.functional.pad(encoding.tokens, (0, 0, 0, self.max_length - encoding.tokens.shape[1]))
+
+    @torch.inference_mode()
+    def _padded_states(self, reports: list[str]) -> torch.Tensor:
+        self.warn_if_truncated(reports)
+        ids = self.tokenizer(["" if r is None else str(r) for r in reports], padding="max_length",
+                             max_length=self.max_length, truncation=True, return_tensors="pt").input_ids
+        device = next(self.model.parameters()).device
+        return self.model(ids.to(device))[0].float()
 
     def warn_if_truncated(self, texts: list[str]) -> None:
         full = self.tokenizer(texts, truncation=False, verbose=False)["input_ids"]
@@ -82,12 +97,13 @@ class HFTextEncoder(torch.nn.Module):
             self._cache[key] = (states[attention].clone(), states[0].clone())
 
 
-def load_hf(name: str | os.PathLike, what: str = "the text model"):
+def load_hf(name: str | os.PathLike, what: str = "the text model", tokenizer_from: str | os.PathLike | None = None):
     """``(tokenizer, model)`` of a transformers text model from a local folder or the Hugging Face cache.
 
     Nothing is downloaded and nothing in the files runs: no custom code (``trust_remote_code=False``: a
     config's ``auto_map`` is refused), and a ``pytorch_model.bin`` goes through torch's weights-only
     unpickler (``weights_only=True``, transformers' default, made explicit), so a pickled payload is refused.
+    ``tokenizer_from``: where the tokenizer is, when not beside the model (a pipeline folder's ``tokenizer/``).
     """
     import pickle
     import warnings
@@ -104,7 +120,8 @@ def load_hf(name: str | os.PathLike, what: str = "the text model"):
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # e.g. torch's note on a pickle protocol it is refusing anyway
-            tokenizer = AutoTokenizer.from_pretrained(name, local_files_only=True, trust_remote_code=False)
+            tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_from or name), local_files_only=True,
+                                                      trust_remote_code=False)
             model = AutoModel.from_pretrained(name, local_files_only=True, trust_remote_code=False, weights_only=True)
     except pickle.UnpicklingError as exc:
         raise MeddiffError(refused(exc, f"{what} {name!r}",
@@ -137,23 +154,38 @@ def refuse_custom_code(name: str) -> None:
                            "— use a model that transformers implements (BERT, ...), saved without custom code")
 
 
-def _hf_encoder(name: str, max_length: int | None) -> HFTextEncoder:
+def _hf_encoder(name: str, max_length: int | None, padded: bool = False) -> HFTextEncoder:
     tokenizer, model = load_hf(name)
-    return HFTextEncoder(f"hf:{name}", tokenizer, model, max_length)
+    return HFTextEncoder(f"hf:{name}", tokenizer, model, max_length, padded)
 
 
-def load_text_encoder(spec: str | os.PathLike, max_length: int | None = None) -> HFTextEncoder:
+COMPONENT = "component:"  # a text encoder stored in the model folder itself
+
+
+def load_text_encoder(spec: str | os.PathLike, max_length: int | None = None, padded: bool = False,
+                      folder: str | os.PathLike | None = None) -> HFTextEncoder:
     """A text encoder from ``spec``: ``hf:NAME_OR_PATH`` (transformers; local folder or pre-filled cache),
     ``hf-hub:REPO`` or ``local-dir:PATH`` (an open_clip model such as BiomedCLIP, ``meddiff.encoders.openclip``;
-    pre-filled Hugging Face cache or open_clip's folder format), or a folder of meddiff's own CLIP
-    (``meddiff.encoders.clip``; its text tower)."""
+    pre-filled Hugging Face cache or open_clip's folder format), a folder of meddiff's own CLIP
+    (``meddiff.encoders.clip``; its text tower), or ``component:text_encoder``: the model ``folder``'s own
+    ``text_encoder/`` with its ``tokenizer/`` (an imported pipeline's CLIP text model). ``padded``: encode as Stable
+    Diffusion does (``HFTextEncoder``)."""
     spec = str(spec)
+    if spec.startswith(COMPONENT):
+        if folder is None:
+            raise MeddiffError(f"{spec} is part of a model folder: load the model with its folder")
+        model, tokenizer = Path(folder) / spec.removeprefix(COMPONENT), Path(folder) / "tokenizer"
+        if not model.is_dir() or not tokenizer.is_dir():
+            raise MeddiffError(f"the model in {folder} is missing its {model.name}/ or tokenizer/ folder — import it "
+                               "again (meddiff import)")
+        tokenizer_model = load_hf(model, "the text encoder", tokenizer_from=tokenizer)
+        return HFTextEncoder(spec, *tokenizer_model, max_length, padded)
     if spec.startswith(("hf-hub:", "local-dir:")):
         from meddiff.encoders.openclip import load_open_clip
 
         return load_open_clip(spec, max_length)
     if spec.startswith("hf:"):
-        return _hf_encoder(spec.removeprefix("hf:"), max_length)
+        return _hf_encoder(spec.removeprefix("hf:"), max_length, padded)
     if (Path(spec) / "clip.json").is_file():
         encoder = _hf_encoder(str(Path(spec) / "text"), max_length)
         encoder.spec = spec

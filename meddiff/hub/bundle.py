@@ -351,8 +351,11 @@ def weights_paths(bundle: Path, config: BundleConfig, latent: bool) -> dict[str,
     return paths
 
 
-def load_bundle(bundle: str | Path) -> Imported:
-    """A model-zoo bundle folder (``configs/inference.json``, ``models/*.pt``) as one meddiff model."""
+def load_bundle(bundle: str | Path, text_encoder: str | Path | None = None) -> Imported:
+    """A model-zoo bundle folder (``configs/inference.json``, ``models/*.pt``) as one meddiff model. A bundle that
+    encodes prompts with a Hugging Face CLIP text model (the CXR generator: Stable Diffusion 2's) needs that
+    model's files, which bundles do not hold: ``text_encoder`` is a folder with its ``text_encoder/`` and
+    ``tokenizer/``."""
     from meddiff.model import DiffusionModel, ModelConfig
 
     bundle = Path(bundle)
@@ -365,8 +368,9 @@ def load_bundle(bundle: str | Path) -> Imported:
     latent = "autoencoder" in found
     meta = metadata(bundle)
     scalars = scalar_conditioning(config, meta, unet_args)
-    if scalars is None and (unet_args.get("with_conditioning") or unet_args.get("num_class_embeds") or
-                            unet_args["in_channels"] != unet_args["out_channels"]):
+    prompts = prompt_encoder(config) if scalars is None and unet_args.get("with_conditioning") else None
+    if scalars is None and prompts is None and (unet_args.get("with_conditioning") or unet_args.get("num_class_embeds")
+                                                or unet_args["in_channels"] != unet_args["out_channels"]):
         raise MeddiffError(f"{path}: the UNet is conditioned in a way meddiff does not read from bundles (it reads "
                            "scalar conditions given as torch.tensor([[@a, @b, ...]]))")
     defaults = sampler_defaults(bundle)
@@ -376,14 +380,21 @@ def load_bundle(bundle: str | Path) -> Imported:
     downsample = 2 ** (len(autoencoder["channels"]) - 1) if latent else 1
     spatial = [side * downsample for side in shape[1:]]
     spacing = image["spacing"] if image["spacing"] and len(image["spacing"]) == len(spatial) else None
+    encoder, folders = None, {}
+    if prompts is not None:
+        encoder, folders = clip_text_encoder(prompts, text_encoder)
     try:
         model_config = ModelConfig(
             unet=unet_config(unet_args, scalars), schedule=schedule(scheduler_args, path), autoencoder=autoencoder,
-            scalars=scalars,
+            scalars=scalars, text_encoder=None if encoder is None else {
+                "spec": "component:text_encoder", "max_length": encoder.max_length, "padded": True},
             image={"shape": spatial, "spacing": spacing, "modality": image["modality"], "intensity_range": (-1.0, 1.0)})
     except (ValueError, TypeError, KeyError) as exc:
         raise MeddiffError(f"{path} does not describe a model meddiff can rebuild: {first_line(exc)}") from None
-    model = DiffusionModel(model_config)
+    if encoder is not None and encoder.dim != model_config.unet.cross_attention_dim:
+        raise MeddiffError(f"the text encoder in {text_encoder} makes {encoder.dim}-wide states; the bundle's UNet "
+                           f"attends to {model_config.unet.cross_attention_dim} — give {prompts}'s text encoder")
+    model = DiffusionModel(model_config, text_encoder=encoder)
     for component, weights in weights_paths(bundle, config, latent).items():
         load_weights(model.networks[component], checkpoint_state(weights), f"{weights}")
     scheduler = "ddim" if found["scheduler"][1]["_class"] == "DDIMScheduler" else "ddpm"
@@ -394,9 +405,37 @@ def load_bundle(bundle: str | Path) -> Imported:
                      "starts from Gaussian noise, what the model was trained to remove.")
     notes.append(f"Sampling steps fall where MONAI's {found['scheduler'][1]['_class']} puts them (linspace from "
                  f"{model_config.schedule.num_train_timesteps - 1} down to 0).")
+    sampling = {"scheduler": scheduler, "steps": steps}
+    if encoder is not None:
+        sampling["guidance_scale"] = defaults.get("guidance_scale", 1.0)
+        notes.append(f"Prompts are encoded by {prompts}'s CLIP text model (stored here under text_encoder/ and "
+                     "tokenizer/), padded to its length as the bundle does; the unconditional prompt is empty.")
     return Imported(model.to("cpu"), "MONAI model-zoo bundle", bundle, str(meta.get("name", bundle.name)),
-                    str(meta.get("version", "")), licence(bundle, meta), {"scheduler": scheduler, "steps": steps},
-                    notes)
+                    str(meta.get("version", "")), licence(bundle, meta), sampling, notes, folders)
+
+
+def prompt_encoder(config: BundleConfig) -> str | None:
+    """The Hugging Face repository whose CLIP text model the bundle encodes prompts with (``CLIPTextModel
+    .from_pretrained("REPO", subfolder="text_encoder")``), or None."""
+    for value in config._strings(config.config):
+        match = re.search(r"CLIPTextModel\.from_pretrained\(\s*['\"]([^'\"]+)['\"]", value)
+        if match:
+            return match.group(1)
+    return None
+
+
+def clip_text_encoder(repository: str, folder: str | Path | None):
+    """The CLIP text encoder (Stable Diffusion's way of encoding) from ``folder``'s ``text_encoder/`` and
+    ``tokenizer/``, and those two folders to store with the model."""
+    from meddiff.encoders.text import load_text_encoder
+
+    if folder is None:
+        raise MeddiffError(f"this bundle encodes prompts with {repository}'s CLIP text model, which bundles do not "
+                           "hold: download its text_encoder/ and tokenizer/ folders and run meddiff import BUNDLE OUT "
+                           "--text-encoder FOLDER")
+    folder = Path(folder)
+    encoder = load_text_encoder("component:text_encoder", padded=True, folder=folder)
+    return encoder, {"text_encoder": folder / "text_encoder", "tokenizer": folder / "tokenizer"}
 
 
 def _inference_steps(config: BundleConfig) -> int | None:

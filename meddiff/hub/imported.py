@@ -30,6 +30,7 @@ class Imported:
     licence: str
     sampling: dict
     notes: list[str] = field(default_factory=list)
+    folders: dict[str, Path] = field(default_factory=dict)  # component folders copied as they are (text_encoder/)
 
     def card(self, folder: str) -> str:
         config = self.model.config
@@ -78,6 +79,8 @@ class Imported:
         shutil.rmtree(stage, ignore_errors=True)
         try:
             self.model.save_pretrained(stage)
+            for name, folder in self.folders.items():
+                shutil.copytree(folder, stage / name)
             (stage / CARD_NAME).write_text(self.card(out.name))
             if out.exists():
                 shutil.rmtree(out) if out.is_dir() else out.unlink()
@@ -87,8 +90,9 @@ class Imported:
         return out
 
 
-def read_published(source: str | os.PathLike) -> Imported:
-    """A MAISI bundle, a MONAI model-zoo bundle or a diffusers pipeline folder, by what the folder holds."""
+def read_published(source: str | os.PathLike, text_encoder: str | os.PathLike | None = None) -> Imported:
+    """A MAISI bundle, a MONAI model-zoo bundle or a diffusers pipeline folder, by what the folder holds;
+    ``text_encoder``: the CLIP text model's folder a bundle names but does not hold (``bundle.load_bundle``)."""
     from meddiff.hub import bundle, maisi
 
     source = Path(source)
@@ -97,6 +101,6 @@ def read_published(source: str | os.PathLike) -> Imported:
     if maisi.is_maisi_bundle(source):
         return maisi.imported(source)
     if bundle.bundle_config_path(source) is not None:
-        return bundle.load_bundle(source)
+        return bundle.load_bundle(source, text_encoder)
     raise MeddiffError(f"{source} is not a MONAI bundle folder (configs/inference.json) — give the bundle's folder as "
                        "downloaded")
