@@ -196,7 +196,7 @@ def test_load_pipeline_finds_bundled_models_and_prefers_a_users_folder(tmp_path,
 
     assert "mri-denoise" in bundled_models()
     bundled = load_pipeline("mri-denoise")
-    assert bundled.config.max_train_timestep and bundled.config.denoise_strength == 0.7
+    assert bundled.config.max_train_timestep and bundled.config.denoise_strength == 0.75
     monkeypatch.chdir(tmp_path)
     pipeline_for(2).save_pretrained(tmp_path / "mri-denoise")
     assert load_pipeline("mri-denoise").config.max_train_timestep is None  # the user's folder, not the bundled one

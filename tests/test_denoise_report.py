@@ -88,7 +88,7 @@ def test_cli_writes_the_report_beside_the_output_only_when_asked(tmp_path):
     assert main(argv) == 0
     report = json.loads((tmp_path / "out.nii.gz.report.json").read_text())
     assert report["output"] == "out.nii.gz" and report["output_sha256"] == file_sha256(out)
-    assert report["spec"]["strength"] == 0.7 and report["method"]["noise_sigma_from"] == "estimated"
+    assert report["spec"]["strength"] == 0.75 and report["method"]["noise_sigma_from"] == "estimated"
     assert set(report["checks"]) == CHECKS
     np.testing.assert_array_equal(load_image(out).array, load_image(plain).array)  # the report changes nothing
     assert main(argv) == 2  # an existing output is not replaced without --overwrite, the report neither
