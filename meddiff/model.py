@@ -48,7 +48,10 @@ class UNetConfig(BaseModel):
     cross_attention_dim: int | None = None
     concat_channels: int = 0
     scalar_channels: int = 0  # input channels holding the model's scalar conditions (ScalarConditioning.as_channels)
-    family: Literal["monai", "maisi"] = "monai"  # maisi: MONAI's DiffusionModelUNetMaisi (released MAISI weights)
+    # maisi: MONAI's DiffusionModelUNetMaisi (released MAISI weights); diffusers: a UNet2DConditionModel built from
+    # its published config (``diffusers``), from a diffusers pipeline folder (meddiff.nets.diffusers_nets)
+    family: Literal["monai", "maisi", "diffusers"] = "monai"
+    diffusers: dict | None = None
     include_region_inputs: bool = False  # maisi: the top and bottom body region (RegionConfig)
     include_spacing_input: bool = False  # maisi: the voxel spacing
     # MONAI's further DiffusionModelUNet arguments, at MONAI's defaults; published bundles set some of them
@@ -65,9 +68,13 @@ class UNetConfig(BaseModel):
         return 2 ** (len(self.channels) - 1)
 
     def build(self) -> torch.nn.Module:
+        if self.family == "diffusers":
+            from meddiff.nets.diffusers_nets import DiffusersUNet
+
+            return DiffusersUNet(self.diffusers or {})
         from meddiff.nets import build_unet
 
-        return build_unet(**self.model_dump())
+        return build_unet(**self.model_dump(exclude={"diffusers"}))
 
 
 class AutoencoderConfig(BaseModel):
@@ -86,7 +93,9 @@ class AutoencoderConfig(BaseModel):
     attention_levels: list[bool] = [False, False, False]
     norm_num_groups: int = 32
     with_nonlocal_attn: bool = False
-    family: Literal["monai", "maisi"] = "monai"  # maisi: MONAI's AutoencoderKlMaisi (released MAISI weights)
+    # maisi: MONAI's AutoencoderKlMaisi (released MAISI weights); diffusers: an AutoencoderKL from its config
+    family: Literal["monai", "maisi", "diffusers"] = "monai"
+    diffusers: dict | None = None
     # MONAI's further AutoencoderKL arguments, at MONAI's defaults; published bundles set some of them
     norm_eps: float = 1e-6
     include_fc: bool = True
@@ -101,9 +110,13 @@ class AutoencoderConfig(BaseModel):
         return 2 ** (len(self.channels) - 1)
 
     def build(self) -> torch.nn.Module:
+        if self.family == "diffusers":
+            from meddiff.nets.diffusers_nets import DiffusersAutoencoder
+
+            return DiffusersAutoencoder(self.diffusers or {})
         from meddiff.nets import build_autoencoder
 
-        return build_autoencoder(**self.model_dump(exclude={"scale_factor", "decode_tile"}))
+        return build_autoencoder(**self.model_dump(exclude={"scale_factor", "decode_tile", "diffusers"}))
 
 
 class ControlNetConfig(BaseModel):

@@ -1,5 +1,6 @@
-"""``meddiff import SOURCE OUT``: a published model (a MONAI model-zoo bundle, MAISI's bundle) -> a meddiff model
-folder with its card (``meddiff.hub``). Configs are read as data and weights as tensors: nothing in SOURCE runs."""
+"""``meddiff import SOURCE OUT``: a published model (a MONAI model-zoo bundle, MAISI's bundle, a diffusers pipeline
+folder) -> a meddiff model folder with its card (``meddiff.hub``). Configs are read as data and weights as tensors:
+nothing in SOURCE runs."""
 
 from __future__ import annotations
 
@@ -7,10 +8,10 @@ from meddiff.cli.export import DTYPES
 
 
 def add_parser(subparsers) -> None:
-    p = subparsers.add_parser("import", help="turn a published model (MONAI model-zoo bundle, MAISI) into a meddiff "
-                                             "model folder")
+    p = subparsers.add_parser("import", help="turn a published model (MONAI model-zoo bundle, MAISI, diffusers "
+                                             "pipeline folder) into a meddiff model folder")
     p.add_argument("source", metavar="SOURCE", help="a MONAI bundle folder as downloaded (configs/inference.json, "
-                                                    "models/*.pt)")
+                                                    "models/*.pt) or a diffusers pipeline folder (model_index.json)")
     p.add_argument("output", metavar="OUT", help="the meddiff model folder to write")
     p.add_argument("--text-encoder", metavar="FOLDER", help="for a bundle that encodes prompts with a Hugging Face "
                    "CLIP text model (the CXR generator): a folder with that model's text_encoder/ and tokenizer/")

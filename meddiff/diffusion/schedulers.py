@@ -9,6 +9,7 @@ from the image to the noise and is sampled with MONAI's ``RFlowScheduler`` (Eule
 from __future__ import annotations
 
 import functools
+import inspect
 from dataclasses import dataclass
 from types import SimpleNamespace
 
@@ -63,6 +64,10 @@ class NoiseSchedule:
     # where the sampling steps fall (diffusers' leading | linspace | trailing); None: each sampler's own default.
     # MONAI's DDIMScheduler (1.6) spaces them as linspace: imported MONAI bundles sample as they do.
     timestep_spacing: str | None = None
+    # diffusers' further DDPM-family settings (Stable Diffusion: steps_offset 1, set_alpha_to_one False); None: each
+    # sampler's own default
+    steps_offset: int | None = None
+    set_alpha_to_one: bool | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in SCHEDULE_KINDS:
@@ -131,7 +136,11 @@ class NoiseSchedule:
             config["clip_sample"] = self.clip_sample
         if self.timestep_spacing is not None:
             config["timestep_spacing"] = self.timestep_spacing
-        return cls(**config, **extra)
+        for name in ("steps_offset", "set_alpha_to_one"):
+            if getattr(self, name) is not None:
+                config[name] = getattr(self, name)
+        accepted = inspect.signature(cls.__init__).parameters  # each sampler takes the settings it knows
+        return cls(**{k: v for k, v in config.items() if k in accepted}, **extra)
 
     def check_scheduler(self, name: str) -> None:
         """Refuse an unknown scheduler name, or one this schedule's prediction type cannot use."""

@@ -93,14 +93,17 @@ class Imported:
 def read_published(source: str | os.PathLike, text_encoder: str | os.PathLike | None = None) -> Imported:
     """A MAISI bundle, a MONAI model-zoo bundle or a diffusers pipeline folder, by what the folder holds;
     ``text_encoder``: the CLIP text model's folder a bundle names but does not hold (``bundle.load_bundle``)."""
-    from meddiff.hub import bundle, maisi
+    from meddiff.hub import bundle, maisi, pipeline_folder
 
     source = Path(source)
     if not source.is_dir():
-        raise MeddiffError(f"{source} is not a folder — give a MONAI bundle folder (configs/inference.json, models/)")
+        raise MeddiffError(f"{source} is not a folder — give a MONAI bundle folder (configs/inference.json, models/) "
+                           "or a diffusers pipeline folder (model_index.json)")
+    if pipeline_folder.is_pipeline_folder(source):
+        return pipeline_folder.load_pipeline_folder(source)
     if maisi.is_maisi_bundle(source):
         return maisi.imported(source)
     if bundle.bundle_config_path(source) is not None:
         return bundle.load_bundle(source, text_encoder)
-    raise MeddiffError(f"{source} is not a MONAI bundle folder (configs/inference.json) — give the bundle's folder as "
-                       "downloaded")
+    raise MeddiffError(f"{source} is neither a MONAI bundle folder (configs/inference.json) nor a diffusers pipeline "
+                       "folder (model_index.json) — give the folder as downloaded")

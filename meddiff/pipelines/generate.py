@@ -169,9 +169,10 @@ def physical(model: DiffusionModel, x: np.ndarray) -> np.ndarray:
 
 
 def to_image(model: DiffusionModel, x: torch.Tensor) -> Image:
-    """One sample (C, *spatial) in model units -> an ``Image`` in physical units and training spacing."""
+    """One sample (C, *spatial) in model units -> an ``Image`` in physical units and training spacing. A model that
+    makes several channels (an imported Stable-Diffusion-family model's RGB) gives their mean: a grayscale image."""
     info = model.config.image
-    array = physical(model, x[0].float().cpu().numpy())
+    array = physical(model, x.float().mean(dim=0).cpu().numpy())
     spacing = list(info.spacing or [1.0] * array.ndim)
     return Image(array=array, affine=np.diag([*spacing[: array.ndim], *[1.0] * (4 - array.ndim)]),
                  modality=info.modality)
