@@ -13,10 +13,24 @@ import sys
 import threading
 
 from meddiff import __version__
-from meddiff.cli import convert, denoise, evaluate, export, fit, generate, importer, info, inpaint, manifest, send
+from meddiff.cli import (
+    convert,
+    denoise,
+    evaluate,
+    export,
+    export_bundle,
+    fit,
+    generate,
+    importer,
+    info,
+    inpaint,
+    manifest,
+    send,
+)
 from meddiff.errors import MeddiffError, first_line
 
-SUBCOMMANDS = (info, convert, manifest, fit, export, importer, generate, denoise, inpaint, evaluate, send)
+SUBCOMMANDS = (info, convert, manifest, fit, export, importer, export_bundle, generate, denoise, inpaint, evaluate,
+               send)
 
 
 class UsageError(MeddiffError):
