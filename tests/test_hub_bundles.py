@@ -13,7 +13,6 @@ from monai.networks.schedulers import DDIMScheduler, DDPMScheduler
 
 from meddiff.errors import MeddiffError
 from meddiff.hub.bundle import load_bundle
-from meddiff.hub.imported import read_published
 from meddiff.pipelines import DiffusionPipeline
 
 # configs/inference.yaml of mednist_ddpm (MIT licence), image_dim shrunk from 64
@@ -203,58 +202,6 @@ def test_import_writes_a_model_folder_with_its_card_that_generate_samples(brats,
     assert list(made.shape[: len(expected)]) == expected
     assert main(["import", str(root), str(out)]) == 2  # an existing folder is kept without --overwrite
     assert "pass --overwrite" in capsys.readouterr().err
-
-
-class Payload:
-    """Code a pickle would run on loading."""
-
-    def __reduce__(self):
-        return (print, ("the payload ran",))
-
-
-REFUSALS = {
-    "truncated checkpoint": (lambda root: (root / "models" / "model.pt").write_bytes(
-        (root / "models" / "model.pt").read_bytes()[:500]), "cannot read the bundle checkpoint"),
-    "missing component": (lambda root: (root / "models" / "model_autoencoder.pt").unlink(),
-                          "model_autoencoder.pt is missing"),
-    "shapes that do not fit": (lambda root: torch.save(
-        {k: torch.zeros(3) for k in torch.load(root / "models" / "model.pt")}, root / "models" / "model.pt"),
-        "does not fit the bundle's config"),
-    "pickle payload": (lambda root: torch.save({"weights": torch.zeros(2), "payload": Payload()},
-                                               root / "models" / "model.pt"), "never unpickles"),
-    "code in a value": (lambda root: edit(root, "network_def", "channels", "$[8, 16] + list(range(3))"),
-                        "is code"),
-    "unknown network class": (lambda root: edit(root, "network_def", "_target_", "scripts.nets.MyUNet"),
-                              "scripts.nets.MyUNet, which meddiff does not know"),
-}
-
-
-def edit(root, entry: str, key: str, value) -> None:
-    path = root / "configs" / "inference.json"
-    config = json.loads(path.read_text())
-    config[entry][key] = value
-    path.write_text(json.dumps(config))
-
-
-@pytest.mark.parametrize("case", list(REFUSALS))
-def test_a_broken_bundle_is_refused_in_one_line_and_nothing_is_written(case, tmp_path, capsys):
-    import shutil
-
-    from meddiff.cli.main import main
-
-    autoencoder = seeded(AutoencoderKL(**arguments(BRATS_2D, "autoencoder_def")), 2)
-    unet = seeded(DiffusionModelUNet(**arguments(BRATS_2D, "network_def")), 3)
-    root = write_bundle(tmp_path / "bundle", BRATS_2D, BRATS_2D_META, APACHE,
-                        {"model_autoencoder.pt": autoencoder.state_dict(), "model.pt": unet.state_dict()})
-    breaks, message = REFUSALS[case]
-    breaks(root)
-    assert main(["import", str(root), str(tmp_path / "out")]) == 2
-    err = capsys.readouterr().err.strip()
-    assert err.startswith("error:") and message in err and len(err.splitlines()) == 1
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["bundle"]
-    shutil.rmtree(root)
-    with pytest.raises(MeddiffError, match="not a folder"):
-        read_published(root)
 
 
 # configs/inference.json of brain_image_synthesis_latent_diffusion_model (UK Biobank; Apache-2.0), networks shrunk

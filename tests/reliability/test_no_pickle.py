@@ -171,10 +171,13 @@ def _maisi_bundle(work: Path, kind: str, marker: Path):
     (work / "bundle" / "configs" / "inference.json").write_text(json.dumps({
         "trained_autoencoder_path": "$@model_dir + '/autoencoder_epoch273.pt'",
         "trained_diffusion_path": "$@model_dir + '/diffusion.pt'",
-        "autoencoder_def": {"spatial_dims": 3, "in_channels": 1, "out_channels": 1, "latent_channels": 4,
+        "autoencoder_def": {"_target_": "monai.apps.generation.maisi.networks.autoencoderkl_maisi.AutoencoderKlMaisi",
+                            "spatial_dims": 3, "in_channels": 1, "out_channels": 1, "latent_channels": 4,
                             "num_channels": [8, 8], "num_res_blocks": [1, 1], "norm_num_groups": 8,
                             "attention_levels": [False, False]},
-        "diffusion_unet_def": {"spatial_dims": 3, "in_channels": 4, "out_channels": 4, "num_channels": [8, 8],
+        "diffusion_unet_def": {"_target_": "monai.apps.generation.maisi.networks.diffusion_model_unet_maisi."
+                                             "DiffusionModelUNetMaisi", "spatial_dims": 3, "in_channels": 4,
+                               "out_channels": 4, "num_channels": [8, 8],
                                "attention_levels": [False, False], "num_head_channels": [0, 0], "num_res_blocks": 1,
                                "norm_num_groups": 8},
         "noise_scheduler": {"_target_": "monai.networks.schedulers.ddpm.DDPMScheduler"},
