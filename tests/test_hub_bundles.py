@@ -200,6 +200,9 @@ def test_import_writes_a_model_folder_with_its_card_that_generate_samples(brats,
     made = nib.load(next(samples.glob("*.nii.gz")))
     expected = [side * 4 for side in settings["latent_shape"][1:]]
     assert list(made.shape[: len(expected)]) == expected
+    dicom = tmp_path / "dicom"  # the DICOM path: a derived, synthetic series
+    assert main(["generate", "--model", str(out), "-o", str(dicom), "-n", "1", "--steps", "2", "--format", "dcm"]) == 0
+    assert list(dicom.rglob("*.dcm"))
     assert main(["import", str(root), str(out)]) == 2  # an existing folder is kept without --overwrite
     assert "pass --overwrite" in capsys.readouterr().err
 
