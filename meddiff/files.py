@@ -154,3 +154,24 @@ def file_sha256(path: str | os.PathLike) -> str:
             for block in iter(lambda: fh.read(1 << 20), b""):
                 digest.update(block)
     return digest.hexdigest()
+
+
+@contextlib.contextmanager
+def staged_folder(out: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
+    """A folder written whole: the block fills the staging folder this yields, beside ``out``; it becomes ``out``
+    (replacing it only with ``overwrite``) when the block ends, and is removed if the block fails."""
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
+        raise MeddiffError(f"{out} exists — choose another folder or pass --overwrite")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    stage = out.parent / f".{out.name}.staging-{os.getpid()}"
+    shutil.rmtree(stage, ignore_errors=True)
+    stage.mkdir()
+    try:
+        yield stage
+        if out.exists():
+            shutil.rmtree(out) if out.is_dir() else out.unlink()
+        stage.rename(out)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+

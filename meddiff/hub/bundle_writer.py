@@ -14,12 +14,12 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from pathlib import Path
 
 import torch
 
 from meddiff.errors import MeddiffError
+from meddiff.files import staged_folder
 from meddiff.model import DiffusionModel
 
 SCHEMA = "https://github.com/Project-MONAI/MONAI-extra-test-data/releases/download/0.8.1/meta_schema_20240725.json"
@@ -165,16 +165,12 @@ def write_bundle(model: DiffusionModel, folder: str | os.PathLike, out: str | os
                  seed: int = 0, overwrite: bool = False) -> Path:
     """``model`` (loaded from ``folder``) as a bundle at ``out``, staged beside it and renamed when complete."""
     check_exportable(model)
-    out, folder = Path(out), Path(folder)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
-        raise MeddiffError(f"{out} exists — choose another folder or pass --overwrite")
+    folder = Path(folder)
     if not 1 <= steps <= model.config.schedule.num_train_timesteps:
         raise MeddiffError(f"--steps must be from 1 to {model.config.schedule.num_train_timesteps}, not {steps}")
-    stage = out.parent / f".{out.name}.exporting-{os.getpid()}"
-    shutil.rmtree(stage, ignore_errors=True)
-    try:
+    with staged_folder(out, overwrite) as stage:
         for part in ("configs", "models", "docs"):
-            (stage / part).mkdir(parents=True)
+            (stage / part).mkdir()
         (stage / "configs" / "inference.json").write_text(json.dumps(inference_config(model, steps, seed), indent=2))
         (stage / "configs" / "metadata.json").write_text(json.dumps(metadata(model, folder.name), indent=2))
         torch.save({k: v.float() for k, v in model.unet.state_dict().items()}, stage / "models" / "model.pt")
@@ -188,9 +184,4 @@ def write_bundle(model: DiffusionModel, folder: str | os.PathLike, out: str | os
                    f"writes `output/*_sample.nii.gz`: {steps} DDIM steps from the noise of seed {seed} (override with "
                    "`--seed S`), the image `meddiff generate --scheduler ddim --steps "
                    f"{steps} --seed S` makes from the model folder.\n")
-        if out.exists():
-            shutil.rmtree(out) if out.is_dir() else out.unlink()
-        stage.rename(out)
-    finally:
-        shutil.rmtree(stage, ignore_errors=True)
-    return out
+    return Path(out)

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from meddiff.errors import MeddiffError
+from meddiff.files import staged_folder
 from meddiff.model import DiffusionModel
 
 CARD_NAME = "README.md"
@@ -68,26 +69,15 @@ class Imported:
 
     def save(self, out: str | os.PathLike, overwrite: bool = False, dtype=None) -> Path:
         """The model folder (config.json, one safetensors per network, the card) at ``out``, written whole."""
-        out = Path(out)
-        if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
-            raise MeddiffError(f"{out} exists — choose another folder or pass --overwrite")
         if dtype is not None:
             for network in self.model.networks.values():
                 network.to(dtype)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        stage = out.parent / f".{out.name}.importing-{os.getpid()}"
-        shutil.rmtree(stage, ignore_errors=True)
-        try:
+        with staged_folder(out, overwrite) as stage:
             self.model.save_pretrained(stage)
             for name, folder in self.folders.items():
                 shutil.copytree(folder, stage / name)
-            (stage / CARD_NAME).write_text(self.card(out.name))
-            if out.exists():
-                shutil.rmtree(out) if out.is_dir() else out.unlink()
-            stage.rename(out)
-        finally:
-            shutil.rmtree(stage, ignore_errors=True)
-        return out
+            (stage / CARD_NAME).write_text(self.card(Path(out).name))
+        return Path(out)
 
 
 def read_published(source: str | os.PathLike, text_encoder: str | os.PathLike | None = None) -> Imported:
