@@ -75,6 +75,7 @@ def options():
     parser.add_argument("--families", nargs="+", default=list(FAMILIES), choices=list(FAMILIES))
     parser.add_argument("--k", type=int, default=3, help="the shorter run's steps (the longer has twice as many)")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--timeout", type=float, default=1800, help="seconds one family may take (default: 1800)")
     parser.add_argument("--family", help=argparse.SUPPRESS)  # the child process's one family
     return parser
 
@@ -182,9 +183,14 @@ def run(args) -> None:
         return
     results = []
     for name in args.families:
-        done = subprocess.run([sys.executable, "-m", "bench.hub_cost", "--family", name, "--k", str(args.k),
-                               "--threads", str(args.threads), "--out", "/dev/null"], capture_output=True, text=True,
-                              env=harness.module_env(), cwd=harness.ROOT)
+        try:
+            done = subprocess.run([sys.executable, "-m", "bench.hub_cost", "--family", name, "--k", str(args.k),
+                                   "--threads", str(args.threads), "--out", "/dev/null"], capture_output=True,
+                                  text=True, env=harness.module_env(), cwd=harness.ROOT, timeout=args.timeout)
+        except subprocess.TimeoutExpired:
+            results.append({"family": name, "error": f"did not finish within {args.timeout:g} s"})
+            print(json.dumps(results[-1]), flush=True)
+            continue
         if done.returncode != 0:
             results.append({"family": name, "error": done.stderr.strip().splitlines()[-1:]})
         else:
