@@ -84,3 +84,15 @@ def test_meddiff_generate_with_a_seed_gives_diffusers_image_for_that_seed(sd_fol
     np.testing.assert_allclose(made.squeeze(), reference, atol=1e-3)
     record = json.loads((samples / "manifest.jsonl").read_text().splitlines()[0])
     assert record["report"] == PROMPT and record["provenance"]["guidance_scale"] == 7.5
+
+
+def test_the_text_encoder_is_part_of_the_weights_hash(sd_folder, tmp_path):
+    """Provenance names the weights: a changed text encoder in an imported folder changes ``weights_sha256``."""
+    from meddiff.model import load_model
+
+    out = tmp_path / "model"
+    assert main(["import", str(sd_folder[0]), str(out)]) == 0
+    before = load_model(out).weights_sha256
+    config = out / "text_encoder" / "config.json"
+    config.write_text(config.read_text().replace('"hidden_act"', '"_note": "edited", "hidden_act"'))
+    assert load_model(out).weights_sha256 != before
