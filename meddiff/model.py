@@ -485,7 +485,7 @@ class DiffusionModel:
         model.folder = directory
         hashes = {name: _load_weights(network, directory, name) for name, network in model.networks.items()}
         if config.text_encoder is not None and config.text_encoder.spec.startswith("component:"):
-            hashes["text_encoder"] = _folder_sha256(directory / config.text_encoder.spec.removeprefix("component:"))
+            hashes["text_encoder"] = file_sha256(directory / config.text_encoder.spec.removeprefix("component:"))
         model.weights_sha256 = next(iter(hashes.values())) if len(hashes) == 1 else hashlib.sha256(
             "".join(f"{name} {digest}\n" for name, digest in sorted(hashes.items())).encode()).hexdigest()
         return model.to(device)
@@ -535,12 +535,6 @@ def _load_weights(network: torch.nn.Module, directory: Path, name: str) -> str:
               "use the config.json and weights exported together (meddiff export)")
     network.load_state_dict(state)
     return file_sha256(path)
-
-
-def _folder_sha256(folder: Path) -> str:
-    """One digest of every file in a component folder (a text encoder's weights and config), by relative name."""
-    lines = [f"{p.relative_to(folder).as_posix()} {file_sha256(p)}\n" for p in sorted(folder.rglob("*")) if p.is_file()]
-    return hashlib.sha256("".join(lines).encode()).hexdigest()
 
 
 def bundled_models() -> list[str]:

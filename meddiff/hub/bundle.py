@@ -23,7 +23,7 @@ from pathlib import Path
 import yaml
 
 from meddiff.errors import MeddiffError, first_line
-from meddiff.hub.imported import Imported
+from meddiff.hub.imported import Imported, licence_file_line
 
 CONFIG_NAMES = ("inference.json", "inference.yaml", "inference.yml")
 # The classes meddiff rebuilds, by class name, and the packages a bundle may name them from.
@@ -126,21 +126,22 @@ class BundleConfig:
     def weight_files(self) -> list[str]:
         """The checkpoint file names the config's strings mention (``'/models/model.pt'``), in order."""
         names: list[str] = []
-        for value in self._strings(self.config):
+        for value in self.strings(self.config):
             for match in re.findall(rf"([\w.-]+{WEIGHTS_SUFFIX})\b", value):
                 if match not in names:
                     names.append(match)
         return names
 
-    def _strings(self, value):
+    def strings(self, value):
+        """Every string in ``value`` (the whole config), depth first."""
         if isinstance(value, str):
             yield value
         elif isinstance(value, dict):
             for v in value.values():
-                yield from self._strings(v)
+                yield from self.strings(v)
         elif isinstance(value, list):
             for v in value:
-                yield from self._strings(v)
+                yield from self.strings(v)
 
 
 def sampler_defaults(bundle: Path) -> dict[str, float]:
@@ -287,12 +288,7 @@ def described_image(meta: dict) -> dict:
 
 def licence(bundle: Path, meta: dict) -> str:
     """The licence as the bundle states it: its LICENSE file's first line, else the metadata's field."""
-    path = bundle / "LICENSE"
-    if path.is_file():
-        lines = [line.strip() for line in path.read_text(errors="replace").splitlines() if line.strip()]
-        if lines:
-            return lines[0]
-    return str(meta.get("license", "not stated in the bundle"))
+    return licence_file_line(bundle) or str(meta.get("license", "not stated in the bundle"))
 
 
 def checkpoint_state(path: Path) -> dict:
@@ -397,13 +393,13 @@ def load_bundle(bundle: str | Path, text_encoder: str | Path | None = None) -> I
     model = DiffusionModel(model_config, text_encoder=encoder)
     for component, weights in weights_paths(bundle, config, latent).items():
         load_weights(model.networks[component], checkpoint_state(weights), f"{weights}")
-    scheduler = "ddim" if found["scheduler"][1]["_class"] == "DDIMScheduler" else "ddpm"
+    scheduler = "ddim" if scheduler_args["_class"] == "DDIMScheduler" else "ddpm"
     steps = _inference_steps(config) or (50 if scheduler == "ddim" else model_config.schedule.num_train_timesteps)
     notes = []
     if re.search(r"torch\.rand\(", str(config.config.get("noise", ""))):
         notes.append("The bundle's inference config draws its starting noise with torch.rand (uniform); meddiff "
                      "starts from Gaussian noise, what the model was trained to remove.")
-    notes.append(f"Sampling steps fall where MONAI's {found['scheduler'][1]['_class']} puts them (linspace from "
+    notes.append(f"Sampling steps fall where MONAI's {scheduler_args['_class']} puts them (linspace from "
                  f"{model_config.schedule.num_train_timesteps - 1} down to 0).")
     sampling = {"scheduler": scheduler, "steps": steps}
     if encoder is not None:
@@ -417,7 +413,7 @@ def load_bundle(bundle: str | Path, text_encoder: str | Path | None = None) -> I
 def prompt_encoder(config: BundleConfig) -> str | None:
     """The Hugging Face repository whose CLIP text model the bundle encodes prompts with (``CLIPTextModel
     .from_pretrained("REPO", subfolder="text_encoder")``), or None."""
-    for value in config._strings(config.config):
+    for value in config.strings(config.config):
         match = re.search(r"CLIPTextModel\.from_pretrained\(\s*['\"]([^'\"]+)['\"]", value)
         if match:
             return match.group(1)
@@ -440,7 +436,7 @@ def clip_text_encoder(repository: str, folder: str | Path | None):
 
 def _inference_steps(config: BundleConfig) -> int | None:
     """The step count the bundle samples with (``num_inference_steps`` in ``set_timesteps`` or its own entry)."""
-    for value in config._strings(config.config):
+    for value in config.strings(config.config):
         match = re.search(r"num_inference_steps\s*=\s*(@?\w+)", value)
         if match:
             steps = config.resolve(match.group(1), "num_inference_steps") if match.group(1).startswith("@") else \

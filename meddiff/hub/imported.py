@@ -80,6 +80,16 @@ class Imported:
         return Path(out)
 
 
+def licence_file_line(folder: Path) -> str | None:
+    """The first line of ``folder``'s LICENSE file (its licence's name), or None without one."""
+    path = folder / "LICENSE"
+    if path.is_file():
+        lines = [line.strip() for line in path.read_text(errors="replace").splitlines() if line.strip()]
+        if lines:
+            return lines[0]
+    return None
+
+
 def read_published(source: str | os.PathLike, text_encoder: str | os.PathLike | None = None) -> Imported:
     """A MAISI bundle, a MONAI model-zoo bundle or a diffusers pipeline folder, by what the folder holds;
     ``text_encoder``: the CLIP text model's folder a bundle names but does not hold (``bundle.load_bundle``)."""

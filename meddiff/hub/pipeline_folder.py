@@ -14,7 +14,7 @@ import json
 from pathlib import Path
 
 from meddiff.errors import MeddiffError, first_line
-from meddiff.hub.imported import Imported
+from meddiff.hub.imported import Imported, licence_file_line
 
 INDEX = "model_index.json"
 COMPONENTS = {"unet": ("diffusers", {"UNet2DConditionModel"}), "vae": ("diffusers", {"AutoencoderKL"}),
@@ -174,9 +174,4 @@ def _licence(folder: Path) -> str:
         for line in card.read_text(errors="replace").splitlines()[:40]:
             if line.lower().startswith("license:"):
                 return line.split(":", 1)[1].strip()
-    licence = folder / "LICENSE"
-    if licence.is_file():
-        lines = [line.strip() for line in licence.read_text(errors="replace").splitlines() if line.strip()]
-        if lines:
-            return lines[0]
-    return "not stated in the folder"
+    return licence_file_line(folder) or "not stated in the folder"
