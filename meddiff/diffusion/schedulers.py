@@ -29,6 +29,9 @@ from meddiff.errors import MeddiffError
 
 BETA_SCHEDULES = {"linear": "linear", "scaled_linear": "scaled_linear", "cosine": "squaredcos_cap_v2"}
 PREDICTION_TYPES = {"eps": "epsilon", "v": "v_prediction", "x0": "sample"}
+# the other way: a published scheduler config's names -> meddiff's
+BETA_SCHEDULE_OF = {name: ours for ours, name in BETA_SCHEDULES.items()}
+PREDICTION_OF = {name: ours for ours, name in PREDICTION_TYPES.items()}
 
 # diffusers' default timestep spacings. "trailing" (start sampling at the last training timestep)
 # was measured worse for DDIM-50 on the benchmark model (BENCHMARKS.md), so it is not forced here.

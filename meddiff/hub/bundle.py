@@ -22,6 +22,7 @@ from pathlib import Path
 
 import yaml
 
+from meddiff.diffusion.schedulers import PREDICTION_OF
 from meddiff.errors import MeddiffError, first_line
 from meddiff.hub.imported import Imported, licence_file_line
 
@@ -31,8 +32,9 @@ COMPONENT_CLASSES = {"DiffusionModelUNet": "unet", "AutoencoderKL": "autoencoder
                      "DDPMScheduler": "scheduler", "DDIMScheduler": "scheduler"}
 KNOWN_PACKAGES = ("monai.networks.nets", "monai.networks.schedulers", "generative.networks.nets",
                   "generative.networks.schedulers")
+# MONAI's scheduler names -> meddiff's (``NoiseSchedule``); its prediction types are diffusers' names
 MONAI_BETA_SCHEDULES = {"linear_beta": "linear", "scaled_linear_beta": "scaled_linear", "cosine": "cosine"}
-MONAI_PREDICTIONS = {"epsilon": "eps", "v_prediction": "v", "sample": "x0"}
+MONAI_PREDICTIONS = PREDICTION_OF
 WEIGHTS_SUFFIX = r"\.(?:pt|pth|ckpt)"
 
 

@@ -18,13 +18,14 @@ from pathlib import Path
 
 import torch
 
+from meddiff.diffusion.schedulers import PREDICTION_TYPES
 from meddiff.errors import MeddiffError
 from meddiff.files import staged_folder
+from meddiff.hub.bundle import MONAI_BETA_SCHEDULES
 from meddiff.model import DiffusionModel
 
+MONAI_SCHEDULE_NAMES = {ours: name for name, ours in MONAI_BETA_SCHEDULES.items()}
 SCHEMA = "https://github.com/Project-MONAI/MONAI-extra-test-data/releases/download/0.8.1/meta_schema_20240725.json"
-MONAI_BETA_SCHEDULES = {"linear": "linear_beta", "scaled_linear": "scaled_linear_beta", "cosine": "cosine"}
-MONAI_PREDICTIONS = {"eps": "epsilon", "v": "v_prediction", "x0": "sample"}
 UNET_ARGUMENTS = ("spatial_dims", "in_channels", "out_channels", "channels", "attention_levels", "num_res_blocks",
                   "num_head_channels", "norm_num_groups", "norm_eps", "resblock_updown", "transformer_num_layers",
                   "upcast_attention", "include_fc", "use_combined_linear")
@@ -77,10 +78,10 @@ def inference_config(model: DiffusionModel, steps: int, seed: int) -> dict:
                         "map_location=@device, weights_only=True))",
         "scheduler": {"_target_": "monai.networks.schedulers.DDIMScheduler",
                       "num_train_timesteps": schedule.num_train_timesteps,
-                      "schedule": MONAI_BETA_SCHEDULES[schedule.beta_schedule],
+                      "schedule": MONAI_SCHEDULE_NAMES[schedule.beta_schedule],
                       **({} if schedule.beta_schedule == "cosine" else {  # MONAI's cosine takes no beta range
                           "beta_start": schedule.beta_start, "beta_end": schedule.beta_end}),
-                      "prediction_type": MONAI_PREDICTIONS[schedule.prediction], "clip_sample": schedule.clip_sample},
+                      "prediction_type": PREDICTION_TYPES[schedule.prediction], "clip_sample": schedule.clip_sample},
         "set_timesteps": "$@scheduler.set_timesteps(num_inference_steps=@num_inference_steps)",
         "use_timesteps": "$setattr(@scheduler, 'timesteps', torch.tensor(@timesteps))",
         "noise": "$torch.randn(@noise_shape, generator=torch.Generator().manual_seed(@seed)).to(@device)",

@@ -19,6 +19,7 @@ import re
 from pathlib import Path
 
 from meddiff.errors import MeddiffError, first_line
+from meddiff.hub.bundle import MONAI_BETA_SCHEDULES, MONAI_PREDICTIONS, licence, metadata
 from meddiff.hub.imported import Imported
 from meddiff.model import DiffusionModel, ModelConfig
 
@@ -26,7 +27,6 @@ INFERENCE = Path("configs") / "inference.json"
 WEIGHTS = {"autoencoder": "trained_autoencoder_path", "unet": "trained_diffusion_path",
            "controlnet": "trained_controlnet_path"}
 REGIONS = ("head_neck", "chest", "abdomen", "lower")  # MAISI's body regions, in its one-hot order
-BETA_SCHEDULES = {"linear_beta": "linear", "scaled_linear_beta": "scaled_linear", "cosine": "cosine"}
 
 
 def is_maisi_bundle(path: str | Path) -> bool:
@@ -76,9 +76,9 @@ def _schedule(definition: dict) -> dict:
         return {"kind": "rflow", "prediction": "v", "num_train_timesteps": int(args.get("num_train_timesteps", 1000))}
     if not target.endswith("DDPMScheduler") and not target.endswith("DDIMScheduler"):
         raise MeddiffError(f"unknown MAISI noise scheduler {target!r} — a DDPM/DDIM or RFlow scheduler is expected")
-    prediction = {"epsilon": "eps", "v_prediction": "v", "sample": "x0"}[args.get("prediction_type", "epsilon")]
+    prediction = MONAI_PREDICTIONS[args.get("prediction_type", "epsilon")]
     return {"kind": "ddpm", "num_train_timesteps": int(args.get("num_train_timesteps", 1000)),
-            "beta_schedule": BETA_SCHEDULES[args.get("schedule", "linear_beta")], "prediction": prediction,
+            "beta_schedule": MONAI_BETA_SCHEDULES[args.get("schedule", "linear_beta")], "prediction": prediction,
             "beta_start": float(args.get("beta_start", 0.0001)), "beta_end": float(args.get("beta_end", 0.02))}
 
 
@@ -156,8 +156,6 @@ def load_maisi_bundle(bundle: str | Path) -> DiffusionModel:
 
 def imported(bundle: str | Path) -> Imported:
     """``load_maisi_bundle`` with its source, licence and published sampling, for ``meddiff import``."""
-    from meddiff.hub.bundle import licence, metadata
-
     bundle = Path(bundle)
     model = load_maisi_bundle(bundle)
     meta = metadata(bundle)

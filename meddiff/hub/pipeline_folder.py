@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from meddiff.diffusion.schedulers import BETA_SCHEDULE_OF, PREDICTION_OF
 from meddiff.errors import MeddiffError, first_line
 from meddiff.hub.imported import Imported, licence_file_line
 
@@ -24,8 +25,6 @@ UNUSED = {"safety_checker", "feature_extractor", "image_encoder"}
 SCHEDULERS = {"DDPMScheduler": "ddpm", "DDIMScheduler": "ddim", "PNDMScheduler": "pndm",
               "DPMSolverMultistepScheduler": "dpm++2m", "EulerDiscreteScheduler": "euler",
               "UniPCMultistepScheduler": "unipc"}
-BETA_SCHEDULES = {"linear": "linear", "scaled_linear": "scaled_linear", "squaredcos_cap_v2": "cosine"}
-PREDICTIONS = {"epsilon": "eps", "v_prediction": "v", "sample": "x0"}
 WEIGHT_NAMES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
 
 
@@ -100,10 +99,10 @@ def schedule(config: dict, path: Path) -> tuple[dict, str]:
         raise MeddiffError(f"{path}: a scheduler with trained_betas is not supported")
     try:
         values = {"kind": "ddpm", "num_train_timesteps": int(config.get("num_train_timesteps", 1000)),
-                  "beta_schedule": BETA_SCHEDULES[config.get("beta_schedule", "linear")],
+                  "beta_schedule": BETA_SCHEDULE_OF[config.get("beta_schedule", "linear")],
                   "beta_start": float(config.get("beta_start", 0.0001)),
                   "beta_end": float(config.get("beta_end", 0.02)),
-                  "prediction": PREDICTIONS[config.get("prediction_type", "epsilon")],
+                  "prediction": PREDICTION_OF[config.get("prediction_type", "epsilon")],
                   "clip_sample": bool(config.get("clip_sample", False)),
                   "timestep_spacing": config.get("timestep_spacing", "leading")}
     except KeyError as exc:
