@@ -484,8 +484,10 @@ class DiffusionModel:
                                f"({first_line(exc)}) — {remedy}") from None
         model.folder = directory
         hashes = {name: _load_weights(network, directory, name) for name, network in model.networks.items()}
-        if config.text_encoder is not None and config.text_encoder.spec.startswith("component:"):
-            hashes["text_encoder"] = file_sha256(directory / config.text_encoder.spec.removeprefix("component:"))
+        from meddiff.encoders.text import COMPONENT
+
+        if config.text_encoder is not None and config.text_encoder.spec.startswith(COMPONENT):
+            hashes["text_encoder"] = file_sha256(directory / config.text_encoder.spec.removeprefix(COMPONENT))
         model.weights_sha256 = next(iter(hashes.values())) if len(hashes) == 1 else hashlib.sha256(
             "".join(f"{name} {digest}\n" for name, digest in sorted(hashes.items())).encode()).hexdigest()
         return model.to(device)

@@ -74,7 +74,7 @@ def run(args) -> None:
 
     check_not_source(args.output, {"the input": args.checkpoint})
     dtype = getattr(torch, args.dtype)
-    if Path(args.checkpoint).is_dir() and bundle_config_path(args.checkpoint) is not None:  # meddiff import
+    if bundle_config_path(args.checkpoint) is not None:  # a MONAI bundle folder: meddiff import
         imported = read_published(args.checkpoint)
         out = imported.save(args.output, overwrite=args.overwrite, dtype=dtype)
         print(f"wrote {out} ({imported.kind} {imported.name}, {args.dtype}; licence: {imported.licence})")
