@@ -19,7 +19,7 @@ import os
 import re
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from meddiff.errors import MeddiffError
@@ -157,12 +157,21 @@ def file_sha256(path: str | os.PathLike) -> str:
 
 
 @contextlib.contextmanager
-def staged_folder(out: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
+def staged_folder(out: str | os.PathLike, overwrite: bool, ours: Callable[[str], bool]) -> Iterator[Path]:
     """A folder written whole: the block fills the staging folder this yields, beside ``out``; it becomes ``out``
-    (replacing it only with ``overwrite``) when the block ends, and is removed if the block fails."""
+    when the block ends, and is removed if the block fails. An existing ``out`` is replaced only with ``overwrite``
+    and only when every entry in it is one this writer makes (``ours(name)``): a folder holding anything else, or
+    a file, is refused before any work, and nothing of the user's is deleted."""
     out = Path(out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
-        raise MeddiffError(f"{out} exists — choose another folder or pass --overwrite")
+    if out.exists() and not out.is_dir():
+        raise MeddiffError(f"{out} is a file — this output is a folder: give a folder name")
+    if out.is_dir() and any(out.iterdir()):
+        if not overwrite:
+            raise MeddiffError(f"{out} exists — choose another folder or pass --overwrite")
+        foreign = sorted(entry.name for entry in out.iterdir() if not ours(entry.name))
+        if foreign:
+            raise MeddiffError(f"{out} holds files meddiff did not write ({', '.join(foreign[:5])}) — --overwrite "
+                               "replaces only what meddiff wrote: move them, or choose another folder")
     out.parent.mkdir(parents=True, exist_ok=True)
     stage = out.parent / f".{out.name}.staging-{os.getpid()}"
     shutil.rmtree(stage, ignore_errors=True)
@@ -170,8 +179,7 @@ def staged_folder(out: str | os.PathLike, overwrite: bool = False) -> Iterator[P
     try:
         yield stage
         if out.exists():
-            shutil.rmtree(out) if out.is_dir() else out.unlink()
+            shutil.rmtree(out)
         stage.rename(out)
     finally:
         shutil.rmtree(stage, ignore_errors=True)
-

@@ -24,6 +24,7 @@ from meddiff.files import staged_folder
 from meddiff.hub.bundle import MONAI_BETA_SCHEDULES
 from meddiff.model import DiffusionModel
 
+BUNDLE_PARTS = ("configs", "models", "docs")  # what export-bundle writes (not a run's output/)
 MONAI_SCHEDULE_NAMES = {ours: name for name, ours in MONAI_BETA_SCHEDULES.items()}
 SCHEMA = "https://github.com/Project-MONAI/MONAI-extra-test-data/releases/download/0.8.1/meta_schema_20240725.json"
 UNET_ARGUMENTS = ("spatial_dims", "in_channels", "out_channels", "channels", "attention_levels", "num_res_blocks",
@@ -169,8 +170,8 @@ def write_bundle(model: DiffusionModel, folder: str | os.PathLike, out: str | os
     folder = Path(folder)
     if not 1 <= steps <= model.config.schedule.num_train_timesteps:
         raise MeddiffError(f"--steps must be from 1 to {model.config.schedule.num_train_timesteps}, not {steps}")
-    with staged_folder(out, overwrite) as stage:
-        for part in ("configs", "models", "docs"):
+    with staged_folder(out, overwrite, BUNDLE_PARTS.__contains__) as stage:
+        for part in BUNDLE_PARTS:
             (stage / part).mkdir()
         (stage / "configs" / "inference.json").write_text(json.dumps(inference_config(model, steps, seed), indent=2))
         (stage / "configs" / "metadata.json").write_text(json.dumps(metadata(model, folder.name), indent=2))

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from meddiff.errors import MeddiffError
 from meddiff.files import staged_folder
-from meddiff.model import DiffusionModel
+from meddiff.model import CONFIG_NAME, LEGACY_UNET_WEIGHTS, DiffusionModel
 
 CARD_NAME = "README.md"
 
@@ -67,12 +67,16 @@ class Imported:
         ]
         return "\n".join(lines)
 
+    def writes(self, name: str) -> bool:
+        """Whether ``name`` is an entry ``save`` writes (what ``--overwrite`` may replace)."""
+        return name in {CONFIG_NAME, CARD_NAME, LEGACY_UNET_WEIGHTS, *self.folders} or name.endswith(".safetensors")
+
     def save(self, out: str | os.PathLike, overwrite: bool = False, dtype=None) -> Path:
         """The model folder (config.json, one safetensors per network, the card) at ``out``, written whole."""
         if dtype is not None:
             for network in self.model.networks.values():
                 network.to(dtype)
-        with staged_folder(out, overwrite) as stage:
+        with staged_folder(out, overwrite, self.writes) as stage:
             self.model.save_pretrained(stage)
             for name, folder in self.folders.items():
                 shutil.copytree(folder, stage / name)

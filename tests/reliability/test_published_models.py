@@ -6,7 +6,8 @@ file), ``$`` code where meddiff needs a value, an unknown network class, a text-
 text encoder. diffusers pipeline folders (the tiny Stable Diffusion of ``tests/test_hub_diffusers.py``): a custom
 pipeline's ``.py`` file, a config asking for remote code (``auto_map``), a component of another class, a missing
 component, a pickle payload in a ``.bin``. Each exits 2 with one ``error:`` line; the output folder and any staging
-folder never appear, and the marker is never created.
+folder never appear, and the marker is never created. ``--overwrite`` of ``import`` and ``export-bundle`` replaces
+only what meddiff wrote there.
 """
 
 from __future__ import annotations
@@ -119,3 +120,27 @@ def test_a_diffusers_folder_asking_for_code_or_broken_is_refused(case, sd_folder
     break_folder(folder, case, marker)
     check_refused(tmp_path, run_meddiff("import", str(folder), str(tmp_path / "out")), FOLDER_CASES[case], marker,
                   {"pipeline"})
+
+
+def test_overwrite_replaces_only_what_meddiff_wrote(tmp_path):
+    """``import --overwrite`` and ``export-bundle --overwrite`` replace their own earlier output, and refuse a folder
+    holding anything else (a user's file, a bundle's run output) or a file in its place, deleting nothing."""
+    root = brats(tmp_path / "bundle")
+    out = tmp_path / "model"
+    assert run_meddiff("import", str(root), str(out)).code == 0
+    assert run_meddiff("import", str(root), str(out), "--overwrite").code == 0  # its own folder: replaced
+    (out / "notes.txt").write_text("mine")
+    assert_clean_error(run_meddiff("import", str(root), str(out), "--overwrite"), "did not write (notes.txt)")
+    assert (out / "notes.txt").read_text() == "mine" and (out / "config.json").is_file()
+    (tmp_path / "file").write_text("mine")
+    assert_clean_error(run_meddiff("import", str(root), str(tmp_path / "file"), "--overwrite"), "is a file")
+    assert (tmp_path / "file").read_text() == "mine"
+    (out / "notes.txt").unlink()
+    exported = tmp_path / "exported"
+    assert run_meddiff("export-bundle", str(out), str(exported), "--steps", "2").code == 0
+    assert run_meddiff("export-bundle", str(out), str(exported), "--steps", "2", "--overwrite").code == 0
+    (exported / "output").mkdir()
+    (exported / "output" / "sample.nii.gz").write_bytes(b"a run's result")
+    assert_clean_error(run_meddiff("export-bundle", str(out), str(exported), "--overwrite"), "did not write (output)")
+    assert (exported / "output" / "sample.nii.gz").read_bytes() == b"a run's result"
+    assert not [p for p in tmp_path.iterdir() if ".staging-" in p.name]
