@@ -112,6 +112,21 @@ def controlnet_benchmark(model: str, folder: Path) -> dict:
     return {**out, **{key: result[key] for key in keys}}
 
 
+def upsample_benchmark(volume: str) -> Callable[[str, Path], dict]:
+    """PSNR (dB) on the removed slices of ``bench.upsample``'s ``volume`` made thick at each of its factors, the model
+    beside cubic interpolation; the headline is the model's mean."""
+
+    def run(model: str, folder: Path) -> dict:
+        from bench.upsample import model_rows
+
+        rows = model_rows(model, volume)
+        out = {f"psnr_{row['method']}_{row['factor']}x": round(row["psnr_db"], 2) for row in rows}
+        out["psnr_mean"] = round(sum(r["psnr_db"] for r in rows if r["method"] == "model") / (len(rows) / 2), 2)
+        return out
+
+    return run
+
+
 RECIPES = {
     "mri-denoise": Recipe((Stage("configs/mri_denoise_2d.yaml"),), denoise_benchmark, "validation_psnr_mean", True,
                           "foreground PSNR (dB) after `meddiff denoise` at 3/5/9 % Rician noise"),
@@ -260,7 +275,7 @@ def build(args: argparse.Namespace) -> None:
                            for stage in recipe.stages]
             new = recipe.benchmark(str(model), folder)
             shipped = None
-            if args.compare:
+            if args.compare and (MODELS_DIR / name).exists():  # a new model has nothing shipped to beat
                 (folder / "shipped").mkdir(exist_ok=True)  # the shipped model's panels
                 shipped = recipe.benchmark(str(MODELS_DIR / name), folder / "shipped")
         except RuntimeError as exc:

@@ -249,7 +249,10 @@ class ModelConfig(BaseModel):
     tile side ``denoise`` uses; ``inpaint_steps``: the steps a mask-conditioned model fills in when none are
     asked (1: its estimate of the posterior mean, what PSNR and SSIM reward; more steps draw a sharper sample);
     ``inpaint_prefill`` "biharmonic": a 2D mask-conditioned model whose condition holds the region filled by
-    biharmonic inpainting instead of 0, and that samples the residual image - prefill (``meddiff.data.masks``)."""
+    biharmonic inpainting instead of 0, and that samples the residual image - prefill (``meddiff.data.masks``);
+    ``task`` "upsample": a 2D through-plane super-resolution model whose 1 concatenated channel is a plane of thick
+    slices interpolated back (cubic), and that samples the residual thin plane - interpolation
+    (``meddiff.data.thick``)."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -263,7 +266,7 @@ class ModelConfig(BaseModel):
     controlnet: ControlNetConfig | None = None
     region: RegionConfig | None = None
     scalars: ScalarConditioning | None = None
-    task: Literal["generate", "inpaint"] = "generate"
+    task: Literal["generate", "inpaint", "upsample"] = "generate"
     max_train_timestep: int | None = None
     denoise_strength: float = 1.0
     denoise_tile: list[int] | None = None
@@ -285,6 +288,9 @@ class ModelConfig(BaseModel):
                              f"not {self.unet.concat_channels}")
         if self.inpaint_prefill is not None and (self.task != "inpaint" or self.unet.spatial_dims != 2):
             raise ValueError("inpaint_prefill is for 2D mask-conditioned models (task inpaint, a 2D unet)")
+        if self.task == "upsample" and (self.unet.concat_channels != 1 or self.unet.spatial_dims != 2):
+            raise ValueError("an upsampling model is 2D and takes 1 concatenated channel (the interpolated thick "
+                             f"slices), not a {self.unet.spatial_dims}D unet with {self.unet.concat_channels}")
         if self.schedule.kind != "ddpm" and (self.task != "generate" or self.max_train_timestep):
             raise ValueError(f"a {self.schedule.kind} model generates only (task generate, no max_train_timestep)")
         if len(self.image.shape) != self.unet.spatial_dims:

@@ -58,8 +58,9 @@ def multiframe_ct(tmp_path: Path) -> Path:
 
 
 @needs_dciodvfy
-def test_every_object_meddiff_writes_passes_the_standards_validator(tmp_path):
-    """Synthetic CT, MR and Secondary Capture; derived MR (denoise of a real scan) and CT (convert on a template)."""
+def test_every_object_meddiff_writes_passes_the_standards_validator(tmp_path, ct_series_dir):
+    """Synthetic CT, MR and Secondary Capture; derived MR (denoise of a real scan) and CT (convert on a template, and
+    upsample of a real series: new slices between the source's)."""
     mr = load_image(get_testdata_file("MR_small.dcm"))
     write_synthetic_dicom(Image(mr.array[:, :, None].repeat(3, 2), np.diag([1, 1, 2, 1.0]), "MR"),
                           tmp_path / "synthetic_mr", "test")
@@ -71,6 +72,8 @@ def test_every_object_meddiff_writes_passes_the_standards_validator(tmp_path):
     assert main(["convert", str(series), str(tmp_path / "ct.nii.gz")]) == 0
     assert main(["convert", str(tmp_path / "ct.nii.gz"), str(tmp_path / "derived_ct"), "--format", "dcm",
                  "--template", str(series)]) == 0
+    assert main(["upsample", "-i", str(ct_series_dir), "-o", str(tmp_path / "upsampled"), "--format", "dcm",
+                 "--factor", "2", "--method", "cubic"]) == 0
     ct = load_image(tmp_path / "ct.nii.gz")
     save_image(Image((ct.array > 200).astype(np.uint8), ct.affine), tmp_path / "bone.nii.gz")
     assert main(["convert", str(tmp_path / "bone.nii.gz"), str(tmp_path / "bone_seg.dcm"), "--format", "seg",
@@ -83,6 +86,8 @@ def test_every_object_meddiff_writes_passes_the_standards_validator(tmp_path):
         "MR Image Storage", "CT Image Storage", "Secondary Capture Image Storage", "Segmentation Storage"}
     for path in objects:
         assert validator_errors(path) == [], path
+    source = sorted(ct_series_dir.iterdir())[0]  # a real series: its derived slices add no error of their own
+    assert set(validator_errors(tmp_path / "upsampled" / "slice_0003.dcm")) <= set(validator_errors(source))
 
 
 def test_a_derived_series_is_a_new_series_of_the_source_study_on_its_slices(tmp_path):

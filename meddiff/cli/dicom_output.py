@@ -133,14 +133,16 @@ def provenance(description: str, differ: list[str]) -> str:
     return f"{description}; --allow-other-patient: combined with an object of another {', '.join(differ)}"
 
 
-def write(result, out: Path, args, source: str | Path, task: str, description: str) -> Path:
-    """``result`` as DICOM at ``out`` (derived from ``source`` when it is DICOM), then sent where --send says."""
+def write(result, out: Path, args, source: str | Path, task: str, description: str, resampled: bool = False) -> Path:
+    """``result`` as DICOM at ``out`` (derived from ``source`` when it is DICOM: on its grid, or with ``resampled``
+    new slices along its slice direction), then sent where --send says."""
     from meddiff.io import is_dicom_path
-    from meddiff.io.dicom_write import write_derived_dicom, write_synthetic_dicom
+    from meddiff.io.dicom_write import write_derived_dicom, write_resampled_dicom, write_synthetic_dicom
 
     if is_dicom_path(source):
-        write_derived_dicom(result, source, out, description, task, series=getattr(args, "series", None),
-                            overwrite=args.overwrite, deidentify=args.deidentify)
+        writer = write_resampled_dicom if resampled else write_derived_dicom
+        writer(result, source, out, description, task, series=getattr(args, "series", None),
+               overwrite=args.overwrite, deidentify=args.deidentify)
     else:
         write_synthetic_dicom(result, out, description, overwrite=args.overwrite, task=task)
     if getattr(args, "send", None):

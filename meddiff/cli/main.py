@@ -16,6 +16,7 @@ from meddiff import __version__
 from meddiff.cli import (
     convert,
     denoise,
+    edit,
     evaluate,
     export,
     export_bundle,
@@ -26,11 +27,12 @@ from meddiff.cli import (
     inpaint,
     manifest,
     send,
+    upsample,
 )
 from meddiff.errors import MeddiffError, first_line
 
-SUBCOMMANDS = (info, convert, manifest, fit, export, importer, export_bundle, generate, denoise, inpaint, evaluate,
-               send)
+SUBCOMMANDS = (info, convert, manifest, fit, export, importer, export_bundle, generate, denoise, inpaint, edit,
+               upsample, evaluate, send)
 
 
 class UsageError(MeddiffError):

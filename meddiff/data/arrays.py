@@ -24,6 +24,7 @@ from monai.transforms import Compose, Transform
 from scipy import ndimage
 from torch.utils.data import DataLoader, Dataset
 
+from meddiff.data import thick
 from meddiff.data.masks import CONDITION_KEY, body_mask
 from meddiff.data.transforms import NormalizeIntensityd, to_model_range
 from meddiff.errors import MeddiffError
@@ -31,6 +32,7 @@ from meddiff.files import atomic_path
 
 CT_WINDOW = (-1000.0, 1000.0)  # meddiff's CT normalisation: -1000 HU -> -1, +1000 HU -> +1
 MR_SIZE = 240  # every MR training slice fits (MNI152 at 1 mm is 197x233x189)
+CONDITIONS = (CONDITION_KEY, thick.CONDITION_KEY)  # what a condition transform may add: inpainting's, upsampling's
 PADDING_HU = -1500.0  # at or below: the scanner's padding outside its field of view (-2048 in the chest CT)
 
 
@@ -171,7 +173,7 @@ class SliceItems(Dataset):
             item["foreground"] = torch.ones_like(item["foreground"])
         self.transform.set_random_state(seed=int(rng.integers(2**31)))
         out = self.transform(item)
-        return {key: torch.as_tensor(out[key]).float() for key in ("image", CONDITION_KEY, "valid") if key in out}
+        return {key: torch.as_tensor(out[key]).float() for key in ("image", *CONDITIONS, "valid") if key in out}
 
 
 class SliceArrayDataModule(pl.LightningDataModule):
@@ -180,9 +182,9 @@ class SliceArrayDataModule(pl.LightningDataModule):
     ``downsample`` coarsens the slices by whole blocks (``coarser``: 2 turns the 1 mm MR slices into 2 mm
     ones); ``crop`` takes windows of that many voxels centred near the foreground, or whole slices without it.
     ``augment`` and ``conditions`` are MONAI dict transforms as in ``ManifestDataModule`` (keys ``image``,
-    ``foreground``, and for CT ``labels`` and ``valid``); items carry ``image`` and, where made,
-    ``inpaint_condition`` and ``valid``. No validation split: the bundled models are scored by their benchmarks
-    on held-out images instead.
+    ``foreground``, and for CT ``labels`` and ``valid``); items carry ``image`` and, where made, a condition
+    (``inpaint_condition``, ``upsample_condition``) and ``valid``. No validation split: the bundled models are
+    scored by their benchmarks on held-out images instead.
     """
 
     def __init__(self, source: str, cache: str = "runs/data", downsample: int = 1, crop: int | None = None,

@@ -187,6 +187,10 @@ class RectifiedFlowScheduler:
     def scale_model_input(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         return x
 
+    def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """``x0`` at timesteps ``t`` (one, or one per item) on the straight line to ``noise`` (a start part-way)."""
+        return self.scheduler.add_noise(x0, noise, t)
+
     def step(self, prediction: torch.Tensor, t: torch.Tensor, x: torch.Tensor) -> SimpleNamespace:
         later = self.timesteps[self.timesteps < t]
         next_t = int(later[0]) if len(later) else 0

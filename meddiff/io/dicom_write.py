@@ -48,7 +48,8 @@ log = logging.getLogger(__name__)
 
 SOP_CLASSES = {"MR": MRImageStorage, "CT": CTImageStorage}
 DERIVATIONS = {"denoise": codes.DCM.Smoothing, "inpaint": codes.DCM.ImageProcessing,
-               "convert": codes.DCM.ImageProcessing, "generate": codes.DCM.ImageProcessing}
+               "convert": codes.DCM.ImageProcessing, "generate": codes.DCM.ImageProcessing,
+               "edit": codes.DCM.ImageProcessing, "upsample": codes.DCM.ImageProcessing}
 # Pixel attributes the source's values no longer describe once its pixels are replaced.
 _STALE_PIXEL_KEYS = ("PixelData", "SmallestImagePixelValue", "LargestImagePixelValue", "SmallestPixelValueInSeries",
                      "LargestPixelValueInSeries", "PixelPaddingValue", "PixelPaddingRangeLimit", "IconImageSequence",
@@ -91,6 +92,56 @@ def write_derived_dicom(image: Image, source: str | Path, out_dir: str | Path, d
     low = float(image.array.min())
     datasets = [_derived_object(header, planes_on_source_grid(image, header, source), series_uid, number,
                                 description, task, now, scale_for, low) for _, header in slices]
+    return _write(deidentified(datasets, task) if deidentify else datasets, Path(out_dir), overwrite)
+
+
+def write_resampled_dicom(image: Image, source: str | Path, out_dir: str | Path, description: str, task: str,
+                          series: str | int | None = None, overwrite: bool = False, deidentify: bool = False) -> Path:
+    """``image``, the DICOM series ``source`` with new slices along its slice direction (``meddiff upsample``), as a
+    new series of the source's study: one file per new slice, each the header of the nearest acquired slice with
+    its own position, instance number, thickness and spacing, and both acquired slices it lies between as its
+    source images. The in-plane grid, the first slice and the slice direction must be the source's."""
+    from meddiff.io.dicom import source_slices
+
+    image.check_finite()
+    slices = source_slices(Path(source), series)
+    headers = [header for _, header in slices]
+    if any(int(h.get("NumberOfFrames") or 1) > 1 for h in headers) or len(headers) < 2:
+        raise MeddiffError(f"{source} is not a series of single-frame slices: new slices are written as a series "
+                           "of them — write NIfTI (-o OUT.nii.gz) instead")
+    array = image.array if image.array.ndim == 3 else image.array[:, :, None]
+    lps = LPS_TO_RAS @ image.affine[:3, :3]
+    first = np.asarray([float(v) for v in headers[0].ImagePositionPatient])
+    normal = np.cross(*np.asarray([float(v) for v in headers[0].ImageOrientationPatient]).reshape(2, 3))
+    along = [float(normal @ np.asarray([float(v) for v in h.ImagePositionPatient])) for h in headers]
+    step = float(np.linalg.norm(lps[:, 2]))
+    origin = LPS_TO_RAS @ image.affine[:3, 3]
+    if (np.abs(origin - first).max() > 1e-2 or abs(abs(float(normal @ lps[:, 2])) - step) > 1e-3 * step
+            or (array.shape[1], array.shape[0]) != (int(headers[0].Rows), int(headers[0].Columns))):
+        raise MeddiffError(f"the result ({image.grid}) does not add slices along the slice direction of {source}: "
+                           "write NIfTI instead")
+    series_uid, now = generate_uid(), _now()
+    number = 1000 + int(headers[0].get("SeriesNumber") or 0)
+
+    @functools.cache
+    def scale_for(slope: float, intercept: float, can_rescale: bool) -> tuple[float, float]:
+        return storage_scale(image.array, slope, intercept, can_rescale, f"the source {source}")
+
+    low, datasets = float(array.min()), []
+    for k in range(array.shape[2]):
+        position = origin + lps[:, 2] * k
+        where = float(normal @ position)
+        nearest = int(np.argmin([abs(a - where) for a in along]))
+        ds = _derived_object(headers[nearest], array[:, :, k].T[None], series_uid, number, description, task, now,
+                             scale_for, low)
+        neighbours = sorted(range(len(along)), key=lambda i: abs(along[i] - where))[:2]
+        ds.SourceImageSequence = [_derivation(headers[i], description, task).SourceImageSequence[0]
+                                  for i in sorted(neighbours)]
+        ds.ImagePositionPatient = [f"{v:.6f}" for v in position]
+        ds.SliceLocation = f"{where:.6f}"
+        ds.InstanceNumber = k + 1
+        ds.SliceThickness = ds.SpacingBetweenSlices = f"{step:.6f}"
+        datasets.append(ds)
     return _write(deidentified(datasets, task) if deidentify else datasets, Path(out_dir), overwrite)
 
 

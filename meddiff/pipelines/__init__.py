@@ -1,4 +1,5 @@
-"""Task pipelines over one loaded model: ``generate`` (and from a label map: ``controlnet``), ``denoise``, ``inpaint``.
+"""Task pipelines over one loaded model: ``generate`` (and from a label map: ``controlnet``), ``denoise``, ``inpaint``,
+``edit``, ``upsample``.
 
 Each task is a module of plain functions of a ``DiffusionModel``; ``DiffusionPipeline`` is the object a
 user holds (``meddiff.load_pipeline("mri-denoise").denoise(image)``), one short method per task.
@@ -16,11 +17,14 @@ import torch
 from meddiff.diffusion.adapt import Adaptation
 from meddiff.image import Image
 from meddiff.model import DiffusionModel, ModelConfig, load_model
-from meddiff.pipelines import controlnet, denoise, generate, inpaint
+from meddiff.pipelines import controlnet, denoise, edit, generate, inpaint
+from meddiff.pipelines import upsample as upsampling
+from meddiff.pipelines.edit import EditSpec
 from meddiff.pipelines.spec import DenoiseSpec, SamplingSpec, spec_from
+from meddiff.pipelines.upsample import UpsampleReport, UpsampleSpec
 from meddiff.pipelines.volumes import check_modality
 
-__all__ = ["DenoiseSpec", "DiffusionPipeline", "SamplingSpec", "load_pipeline"]
+__all__ = ["DenoiseSpec", "DiffusionPipeline", "EditSpec", "SamplingSpec", "UpsampleSpec", "load_pipeline"]
 
 
 class DiffusionPipeline:
@@ -111,6 +115,23 @@ class DiffusionPipeline:
             fields["steps"] = self.config.inpaint_steps  # the model's own default
         spec = spec or spec_from(inpaint.InpaintSpec, **fields)
         return inpaint.inpaint(self.model, image, mask, spec, seed, samples, prompt, batch_size, progress)
+
+    def edit(self, image: Image, spec: EditSpec | None = None, mask: Image | np.ndarray | None = None, seed: int = 0,
+             samples: int = 1, prompt: str | None = None, batch_size: int = 8, progress: bool = True,
+             **fields) -> list[Image]:
+        """``samples`` edits of ``image`` toward the prompt or class (SDEdit, ``edit.edit``): ``strength`` in (0, 1]
+        (low: close to the input; 1: the condition alone); with ``mask`` the rest of the image is kept exactly.
+        ``pipeline.edit(image, strength=0.5, prompt="...", guidance_scale=4.0)``."""
+        return edit.edit(self.model, image, spec or spec_from(EditSpec, **fields), mask, seed, samples, prompt,
+                         batch_size, progress)
+
+    def upsample(self, image: Image, spec: UpsampleSpec | None = None, batch_size: int = 8, progress: bool = True,
+                 **fields) -> tuple[Image, UpsampleReport]:
+        """Thin slices between a volume's thick ones with this super-resolution model (``upsample.upsample``;
+        ``method`` "auto" weighs it against a network trained on the scan and cubic): ``pipeline.upsample(volume,
+        factor=4)``; the image and what was done. Without a model: ``meddiff.pipelines.upsample.upsample``."""
+        check_modality(image, self.config, "super-resolution")
+        return upsampling.upsample(image, spec or spec_from(UpsampleSpec, **fields), self.model, batch_size, progress)
 
 
 def load_pipeline(name_or_dir: str | os.PathLike, device: str | torch.device = "cpu") -> DiffusionPipeline:

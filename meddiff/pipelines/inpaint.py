@@ -17,22 +17,19 @@ from __future__ import annotations
 import numpy as np
 import torch
 from scipy import ndimage
-from tqdm.auto import tqdm
 
 from meddiff.data.masks import inpaint_condition, prefilled
-from meddiff.data.transforms import CT_MODALITIES, from_model_range, to_model_range
 from meddiff.diffusion.repaint import RESAMPLABLE, RePaint
 from meddiff.diffusion.sampling import concatenated, sample_loop
 from meddiff.diffusion.tiling import pad_to, tiled_function
 from meddiff.errors import MeddiffError
 from meddiff.image import Image, grid_words
 from meddiff.model import DiffusionModel
-from meddiff.pipelines.generate import CT_RANGE, check_conditioning, check_counts, initial_noise, model_function
+from meddiff.pipelines.generate import check_conditioning, check_counts, initial_noise, model_function
 from meddiff.pipelines.spec import SamplingSpec
-from meddiff.pipelines.volumes import intensity_window, slice_axis
+from meddiff.pipelines.volumes import model_grid, remade, resized
 
 DEFAULT_MODELS = {"MR": "mri-inpaint", "CT": "ct-inpaint"}  # the bundled model of each modality
-SPACING_TOLERANCE = 0.05  # a voxel size within 5 % of the model's is used as it is
 
 
 class InpaintSpec(SamplingSpec):
@@ -67,17 +64,18 @@ def default_model(modality: str | None) -> str:
 
 
 def mask_on_grid(image: Image, mask: Image | np.ndarray, verb: str = "inpaint") -> np.ndarray:
-    """The mask as booleans of the image's spatial shape (true: fill, or denoise), or one clear line why it cannot be.
+    """The mask as booleans of the image's spatial shape (true: fill, denoise or edit), or one clear line why it
+    cannot be.
 
     A mask ``Image`` on another voxel grid is resampled onto the image's by their geometry (nearest voxel);
     a plain array must have the image's shape. A mask holds one value for "keep" (0) and one for "fill"
     (1, 255, ...): a label map or a probability map is refused, as is a mask that selects nothing, one that does
     not overlap the image, and for inpainting one that selects everything.
     """
-    acted = "filled" if verb == "inpaint" else "denoised"
+    acted = {"inpaint": "filled", "denoise": "denoised", "edit": "edited"}[verb]
     spatial = image.array.shape
     if len(spatial) == 4:
-        raise MeddiffError(f"inpaint takes a 2D image or a 3D volume, not a 4D series {spatial} "
+        raise MeddiffError(f"{verb} takes a 2D image or a 3D volume, not a 4D series {spatial} "
                            "— split it into volumes")
     if isinstance(mask, Image):
         values, affine = mask.array, mask.affine
@@ -142,58 +140,14 @@ def inpaint(model: DiffusionModel, image: Image, mask: Image | np.ndarray, spec:
     if config.unet.concat_channels and config.task != "inpaint":
         raise MeddiffError("this model takes a condition image concatenated to its input that is not a mask: "
                            "inpaint with a mask-conditioned (task inpaint), unconditional or report-conditioned model")
-    dims = config.unet.spatial_dims
-    axis = slice_axis(image) if image.array.ndim == 3 else None
-    if dims == 3 and (image.array.ndim != 3 or 1 in image.array.shape):
-        raise MeddiffError(f"this 3D model inpaints volumes; the image has shape {image.array.shape} — use a 2D model")
     prompts = None if prompt is None else [prompt]
     spec = check_conditioning(model, spec, [seed], prompts)
-    low, high = intensity_window(config, image.array)
-    whole_numbers = np.array_equal(image.array, np.round(image.array))
-    ct = (image.modality or config.image.modality or "").upper() in CT_MODALITIES
-    # a 3D model works on the region around the mask; the rest of the volume is the input as it is
-    box = _context_box(fill, image.spacing, config) if dims == 3 else (slice(None),) * fill.ndim
-    # a stack of items along a leading axis: the slices across ``axis`` for a 2D model, else the one image
-    stacked = dims == 2 and axis is not None
-    source = np.moveaxis(image.array, axis, 0) if stacked else image.array[box][None]
-    fills = np.moveaxis(fill, axis, 0) if stacked else fill[box][None]
-    spacing = [s for a, s in enumerate(image.spacing) if a != axis] if stacked else image.spacing
-    touched = np.flatnonzero(fills.reshape(len(fills), -1).any(axis=1))
-    chunks = [touched[start:start + batch_size] for start in range(0, len(touched), batch_size)]
-    conditioned = config.task == "inpaint"
-    steps_per_run = spec.steps if conditioned else len(RePaint.plan_for(spec.steps, spec.jump, spec.resample))
-    results = []
-    with tqdm(total=steps_per_run * len(chunks) * samples, desc="inpaint", unit="step", delay=2.0,
-              disable=not progress) as bar:
-        for k in range(samples):
-            result = source.copy()
-            for chunk in chunks:
-                known = to_model_range(torch.from_numpy(source[chunk]), low, high)
-                seeds = [seed + k * len(source) + int(s) for s in chunk]
-                made = _fill(model, spec, known, torch.from_numpy(~fills[chunk]), seeds, prompts, spacing,
-                             batch_size, bar.update)
-                physical = from_model_range(made.numpy(), low, high)
-                if ct:  # a fill holds tissue a scanner can store, never below air (as generate.physical)
-                    physical = np.clip(physical, *CT_RANGE)
-                if whole_numbers:  # a scan stored as integers (DICOM) gets integers, so it is stored exactly again
-                    physical = np.round(physical)
-                result[chunk] = np.where(fills[chunk], physical, source[chunk])  # outside the mask: the input itself
-            array = image.array.copy()
-            array[box] = np.moveaxis(result, 0, axis) if stacked else result[0]
-            results.append(Image(array, image.affine.copy(), image.modality, dict(image.meta)))
-    return results
+    steps = spec.steps if config.task == "inpaint" else len(RePaint.plan_for(spec.steps, spec.jump, spec.resample))
 
+    def make(known, keep, seeds, spacing, on_step):
+        return _fill(model, spec, known, keep, seeds, prompts, spacing, batch_size, on_step)
 
-def _context_box(fill: np.ndarray, spacing, config) -> tuple[slice, ...]:
-    """The mask's bounding box widened on every side by half the model's training extent (in mm, as voxels of
-    the image), clipped to the volume."""
-    model_spacing = config.image.spacing or spacing
-    box = []
-    for axis, indices in enumerate(np.nonzero(fill)):
-        low, high = int(indices.min()), int(indices.max())
-        margin = int(np.ceil(config.image.shape[axis] * model_spacing[axis] / spacing[axis] / 2))
-        box.append(slice(max(0, low - margin), min(fill.shape[axis], high + 1 + margin)))
-    return tuple(box)
+    return remade(model, image, fill, samples, seed, batch_size, make, steps, "inpaint", progress)
 
 
 def _fill(model: DiffusionModel, spec: InpaintSpec, known: torch.Tensor, keep: torch.Tensor, seeds: list[int],
@@ -205,20 +159,11 @@ def _fill(model: DiffusionModel, spec: InpaintSpec, known: torch.Tensor, keep: t
     (resized back): a network that predicts no residual returns the classical fill."""
     config = model.config
     spatial = tuple(known.shape[1:])
-    factors = [1.0] * len(spatial)
-    if config.image.spacing:
-        factors = [s / m for s, m in zip(spacing, config.image.spacing, strict=True)]
-        factors = [1.0 if abs(f - 1.0) <= SPACING_TOLERANCE else f for f in factors]
-    resized = tuple(max(1, round(n * f)) for n, f in zip(spatial, factors, strict=True))
+    resized_grid, padded = model_grid(spatial, spacing, config)
     fill_in = prefilled(known.float(), ~keep) if config.inpaint_prefill else None  # on the input's own grid
-    x0 = (known if fill_in is None else fill_in)[:, None].float()
-    hold = keep[:, None].float()
-    if resized != spatial:  # to the model's voxel size: what it learnt anatomy at
-        mode = "bilinear" if len(spatial) == 2 else "trilinear"
-        x0 = torch.nn.functional.interpolate(x0, size=resized, mode=mode, align_corners=False)
-        hold = torch.nn.functional.interpolate(hold, size=resized, mode="area")
+    x0 = resized((known if fill_in is None else fill_in)[:, None].float(), resized_grid)  # to the model's voxel size
+    hold = resized(keep[:, None].float(), resized_grid, area=True)
     multiple = config.unet.size_multiple
-    padded = [-(-n // multiple) * multiple for n in resized]
     x0, hold = pad_to(x0, padded), pad_to(hold, padded)
     device = model.device
     x0, kept = x0.to(device), (hold >= 1.0).to(device)  # a voxel partly to fill is filled
@@ -246,8 +191,5 @@ def _fill(model: DiffusionModel, spec: InpaintSpec, known: torch.Tensor, keep: t
         repaint = RePaint(x0, kept, sampler, spec.jump, spec.resample, generators)
         x = sample_loop(function, noise, sampler, repaint.timesteps, generators,
                         [repaint, progress])
-    x = x[(slice(None), slice(None), *[slice(0, n) for n in resized])].float().cpu()
-    if resized != spatial:
-        x = torch.nn.functional.interpolate(x, size=spatial, mode="bilinear" if len(spatial) == 2 else "trilinear",
-                                            align_corners=False)
+    x = resized(x[(slice(None), slice(None), *[slice(0, n) for n in resized_grid])].float().cpu(), spatial)
     return x[:, 0] if fill_in is None else fill_in + x[:, 0]

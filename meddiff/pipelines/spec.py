@@ -33,7 +33,7 @@ class SamplingSpec(BaseModel):
         """
         if not config.generates:
             raise MeddiffError("this model was trained on low noise levels only (a denoising prior): "
-                               "it denoises images but cannot generate or inpaint them")
+                               "it denoises images but cannot generate, inpaint or edit them")
         train_steps = config.schedule.num_train_timesteps
         if isinstance(self.steps, bool) or not 1 <= self.steps <= train_steps:
             raise MeddiffError(f"--steps must be a whole number from 1 to {train_steps} "

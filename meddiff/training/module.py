@@ -140,7 +140,9 @@ class DiffusionModule(SeededEMATraining):
     starts from the noise level of a scan) spends its whole capacity there but cannot generate.
     An inpainting model's loss weighs voxels outside the mask (the last condition channel) by
     ``outside_mask_weight``: the region to fill is what it must learn, outside it the input is kept anyway.
-    With ``conditioning.prefill`` it learns x0 = image - prefill (the condition's first channel), the residual.
+    With ``conditioning.prefill`` it learns x0 = image - prefill (the condition's first channel), the residual;
+    ``task`` "upsample" (a through-plane super-resolution model, ``meddiff upsample``) likewise learns
+    image - condition, the thin slice minus its thick slices interpolated back (``meddiff.data.thick``).
     ``valid_key`` names a batch entry that is 0 where the image holds no data (a CT's padding outside the
     scanner's field of view): those voxels never enter the loss. ``autoencoder`` (a first-stage folder,
     ``AutoencoderModule``'s ``export_dir``, or a latent model folder) makes a latent model: the frozen encoder
@@ -180,8 +182,12 @@ class DiffusionModule(SeededEMATraining):
         inference = typed(Inference, inference, "inference")
         if (unet.concat_channels > 0) != (conditioning.concat_key is not None):
             raise MeddiffError("unet.concat_channels and conditioning.concat_key go together: set both or neither")
-        if task not in ("generate", "inpaint"):
-            raise MeddiffError(f"task must be generate or inpaint, not {task!r}")
+        if task not in ("generate", "inpaint", "upsample"):
+            raise MeddiffError(f"task must be generate, inpaint or upsample, not {task!r}")
+        if task == "upsample" and (unet.concat_channels != 1 or unet.spatial_dims != 2):
+            raise MeddiffError("task upsample is a 2D model with unet.concat_channels 1 (the thick slices "
+                               "interpolated back: conditioning.concat_key upsample_condition, made by "
+                               "meddiff.data.thick.RandThickSlicesd)")
         if task == "inpaint" and unet.concat_channels != 2:
             raise MeddiffError("task inpaint takes unet.concat_channels 2 (the masked image and the mask: "
                                "conditioning.concat_key inpaint_condition, made by "
@@ -300,7 +306,8 @@ class DiffusionModule(SeededEMATraining):
         x0 = batch["image"]
         if self.autoencoder_folder is not None:
             x0 = self.latents(batch, float(self.latent_scale))
-        if self.conditioning.prefill is not None:  # the residual: what the classical fill (channel 0) misses
+        if self.conditioning.prefill is not None or self.hparams.task == "upsample":
+            # the residual: what the classical answer (the condition's channel 0: a fill, an interpolation) misses
             x0 = x0 - batch[self.conditioning.concat_key][:, :1].to(x0.dtype)
         noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
         t = self.schedule.draw_timesteps(x0.shape[0], generator, x0.device, self.hparams.max_train_timestep)

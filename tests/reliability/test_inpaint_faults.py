@@ -96,7 +96,7 @@ def test_refused_in_one_line_and_nothing_written(case, tiny_model, workdir):
 def test_a_denoising_prior_is_refused(prior, workdir):
     write_inputs(workdir)
     before = Snapshot(workdir)
-    assert_clean_error(run_meddiff(*inpaint_args(prior, [])), "low noise levels only", "cannot generate or inpaint")
+    assert_clean_error(run_meddiff(*inpaint_args(prior, [])), "low noise levels only", "cannot generate, inpaint")
     before.assert_unchanged()
 
 
