@@ -35,10 +35,10 @@ docs: $(STAMP)
 
 # Retrain the bundled models from their recipes (configs/), export them in float16 and benchmark them against the
 # shipped ones: runs/models/NAME/model with its card, runs/models/summary.json. Never touches meddiff/models.
-# MODELS: some of mri-denoise mri-inpaint ct-inpaint mri-t1-2d ct-chest-2d (default: all); MINUTES: time per model
+# MODELS: some of mri-denoise mri-inpaint ct-inpaint mri-upsample ct-upsample mri-t1-2d ct-chest-2d (default: all); MINUTES: time per model
 # (default: the budgets the configs state, sized for one H200); DEVICE: cpu or cuda. On a machine whose Python
 # already has meddiff's dependencies and no package index (a GPU node): make models DEVICE=cuda PY=python3 STAMP=
-MODELS ?= mri-denoise mri-inpaint ct-inpaint mri-t1-2d ct-chest-2d
+MODELS ?= mri-denoise mri-inpaint ct-inpaint mri-upsample ct-upsample mri-t1-2d ct-chest-2d
 MINUTES ?=
 DEVICE ?= cpu
 OUT ?= runs/models

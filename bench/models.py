@@ -134,6 +134,11 @@ RECIPES = {
                           "BraTS local-synthesis PSNR (dB) inside 1/5/15 % masks of the held-out T1 slice"),
     "ct-inpaint": Recipe((Stage("configs/ct_inpaint_2d.yaml"),), inpaint_benchmark("CT"), "psnr_mean", True,
                          "BraTS local-synthesis PSNR (dB) inside 1/5/15 % masks of three held-out chest CT slices"),
+    "mri-upsample": Recipe((Stage("configs/mri_upsample_2d.yaml"),), upsample_benchmark("example4d EPI"),
+                           "psnr_mean", True, "PSNR (dB) of the removed slices of a brain EPI made 2x and 4x thick"),
+    "ct-upsample": Recipe((Stage("configs/ct_upsample_2d.yaml"),), upsample_benchmark("chest CT test slab"),
+                          "psnr_mean", True, "PSNR (dB) of the removed slices of the held-out chest CT slab made 5 "
+                          "and 10 mm thick"),
     "mri-t1-2d": Recipe((Stage("configs/mri_generator_2d.yaml"),), generator_benchmark, "fid", False,
                         "FID (meddiff_mri features) of 64 generated slices against held-out MNI152 slices"),
     "ct-chest-2d": Recipe(

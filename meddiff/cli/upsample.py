@@ -49,7 +49,7 @@ def add_parser(subparsers) -> None:
 
 
 def run(args) -> None:
-    from meddiff.io import load_image, save_image
+    from meddiff.io import is_dicom_path, load_image, save_image
     from meddiff.pipelines.spec import spec_from
     from meddiff.pipelines.upsample import UpsampleSpec, check_upsampling_model, default_model, output_grid, upsample
 
@@ -71,6 +71,9 @@ def run(args) -> None:
         if dicom and full_suffix(Path(args.output)) == ".dcm":
             raise MeddiffError(f"{args.output}: the result is a series of {grid.size} DICOM objects, written as a "
                                "folder — give -o a folder name without .dcm")
+        if dicom and is_dicom_path(args.input) and grid.axis != 2:  # a DICOM series' slices lie along axis 2
+            raise MeddiffError(f"the thickest voxel side of {args.input} lies within its slices ({image.grid}): new "
+                               "slices would not lie along the series' slice direction — write NIfTI instead")
         model = None
         if args.method in ("auto", "model"):
             name = args.model or default_model(image.modality)

@@ -39,7 +39,7 @@ from meddiff.errors import MeddiffError
 from meddiff.image import Image
 from meddiff.model import DiffusionModel
 from meddiff.pipelines.generate import CT_RANGE, initial_noise, model_function
-from meddiff.pipelines.spec import SamplingSpec
+from meddiff.pipelines.spec import SamplingSpec, spec_from
 from meddiff.pipelines.volumes import MODALITY_FAMILIES, slice_axis
 
 DEFAULT_MODELS = {"MR": "mri-upsample", "CT": "ct-upsample"}  # the bundled model of each modality
@@ -169,9 +169,10 @@ def _window(image: Image, model: DiffusionModel | None) -> tuple[float, float]:
 
 
 def upsample(image: Image, spec: UpsampleSpec | None = None, model: DiffusionModel | None = None,
-             batch_size: int = 8, progress: bool = True) -> tuple[Image, UpsampleReport]:
-    """``image`` with new slices between its own (see the module docstring), and what was done."""
-    spec = spec or UpsampleSpec()
+             batch_size: int = 8, progress: bool = True, **fields) -> tuple[Image, UpsampleReport]:
+    """``image`` with new slices between its own (see the module docstring), and what was done. Options are an
+    ``UpsampleSpec`` or its fields as keywords: ``upsample(volume, factor=4, method="self")``."""
+    spec = spec or spec_from(UpsampleSpec, **fields)
     image.check_finite()
     grid = output_grid(image, spec)
     if spec.method == "model" and model is None:

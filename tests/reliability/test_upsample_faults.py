@@ -21,10 +21,12 @@ THICK = np.diag([1.0, 1.0, 4.0, 1.0])  # 1 mm in-plane, slices 4 mm apart
 
 
 def write_inputs(work: Path) -> None:
-    """A thick-slice MR volume, a 2D slice, one with anisotropic in-plane voxels, and one with NaN voxels."""
+    """A thick-slice MR volume (and the same naming no modality), a 2D slice, one with anisotropic in-plane voxels,
+    and one with NaN voxels."""
     rng = np.random.default_rng(0)
     volume = rng.random((24, 24, 6), dtype=np.float32) * 100
     save_image(Image(volume, THICK, "MR"), work / "thick.nii.gz")
+    save_image(Image(volume, THICK, None), work / "unnamed.nii.gz")  # no modality: no bundled model to pick
     save_image(Image(volume[:, :, 0], np.eye(4), "MR"), work / "slice.nii.gz")
     save_image(Image(volume, np.diag([0.7, 1.0, 4.0, 1.0]), "MR"), work / "anisotropic.nii.gz")
     volume[3:5, 3:5, 2] = np.nan
@@ -51,7 +53,7 @@ CASES = {
     "--batch-size 0": (["--batch-size", "0"], "--batch-size"),
     "a denoising prior as the model": (["--model", "mri-denoise"], "not upsample"),
     "a model with --method self": (["--method", "self", "--model", "mri-denoise"], "uses no model"),
-    "--method model with no model": (["--method", "model"], "needs a model"),
+    "--method model with no model": (["-i", "unnamed.nii.gz", "--method", "model"], "needs a model"),
     "no such model": (["--model", "no-such-model"], "no model"),
     "unwritable suffix": (["-o", "out.xyz"], "cannot write"),
     "output is the input": (["-o", "thick.nii.gz"], "is the input"),
@@ -73,4 +75,16 @@ def test_refused_in_one_line_and_nothing_written(case, workdir):
     before = Snapshot(workdir)
     assert_clean_error(run_meddiff("upsample", *[part for item in options.items() for part in item], *flags),
                        fragment)
+    before.assert_unchanged()
+
+
+def test_a_series_whose_thickest_side_lies_within_its_slices_is_not_written_as_dicom(workdir):
+    from meddiff.io.dicom_write import write_synthetic_dicom
+
+    rng = np.random.default_rng(1)
+    write_synthetic_dicom(Image(rng.random((12, 24, 24), dtype=np.float32) * 100, np.diag([4.0, 2.0, 2.0, 1.0]),
+                                "MR"), workdir / "series", "test series")
+    before = Snapshot(workdir)
+    assert_clean_error(run_meddiff("upsample", "-i", "series", "-o", "thin", "--format", "dcm", "--factor", "2",
+                                   "--method", "cubic"), "within its slices")
     before.assert_unchanged()
