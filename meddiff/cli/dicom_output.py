@@ -43,6 +43,18 @@ def wants_dicom(args, output: str) -> bool:
     return args.format in ("dcm", "seg") or full_suffix(output) == ".dcm"
 
 
+def check_output_kind(args, verb: str) -> bool:
+    """Whether ``-o`` is DICOM; an output suffix no writer takes is refused in one line, before any work."""
+    from meddiff.io import WRITE_SUFFIXES
+
+    dicom = wants_dicom(args, args.output)
+    suffix = full_suffix(Path(args.output))
+    if not dicom and suffix not in WRITE_SUFFIXES:
+        raise MeddiffError(f"{args.output}: cannot write '{suffix}' "
+                           f"— meddiff {verb} writes {', '.join(WRITE_SUFFIXES)}, or DICOM with --format dcm")
+    return dicom
+
+
 @contextlib.contextmanager
 def guarded(args, outputs: list[Path], sources: Mapping[str, str | None]) -> Iterator[bool]:
     """Check the outputs before any work and hold their locks for the block; yields whether they are DICOM.

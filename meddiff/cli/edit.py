@@ -17,10 +17,7 @@ from pathlib import Path
 
 from meddiff.cli import dicom_output
 from meddiff.cli.bounds import SEED_MAX, check_seed
-from meddiff.cli.inpaint import MAX_SAMPLES, output_paths
-from meddiff.errors import MeddiffError
-from meddiff.files import full_suffix
-from meddiff.io import WRITE_SUFFIXES
+from meddiff.cli.inpaint import MAX_SAMPLES, check_samples, output_paths
 
 
 def add_parser(subparsers) -> None:
@@ -85,15 +82,9 @@ def run(args) -> None:
     from meddiff.pipelines.inpaint import mask_on_grid
     from meddiff.pipelines.spec import spec_from
 
-    dicom = dicom_output.wants_dicom(args, args.output)
-    suffix = full_suffix(Path(args.output))
-    if not dicom and suffix not in WRITE_SUFFIXES:
-        raise MeddiffError(f"{args.output}: cannot write '{suffix}' "
-                           f"— meddiff edit writes {', '.join(WRITE_SUFFIXES)}, or DICOM with --format dcm")
+    dicom = dicom_output.check_output_kind(args, "edit")
     check_seed(args.seed)
-    if not 1 <= args.samples <= MAX_SAMPLES:
-        raise MeddiffError(f"--samples must be 1 to {MAX_SAMPLES}, not {args.samples} — run again with another --seed "
-                           "for more")
+    check_samples(args.samples)
     spec = spec_from(EditSpec, strength=args.strength, steps=args.steps, scheduler=args.scheduler,
                      class_label=args.class_label, guidance_scale=args.guidance_scale,
                      negative_prompt=args.negative_prompt)
@@ -130,9 +121,9 @@ def run(args) -> None:
                 save_image(result, out, overwrite=args.overwrite)
                 provenance = {"task": "edit", "model": args.model, "weights_sha256": weights, **spec.model_dump(),
                               "seed": args.seed, "sample": k + 1, "prompt": args.prompt,
-                              "input": Path(args.input).name, "input_sha256": input_sha256,
-                              "mask": None if args.mask is None else Path(args.mask).name, "mask_sha256": mask_sha256,
-                              "output": out.name, "output_sha256": file_sha256(out), "meddiff": __version__}
+                              # hashes, not file names: a scan's file name may carry the patient's name
+                              "input_sha256": input_sha256, "mask_sha256": mask_sha256,
+                              "output_sha256": file_sha256(out), "meddiff": __version__}
                 with locked_atomic_path(record_path(out), args.overwrite) as tmp:
                     tmp.write_text(json.dumps(provenance, indent=1) + "\n")
             print(f"wrote {out} ({' x '.join(map(str, result.array.shape))})")

@@ -17,7 +17,6 @@ from meddiff.cli import dicom_output
 from meddiff.cli.bounds import SEED_MAX, check_seed
 from meddiff.errors import MeddiffError
 from meddiff.files import full_suffix
-from meddiff.io import WRITE_SUFFIXES
 
 MAX_SAMPLES = 100  # fills per run: each is a full sampling of the region; more is a loop over --seed
 
@@ -64,6 +63,13 @@ def add_parser(subparsers) -> None:
                                          "interrupt came while they were saved (see which -o files exist)")
 
 
+def check_samples(samples: int) -> None:
+    """``--samples`` of a verb that writes one output per sample (inpaint, edit): 1 to ``MAX_SAMPLES``."""
+    if not 1 <= samples <= MAX_SAMPLES:
+        raise MeddiffError(f"--samples must be 1 to {MAX_SAMPLES}, not {samples} — run again with another --seed "
+                           "for more")
+
+
 def output_paths(output: str, samples: int) -> list[Path]:
     """OUT for one sample, else OUT_1, OUT_2, ... (the number before the full suffix)."""
     path = Path(output)
@@ -80,15 +86,9 @@ def run(args) -> None:
     from meddiff.pipelines import load_pipeline
     from meddiff.pipelines.inpaint import default_model, mask_on_grid
 
-    dicom = dicom_output.wants_dicom(args, args.output)
-    suffix = full_suffix(Path(args.output))
-    if not dicom and suffix not in WRITE_SUFFIXES:
-        raise MeddiffError(f"{args.output}: cannot write '{suffix}' "
-                           f"— meddiff inpaint writes {', '.join(WRITE_SUFFIXES)}, or DICOM with --format dcm")
+    dicom = dicom_output.check_output_kind(args, "inpaint")
     check_seed(args.seed)
-    if not 1 <= args.samples <= MAX_SAMPLES:
-        raise MeddiffError(f"--samples must be 1 to {MAX_SAMPLES}, not {args.samples} — run again with another --seed "
-                           "for more")
+    check_samples(args.samples)
     outputs = output_paths(args.output, args.samples)
     sources = {"the input": args.input, "the mask": args.mask}
     with dicom_output.guarded(args, outputs, sources):  # before minutes of work, not after; the outputs locked

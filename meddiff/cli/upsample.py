@@ -13,7 +13,6 @@ from pathlib import Path
 from meddiff.cli import dicom_output
 from meddiff.errors import MeddiffError
 from meddiff.files import full_suffix
-from meddiff.io import WRITE_SUFFIXES
 
 
 def add_parser(subparsers) -> None:
@@ -53,11 +52,7 @@ def run(args) -> None:
     from meddiff.pipelines.spec import spec_from
     from meddiff.pipelines.upsample import UpsampleSpec, check_upsampling_model, default_model, output_grid, upsample
 
-    dicom = dicom_output.wants_dicom(args, args.output)
-    suffix = full_suffix(Path(args.output))
-    if not dicom and suffix not in WRITE_SUFFIXES:
-        raise MeddiffError(f"{args.output}: cannot write '{suffix}' "
-                           f"— meddiff upsample writes {', '.join(WRITE_SUFFIXES)}, or DICOM with --format dcm")
+    dicom = dicom_output.check_output_kind(args, "upsample")
     fields = {"spacing": args.spacing, "factor": args.factor, "method": args.method, "thickness": args.thickness,
               "steps": args.steps, "seed": args.seed}
     if args.self_steps is not None:

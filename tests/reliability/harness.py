@@ -93,6 +93,18 @@ class Snapshot:
             assert not unexpected, f"{kind}: {unexpected}"
 
 
+def verb_args(verb: str, defaults: dict[str, str], changes: list[str]) -> list[str]:
+    """``meddiff VERB``'s arguments: ``defaults`` (option -> value), each replaced where ``changes`` (a flat list of
+    option, value pairs) names it, the other changes appended."""
+    options, extra = dict(defaults), []
+    for name, value in zip(changes[::2], changes[1::2], strict=True):
+        if name in options:
+            options[name] = value
+        else:
+            extra += [name, value]
+    return [verb, *[part for item in options.items() for part in item], *extra]
+
+
 TINY_UNET = dict(channels=(16, 32), attention_levels=(False, True), num_head_channels=16, norm_num_groups=16)
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
-from harness import Snapshot, assert_clean_error, run_meddiff
+from harness import Snapshot, assert_clean_error, run_meddiff, verb_args
 
 from meddiff import Image
 from meddiff.io import save_image
@@ -63,14 +63,8 @@ CASES = {
 
 
 def edit_args(model: Path, changes: list[str]) -> list[str]:
-    options = {"-i": "img.nii.gz", "-o": "out.nii.gz", "--model": str(model), "--strength": "0.5", "--steps": "2"}
-    flags = []
-    for name, value in zip(changes[::2], changes[1::2], strict=True):
-        if name in options:
-            options[name] = value
-        else:
-            flags += [name, value]
-    return ["edit", *[part for item in options.items() for part in item], *flags]
+    defaults = {"-i": "img.nii.gz", "-o": "out.nii.gz", "--model": str(model), "--strength": "0.5", "--steps": "2"}
+    return verb_args("edit", defaults, changes)
 
 
 @pytest.mark.parametrize("case", list(CASES))

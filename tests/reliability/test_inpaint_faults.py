@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from harness import Snapshot, assert_clean_error, run_meddiff, tiny_model_dir
+from harness import Snapshot, assert_clean_error, run_meddiff, tiny_model_dir, verb_args
 
 from meddiff import Image
 from meddiff.io import save_image
@@ -74,14 +74,8 @@ CASES = {
 
 
 def inpaint_args(model: Path, changes: list[str]) -> list[str]:
-    options = {"-i": "img.nii.gz", "--mask": "good.nii.gz", "-o": "out.nii.gz", "--model": str(model), "--steps": "2"}
-    flags = []
-    for name, value in zip(changes[::2], changes[1::2], strict=True):
-        if name in options:
-            options[name] = value
-        else:
-            flags += [name, value]
-    return ["inpaint", *[part for item in options.items() for part in item], *flags]
+    defaults = {"-i": "img.nii.gz", "--mask": "good.nii.gz", "-o": "out.nii.gz", "--model": str(model), "--steps": "2"}
+    return verb_args("inpaint", defaults, changes)
 
 
 @pytest.mark.parametrize("case", list(CASES))

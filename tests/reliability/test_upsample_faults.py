@@ -12,7 +12,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
-from harness import Snapshot, assert_clean_error, run_meddiff
+from harness import Snapshot, assert_clean_error, run_meddiff, verb_args
 
 from meddiff import Image
 from meddiff.io import save_image
@@ -65,15 +65,8 @@ CASES = {
 def test_refused_in_one_line_and_nothing_written(case, workdir):
     changes, fragment = CASES[case]
     write_inputs(workdir)
-    options = {"-i": "thick.nii.gz", "-o": "out.nii.gz"}
-    flags = []
-    for name, value in zip(changes[::2], changes[1::2], strict=True):
-        if name in options:
-            options[name] = value
-        else:
-            flags += [name, value]
     before = Snapshot(workdir)
-    assert_clean_error(run_meddiff("upsample", *[part for item in options.items() for part in item], *flags),
+    assert_clean_error(run_meddiff(*verb_args("upsample", {"-i": "thick.nii.gz", "-o": "out.nii.gz"}, changes)),
                        fragment)
     before.assert_unchanged()
 
