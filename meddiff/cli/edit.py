@@ -17,7 +17,7 @@ from pathlib import Path
 
 from meddiff.cli import dicom_output
 from meddiff.cli.bounds import SEED_MAX, check_seed
-from meddiff.cli.inpaint import MAX_SAMPLES, check_samples, output_paths
+from meddiff.cli.inpaint import MAX_SAMPLES, add_conditioned_options, check_samples, output_paths
 
 
 def add_parser(subparsers) -> None:
@@ -43,15 +43,7 @@ def add_parser(subparsers) -> None:
                    help=f"edits to make, 1 to {MAX_SAMPLES}; OUT gets _1, _2, ... before its suffix when more than 1")
     p.add_argument("--seed", type=int, default=0,
                    help=f"sample k of slice s (of S slices) uses seed + k * S + s; 0 .. {SEED_MAX}")
-    p.add_argument("--prompt", help="report text to edit toward (report-conditioned models)")
-    p.add_argument("--guidance-scale", type=float, default=1.0, help="classifier-free guidance with --prompt")
-    p.add_argument("--negative-prompt", default="", help="report to steer away from (default: the empty report)")
-    p.add_argument("--class-label", type=int, help="class to edit toward (class-conditioned models)")
-    p.add_argument("--batch-size", type=int, default=8, help="slices (or tiles) per network call")
-    p.add_argument("--series", help="series UID or number when a DICOM folder holds several")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--overwrite", action="store_true")
-    dicom_output.add_options(p)
+    add_conditioned_options(p)
     p.set_defaults(func=run, resume_hint="edits are written only once all are made: none was written, unless the "
                                          "interrupt came while they were saved (see which -o files exist)")
 

@@ -50,17 +50,23 @@ def add_parser(subparsers) -> None:
                    help=f"fills to make, 1 to {MAX_SAMPLES}; OUT gets _1, _2, ... before its suffix when more than 1")
     p.add_argument("--seed", type=int, default=0,
                    help=f"sample k of slice s (of S slices) uses seed + k * S + s; 0 .. {SEED_MAX}")
-    p.add_argument("--prompt", help="report text (report-conditioned models)")
+    add_conditioned_options(p)
+    p.set_defaults(func=run, resume_hint="fills are written only once all are made: none was written, unless the "
+                                         "interrupt came while they were saved (see which -o files exist)")
+
+
+def add_conditioned_options(p) -> None:
+    """The options of a verb that samples a scan with a model's own conditioning (inpaint, edit): report and
+    guidance, class, batch, series, device, overwrite and DICOM output."""
+    p.add_argument("--prompt", help="report text to sample toward (report-conditioned models)")
     p.add_argument("--guidance-scale", type=float, default=1.0, help="classifier-free guidance with --prompt")
     p.add_argument("--negative-prompt", default="", help="report to steer away from (default: the empty report)")
-    p.add_argument("--class-label", type=int, help="class for class-conditioned models")
+    p.add_argument("--class-label", type=int, help="class to sample toward (class-conditioned models)")
     p.add_argument("--batch-size", type=int, default=8, help="slices (or tiles) per network call")
     p.add_argument("--series", help="series UID or number when a DICOM folder holds several")
     p.add_argument("--device", default="cpu")
     p.add_argument("--overwrite", action="store_true")
     dicom_output.add_options(p)
-    p.set_defaults(func=run, resume_hint="fills are written only once all are made: none was written, unless the "
-                                         "interrupt came while they were saved (see which -o files exist)")
 
 
 def check_samples(samples: int) -> None:
