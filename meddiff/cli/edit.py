@@ -12,12 +12,17 @@ before sampling starts; outputs are written whole or not at all.
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 from meddiff.cli import dicom_output
 from meddiff.cli.bounds import SEED_MAX, check_seed
-from meddiff.cli.inpaint import MAX_SAMPLES, add_conditioned_options, check_samples, output_paths
+from meddiff.cli.inpaint import (
+    MAX_SAMPLES,
+    add_conditioned_options,
+    check_sample_outputs,
+    check_samples,
+    output_paths,
+)
 
 
 def add_parser(subparsers) -> None:
@@ -68,7 +73,7 @@ def run(args) -> None:
     from meddiff import __version__
     from meddiff.files import file_sha256
     from meddiff.io import load_image, save_image
-    from meddiff.outputs import check_free_space, locked_atomic_path, size
+    from meddiff.outputs import locked_atomic_path
     from meddiff.pipelines import load_pipeline
     from meddiff.pipelines.edit import EditSpec
     from meddiff.pipelines.inpaint import mask_on_grid
@@ -86,13 +91,7 @@ def run(args) -> None:
     with dicom_output.guarded(args, outputs + records, sources):  # before minutes of work; the outputs locked
         image = load_image(args.input, series=args.series).check_finite()  # refused before the model loads
         differ = dicom_output.check_subject(args.input, args.mask, "the mask", args, args.series)
-        for out in outputs if dicom else []:
-            dicom_output.check_dicom_shape(out, image.array.shape, args.input, args.series)
-        if args.samples > 1:
-            needed = image.array.nbytes * args.samples  # an uncompressed float32 upper bound per edit
-            check_free_space(Path(args.output).parent, needed, f"{args.samples} edits", "ask for fewer (--samples)")
-            print(f"{args.samples} edits of {' x '.join(map(str, image.array.shape))}: up to {size(needed)}",
-                  file=sys.stderr)
+        check_sample_outputs(image, outputs, args, dicom, "edits")
         fill = None if args.mask is None else mask_on_grid(image, load_image(args.mask), verb="edit")
         input_sha256 = file_sha256(args.input)  # the bytes this edit started from, before minutes of work
         mask_sha256 = None if args.mask is None else file_sha256(args.mask)

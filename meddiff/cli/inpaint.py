@@ -76,6 +76,20 @@ def check_samples(samples: int) -> None:
                            "for more")
 
 
+def check_sample_outputs(image, outputs: list[Path], args, dicom: bool, noun: str) -> None:
+    """Before any work: each DICOM output can hold the image's objects, and the disk can hold ``args.samples``
+    results (an uncompressed float32 upper bound each), said on stderr when there are several."""
+    from meddiff.outputs import check_free_space, size
+
+    for out in outputs if dicom else []:
+        dicom_output.check_dicom_shape(out, image.array.shape, args.input, args.series)
+    if args.samples > 1:
+        needed = image.array.nbytes * args.samples
+        check_free_space(Path(args.output).parent, needed, f"{args.samples} {noun}", "ask for fewer (--samples)")
+        print(f"{args.samples} {noun} of {' x '.join(map(str, image.array.shape))}: up to {size(needed)}",
+              file=sys.stderr)
+
+
 def output_paths(output: str, samples: int) -> list[Path]:
     """OUT for one sample, else OUT_1, OUT_2, ... (the number before the full suffix)."""
     path = Path(output)
@@ -88,7 +102,6 @@ def output_paths(output: str, samples: int) -> list[Path]:
 
 def run(args) -> None:
     from meddiff.io import load_image, save_image
-    from meddiff.outputs import check_free_space, size
     from meddiff.pipelines import load_pipeline
     from meddiff.pipelines.inpaint import default_model, mask_on_grid
 
@@ -100,13 +113,7 @@ def run(args) -> None:
     with dicom_output.guarded(args, outputs, sources):  # before minutes of work, not after; the outputs locked
         image = load_image(args.input, series=args.series, modality=args.modality)
         differ = dicom_output.check_subject(args.input, args.mask, "the mask", args, args.series)
-        for out in outputs if dicom else []:
-            dicom_output.check_dicom_shape(out, image.array.shape, args.input, args.series)
-        if args.samples > 1:
-            needed = image.array.nbytes * args.samples  # an uncompressed float32 upper bound per fill
-            check_free_space(Path(args.output).parent, needed, f"{args.samples} fills", "ask for fewer (--samples)")
-            print(f"{args.samples} fills of {' x '.join(map(str, image.array.shape))}: up to {size(needed)}",
-                  file=sys.stderr)
+        check_sample_outputs(image, outputs, args, dicom, "fills")
         mask = load_image(args.mask)
         fill = mask_on_grid(image, mask)  # a bad mask is refused before the model loads; resampled once
         model = args.model or default_model(image.modality)

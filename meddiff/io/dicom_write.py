@@ -82,17 +82,24 @@ def write_derived_dicom(image: Image, source: str | Path, out_dir: str | Path, d
     slices = source_slices(Path(source), series)
     series_uid, now = generate_uid(), _now()
     number = 1000 + int(slices[0][1].get("SeriesNumber") or 0)
-
-    @functools.cache
-    def scale_for(slope: float, intercept: float, can_rescale: bool) -> tuple[float, float]:
-        # chosen on the whole result, once per source rescale, so every object of a series with one source rescale
-        # gets the same one (readers take a series' pixel type from its first file)
-        return storage_scale(image.array, slope, intercept, can_rescale, f"the source {source}")
+    scale_for = series_scale(image, source)
 
     low = float(image.array.min())
     datasets = [_derived_object(header, planes_on_source_grid(image, header, source), series_uid, number,
                                 description, task, now, scale_for, low) for _, header in slices]
     return _write(deidentified(datasets, task) if deidentify else datasets, Path(out_dir), overwrite)
+
+
+def series_scale(image: Image, source):
+    """The stored rescale for a source rescale ``(slope, intercept, can_rescale)``: chosen on the whole result, once
+    per source rescale, so every object of a series with one source rescale gets the same one (readers take a
+    series' pixel type from its first file)."""
+
+    @functools.cache
+    def scale_for(slope: float, intercept: float, can_rescale: bool) -> tuple[float, float]:
+        return storage_scale(image.array, slope, intercept, can_rescale, f"the source {source}")
+
+    return scale_for
 
 
 def write_resampled_dicom(image: Image, source: str | Path, out_dir: str | Path, description: str, task: str,
@@ -122,19 +129,15 @@ def write_resampled_dicom(image: Image, source: str | Path, out_dir: str | Path,
                            "write NIfTI instead")
     series_uid, now = generate_uid(), _now()
     number = 1000 + int(headers[0].get("SeriesNumber") or 0)
-
-    @functools.cache
-    def scale_for(slope: float, intercept: float, can_rescale: bool) -> tuple[float, float]:
-        return storage_scale(image.array, slope, intercept, can_rescale, f"the source {source}")
+    scale_for = series_scale(image, source)
 
     low, datasets = float(array.min()), []
     for k in range(array.shape[2]):
         position = origin + lps[:, 2] * k
         where = float(normal @ position)
-        nearest = int(np.argmin([abs(a - where) for a in along]))
-        ds = _derived_object(headers[nearest], array[:, :, k].T[None], series_uid, number, description, task, now,
-                             scale_for, low)
-        neighbours = sorted(range(len(along)), key=lambda i: abs(along[i] - where))[:2]
+        neighbours = sorted(range(len(along)), key=lambda i: abs(along[i] - where))[:2]  # the nearest first
+        ds = _derived_object(headers[neighbours[0]], array[:, :, k].T[None], series_uid, number, description, task,
+                             now, scale_for, low)
         ds.SourceImageSequence = [_derivation(headers[i], description, task).SourceImageSequence[0]
                                   for i in sorted(neighbours)]
         ds.ImagePositionPatient = [f"{v:.6f}" for v in position]
