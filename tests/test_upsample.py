@@ -118,6 +118,26 @@ def test_cubic_keeps_the_acquired_slices_bit_for_bit_and_integers_integral():
         upsample(nan, UpsampleSpec(factor=4, method="cubic"), progress=False)
 
 
+def test_auto_checks_each_method_at_the_scale_it_is_applied_and_leaves_ct_padding_out(monkeypatch):
+    """In-plane voxels of 0.5 mm, slices 2 mm apart made 1 mm: the planes crossing the slices have 0.5 x 1 mm voxels,
+    so the check must hand the methods held-out planes resampled to that, and score no CT padding (-2048 HU)."""
+    truth = phantom() * 5 - 500
+    truth[:8] = -2048  # the scanner's padding outside the field of view, a band of rows
+    thick = slab_average(truth, 2, np.arange(0, 48, 2), 2)
+    image = Image(thick, np.diag([0.5, 0.5, 2.0, 1.0]), "CT")
+    calls = []
+
+    def recorder(blurred, spacing):  # junk only where the input is padding: no real voxel is touched
+        calls.append((blurred.shape, spacing))
+        return np.where(blurred < -1.5, 1.0, 0.0)
+
+    monkeypatch.setattr("meddiff.pipelines.upsample._self_restorer", lambda *args: recorder)
+    out, report = upsample(image, UpsampleSpec(factor=2, method="auto"), progress=False)
+    assert {spacing for _, spacing in calls} == {(0.5, 1.0)}  # the check's call and the application's alike
+    assert calls[0][0] == (6, 40, 20)  # held-out planes 2, 6, ... with their second axis at 1 mm
+    assert report.check_psnr["self"] == pytest.approx(report.check_psnr["cubic"], abs=1e-4)  # float32 vs 64
+
+
 def test_the_per_scan_network_starts_from_the_classical_answer_and_learns_the_slices():
     net = smore.network()
     planes = np.random.default_rng(0).random((3, 20, 28)).astype(np.float32)

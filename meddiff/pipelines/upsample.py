@@ -11,8 +11,9 @@ the input's values bit for bit. The methods:
 - ``model``: a conditional diffusion model (``task`` "upsample", trained by ``meddiff fit`` with
   ``meddiff.data.thick.RandThickSlicesd``) that samples the residual over the cubic interpolation, on the planes
   that cross the slices (in square voxels of the new slice spacing); 1 step is its estimate of the posterior mean.
-- ``auto``: each learned method and cubic restore held-out in-plane planes made thick the same way (the scan's own
-  resolution, hidden and measured); the best is used, and the report says which and by how much.
+- ``auto``: each learned method and cubic restore held-out in-plane planes, resampled to the voxel size of the
+  planes crossing the slices and made thick the same way (the scan's own resolution, hidden and measured; a CT's
+  padding left out); the best is used, and the report says which and by how much.
 
 Every learned method adds a residual to the cubic interpolation on the output grid: the two families of planes that
 contain the slice axis each give one, and their mean is added. Planes go to the networks in batches (and a plane
@@ -27,6 +28,7 @@ from dataclasses import dataclass, field
 from typing import ClassVar, Literal
 
 import numpy as np
+import scipy.ndimage
 import torch
 from pydantic import BaseModel, ConfigDict, model_validator
 from tqdm.auto import tqdm
@@ -194,7 +196,8 @@ def upsample(image: Image, spec: UpsampleSpec | None = None, model: DiffusionMod
     if spec.method in ("model", "auto") and model is not None:
         restorers["model"] = _model_restorer(model, spec, batch_size)
     if spec.method == "auto":  # under 4 slices nothing can be held out: the classical answer
-        report.check_psnr = _check(restorers, held_out, grid, thickness) if len(held_out) else {}
+        valid = _not_padding(np.moveaxis(image.array, grid.axis, 0)[2::4], image.modality)
+        report.check_psnr = _check(restorers, held_out, valid, grid, thickness) if len(held_out) else {}
         report.method = max(report.check_psnr, key=report.check_psnr.get) if len(held_out) else "cubic"
     result = cubic
     if report.method != "cubic":
@@ -299,21 +302,49 @@ def _volume_residual(restore: Restorer, cubic: np.ndarray, grid: Grid, batch_siz
     return total / 2
 
 
-def _check(restorers: dict[str, Restorer], held_out: np.ndarray, grid: Grid, thickness: float) -> dict[str, float]:
-    """PSNR (dB, over the model range of 2) of cubic and each restorer on ``held_out`` in-plane planes made thick
-    along one in-plane axis as the scan's slices are (in voxels of the output grid), on the voxels between them."""
+def _not_padding(planes: np.ndarray, modality: str | None) -> np.ndarray:
+    """Where ``planes`` hold the scan rather than a CT scanner's padding outside its field of view (values below
+    -1024 HU, which no tissue has and which the output clips away); everything for other modalities."""
+    if (modality or "").upper() in CT_MODALITIES:
+        return planes >= CT_RANGE[0]
+    return np.ones(planes.shape, bool)
+
+
+def _as_crossing_planes(planes: np.ndarray, grid: Grid) -> np.ndarray:
+    """In-plane ``planes`` (N x A x B) with axis B resampled from the in-plane voxel size to the new slice spacing:
+    planes like those that cross the slices in the output (A at the in-plane size, B at the new spacing)."""
+    columns = max(2, round(planes.shape[2] * grid.in_plane / grid.spacing))
+    if columns == planes.shape[2]:
+        return planes
+    x = torch.from_numpy(np.ascontiguousarray(planes, dtype=np.float32))[:, None]
+    return torch.nn.functional.interpolate(x, size=(planes.shape[1], columns), mode="bilinear", align_corners=False,
+                                           antialias=True)[:, 0].numpy()
+
+
+def _check(restorers: dict[str, Restorer], held_out: np.ndarray, valid: np.ndarray, grid: Grid,
+           thickness: float) -> dict[str, float]:
+    """PSNR (dB, over the model range of 2) of cubic and each restorer on ``held_out`` in-plane planes, on the
+    voxels between the slices where ``valid`` (not padding).
+
+    Each plane is first made a plane like those crossing the slices (one axis resampled to the new slice spacing),
+    then thick along that axis as the scan's slices are (slices ``grid.factor`` voxels apart): so every method
+    restores it at the voxel size, the slice distance and the thickness it meets when applied."""
+    truth = _as_crossing_planes(held_out, grid)
+    kept = _as_crossing_planes(scipy.ndimage.binary_erosion(valid, np.ones((1, 3, 3), bool)).astype(np.float32),
+                               grid) > 0.999  # a voxel next to padding is blended with it once resampled
     spacing, width = grid.factor, thickness / grid.spacing  # in voxels, as the planes crossing the slices have them
-    centres = np.arange(0.0, held_out.shape[2] - 0.5, spacing)
-    blurred = through_plane(slab_average(held_out, 2, centres, width), 2, centres, held_out.shape[2])
-    between = np.ones(held_out.shape[2], bool)
+    centres = np.arange(0.0, truth.shape[2] - 0.5, spacing)
+    blurred = through_plane(slab_average(truth, 2, centres, width), 2, centres, truth.shape[2])
+    between = np.ones(truth.shape[2], bool)
     between[np.round(centres).astype(int)] = False
     between[int(centres[-1]) + 1:] = False  # beyond the last slice is extrapolation, not the task
+    scored = kept & between
 
     def psnr(restored: np.ndarray) -> float:
-        error = float(np.mean((restored[..., between] - held_out[..., between]) ** 2))
+        error = float(np.mean((restored[scored] - truth[scored]) ** 2)) if scored.any() else 0.0
         return float(10 * np.log10(4.0 / max(error, 1e-12)))
 
     scores = {"cubic": psnr(blurred)}
     for name, restore in restorers.items():
-        scores[name] = psnr(blurred + restore(blurred, (grid.in_plane, grid.in_plane)))
+        scores[name] = psnr(blurred + restore(blurred, (grid.in_plane, grid.spacing)))
     return scores
