@@ -14,6 +14,7 @@ import threading
 
 from meddiff import __version__
 from meddiff.cli import (
+    audit,
     convert,
     denoise,
     edit,
@@ -32,7 +33,7 @@ from meddiff.cli import (
 from meddiff.errors import MeddiffError, first_line
 
 SUBCOMMANDS = (info, convert, manifest, fit, export, importer, export_bundle, generate, denoise, inpaint, edit,
-               upsample, evaluate, send)
+               upsample, evaluate, audit, send)
 
 
 class UsageError(MeddiffError):

@@ -66,6 +66,7 @@ class ClipEncoder(JointEmbedding, torch.nn.Module):
             raise MeddiffError(f"{directory} is not an exported meddiff CLIP: "
                                f"it needs {CLIP_CONFIG}, {IMAGE_WEIGHTS} and {TEXT_DIR}/")
         config = json.loads((directory / CLIP_CONFIG).read_text())
+        self.config = config  # embed_dim, max_length, the trained logit_scale, ...
         self._add_image_tower_and_projections(config["embed_dim"], config["text_width"])
         try:  # safetensors: tensors only, nothing in the file runs
             state = load_file(directory / IMAGE_WEIGHTS)
