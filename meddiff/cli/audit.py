@@ -27,6 +27,7 @@ def add_parser(subparsers) -> None:
                         "open_clip files), local-dir:PATH or hf-hub:REPO")
     p.add_argument("--predictions", help="CSV with columns image, label, prediction for every image of the one SET: "
                                          "the audit compares the errors (A) with the successes (B)")
+    p.add_argument("--split", help="only this split of each set that is a manifest (e.g. test)")
     p.add_argument("--names", nargs=2, metavar=("A", "B"), help="what to call the two sets in the report "
                                                                 "(default A B; errors successes with --predictions)")
     p.add_argument("-o", "--out", required=True, help="report folder (new or empty): audit.json, audit.html, PNGs")
@@ -54,18 +55,25 @@ def _check(args) -> None:
         raise MeddiffError(f"{out} already exists and is not empty — choose a new folder or pass --overwrite")
 
 
+def _paths(source: str, split: str | None) -> list[Path]:
+    """A set's images: ``split`` selects within a manifest; a folder of images has no splits and is taken whole."""
+    from meddiff.metrics.evaluate import image_paths
+
+    manifest = Path(source).suffix in (".jsonl", ".json") or (Path(source) / "manifest.jsonl").is_file()
+    return image_paths(source, split if manifest else None)
+
+
 def run(args) -> None:
     from meddiff.metrics.audit import audit, split_by_predictions, write_report
     from meddiff.metrics.concepts import load_concept_encoder, read_concepts
-    from meddiff.metrics.evaluate import image_paths
 
     _check(args)
     concepts = read_concepts(args.concepts)
     if args.predictions:
-        a, b = split_by_predictions(image_paths(args.sets[0]), args.predictions)
+        a, b = split_by_predictions(_paths(args.sets[0], args.split), args.predictions)
         names = tuple(args.names or ("errors", "successes"))
     else:
-        a, b = image_paths(args.sets[0]), image_paths(args.sets[1])
+        a, b = _paths(args.sets[0], args.split), _paths(args.sets[1], args.split)
         names = tuple(args.names or ("A", "B"))
     if names[0] == names[1]:
         raise MeddiffError(f"--names gives both sets the name {names[0]!r} — give two names")

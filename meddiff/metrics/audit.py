@@ -1,9 +1,11 @@
 """Concept audit (MONET): which concepts separate two image sets, or a classifier's errors from its successes.
 
-Each image gets a score per concept (``meddiff.metrics.concepts``); for each concept the two sets' score
-distributions are compared by Cohen's d (the ranking), the AUROC of telling A from B by the score, and a two-sided
-permutation test of the difference in means (scipy), with Benjamini-Hochberg q-values over the concepts. The report
-is a folder: ``audit.json``, ``scores.csv`` (every image's scores, images named by set, index and SHA-256, never by
+Each image gets a concept logit per concept (``meddiff.metrics.concepts``); for each concept the two sets' logits
+are compared by Cohen's d (the ranking), the AUROC of telling A from B by the logit, and a two-sided permutation
+test of the difference in means (scipy), with Benjamini-Hochberg q-values over the concepts; the mean presence
+probability of each set is reported beside them. The report
+is a folder: ``audit.json``, ``scores.csv`` (every image's presence probabilities, images named by set, index and
+SHA-256, never by
 file name, which can carry a patient's name), one PNG per top concept (its highest- and lowest-scoring images of each
 set) and ``audit.html``, one page that opens offline.
 """
@@ -19,7 +21,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
-from scipy import stats
+from scipy import special, stats
 
 from meddiff.errors import MeddiffError
 from meddiff.files import file_sha256
@@ -31,7 +33,7 @@ PREDICTION_COLUMNS = ("image", "label", "prediction")
 
 @dataclass(frozen=True)
 class ConceptDifference:
-    """One concept's comparison of set A against set B."""
+    """One concept's comparison of set A against set B: mean presence probabilities, and statistics of logits."""
 
     concept: str
     prompts: tuple[str, ...]
@@ -63,7 +65,7 @@ def _mean_difference(x: np.ndarray, y: np.ndarray, axis: int) -> np.ndarray:
 
 def compare(scores_a: np.ndarray, scores_b: np.ndarray, concepts: ConceptSet, permutations: int = 2000,
             seed: int = 0) -> list[ConceptDifference]:
-    """Every concept's difference between the (N_a, C) and (N_b, C) scores, ranked by ``|Cohen's d|``."""
+    """Every concept's difference between the (N_a, C) and (N_b, C) concept logits, ranked by ``|Cohen's d|``."""
     for name, scores in (("A", scores_a), ("B", scores_b)):
         if len(scores) < MIN_IMAGES:
             raise MeddiffError(f"set {name} has {len(scores)} image(s); an audit compares sets of at least "
@@ -78,7 +80,8 @@ def compare(scores_a: np.ndarray, scores_b: np.ndarray, concepts: ConceptSet, pe
     difference = scores_a.mean(0) - scores_b.mean(0)
     d = np.divide(difference, pooled, out=np.zeros_like(difference), where=pooled > 0)
     auroc = stats.mannwhitneyu(scores_a, scores_b, axis=0).statistic / (na * nb)
-    rows = [ConceptDifference(c.name, c.prompts, float(scores_a[:, k].mean()), float(scores_b[:, k].mean()),
+    presence_a, presence_b = special.expit(scores_a).mean(0), special.expit(scores_b).mean(0)
+    rows = [ConceptDifference(c.name, c.prompts, float(presence_a[k]), float(presence_b[k]),
                               float(d[k]), float(auroc[k]), float(p_values[k]), float(q_values[k]))
             for k, c in enumerate(concepts.concepts)]
     return sorted(rows, key=lambda r: (-abs(r.cohens_d), r.p_value))
@@ -162,7 +165,7 @@ def write_report(result: Audit, out_dir: str | os.PathLike, top: int = 5, exampl
             writer.writerow(["set", "index", "sha256_16"] + [c.name for c in result.concepts.concepts])
             for name, scores, digests in zip(result.names, result.scores, hashes, strict=True):
                 for i, (row, digest) in enumerate(zip(scores, digests, strict=True)):
-                    writer.writerow([name, i, digest] + [f"{v:.6f}" for v in row])
+                    writer.writerow([name, i, digest] + [f"{v:.6f}" for v in special.expit(row)])
         figures = []
         for rank, row in enumerate(result.ranked[:top], 1):
             k, tiles, shown = index[row.concept], [], {}
@@ -205,9 +208,10 @@ td,th{{border:1px solid #ccc;padding:3px 8px;text-align:right}}td:nth-child(2){{
 img{{image-rendering:pixelated;max-width:100%}}</style></head><body>
 <h1>Concept audit: {a} against {b}</h1>
 <p>{counts}. Encoder: {html.escape(result.encoder)}. Scores: MONET-style concept presence against the reference
-prompts ({html.escape(' | '.join(result.concepts.reference))}). Ranked by |Cohen's d|; AUROC of telling {a} from
-{b} by the score; p: two-sided permutation test of the difference in means ({result.permutations} permutations);
-q: Benjamini-Hochberg over the concepts.</p>
+prompts ({html.escape(' | '.join(result.concepts.reference))}): the means are presence probabilities, the
+statistics are of the logits. Ranked by |Cohen's d|; AUROC of telling {a} from {b} by the logit; p: two-sided
+permutation test of the difference in means ({result.permutations} permutations); q: Benjamini-Hochberg over the
+concepts.</p>
 <table><tr><th>rank</th><th>concept</th><th>mean {a}</th><th>mean {b}</th><th>d</th><th>AUROC</th><th>p</th>
 <th>q</th></tr>{rows}</table>
 <h2>Top concepts</h2>{panels}

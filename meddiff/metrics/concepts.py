@@ -4,9 +4,11 @@ A concept is a name and a prompt ensemble ("hyperintense lesion: a bright lesion
 embedding is the normalised mean of its prompts' embeddings, as CLIP's zero-shot classifiers average templates. As
 MONET does, a concept's score is not the raw image-text similarity, which varies with the image's overall look, but
 its similarity against reference prompts that describe the image type without the concept ("a brain MRI slice"):
-``sigmoid(scale * (cos(image, concept) - cos(image, reference)))`` with the encoder's own logit scale, in (0, 1).
-A volume is scored as 2.5D slices (evenly spaced along each anatomical plane, as ``evaluate`` does) and its score is
-the mean over them.
+the presence probability ``sigmoid(logit)`` of the concept against the reference, with the logit
+``scale * (cos(image, concept) - cos(image, reference))`` and the encoder's own logit scale. The audit's statistics
+use the logit: with CLIP's scale (14 to 100) the probability saturates near 0 or 1, which hides every difference but
+presence against absence. A volume is scored as 2.5D slices (evenly spaced along each anatomical plane, as
+``evaluate`` does) and its logit is the mean over them.
 
 Encoders: BiomedCLIP (or any open_clip model) from local files, whose images are prepared as ``evaluate`` prepares
 them (``OpenCLIPEncoder.image_batch``), or meddiff's own CLIP (``meddiff fit --config configs/clip_findings.yaml``),
@@ -190,7 +192,7 @@ def concept_embeddings(encoder: ConceptEncoder, concepts: ConceptSet) -> tuple[t
 
 def concept_scores(paths: Sequence[Path], encoder: ConceptEncoder, concepts: ConceptSet,
                    desc: str = "concept scores") -> np.ndarray:
-    """(N, C) concept scores in (0, 1) of the images at ``paths`` (see the module docstring)."""
+    """(N, C) concept logits of the images at ``paths`` (see the module docstring; ``sigmoid`` gives presence)."""
     from meddiff.io import load_image
 
     texts, reference = concept_embeddings(encoder, concepts)
@@ -199,5 +201,5 @@ def concept_scores(paths: Sequence[Path], encoder: ConceptEncoder, concepts: Con
         image = load_image(path)
         images = encoder.embed_images(image_planes(image), image.modality)
         margin = images @ texts.t() - (images @ reference)[:, None]
-        out[n] = torch.sigmoid(encoder.scale * margin).mean(0).numpy()
+        out[n] = (encoder.scale * margin).mean(0).numpy()
     return out
