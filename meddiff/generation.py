@@ -107,8 +107,10 @@ class ShardWriter(BasePredictionWriter):
 
 
 def run_identity(provenance: dict) -> dict:
-    """What makes two records items of one run: the weights, the file format, the first seed and the sampling spec."""
-    keys = ("weights_sha256", "format", "condition_sha256", *SamplingSpec.model_fields)
+    """What makes two records items of one run: the weights (and adapter), the file format, the first seed and the
+    sampling spec."""
+    keys = ("weights_sha256", "adapter_sha256", "adapter_scale", "format", "condition_sha256",
+            *SamplingSpec.model_fields)
     return {**{k: provenance.get(k) for k in keys}, "seed": provenance["seed"] - provenance.get("index", 0)}
 
 
@@ -251,7 +253,7 @@ def generate_to_folder(
         spec, _ = check_label_args(model, labels, spec, range(seed, seed + n), batch_size)
     provenance = {
         "model": model_id, "weights_sha256": model.weights_sha256, **spec.model_dump(), "seed": seed, "format": fmt,
-        **(condition or {}),
+        **(condition or {}), **(model.adapter or {}),
     }
     trainer = _trainer(accelerator, devices, ShardWriter(out_dir, fmt, provenance))
     if trainer.world_size > n:  # Lightning's distributed sampler cannot give every process an item

@@ -359,6 +359,7 @@ class DiffusionModel:
         self._text_encoder = text_encoder
         self.weights_sha256 = ""
         self.folder: Path | None = None  # where the model was loaded from (its text_encoder/ component)
+        self.adapter: dict | None = None  # the adapter applied (meddiff.adapters): its name, sha256 and scale
 
     @property
     def unet(self) -> torch.nn.Module:

@@ -160,17 +160,21 @@ def make_manifest_hint(manifest: Path, configs: list[Path]) -> str:
 
 
 def check_model_folders(config, configs: list[Path]) -> None:
-    """A text encoder, an autoencoder or a ControlNet's base model given as a plain folder exists; if a config in
-    the same tree writes it (``export_dir``, as configs/clip_findings.yaml and the stage configs do), the error
-    names that config."""
+    """A text encoder, an autoencoder or the base model of a ControlNet or an adapter (a folder, or a bundled model's
+    name) given as a plain folder exists; if a config in the same tree writes it (``export_dir``, as
+    configs/clip_findings.yaml and the stage configs do), the error names that config."""
+    from meddiff.model import bundled_models
+
     get = config.get if hasattr(config, "get") else (lambda key: None)
     for key, what, remedy in (
             ("conditioning.text_encoder", "text encoder",
              "give an exported meddiff CLIP folder, hf:NAME_OR_PATH or local-dir:PATH"),
             ("autoencoder", "autoencoder", "give a folder an AutoencoderModule wrote (export_dir or meddiff export)"),
-            ("base", "base model", "give a model folder (meddiff export or a DiffusionModule's export_dir)")):
+            ("base", "base model", "give a model folder (meddiff export or a DiffusionModule's export_dir) or a "
+                                    "bundled model's name")):
         spec = get(f"model.init_args.{key}")
-        if not isinstance(spec, str) or re.match(r"^[a-z-]+:", spec) or Path(spec).exists():
+        if not isinstance(spec, str) or re.match(r"^[a-z-]+:", spec) or Path(spec).exists() or \
+                (key == "base" and spec in bundled_models()):
             continue
         for folder in dict.fromkeys(parent for config_file in configs
                                     for parent in (config_file.parent, config_file.parent.parent)):

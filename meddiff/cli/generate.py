@@ -21,6 +21,10 @@ def add_parser(subparsers) -> None:
     p = subparsers.add_parser("generate", help="generate synthetic images and a manifest (resumable)")
     p.add_argument("--model", required=True,
                    help="bundled model name (mri-t1-2d, ct-chest-2d, ...) or model folder (meddiff export output)")
+    p.add_argument("--adapter", metavar="DIR", help="a few-shot adapter folder trained on --model (LoRA or a "
+                   "textual-inversion token; meddiff fit with LoRAModule / TextualInversionModule)")
+    p.add_argument("--adapter-scale", type=float, metavar="S", help="weight of a LoRA adapter: 0 the base model, "
+                   "1 as trained (default)")
     p.add_argument("-n", type=int, help="number of images (default with --prompts: one per prompt)")
     p.add_argument("-o", "--output", required=True, metavar="OUTDIR")
     p.add_argument("--steps", type=int, default=50)
@@ -89,7 +93,13 @@ def run(args) -> None:
     spec = SamplingSpec(scheduler=args.scheduler, steps=args.steps, class_label=args.class_label,
                         guidance_scale=args.guidance_scale, negative_prompt=args.negative_prompt,
                         condition_values=args.condition_values)
+    if args.adapter_scale is not None and args.adapter is None:
+        raise MeddiffError("--adapter-scale weighs an adapter: give --adapter DIR too, or leave it out")
     model = load_model(args.model)
+    if args.adapter is not None:
+        from meddiff.adapters import apply_adapter
+
+        apply_adapter(model, args.adapter, 1.0 if args.adapter_scale is None else args.adapter_scale)
     labels, condition = None, None
     if args.condition is not None:
         from meddiff.files import file_sha256

@@ -74,6 +74,17 @@ class HFTextEncoder(torch.nn.Module):
         encoding = self.encode(reports)
         return torch.nn.functional.pad(encoding.tokens, (0, 0, 0, self.max_length - encoding.tokens.shape[1]))
 
+    def trainable_context(self, reports: list[str]) -> torch.Tensor:
+        """``context`` with gradients and no cache, for training adapters of the text model
+        (``meddiff.training.adapters``): the same states, zero after each report's tokens unless ``padded``."""
+        reports = ["" if r is None else str(r) for r in reports]
+        batch = self.tokenizer(reports, padding="max_length", truncation=True, max_length=self.max_length,
+                               return_tensors="pt").to(next(self.model.parameters()).device)
+        if self.padded:
+            return self.model(batch.input_ids)[0].float()
+        states = self.model(**batch).last_hidden_state.float()
+        return states * batch["attention_mask"][..., None].to(states.dtype)
+
     @torch.inference_mode()
     def _padded_states(self, reports: list[str]) -> torch.Tensor:
         self.warn_if_truncated(reports)

@@ -78,6 +78,14 @@ class DiffusionPipeline:
             return controlnet.generate_from_labels(self.model, labels, spec, n, seed, batch_size, progress)
         return generate.generate(self.model, spec, n, seed, batch_size, prompts, progress)
 
+    def load_adapter(self, directory: str | os.PathLike, scale: float = 1.0) -> DiffusionPipeline:
+        """Apply a few-shot adapter folder (LoRA at ``scale``, 0: this model exactly; or a textual-inversion token)
+        trained on this very model (``meddiff.adapters.apply_adapter``: any other base is refused); returns self."""
+        from meddiff.adapters import apply_adapter
+
+        apply_adapter(self.model, directory, scale)
+        return self
+
     def to_image(self, x: torch.Tensor) -> Image:
         return generate.to_image(self.model, x)
 
@@ -134,6 +142,9 @@ class DiffusionPipeline:
         return upsampling.upsample(image, spec or spec_from(UpsampleSpec, **fields), self.model, batch_size, progress)
 
 
-def load_pipeline(name_or_dir: str | os.PathLike, device: str | torch.device = "cpu") -> DiffusionPipeline:
-    """A bundled model by name (``"mri-denoise"``) or a model folder, ready for every task."""
-    return DiffusionPipeline(load_model(name_or_dir, device))
+def load_pipeline(name_or_dir: str | os.PathLike, device: str | torch.device = "cpu",
+                  adapter: str | os.PathLike | None = None, adapter_scale: float = 1.0) -> DiffusionPipeline:
+    """A bundled model by name (``"mri-denoise"``) or a model folder, ready for every task; with ``adapter`` (an
+    adapter folder trained on it) applied at ``adapter_scale`` (``DiffusionPipeline.load_adapter``)."""
+    pipeline = DiffusionPipeline(load_model(name_or_dir, device))
+    return pipeline if adapter is None else pipeline.load_adapter(adapter, adapter_scale)
