@@ -207,8 +207,11 @@ def add_token(encoder, token: str, initializer: str | None = None) -> int:
     if tokenizer is None or not hasattr(model, "resize_token_embeddings"):
         raise MeddiffError("textual inversion needs a Hugging Face report encoder (hf:, component: or a meddiff CLIP "
                            "folder), not this one")
-    check_token(token)
-    if tokenizer.add_tokens([token]) != 1:
+    try:
+        check_token(token)
+    except ValueError as exc:
+        raise MeddiffError(f"{exc} — give the token as one word, e.g. token: <finding>") from None
+    if token in tokenizer.get_vocab() or tokenizer.add_tokens([token]) != 1:
         raise MeddiffError(f"the report encoder's tokenizer already has the token {token} — choose a new token, "
                            "e.g. <finding>")
     table = model.get_input_embeddings().weight

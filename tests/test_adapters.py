@@ -160,6 +160,9 @@ def test_textual_inversion_learns_one_token_that_changes_only_prompts_with_it(re
     assert not torch.equal(adapted.sample([1], steps=2, prompts=[PROMPT]), base.sample([1], steps=2, prompts=[PROMPT]))
     with pytest.raises(MeddiffError, match="has no scale"):
         apply_adapter(load_model(report_base), out, 0.5)
+    for token, fragment in (("lesion", "already has the token"), ("two words", "one word")):
+        with pytest.raises(MeddiffError, match=fragment):
+            TextualInversionModule(base=str(report_base), token=token)
 
 
 def test_lora_of_the_report_encoder_changes_the_context(report_base, tmp_path):
