@@ -8,7 +8,12 @@ The record: the planted concept's rank among the 12, its Cohen's d and q-value, 
 as what bounds it, the encoder's zero-shot accuracy on each attribute (the lesion images of the pool: is the
 logit of the true value's concept above the other value's?).
 
-    python -m bench.audit --clip runs/findings_bench/clip --data runs/findings_bench/data
+With ``--model`` (the report-conditioned findings model) the audit also runs as a user would run it on a generator:
+one sample for each test report (DPM-Solver++ 15 steps, guidance 4) against the real test images of the same reports;
+the record lists the concepts it ranks first, with the detector's share of each attribute in both sets as the truth.
+
+    python -m bench.audit --clip runs/findings_bench/clip --data runs/findings_bench/data \\
+        [--model runs/findings_bench/model]
 """
 
 from __future__ import annotations
@@ -61,7 +66,50 @@ def options() -> argparse.ArgumentParser:
                                                       "open_clip folder)")
     parser.add_argument("--data", required=True, type=Path, help="a findings set (meddiff manifest findings)")
     parser.add_argument("--permutations", type=int, default=2000)
+    parser.add_argument("--model", help="also audit this findings generator against the real test images")
     return parser
+
+
+def generator_audit(args: argparse.Namespace, manifest: Manifest, concepts, encoder) -> dict:
+    """The generator's samples for the test reports against the real test images (see the module docstring)."""
+    import tempfile
+
+    from bench.findings import to_detector
+    from meddiff.data.findings import MM_PER_PIXEL, detect
+    from meddiff.image import Image
+    from meddiff.io import save_image
+    from meddiff.metrics.audit import audit
+    from meddiff.pipelines import load_pipeline
+
+    records = manifest.split("test")
+    pipeline = load_pipeline(args.model)
+    with tempfile.TemporaryDirectory() as tmp:
+        fake, found_fake = [], []
+        for start in range(0, len(records), 50):
+            chunk = records[start:start + 50]
+            x = pipeline.sample(list(range(start, start + len(chunk))), steps=15, scheduler="dpm++2m",
+                                prompts=[r.report for r in chunk], guidance_scale=4.0).cpu()
+            for i, sample in enumerate(x):
+                image = to_detector(sample)
+                found_fake.append(detect(image))
+                fake.append(Path(tmp) / f"{start + i:04d}.nii.gz")
+                save_image(Image(image, np.diag([MM_PER_PIXEL] * 3 + [1.0]), "MR"), fake[-1])
+        real = [manifest.resolve(r.image) for r in records]
+        result = audit(fake, real, concepts, encoder, ("synthetic", "real"), args.permutations, args.seed)
+    truth = {"synthetic": {}, "real": {}}
+    real_labels = [r.labels for r in records]
+    fake_labels = [{"count": f.count, "intensity": f.intensity, "size": f.size, "side": f.side, "region": f.region}
+                   for f in found_fake]
+    for name, labels in (("synthetic", fake_labels), ("real", real_labels)):
+        for concept in [c.name for c in concepts.concepts]:
+            truth[name][concept] = float(np.mean([shows(label, concept) for label in labels]))
+    ranked = [{"concept": r.concept, "cohens_d": r.cohens_d, "q_value": r.q_value,
+               "share_synthetic": truth["synthetic"][r.concept], "share_real": truth["real"][r.concept]}
+              for r in result.ranked]
+    for row in ranked[:5]:
+        print(f"| {row['concept']} | {row['cohens_d']:+.2f} | {row['q_value']:.2g} | "
+              f"{100 * row['share_synthetic']:.0f} % | {100 * row['share_real']:.0f} % |")
+    return {"images": len(records), "ranked": ranked}
 
 
 def run(args: argparse.Namespace) -> None:
@@ -97,9 +145,11 @@ def run(args: argparse.Namespace) -> None:
         says_x = scores[lesions, names.index(x)] > scores[lesions, names.index(y)]
         zero_shot[attribute] = float(np.mean(says_x == np.array([labels[i][attribute] == x for i in lesions])))
     print("zero-shot accuracy on the lesion images:", json.dumps(zero_shot))
-    harness.write_result("audit", args, {"encoder": encoder.spec, "concepts": names, "pool": len(records),
-                                         "seconds_scoring": round(lap.seconds, 1), "cases": rows,
-                                         "zero_shot_accuracy": zero_shot}, args.out)
+    results = {"encoder": encoder.spec, "concepts": names, "pool": len(records),
+               "seconds_scoring": round(lap.seconds, 1), "cases": rows, "zero_shot_accuracy": zero_shot}
+    if args.model:
+        results["generator"] = generator_audit(args, manifest, concepts, encoder)
+    harness.write_result("audit", args, results, args.out)
     print(f"first in {sum(r['rank'] == 1 for r in rows)} of {len(rows)} planted cases; wrote {args.out}")
 
 
