@@ -30,6 +30,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, mo
 from meddiff import __version__
 from meddiff.errors import MeddiffError, first_line
 from meddiff.files import UMASK, file_sha256, staged_folder
+from meddiff.model import readable_format
 
 FORMAT_VERSION = 1
 ADAPTER_CONFIG, ADAPTER_WEIGHTS = "adapter_config.json", "adapter.safetensors"
@@ -65,10 +66,7 @@ class AdapterConfig(BaseModel):
     @field_validator("format_version")
     @classmethod
     def _known_version(cls, version: int) -> int:
-        if version > FORMAT_VERSION:
-            raise ValueError(f"format_version {version} was written by a newer meddiff (this one reads up to "
-                             f"{FORMAT_VERSION})")
-        return version
+        return readable_format(version, FORMAT_VERSION)
 
     @field_validator("base_weights_sha256")
     @classmethod

@@ -31,6 +31,14 @@ LEGACY_UNET_WEIGHTS = "model.safetensors"  # folders written before components e
 BUNDLED_MODELS = Path(__file__).parent / "models"
 
 
+def readable_format(version: int, newest: int) -> int:
+    """``version`` of a folder's format, or a validation error when a newer meddiff wrote it (this one reads up to
+    ``newest``): shared by the model and the adapter folders."""
+    if version > newest:
+        raise ValueError(f"format_version {version} was written by a newer meddiff (this one reads up to {newest})")
+    return version
+
+
 class UNetConfig(BaseModel):
     """The denoiser backbone: ``meddiff.nets.build_unet`` arguments."""
 
@@ -276,10 +284,7 @@ class ModelConfig(BaseModel):
     @field_validator("format_version")
     @classmethod
     def _known_version(cls, version: int) -> int:
-        if version > FORMAT_VERSION:
-            raise ValueError(f"format_version {version} was written by a newer meddiff "
-                             f"(this one reads up to {FORMAT_VERSION})")
-        return version
+        return readable_format(version, FORMAT_VERSION)
 
     @model_validator(mode="after")
     def _consistent(self) -> ModelConfig:
