@@ -167,20 +167,14 @@ def load_concept_encoder(spec: str | os.PathLike) -> ConceptEncoder:
 
 def image_planes(image: Image, slices: int = SLICES_PER_PLANE) -> list[np.ndarray]:
     """A 2D image as itself; a volume as ``slices`` evenly spaced slices along each anatomical plane (2.5D)."""
-    from meddiff.data.transforms import slice_axis
-    from meddiff.metrics.features import PLANES
+    from meddiff.metrics.features import volume_planes
 
     array = np.asarray(image.array, dtype=np.float32).squeeze()
     if array.ndim == 2:
         return [array]
     if array.ndim != 3:
         raise MeddiffError(f"the audit scores 2D images and 3D volumes; this image has shape {image.array.shape}")
-    planes = []
-    for plane in PLANES:
-        axis = slice_axis(image.affine, plane)
-        picks = np.linspace(0, array.shape[axis] - 1, min(slices, array.shape[axis]) + 2).round().astype(int)[1:-1]
-        planes += [np.take(array, i, axis=axis) for i in picks]
-    return planes
+    return [plane for stack in volume_planes(array, image.affine, slices).values() for plane in stack]
 
 
 def concept_embeddings(encoder: ConceptEncoder, concepts: ConceptSet) -> tuple[torch.Tensor, torch.Tensor]:

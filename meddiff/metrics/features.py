@@ -152,6 +152,19 @@ def _load(network: torch.nn.Module, state: dict[str, torch.Tensor], path: Path) 
     return network.eval()
 
 
+def volume_planes(array: np.ndarray, affine: np.ndarray, slices: int) -> dict[str, np.ndarray]:
+    """2.5D views of a volume: ``slices`` evenly spaced slices (the ends left out) along each anatomical plane, as
+    MAISI does, stacked per plane."""
+    from meddiff.data.transforms import slice_axis
+
+    views = {}
+    for plane in PLANES:
+        axis = slice_axis(affine, plane)
+        picks = np.linspace(0, array.shape[axis] - 1, min(slices, array.shape[axis]) + 2).round().astype(int)[1:-1]
+        views[plane] = np.stack([np.take(array, i, axis=axis) for i in picks])
+    return views
+
+
 class Extractor:
     """``features(image)`` -> {view: (n, D) array}: view '2d' for 2D images, one per plane ('sagittal',
     'coronal', 'axial') for volumes under a 2D network, '3d' for a 3D network."""
@@ -178,15 +191,7 @@ class Extractor:
             return {"3d": self._run(array[None])}
         if array.ndim == 2:
             return {"2d": self._run(array[None])}
-        from meddiff.data.transforms import slice_axis
-
-        views = {}
-        for plane in PLANES:  # 2.5D: evenly spaced slices along each anatomical plane, as MAISI does
-            axis = slice_axis(image.affine, plane)
-            picks = np.linspace(0, array.shape[axis] - 1,
-                                min(self.slices, array.shape[axis]) + 2).round().astype(int)[1:-1]
-            views[plane] = self._run(np.stack([np.take(array, i, axis=axis) for i in picks]))
-        return views
+        return {plane: self._run(stack) for plane, stack in volume_planes(array, image.affine, self.slices).items()}
 
     def _run(self, batch: np.ndarray) -> np.ndarray:
         x = self.prepare(torch.from_numpy(batch))
