@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from meddiff.data.staging import check_set_folder
 from meddiff.errors import MeddiffError
 
 MAX_PERMUTATIONS = 1_000_000
@@ -48,11 +49,7 @@ def _check(args) -> None:
                                    ("--permutations", args.permutations, 99, MAX_PERMUTATIONS)):
         if not low <= value <= high:
             raise MeddiffError(f"{name} must be from {low} to {high}, not {value}")
-    out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise MeddiffError(f"{out} is a file — give a folder for the report")
-    if out.is_dir() and any(out.iterdir()) and not args.overwrite:
-        raise MeddiffError(f"{out} already exists and is not empty — choose a new folder or pass --overwrite")
+    check_set_folder(args.out, args.overwrite)  # before the scoring, which takes a while
 
 
 def _paths(source: str, split: str | None) -> list[Path]:

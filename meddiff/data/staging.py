@@ -41,13 +41,20 @@ def staged_folder(out_dir: str | os.PathLike, overwrite: bool = False,
         yield from _staged(shown, out_dir, overwrite, last, made)
 
 
-def _staged(shown, out_dir: Path, overwrite: bool, last: tuple[str, ...], made: list[Path]) -> Iterator[Path]:
-    remove_stale(out_dir)
+def check_set_folder(out_dir: str | os.PathLike, overwrite: bool = False, shown=None) -> None:
+    """``out_dir`` can take a set: not a file, and new or empty unless ``overwrite``. ``staged_folder`` checks it
+    again when it starts; a command whose work comes first checks it before that work."""
+    shown, out_dir = shown or out_dir, Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise MeddiffError(f"{shown} is a file — give a folder for the set")
     if _non_empty(out_dir) and not overwrite:
         raise MeddiffError(f"{shown} already exists and is not empty — choose a new folder or pass --overwrite "
                            "(overwrite=True from Python)")
+
+
+def _staged(shown, out_dir: Path, overwrite: bool, last: tuple[str, ...], made: list[Path]) -> Iterator[Path]:
+    remove_stale(out_dir)
+    check_set_folder(out_dir, overwrite, shown)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     stage = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.staging-{_owner()}-", dir=out_dir.parent))
     committed = False

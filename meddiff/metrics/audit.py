@@ -59,6 +59,14 @@ class Audit:
     ranked: list[ConceptDifference]
 
 
+def check_set_sizes(sizes: dict[str, int]) -> None:
+    """Each named set has at least ``MIN_IMAGES`` images; one line naming the first that has not."""
+    for name, size in sizes.items():
+        if size < MIN_IMAGES:
+            raise MeddiffError(f"{name} has {size} image(s); an audit compares sets of at least {MIN_IMAGES} images "
+                               "each")
+
+
 def _mean_difference(x: np.ndarray, y: np.ndarray, axis: int) -> np.ndarray:
     return x.mean(axis=axis) - y.mean(axis=axis)
 
@@ -66,10 +74,7 @@ def _mean_difference(x: np.ndarray, y: np.ndarray, axis: int) -> np.ndarray:
 def compare(scores_a: np.ndarray, scores_b: np.ndarray, concepts: ConceptSet, permutations: int = 2000,
             seed: int = 0) -> list[ConceptDifference]:
     """Every concept's difference between the (N_a, C) and (N_b, C) concept logits, ranked by ``|Cohen's d|``."""
-    for name, scores in (("A", scores_a), ("B", scores_b)):
-        if len(scores) < MIN_IMAGES:
-            raise MeddiffError(f"set {name} has {len(scores)} image(s); an audit compares sets of at least "
-                               f"{MIN_IMAGES} images each")
+    check_set_sizes({"set A": len(scores_a), "set B": len(scores_b)})
     test = stats.permutation_test((scores_a, scores_b), _mean_difference, permutation_type="independent",
                                   vectorized=True, n_resamples=permutations, axis=0,
                                   rng=np.random.default_rng(seed))
@@ -89,13 +94,11 @@ def compare(scores_a: np.ndarray, scores_b: np.ndarray, concepts: ConceptSet, pe
 
 def audit(paths_a: list[Path], paths_b: list[Path], concepts: ConceptSet, encoder: ConceptEncoder,
           names: tuple[str, str] = ("A", "B"), permutations: int = 2000, seed: int = 0) -> Audit:
-    """Score both sets and compare them (see the module docstring)."""
-    for name, paths in zip(names, (paths_a, paths_b), strict=True):
-        if len(paths) < MIN_IMAGES:
-            raise MeddiffError(f"{name} has {len(paths)} image(s); an audit compares sets of at least "
-                               f"{MIN_IMAGES} images each")
-    scores = (concept_scores(paths_a, encoder, concepts, f"scoring {names[0]}"),
-              concept_scores(paths_b, encoder, concepts, f"scoring {names[1]}"))
+    """Score both sets and compare them (see the module docstring). The sizes are checked before any scoring, and
+    both sets are scored in one pass (the concepts' text embeddings computed once)."""
+    check_set_sizes({names[0]: len(paths_a), names[1]: len(paths_b)})
+    scored = concept_scores(paths_a + paths_b, encoder, concepts, f"scoring {names[0]} and {names[1]}")
+    scores = (scored[:len(paths_a)], scored[len(paths_a):])
     ranked = compare(*scores, concepts, permutations, seed)
     return Audit(names, (paths_a, paths_b), scores, concepts, encoder.spec, permutations, seed, ranked)
 
