@@ -46,6 +46,7 @@ from meddiff.pipelines.volumes import MODALITY_FAMILIES, slice_axis
 
 DEFAULT_MODELS = {"MR": "mri-upsample", "CT": "ct-upsample"}  # the bundled model of each modality
 CT_WINDOW = (-1000.0, 1000.0)
+HELD_OUT = np.s_[2::4]  # the acquired slices auto's check holds out of self's training and scores methods on
 IN_PLANE_TOLERANCE = 0.01  # in-plane voxel sides further apart than 1 % are anisotropic: refused
 Restorer = Callable[[np.ndarray, tuple[float, float]], np.ndarray]
 
@@ -190,13 +191,13 @@ def upsample(image: Image, spec: UpsampleSpec | None = None, model: DiffusionMod
     restorers = {}
     if spec.method in ("self", "auto"):
         planes = np.moveaxis(thick, -1, 0)
-        held_out = planes[2::4] if spec.method == "auto" and len(planes) >= 4 else planes[:0]
-        trained_on = np.delete(planes, np.s_[2::4], axis=0) if len(held_out) else planes
+        held_out = planes[HELD_OUT] if spec.method == "auto" and len(planes) >= 4 else planes[:0]
+        trained_on = np.delete(planes, HELD_OUT, axis=0) if len(held_out) else planes
         restorers["self"] = _self_restorer(trained_on, grid, thickness, spec, progress)
     if spec.method in ("model", "auto") and model is not None:
         restorers["model"] = _model_restorer(model, spec, batch_size)
     if spec.method == "auto":  # under 4 slices nothing can be held out: the classical answer
-        valid = _not_padding(np.moveaxis(image.array, grid.axis, 0)[2::4], image.modality)
+        valid = _not_padding(np.moveaxis(image.array, grid.axis, 0)[HELD_OUT], image.modality)
         report.check_psnr = _check(restorers, held_out, valid, grid, thickness) if len(held_out) else {}
         report.method = max(report.check_psnr, key=report.check_psnr.get) if len(held_out) else "cubic"
     result = cubic
